@@ -1,0 +1,459 @@
+//! `InferenceDeployment`: one model served by a right-sized, placed set of worker pods.
+// kube-derive's repeated `printcolumn(...)` arguments trip this lint; they are distinct columns.
+#![allow(clippy::duplicated_attributes)]
+
+use k8s_openapi::api::core::v1::{EnvVar, ResourceRequirements};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Desired state of an InferenceDeployment. Only `model.name` and `model.source` are
+/// required; everything else defaults to what the field has learned.
+#[derive(CustomResource, KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "gpuscale.dev",
+    version = "v1alpha1",
+    kind = "InferenceDeployment",
+    plural = "inferencedeployments",
+    shortname = "infd",
+    category = "gpuscale",
+    namespaced,
+    status = "InferenceDeploymentStatus",
+    derive = "PartialEq",
+    doc = "A model served by GPU-placed inference workers, scaled on queue depth.",
+    scale(
+        spec_replicas_path = ".spec.replicas",
+        status_replicas_path = ".status.replicas",
+        label_selector_path = ".status.selector"
+    ),
+    printcolumn(name = "Model", type_ = "string", json_path = ".spec.model.name"),
+    printcolumn(name = "Ready", type_ = "integer", json_path = ".status.readyReplicas"),
+    printcolumn(
+        name = "Desired",
+        type_ = "integer",
+        json_path = ".status.desiredReplicas"
+    ),
+    printcolumn(
+        name = "Warm",
+        type_ = "integer",
+        json_path = ".status.warmReplicas",
+        priority = "1"
+    ),
+    printcolumn(name = "Queue", type_ = "integer", json_path = ".status.queueDepth"),
+    printcolumn(name = "GPUs", type_ = "string", json_path = ".status.gpuSummary"),
+    printcolumn(
+        name = "Reason",
+        type_ = "string",
+        json_path = ".status.lastScaleReason",
+        priority = "1"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+// Cross-field rules sit on the spec (defaults are applied before CEL runs, so every
+// section is present); fieldPath points the error at the offending field.
+#[x_kube(validation = Rule::new("self.scaling.minReplicas >= 1")
+    .message("scaling.minReplicas 0 (scale to zero) needs the request router that holds requests while a replica loads; it is not available yet, so set minReplicas to 1 or more")
+    .field_path(".scaling.minReplicas"))]
+#[x_kube(validation = Rule::new("self.scaling.minReplicas <= self.scaling.maxReplicas")
+    .message("scaling.minReplicas must not exceed scaling.maxReplicas")
+    .field_path(".scaling.minReplicas"))]
+#[x_kube(validation = Rule::new("self.scaling.warmReplicas <= self.scaling.maxReplicas")
+    .message("scaling.warmReplicas must not exceed scaling.maxReplicas")
+    .field_path(".scaling.warmReplicas"))]
+#[x_kube(validation = Rule::new("self.resources.tensorParallel in [1, 2, 4, 8, 16]")
+    .message("resources.tensorParallel must be 1, 2, 4, 8 or 16 (GPUs of one node per replica)")
+    .field_path(".resources.tensorParallel"))]
+#[x_kube(validation = Rule::new("self.resources.tensorParallel == 1 || self.resources.sharing == 'Exclusive'")
+    .message("resources.tensorParallel > 1 needs whole GPUs: set resources.sharing to Exclusive")
+    .field_path(".resources.sharing"))]
+#[x_kube(validation = Rule::new("!self.resources.allowCpu || self.resources.tensorParallel == 1")
+    .message("resources.allowCpu cannot be combined with resources.tensorParallel > 1")
+    .field_path(".resources.allowCpu"))]
+#[serde(rename_all = "camelCase")]
+pub struct InferenceDeploymentSpec {
+    /// The model to serve.
+    pub model: ModelSpec,
+    /// What one replica needs: sequence length and batch (which size the KV cache),
+    /// tensor parallelism, GPU selection and sharing.
+    #[serde(default)]
+    pub resources: ResourcesSpec,
+    /// Queue-depth autoscaling bounds and windows.
+    #[serde(default)]
+    pub scaling: ScalingSpec,
+    /// Where replicas go.
+    #[serde(default)]
+    pub placement: PlacementSpec,
+    /// The worker pod.
+    #[serde(default)]
+    pub worker: WorkerSpec,
+    /// How a new model version replaces the old one.
+    #[serde(default)]
+    pub rollout: RolloutSpec,
+    /// Replica count pinned by hand (`kubectl scale`); used only when
+    /// `scaling.autoscale` is false, otherwise the autoscaler decides.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = 1000))]
+    pub replicas: Option<u32>,
+}
+
+/// The model file and how to read it.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[x_kube(validation = Rule::new(
+    "has(self.format) || self.source.endsWith('.gguf') || self.source.endsWith('.safetensors')"
+).message("cannot infer model.format from model.source: set model.format to gguf or safetensors"))]
+#[serde(rename_all = "camelCase")]
+pub struct ModelSpec {
+    /// Model name, as served by `/v1/models` and used in requests.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// Model version; changing it triggers a rollout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 128))]
+    pub version: Option<String>,
+    /// Where the weights are: `file:///path` on the node, `pvc://<claim>/<path>`,
+    /// or an `http(s)://` URL.
+    #[x_kube(validation = Rule::new("self.matches('^(file|pvc|https?)://.+')").message(
+        "model.source must be a URI: file:///path/on/node, pvc://<claim>/<path>, http:// or https://"
+    ))]
+    #[schemars(length(min = 1, max = 2048))]
+    pub source: String,
+    /// File format; inferred from the source's extension when omitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<ModelFormat>,
+    /// Declared parameter count. Placement reads the real shapes from the file header
+    /// when it can reach the file; this is the fallback.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub parameters: Option<u64>,
+    /// Declared weight type, the fallback when the file header is unreachable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dtype: Option<WeightType>,
+}
+
+/// Model file formats the worker loads.
+#[derive(JsonSchema, Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelFormat {
+    /// llama.cpp's GGUF.
+    Gguf,
+    /// Hugging Face safetensors.
+    Safetensors,
+}
+
+/// Weight element types, as named by llama.cpp.
+#[derive(JsonSchema, Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WeightType {
+    /// 32-bit float.
+    #[serde(rename = "f32")]
+    F32,
+    /// 16-bit float.
+    #[serde(rename = "f16")]
+    F16,
+    /// bfloat16.
+    #[serde(rename = "bf16")]
+    Bf16,
+    /// 8-bit blocks of 32 with an f16 scale.
+    #[serde(rename = "q8_0")]
+    Q8_0,
+    /// 4-bit blocks of 32 with an f16 scale.
+    #[serde(rename = "q4_0")]
+    Q4_0,
+    /// 4-bit blocks of 32 with an f16 scale and minimum.
+    #[serde(rename = "q4_1")]
+    Q4_1,
+}
+
+/// What one replica needs.
+#[derive(JsonSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct ResourcesSpec {
+    /// Longest sequence (prompt + completion) a request may reach; sizes the KV cache.
+    #[schemars(range(min = 16, max = 1048576))]
+    pub max_sequence_length: u32,
+    /// Sequences decoded together; the KV cache is budgeted for this many.
+    #[schemars(range(min = 1, max = 1024))]
+    pub max_batch_size: u32,
+    /// GPUs per replica (one node, NVLink-connected where possible).
+    #[schemars(range(min = 1, max = 16))]
+    pub tensor_parallel: u32,
+    /// Extra VRAM kept free on top of the computed need, in percent of it.
+    #[schemars(range(max = 100))]
+    pub vram_headroom_percent: u32,
+    /// Which GPUs qualify.
+    pub gpu: GpuSelector,
+    /// Whole GPUs per replica, or several replicas packed on one GPU by VRAM.
+    pub sharing: SharingMode,
+    /// Allow replicas on nodes without a GPU (the CPU backend).
+    pub allow_cpu: bool,
+}
+
+impl Default for ResourcesSpec {
+    fn default() -> Self {
+        Self {
+            max_sequence_length: 4096,
+            max_batch_size: 8,
+            tensor_parallel: 1,
+            vram_headroom_percent: 10,
+            gpu: GpuSelector::default(),
+            sharing: SharingMode::Exclusive,
+            allow_cpu: false,
+        }
+    }
+}
+
+/// Filters on the GPUs a replica may use. Empty means any healthy GPU.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct GpuSelector {
+    /// Accepted products, matched as substrings of the NVML product name
+    /// (for example `H100`, `A100-SXM4-80GB`, `L4`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub products: Vec<String>,
+    /// Minimum total memory per GPU, in GiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(rename = "minMemoryGiB")]
+    #[schemars(range(min = 1, max = 4096))]
+    pub min_memory_gib: Option<u32>,
+    /// Minimum CUDA compute capability, `major.minor` (for example `8.0`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.matches('^[0-9]+\\\\.[0-9]+$')")
+        .message("resources.gpu.minComputeCapability must look like 8.0 or 9.0"))]
+    #[schemars(length(max = 8))]
+    pub min_compute_capability: Option<String>,
+}
+
+/// How replicas share GPUs.
+#[derive(JsonSchema, Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum SharingMode {
+    /// Each replica gets whole GPUs.
+    #[default]
+    Exclusive,
+    /// Several replicas may share one GPU; each gets a VRAM budget it enforces itself.
+    Shared,
+}
+
+/// Queue-depth autoscaling.
+#[derive(JsonSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct ScalingSpec {
+    /// Whether the autoscaler decides the replica count; when false, `spec.replicas`
+    /// (or `minReplicas`) is used as is.
+    pub autoscale: bool,
+    /// Fewest replicas, kept even when idle.
+    #[schemars(range(max = 1000))]
+    pub min_replicas: u32,
+    /// Most replicas.
+    #[schemars(range(min = 1, max = 1000))]
+    pub max_replicas: u32,
+    /// Replicas kept loaded and idle on top of demand, so a burst does not wait for
+    /// weights to load.
+    #[schemars(range(max = 100))]
+    pub warm_replicas: u32,
+    /// Waiting plus running requests one replica should carry.
+    #[schemars(range(min = 1, max = 10000))]
+    pub target_queue_depth: u32,
+    /// Scale-up waits until demand has held this long (0: act at once).
+    #[schemars(range(max = 3600))]
+    pub scale_up_window_seconds: u32,
+    /// Scale-down waits until lower demand has held this long.
+    #[schemars(range(max = 86400))]
+    pub scale_down_window_seconds: u32,
+    /// Short window over which a queue growing faster than capacity triggers an
+    /// immediate scale-up (panic mode).
+    #[schemars(range(min = 1, max = 600))]
+    pub panic_window_seconds: u32,
+    /// Pre-warm replicas from the recent request-rate history.
+    pub predictive: bool,
+}
+
+impl Default for ScalingSpec {
+    fn default() -> Self {
+        Self {
+            autoscale: true,
+            min_replicas: 1,
+            max_replicas: 1,
+            warm_replicas: 0,
+            target_queue_depth: 4,
+            scale_up_window_seconds: 0,
+            scale_down_window_seconds: 300,
+            panic_window_seconds: 6,
+            predictive: false,
+        }
+    }
+}
+
+/// Placement policy.
+#[derive(JsonSchema, Deserialize, Serialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase", default)]
+pub struct PlacementSpec {
+    /// BinPack keeps whole GPUs free; Spread balances load across nodes.
+    pub strategy: PlacementStrategy,
+    /// Failure domain this deployment's replicas are spread across.
+    pub spread_across: SpreadDomain,
+    /// For tensorParallel > 1: refuse GPU sets that are not one NVLink domain
+    /// (otherwise NVLink is only preferred).
+    pub require_nvlink: bool,
+}
+
+/// Placement strategies.
+#[derive(JsonSchema, Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum PlacementStrategy {
+    /// Fill partly used GPUs first, keeping large blocks free.
+    #[default]
+    BinPack,
+    /// Prefer the emptiest nodes.
+    Spread,
+}
+
+/// Failure domains for spreading one deployment's replicas.
+#[derive(JsonSchema, Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum SpreadDomain {
+    /// Prefer distinct nodes (`kubernetes.io/hostname`).
+    #[default]
+    Node,
+    /// Prefer distinct zones (`topology.kubernetes.io/zone`).
+    Zone,
+    /// No spreading.
+    None,
+}
+
+/// The worker pod.
+#[derive(JsonSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct WorkerSpec {
+    /// Worker image.
+    #[schemars(length(min = 1, max = 512))]
+    pub image: String,
+    /// HTTP port of the OpenAI-compatible API and `/metrics`.
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: u16,
+    /// Extra environment variables.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<EnvVar>,
+    /// CPU and memory for the worker container (GPUs are set by placement).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+}
+
+impl Default for WorkerSpec {
+    fn default() -> Self {
+        Self {
+            image: "ghcr.io/gpuscale/inference-worker:0.1.0".into(),
+            port: 8080,
+            env: Vec::new(),
+            resources: None,
+        }
+    }
+}
+
+/// How a new model version replaces the old one.
+#[derive(JsonSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct RolloutSpec {
+    /// Extra replicas of the new version started before old ones are drained.
+    #[schemars(range(max = 100))]
+    pub max_surge: u32,
+    /// Share of traffic the new version gets before it is promoted, in percent
+    /// (0: no canary phase).
+    #[schemars(range(max = 100))]
+    pub canary_percent: u32,
+    /// Roll back when the new version's error ratio exceeds this, in percent.
+    #[schemars(range(max = 100))]
+    pub rollback_error_percent: u32,
+}
+
+impl Default for RolloutSpec {
+    fn default() -> Self {
+        Self {
+            max_surge: 1,
+            canary_percent: 0,
+            rollback_error_percent: 5,
+        }
+    }
+}
+
+/// Observed state, written by the operator.
+#[derive(JsonSchema, Deserialize, Serialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct InferenceDeploymentStatus {
+    /// Replica pods that exist.
+    #[serde(default)]
+    pub replicas: u32,
+    /// Replicas whose worker reports ready.
+    #[serde(default)]
+    pub ready_replicas: u32,
+    /// Replicas the autoscaler (or a pinned `spec.replicas`) wants.
+    #[serde(default)]
+    pub desired_replicas: u32,
+    /// Ready replicas held idle as warm capacity.
+    #[serde(default)]
+    pub warm_replicas: u32,
+    /// Waiting plus running requests across ready replicas at the last scrape.
+    #[serde(default)]
+    pub queue_depth: u32,
+    /// Requests per second across replicas at the last scrape.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_rate: Option<f64>,
+    /// Measured time from pod creation to ready, the latest replica's, in seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub measured_ready_seconds: Option<f64>,
+    /// Short summary for `kubectl get`: GPU count and VRAM reserved (for example `2 / 9.1Gi`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu_summary: Option<String>,
+    /// Where each replica runs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub placements: Vec<ReplicaPlacement>,
+    /// Available, Progressing, Unschedulable, InvalidSpec.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// When the replica count last changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_scale_time: Option<Time>,
+    /// Why the replica count last changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_scale_reason: Option<String>,
+    /// Label selector of the replica pods, for the scale subresource.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<String>,
+}
+
+/// One replica's placement.
+#[derive(JsonSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplicaPlacement {
+    /// Pod name.
+    pub pod: String,
+    /// Node name.
+    pub node: String,
+    /// GPU UUIDs (empty on the CPU backend).
+    #[serde(default)]
+    pub gpus: Vec<String>,
+    /// VRAM reserved per GPU, in bytes.
+    pub vram_reserved_bytes: u64,
+    /// Lifecycle state of the replica.
+    pub state: ReplicaState,
+}
+
+/// Lifecycle of a replica.
+#[derive(JsonSchema, Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReplicaState {
+    /// Pod created; weights loading.
+    Loading,
+    /// Serving.
+    Ready,
+    /// Loaded and idle, held as warm capacity.
+    Warm,
+    /// No longer admitting; finishing in-flight requests before deletion.
+    Draining,
+    /// Failed to become ready.
+    Failed,
+}

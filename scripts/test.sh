@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The whole test suite: installs its tools into ~/.cache/gpuscale (see ensure-tools.sh),
+# then format check, clippy, CRD drift check, every cargo test, and the chart checks.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+eval "$(scripts/ensure-tools.sh)"
+
+step() { echo; echo "=== $1"; shift; "$@"; }
+start=$SECONDS
+step "cargo fmt --check" cargo fmt --all -- --check
+step "cargo clippy" cargo clippy --workspace --all-targets --locked -- -D warnings
+step "CRD YAML matches the types" cargo run -q --locked -p gpuscale-crds --bin crdgen -- --check
+step "cargo test" cargo test --workspace --locked
+step "Helm chart" scripts/check-chart.sh
+echo; echo "all checks passed in $((SECONDS - start)) s"
