@@ -278,7 +278,7 @@ impl Gguf {
                     "tensor {name:?} has dimensions {dims:?}"
                 )));
             }
-            if dims[0] % ggml_type.block_size() != 0 {
+            if !dims[0].is_multiple_of(ggml_type.block_size()) {
                 return Err(Error::Corrupt(format!(
                     "tensor {name:?}: row length {} is not a multiple of the {:?} block size {}",
                     dims[0],
@@ -319,7 +319,7 @@ impl Gguf {
     fn check_layout(&self) -> Result<()> {
         let mut spans: Vec<(u64, u64, &str)> = Vec::with_capacity(self.tensors.len());
         for t in &self.tensors {
-            if t.offset % self.alignment != 0 {
+            if !t.offset.is_multiple_of(self.alignment) {
                 return Err(Error::Corrupt(format!(
                     "tensor {:?} offset {} is not aligned to {}",
                     t.name, t.offset, self.alignment

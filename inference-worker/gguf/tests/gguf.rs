@@ -73,7 +73,7 @@ impl Writer {
             offsets.push(offset);
             offset = (offset + data.len() as u64).div_ceil(self.alignment) * self.alignment;
         }
-        while b.len() as u64 % self.alignment != 0 {
+        while !(b.len() as u64).is_multiple_of(self.alignment) {
             b.push(0);
         }
         let base = b.len();
