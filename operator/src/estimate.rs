@@ -1,0 +1,265 @@
+//! How much GPU memory one replica needs, computed from the model itself.
+//!
+//! need per GPU = (weights + KV cache + workspace) / tensorParallel + runtime overhead,
+//! then the spec's headroom on top. Trusting a user-declared number is how schedulers
+//! OOM (HAMi #1069, KAI #2212), so the shapes come from the GGUF header when it can be
+//! read, and declared values are only the fallback.
+
+use gguf::{Gguf, ModelShape};
+
+/// Bytes per GiB.
+pub const GIB: u64 = 1 << 30;
+/// KV cache element size: the worker keeps K and V in f16.
+pub const KV_BYTES_PER_ELEMENT: u64 = 2;
+/// CUDA context, cuBLAS workspace and allocator slack per GPU, as measured for typical
+/// runtimes (vLLM and llama.cpp both see 0.3–0.6 GiB).
+pub const RUNTIME_OVERHEAD_BYTES: u64 = 512 << 20;
+/// Prompt tokens processed per forward pass; bounds prefill activations.
+pub const PREFILL_CHUNK: u64 = 512;
+
+/// What the estimate needs to know about a model.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelProfile {
+    /// Transformer shape.
+    pub shape: ModelShape,
+    /// Vocabulary size (the logits buffer).
+    pub vocab: u64,
+    /// Bytes of all weights as stored.
+    pub weight_bytes: u64,
+}
+
+/// What a replica is configured to admit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReplicaConfig {
+    /// Longest sequence.
+    pub max_sequence_length: u64,
+    /// Concurrent sequences.
+    pub max_batch_size: u64,
+    /// GPUs the replica is split across.
+    pub tensor_parallel: u64,
+    /// Headroom in percent of the computed need.
+    pub headroom_percent: u64,
+}
+
+/// The estimate, per part, for one GPU of the replica.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VramEstimate {
+    /// Weights on this GPU.
+    pub weights: u64,
+    /// KV cache on this GPU.
+    pub kv_cache: u64,
+    /// Activations and scratch on this GPU.
+    pub workspace: u64,
+    /// Runtime overhead.
+    pub overhead: u64,
+    /// Headroom.
+    pub headroom: u64,
+}
+
+impl VramEstimate {
+    /// Total bytes to reserve on each GPU of the replica.
+    pub fn per_gpu(&self) -> u64 {
+        self.weights + self.kv_cache + self.workspace + self.overhead + self.headroom
+    }
+}
+
+/// Why a model cannot be sized.
+#[derive(Debug, thiserror::Error)]
+pub enum EstimateError {
+    /// The header lacks what the estimate needs.
+    #[error("cannot size the model from its header: {0}")]
+    Header(#[from] gguf::Error),
+    /// The replica configuration is unusable.
+    #[error("invalid replica configuration: {0}")]
+    Config(String),
+}
+
+impl ModelProfile {
+    /// Reads the profile from a GGUF header (no weights needed).
+    pub fn from_gguf(g: &Gguf) -> Result<ModelProfile, EstimateError> {
+        let shape = g.shape()?;
+        let vocab = match g.get("tokenizer.ggml.tokens").and_then(|v| v.as_array()) {
+            Some(tokens) => tokens.len() as u64,
+            None => g.get_u64(&format!("{}.vocab_size", shape.architecture))?,
+        };
+        Ok(ModelProfile {
+            shape,
+            vocab,
+            weight_bytes: g.weight_bytes(),
+        })
+    }
+
+    /// KV cache bytes for one sequence of `tokens` tokens (whole model, all GPUs):
+    /// 2 (K and V) x layers x kv_heads x head_dim x tokens x bytes per element.
+    pub fn kv_bytes_per_sequence(&self, tokens: u64) -> u64 {
+        2 * self.shape.n_layers
+            * self.shape.n_kv_heads
+            * self.shape.head_dim
+            * tokens
+            * KV_BYTES_PER_ELEMENT
+    }
+
+    /// Activation and scratch bytes (whole model): f32 logits for every batch slot,
+    /// hidden/MLP activations and attention scores for one prefill chunk.
+    pub fn workspace_bytes(&self, cfg: &ReplicaConfig) -> u64 {
+        let s = &self.shape;
+        let chunk = PREFILL_CHUNK.min(cfg.max_sequence_length);
+        let logits = cfg.max_batch_size.max(1) * self.vocab * 4;
+        let hidden = chunk * (4 * s.embedding + 2 * s.feed_forward) * 4;
+        let scores = s.n_heads * chunk * cfg.max_sequence_length * 4;
+        logits + hidden + scores
+    }
+
+    /// The per-GPU estimate for a replica configuration.
+    pub fn estimate(&self, cfg: &ReplicaConfig) -> Result<VramEstimate, EstimateError> {
+        let tp = cfg.tensor_parallel;
+        // Each GPU holds whole KV heads; replicating heads across GPUs is not supported.
+        if tp == 0 || !self.shape.n_kv_heads.is_multiple_of(tp) {
+            return Err(EstimateError::Config(format!(
+                "tensorParallel {tp} cannot split {} KV heads evenly",
+                self.shape.n_kv_heads
+            )));
+        }
+        if cfg.max_sequence_length > self.shape.context_length {
+            return Err(EstimateError::Config(format!(
+                "maxSequenceLength {} exceeds the model's context length {}",
+                cfg.max_sequence_length, self.shape.context_length
+            )));
+        }
+        let kv = self.kv_bytes_per_sequence(cfg.max_sequence_length) * cfg.max_batch_size;
+        let weights = self.weight_bytes.div_ceil(tp);
+        let kv_cache = kv.div_ceil(tp);
+        let workspace = self.workspace_bytes(cfg).div_ceil(tp);
+        let overhead = RUNTIME_OVERHEAD_BYTES;
+        let base = weights + kv_cache + workspace + overhead;
+        Ok(VramEstimate {
+            weights,
+            kv_cache,
+            workspace,
+            overhead,
+            headroom: base * cfg.headroom_percent / 100,
+        })
+    }
+}
+
+/// Formats bytes as GiB with one decimal, as refusal messages show them.
+pub fn gib(bytes: u64) -> String {
+    format!("{:.1} GiB", bytes as f64 / GIB as f64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn llama3(n_layers: u64, embedding: u64, n_heads: u64, ff: u64, params: u64) -> ModelProfile {
+        ModelProfile {
+            shape: ModelShape {
+                architecture: "llama".into(),
+                n_layers,
+                embedding,
+                n_heads,
+                n_kv_heads: 8,
+                head_dim: 128,
+                context_length: 8192,
+                feed_forward: ff,
+            },
+            vocab: 128_256,
+            // f16 weights: 2 bytes per parameter.
+            weight_bytes: params * 2,
+        }
+    }
+
+    fn cfg(seq: u64, batch: u64, tp: u64, headroom: u64) -> ReplicaConfig {
+        ReplicaConfig {
+            max_sequence_length: seq,
+            max_batch_size: batch,
+            tensor_parallel: tp,
+            headroom_percent: headroom,
+        }
+    }
+
+    #[test]
+    fn llama3_8b_kv_cache_is_128_kib_per_token() {
+        // Published shape: 32 layers, 8 KV heads x 128 dims.
+        let m = llama3(32, 4096, 32, 14336, 8_030_261_248);
+        // 2 x 32 x 8 x 128 x 2 bytes = 131072 bytes per token.
+        assert_eq!(m.kv_bytes_per_sequence(1), 131_072);
+        // 8192 tokens x 4 sequences = 4 GiB.
+        let e = m.estimate(&cfg(8192, 4, 1, 0)).unwrap();
+        assert_eq!(e.kv_cache, 4 * GIB);
+        assert_eq!(e.weights, 16_060_522_496);
+        // logits 4 x 128256 x 4 + hidden 512 x (4x4096 + 2x14336) x 4 + scores 32 x 512 x 8192 x 4
+        assert_eq!(e.workspace, 2_052_096 + 92_274_688 + 536_870_912);
+        assert_eq!(
+            e.per_gpu(),
+            16_060_522_496 + 4 * GIB + 631_197_696 + (512 << 20)
+        );
+        // ~21.3 GiB: does not fit a 24 GB L4, fits a 40 GB A100.
+        assert!(e.per_gpu() > 24_000_000_000 - 3 * GIB && e.per_gpu() < 40 * GIB);
+    }
+
+    #[test]
+    fn llama3_70b_tensor_parallel_4_splits_everything_but_overhead() {
+        // Published shape: 80 layers, 64 heads, 8 KV heads x 128 dims, 70.55B params.
+        let m = llama3(80, 8192, 64, 28672, 70_553_706_496);
+        // 2 x 80 x 8 x 128 x 2 = 327680 bytes (320 KiB) per token.
+        assert_eq!(m.kv_bytes_per_sequence(1), 327_680);
+        let e = m.estimate(&cfg(8192, 32, 4, 10)).unwrap();
+        // KV: 320 KiB x 8192 x 32 = 80 GiB in all, 20 GiB per GPU.
+        assert_eq!(e.kv_cache, 20 * GIB);
+        assert_eq!(e.weights, 70_553_706_496 * 2 / 4);
+        assert_eq!(e.overhead, 512 << 20);
+        // workspace: logits 32 x 128256 x 4 + hidden 512 x (4x8192 + 2x28672) x 4
+        // + scores 64 x 512 x 8192 x 4 = 1,274,707,968, a quarter per GPU.
+        assert_eq!(e.workspace, 318_676_992);
+        // 35,276,853,248 + 21,474,836,480 + 318,676,992 + 536,870,912 = 57,607,237,632
+        // plus 10% headroom: 63,367,961,395 bytes, 59.0 GiB per GPU: fits 80 GB GPUs.
+        assert_eq!(e.headroom, 5_760_723_763);
+        assert_eq!(e.per_gpu(), 63_367_961_395);
+        // On two GPUs the weights alone take 65.7 GiB each: it does not fit 80 GB.
+        assert!(m.estimate(&cfg(8192, 32, 2, 10)).unwrap().per_gpu() > 80 * GIB);
+    }
+
+    #[test]
+    fn refuses_impossible_configurations() {
+        let m = llama3(32, 4096, 32, 14336, 8_030_261_248);
+        let e = m.estimate(&cfg(16384, 1, 1, 0)).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("exceeds the model's context length 8192"),
+            "{e}"
+        );
+        assert!(m.estimate(&cfg(4096, 1, 16, 0)).is_err());
+    }
+
+    /// SmolLM2-135M-Instruct Q4_1 as shipped: the real header, hand-computed numbers.
+    #[test]
+    fn smollm2_from_the_real_file() {
+        let Some(path) = std::env::var_os("GPUSCALE_SMOLLM2_GGUF") else {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "CI must provide GPUSCALE_SMOLLM2_GGUF"
+            );
+            eprintln!("SKIPPED: GPUSCALE_SMOLLM2_GGUF not set (run through scripts/test.sh)");
+            return;
+        };
+        let f = gguf::GgufFile::open(path.as_ref()).unwrap();
+        let m = ModelProfile::from_gguf(f.header()).unwrap();
+        assert_eq!(m.vocab, 49_152);
+        // 30 layers, 3 KV heads x 64 dims: 2 x 30 x 3 x 64 x 2 = 23040 bytes per token.
+        assert_eq!(m.kv_bytes_per_sequence(1), 23_040);
+        let e = m.estimate(&cfg(2048, 8, 1, 10)).unwrap();
+        // 23040 x 2048 x 8 = 377,487,360 bytes (360 MiB).
+        assert_eq!(e.kv_cache, 377_487_360);
+        // Weights as stored: Q4_1 blocks plus f32 norms, about 98 MB like the file.
+        assert!(
+            (90_000_000..98_362_432).contains(&e.weights),
+            "{}",
+            e.weights
+        );
+        // logits 8 x 49152 x 4 + hidden 512 x (4x576 + 2x1536) x 4 + scores 9 x 512 x 2048 x 4
+        assert_eq!(e.workspace, 1_572_864 + 11_010_048 + 37_748_736);
+        let total = e.per_gpu() as f64 / GIB as f64;
+        assert!((1.0..1.3).contains(&total), "SmolLM2 needs {total:.2} GiB");
+    }
+}

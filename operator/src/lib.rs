@@ -1,0 +1,6 @@
+//! The gpuscale operator: GPU inventory, VRAM estimates and placement (pure logic,
+//! no I/O), and the node agent that publishes a node's GPUs.
+
+pub mod estimate;
+pub mod inventory;
+pub mod placement;

@@ -1,0 +1,714 @@
+//! Placement: where each replica runs, down to the concrete GPU set. Pure logic: the
+//! inventory and the existing placements go in, a placement or a refusal with a reason a
+//! person can act on comes out.
+//!
+//! Filters: health, the GPU selector (product, memory, compute capability), VRAM fit
+//! (exclusive: a whole free GPU; shared: the need out of what is left). Tensor-parallel
+//! sets stay on one node and prefer one NVLink island. Among fits, candidates are ranked
+//! by a key (lowest wins, ties broken by node name and GPU index, so the result is
+//! deterministic): spreading one deployment's replicas first, then the strategy —
+//! BinPack takes the tightest fit on the fullest node and keeps whole GPUs, whole NVLink
+//! islands and whole nodes free for large models; Spread takes the emptiest node.
+//! Existing placements are adopted as they are and never moved.
+
+mod topology;
+
+use std::collections::HashMap;
+
+use crate::estimate::gib;
+use crate::inventory::{Health, Inventory};
+
+/// Identifies one replica: the deployment (`namespace/name`) and its index.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ReplicaId {
+    /// `namespace/name` of the InferenceDeployment.
+    pub deployment: String,
+    /// Replica index.
+    pub index: u32,
+}
+
+/// Whole GPUs, or a share of one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sharing {
+    /// Whole GPUs.
+    Exclusive,
+    /// A VRAM share of a GPU other replicas may share.
+    Shared,
+}
+
+/// Placement strategy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Strategy {
+    /// Tightest fit, fullest node first.
+    BinPack,
+    /// Emptiest node first.
+    Spread,
+}
+
+/// Failure domain to spread one deployment's replicas across.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SpreadDomain {
+    /// Prefer nodes that hold none of this deployment's replicas.
+    Node,
+    /// Prefer zones that hold none.
+    Zone,
+    /// Do not spread.
+    None,
+}
+
+/// Which GPUs qualify.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Selector {
+    /// Accepted products, as substrings of the product name; empty accepts all.
+    pub products: Vec<String>,
+    /// Minimum total memory per GPU.
+    pub min_memory_bytes: Option<u64>,
+    /// Minimum compute capability.
+    pub min_compute_capability: Option<(u32, u32)>,
+}
+
+/// What one replica needs.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Request {
+    /// The replica.
+    pub replica: ReplicaId,
+    /// VRAM to reserve on each of its GPUs (from [`crate::estimate`]).
+    pub need_per_gpu: u64,
+    /// GPUs per replica (tensor parallelism).
+    pub gpus: u32,
+    /// Whole GPUs or a share.
+    pub sharing: Sharing,
+    /// Qualifying GPUs.
+    pub selector: Selector,
+    /// Strategy.
+    pub strategy: Strategy,
+    /// Spread domain.
+    pub spread: SpreadDomain,
+    /// Refuse GPU sets that are not one NVLink island.
+    pub require_nvlink: bool,
+}
+
+/// Where a replica runs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Placement {
+    /// The replica.
+    pub replica: ReplicaId,
+    /// Node name.
+    pub node: String,
+    /// GPU indices on the node, ascending.
+    pub gpus: Vec<u32>,
+    /// Their UUIDs, in the same order.
+    pub gpu_uuids: Vec<String>,
+    /// VRAM reserved on each.
+    pub bytes_per_gpu: u64,
+    /// Whole GPUs.
+    pub exclusive: bool,
+    /// The GPU set is one NVLink island (always true for one GPU).
+    pub nvlink: bool,
+}
+
+/// Why a replica could not be placed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RefusalReason {
+    /// The inventory holds no GPU.
+    NoGpus,
+    /// No GPU matches the selector.
+    NoMatchingGpu,
+    /// GPUs match but none is healthy.
+    UnhealthyGpus,
+    /// No GPU has enough free VRAM.
+    InsufficientVram,
+    /// No node has enough fitting GPUs for the tensor-parallel set.
+    InsufficientGpusOnNode,
+    /// Enough GPUs exist on a node but not in one NVLink island, and NVLink is required.
+    NvlinkUnavailable,
+}
+
+impl RefusalReason {
+    /// The reason as a condition reason (`Unschedulable` condition).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RefusalReason::NoGpus => "NoGPUs",
+            RefusalReason::NoMatchingGpu => "NoMatchingGPU",
+            RefusalReason::UnhealthyGpus => "UnhealthyGPUs",
+            RefusalReason::InsufficientVram => "InsufficientVRAM",
+            RefusalReason::InsufficientGpusOnNode => "InsufficientGPUsOnNode",
+            RefusalReason::NvlinkUnavailable => "NVLinkUnavailable",
+        }
+    }
+}
+
+/// A refusal: a machine-readable reason and a message a person can act on.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct Refusal {
+    /// Why.
+    pub reason: RefusalReason,
+    /// What to do about it, with the numbers.
+    pub message: String,
+}
+
+/// Why an existing placement cannot be adopted.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum AdoptError {
+    /// The node is no longer in the inventory.
+    #[error("node {0} is gone")]
+    NodeGone(String),
+    /// A GPU index is no longer on the node.
+    #[error("GPU {gpu} is gone from node {node}")]
+    GpuGone {
+        /// Node.
+        node: String,
+        /// GPU index.
+        gpu: u32,
+    },
+}
+
+/// Free VRAM and how much of it is stranded.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Fragmentation {
+    /// Free bytes on healthy GPUs.
+    pub free_bytes: u64,
+    /// Free bytes in blocks smaller than the smallest model's need: capacity that
+    /// exists but where no model can use it.
+    pub stranded_bytes: u64,
+    /// Largest free block on one GPU.
+    pub largest_free_block: u64,
+    /// GPUs with nothing placed on them.
+    pub whole_free_gpus: u32,
+}
+
+#[derive(Clone, Debug)]
+struct GpuState {
+    index: u32,
+    uuid: String,
+    product: usize,
+    total: u64,
+    usable: u64,
+    reserved: u64,
+    owners: u32,
+    exclusive: bool,
+    cc: Option<(u32, u32)>,
+    numa: Option<u32>,
+    island: usize,
+    unhealthy: Option<String>,
+}
+
+impl GpuState {
+    fn shared_free(&self) -> u64 {
+        if self.exclusive {
+            0
+        } else {
+            self.usable.saturating_sub(self.reserved)
+        }
+    }
+
+    /// Free VRAM as a request of this sharing mode sees it.
+    fn free_for(&self, sharing: Sharing) -> u64 {
+        match sharing {
+            Sharing::Exclusive if self.owners > 0 => 0,
+            Sharing::Exclusive => self.usable,
+            Sharing::Shared => self.shared_free(),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+struct NodeState {
+    name: String,
+    zone: Option<usize>,
+    gpus: Vec<GpuState>,
+}
+
+/// The placement engine: the inventory plus everything placed on it.
+#[derive(Clone, Debug)]
+pub struct Engine {
+    nodes: Vec<NodeState>,
+    products: Vec<String>,
+    placed: HashMap<ReplicaId, Placement>,
+    per_node: HashMap<(String, usize), u32>,
+    per_zone: HashMap<(String, usize), u32>,
+}
+
+/// Lower is better; the last two entries are node and GPU order, for determinism.
+type Key = [u64; 6];
+
+impl Engine {
+    /// An engine over `inventory` with nothing placed.
+    pub fn new(inventory: &Inventory) -> Engine {
+        let mut products: Vec<String> = Vec::new();
+        let mut zones: Vec<String> = Vec::new();
+        let intern = |list: &mut Vec<String>, s: &str| match list.iter().position(|p| p == s) {
+            Some(i) => i,
+            None => {
+                list.push(s.to_string());
+                list.len() - 1
+            }
+        };
+        let mut nodes: Vec<NodeState> = inventory
+            .nodes
+            .iter()
+            .map(|n| {
+                let islands = topology::islands(&n.gpus);
+                let gpus = n
+                    .gpus
+                    .iter()
+                    .zip(&islands.of_gpu)
+                    .map(|(g, &island)| GpuState {
+                        index: g.index,
+                        uuid: g.uuid.clone(),
+                        product: intern(&mut products, &g.product),
+                        total: g.total_bytes,
+                        usable: g.usable_bytes(),
+                        reserved: 0,
+                        owners: 0,
+                        exclusive: false,
+                        cc: g.compute_capability,
+                        numa: g.numa_node,
+                        island,
+                        unhealthy: match &g.health {
+                            Health::Healthy => None,
+                            Health::Unhealthy(r) => Some(r.clone()),
+                        },
+                    })
+                    .collect();
+                NodeState {
+                    name: n.name.clone(),
+                    zone: n.zone.as_deref().map(|z| intern(&mut zones, z)),
+                    gpus,
+                }
+            })
+            .collect();
+        nodes.sort_by(|a, b| a.name.cmp(&b.name));
+        Engine {
+            nodes,
+            products,
+            placed: HashMap::new(),
+            per_node: HashMap::new(),
+            per_zone: HashMap::new(),
+        }
+    }
+
+    /// Records an existing placement as it is (replicas are never moved). It is
+    /// adopted even if the GPU now looks full: the replica is running there.
+    pub fn adopt(&mut self, p: Placement) -> Result<(), AdoptError> {
+        if self.placed.contains_key(&p.replica) {
+            return Ok(());
+        }
+        let ni = self
+            .node_index(&p.node)
+            .ok_or_else(|| AdoptError::NodeGone(p.node.clone()))?;
+        let mut slots = Vec::with_capacity(p.gpus.len());
+        for &g in &p.gpus {
+            let gi = self.nodes[ni]
+                .gpus
+                .iter()
+                .position(|s| s.index == g)
+                .ok_or_else(|| AdoptError::GpuGone {
+                    node: p.node.clone(),
+                    gpu: g,
+                })?;
+            slots.push(gi);
+        }
+        self.commit(ni, &slots, p);
+        Ok(())
+    }
+
+    /// Places a replica, or says why it cannot. A replica already placed gets its
+    /// existing placement back.
+    pub fn place(&mut self, req: &Request) -> Result<Placement, Refusal> {
+        if let Some(p) = self.placed.get(&req.replica) {
+            return Ok(p.clone());
+        }
+        let k = req.gpus.max(1) as usize;
+        let product_ok: Vec<bool> = self
+            .products
+            .iter()
+            .map(|p| {
+                req.selector.products.is_empty()
+                    || req.selector.products.iter().any(|s| p.contains(s.as_str()))
+            })
+            .collect();
+        let mut seen = Seen::default();
+        let mut best: Option<(Key, usize, Vec<usize>, bool)> = None;
+        for (ni, node) in self.nodes.iter().enumerate() {
+            let fitting = self.fitting_gpus(node, ni, req, &product_ok, &mut seen);
+            if fitting.len() < k {
+                continue;
+            }
+            let spread = self.spread_penalty(&req.replica.deployment, req.spread, ni);
+            let candidate = if k == 1 {
+                let gi = *fitting
+                    .iter()
+                    .min_by_key(|&&gi| single_key(node, gi, req, spread, ni))
+                    .expect("fitting is not empty");
+                Some((single_key(node, gi, req, spread, ni), vec![gi], true))
+            } else {
+                match topology::choose_set(node, &fitting, k, req.sharing) {
+                    Some((set, nvlink)) if nvlink || !req.require_nvlink => {
+                        Some((set_key(node, &set, req, spread, ni, nvlink), set, nvlink))
+                    }
+                    _ => {
+                        seen.nvlink_short = Some(node.name.clone());
+                        None
+                    }
+                }
+            };
+            if let Some((key, set, nvlink)) = candidate {
+                if best.as_ref().is_none_or(|b| key < b.0) {
+                    best = Some((key, ni, set, nvlink));
+                }
+            }
+        }
+        let Some((_, ni, set, nvlink)) = best else {
+            return Err(self.refusal(req, &seen));
+        };
+        let node = &self.nodes[ni];
+        let mut order: Vec<usize> = set;
+        order.sort_by_key(|&gi| node.gpus[gi].index);
+        let p = Placement {
+            replica: req.replica.clone(),
+            node: node.name.clone(),
+            gpus: order.iter().map(|&gi| node.gpus[gi].index).collect(),
+            gpu_uuids: order.iter().map(|&gi| node.gpus[gi].uuid.clone()).collect(),
+            bytes_per_gpu: req.need_per_gpu,
+            exclusive: req.sharing == Sharing::Exclusive,
+            nvlink,
+        };
+        self.commit(ni, &order, p.clone());
+        Ok(p)
+    }
+
+    /// Frees a replica's GPUs (after it has been drained and deleted).
+    pub fn release(&mut self, replica: &ReplicaId) -> Option<Placement> {
+        let p = self.placed.remove(replica)?;
+        let ni = self.node_index(&p.node).expect("placed on a known node");
+        for &g in &p.gpus {
+            let s = self.nodes[ni]
+                .gpus
+                .iter_mut()
+                .find(|s| s.index == g)
+                .expect("placed on a known GPU");
+            s.reserved -= p.bytes_per_gpu;
+            s.owners -= 1;
+            if p.exclusive {
+                s.exclusive = false;
+            }
+        }
+        decrement(&mut self.per_node, (p.replica.deployment.clone(), ni));
+        if let Some(z) = self.nodes[ni].zone {
+            decrement(&mut self.per_zone, (p.replica.deployment.clone(), z));
+        }
+        Some(p)
+    }
+
+    /// Every placement, in replica order.
+    pub fn placements(&self) -> Vec<&Placement> {
+        let mut v: Vec<&Placement> = self.placed.values().collect();
+        v.sort_by(|a, b| a.replica.cmp(&b.replica));
+        v
+    }
+
+    /// Per GPU: `(node, index, reserved, usable, owners, exclusive)`, for checks.
+    pub fn gpu_usage(&self) -> impl Iterator<Item = (&str, u32, u64, u64, u32, bool)> {
+        self.nodes.iter().flat_map(|n| {
+            n.gpus.iter().map(move |g| {
+                (
+                    n.name.as_str(),
+                    g.index,
+                    g.reserved,
+                    g.usable,
+                    g.owners,
+                    g.exclusive,
+                )
+            })
+        })
+    }
+
+    /// Free VRAM and the part of it stranded in blocks smaller than `smallest_need`.
+    pub fn fragmentation(&self, smallest_need: u64) -> Fragmentation {
+        let mut f = Fragmentation::default();
+        for g in self
+            .nodes
+            .iter()
+            .flat_map(|n| &n.gpus)
+            .filter(|g| g.unhealthy.is_none())
+        {
+            let free = g.shared_free();
+            f.free_bytes += free;
+            if free < smallest_need {
+                f.stranded_bytes += free;
+            }
+            f.largest_free_block = f.largest_free_block.max(free);
+            f.whole_free_gpus += u32::from(g.owners == 0);
+        }
+        f
+    }
+
+    fn node_index(&self, name: &str) -> Option<usize> {
+        self.nodes
+            .binary_search_by(|n| n.name.as_str().cmp(name))
+            .ok()
+    }
+
+    fn commit(&mut self, ni: usize, slots: &[usize], p: Placement) {
+        for &gi in slots {
+            let s = &mut self.nodes[ni].gpus[gi];
+            s.reserved += p.bytes_per_gpu;
+            s.owners += 1;
+            s.exclusive |= p.exclusive;
+        }
+        *self
+            .per_node
+            .entry((p.replica.deployment.clone(), ni))
+            .or_default() += 1;
+        if let Some(z) = self.nodes[ni].zone {
+            *self
+                .per_zone
+                .entry((p.replica.deployment.clone(), z))
+                .or_default() += 1;
+        }
+        self.placed.insert(p.replica.clone(), p);
+    }
+
+    fn spread_penalty(&self, deployment: &str, spread: SpreadDomain, ni: usize) -> u64 {
+        let count = |m: &HashMap<(String, usize), u32>, i| {
+            u64::from(m.get(&(deployment.to_string(), i)).copied().unwrap_or(0))
+        };
+        match spread {
+            SpreadDomain::None => 0,
+            SpreadDomain::Node => count(&self.per_node, ni),
+            SpreadDomain::Zone => self.nodes[ni].zone.map_or(0, |z| count(&self.per_zone, z)),
+        }
+    }
+
+    /// GPUs of `node` that pass every filter and fit, noting what was seen for the
+    /// refusal message.
+    fn fitting_gpus(
+        &self,
+        node: &NodeState,
+        ni: usize,
+        req: &Request,
+        product_ok: &[bool],
+        seen: &mut Seen,
+    ) -> Vec<usize> {
+        let sel = &req.selector;
+        let mut fitting = Vec::new();
+        for (gi, g) in node.gpus.iter().enumerate() {
+            seen.any_gpu = true;
+            let matches = product_ok[g.product]
+                && sel.min_memory_bytes.is_none_or(|m| g.total >= m)
+                && sel
+                    .min_compute_capability
+                    .is_none_or(|m| g.cc.is_some_and(|c| c >= m));
+            if !matches {
+                continue;
+            }
+            seen.matching += 1;
+            if let Some(why) = &g.unhealthy {
+                seen.unhealthy
+                    .get_or_insert_with(|| format!("{} gpu {}: {why}", node.name, g.index));
+                continue;
+            }
+            seen.healthy += 1;
+            let free = g.free_for(req.sharing);
+            if free > seen.largest.0 {
+                seen.largest = (free, ni, g.index);
+            }
+            if free >= req.need_per_gpu {
+                fitting.push(gi);
+            }
+        }
+        if fitting.len() > seen.most_on_node.0 {
+            seen.most_on_node = (fitting.len(), ni);
+        }
+        fitting
+    }
+
+    fn refusal(&self, req: &Request, seen: &Seen) -> Refusal {
+        let k = req.gpus.max(1);
+        let need = gib(req.need_per_gpu);
+        let (reason, message) = if !seen.any_gpu {
+            (RefusalReason::NoGpus, "no GPU nodes in the inventory: no GpuInventory from a node agent and no node labelled by NVIDIA GPU Feature Discovery".to_string())
+        } else if seen.matching == 0 {
+            let mut have: Vec<&str> = self.products.iter().map(String::as_str).collect();
+            have.sort_unstable();
+            (
+                RefusalReason::NoMatchingGpu,
+                format!(
+                    "no GPU matches the selector ({}); the cluster has: {}",
+                    describe(&req.selector),
+                    have.join(", ")
+                ),
+            )
+        } else if seen.healthy == 0 {
+            (
+                RefusalReason::UnhealthyGpus,
+                format!(
+                    "all {} GPUs matching the selector are unhealthy (for example {})",
+                    seen.matching,
+                    seen.unhealthy.as_deref().unwrap_or("?")
+                ),
+            )
+        } else if k == 1 {
+            let (free, ni, g) = seen.largest;
+            let whole = if req.sharing == Sharing::Exclusive {
+                "a whole GPU with "
+            } else {
+                ""
+            };
+            let largest = if free == 0 {
+                "every matching GPU is taken".to_string()
+            } else {
+                format!(
+                    "largest free block {} on {} gpu {g}",
+                    gib(free),
+                    self.nodes[ni].name
+                )
+            };
+            (RefusalReason::InsufficientVram, format!("needs {whole}{need} of VRAM, {largest}; add GPUs, lower maxBatchSize or maxSequenceLength, or use a smaller quantisation"))
+        } else if let (true, Some(node)) = (req.require_nvlink, &seen.nvlink_short) {
+            (RefusalReason::NvlinkUnavailable, format!("needs {k} NVLink-connected GPUs with {need} free each; {node} has enough GPUs but not in one NVLink island (set placement.requireNvlink: false to accept PCIe)"))
+        } else {
+            let (most, ni) = seen.most_on_node;
+            let at = if most == 0 {
+                String::new()
+            } else {
+                format!(" on {}", self.nodes[ni].name)
+            };
+            (
+                RefusalReason::InsufficientGpusOnNode,
+                format!(
+                    "needs {k} GPUs with {need} free each on one node; at most {most} found{at}"
+                ),
+            )
+        };
+        Refusal { reason, message }
+    }
+}
+
+/// What a scan saw, for the refusal message.
+#[derive(Default)]
+struct Seen {
+    any_gpu: bool,
+    matching: u32,
+    healthy: u32,
+    unhealthy: Option<String>,
+    /// (free bytes, node, gpu index) of the largest free block among healthy matches.
+    largest: (u64, usize, u32),
+    /// (fitting GPUs, node) of the node with the most.
+    most_on_node: (usize, usize),
+    nvlink_short: Option<String>,
+}
+
+fn describe(s: &Selector) -> String {
+    let mut parts = Vec::new();
+    if !s.products.is_empty() {
+        parts.push(format!("products {:?}", s.products));
+    }
+    if let Some(m) = s.min_memory_bytes {
+        parts.push(format!("at least {} per GPU", gib(m)));
+    }
+    if let Some((a, b)) = s.min_compute_capability {
+        parts.push(format!("compute capability {a}.{b} or newer"));
+    }
+    parts.join(", ")
+}
+
+fn decrement(m: &mut HashMap<(String, usize), u32>, k: (String, usize)) {
+    if let Some(c) = m.get_mut(&k) {
+        *c -= 1;
+        if *c == 0 {
+            m.remove(&k);
+        }
+    }
+}
+
+/// Whole GPUs left free on the node, and in the island of `gi`.
+fn whole_free(node: &NodeState, island: usize) -> (u64, u64) {
+    let mut on_node = 0;
+    let mut in_island = 0;
+    for g in &node.gpus {
+        if g.owners == 0 && g.unhealthy.is_none() {
+            on_node += 1;
+            in_island += u64::from(g.island == island);
+        }
+    }
+    (on_node, in_island)
+}
+
+fn single_key(node: &NodeState, gi: usize, req: &Request, spread: u64, ni: usize) -> Key {
+    let g = &node.gpus[gi];
+    let idx = u64::from(g.index);
+    match req.strategy {
+        Strategy::BinPack => {
+            let (node_free, island_free) = whole_free(node, g.island);
+            // An empty GPU taken by a shared replica stops being whole: charge for it.
+            let breaks_whole = u64::from(g.owners == 0);
+            let fit = match req.sharing {
+                // Smallest GPU that fits: big GPUs stay for big models.
+                Sharing::Exclusive => g.usable,
+                // Tightest remaining space, and a partly used GPU before an empty one.
+                Sharing::Shared => {
+                    (breaks_whole << 62) | (g.free_for(Sharing::Shared) - req.need_per_gpu)
+                }
+            };
+            [spread, fit, node_free, island_free, ni as u64, idx]
+        }
+        Strategy::Spread => {
+            let node_free: u64 = node.gpus.iter().map(|g| g.free_for(req.sharing)).sum();
+            [
+                spread,
+                u64::MAX - node_free,
+                u64::MAX - g.free_for(req.sharing),
+                0,
+                ni as u64,
+                idx,
+            ]
+        }
+    }
+}
+
+fn set_key(
+    node: &NodeState,
+    set: &[usize],
+    req: &Request,
+    spread: u64,
+    ni: usize,
+    nvlink: bool,
+) -> Key {
+    let capacity: u64 = set.iter().map(|&gi| node.gpus[gi].usable).sum();
+    let first = set
+        .iter()
+        .map(|&gi| u64::from(node.gpus[gi].index))
+        .min()
+        .unwrap_or(0);
+    match req.strategy {
+        Strategy::BinPack => {
+            let (node_free, _) = whole_free(node, usize::MAX);
+            // Fullest node first keeps empty nodes whole for the largest sets.
+            [
+                spread,
+                u64::from(!nvlink),
+                capacity,
+                node_free,
+                ni as u64,
+                first,
+            ]
+        }
+        Strategy::Spread => {
+            let node_free: u64 = node.gpus.iter().map(|g| g.free_for(req.sharing)).sum();
+            [
+                spread,
+                u64::from(!nvlink),
+                u64::MAX - node_free,
+                0,
+                ni as u64,
+                first,
+            ]
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
