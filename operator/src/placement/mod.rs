@@ -686,11 +686,14 @@ fn set_key(
     match req.strategy {
         Strategy::BinPack => {
             let (node_free, _) = whole_free(node, usize::MAX);
-            // Fullest node first keeps empty nodes whole for the largest sets.
+            // Smallest GPUs that fit first: NVLink is worth preferring among GPUs of
+            // one size, not worth taking a larger class that bigger models need later
+            // (requireNvlink is there for sets that must have it). Then the fullest
+            // node, which keeps empty nodes whole for the largest sets.
             [
                 spread,
-                u64::from(!nvlink),
                 capacity,
+                u64::from(!nvlink),
                 node_free,
                 ni as u64,
                 first,

@@ -441,3 +441,18 @@ proptest! {
         prop_assert!(e.per_node.is_empty() && e.per_zone.is_empty());
     }
 }
+
+#[test]
+fn tensor_parallel_sets_take_the_smallest_gpus_that_fit() {
+    let l4 = NodeGpus {
+        name: "b-l4".into(),
+        zone: None,
+        gpus: (0..8).map(|i| gpu(i, "L4", 24, &[])).collect(),
+    };
+    let mut e = Engine::new(&inv(vec![nvswitch_node("a-h100", 8, "H100", 80), l4]));
+    let p = e
+        .place(&req("ns/tp4", 0, 18.0, 4, Sharing::Exclusive))
+        .unwrap();
+    assert_eq!(p.node, "b-l4", "{p:?}");
+    assert!(!p.nvlink);
+}
