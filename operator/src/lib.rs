@@ -3,4 +3,5 @@
 
 pub mod estimate;
 pub mod inventory;
+pub mod node_agent;
 pub mod placement;

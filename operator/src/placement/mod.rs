@@ -11,7 +11,10 @@
 //! islands and whole nodes free for large models; Spread takes the emptiest node.
 //! Existing placements are adopted as they are and never moved.
 
+mod spec;
 mod topology;
+
+pub use spec::{replica_config, request};
 
 use std::collections::HashMap;
 
