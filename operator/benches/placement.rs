@@ -151,6 +151,17 @@ impl FirstFit {
     }
 }
 
+/// GPUs asked for; a shared replica counts as a tenth of one.
+fn gpu_demand(requests: &[Request]) -> f64 {
+    requests
+        .iter()
+        .map(|r| match r.sharing {
+            Sharing::Shared => 0.1,
+            Sharing::Exclusive => f64::from(r.gpus),
+        })
+        .sum()
+}
+
 fn tib(b: u64) -> f64 {
     b as f64 / (1u64 << 40) as f64
 }
@@ -160,16 +171,7 @@ fn main() {
     let inv = fleet(&mut rng);
     let requests = workload(&mut rng, 1.0);
     let total_gpus: usize = inv.nodes.iter().map(|n| n.gpus.len()).sum();
-    let demand: f64 = requests
-        .iter()
-        .map(|r| {
-            if r.sharing == Sharing::Shared {
-                0.1
-            } else {
-                f64::from(r.gpus)
-            }
-        })
-        .sum();
+    let demand = gpu_demand(&requests);
     let smallest = requests.iter().map(|r| r.need_per_gpu).min().unwrap();
     println!(
         "fleet: {} nodes, {total_gpus} GPUs; {} replicas asking for {:.0} GPUs ({:.0}% of the fleet)",

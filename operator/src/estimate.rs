@@ -235,15 +235,10 @@ mod tests {
     /// SmolLM2-135M-Instruct Q4_1 as shipped: the real header, hand-computed numbers.
     #[test]
     fn smollm2_from_the_real_file() {
-        let Some(path) = std::env::var_os("GPUSCALE_SMOLLM2_GGUF") else {
-            assert!(
-                std::env::var_os("CI").is_none(),
-                "CI must provide GPUSCALE_SMOLLM2_GGUF"
-            );
-            eprintln!("SKIPPED: GPUSCALE_SMOLLM2_GGUF not set (run through scripts/test.sh)");
+        let Some(path) = gguf::smollm2_fixture() else {
             return;
         };
-        let f = gguf::GgufFile::open(path.as_ref()).unwrap();
+        let f = gguf::GgufFile::open(&path).unwrap();
         let m = ModelProfile::from_gguf(f.header()).unwrap();
         assert_eq!(m.vocab, 49_152);
         // 30 layers, 3 KV heads x 64 dims: 2 x 30 x 3 x 64 x 2 = 23040 bytes per token.

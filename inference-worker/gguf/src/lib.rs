@@ -495,6 +495,23 @@ impl GgufFile {
     }
 }
 
+/// For tests: the SmolLM2-135M-Instruct GGUF that `scripts/ensure-tools.sh` fetches,
+/// named by `GPUSCALE_SMOLLM2_GGUF`. `None` (the caller skips, saying so) only outside
+/// CI; under CI a missing model is a failure, so tests that need it never silently skip.
+#[doc(hidden)]
+pub fn smollm2_fixture() -> Option<std::path::PathBuf> {
+    match std::env::var_os("GPUSCALE_SMOLLM2_GGUF") {
+        Some(p) => Some(p.into()),
+        None if std::env::var_os("CI").is_some() => {
+            panic!("CI must provide GPUSCALE_SMOLLM2_GGUF (run through scripts/test.sh)")
+        }
+        None => {
+            eprintln!("SKIPPED: GPUSCALE_SMOLLM2_GGUF not set (run through scripts/test.sh)");
+            None
+        }
+    }
+}
+
 struct Reader<'a> {
     bytes: &'a [u8],
     pos: usize,

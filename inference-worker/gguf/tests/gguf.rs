@@ -242,15 +242,10 @@ proptest! {
 /// Runs whenever the file is there; CI always fetches it, so it cannot silently skip.
 #[test]
 fn reads_the_real_smollm2_file() {
-    let Some(path) = std::env::var_os("GPUSCALE_SMOLLM2_GGUF") else {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must provide GPUSCALE_SMOLLM2_GGUF"
-        );
-        eprintln!("SKIPPED: GPUSCALE_SMOLLM2_GGUF not set (run through scripts/test.sh)");
+    let Some(path) = gpuscale_gguf::smollm2_fixture() else {
         return;
     };
-    let f = GgufFile::open(path.as_ref()).unwrap();
+    let f = GgufFile::open(&path).unwrap();
     let g = f.header();
     assert_eq!(g.version(), 3);
     let shape = g.shape().unwrap();
