@@ -229,8 +229,10 @@ pub struct Engine {
     nodes: Vec<NodeState>,
     products: Vec<String>,
     placed: HashMap<ReplicaId, Placement>,
-    per_node: HashMap<(String, usize), u32>,
-    per_zone: HashMap<(String, usize), u32>,
+    /// Replicas per node index, by deployment (for spreading).
+    per_node: HashMap<String, HashMap<usize, u32>>,
+    /// Replicas per zone index, by deployment.
+    per_zone: HashMap<String, HashMap<usize, u32>>,
 }
 
 /// Lower is better; the last two entries are node and GPU order, for determinism.
@@ -332,6 +334,9 @@ impl Engine {
                     || req.selector.products.iter().any(|s| p.contains(s.as_str()))
             })
             .collect();
+        // This deployment's replica counts, looked up once rather than per node.
+        let dep = req.replica.deployment.as_str();
+        let (dep_nodes, dep_zones) = (self.per_node.get(dep), self.per_zone.get(dep));
         let mut seen = Seen::default();
         let mut best: Option<(Key, usize, Vec<usize>, bool)> = None;
         for (ni, node) in self.nodes.iter().enumerate() {
@@ -339,22 +344,30 @@ impl Engine {
             if fitting.len() < k {
                 continue;
             }
-            let spread = self.spread_penalty(&req.replica.deployment, req.spread, ni);
+            let spread = match req.spread {
+                SpreadDomain::None => 0,
+                SpreadDomain::Node => count_in(dep_nodes, Some(ni)),
+                SpreadDomain::Zone => count_in(dep_zones, node.zone),
+            };
+            let stats = NodeStats::of(node, req.sharing);
             let candidate = if k == 1 {
-                let gi = *fitting
+                let (key, gi) = fitting
                     .iter()
-                    .min_by_key(|&&gi| single_key(node, gi, req, spread, ni))
+                    .map(|&gi| (single_key(node, &stats, gi, req, spread, ni), gi))
+                    .min()
                     .expect("fitting is not empty");
-                Some((single_key(node, gi, req, spread, ni), vec![gi], true))
+                Some((key, vec![gi], true))
             } else {
-                match topology::choose_set(node, &fitting, k, req.sharing) {
-                    Some((set, nvlink)) if nvlink || !req.require_nvlink => {
-                        Some((set_key(node, &set, req, spread, ni, nvlink), set, nvlink))
-                    }
-                    _ => {
-                        seen.nvlink_short = Some(node.name.clone());
-                        None
-                    }
+                let (set, nvlink) = topology::choose_set(node, &fitting, k, req.sharing);
+                if nvlink || !req.require_nvlink {
+                    Some((
+                        set_key(node, &stats, &set, req, spread, ni, nvlink),
+                        set,
+                        nvlink,
+                    ))
+                } else {
+                    seen.nvlink_short = Some(node.name.clone());
+                    None
                 }
             };
             if let Some((key, set, nvlink)) = candidate {
@@ -398,9 +411,10 @@ impl Engine {
                 s.exclusive = false;
             }
         }
-        decrement(&mut self.per_node, (p.replica.deployment.clone(), ni));
+        let dep = &p.replica.deployment;
+        decrement(&mut self.per_node, dep, ni);
         if let Some(z) = self.nodes[ni].zone {
-            decrement(&mut self.per_zone, (p.replica.deployment.clone(), z));
+            decrement(&mut self.per_zone, dep, z);
         }
         Some(p)
     }
@@ -461,28 +475,22 @@ impl Engine {
             s.owners += 1;
             s.exclusive |= p.exclusive;
         }
+        let dep = &p.replica.deployment;
         *self
             .per_node
-            .entry((p.replica.deployment.clone(), ni))
+            .entry(dep.clone())
+            .or_default()
+            .entry(ni)
             .or_default() += 1;
         if let Some(z) = self.nodes[ni].zone {
             *self
                 .per_zone
-                .entry((p.replica.deployment.clone(), z))
+                .entry(dep.clone())
+                .or_default()
+                .entry(z)
                 .or_default() += 1;
         }
         self.placed.insert(p.replica.clone(), p);
-    }
-
-    fn spread_penalty(&self, deployment: &str, spread: SpreadDomain, ni: usize) -> u64 {
-        let count = |m: &HashMap<(String, usize), u32>, i| {
-            u64::from(m.get(&(deployment.to_string(), i)).copied().unwrap_or(0))
-        };
-        match spread {
-            SpreadDomain::None => 0,
-            SpreadDomain::Node => count(&self.per_node, ni),
-            SpreadDomain::Zone => self.nodes[ni].zone.map_or(0, |z| count(&self.per_zone, z)),
-        }
     }
 
     /// GPUs of `node` that pass every filter and fit, noting what was seen for the
@@ -618,34 +626,70 @@ fn describe(s: &Selector) -> String {
     parts.join(", ")
 }
 
-fn decrement(m: &mut HashMap<(String, usize), u32>, k: (String, usize)) {
-    if let Some(c) = m.get_mut(&k) {
+/// A deployment's replica count at `index` (a node or a zone), 0 when absent.
+fn count_in(counts: Option<&HashMap<usize, u32>>, index: Option<usize>) -> u64 {
+    match (counts, index) {
+        (Some(m), Some(i)) => u64::from(m.get(&i).copied().unwrap_or(0)),
+        _ => 0,
+    }
+}
+
+/// Removes one replica of `dep` at `index`, dropping entries that reach zero.
+fn decrement(m: &mut HashMap<String, HashMap<usize, u32>>, dep: &str, index: usize) {
+    let Some(counts) = m.get_mut(dep) else { return };
+    if let Some(c) = counts.get_mut(&index) {
         *c -= 1;
         if *c == 0 {
-            m.remove(&k);
+            counts.remove(&index);
         }
+    }
+    if counts.is_empty() {
+        m.remove(dep);
     }
 }
 
-/// Whole GPUs left free on the node, and in the island of `gi`.
-fn whole_free(node: &NodeState, island: usize) -> (u64, u64) {
-    let mut on_node = 0;
-    let mut in_island = 0;
-    for g in &node.gpus {
-        if g.owners == 0 && g.unhealthy.is_none() {
-            on_node += 1;
-            in_island += u64::from(g.island == island);
-        }
-    }
-    (on_node, in_island)
+/// Node-wide figures the ranking keys need, computed once per node and request.
+struct NodeStats {
+    /// Healthy GPUs with nothing placed on them.
+    whole_free: u64,
+    /// The same, per NVLink island.
+    whole_free_in_island: Vec<u64>,
+    /// Free VRAM on the node as the request's sharing mode sees it.
+    free_bytes: u64,
 }
 
-fn single_key(node: &NodeState, gi: usize, req: &Request, spread: u64, ni: usize) -> Key {
+impl NodeStats {
+    fn of(node: &NodeState, sharing: Sharing) -> NodeStats {
+        let islands = node.gpus.iter().map(|g| g.island + 1).max().unwrap_or(0);
+        let mut s = NodeStats {
+            whole_free: 0,
+            whole_free_in_island: vec![0; islands],
+            free_bytes: 0,
+        };
+        for g in &node.gpus {
+            if g.owners == 0 && g.unhealthy.is_none() {
+                s.whole_free += 1;
+                s.whole_free_in_island[g.island] += 1;
+            }
+            s.free_bytes += g.free_for(sharing);
+        }
+        s
+    }
+}
+
+fn single_key(
+    node: &NodeState,
+    stats: &NodeStats,
+    gi: usize,
+    req: &Request,
+    spread: u64,
+    ni: usize,
+) -> Key {
     let g = &node.gpus[gi];
     let idx = u64::from(g.index);
     match req.strategy {
         Strategy::BinPack => {
-            let (node_free, island_free) = whole_free(node, g.island);
+            let (node_free, island_free) = (stats.whole_free, stats.whole_free_in_island[g.island]);
             // An empty GPU taken by a shared replica stops being whole: charge for it.
             let breaks_whole = u64::from(g.owners == 0);
             let fit = match req.sharing {
@@ -658,22 +702,20 @@ fn single_key(node: &NodeState, gi: usize, req: &Request, spread: u64, ni: usize
             };
             [spread, fit, node_free, island_free, ni as u64, idx]
         }
-        Strategy::Spread => {
-            let node_free: u64 = node.gpus.iter().map(|g| g.free_for(req.sharing)).sum();
-            [
-                spread,
-                u64::MAX - node_free,
-                u64::MAX - g.free_for(req.sharing),
-                0,
-                ni as u64,
-                idx,
-            ]
-        }
+        Strategy::Spread => [
+            spread,
+            u64::MAX - stats.free_bytes,
+            u64::MAX - g.free_for(req.sharing),
+            0,
+            ni as u64,
+            idx,
+        ],
     }
 }
 
 fn set_key(
     node: &NodeState,
+    stats: &NodeStats,
     set: &[usize],
     req: &Request,
     spread: u64,
@@ -688,7 +730,6 @@ fn set_key(
         .unwrap_or(0);
     match req.strategy {
         Strategy::BinPack => {
-            let (node_free, _) = whole_free(node, usize::MAX);
             // Smallest GPUs that fit first: NVLink is worth preferring among GPUs of
             // one size, not worth taking a larger class that bigger models need later
             // (requireNvlink is there for sets that must have it). Then the fullest
@@ -697,22 +738,19 @@ fn set_key(
                 spread,
                 capacity,
                 u64::from(!nvlink),
-                node_free,
+                stats.whole_free,
                 ni as u64,
                 first,
             ]
         }
-        Strategy::Spread => {
-            let node_free: u64 = node.gpus.iter().map(|g| g.free_for(req.sharing)).sum();
-            [
-                spread,
-                u64::from(!nvlink),
-                u64::MAX - node_free,
-                0,
-                ni as u64,
-                first,
-            ]
-        }
+        Strategy::Spread => [
+            spread,
+            u64::from(!nvlink),
+            u64::MAX - stats.free_bytes,
+            0,
+            ni as u64,
+            first,
+        ],
     }
 }
 

@@ -10,11 +10,9 @@ use std::collections::BTreeMap;
 use super::{NodeState, Sharing};
 use crate::inventory::Gpu;
 
-/// Island of each GPU (by position in the node's list), and how many islands there are.
+/// Island of each GPU (by position in the node's list), numbered densely from 0.
 pub(super) struct Islands {
     pub of_gpu: Vec<usize>,
-    #[cfg_attr(not(test), allow(dead_code))]
-    pub count: usize,
 }
 
 pub(super) fn islands(gpus: &[Gpu]) -> Islands {
@@ -44,25 +42,20 @@ pub(super) fn islands(gpus: &[Gpu]) -> Islands {
             *ids.entry(r).or_insert(next)
         })
         .collect();
-    Islands {
-        of_gpu,
-        count: ids.len(),
-    }
+    Islands { of_gpu }
 }
 
 /// Chooses `k` of the `fitting` GPUs (positions in `node.gpus`) for one replica:
 /// within one NVLink island if any island holds `k` of them (the smallest such island,
 /// so large islands stay whole), else within one NUMA node if possible, else any.
-/// Returns the set and whether it is one NVLink island.
+/// Returns the set and whether it is one NVLink island. `fitting` holds at least `k`.
 pub(super) fn choose_set(
     node: &NodeState,
     fitting: &[usize],
     k: usize,
     sharing: Sharing,
-) -> Option<(Vec<usize>, bool)> {
-    if fitting.len() < k {
-        return None;
-    }
+) -> (Vec<usize>, bool) {
+    debug_assert!(fitting.len() >= k);
     // Tightest GPUs first within a group, then by index.
     let order = |set: &mut Vec<usize>| {
         set.sort_by_key(|&gi| {
@@ -81,7 +74,7 @@ pub(super) fn choose_set(
     if let Some((_, mut set)) = island {
         order(&mut set);
         set.truncate(k);
-        return Some((set, true));
+        return (set, true);
     }
     let mut by_numa: BTreeMap<Option<u32>, Vec<usize>> = BTreeMap::new();
     for &gi in fitting {
@@ -94,5 +87,5 @@ pub(super) fn choose_set(
         .unwrap_or_else(|| fitting.to_vec());
     order(&mut set);
     set.truncate(k);
-    Some((set, false))
+    (set, false)
 }
