@@ -6,11 +6,13 @@
 //! file for the worker. Every malformed input is an [`Error`] naming what is wrong.
 
 mod types;
+mod writer;
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
 pub use types::GgmlType;
+pub use writer::Writer;
 
 /// `GGUF` in little-endian.
 const MAGIC: u32 = 0x4655_4747;
@@ -486,6 +488,11 @@ impl GgufFile {
     /// The tensor table.
     pub fn tensors(&self) -> &[TensorInfo] {
         self.header.tensors()
+    }
+
+    /// The whole mapped file.
+    pub fn bytes(&self) -> &[u8] {
+        &self.map
     }
 
     /// The raw bytes of a tensor (bounds were checked at open).

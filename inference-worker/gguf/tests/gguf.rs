@@ -4,84 +4,33 @@
 use gpuscale_gguf::{Error, GgmlType, Gguf, GgufFile, Value};
 use proptest::prelude::*;
 
-/// Writes a little-endian GGUF: header, metadata, tensor table, padding, data.
-struct Writer {
-    version: u32,
-    kv: Vec<(String, u32, Vec<u8>)>,
-    tensors: Vec<(String, Vec<u64>, GgmlType, Vec<u8>)>,
-    alignment: u64,
-}
-
-fn string(s: &str) -> Vec<u8> {
-    let mut b = (s.len() as u64).to_le_bytes().to_vec();
-    b.extend_from_slice(s.as_bytes());
-    b
-}
+/// Synthetic files through the crate's own writer, with filler tensor data.
+struct Writer(gpuscale_gguf::Writer);
 
 impl Writer {
     fn new(version: u32) -> Self {
-        Writer {
-            version,
-            kv: Vec::new(),
-            tensors: Vec::new(),
-            alignment: 32,
-        }
+        Writer(gpuscale_gguf::Writer::new(version))
     }
-    fn kv_u32(mut self, k: &str, v: u32) -> Self {
-        self.kv.push((k.into(), 4, v.to_le_bytes().to_vec()));
-        self
+    fn kv_u32(self, k: &str, v: u32) -> Self {
+        Writer(self.0.kv(k, Value::U32(v)))
     }
-    fn kv_str(mut self, k: &str, v: &str) -> Self {
-        self.kv.push((k.into(), 8, string(v)));
-        self
+    fn kv_str(self, k: &str, v: &str) -> Self {
+        Writer(self.0.kv(k, Value::String(v.into())))
     }
-    fn kv_str_array(mut self, k: &str, items: &[&str]) -> Self {
-        let mut b = 8u32.to_le_bytes().to_vec();
-        b.extend((items.len() as u64).to_le_bytes());
-        items.iter().for_each(|s| b.extend(string(s)));
-        self.kv.push((k.into(), 9, b));
-        self
+    fn kv_str_array(self, k: &str, items: &[&str]) -> Self {
+        let items = items.iter().map(|s| Value::String((*s).into())).collect();
+        Writer(self.0.kv(k, Value::Array(items)))
     }
-    fn alignment(mut self, a: u32) -> Self {
-        self.alignment = a.into();
+    fn alignment(self, a: u32) -> Self {
         self.kv_u32("general.alignment", a)
     }
-    fn tensor(mut self, name: &str, dims: &[u64], t: GgmlType) -> Self {
+    fn tensor(self, name: &str, dims: &[u64], t: GgmlType) -> Self {
         let n: u64 = dims.iter().product();
         let data = (0..t.row_bytes(n)).map(|i| (i * 7 % 251) as u8).collect();
-        self.tensors.push((name.into(), dims.to_vec(), t, data));
-        self
+        Writer(self.0.tensor(name, dims, t, data))
     }
     fn bytes(&self) -> Vec<u8> {
-        let mut b = 0x4655_4747u32.to_le_bytes().to_vec();
-        b.extend(self.version.to_le_bytes());
-        b.extend((self.tensors.len() as u64).to_le_bytes());
-        b.extend((self.kv.len() as u64).to_le_bytes());
-        for (k, ty, v) in &self.kv {
-            b.extend(string(k));
-            b.extend(ty.to_le_bytes());
-            b.extend(v);
-        }
-        let mut offset = 0u64;
-        let mut offsets = Vec::new();
-        for (name, dims, t, data) in &self.tensors {
-            b.extend(string(name));
-            b.extend((dims.len() as u32).to_le_bytes());
-            dims.iter().for_each(|d| b.extend(d.to_le_bytes()));
-            b.extend(t.id().to_le_bytes());
-            b.extend(offset.to_le_bytes());
-            offsets.push(offset);
-            offset = (offset + data.len() as u64).div_ceil(self.alignment) * self.alignment;
-        }
-        while !(b.len() as u64).is_multiple_of(self.alignment) {
-            b.push(0);
-        }
-        let base = b.len();
-        for ((_, _, _, data), off) in self.tensors.iter().zip(offsets) {
-            b.resize(base + off as usize, 0);
-            b.extend(data);
-        }
-        b
+        self.0.bytes()
     }
 }
 
@@ -114,7 +63,7 @@ fn write_tmp(name: &str, bytes: &[u8]) -> std::path::PathBuf {
 fn parses_metadata_tensors_and_shape_of_a_synthetic_file() {
     for version in [2, 3] {
         let mut w = llama_like();
-        w.version = version;
+        w.0.version = version;
         let g = Gguf::parse(&w.bytes()).unwrap();
         assert_eq!(g.version(), version);
         assert_eq!(g.get_str("general.architecture").unwrap(), "llama");
@@ -150,8 +99,10 @@ fn memory_maps_tensor_data_at_the_declared_offsets() {
     let f = GgufFile::open(&path).unwrap();
     assert_eq!(f.header().alignment(), 64);
     assert_eq!(f.header().data_offset() % 64, 0);
-    for (t, (_, _, _, data)) in f.tensors().iter().zip(&w.tensors) {
-        assert_eq!(f.data(t), &data[..], "{}", t.name);
+    for t in f.tensors() {
+        // The filler the test writer puts in every tensor, found at the declared offset.
+        let expected: Vec<u8> = (0..t.n_bytes()).map(|i| (i * 7 % 251) as u8).collect();
+        assert_eq!(f.data(t), &expected[..], "{}", t.name);
     }
 }
 
@@ -162,7 +113,7 @@ fn rejects_bad_magic_versions_and_types_with_clear_errors() {
     assert!(matches!(Gguf::parse(&b), Err(Error::BadMagic(_))));
 
     let mut w = llama_like();
-    w.version = 1;
+    w.0.version = 1;
     let e = Gguf::parse(&w.bytes()).unwrap_err();
     assert!(e.to_string().contains("unsupported GGUF version 1"), "{e}");
 

@@ -1,0 +1,447 @@
+//! The CPU backend: the whole Llama forward pass, top to bottom, over a batch of tokens
+//! from any number of sequences. Weights stay in the memory-mapped file; matmuls quantise
+//! activations to 8 bits and run integer dot products (see `quant`), split across a rayon
+//! pool by output rows so every weight row is read once per batch, not once per token.
+
+pub mod quant;
+
+use std::sync::Arc;
+
+use gguf::GgufFile;
+use half::f16;
+use half::slice::HalfFloatSliceExt;
+use rayon::prelude::*;
+
+use super::{Backend, BackendError, KvLayout, Logits, SeqChunk};
+use crate::model::{LoadError, ModelConfig, RopeStyle};
+use quant::{Q8Row, WeightType};
+
+/// A weight matrix: `rows` rows of `cols` elements, stored as in the file.
+struct Matrix {
+    ty: WeightType,
+    rows: usize,
+    cols: usize,
+    offset: usize,
+}
+
+impl Matrix {
+    fn row<'a>(&self, data: &'a [u8], r: usize) -> &'a [u8] {
+        let n = self.ty.row_bytes(self.cols);
+        &data[self.offset + r * n..self.offset + (r + 1) * n]
+    }
+}
+
+struct Layer {
+    attn_norm: Vec<f32>,
+    wq: Matrix,
+    wk: Matrix,
+    wv: Matrix,
+    bq: Option<Vec<f32>>,
+    bk: Option<Vec<f32>>,
+    bv: Option<Vec<f32>>,
+    wo: Matrix,
+    ffn_norm: Vec<f32>,
+    w_gate: Matrix,
+    w_up: Matrix,
+    w_down: Matrix,
+}
+
+/// Paged KV storage: per layer, `n_blocks * block_size` slots of `kv_dim` halves. f16,
+/// as llama.cpp stores it: half the memory of f32, and the same rounding as the peer.
+struct KvCache {
+    layout: KvLayout,
+    k: Vec<Vec<f16>>,
+    v: Vec<Vec<f16>>,
+}
+
+/// The CPU backend. Create with [`CpuBackend::load`].
+pub struct CpuBackend {
+    file: Arc<GgufFile>,
+    config: ModelConfig,
+    embed: Matrix,
+    output: Matrix,
+    output_norm: Vec<f32>,
+    layers: Vec<Layer>,
+    kv: KvCache,
+    inv_freq: Vec<f32>,
+}
+
+impl CpuBackend {
+    /// Checks every tensor against the metadata and allocates the KV pool. Weights are
+    /// not copied: they are read from the map as the forward pass needs them.
+    pub fn load(file: Arc<GgufFile>, kv: KvLayout) -> Result<CpuBackend, LoadError> {
+        let config = ModelConfig::from_gguf(file.header())?;
+        let mut loader = Loader { file: &file };
+        for spec in config.tensors() {
+            loader.check(&spec.name, &spec.dims, spec.optional)?;
+        }
+        let mut layers = Vec::with_capacity(config.n_layers);
+        for l in 0..config.n_layers {
+            let n = |s: &str| format!("blk.{l}.{s}");
+            layers.push(Layer {
+                attn_norm: loader.vector(&n("attn_norm.weight"))?,
+                wq: loader.matrix(&n("attn_q.weight"))?,
+                wk: loader.matrix(&n("attn_k.weight"))?,
+                wv: loader.matrix(&n("attn_v.weight"))?,
+                bq: loader.optional_vector(&n("attn_q.bias"))?,
+                bk: loader.optional_vector(&n("attn_k.bias"))?,
+                bv: loader.optional_vector(&n("attn_v.bias"))?,
+                wo: loader.matrix(&n("attn_output.weight"))?,
+                ffn_norm: loader.vector(&n("ffn_norm.weight"))?,
+                w_gate: loader.matrix(&n("ffn_gate.weight"))?,
+                w_up: loader.matrix(&n("ffn_up.weight"))?,
+                w_down: loader.matrix(&n("ffn_down.weight"))?,
+            });
+        }
+        let embed = loader.matrix("token_embd.weight")?;
+        // Tied embeddings (SmolLM2) have no output matrix: the embedding is the head.
+        let output = match file.header().tensor("output.weight") {
+            Some(_) => loader.matrix("output.weight")?,
+            None => loader.matrix("token_embd.weight")?,
+        };
+        let output_norm = loader.vector("output_norm.weight")?;
+        let inv_freq = (0..config.rope_dims / 2)
+            .map(|i| {
+                config
+                    .rope_base
+                    .powf(-2.0 * i as f32 / config.rope_dims as f32)
+            })
+            .collect();
+        let slots = kv.n_blocks * kv.block_size * config.kv_dim();
+        let kv = KvCache {
+            layout: kv,
+            k: (0..config.n_layers)
+                .map(|_| vec![f16::ZERO; slots])
+                .collect(),
+            v: (0..config.n_layers)
+                .map(|_| vec![f16::ZERO; slots])
+                .collect(),
+        };
+        Ok(CpuBackend {
+            file,
+            config,
+            embed,
+            output,
+            output_norm,
+            layers,
+            kv,
+            inv_freq,
+        })
+    }
+}
+
+struct Loader<'a> {
+    file: &'a GgufFile,
+}
+
+impl Loader<'_> {
+    fn check(&mut self, name: &str, dims: &[u64], optional: bool) -> Result<(), LoadError> {
+        let Some(t) = self.file.header().tensor(name) else {
+            return if optional {
+                Ok(())
+            } else {
+                Err(LoadError::MissingTensor(name.into()))
+            };
+        };
+        if t.dims != dims {
+            return Err(LoadError::WrongShape {
+                tensor: name.into(),
+                found: t.dims.clone(),
+                expected: dims.to_vec(),
+            });
+        }
+        let ty = WeightType::from_ggml(t.ggml_type).ok_or_else(|| LoadError::UnsupportedType {
+            tensor: name.into(),
+            ty: t.ggml_type,
+        })?;
+        if ty.is_quantized() && !(dims[0] as usize).is_multiple_of(quant::QK) {
+            return Err(LoadError::Invalid(format!(
+                "{name}: rows of {} are not whole blocks",
+                dims[0]
+            )));
+        }
+        Ok(())
+    }
+
+    fn matrix(&mut self, name: &str) -> Result<Matrix, LoadError> {
+        let t = self
+            .file
+            .header()
+            .tensor(name)
+            .ok_or_else(|| LoadError::MissingTensor(name.into()))?;
+        let ty = WeightType::from_ggml(t.ggml_type).ok_or_else(|| LoadError::UnsupportedType {
+            tensor: name.into(),
+            ty: t.ggml_type,
+        })?;
+        let data = self.file.data(t);
+        let offset = data.as_ptr() as usize - self.file.bytes().as_ptr() as usize;
+        Ok(Matrix {
+            ty,
+            cols: t.dims[0] as usize,
+            rows: t.dims.get(1).copied().unwrap_or(1) as usize,
+            offset,
+        })
+    }
+
+    fn vector(&mut self, name: &str) -> Result<Vec<f32>, LoadError> {
+        let m = self.matrix(name)?;
+        let mut out = vec![0f32; m.cols];
+        quant::dequantize_row(m.ty, m.row(self.file.bytes(), 0), &mut out);
+        Ok(out)
+    }
+
+    fn optional_vector(&mut self, name: &str) -> Result<Option<Vec<f32>>, LoadError> {
+        match self.file.header().tensor(name) {
+            Some(_) => self.vector(name).map(Some),
+            None => Ok(None),
+        }
+    }
+}
+
+fn rmsnorm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let ms = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+    let scale = 1.0 / (ms + eps).sqrt();
+    for ((o, v), w) in out.iter_mut().zip(x).zip(w) {
+        *o = v * scale * w;
+    }
+}
+
+/// Y[t, r] = W[r, :] · X[t, :] for every token t and output row r.
+fn matmul(data: &[u8], w: &Matrix, x: &[f32], n_tokens: usize, y: &mut [f32]) {
+    let (rows, cols) = (w.rows, w.cols);
+    debug_assert_eq!(x.len(), n_tokens * cols);
+    let quantized: Vec<Q8Row> = if w.ty.is_quantized() {
+        x.par_chunks(cols)
+            .map(|xr| {
+                let mut q = Q8Row::default();
+                q.quantize_from(xr);
+                q
+            })
+            .collect()
+    } else {
+        vec![Q8Row::default(); n_tokens]
+    };
+    // Work in row blocks small enough to balance across threads and large enough to keep
+    // the per-task overhead negligible; each task reads its weight rows once.
+    let per_task = (rows / (rayon::current_num_threads() * 8)).clamp(8, 256);
+    if n_tokens == 1 {
+        y.par_chunks_mut(per_task).enumerate().for_each(|(c, ys)| {
+            for (i, out) in ys.iter_mut().enumerate() {
+                *out = quant::dot(w.ty, w.row(data, c * per_task + i), x, &quantized[0]);
+            }
+        });
+        return;
+    }
+    // Transposed result (rows x tokens) so each task owns a contiguous slice.
+    let mut yt = vec![0f32; rows * n_tokens];
+    yt.par_chunks_mut(per_task * n_tokens)
+        .enumerate()
+        .for_each(|(c, ys)| {
+            for (i, out_row) in ys.chunks_mut(n_tokens).enumerate() {
+                let wr = w.row(data, c * per_task + i);
+                for (t, out) in out_row.iter_mut().enumerate() {
+                    *out = quant::dot(w.ty, wr, &x[t * cols..(t + 1) * cols], &quantized[t]);
+                }
+            }
+        });
+    for t in 0..n_tokens {
+        for r in 0..rows {
+            y[t * rows + r] = yt[r * n_tokens + t];
+        }
+    }
+}
+
+fn add_bias(y: &mut [f32], bias: &Option<Vec<f32>>) {
+    if let Some(b) = bias {
+        for row in y.chunks_mut(b.len()) {
+            row.iter_mut().zip(b).for_each(|(v, b)| *v += b);
+        }
+    }
+}
+
+fn rope(x: &mut [f32], head_dim: usize, pos: usize, inv_freq: &[f32], style: RopeStyle) {
+    for head in x.chunks_mut(head_dim) {
+        for (i, f) in inv_freq.iter().enumerate() {
+            let (sin, cos) = (pos as f32 * f).sin_cos();
+            let (a, b) = match style {
+                RopeStyle::Interleaved => (2 * i, 2 * i + 1),
+                RopeStyle::Halves => (i, i + inv_freq.len()),
+            };
+            let (x0, x1) = (head[a], head[b]);
+            head[a] = x0 * cos - x1 * sin;
+            head[b] = x0 * sin + x1 * cos;
+        }
+    }
+}
+
+/// Where the K/V of position `pos` lives in the pool, in units of slots.
+fn slot(blocks: &[u32], block_size: usize, pos: usize) -> usize {
+    blocks[pos / block_size] as usize * block_size + pos % block_size
+}
+
+impl Backend for CpuBackend {
+    fn name(&self) -> &'static str {
+        "cpu"
+    }
+
+    fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    fn kv_layout(&self) -> KvLayout {
+        self.kv.layout
+    }
+
+    fn memory_bytes(&self) -> u64 {
+        let kv: usize = self
+            .kv
+            .k
+            .iter()
+            .chain(&self.kv.v)
+            .map(|l| l.len() * 2)
+            .sum();
+        self.file.header().weight_bytes() + kv as u64
+    }
+
+    fn forward(&mut self, chunks: &[SeqChunk<'_>]) -> Result<Vec<f32>, BackendError> {
+        let c = &self.config;
+        let (dim, qd, kvd, hd, ffd) = (c.dim, c.q_dim(), c.kv_dim(), c.head_dim, c.ffn_dim);
+        let bs = self.kv.layout.block_size;
+        // Flatten the batch: token, position and chunk of every row.
+        let mut tokens = Vec::new();
+        let mut pos = Vec::new();
+        let mut owner = Vec::new();
+        for (i, ch) in chunks.iter().enumerate() {
+            let end = ch.start + ch.tokens.len();
+            if end > ch.blocks.len() * bs
+                || ch
+                    .blocks
+                    .iter()
+                    .any(|b| *b as usize >= self.kv.layout.n_blocks)
+            {
+                return Err(BackendError::KvOutOfRange {
+                    position: end - 1,
+                    blocks: ch.blocks.len(),
+                    block_size: bs,
+                });
+            }
+            for (j, t) in ch.tokens.iter().enumerate() {
+                if *t as usize >= c.vocab {
+                    return Err(BackendError::BadToken(*t));
+                }
+                tokens.push(*t);
+                pos.push(ch.start + j);
+                owner.push(i);
+            }
+        }
+        let n = tokens.len();
+        let file = Arc::clone(&self.file);
+        let data = file.bytes();
+        let mut x = vec![0f32; n * dim];
+        for (row, t) in x.chunks_mut(dim).zip(&tokens) {
+            quant::dequantize_row(self.embed.ty, self.embed.row(data, *t as usize), row);
+        }
+        let mut xb = vec![0f32; n * dim];
+        let mut q = vec![0f32; n * qd];
+        let mut k = vec![0f32; n * kvd];
+        let mut v = vec![0f32; n * kvd];
+        let mut att = vec![0f32; n * qd];
+        let mut gate = vec![0f32; n * ffd];
+        let mut up = vec![0f32; n * ffd];
+        let group = c.n_heads / c.n_kv_heads;
+        let scale = 1.0 / (hd as f32).sqrt();
+        for (l, layer) in self.layers.iter().enumerate() {
+            for (o, i) in xb.chunks_mut(dim).zip(x.chunks(dim)) {
+                rmsnorm(i, &layer.attn_norm, c.norm_eps, o);
+            }
+            matmul(data, &layer.wq, &xb, n, &mut q);
+            matmul(data, &layer.wk, &xb, n, &mut k);
+            matmul(data, &layer.wv, &xb, n, &mut v);
+            add_bias(&mut q, &layer.bq);
+            add_bias(&mut k, &layer.bk);
+            add_bias(&mut v, &layer.bv);
+            for t in 0..n {
+                rope(
+                    &mut q[t * qd..(t + 1) * qd],
+                    hd,
+                    pos[t],
+                    &self.inv_freq,
+                    c.rope_style,
+                );
+                rope(
+                    &mut k[t * kvd..(t + 1) * kvd],
+                    hd,
+                    pos[t],
+                    &self.inv_freq,
+                    c.rope_style,
+                );
+                let s = slot(chunks[owner[t]].blocks, bs, pos[t]) * kvd;
+                self.kv.k[l][s..s + kvd].convert_from_f32_slice(&k[t * kvd..(t + 1) * kvd]);
+                self.kv.v[l][s..s + kvd].convert_from_f32_slice(&v[t * kvd..(t + 1) * kvd]);
+            }
+            // Causal attention: each (token, head) over its own sequence's positions 0..=pos.
+            let (kc, vc) = (&self.kv.k[l], &self.kv.v[l]);
+            att.par_chunks_mut(hd).enumerate().for_each(|(i, out)| {
+                let (t, h) = (i / c.n_heads, i % c.n_heads);
+                let kvh = h / group;
+                // Q meets the f16 cache at f16 precision, as in llama.cpp.
+                let qh: Vec<f32> = q[t * qd + h * hd..t * qd + (h + 1) * hd]
+                    .iter()
+                    .map(|v| f16::from_f32(*v).to_f32())
+                    .collect();
+                let blocks = chunks[owner[t]].blocks;
+                let mut kf = vec![0f32; hd];
+                let mut scores: Vec<f32> = (0..=pos[t])
+                    .map(|p| {
+                        let s = slot(blocks, bs, p) * kvd + kvh * hd;
+                        kc[s..s + hd].convert_to_f32_slice(&mut kf);
+                        qh.iter().zip(&kf).map(|(a, b)| a * b).sum::<f32>() * scale
+                    })
+                    .collect();
+                let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut sum = 0.0;
+                scores.iter_mut().for_each(|s| {
+                    *s = (*s - max).exp();
+                    sum += *s;
+                });
+                out.fill(0.0);
+                for (p, w) in scores.iter().enumerate() {
+                    let s = slot(blocks, bs, p) * kvd + kvh * hd;
+                    let w = f16::from_f32(w / sum).to_f32();
+                    vc[s..s + hd].convert_to_f32_slice(&mut kf);
+                    out.iter_mut().zip(&kf).for_each(|(o, v)| *o += w * v);
+                }
+            });
+            matmul(data, &layer.wo, &att, n, &mut xb);
+            x.iter_mut().zip(&xb).for_each(|(a, b)| *a += b);
+            for (o, i) in xb.chunks_mut(dim).zip(x.chunks(dim)) {
+                rmsnorm(i, &layer.ffn_norm, c.norm_eps, o);
+            }
+            matmul(data, &layer.w_gate, &xb, n, &mut gate);
+            matmul(data, &layer.w_up, &xb, n, &mut up);
+            gate.iter_mut()
+                .zip(&up)
+                .for_each(|(g, u)| *g = *g / (1.0 + (-*g).exp()) * u);
+            matmul(data, &layer.w_down, &gate, n, &mut xb);
+            x.iter_mut().zip(&xb).for_each(|(a, b)| *a += b);
+        }
+        // Only the rows whose logits were asked for go through the (large) output head.
+        let mut wanted = Vec::new();
+        for (t, o) in owner.iter().enumerate() {
+            let ch = &chunks[*o];
+            let last = pos[t] + 1 == ch.start + ch.tokens.len();
+            if ch.logits == Logits::All || (ch.logits == Logits::Last && last) {
+                wanted.push(t);
+            }
+        }
+        let mut normed = vec![0f32; wanted.len() * dim];
+        for (o, t) in normed.chunks_mut(dim).zip(&wanted) {
+            rmsnorm(&x[t * dim..(t + 1) * dim], &self.output_norm, c.norm_eps, o);
+        }
+        let mut logits = vec![0f32; wanted.len() * c.vocab];
+        if !wanted.is_empty() {
+            matmul(data, &self.output, &normed, wanted.len(), &mut logits);
+        }
+        Ok(logits)
+    }
+}

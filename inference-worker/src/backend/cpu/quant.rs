@@ -1,0 +1,418 @@
+//! ggml's block formats (F32, F16, Q4_0, Q4_1, Q8_0) and the dot products the CPU
+//! matmul is made of. Like llama.cpp, activations are quantised to 8 bits per block of
+//! 32 so that the inner loop is an integer multiply-add; the scalar code is the
+//! reference and the AVX2 code (picked at run time) must agree with it.
+
+use half::f16;
+
+/// Elements per quantisation block.
+pub const QK: usize = 32;
+
+/// A weight matrix's element type, as far as this backend computes with it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[allow(non_camel_case_types)]
+pub enum WeightType {
+    /// 32-bit float.
+    F32,
+    /// 16-bit float.
+    F16,
+    /// 4-bit, one f16 scale per 32 (value = d * (q - 8)).
+    Q4_0,
+    /// 4-bit, f16 scale and minimum per 32 (value = d * q + m).
+    Q4_1,
+    /// 8-bit, one f16 scale per 32.
+    Q8_0,
+}
+
+impl WeightType {
+    /// The backend type for a GGUF type, `None` when it has no kernel here.
+    pub fn from_ggml(t: gguf::GgmlType) -> Option<WeightType> {
+        use gguf::GgmlType as G;
+        Some(match t {
+            G::F32 => WeightType::F32,
+            G::F16 => WeightType::F16,
+            G::Q4_0 => WeightType::Q4_0,
+            G::Q4_1 => WeightType::Q4_1,
+            G::Q8_0 => WeightType::Q8_0,
+            _ => return None,
+        })
+    }
+
+    /// Bytes of one row of `n` elements.
+    pub fn row_bytes(self, n: usize) -> usize {
+        match self {
+            WeightType::F32 => 4 * n,
+            WeightType::F16 => 2 * n,
+            WeightType::Q4_0 => n / QK * 18,
+            WeightType::Q4_1 => n / QK * 20,
+            WeightType::Q8_0 => n / QK * 34,
+        }
+    }
+
+    /// Whether rows must be a whole number of blocks.
+    pub fn is_quantized(self) -> bool {
+        !matches!(self, WeightType::F32 | WeightType::F16)
+    }
+}
+
+fn f16_at(b: &[u8], i: usize) -> f32 {
+    f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
+}
+
+/// Decodes one row of `out.len()` elements.
+pub fn dequantize_row(t: WeightType, row: &[u8], out: &mut [f32]) {
+    match t {
+        WeightType::F32 => {
+            for (o, c) in out.iter_mut().zip(row.chunks_exact(4)) {
+                *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            }
+        }
+        WeightType::F16 => {
+            for (o, c) in out.iter_mut().zip(row.chunks_exact(2)) {
+                *o = f16::from_le_bytes([c[0], c[1]]).to_f32();
+            }
+        }
+        WeightType::Q4_0 | WeightType::Q4_1 => {
+            let (bytes, head) = if t == WeightType::Q4_0 {
+                (18, 2)
+            } else {
+                (20, 4)
+            };
+            for (o, b) in out.chunks_exact_mut(QK).zip(row.chunks_exact(bytes)) {
+                let d = f16_at(b, 0);
+                let (m, offset) = if t == WeightType::Q4_0 {
+                    (0.0, 8.0)
+                } else {
+                    (f16_at(b, 2), 0.0)
+                };
+                for j in 0..QK / 2 {
+                    let q = b[head + j];
+                    o[j] = d * ((q & 0x0f) as f32 - offset) + m;
+                    o[j + QK / 2] = d * ((q >> 4) as f32 - offset) + m;
+                }
+            }
+        }
+        WeightType::Q8_0 => {
+            for (o, b) in out.chunks_exact_mut(QK).zip(row.chunks_exact(34)) {
+                let d = f16_at(b, 0);
+                for j in 0..QK {
+                    o[j] = d * (b[2 + j] as i8) as f32;
+                }
+            }
+        }
+    }
+}
+
+/// Encodes `x` as `t` (what llama.cpp's quantize functions write); used by tests to
+/// make synthetic models and by nothing on the serving path.
+pub fn quantize_row(t: WeightType, x: &[f32]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(t.row_bytes(x.len()));
+    match t {
+        WeightType::F32 => x.iter().for_each(|v| out.extend(v.to_le_bytes())),
+        WeightType::F16 => x
+            .iter()
+            .for_each(|v| out.extend(f16::from_f32(*v).to_le_bytes())),
+        WeightType::Q4_0 => {
+            for b in x.chunks_exact(QK) {
+                // ggml keeps the sign of the largest-magnitude value: it maps to -8.
+                let max = b
+                    .iter()
+                    .fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
+                let d = max / -8.0;
+                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                out.extend(f16::from_f32(d).to_le_bytes());
+                for j in 0..QK / 2 {
+                    let q = |v: f32| ((v * id + 8.5) as i32).clamp(0, 15) as u8;
+                    out.push(q(b[j]) | (q(b[j + QK / 2]) << 4));
+                }
+            }
+        }
+        WeightType::Q4_1 => {
+            for b in x.chunks_exact(QK) {
+                let min = b.iter().copied().fold(f32::INFINITY, f32::min);
+                let max = b.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let d = (max - min) / 15.0;
+                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                out.extend(f16::from_f32(d).to_le_bytes());
+                out.extend(f16::from_f32(min).to_le_bytes());
+                for j in 0..QK / 2 {
+                    let q = |v: f32| (((v - min) * id + 0.5) as i32).clamp(0, 15) as u8;
+                    out.push(q(b[j]) | (q(b[j + QK / 2]) << 4));
+                }
+            }
+        }
+        WeightType::Q8_0 => {
+            for b in x.chunks_exact(QK) {
+                let amax = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let d = amax / 127.0;
+                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                out.extend(f16::from_f32(d).to_le_bytes());
+                b.iter()
+                    .for_each(|v| out.push((v * id).round() as i8 as u8));
+            }
+        }
+    }
+    out
+}
+
+/// One activation row quantised to 8 bits per block: scale `d`, `s = d * sum(q)` (what
+/// the Q4_1 minimum and the Q4_0 offset multiply), and the quants.
+#[derive(Clone, Debug, Default)]
+pub struct Q8Row {
+    d: Vec<f32>,
+    s: Vec<f32>,
+    qs: Vec<i8>,
+}
+
+impl Q8Row {
+    /// Quantises `x` (a whole number of blocks) into `self`, reusing its storage.
+    pub fn quantize_from(&mut self, x: &[f32]) {
+        let n = x.len() / QK;
+        self.d.resize(n, 0.0);
+        self.s.resize(n, 0.0);
+        self.qs.resize(n * QK, 0);
+        for (b, block) in x.chunks_exact(QK).enumerate() {
+            let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let d = amax / 127.0;
+            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+            // ggml keeps d and d*sum as f16; rounding them the same way keeps the peer's
+            // numerics (the quants themselves use the unrounded scale, as ggml does).
+            let d = f16::from_f32(d).to_f32();
+            let mut sum = 0i32;
+            for (q, v) in self.qs[b * QK..(b + 1) * QK].iter_mut().zip(block) {
+                *q = (v * id).round() as i8;
+                sum += *q as i32;
+            }
+            self.d[b] = d;
+            self.s[b] = f16::from_f32(d * sum as f32).to_f32();
+        }
+    }
+}
+
+/// `row · x` for one weight row of type `t`. `q` must hold `x` quantised when `t` is a
+/// quantised type (it is ignored otherwise).
+#[inline]
+pub fn dot(t: WeightType, row: &[u8], x: &[f32], q: &Q8Row) -> f32 {
+    match t {
+        WeightType::F32 | WeightType::F16 => dot_float(t, row, x),
+        _ => {
+            #[cfg(target_arch = "x86_64")]
+            if simd::available() {
+                // SAFETY: the CPU supports AVX2 and FMA (checked above).
+                return unsafe { simd::dot_q(t, row, q) };
+            }
+            dot_q_scalar(t, row, q)
+        }
+    }
+}
+
+fn dot_float(t: WeightType, row: &[u8], x: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    match t {
+        WeightType::F32 => {
+            for (i, (c, v)) in row.chunks_exact(4).zip(x).enumerate() {
+                acc[i % 8] += f32::from_le_bytes([c[0], c[1], c[2], c[3]]) * v;
+            }
+        }
+        _ => {
+            for (i, (c, v)) in row.chunks_exact(2).zip(x).enumerate() {
+                acc[i % 8] += f16::from_le_bytes([c[0], c[1]]).to_f32() * v;
+            }
+        }
+    }
+    acc.iter().sum()
+}
+
+/// The reference integer dot product: exactly what the SIMD code computes.
+pub fn dot_q_scalar(t: WeightType, row: &[u8], q: &Q8Row) -> f32 {
+    let mut sum = 0f32;
+    for b in 0..q.d.len() {
+        let a = &q.qs[b * QK..(b + 1) * QK];
+        match t {
+            WeightType::Q4_0 | WeightType::Q4_1 => {
+                let bytes = if t == WeightType::Q4_0 { 18 } else { 20 };
+                let blk = &row[b * bytes..(b + 1) * bytes];
+                let qs = &blk[bytes - 16..];
+                let mut isum = 0i32;
+                for j in 0..QK / 2 {
+                    isum += (qs[j] & 0x0f) as i32 * a[j] as i32;
+                    isum += (qs[j] >> 4) as i32 * a[j + QK / 2] as i32;
+                }
+                let d = f16_at(blk, 0);
+                sum += d * q.d[b] * isum as f32;
+                sum += if t == WeightType::Q4_0 {
+                    -8.0 * d * q.s[b]
+                } else {
+                    f16_at(blk, 2) * q.s[b]
+                };
+            }
+            WeightType::Q8_0 => {
+                let blk = &row[b * 34..(b + 1) * 34];
+                let isum: i32 = (0..QK)
+                    .map(|j| (blk[2 + j] as i8) as i32 * a[j] as i32)
+                    .sum();
+                sum += f16_at(blk, 0) * q.d[b] * isum as f32;
+            }
+            WeightType::F32 | WeightType::F16 => unreachable!("float rows use dot_float"),
+        }
+    }
+    sum
+}
+
+#[cfg(target_arch = "x86_64")]
+mod simd {
+    use super::{f16_at, Q8Row, WeightType, QK};
+    use std::arch::x86_64::*;
+    use std::sync::OnceLock;
+
+    pub fn available() -> bool {
+        static AVX2: OnceLock<bool> = OnceLock::new();
+        *AVX2.get_or_init(|| {
+            is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && std::env::var_os("GPUSCALE_NO_SIMD").is_none()
+        })
+    }
+
+    /// Sum of the eight i32 lanes of `p` (products of one block) as f32 lanes.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn block_sum_u8_i8(w: __m256i, a: __m256i) -> __m256 {
+        let p16 = _mm256_maddubs_epi16(w, a);
+        _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+        _mm_cvtss_f32(s)
+    }
+
+    /// Unpacks 16 bytes of nibbles into 32 u8 lanes: low nibbles first, as ggml orders them.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn nibbles(p: *const u8) -> __m256i {
+        let raw = _mm_loadu_si128(p as *const __m128i);
+        let lo = _mm_and_si128(raw, _mm_set1_epi8(0x0f));
+        let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), _mm_set1_epi8(0x0f));
+        _mm256_set_m128i(hi, lo)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot_q(t: WeightType, row: &[u8], q: &Q8Row) -> f32 {
+        let n = q.d.len();
+        let mut acc = _mm256_setzero_ps();
+        let mut extra = 0f32;
+        let rp = row.as_ptr();
+        let ap = q.qs.as_ptr();
+        match t {
+            WeightType::Q4_0 | WeightType::Q4_1 => {
+                let bytes = if t == WeightType::Q4_0 { 18 } else { 20 };
+                debug_assert!(row.len() >= n * bytes);
+                for b in 0..n {
+                    let blk = rp.add(b * bytes);
+                    let w = nibbles(blk.add(bytes - 16));
+                    let a = _mm256_loadu_si256(ap.add(b * QK) as *const __m256i);
+                    let d = f16_at(row, b * bytes);
+                    acc = _mm256_fmadd_ps(_mm256_set1_ps(d * q.d[b]), block_sum_u8_i8(w, a), acc);
+                    extra += if t == WeightType::Q4_0 {
+                        -8.0 * d * q.s[b]
+                    } else {
+                        f16_at(row, b * bytes + 2) * q.s[b]
+                    };
+                }
+            }
+            WeightType::Q8_0 => {
+                debug_assert!(row.len() >= n * 34);
+                for b in 0..n {
+                    let w = _mm256_loadu_si256(rp.add(b * 34 + 2) as *const __m256i);
+                    let a = _mm256_loadu_si256(ap.add(b * QK) as *const __m256i);
+                    // maddubs wants one unsigned operand: |w| and a carrying w's sign.
+                    let p = block_sum_u8_i8(_mm256_sign_epi8(w, w), _mm256_sign_epi8(a, w));
+                    let d = f16_at(row, b * 34);
+                    acc = _mm256_fmadd_ps(_mm256_set1_ps(d * q.d[b]), p, acc);
+                }
+            }
+            WeightType::F32 | WeightType::F16 => unreachable!("float rows use dot_float"),
+        }
+        hsum(acc) + extra
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn plain_dot(a: &[f32], b: &[f32]) -> f32 {
+        a.iter().zip(b).map(|(x, y)| x * y).sum()
+    }
+
+    const ALL: [WeightType; 5] = [
+        WeightType::F32,
+        WeightType::F16,
+        WeightType::Q4_0,
+        WeightType::Q4_1,
+        WeightType::Q8_0,
+    ];
+
+    proptest! {
+        /// Every format's dot product matches the f32 dot of the decoded row with x,
+        /// within the 8-bit activation rounding; SIMD equals scalar.
+        #[test]
+        fn dot_matches_decoded_reference(w in prop::collection::vec(-2f32..2.0, 128),
+                                         x in prop::collection::vec(-3f32..3.0, 128)) {
+            let mut q = Q8Row::default();
+            q.quantize_from(&x);
+            for t in ALL {
+                let row = quantize_row(t, &w);
+                let mut decoded = vec![0f32; 128];
+                dequantize_row(t, &row, &mut decoded);
+                let want = plain_dot(&decoded, &x);
+                let got = dot(t, &row, &x, &q);
+                let scale = decoded.iter().map(|v| v.abs()).sum::<f32>() * 3.0 / 127.0;
+                prop_assert!((got - want).abs() <= scale * 0.6 + 1e-3, "{t:?}: {got} vs {want}");
+                if t.is_quantized() {
+                    let reference = dot_q_scalar(t, &row, &q);
+                    prop_assert!((got - reference).abs() <= 1e-3 * (1.0 + reference.abs()), "{t:?} simd {got} scalar {reference}");
+                }
+            }
+        }
+
+        /// Quantising then decoding stays within half a step of the original.
+        #[test]
+        fn round_trip_error_is_bounded(w in prop::collection::vec(-4f32..4.0, 64)) {
+            for t in ALL {
+                let mut decoded = vec![0f32; 64];
+                dequantize_row(t, &quantize_row(t, &w), &mut decoded);
+                for (b, (orig, dec)) in w.chunks(QK).zip(decoded.chunks(QK)).enumerate() {
+                    let range = orig.iter().fold(0f32, |m, v| m.max(v.abs())) * 2.0;
+                    // Half a step, except Q4_0: ggml maps the largest magnitude to -8, so
+                    // the opposite extreme is clamped at +7 and may lose a whole step.
+                    let bound = match t { WeightType::F32 => 0.0, WeightType::F16 => range * 5e-4,
+                        WeightType::Q8_0 => range / 254.0 * 0.51, WeightType::Q4_0 => range / 16.0,
+                        _ => range / 15.0 * 0.51 };
+                    for (o, d) in orig.iter().zip(dec) {
+                        prop_assert!((o - d).abs() <= bound + 1e-6 + range * 1e-3, "{t:?} block {b}: {o} -> {d}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn ggml_layout_low_nibbles_are_the_first_half() {
+        // d = 1.0 (f16 0x3c00), m = 0: byte j holds elements j (low) and j+16 (high).
+        let mut row = vec![0x00, 0x3c, 0x00, 0x00];
+        row.extend((0..16u8).map(|j| j | ((15 - j) << 4)));
+        let mut out = [0f32; 32];
+        dequantize_row(WeightType::Q4_1, &row, &mut out);
+        assert_eq!(out[0], 0.0);
+        assert_eq!(out[15], 15.0);
+        assert_eq!(out[16], 15.0);
+        assert_eq!(out[31], 0.0);
+    }
+}

@@ -1,0 +1,8 @@
+//! The gpuscale inference worker: loads a GGUF model, batches requests continuously over
+//! a paged KV cache, and serves an OpenAI-compatible HTTP API with Prometheus metrics.
+
+pub mod backend;
+pub mod metrics;
+pub mod model;
+pub mod scheduler;
+pub mod tokenizer;

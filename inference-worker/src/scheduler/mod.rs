@@ -1,0 +1,552 @@
+//! Continuous batching. One engine thread owns the backend and, every step, runs a single
+//! forward pass over all running sequences: one token for each sequence that is
+//! generating, and chunks of prompt for sequences still prefilling, up to a token budget.
+//! Sequences join when a batch slot and KV blocks are free and leave the moment they
+//! finish, so a long request never holds a short one back. KV memory is paged in
+//! fixed-size blocks; when the pool runs dry the youngest sequence is preempted and later
+//! recomputed, as vLLM does. Admission is a bounded queue: full means 429, draining 503.
+
+pub mod kv;
+pub mod sampling;
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Instant;
+
+use tokio::sync::mpsc;
+
+use crate::backend::{Backend, Logits, SeqChunk};
+use crate::metrics::Metrics;
+use crate::tokenizer::Tokenizer;
+use kv::BlockAllocator;
+use sampling::{Sampler, Sampling};
+
+/// Limits of the engine.
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// Most sequences in one batch.
+    pub max_batch: usize,
+    /// Most tokens in one forward pass (prompt chunks are cut to fit).
+    pub max_batch_tokens: usize,
+    /// Longest sequence, prompt plus completion.
+    pub max_seq_len: usize,
+    /// Requests that may wait for a batch slot before new ones get 429.
+    pub queue_capacity: usize,
+}
+
+/// What a request asks the engine to do.
+pub struct GenerateRequest {
+    /// Request id (for logs).
+    pub id: String,
+    /// Prompt tokens.
+    pub prompt: Vec<u32>,
+    /// Completion tokens at most.
+    pub max_tokens: usize,
+    /// Sampling parameters.
+    pub sampling: Sampling,
+    /// Random seed.
+    pub seed: u64,
+    /// Strings that end the completion (not included in it).
+    pub stop: Vec<String>,
+    /// Where the engine sends text and the end; dropping the receiver cancels.
+    pub events: mpsc::UnboundedSender<Event>,
+}
+
+/// Why a completion ended (OpenAI's `finish_reason`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FinishReason {
+    /// End-of-sequence token or a stop string.
+    Stop,
+    /// max_tokens or the maximum sequence length.
+    Length,
+}
+
+impl FinishReason {
+    /// The OpenAI string.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+        }
+    }
+}
+
+/// Something the engine tells a request.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Event {
+    /// More completion text.
+    Text(String),
+    /// The end.
+    Done {
+        /// Why it ended.
+        reason: FinishReason,
+        /// Prompt tokens.
+        prompt_tokens: usize,
+        /// Completion tokens.
+        completion_tokens: usize,
+    },
+    /// The engine failed this request.
+    Failed(String),
+}
+
+/// Why a request was not admitted.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SubmitError {
+    /// The admission queue is full.
+    #[error("the server is at capacity ({0} requests waiting); retry later")]
+    QueueFull(usize),
+    /// The worker is shutting down.
+    #[error("the server is shutting down")]
+    Draining,
+    /// The request can never fit.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+struct Waiting {
+    seq: Seq,
+    /// Preempted sequences keep their place at the front.
+    preempted: bool,
+}
+
+struct State {
+    waiting: VecDeque<Waiting>,
+    running: usize,
+    shutdown: bool,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    wake: Condvar,
+    draining: AtomicBool,
+    config: EngineConfig,
+    kv_capacity_tokens: usize,
+    metrics: Arc<Metrics>,
+}
+
+/// The engine's front door: cheap to clone, used by the HTTP handlers.
+#[derive(Clone)]
+pub struct Handle {
+    shared: Arc<Shared>,
+}
+
+/// One sequence in the engine.
+struct Seq {
+    req: GenerateRequest,
+    tokens: Vec<u32>,
+    n_prompt: usize,
+    /// Positions whose K/V are in the cache.
+    computed: usize,
+    blocks: Vec<u32>,
+    sampler: Sampler,
+    started: Instant,
+    first_token: Option<Instant>,
+    /// Bytes of a UTF-8 character not yet complete.
+    partial: Vec<u8>,
+    /// Text decoded but held back because it may begin a stop string.
+    held: String,
+    finished: Option<FinishReason>,
+}
+
+impl Seq {
+    fn generated(&self) -> usize {
+        self.tokens.len() - self.n_prompt
+    }
+}
+
+/// Starts the engine thread on `backend`. Returns the handle and the thread.
+pub fn start(
+    backend: Box<dyn Backend>,
+    tokenizer: Arc<Tokenizer>,
+    config: EngineConfig,
+    metrics: Arc<Metrics>,
+) -> (Handle, std::thread::JoinHandle<()>) {
+    let layout = backend.kv_layout();
+    metrics.kv_blocks_total.set(layout.n_blocks as i64);
+    let shared = Arc::new(Shared {
+        state: Mutex::new(State {
+            waiting: VecDeque::new(),
+            running: 0,
+            shutdown: false,
+        }),
+        wake: Condvar::new(),
+        draining: AtomicBool::new(false),
+        kv_capacity_tokens: layout.n_blocks * layout.block_size,
+        config,
+        metrics,
+    });
+    let engine = Engine {
+        shared: Arc::clone(&shared),
+        backend,
+        tokenizer,
+        alloc: BlockAllocator::new(layout.block_size, layout.n_blocks),
+        running: Vec::new(),
+    };
+    let thread = std::thread::Builder::new()
+        .name("engine".into())
+        .spawn(move || engine.run())
+        .expect("spawning the engine thread");
+    (Handle { shared }, thread)
+}
+
+impl Handle {
+    /// Queues a request, or says why not.
+    pub fn submit(&self, req: GenerateRequest) -> Result<(), SubmitError> {
+        let c = &self.shared.config;
+        if self.shared.draining.load(Ordering::SeqCst) {
+            return Err(SubmitError::Draining);
+        }
+        if req.prompt.is_empty() {
+            return Err(SubmitError::Invalid("the prompt is empty".into()));
+        }
+        let limit = c.max_seq_len.min(self.shared.kv_capacity_tokens);
+        if req.prompt.len() + req.max_tokens > limit {
+            return Err(SubmitError::Invalid(format!(
+                "this model's maximum context length is {limit} tokens; the request has {} prompt tokens and max_tokens {} ({} in all); shorten the prompt or lower max_tokens",
+                req.prompt.len(),
+                req.max_tokens,
+                req.prompt.len() + req.max_tokens
+            )));
+        }
+        let mut st = self.shared.state.lock().expect("engine state");
+        if st.waiting.len() >= c.queue_capacity {
+            return Err(SubmitError::QueueFull(st.waiting.len()));
+        }
+        let seq = Seq {
+            tokens: req.prompt.clone(),
+            n_prompt: req.prompt.len(),
+            computed: 0,
+            blocks: Vec::new(),
+            sampler: Sampler::new(req.sampling, req.seed),
+            started: Instant::now(),
+            first_token: None,
+            partial: Vec::new(),
+            held: String::new(),
+            finished: None,
+            req,
+        };
+        self.shared
+            .metrics
+            .prompt_tokens
+            .inc_by(seq.n_prompt as u64);
+        st.waiting.push_back(Waiting {
+            seq,
+            preempted: false,
+        });
+        self.shared.metrics.queue_depth.set(st.waiting.len() as i64);
+        drop(st);
+        self.shared.wake.notify_one();
+        Ok(())
+    }
+
+    /// Stops admitting: new requests get [`SubmitError::Draining`].
+    pub fn drain(&self) {
+        self.shared.draining.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether [`Handle::drain`] was called.
+    pub fn is_draining(&self) -> bool {
+        self.shared.draining.load(Ordering::SeqCst)
+    }
+
+    /// Requests waiting or running.
+    pub fn in_flight(&self) -> usize {
+        let st = self.shared.state.lock().expect("engine state");
+        st.waiting.len() + st.running
+    }
+
+    /// Requests waiting for a slot.
+    pub fn queue_depth(&self) -> usize {
+        self.shared
+            .state
+            .lock()
+            .expect("engine state")
+            .waiting
+            .len()
+    }
+
+    /// Ends the engine thread once nothing is in flight.
+    pub fn shutdown(&self) {
+        self.shared.state.lock().expect("engine state").shutdown = true;
+        self.shared.wake.notify_all();
+    }
+}
+
+struct Engine {
+    shared: Arc<Shared>,
+    backend: Box<dyn Backend>,
+    tokenizer: Arc<Tokenizer>,
+    alloc: BlockAllocator,
+    running: Vec<Seq>,
+}
+
+impl Engine {
+    fn run(mut self) {
+        loop {
+            if !self.admit() {
+                return;
+            }
+            self.step();
+            self.retire();
+        }
+    }
+
+    /// Moves waiting requests into the batch while slots and KV blocks allow. Blocks
+    /// while there is nothing to do; `false` when shut down.
+    fn admit(&mut self) -> bool {
+        let mut st = self.shared.state.lock().expect("engine state");
+        while st.waiting.is_empty() && self.running.is_empty() {
+            if st.shutdown {
+                return false;
+            }
+            st = self.shared.wake.wait(st).expect("engine state");
+        }
+        while self.running.len() < self.shared.config.max_batch {
+            let Some(front) = st.waiting.front() else {
+                break;
+            };
+            if front.seq.req.events.is_closed() {
+                // The client left while queued.
+                st.waiting.pop_front();
+                self.shared
+                    .metrics
+                    .requests
+                    .get_or_create(&crate::metrics::StatusLabel { status: 499 })
+                    .inc();
+                continue;
+            }
+            // Room for the whole prompt (or recomputed sequence) plus one token.
+            let need = self.alloc.blocks_for(front.seq.tokens.len() + 1);
+            if need > self.alloc.free() {
+                break;
+            }
+            let w = st.waiting.pop_front().expect("front exists");
+            if !w.preempted {
+                tracing::debug!(request_id = %w.seq.req.id, prompt_tokens = w.seq.n_prompt, "admitted");
+            }
+            self.running.push(w.seq);
+        }
+        st.running = self.running.len();
+        self.shared.metrics.queue_depth.set(st.waiting.len() as i64);
+        self.shared.metrics.running.set(self.running.len() as i64);
+        true
+    }
+
+    /// Plans and runs one forward pass, then samples.
+    fn step(&mut self) {
+        // Generating sequences first (one token each), then prompt chunks in the rest of
+        // the token budget.
+        let mut budget = self.shared.config.max_batch_tokens;
+        let mut plan: Vec<(usize, usize)> = Vec::new(); // (index in running, tokens)
+        let mut order: Vec<usize> = (0..self.running.len()).collect();
+        order.sort_by_key(|&i| self.running[i].tokens.len() - self.running[i].computed > 1);
+        for i in order {
+            let s = &self.running[i];
+            let n = (s.tokens.len() - s.computed).min(budget);
+            if n == 0 {
+                continue;
+            }
+            budget -= n;
+            plan.push((i, n));
+        }
+        // KV blocks for every planned token; preempt the youngest sequences if short.
+        let mut p = 0;
+        while p < plan.len() {
+            let (i, n) = plan[p];
+            let need = self.running[i].computed + n;
+            if self.alloc.grow(&mut self.running[i].blocks, need) {
+                p += 1;
+                continue;
+            }
+            let victim = (0..self.running.len())
+                .rev()
+                .find(|&v| v != i && !self.running[v].blocks.is_empty());
+            match victim {
+                Some(v) => {
+                    self.preempt(v);
+                    plan.retain(|(j, _)| *j != v);
+                    // Indices after v shifted down by one.
+                    plan.iter_mut().for_each(|(j, _)| *j -= usize::from(*j > v));
+                    p = plan
+                        .iter()
+                        .position(|(j, _)| *j == i - usize::from(i > v))
+                        .unwrap_or(plan.len());
+                }
+                None => {
+                    let s = &mut self.running[i];
+                    let _ = s
+                        .req
+                        .events
+                        .send(Event::Failed("KV cache too small for this sequence".into()));
+                    s.finished = Some(FinishReason::Length);
+                    plan.remove(p);
+                }
+            }
+        }
+        if plan.is_empty() {
+            return;
+        }
+        let chunks: Vec<SeqChunk<'_>> = plan
+            .iter()
+            .map(|&(i, n)| {
+                let s = &self.running[i];
+                let last = s.computed + n == s.tokens.len();
+                SeqChunk {
+                    tokens: &s.tokens[s.computed..s.computed + n],
+                    start: s.computed,
+                    blocks: &s.blocks,
+                    logits: if last { Logits::Last } else { Logits::None },
+                }
+            })
+            .collect();
+        let wants: Vec<bool> = chunks.iter().map(|c| c.logits == Logits::Last).collect();
+        let result = self.backend.forward(&chunks);
+        drop(chunks);
+        let logits = match result {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(error = %e, "forward pass failed");
+                for &(i, _) in &plan {
+                    let s = &mut self.running[i];
+                    let _ = s
+                        .req
+                        .events
+                        .send(Event::Failed(format!("inference failed: {e}")));
+                    s.finished = Some(FinishReason::Stop);
+                }
+                return;
+            }
+        };
+        let vocab = self.backend.config().vocab;
+        let mut row = 0;
+        for (&(i, n), want) in plan.iter().zip(wants) {
+            let s = &mut self.running[i];
+            s.computed += n;
+            if !want {
+                continue;
+            }
+            let next = s.sampler.sample(&logits[row * vocab..(row + 1) * vocab]);
+            row += 1;
+            self.accept(i, next);
+        }
+    }
+
+    /// Appends a sampled token, streams its text, and decides whether the sequence ends.
+    fn accept(&mut self, i: usize, token: u32) {
+        let tok = &self.tokenizer;
+        let s = &mut self.running[i];
+        if s.first_token.is_none() {
+            s.first_token = Some(Instant::now());
+            self.shared
+                .metrics
+                .ttft_seconds
+                .observe(s.started.elapsed().as_secs_f64());
+        }
+        self.shared.metrics.tokens_generated.inc();
+        s.tokens.push(token);
+        let max_len = self.shared.config.max_seq_len;
+        if tok.is_eos(token) {
+            s.finished = Some(FinishReason::Stop);
+        } else {
+            s.partial.extend_from_slice(tok.token_bytes(token));
+            let valid = match std::str::from_utf8(&s.partial) {
+                Ok(v) => v.len(),
+                Err(e) if e.error_len().is_some() => s.partial.len(), // invalid: emit lossily
+                Err(e) => e.valid_up_to(),
+            };
+            let text: Vec<u8> = s.partial.drain(..valid).collect();
+            s.held.push_str(&String::from_utf8_lossy(&text));
+            if let Some(at) = s
+                .req
+                .stop
+                .iter()
+                .filter_map(|st| s.held.find(st.as_str()))
+                .min()
+            {
+                s.held.truncate(at);
+                s.finished = Some(FinishReason::Stop);
+            }
+        }
+        if s.finished.is_none() && (s.generated() >= s.req.max_tokens || s.tokens.len() >= max_len)
+        {
+            s.finished = Some(FinishReason::Length);
+        }
+        // Hold back text that could still turn into a stop string.
+        let keep = if s.finished.is_some() {
+            0
+        } else {
+            s.req
+                .stop
+                .iter()
+                .map(|st| st.len().saturating_sub(1))
+                .max()
+                .unwrap_or(0)
+        };
+        let mut cut = s.held.len().saturating_sub(keep);
+        while !s.held.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        if cut > 0 {
+            let out: String = s.held.drain(..cut).collect();
+            if s.req.events.send(Event::Text(out)).is_err() {
+                // Client disconnected: free the sequence now.
+                s.finished = Some(FinishReason::Stop);
+            }
+        }
+    }
+
+    fn preempt(&mut self, v: usize) {
+        let mut s = self.running.remove(v);
+        self.alloc.release(&mut s.blocks);
+        s.computed = 0;
+        self.shared.metrics.preemptions.inc();
+        tracing::debug!(request_id = %s.req.id, "preempted for KV space; will recompute");
+        let mut st = self.shared.state.lock().expect("engine state");
+        st.waiting.push_front(Waiting {
+            seq: s,
+            preempted: true,
+        });
+    }
+
+    /// Removes finished and abandoned sequences, returning their blocks.
+    fn retire(&mut self) {
+        let mut i = 0;
+        while i < self.running.len() {
+            let s = &self.running[i];
+            let abandoned = s.req.events.is_closed();
+            if s.finished.is_none() && !abandoned {
+                i += 1;
+                continue;
+            }
+            let mut s = self.running.remove(i);
+            self.alloc.release(&mut s.blocks);
+            let completion = s.generated();
+            let status = if abandoned { 499 } else { 200 };
+            if let Some(reason) = s.finished.filter(|_| !abandoned) {
+                let _ = s.req.events.send(Event::Done {
+                    reason,
+                    prompt_tokens: s.n_prompt,
+                    completion_tokens: completion,
+                });
+            }
+            let m = &self.shared.metrics;
+            m.request_seconds.observe(s.started.elapsed().as_secs_f64());
+            m.requests
+                .get_or_create(&crate::metrics::StatusLabel { status })
+                .inc();
+            tracing::debug!(request_id = %s.req.id, completion_tokens = completion, status, "sequence left the batch");
+        }
+        let used = self.alloc.total() - self.alloc.free();
+        self.shared
+            .metrics
+            .kv_usage
+            .set(used as f64 / self.alloc.total().max(1) as f64);
+        let mut st = self.shared.state.lock().expect("engine state");
+        st.running = self.running.len();
+        self.shared.metrics.running.set(self.running.len() as i64);
+    }
+}
+
+#[cfg(test)]
+mod tests;

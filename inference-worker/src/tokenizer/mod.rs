@@ -1,0 +1,424 @@
+//! Tokenizers built from the GGUF metadata, as llama.cpp builds them: GPT-2 style
+//! byte-level BPE (`tokenizer.ggml.model = gpt2`, with merges and a pre-tokenizer regex)
+//! and SentencePiece style (`llama`, with scores and byte fallback). Control and
+//! user-defined tokens in the text (`<|im_start|>`) are matched before the model's own
+//! splitting, as llama.cpp does with `parse_special`.
+
+mod chat;
+
+use std::collections::HashMap;
+
+use gguf::{Gguf, Value};
+
+pub use chat::{ChatMessage, ChatTemplate};
+
+/// Why a tokenizer cannot be built from the file.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenizerError {
+    /// A tokenizer key is missing or has the wrong type.
+    #[error(transparent)]
+    Gguf(#[from] gguf::Error),
+    /// The tokenizer model is one this worker does not implement.
+    #[error("tokenizer model {0:?} is not supported (supported: gpt2, llama)")]
+    Unsupported(String),
+    /// The vocabulary is inconsistent.
+    #[error("invalid tokenizer: {0}")]
+    Invalid(String),
+    /// The chat template does not parse.
+    #[error("chat template: {0}")]
+    Template(String),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Bpe,
+    Spm,
+}
+
+/// A tokenizer for one model.
+pub struct Tokenizer {
+    kind: Kind,
+    /// Token text as stored (byte-level unicode for BPE, `▁` for SPM spaces).
+    tokens: Vec<String>,
+    ids: HashMap<String, u32>,
+    scores: Vec<f32>,
+    /// BPE merges: (left, right) -> (rank, merged id).
+    merges: HashMap<(u32, u32), (u32, u32)>,
+    /// Control / user-defined tokens, longest first.
+    special: Vec<(String, u32)>,
+    /// What each token decodes to (empty for control tokens).
+    pieces: Vec<Vec<u8>>,
+    pre: Vec<fancy_regex::Regex>,
+    byte_tokens: [Option<u32>; 256],
+    /// Beginning-of-sequence token.
+    pub bos: Option<u32>,
+    /// End-of-sequence tokens (the file's eos, and end-of-turn when present).
+    pub eos: Vec<u32>,
+    add_bos: bool,
+    add_space_prefix: bool,
+}
+
+const CONTROL: i32 = 3;
+const USER_DEFINED: i32 = 4;
+const BYTE: i32 = 6;
+
+/// GPT-2's reversible map from bytes to printable characters.
+fn byte_to_char() -> [char; 256] {
+    let mut map = ['\0'; 256];
+    let mut n = 0u32;
+    for b in 0..256u32 {
+        let printable =
+            (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+        map[b as usize] = if printable {
+            char::from_u32(b).unwrap()
+        } else {
+            n += 1;
+            char::from_u32(255 + n).unwrap()
+        };
+    }
+    map
+}
+
+fn strings(g: &Gguf, key: &str) -> Result<Vec<String>, TokenizerError> {
+    let arr = g
+        .get(key)
+        .and_then(Value::as_array)
+        .ok_or_else(|| gguf::Error::Metadata {
+            key: key.into(),
+            problem: "missing or not an array".into(),
+        })?;
+    arr.iter()
+        .map(|v| v.as_str().map(String::from))
+        .collect::<Option<Vec<_>>>()
+        .ok_or_else(|| TokenizerError::Invalid(format!("{key} holds non-strings")))
+}
+
+fn optional_numbers(g: &Gguf, key: &str) -> Vec<f64> {
+    g.get(key)
+        .and_then(Value::as_array)
+        .map(|a| a.iter().filter_map(Value::as_f64).collect())
+        .unwrap_or_default()
+}
+
+impl Tokenizer {
+    /// Builds the tokenizer the file describes.
+    pub fn from_gguf(g: &Gguf) -> Result<Tokenizer, TokenizerError> {
+        let model = g.get_str("tokenizer.ggml.model")?.to_string();
+        let kind = match model.as_str() {
+            "gpt2" => Kind::Bpe,
+            "llama" => Kind::Spm,
+            _ => return Err(TokenizerError::Unsupported(model)),
+        };
+        let tokens = strings(g, "tokenizer.ggml.tokens")?;
+        let types: Vec<i32> = optional_numbers(g, "tokenizer.ggml.token_type")
+            .iter()
+            .map(|v| *v as i32)
+            .collect();
+        let mut scores: Vec<f32> = optional_numbers(g, "tokenizer.ggml.scores")
+            .iter()
+            .map(|v| *v as f32)
+            .collect();
+        scores.resize(tokens.len(), 0.0);
+        let ty = |i: usize| types.get(i).copied().unwrap_or(1);
+        let ids: HashMap<String, u32> = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.clone(), i as u32))
+            .collect();
+        let mut merges = HashMap::new();
+        if kind == Kind::Bpe {
+            for (rank, m) in strings(g, "tokenizer.ggml.merges")?.iter().enumerate() {
+                let (a, b) = m
+                    .split_once(' ')
+                    .ok_or_else(|| TokenizerError::Invalid(format!("merge {m:?} has no space")))?;
+                if let (Some(&ia), Some(&ib), Some(&im)) =
+                    (ids.get(a), ids.get(b), ids.get(&format!("{a}{b}")))
+                {
+                    merges.entry((ia, ib)).or_insert((rank as u32, im));
+                }
+            }
+        }
+        let mut special: Vec<(String, u32)> = (0..tokens.len())
+            .filter(|&i| matches!(ty(i), CONTROL | USER_DEFINED) && !tokens[i].is_empty())
+            .map(|i| (tokens[i].clone(), i as u32))
+            .collect();
+        special.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.1.cmp(&b.1)));
+        let pieces = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                if ty(i) == CONTROL {
+                    Vec::new()
+                } else {
+                    piece_bytes(kind, t)
+                }
+            })
+            .collect();
+        let mut byte_tokens = [None; 256];
+        let chars = byte_to_char();
+        for b in 0..256usize {
+            byte_tokens[b] = match kind {
+                Kind::Bpe => ids.get(&chars[b].to_string()).copied(),
+                Kind::Spm => ids
+                    .get(&format!("<0x{b:02X}>"))
+                    .copied()
+                    .filter(|&i| ty(i as usize) == BYTE),
+            };
+        }
+        let pre = match kind {
+            Kind::Bpe => pre_tokenizer(
+                g.get("tokenizer.ggml.pre")
+                    .and_then(Value::as_str)
+                    .unwrap_or("default"),
+            )?,
+            Kind::Spm => Vec::new(),
+        };
+        let id = |k: &str| {
+            g.get(k)
+                .and_then(Value::as_u64)
+                .map(|v| v as u32)
+                .filter(|&v| (v as usize) < tokens.len())
+        };
+        let bool_or = |k: &str, d: bool| match g.get(k) {
+            Some(Value::Bool(b)) => *b,
+            _ => d,
+        };
+        let mut eos: Vec<u32> = id("tokenizer.ggml.eos_token_id").into_iter().collect();
+        eos.extend(id("tokenizer.ggml.eot_token_id"));
+        // Chat models end turns with an end-of-turn control token the file may not name.
+        for t in ["<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>"] {
+            if let Some(&i) = ids.get(t) {
+                if !eos.contains(&i) {
+                    eos.push(i);
+                }
+            }
+        }
+        Ok(Tokenizer {
+            kind,
+            bos: id("tokenizer.ggml.bos_token_id"),
+            eos,
+            add_bos: bool_or("tokenizer.ggml.add_bos_token", kind == Kind::Spm),
+            add_space_prefix: bool_or("tokenizer.ggml.add_space_prefix", kind == Kind::Spm),
+            tokens,
+            ids,
+            scores,
+            merges,
+            special,
+            pieces,
+            pre,
+            byte_tokens,
+        })
+    }
+
+    /// Vocabulary size.
+    pub fn vocab_size(&self) -> usize {
+        self.tokens.len()
+    }
+
+    /// The stored text of a token (for tests and logs).
+    pub fn token_text(&self, id: u32) -> Option<&str> {
+        self.tokens.get(id as usize).map(String::as_str)
+    }
+
+    /// Tokenizes `text`, adding BOS when the model asks for it.
+    pub fn encode(&self, text: &str) -> Vec<u32> {
+        let mut out = Vec::new();
+        if self.add_bos {
+            out.extend(self.bos);
+        }
+        let mut first = true;
+        for (piece, special) in self.split_special(text) {
+            if let Some(id) = special {
+                out.push(id);
+                continue;
+            }
+            match self.kind {
+                Kind::Bpe => self.encode_bpe(piece, &mut out),
+                Kind::Spm => self.encode_spm(piece, first && self.add_space_prefix, &mut out),
+            }
+            first = false;
+        }
+        out
+    }
+
+    /// Splits `text` around control and user-defined tokens: the earliest match first,
+    /// the longest token where several start at the same place.
+    fn split_special<'t>(&self, text: &'t str) -> Vec<(&'t str, Option<u32>)> {
+        let mut out = Vec::new();
+        let mut rest = text;
+        while !rest.is_empty() {
+            let hit = self
+                .special
+                .iter()
+                .filter_map(|(s, id)| {
+                    rest.find(s.as_str())
+                        .map(|i| (i, std::cmp::Reverse(s.len()), *id))
+                })
+                .min();
+            let Some((i, std::cmp::Reverse(len), id)) = hit else {
+                out.push((rest, None));
+                break;
+            };
+            if i > 0 {
+                out.push((&rest[..i], None));
+            }
+            out.push((&rest[i..i + len], Some(id)));
+            rest = &rest[i + len..];
+        }
+        out
+    }
+
+    fn encode_bpe(&self, text: &str, out: &mut Vec<u32>) {
+        let chars = byte_to_char();
+        let mut pieces = vec![text.to_string()];
+        for re in &self.pre {
+            pieces = pieces.iter().flat_map(|p| regex_split(re, p)).collect();
+        }
+        for piece in pieces {
+            let mapped: String = piece.bytes().map(|b| chars[b as usize]).collect();
+            if let Some(&id) = self.ids.get(&mapped) {
+                out.push(id);
+                continue;
+            }
+            let mut syms: Vec<u32> = piece
+                .bytes()
+                .filter_map(|b| self.byte_tokens[b as usize])
+                .collect();
+            // Repeatedly apply the lowest-ranked merge present (leftmost on ties).
+            loop {
+                let best = syms
+                    .windows(2)
+                    .enumerate()
+                    .filter_map(|(i, w)| self.merges.get(&(w[0], w[1])).map(|(r, m)| (*r, i, *m)))
+                    .min();
+                let Some((_, i, merged)) = best else { break };
+                syms[i] = merged;
+                syms.remove(i + 1);
+            }
+            out.extend(syms);
+        }
+    }
+
+    fn encode_spm(&self, text: &str, prefix: bool, out: &mut Vec<u32>) {
+        let text = format!("{}{}", if prefix { " " } else { "" }, text).replace(' ', "\u{2581}");
+        // Symbols start as single characters; merge the adjacent pair whose union is a
+        // token with the highest score, as SentencePiece's BPE mode does.
+        let mut syms: Vec<String> = text.chars().map(String::from).collect();
+        loop {
+            let best = syms
+                .windows(2)
+                .enumerate()
+                .filter_map(|(i, w)| {
+                    let id = *self.ids.get(&format!("{}{}", w[0], w[1]))?;
+                    Some((self.scores[id as usize], std::cmp::Reverse(i)))
+                })
+                .max_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+            let Some((_, std::cmp::Reverse(i))) = best else {
+                break;
+            };
+            let right = syms.remove(i + 1);
+            syms[i].push_str(&right);
+        }
+        for s in syms {
+            match self.ids.get(&s) {
+                Some(&id) => out.push(id),
+                // Byte fallback: unknown characters become their UTF-8 bytes.
+                None => out.extend(s.bytes().filter_map(|b| self.byte_tokens[b as usize])),
+            }
+        }
+    }
+
+    /// The bytes a token stands for; control tokens render as nothing.
+    pub fn token_bytes(&self, id: u32) -> &[u8] {
+        self.pieces.get(id as usize).map_or(&[], Vec::as_slice)
+    }
+
+    /// Decodes tokens to text (invalid UTF-8 replaced).
+    pub fn decode(&self, ids: &[u32]) -> String {
+        let bytes: Vec<u8> = ids
+            .iter()
+            .flat_map(|&i| self.token_bytes(i).iter().copied())
+            .collect();
+        let s = String::from_utf8_lossy(&bytes).into_owned();
+        match (self.kind, self.add_space_prefix) {
+            (Kind::Spm, true) => s.strip_prefix(' ').map(String::from).unwrap_or(s),
+            _ => s,
+        }
+    }
+
+    /// Whether `id` ends generation.
+    pub fn is_eos(&self, id: u32) -> bool {
+        self.eos.contains(&id)
+    }
+}
+
+/// The bytes a (non-control) token's stored text stands for.
+fn piece_bytes(kind: Kind, text: &str) -> Vec<u8> {
+    match kind {
+        Kind::Bpe => {
+            let chars = byte_to_char();
+            let mut out = Vec::new();
+            for c in text.chars() {
+                match chars.iter().position(|&m| m == c) {
+                    Some(b) => out.push(b as u8),
+                    None => out.extend(c.to_string().bytes()),
+                }
+            }
+            out
+        }
+        Kind::Spm => {
+            if let Some(hex) = text.strip_prefix("<0x").and_then(|t| t.strip_suffix('>')) {
+                if let Ok(b) = u8::from_str_radix(hex, 16) {
+                    return vec![b];
+                }
+            }
+            text.replace('\u{2581}', " ").into_bytes()
+        }
+    }
+}
+
+/// Splits as llama.cpp's `unicode_regex_split` does: matches become pieces and so does
+/// any text between them.
+fn regex_split(re: &fancy_regex::Regex, text: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut last = 0;
+    for m in re.find_iter(text).flatten() {
+        if m.start() > last {
+            out.push(text[last..m.start()].to_string());
+        }
+        if m.end() > m.start() {
+            out.push(m.as_str().to_string());
+        }
+        last = m.end();
+    }
+    if last < text.len() {
+        out.push(text[last..].to_string());
+    }
+    out
+}
+
+/// The pre-tokenizer regexes llama.cpp applies for `tokenizer.ggml.pre`, in order.
+fn pre_tokenizer(pre: &str) -> Result<Vec<fancy_regex::Regex>, TokenizerError> {
+    const GPT2: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)";
+    const LLAMA3: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+    const QWEN2: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+    let exprs: Vec<&str> = match pre {
+        // StarCoder-family vocabularies (SmolLM, StarCoder, Refact) split digits first.
+        "smollm" | "starcoder" | "refact" | "codeshell" => vec![r"\p{N}", GPT2],
+        "llama3" | "llama-bpe" | "smaug-bpe" => vec![LLAMA3],
+        "qwen2" | "deepseek-r1-qwen" => vec![QWEN2],
+        "gpt-2" | "gpt2" | "default" | "phi-2" | "jina-es" => vec![GPT2],
+        other => {
+            return Err(TokenizerError::Unsupported(format!(
+                "gpt2 with pre-tokenizer {other}"
+            )))
+        }
+    };
+    exprs
+        .iter()
+        .map(|e| fancy_regex::Regex::new(e).map_err(|err| TokenizerError::Invalid(err.to_string())))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests;

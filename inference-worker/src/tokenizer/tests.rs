@@ -1,0 +1,151 @@
+//! Tokenizer tests on small synthetic vocabularies; the real SmolLM2 vocabulary is
+//! checked against llama.cpp's own tokens in `tests/parity.rs`.
+
+use super::*;
+use gguf::Writer;
+
+fn strs(v: &[&str]) -> Value {
+    Value::Array(v.iter().map(|s| Value::String((*s).into())).collect())
+}
+
+fn bpe() -> Tokenizer {
+    // Byte-level single characters for "a", "b", "c", " " (Ġ), then merges.
+    let tokens = [
+        "<|endoftext|>",
+        "<|im_start|>",
+        "a",
+        "b",
+        "c",
+        "\u{120}",
+        "ab",
+        "\u{120}a",
+        "\u{120}ab",
+        "1",
+        "2",
+    ];
+    let types = [3, 3, 1, 1, 1, 1, 1, 1, 1, 1, 1];
+    let w = Writer::new(3)
+        .kv("tokenizer.ggml.model", Value::String("gpt2".into()))
+        .kv("tokenizer.ggml.pre", Value::String("smollm".into()))
+        .kv("tokenizer.ggml.tokens", strs(&tokens))
+        .kv(
+            "tokenizer.ggml.token_type",
+            Value::Array(types.iter().map(|t| Value::I32(*t)).collect()),
+        )
+        .kv(
+            "tokenizer.ggml.merges",
+            strs(&["a b", "\u{120} a", "\u{120}a b"]),
+        )
+        .kv("tokenizer.ggml.eos_token_id", Value::U32(0));
+    Tokenizer::from_gguf(&Gguf::parse(&w.bytes()).unwrap()).unwrap()
+}
+
+#[test]
+fn bpe_merges_by_rank_and_round_trips() {
+    let t = bpe();
+    // " ab" -> Ġab (merge chain), "abc" -> ab c
+    assert_eq!(t.encode(" ab"), vec![8]);
+    assert_eq!(t.encode("abc"), vec![6, 4]);
+    assert_eq!(t.decode(&t.encode("abc ab")), "abc ab");
+}
+
+#[test]
+fn bpe_splits_digits_and_special_tokens_first() {
+    let t = bpe();
+    // "12" is two digit pieces under the smollm pre-tokenizer; <|im_start|> is one token.
+    assert_eq!(t.encode("12"), vec![9, 10]);
+    assert_eq!(t.encode("<|im_start|>ab"), vec![1, 6]);
+    // Control tokens decode to nothing.
+    assert_eq!(t.decode(&[1, 6]), "ab");
+    assert!(t.is_eos(0));
+}
+
+#[test]
+fn spm_merges_by_score_with_byte_fallback() {
+    let mut tokens = vec!["<unk>".to_string(), "<s>".into(), "</s>".into()];
+    let mut types = vec![2, 3, 3];
+    for b in 0..256 {
+        tokens.push(format!("<0x{b:02X}>"));
+        types.push(6);
+    }
+    for t in ["\u{2581}", "h", "i", "\u{2581}h", "\u{2581}hi", "hi"] {
+        tokens.push(t.into());
+        types.push(1);
+    }
+    let n = tokens.len();
+    let mut scores = vec![0f32; n];
+    scores[n - 3] = -1.0; // ▁h
+    scores[n - 2] = -0.5; // ▁hi
+    scores[n - 1] = -0.1; // hi: merges first, then ▁ + hi -> ▁hi
+    let w = Writer::new(3)
+        .kv("tokenizer.ggml.model", Value::String("llama".into()))
+        .kv(
+            "tokenizer.ggml.tokens",
+            Value::Array(tokens.iter().map(|s| Value::String(s.clone())).collect()),
+        )
+        .kv(
+            "tokenizer.ggml.token_type",
+            Value::Array(types.iter().map(|t| Value::I32(*t)).collect()),
+        )
+        .kv(
+            "tokenizer.ggml.scores",
+            Value::Array(scores.iter().map(|s| Value::F32(*s)).collect()),
+        )
+        .kv("tokenizer.ggml.bos_token_id", Value::U32(1))
+        .kv("tokenizer.ggml.eos_token_id", Value::U32(2));
+    let t = Tokenizer::from_gguf(&Gguf::parse(&w.bytes()).unwrap()).unwrap();
+    let space = t.ids["\u{2581}"];
+    // BOS added; "hi" merges first (highest score), then "▁" + "hi"; never "▁h" + "i".
+    assert_eq!(t.encode("hi"), vec![1, t.ids["\u{2581}hi"]]);
+    assert_eq!(t.encode("ih"), vec![1, space, t.ids["i"], t.ids["h"]]);
+    // "é" is not in the vocabulary: its UTF-8 bytes are used.
+    let e = t.encode("é");
+    assert_eq!(e, vec![1, space, 3 + 0xC3, 3 + 0xA9]);
+    assert_eq!(t.decode(&e), "é");
+    assert_eq!(t.decode(&t.encode("hi hi")), "hi hi");
+}
+
+#[test]
+fn unsupported_models_and_bad_merges_are_named() {
+    let w = Writer::new(3).kv("tokenizer.ggml.model", Value::String("rwkv".into()));
+    let e = Tokenizer::from_gguf(&Gguf::parse(&w.bytes()).unwrap())
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("\"rwkv\" is not supported"), "{e}");
+    let w = Writer::new(3)
+        .kv("tokenizer.ggml.model", Value::String("gpt2".into()))
+        .kv("tokenizer.ggml.tokens", strs(&["a"]))
+        .kv("tokenizer.ggml.merges", strs(&["ab"]));
+    let e = Tokenizer::from_gguf(&Gguf::parse(&w.bytes()).unwrap())
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("merge \"ab\" has no space"), "{e}");
+    let w = Writer::new(3).kv("tokenizer.ggml.model", Value::String("gpt2".into()));
+    let e = Tokenizer::from_gguf(&Gguf::parse(&w.bytes()).unwrap())
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("tokenizer.ggml.tokens"), "{e}");
+}
+
+#[test]
+fn chat_template_renders_with_python_methods_and_errors() {
+    let src = "{% for m in messages %}{{ m.role | upper }}: {{ m.content.strip() }}\n{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}";
+    let t = ChatTemplate::new(Some(src), "<s>", "</s>").unwrap();
+    let msgs = [ChatMessage {
+        role: "user".into(),
+        content: "  hi  ".into(),
+    }];
+    assert_eq!(t.render(&msgs).unwrap(), "USER: hi\nASSISTANT:");
+    let raising = ChatTemplate::new(
+        Some("{{ raise_exception('roles must alternate') }}"),
+        "",
+        "",
+    )
+    .unwrap();
+    assert!(raising
+        .render(&msgs)
+        .unwrap_err()
+        .to_string()
+        .contains("roles must alternate"));
+    assert!(ChatTemplate::new(Some("{% for %}"), "", "").is_err());
+}
