@@ -2,6 +2,7 @@
 //! a paged KV cache, and serves an OpenAI-compatible HTTP API with Prometheus metrics.
 
 pub mod backend;
+pub mod http;
 pub mod metrics;
 pub mod model;
 pub mod scheduler;

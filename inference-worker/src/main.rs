@@ -1,23 +1,291 @@
-//! `inference-worker`: serves one model over an OpenAI-compatible HTTP API.
+//! `inference-worker`: serves one GGUF model over an OpenAI-compatible HTTP API.
 
-use clap::Parser;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-/// Serves a GGUF model over an OpenAI-compatible HTTP API.
-#[derive(Parser)]
-#[command(name = "inference-worker", version)]
-struct Cli {
-    /// Path to the model file (GGUF).
-    #[arg(long)]
-    model: std::path::PathBuf,
+use anyhow::{bail, Context};
+use clap::{Parser, ValueEnum};
+use inference_worker::backend::cpu::CpuBackend;
+use inference_worker::backend::{Backend, KvLayout, Logits, SeqChunk};
+use inference_worker::http::{router, AppState, Loaded};
+use inference_worker::metrics::Metrics;
+use inference_worker::model::ModelConfig;
+use inference_worker::scheduler::{self, EngineConfig};
+use inference_worker::tokenizer::{ChatTemplate, Tokenizer};
+
+/// Where the model runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Device {
+    /// CPU backend (AVX2 when available).
+    Cpu,
+    /// CUDA backend (separate build; not in this binary yet).
+    Cuda,
 }
 
-fn main() -> anyhow::Result<()> {
+/// Serves a GGUF model (Llama family) over an OpenAI-compatible HTTP API with continuous
+/// batching, a paged KV cache, Prometheus metrics and graceful drain on SIGTERM.
+#[derive(Parser, Debug)]
+#[command(name = "inference-worker", version)]
+struct Cli {
+    /// Path to the model file (GGUF v2/v3; F32, F16, Q4_0, Q4_1, Q8_0 tensors).
+    #[arg(long, env = "GPUSCALE_MODEL")]
+    model: PathBuf,
+    /// Model id served in the API (default: the file name without extension).
+    #[arg(long)]
+    model_name: Option<String>,
+    /// Address to listen on.
+    #[arg(long, default_value = "0.0.0.0")]
+    host: String,
+    /// Port to listen on.
+    #[arg(long, default_value_t = 8080, env = "GPUSCALE_PORT")]
+    port: u16,
+    /// Compute threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Device to run on.
+    #[arg(long, value_enum, default_value_t = Device::Cpu)]
+    device: Device,
+    /// Memory (or VRAM) budget for weights plus KV cache, e.g. 1GiB, 512MiB or bytes.
+    /// What remains after the weights becomes KV-cache blocks.
+    #[arg(long, default_value = "1GiB", value_parser = parse_bytes, env = "GPUSCALE_MEMORY_BUDGET")]
+    memory_budget: u64,
+    /// Requests that may wait for a batch slot; beyond it the API answers 429.
+    #[arg(long, default_value_t = 64)]
+    queue_size: usize,
+    /// Sequences batched together in one forward pass.
+    #[arg(long, default_value_t = 8)]
+    max_batch: usize,
+    /// Tokens in one forward pass; longer prompts are processed in chunks.
+    #[arg(long, default_value_t = 512)]
+    max_batch_tokens: usize,
+    /// Longest sequence, prompt plus completion (default: the model's context, at most 4096).
+    #[arg(long)]
+    max_seq_len: Option<usize>,
+    /// Tokens per KV-cache block.
+    #[arg(long, default_value_t = 16)]
+    block_size: usize,
+    /// Longest wait for in-flight requests after SIGTERM before exiting anyway.
+    #[arg(long, default_value_t = 120)]
+    drain_timeout_seconds: u64,
+    /// Log as JSON lines (default) or human text.
+    #[arg(long, default_value = "json", value_parser = ["json", "text"])]
+    log_format: String,
+}
+
+/// Parses sizes like `512MiB`, `2GiB`, `1.5G`, `1000000`.
+fn parse_bytes(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (try 512MiB or 2GiB)"))?;
+    let mult = match unit.trim() {
+        "" | "B" => 1.0,
+        "K" | "KB" => 1e3,
+        "Ki" | "KiB" => 1024.0,
+        "M" | "MB" => 1e6,
+        "Mi" | "MiB" => 1024.0 * 1024.0,
+        "G" | "GB" => 1e9,
+        "Gi" | "GiB" => 1024.0 * 1024.0 * 1024.0,
+        other => {
+            return Err(format!(
+                "unknown size unit {other:?} (use KiB, MiB, GiB, K, M, G)"
+            ))
+        }
+    };
+    Ok((n * mult) as u64)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let file = gguf::GgufFile::open(&cli.model)?;
-    eprintln!(
-        "inference-worker: {} ({} tensors) read; serving is not built yet (tracked by the issue \"Inference worker: serve a real model on CPU\").",
-        cli.model.display(),
-        file.tensors().len()
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    if cli.log_format == "json" {
+        tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .init();
+    } else {
+        tracing_subscriber::fmt().with_env_filter(filter).init();
+    }
+    if cli.device == Device::Cuda {
+        bail!("--device cuda: the CUDA backend is not part of this build yet; use --device cpu");
+    }
+    let threads = cli
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build_global()
+        .context("starting the compute threads")?;
+
+    let model_name = cli.model_name.clone().unwrap_or_else(|| {
+        cli.model
+            .file_stem()
+            .map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned())
+    });
+    let metrics = Arc::new(Metrics::new());
+    let state = Arc::new(AppState::new(Arc::clone(&metrics), model_name.clone()));
+    let addr: SocketAddr = format!("{}:{}", cli.host, cli.port)
+        .parse()
+        .context("--host/--port")?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding {addr}"))?;
+    tracing::info!(%addr, model = %cli.model.display(), threads, "listening; loading the model");
+
+    let (shutdown_tx, shutdown_rx) = tokio::sync::oneshot::channel::<()>();
+    let app = router(Arc::clone(&state));
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async {
+                let _ = shutdown_rx.await;
+            })
+            .await
+    });
+
+    let started = Instant::now();
+    let loaded = tokio::task::spawn_blocking({
+        let cli_model = cli.model.clone();
+        let metrics = Arc::clone(&metrics);
+        let engine_config = (
+            cli.max_batch,
+            cli.max_batch_tokens,
+            cli.max_seq_len,
+            cli.queue_size,
+            cli.block_size,
+            cli.memory_budget,
+        );
+        move || load(&cli_model, engine_config, metrics)
+    })
+    .await??;
+    metrics.load_seconds.set(started.elapsed().as_secs_f64());
+    tracing::info!(
+        load_seconds = started.elapsed().as_secs_f64(),
+        max_seq_len = loaded.max_seq_len,
+        "model loaded and warmed up; ready"
     );
-    std::process::exit(2)
+    let engine = loaded.engine.clone();
+    state.set_loaded(loaded);
+
+    wait_for_signal().await;
+    // Drain: readiness goes false and new requests get 503, in-flight ones finish.
+    engine.drain();
+    metrics.ready.set(0);
+    tracing::info!(in_flight = engine.in_flight(), "SIGTERM: draining");
+    let deadline = Instant::now() + Duration::from_secs(cli.drain_timeout_seconds);
+    while engine.in_flight() > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    if engine.in_flight() > 0 {
+        tracing::warn!(
+            in_flight = engine.in_flight(),
+            "drain timeout; exiting with requests in flight"
+        );
+    }
+    let _ = shutdown_tx.send(());
+    // Open responses (streams that just got their last event) finish before serve returns.
+    let _ = tokio::time::timeout(Duration::from_secs(10), server).await;
+    engine.shutdown();
+    tracing::info!("drained; exiting");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = tokio::signal::ctrl_c() => {},
+    }
+}
+
+/// Opens the file, builds tokenizer and backend within the budget, runs a warm-up pass
+/// and starts the engine.
+fn load(
+    path: &std::path::Path,
+    (max_batch, max_batch_tokens, max_seq_len, queue_size, block_size, budget): (
+        usize,
+        usize,
+        Option<usize>,
+        usize,
+        usize,
+        u64,
+    ),
+    metrics: Arc<Metrics>,
+) -> anyhow::Result<Loaded> {
+    let file = Arc::new(
+        gguf::GgufFile::open(path).with_context(|| format!("loading {}", path.display()))?,
+    );
+    let header = file.header();
+    let config =
+        ModelConfig::from_gguf(header).with_context(|| format!("model in {}", path.display()))?;
+    let tokenizer = Arc::new(Tokenizer::from_gguf(header).context("tokenizer")?);
+    let tok_text = |id: Option<u32>| {
+        id.and_then(|i| tokenizer.token_text(i))
+            .unwrap_or("")
+            .to_string()
+    };
+    let template = header
+        .get("tokenizer.chat_template")
+        .and_then(|v| v.as_str());
+    let chat = ChatTemplate::new(
+        template,
+        &tok_text(tokenizer.bos),
+        &tok_text(tokenizer.eos.first().copied()),
+    )?;
+    let max_seq_len = max_seq_len.unwrap_or(config.context_length.min(4096));
+    let weights = header.weight_bytes();
+    let Some(kv_budget) = budget.checked_sub(weights) else {
+        bail!("--memory-budget {budget} bytes is less than the weights ({weights} bytes)");
+    };
+    let layout = KvLayout::for_budget(&config, block_size, kv_budget);
+    if layout.n_blocks * block_size < max_seq_len.min(256) {
+        bail!(
+            "--memory-budget leaves room for {} KV tokens after {weights} bytes of weights; raise it (one token takes {} bytes)",
+            layout.n_blocks * block_size,
+            KvLayout::bytes_per_token(&config)
+        );
+    }
+    let mut backend = CpuBackend::load(Arc::clone(&file), layout)?;
+    // Warm-up: one real pass touches every weight page and primes the thread pool.
+    let warm: Vec<u32> = (0..8u32.min(config.vocab as u32)).collect();
+    backend.forward(&[SeqChunk {
+        tokens: &warm,
+        start: 0,
+        blocks: &[0],
+        logits: Logits::Last,
+    }])?;
+    tracing::info!(
+        model = %config.name,
+        layers = config.n_layers,
+        kv_blocks = layout.n_blocks,
+        kv_tokens = layout.n_blocks * block_size,
+        memory_bytes = backend.memory_bytes(),
+        "backend {} ready", backend.name()
+    );
+    let engine_config = EngineConfig {
+        max_batch,
+        max_batch_tokens,
+        max_seq_len,
+        queue_capacity: queue_size,
+    };
+    let (engine, _thread) = scheduler::start(
+        Box::new(backend),
+        Arc::clone(&tokenizer),
+        engine_config,
+        metrics,
+    );
+    Ok(Loaded {
+        engine,
+        tokenizer,
+        chat,
+        max_seq_len,
+    })
 }

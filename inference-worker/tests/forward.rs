@@ -55,9 +55,9 @@ fn every_tensor_type_matches_the_f32_reference() {
                 let err = g.iter().zip(w).fold(0f32, |a, (x, y)| a.max((x - y).abs())) / spread;
                 worst = worst.max(err);
             }
-            // Float weights see only f32 rounding; quantised ones also the 8-bit
-            // activation rounding llama.cpp applies.
-            let limit = if ty.is_quantized() { 0.05 } else { 1e-4 };
+            // Float weights see only the f16 KV cache (as llama.cpp keeps it); quantised
+            // ones also the 8-bit activation rounding llama.cpp applies.
+            let limit = if ty.is_quantized() { 0.05 } else { 2e-3 };
             println!("{arch} {ty:?}: worst relative logit error {worst:.2e} (limit {limit})");
             assert!(worst < limit, "{arch} {ty:?}: {worst}");
         }

@@ -50,6 +50,16 @@ fn ggml(t: WeightType) -> GgmlType {
 /// A two-layer llama (or qwen2, with biases) with matrices of type `ty`.
 pub fn model(ty: WeightType, arch: &str, seed: u64) -> Synthetic {
     let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
+    // Byte-level single characters (space is GPT-2's "Ġ"), then an end-of-sequence token.
+    let mut vocab: Vec<String> = "abcdefghijklmnopqrstuvwxyz0123456789.,!?'-:;()"
+        .chars()
+        .map(String::from)
+        .collect();
+    vocab.push("\u{120}".into());
+    vocab.push("</s>".into());
+    assert_eq!(vocab.len(), VOCAB);
+    let mut types = vec![Value::I32(1); VOCAB - 1];
+    types.push(Value::I32(3));
     let mut w = Writer::new(3)
         .kv("general.architecture", Value::String(arch.into()))
         .kv(&format!("{arch}.block_count"), Value::U32(LAYERS as u32))
@@ -71,7 +81,15 @@ pub fn model(ty: WeightType, arch: &str, seed: u64) -> Synthetic {
             &format!("{arch}.attention.layer_norm_rms_epsilon"),
             Value::F32(1e-5),
         )
-        .kv(&format!("{arch}.rope.freq_base"), Value::F32(10000.0));
+        .kv(&format!("{arch}.rope.freq_base"), Value::F32(10000.0))
+        .kv("tokenizer.ggml.model", Value::String("gpt2".into()))
+        .kv(
+            "tokenizer.ggml.tokens",
+            Value::Array(vocab.iter().map(|t| Value::String(t.clone())).collect()),
+        )
+        .kv("tokenizer.ggml.token_type", Value::Array(types))
+        .kv("tokenizer.ggml.merges", Value::Array(vec![]))
+        .kv("tokenizer.ggml.eos_token_id", Value::U32(VOCAB as u32 - 1));
     let mut tensors = Vec::new();
     let (d, kv, ff, v) = (
         DIM as u64,

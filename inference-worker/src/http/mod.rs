@@ -1,0 +1,479 @@
+//! The HTTP API (axum): OpenAI-compatible completions and chat completions, plain or as
+//! server-sent events, `/v1/models`, health and readiness probes, and `/metrics`.
+//! Handlers validate, tokenize and hand the request to the engine; the engine's events
+//! become the response body. A client that goes away drops the receiver, which is how
+//! the engine learns to free the sequence.
+
+pub mod openai;
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::sse::{Event as SseEvent, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures_util::StreamExt;
+use serde_json::json;
+use tokio::sync::mpsc;
+
+use crate::metrics::{Metrics, StatusLabel};
+use crate::scheduler::sampling::Sampling;
+use crate::scheduler::{Event, GenerateRequest, Handle, SubmitError};
+use crate::tokenizer::{ChatTemplate, Tokenizer};
+use openai::{error_body, ChatRequest, CompletionRequest, Envelope, Kind, Params, Usage};
+
+/// The parts that exist once the model is loaded.
+pub struct Loaded {
+    /// The engine.
+    pub engine: Handle,
+    /// The model's tokenizer.
+    pub tokenizer: Arc<Tokenizer>,
+    /// The model's chat template.
+    pub chat: ChatTemplate,
+    /// Longest sequence (prompt + completion).
+    pub max_seq_len: usize,
+}
+
+/// Everything the handlers share. The server starts before the model loads so that
+/// probes answer (`/readyz` 503 "loading") while weights are read.
+pub struct AppState {
+    loaded: OnceLock<Loaded>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Name served as the model id.
+    pub model_name: String,
+    /// Set once weights are loaded and the warm-up pass ran.
+    pub ready: AtomicBool,
+    next_id: AtomicU64,
+}
+
+impl AppState {
+    /// Shared state with no model yet.
+    pub fn new(metrics: Arc<Metrics>, model_name: String) -> AppState {
+        AppState {
+            loaded: OnceLock::new(),
+            metrics,
+            model_name,
+            ready: AtomicBool::new(false),
+            next_id: AtomicU64::new(1),
+        }
+    }
+
+    /// Installs the loaded model and marks the worker ready.
+    pub fn set_loaded(&self, loaded: Loaded) {
+        if self.loaded.set(loaded).is_ok() {
+            self.ready.store(true, Ordering::SeqCst);
+            self.metrics.ready.set(1);
+        }
+    }
+
+    /// The loaded model, or 503 while loading.
+    fn loaded(&self) -> Result<&Loaded, ApiError> {
+        self.loaded
+            .get()
+            .filter(|_| self.ready.load(Ordering::SeqCst))
+            .ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "server_error",
+                    "the model is still loading",
+                )
+            })
+    }
+
+    fn draining(&self) -> bool {
+        self.loaded.get().is_some_and(|l| l.engine.is_draining())
+    }
+}
+
+/// The router.
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/v1/completions", post(completions))
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/models", get(models))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .fallback(|| async {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found_error",
+                "no such route; see /v1/models, /v1/completions, /v1/chat/completions",
+            )
+        })
+        .with_state(state)
+}
+
+/// An error as OpenAI shapes it, with the status and (for 429) Retry-After.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    kind: &'static str,
+    message: String,
+    param: Option<&'static str>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            kind,
+            message: message.into(),
+            param: None,
+        }
+    }
+    fn invalid(param: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            param: Some(param),
+            ..ApiError::new(StatusCode::BAD_REQUEST, "invalid_request_error", message)
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let code = match self.status {
+            StatusCode::TOO_MANY_REQUESTS => Some("rate_limit_exceeded"),
+            StatusCode::NOT_FOUND if self.param == Some("model") => Some("model_not_found"),
+            _ => None,
+        };
+        let mut r = (
+            self.status,
+            Json(error_body(&self.message, self.kind, self.param, code)),
+        )
+            .into_response();
+        if self.status == StatusCode::TOO_MANY_REQUESTS
+            || self.status == StatusCode::SERVICE_UNAVAILABLE
+        {
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        r
+    }
+}
+
+async fn readyz(State(s): State<Arc<AppState>>) -> Response {
+    if s.ready.load(Ordering::SeqCst) && !s.draining() {
+        "ready".into_response()
+    } else {
+        let why = if s.draining() { "draining" } else { "loading" };
+        (StatusCode::SERVICE_UNAVAILABLE, why).into_response()
+    }
+}
+
+async fn metrics(State(s): State<Arc<AppState>>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        s.metrics.encode(),
+    )
+        .into_response()
+}
+
+async fn models(State(s): State<Arc<AppState>>) -> Json<serde_json::Value> {
+    let max = s.loaded.get().map(|l| l.max_seq_len);
+    Json(json!({"object": "list", "data": [{
+        "id": s.model_name, "object": "model", "created": 0, "owned_by": "gpuscale", "max_model_len": max,
+    }]}))
+}
+
+/// Parses JSON ourselves so a malformed body gets an OpenAI error, not axum's text.
+fn parse<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::invalid("body", format!("invalid JSON body: {e}")))
+}
+
+async fn completions(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
+    let started = Instant::now();
+    let result = async {
+        let req: CompletionRequest = parse(&body)?;
+        let l = s.loaded()?;
+        let prompts = req.prompt.into_vec();
+        let [prompt] = prompts.as_slice() else {
+            return Err(ApiError::invalid(
+                "prompt",
+                "exactly one prompt per request is supported",
+            ));
+        };
+        let tokens = l.tokenizer.encode(prompt);
+        // OpenAI's default for completions is 16 tokens.
+        run(&s, Kind::Completion, tokens, req.params, 16, started).await
+    }
+    .await;
+    finish_error(&s, result, started)
+}
+
+async fn chat_completions(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
+    let started = Instant::now();
+    let result = async {
+        let req: ChatRequest = parse(&body)?;
+        if req.messages.is_empty() {
+            return Err(ApiError::invalid("messages", "messages must not be empty"));
+        }
+        let l = s.loaded()?;
+        let prompt = l
+            .chat
+            .render(&req.messages)
+            .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
+        let tokens = l.tokenizer.encode(&prompt);
+        // Chat defaults to "until the context is full", as OpenAI does.
+        let room = l.max_seq_len.saturating_sub(tokens.len()).max(1);
+        run(&s, Kind::Chat, tokens, req.params, room, started).await
+    }
+    .await;
+    finish_error(&s, result, started)
+}
+
+fn finish_error(s: &AppState, result: Result<Response, ApiError>, started: Instant) -> Response {
+    match result {
+        Ok(r) => r,
+        Err(e) => {
+            s.metrics
+                .requests
+                .get_or_create(&StatusLabel {
+                    status: e.status.as_u16(),
+                })
+                .inc();
+            tracing::info!(status = e.status.as_u16(), latency_ms = started.elapsed().as_millis() as u64, error = %e.message, "request refused");
+            e.into_response()
+        }
+    }
+}
+
+fn sampling(p: &Params) -> Result<Sampling, ApiError> {
+    let temperature = p.temperature.unwrap_or(1.0);
+    if !(0.0..=2.0).contains(&temperature) {
+        return Err(ApiError::invalid(
+            "temperature",
+            format!("temperature {temperature} is outside [0, 2]"),
+        ));
+    }
+    let top_p = p.top_p.unwrap_or(1.0);
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return Err(ApiError::invalid(
+            "top_p",
+            format!("top_p {top_p} is outside (0, 1]"),
+        ));
+    }
+    Ok(Sampling { temperature, top_p })
+}
+
+/// One structured log line per request, written when the response ends (or the client
+/// leaves), whatever path it takes.
+struct RequestLog {
+    id: String,
+    started: Instant,
+    prompt_tokens: usize,
+    completion_tokens: usize,
+    status: u16,
+}
+
+impl Drop for RequestLog {
+    fn drop(&mut self) {
+        tracing::info!(
+            request_id = %self.id,
+            prompt_tokens = self.prompt_tokens,
+            completion_tokens = self.completion_tokens,
+            latency_ms = self.started.elapsed().as_millis() as u64,
+            status = self.status,
+            "request"
+        );
+    }
+}
+
+async fn run(
+    s: &Arc<AppState>,
+    kind: Kind,
+    prompt: Vec<u32>,
+    p: Params,
+    default_max: usize,
+    started: Instant,
+) -> Result<Response, ApiError> {
+    if let Some(m) = p.model.as_deref().filter(|m| *m != s.model_name) {
+        return Err(ApiError {
+            param: Some("model"),
+            ..ApiError::new(
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                format!(
+                    "the model {m:?} does not exist; this worker serves {:?}",
+                    s.model_name
+                ),
+            )
+        });
+    }
+    if p.n.is_some_and(|n| n != 1) {
+        return Err(ApiError::invalid("n", "only n = 1 is supported"));
+    }
+    let sampling = sampling(&p)?;
+    let max_tokens = match p.max_completion_tokens.or(p.max_tokens) {
+        Some(0) => {
+            return Err(ApiError::invalid(
+                "max_tokens",
+                "max_tokens must be at least 1",
+            ))
+        }
+        Some(n) => n.min(u32::MAX as u64) as usize,
+        None => default_max,
+    };
+    let l = s.loaded()?;
+    let n = s.next_id.fetch_add(1, Ordering::Relaxed);
+    let id = match kind {
+        Kind::Completion => format!(
+            "cmpl-{n:x}-{:x}",
+            started.elapsed().as_nanos() as u32 ^ std::process::id()
+        ),
+        Kind::Chat => format!(
+            "chatcmpl-{n:x}-{:x}",
+            started.elapsed().as_nanos() as u32 ^ std::process::id()
+        ),
+    };
+    let (tx, rx) = mpsc::unbounded_channel();
+    let prompt_tokens = prompt.len();
+    let req = GenerateRequest {
+        id: id.clone(),
+        prompt,
+        max_tokens,
+        sampling,
+        seed: p.seed.unwrap_or(n),
+        stop: p
+            .stop
+            .map(|s| s.into_vec())
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|s| !s.is_empty())
+            .collect(),
+        events: tx,
+    };
+    l.engine.submit(req).map_err(|e| match e {
+        SubmitError::QueueFull(_) => ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limit_error",
+            e.to_string(),
+        ),
+        SubmitError::Draining => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            e.to_string(),
+        ),
+        SubmitError::Invalid(m) => ApiError::invalid("max_tokens", m),
+    })?;
+    let created = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let env = Envelope {
+        id: id.clone(),
+        created,
+        model: s.model_name.clone(),
+        kind,
+    };
+    let log = RequestLog {
+        id,
+        started,
+        prompt_tokens,
+        completion_tokens: 0,
+        status: 499,
+    };
+    if p.stream {
+        let include_usage = p.stream_options.is_some_and(|o| o.include_usage);
+        Ok(stream(env, rx, log, include_usage).into_response())
+    } else {
+        whole(env, rx, log).await
+    }
+}
+
+async fn whole(
+    env: Envelope,
+    mut rx: mpsc::UnboundedReceiver<Event>,
+    mut log: RequestLog,
+) -> Result<Response, ApiError> {
+    let mut text = String::new();
+    while let Some(ev) = rx.recv().await {
+        match ev {
+            Event::Text(t) => text.push_str(&t),
+            Event::Done {
+                reason,
+                prompt_tokens,
+                completion_tokens,
+            } => {
+                let usage = Usage {
+                    prompt_tokens,
+                    completion_tokens,
+                    total_tokens: prompt_tokens + completion_tokens,
+                };
+                log.completion_tokens = completion_tokens;
+                log.status = 200;
+                return Ok(Json(env.response(&text, reason.as_str(), usage)).into_response());
+            }
+            Event::Failed(m) => {
+                log.status = 500;
+                return Err(ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "server_error",
+                    m,
+                ));
+            }
+        }
+    }
+    log.status = 500;
+    Err(ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "server_error",
+        "the engine stopped",
+    ))
+}
+
+fn stream(
+    env: Envelope,
+    rx: mpsc::UnboundedReceiver<Event>,
+    log: RequestLog,
+    include_usage: bool,
+) -> impl IntoResponse {
+    let data = |v: serde_json::Value| Ok::<_, Infallible>(SseEvent::default().data(v.to_string()));
+    let opener = (env.kind == Kind::Chat).then(|| data(env.chunk(None, None, true)));
+    let mut log = Some(log);
+    let body = tokio_stream::wrappers::UnboundedReceiverStream::new(rx).flat_map(move |ev| {
+        let items: Vec<Result<SseEvent, Infallible>> = match ev {
+            Event::Text(t) => vec![data(env.chunk(Some(&t), None, false))],
+            Event::Done {
+                reason,
+                prompt_tokens,
+                completion_tokens,
+            } => {
+                if let Some(l) = log.as_mut() {
+                    l.completion_tokens = completion_tokens;
+                    l.status = 200;
+                }
+                log.take();
+                let mut v = vec![data(env.chunk(None, Some(reason.as_str()), false))];
+                if include_usage {
+                    v.push(data(env.usage_chunk(Usage {
+                        prompt_tokens,
+                        completion_tokens,
+                        total_tokens: prompt_tokens + completion_tokens,
+                    })));
+                }
+                v.push(Ok(SseEvent::default().data("[DONE]")));
+                v
+            }
+            Event::Failed(m) => {
+                if let Some(l) = log.as_mut() {
+                    l.status = 500;
+                }
+                log.take();
+                vec![data(error_body(&m, "server_error", None, None))]
+            }
+        };
+        futures_util::stream::iter(items)
+    });
+    Sse::new(futures_util::stream::iter(opener).chain(body))
+}
