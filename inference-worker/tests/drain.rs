@@ -71,7 +71,7 @@ async fn sigterm_finishes_in_flight_requests_and_exits_zero() {
                     .filter_map(|l| l.strip_prefix("data: "))
                     .filter(|d| *d != "[DONE]")
                     .map(|d| serde_json::from_str(d).unwrap())
-                    .last()
+                    .next_back()
                     .unwrap();
                 last["choices"][0]["finish_reason"].as_str().unwrap().to_string()
             } else {

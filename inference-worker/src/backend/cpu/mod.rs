@@ -222,8 +222,8 @@ fn matmul(data: &[u8], w: &Matrix, x: &[f32], n_tokens: usize, y: &mut [f32]) {
         vec![Q8Row::default(); n_tokens]
     };
     // Work in row blocks small enough to balance across threads and large enough to keep
-    // the per-task overhead negligible; each task reads its weight rows once.
-    let per_task = (rows / (rayon::current_num_threads() * 8)).clamp(8, 256);
+    // the per-task overhead (about a microsecond) small; each task reads its rows once.
+    let per_task = (rows / (rayon::current_num_threads() * 2)).clamp(16, 1024);
     if n_tokens == 1 {
         y.par_chunks_mut(per_task).enumerate().for_each(|(c, ys)| {
             for (i, out) in ys.iter_mut().enumerate() {
@@ -239,8 +239,13 @@ fn matmul(data: &[u8], w: &Matrix, x: &[f32], n_tokens: usize, y: &mut [f32]) {
         .for_each(|(c, ys)| {
             for (i, out_row) in ys.chunks_mut(n_tokens).enumerate() {
                 let wr = w.row(data, c * per_task + i);
-                for (t, out) in out_row.iter_mut().enumerate() {
-                    *out = quant::dot(w.ty, wr, &x[t * cols..(t + 1) * cols], &quantized[t]);
+                // Four tokens per pass over the row: the unpacked weights are reused.
+                for (g, outs) in out_row.chunks_mut(4).enumerate() {
+                    let ts = g * 4..g * 4 + outs.len();
+                    let xs: Vec<&[f32]> =
+                        ts.clone().map(|t| &x[t * cols..(t + 1) * cols]).collect();
+                    let qs: Vec<&Q8Row> = ts.map(|t| &quantized[t]).collect();
+                    quant::dot_many(w.ty, wr, &xs, &qs, outs);
                 }
             }
         });

@@ -198,7 +198,7 @@ pub fn dot(t: WeightType, row: &[u8], x: &[f32], q: &Q8Row) -> f32 {
         _ => {
             #[cfg(target_arch = "x86_64")]
             if simd::available() {
-                // SAFETY: the CPU supports AVX2 and FMA (checked above).
+                // SAFETY: the CPU supports AVX2, FMA and F16C (checked above).
                 return unsafe { simd::dot_q(t, row, q) };
             }
             dot_q_scalar(t, row, q)
@@ -261,7 +261,7 @@ pub fn dot_q_scalar(t: WeightType, row: &[u8], q: &Q8Row) -> f32 {
 
 #[cfg(target_arch = "x86_64")]
 mod simd {
-    use super::{f16_at, Q8Row, WeightType, QK};
+    use super::{Q8Row, WeightType, QK};
     use std::arch::x86_64::*;
     use std::sync::OnceLock;
 
@@ -270,6 +270,7 @@ mod simd {
         *AVX2.get_or_init(|| {
             is_x86_feature_detected!("avx2")
                 && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c")
                 && std::env::var_os("GPUSCALE_NO_SIMD").is_none()
         })
     }
@@ -301,44 +302,104 @@ mod simd {
         _mm256_set_m128i(hi, lo)
     }
 
-    #[target_feature(enable = "avx2,fma")]
+    /// f16 at `p` with the F16C instruction (the software conversion costs more than
+    /// the block's whole dot product).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn half(p: *const u8) -> f32 {
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(
+            u16::from_le_bytes([*p, *p.add(1)]) as i32,
+        )))
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn dot_q(t: WeightType, row: &[u8], q: &Q8Row) -> f32 {
-        let n = q.d.len();
-        let mut acc = _mm256_setzero_ps();
-        let mut extra = 0f32;
+        let mut out = [0f32; 1];
+        dot_q_n::<1>(t, row, [q], &mut out);
+        out[0]
+    }
+
+    /// `row` against `N` activation rows at once: each weight block is unpacked once and
+    /// used `N` times, which is what makes prompt processing and batched decode cheaper
+    /// per token than single-stream decode.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_q_n<const N: usize>(
+        t: WeightType,
+        row: &[u8],
+        qs: [&Q8Row; N],
+        out: &mut [f32],
+    ) {
+        let n = qs[0].d.len();
+        let mut acc = [_mm256_setzero_ps(); N];
+        let mut extra = [0f32; N];
         let rp = row.as_ptr();
-        let ap = q.qs.as_ptr();
         match t {
             WeightType::Q4_0 | WeightType::Q4_1 => {
                 let bytes = if t == WeightType::Q4_0 { 18 } else { 20 };
-                debug_assert!(row.len() >= n * bytes);
+                assert!(row.len() >= n * bytes);
                 for b in 0..n {
                     let blk = rp.add(b * bytes);
                     let w = nibbles(blk.add(bytes - 16));
-                    let a = _mm256_loadu_si256(ap.add(b * QK) as *const __m256i);
-                    let d = f16_at(row, b * bytes);
-                    acc = _mm256_fmadd_ps(_mm256_set1_ps(d * q.d[b]), block_sum_u8_i8(w, a), acc);
-                    extra += if t == WeightType::Q4_0 {
-                        -8.0 * d * q.s[b]
+                    let d = half(blk);
+                    let m = if t == WeightType::Q4_0 {
+                        -8.0 * d
                     } else {
-                        f16_at(row, b * bytes + 2) * q.s[b]
+                        half(blk.add(2))
                     };
+                    for k in 0..N {
+                        let q = qs[k];
+                        let a = _mm256_loadu_si256(q.qs.as_ptr().add(b * QK) as *const __m256i);
+                        acc[k] = _mm256_fmadd_ps(
+                            _mm256_set1_ps(d * *q.d.get_unchecked(b)),
+                            block_sum_u8_i8(w, a),
+                            acc[k],
+                        );
+                        extra[k] += m * *q.s.get_unchecked(b);
+                    }
                 }
             }
             WeightType::Q8_0 => {
-                debug_assert!(row.len() >= n * 34);
+                assert!(row.len() >= n * 34);
                 for b in 0..n {
                     let w = _mm256_loadu_si256(rp.add(b * 34 + 2) as *const __m256i);
-                    let a = _mm256_loadu_si256(ap.add(b * QK) as *const __m256i);
-                    // maddubs wants one unsigned operand: |w| and a carrying w's sign.
-                    let p = block_sum_u8_i8(_mm256_sign_epi8(w, w), _mm256_sign_epi8(a, w));
-                    let d = f16_at(row, b * 34);
-                    acc = _mm256_fmadd_ps(_mm256_set1_ps(d * q.d[b]), p, acc);
+                    let d = half(rp.add(b * 34));
+                    let aw = _mm256_sign_epi8(w, w);
+                    for k in 0..N {
+                        let q = qs[k];
+                        let a = _mm256_loadu_si256(q.qs.as_ptr().add(b * QK) as *const __m256i);
+                        // maddubs wants one unsigned operand: |w| and a carrying w's sign.
+                        let p = block_sum_u8_i8(aw, _mm256_sign_epi8(a, w));
+                        acc[k] =
+                            _mm256_fmadd_ps(_mm256_set1_ps(d * *q.d.get_unchecked(b)), p, acc[k]);
+                    }
                 }
             }
             WeightType::F32 | WeightType::F16 => unreachable!("float rows use dot_float"),
         }
-        hsum(acc) + extra
+        for k in 0..N {
+            out[k] = hsum(acc[k]) + extra[k];
+        }
+    }
+}
+
+/// `row` against up to four activation rows (`out.len()` of them) at once.
+#[inline]
+pub fn dot_many(t: WeightType, row: &[u8], x: &[&[f32]], q: &[&Q8Row], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if t.is_quantized() && simd::available() {
+        // SAFETY: AVX2, FMA and F16C were detected; every Q8Row covers the row's blocks.
+        unsafe {
+            match q.len() {
+                4 => simd::dot_q_n::<4>(t, row, [q[0], q[1], q[2], q[3]], out),
+                3 => simd::dot_q_n::<3>(t, row, [q[0], q[1], q[2]], out),
+                2 => simd::dot_q_n::<2>(t, row, [q[0], q[1]], out),
+                _ => simd::dot_q_n::<1>(t, row, [q[0]], out),
+            }
+        }
+        return;
+    }
+    for (k, o) in out.iter_mut().enumerate() {
+        *o = dot(t, row, x[k], q[k]);
     }
 }
 

@@ -1,0 +1,218 @@
+//! Worker vs llama.cpp on the same GGUF and thread count, on this machine: prompt
+//! processing, single-stream decode, and aggregate throughput with 8 concurrent streams
+//! (through the real continuous-batching engine). llama.cpp runs through
+//! scripts/bench-llama-cpp.py with the llama-cpp-python that scripts/ensure-llama-cpp.sh
+//! builds. Prints tokens/s for both and the ratio; asserts nothing about time.
+//!
+//!     cargo bench -p gpuscale-inference-worker --bench worker
+//!
+//! Environment: GPUSCALE_SMOLLM2_GGUF (model), GPUSCALE_LLAMA_PYTHON (python with
+//! llama_cpp; default ~/.cache/gpuscale/llama-venv/bin/python), BENCH_THREADS (2).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use inference_worker::backend::cpu::CpuBackend;
+use inference_worker::backend::{Backend, KvLayout, Logits, SeqChunk};
+use inference_worker::metrics::Metrics;
+use inference_worker::scheduler::sampling::Sampling;
+use inference_worker::scheduler::{self, EngineConfig, Event, GenerateRequest};
+use inference_worker::tokenizer::Tokenizer;
+
+const DECODE: usize = 128;
+const STREAMS: usize = 8;
+const STREAM_TOKENS: usize = 64;
+
+fn argmax(v: &[f32]) -> u32 {
+    v.iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .map_or(0, |(i, _)| i as u32)
+}
+
+fn main() {
+    let model = std::env::var("GPUSCALE_SMOLLM2_GGUF")
+        .expect("set GPUSCALE_SMOLLM2_GGUF (scripts/ensure-tools.sh prints it)");
+    let threads: usize = std::env::var("BENCH_THREADS")
+        .ok()
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(2);
+    let home = std::env::var("HOME").unwrap_or_default();
+    let python = std::env::var("GPUSCALE_LLAMA_PYTHON")
+        .unwrap_or(format!("{home}/.cache/gpuscale/llama-venv/bin/python"));
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build_global()
+        .unwrap();
+
+    let file = Arc::new(gguf::GgufFile::open(std::path::Path::new(&model)).unwrap());
+    let tok = Arc::new(Tokenizer::from_gguf(file.header()).unwrap());
+    let text = "The history of the city begins with a small settlement on the river, where farmers and traders met every week to exchange grain, wool and tools. ".repeat(8);
+    let mut prompt = tok.encode(&text);
+    prompt.truncate(256);
+    let stream_prompt =
+        tok.encode("Write a short story about a lighthouse keeper who finds a message");
+    let layout = KvLayout {
+        block_size: 16,
+        n_blocks: 256,
+    };
+
+    // Ours: prompt processing and single-stream decode on the backend directly.
+    let mut b = CpuBackend::load(Arc::clone(&file), layout).unwrap();
+    let blocks: Vec<u32> = (0..256).collect();
+    b.forward(&[SeqChunk {
+        tokens: &prompt[..8],
+        start: 0,
+        blocks: &blocks,
+        logits: Logits::Last,
+    }])
+    .unwrap();
+    let t0 = Instant::now();
+    b.forward(&[SeqChunk {
+        tokens: &prompt,
+        start: 0,
+        blocks: &blocks,
+        logits: Logits::Last,
+    }])
+    .unwrap();
+    let prompt_tps = prompt.len() as f64 / t0.elapsed().as_secs_f64();
+    let short = &prompt[..8];
+    let mut next = argmax(
+        &b.forward(&[SeqChunk {
+            tokens: short,
+            start: 0,
+            blocks: &blocks,
+            logits: Logits::Last,
+        }])
+        .unwrap(),
+    );
+    let t0 = Instant::now();
+    for i in 0..DECODE {
+        next = argmax(
+            &b.forward(&[SeqChunk {
+                tokens: &[next],
+                start: short.len() + i,
+                blocks: &blocks,
+                logits: Logits::Last,
+            }])
+            .unwrap(),
+        );
+    }
+    let decode_tps = DECODE as f64 / t0.elapsed().as_secs_f64();
+    drop(b);
+
+    // Ours: 8 concurrent requests through the engine (continuous batching).
+    let backend = CpuBackend::load(Arc::clone(&file), layout).unwrap();
+    let config = EngineConfig {
+        max_batch: STREAMS,
+        max_batch_tokens: 512,
+        max_seq_len: 1024,
+        queue_capacity: 64,
+    };
+    let (engine, _t) = scheduler::start(
+        Box::new(backend),
+        Arc::clone(&tok),
+        config,
+        Arc::new(Metrics::new()),
+    );
+    let t0 = Instant::now();
+    let mut rxs = Vec::new();
+    for i in 0..STREAMS {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let req = GenerateRequest {
+            id: format!("bench-{i}"),
+            prompt: stream_prompt.clone(),
+            max_tokens: STREAM_TOKENS,
+            sampling: Sampling {
+                temperature: 0.0,
+                top_p: 1.0,
+            },
+            seed: 0,
+            stop: Vec::new(),
+            events: tx,
+        };
+        engine.submit(req).unwrap();
+        rxs.push(rx);
+    }
+    let mut generated = 0;
+    for mut rx in rxs {
+        while let Some(ev) = rx.blocking_recv() {
+            if let Event::Done {
+                completion_tokens, ..
+            } = ev
+            {
+                generated += completion_tokens;
+                break;
+            }
+        }
+    }
+    let aggregate_tps = generated as f64 / t0.elapsed().as_secs_f64();
+
+    // llama.cpp, same tokens, same threads.
+    let cfg = serde_json::json!({
+        "model": model, "threads": threads, "prompt": prompt, "decode_tokens": DECODE,
+        "streams": STREAMS, "stream_prompt": stream_prompt, "stream_tokens": STREAM_TOKENS,
+    });
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/bench-llama-cpp.py");
+    let out = std::process::Command::new(&python)
+        .arg(script)
+        .arg(cfg.to_string())
+        .output();
+    let peer: Option<serde_json::Value> = match out {
+        Ok(o) if o.status.success() => serde_json::from_slice(&o.stdout).ok(),
+        Ok(o) => {
+            eprintln!(
+                "llama.cpp run failed: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+            None
+        }
+        Err(e) => {
+            eprintln!("cannot run {python} ({e}); build it with scripts/ensure-llama-cpp.sh");
+            None
+        }
+    };
+    println!(
+        "SmolLM2-135M-Instruct Q4_1, {threads} threads, CPU ({})",
+        if is_x86_feature_detected!("avx2") {
+            "AVX2 kernels"
+        } else {
+            "scalar kernels"
+        }
+    );
+    if let Some(p) = &peer {
+        println!(
+            "peer: llama-cpp-python {}",
+            p["version"].as_str().unwrap_or("?")
+        );
+    }
+    println!(
+        "{:<44} {:>12} {:>12} {:>8}",
+        "", "gpuscale", "llama.cpp", "ratio"
+    );
+    for (name, ours, key) in [
+        (
+            format!("prompt processing ({} tokens), tok/s", prompt.len()),
+            prompt_tps,
+            "prompt_tps",
+        ),
+        (
+            format!("single-stream decode ({DECODE} tokens), tok/s"),
+            decode_tps,
+            "decode_tps",
+        ),
+        (
+            format!("aggregate, {STREAMS} streams x {STREAM_TOKENS} tokens, tok/s"),
+            aggregate_tps,
+            "aggregate_tps",
+        ),
+    ] {
+        match peer.as_ref().and_then(|p| p[key].as_f64()) {
+            Some(theirs) => println!(
+                "{name:<44} {ours:>12.1} {theirs:>12.1} {:>7.2}x",
+                ours / theirs
+            ),
+            None => println!("{name:<44} {ours:>12.1} {:>12} {:>8}", "-", "-"),
+        }
+    }
+}
