@@ -1,0 +1,77 @@
+//! The worker's command line: every option documented, and bad input (missing or corrupt
+//! model, a budget below the weights) refused with a message naming the problem.
+
+mod common;
+
+use std::process::Command;
+
+use inference_worker::backend::cpu::quant::WeightType;
+
+fn worker(args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_inference-worker"))
+        .args(args)
+        .args(["--port", "0", "--log-format", "text"])
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[test]
+fn help_documents_every_option() {
+    let out = Command::new(env!("CARGO_BIN_EXE_inference-worker"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    for opt in [
+        "--model",
+        "--port",
+        "--threads",
+        "--device",
+        "--memory-budget",
+        "--queue-size",
+        "--max-batch ",
+        "--max-seq-len",
+        "--block-size",
+        "--drain-timeout-seconds",
+    ] {
+        assert!(help.contains(opt), "{opt} missing from --help:\n{help}");
+    }
+}
+
+#[test]
+fn missing_corrupt_and_oversized_models_fail_with_the_reason() {
+    let (ok, out) = worker(&["--model", "/nonexistent/model.gguf"]);
+    assert!(!ok && out.contains("/nonexistent/model.gguf"), "{out}");
+
+    let m = common::model(WeightType::Q4_1, "llama", 9);
+    let corrupt = common::write_tmp("cli-corrupt.gguf", &m.bytes[..m.bytes.len() / 2]);
+    let (ok, out) = worker(&["--model", corrupt.to_str().unwrap()]);
+    assert!(
+        !ok && out.contains("cli-corrupt.gguf") && out.contains("truncated"),
+        "{out}"
+    );
+
+    let good = common::write_tmp("cli-good.gguf", &m.bytes);
+    let (ok, out) = worker(&["--model", good.to_str().unwrap(), "--memory-budget", "1KiB"]);
+    assert!(!ok && out.contains("less than the weights"), "{out}");
+    let (ok, out) = worker(&[
+        "--model",
+        good.to_str().unwrap(),
+        "--memory-budget",
+        "12 parsecs",
+    ]);
+    assert!(!ok && out.contains("unknown size unit"), "{out}");
+    let (ok, out) = worker(&["--model", good.to_str().unwrap(), "--device", "cuda"]);
+    assert!(
+        !ok && out.contains("CUDA backend is not part of this build"),
+        "{out}"
+    );
+}
