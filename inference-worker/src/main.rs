@@ -26,7 +26,7 @@ enum Device {
 
 /// Serves a GGUF model (Llama family) over an OpenAI-compatible HTTP API with continuous
 /// batching, a paged KV cache, Prometheus metrics and graceful drain on SIGTERM.
-#[derive(Parser, Debug)]
+#[derive(Parser, Debug, Clone)]
 #[command(name = "inference-worker", version)]
 struct Cli {
     /// Path to the model file (GGUF v2/v3; F32, F16, Q4_0, Q4_1, Q8_0 tensors).
@@ -152,17 +152,9 @@ async fn main() -> anyhow::Result<()> {
 
     let started = Instant::now();
     let loaded = tokio::task::spawn_blocking({
-        let cli_model = cli.model.clone();
+        let cli = cli.clone();
         let metrics = Arc::clone(&metrics);
-        let engine_config = (
-            cli.max_batch,
-            cli.max_batch_tokens,
-            cli.max_seq_len,
-            cli.queue_size,
-            cli.block_size,
-            cli.memory_budget,
-        );
-        move || load(&cli_model, engine_config, metrics)
+        move || load(&cli, metrics)
     })
     .await??;
     metrics.load_seconds.set(started.elapsed().as_secs_f64());
@@ -208,18 +200,8 @@ async fn wait_for_signal() {
 
 /// Opens the file, builds tokenizer and backend within the budget, runs a warm-up pass
 /// and starts the engine.
-fn load(
-    path: &std::path::Path,
-    (max_batch, max_batch_tokens, max_seq_len, queue_size, block_size, budget): (
-        usize,
-        usize,
-        Option<usize>,
-        usize,
-        usize,
-        u64,
-    ),
-    metrics: Arc<Metrics>,
-) -> anyhow::Result<Loaded> {
+fn load(cli: &Cli, metrics: Arc<Metrics>) -> anyhow::Result<Loaded> {
+    let (path, block_size, budget) = (cli.model.as_path(), cli.block_size, cli.memory_budget);
     let file = Arc::new(
         gguf::GgufFile::open(path).with_context(|| format!("loading {}", path.display()))?,
     );
@@ -240,7 +222,7 @@ fn load(
         &tok_text(tokenizer.bos),
         &tok_text(tokenizer.eos.first().copied()),
     )?;
-    let max_seq_len = max_seq_len.unwrap_or(config.context_length.min(4096));
+    let max_seq_len = cli.max_seq_len.unwrap_or(config.context_length.min(4096));
     let weights = header.weight_bytes();
     let Some(kv_budget) = budget.checked_sub(weights) else {
         bail!("--memory-budget {budget} bytes is less than the weights ({weights} bytes)");
@@ -271,10 +253,10 @@ fn load(
         "backend {} ready", backend.name()
     );
     let engine_config = EngineConfig {
-        max_batch,
-        max_batch_tokens,
+        max_batch: cli.max_batch,
+        max_batch_tokens: cli.max_batch_tokens,
         max_seq_len,
-        queue_capacity: queue_size,
+        queue_capacity: cli.queue_size,
     };
     let (engine, _thread) = scheduler::start(
         Box::new(backend),

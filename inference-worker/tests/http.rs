@@ -67,13 +67,17 @@ async fn server(queue: usize, load: bool) -> Server {
     Server { url, state, engine }
 }
 
-async fn post(url: &str, body: Value) -> (u16, reqwest::header::HeaderMap, Value) {
-    let r = reqwest::Client::new()
+async fn send(url: &str, body: Value) -> reqwest::Response {
+    reqwest::Client::new()
         .post(url)
         .json(&body)
         .send()
         .await
-        .unwrap();
+        .unwrap()
+}
+
+async fn post(url: &str, body: Value) -> (u16, reqwest::header::HeaderMap, Value) {
+    let r = send(url, body).await;
     let status = r.status().as_u16();
     let headers = r.headers().clone();
     (status, headers, r.json().await.unwrap())
@@ -133,12 +137,7 @@ async fn completions_and_chat_answer_in_openai_shape() {
 
 /// Reads a whole SSE body into its `data:` payloads.
 async fn sse(url: &str, body: Value) -> Vec<String> {
-    let r = reqwest::Client::new()
-        .post(url)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let r = send(url, body).await;
     assert_eq!(r.status(), 200);
     assert!(r.headers()["content-type"]
         .to_str()

@@ -327,16 +327,12 @@ async fn run(
     };
     let l = s.loaded()?;
     let n = s.next_id.fetch_add(1, Ordering::Relaxed);
-    let id = match kind {
-        Kind::Completion => format!(
-            "cmpl-{n:x}-{:x}",
-            started.elapsed().as_nanos() as u32 ^ std::process::id()
-        ),
-        Kind::Chat => format!(
-            "chatcmpl-{n:x}-{:x}",
-            started.elapsed().as_nanos() as u32 ^ std::process::id()
-        ),
+    let prefix = match kind {
+        Kind::Completion => "cmpl",
+        Kind::Chat => "chatcmpl",
     };
+    let salt = started.elapsed().as_nanos() as u32 ^ std::process::id();
+    let id = format!("{prefix}-{n:x}-{salt:x}");
     let (tx, rx) = mpsc::unbounded_channel();
     let prompt_tokens = prompt.len();
     let req = GenerateRequest {

@@ -62,21 +62,35 @@ const CONTROL: i32 = 3;
 const USER_DEFINED: i32 = 4;
 const BYTE: i32 = 6;
 
-/// GPT-2's reversible map from bytes to printable characters.
-fn byte_to_char() -> [char; 256] {
-    let mut map = ['\0'; 256];
-    let mut n = 0u32;
-    for b in 0..256u32 {
-        let printable =
-            (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
-        map[b as usize] = if printable {
-            char::from_u32(b).unwrap()
-        } else {
-            n += 1;
-            char::from_u32(255 + n).unwrap()
-        };
-    }
-    map
+/// GPT-2's reversible map between bytes and printable characters, built once: the
+/// tokenizer needs it for every vocabulary entry at load and every piece it encodes.
+struct ByteMap {
+    to_char: [char; 256],
+    to_byte: HashMap<char, u8>,
+}
+
+fn byte_map() -> &'static ByteMap {
+    static MAP: std::sync::OnceLock<ByteMap> = std::sync::OnceLock::new();
+    MAP.get_or_init(|| {
+        let mut to_char = ['\0'; 256];
+        let mut n = 0u32;
+        for b in 0..256u32 {
+            let printable =
+                (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+            to_char[b as usize] = if printable {
+                char::from_u32(b).unwrap()
+            } else {
+                n += 1;
+                char::from_u32(255 + n).unwrap()
+            };
+        }
+        let to_byte = to_char
+            .iter()
+            .enumerate()
+            .map(|(b, c)| (*c, b as u8))
+            .collect();
+        ByteMap { to_char, to_byte }
+    })
 }
 
 fn strings(g: &Gguf, key: &str) -> Result<Vec<String>, TokenizerError> {
@@ -155,7 +169,7 @@ impl Tokenizer {
             })
             .collect();
         let mut byte_tokens = [None; 256];
-        let chars = byte_to_char();
+        let chars = &byte_map().to_char;
         for b in 0..256usize {
             byte_tokens[b] = match kind {
                 Kind::Bpe => ids.get(&chars[b].to_string()).copied(),
@@ -269,7 +283,7 @@ impl Tokenizer {
     }
 
     fn encode_bpe(&self, text: &str, out: &mut Vec<u32>) {
-        let chars = byte_to_char();
+        let chars = &byte_map().to_char;
         let mut pieces = vec![text.to_string()];
         for re in &self.pre {
             pieces = pieces.iter().flat_map(|p| regex_split(re, p)).collect();
@@ -356,11 +370,11 @@ impl Tokenizer {
 fn piece_bytes(kind: Kind, text: &str) -> Vec<u8> {
     match kind {
         Kind::Bpe => {
-            let chars = byte_to_char();
+            let to_byte = &byte_map().to_byte;
             let mut out = Vec::new();
             for c in text.chars() {
-                match chars.iter().position(|&m| m == c) {
-                    Some(b) => out.push(b as u8),
+                match to_byte.get(&c) {
+                    Some(&b) => out.push(b),
                     None => out.extend(c.to_string().bytes()),
                 }
             }

@@ -232,6 +232,9 @@ fn matmul(data: &[u8], w: &Matrix, x: &[f32], n_tokens: usize, y: &mut [f32]) {
         });
         return;
     }
+    // Per-token views, made once per matmul rather than once per weight row.
+    let xs: Vec<&[f32]> = x.chunks(cols).collect();
+    let qs: Vec<&Q8Row> = quantized.iter().collect();
     // Transposed result (rows x tokens) so each task owns a contiguous slice.
     let mut yt = vec![0f32; rows * n_tokens];
     yt.par_chunks_mut(per_task * n_tokens)
@@ -242,10 +245,7 @@ fn matmul(data: &[u8], w: &Matrix, x: &[f32], n_tokens: usize, y: &mut [f32]) {
                 // Four tokens per pass over the row: the unpacked weights are reused.
                 for (g, outs) in out_row.chunks_mut(4).enumerate() {
                     let ts = g * 4..g * 4 + outs.len();
-                    let xs: Vec<&[f32]> =
-                        ts.clone().map(|t| &x[t * cols..(t + 1) * cols]).collect();
-                    let qs: Vec<&Q8Row> = ts.map(|t| &quantized[t]).collect();
-                    quant::dot_many(w.ty, wr, &xs, &qs, outs);
+                    quant::dot_many(w.ty, wr, &xs[ts.clone()], &qs[ts], outs);
                 }
             }
         });

@@ -73,11 +73,9 @@ pub fn dequantize_row(t: WeightType, row: &[u8], out: &mut [f32]) {
             }
         }
         WeightType::Q4_0 | WeightType::Q4_1 => {
-            let (bytes, head) = if t == WeightType::Q4_0 {
-                (18, 2)
-            } else {
-                (20, 4)
-            };
+            // The 16 bytes of nibbles follow the block's f16 scale (and minimum).
+            let bytes = t.row_bytes(QK);
+            let head = bytes - QK / 2;
             for (o, b) in out.chunks_exact_mut(QK).zip(row.chunks_exact(bytes)) {
                 let d = f16_at(b, 0);
                 let (m, offset) = if t == WeightType::Q4_0 {
@@ -230,7 +228,7 @@ pub fn dot_q_scalar(t: WeightType, row: &[u8], q: &Q8Row) -> f32 {
         let a = &q.qs[b * QK..(b + 1) * QK];
         match t {
             WeightType::Q4_0 | WeightType::Q4_1 => {
-                let bytes = if t == WeightType::Q4_0 { 18 } else { 20 };
+                let bytes = t.row_bytes(QK);
                 let blk = &row[b * bytes..(b + 1) * bytes];
                 let qs = &blk[bytes - 16..];
                 let mut isum = 0i32;
@@ -335,7 +333,7 @@ mod simd {
         let rp = row.as_ptr();
         match t {
             WeightType::Q4_0 | WeightType::Q4_1 => {
-                let bytes = if t == WeightType::Q4_0 { 18 } else { 20 };
+                let bytes = t.row_bytes(QK);
                 assert!(row.len() >= n * bytes);
                 for b in 0..n {
                     let blk = rp.add(b * bytes);
