@@ -1,0 +1,387 @@
+//! The queue-depth autoscaling policy. Pure: time and scraped metrics are passed in, a
+//! replica count and the reason for it come out.
+//!
+//! - **Demand** is waiting plus running requests summed over ready replicas. One
+//!   replica should carry `targetQueueDepth` of it; `warmReplicas` more are kept loaded
+//!   on top, so a burst does not wait for weights to load.
+//! - **Scale-up** acts on the mean demand over a 60 s stable window (Knative's), at
+//!   once unless `scaleUpWindowSeconds` asks for demand to hold first.
+//! - **Panic**: when the mean over the short panic window already exceeds what ready
+//!   *and loading* replicas can carry and is still growing, the policy scales for the
+//!   demand projected over the replica load time (measured, and at most the panic
+//!   window), at once, ignoring the scale-up window.
+//!   Loading replicas count as capacity on the way, so a queue that piles up while
+//!   they load is not read as new load (the overshoot of Knative serving#4344).
+//! - **Scale-down** takes the highest recommendation of the scale-down window
+//!   (default 300 s), as Kubernetes' HPA stabilisation does: no flapping under
+//!   oscillating load.
+//! - **No metrics, no scale-down**: a scrape that failed is never read as zero demand.
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::time::{Duration, Instant};
+
+use gpuscale_crds::ScalingSpec;
+
+/// Used for the cold-start lead time until a replica of the deployment has been seen
+/// becoming ready.
+pub const DEFAULT_READY_TIME: Duration = Duration::from_secs(30);
+/// Demand is averaged over this window (Knative's stable window): a spike shorter
+/// than a replica's load time cannot be served by scaling up, only paid for.
+pub const STABLE_WINDOW: Duration = Duration::from_secs(60);
+/// A replica still loading after this long (or after three measured ready times,
+/// whichever is longer) has failed: it stops counting as capacity and is replaced.
+pub const READY_TIMEOUT_FLOOR: Duration = Duration::from_secs(300);
+
+/// The policy's bounds and windows, from `spec.scaling`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Params {
+    /// Fewest replicas.
+    pub min: u32,
+    /// Most replicas.
+    pub max: u32,
+    /// Idle replicas kept loaded on top of demand.
+    pub warm: u32,
+    /// Demand one replica should carry.
+    pub target: f64,
+    /// Demand must hold this long before a (non-panic) scale-up.
+    pub up_window: Duration,
+    /// Lower demand must hold this long before a scale-down.
+    pub down_window: Duration,
+    /// Window of the demand mean and of the growth measurement.
+    pub panic_window: Duration,
+}
+
+impl Params {
+    /// The parameters of a deployment's `spec.scaling`.
+    pub fn from_spec(s: &ScalingSpec) -> Params {
+        Params {
+            min: s.min_replicas,
+            max: s.max_replicas.max(s.min_replicas),
+            warm: s.warm_replicas,
+            target: f64::from(s.target_queue_depth.max(1)),
+            up_window: Duration::from_secs(s.scale_up_window_seconds.into()),
+            down_window: Duration::from_secs(s.scale_down_window_seconds.into()),
+            panic_window: Duration::from_secs(s.panic_window_seconds.max(1).into()),
+        }
+    }
+
+    fn bound(&self, n: u32) -> u32 {
+        n.clamp(self.min, self.max)
+    }
+}
+
+/// What the controller saw at one tick.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Observation {
+    /// Waiting plus running requests over the ready replicas; `None` when no ready
+    /// replica could be scraped.
+    pub demand: Option<f64>,
+    /// Replicas serving.
+    pub ready: u32,
+    /// Replicas created and still loading (failed ones excluded).
+    pub loading: u32,
+    /// The replica count the controller is converging to now.
+    pub current: u32,
+}
+
+/// Which way a decision goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    /// More replicas.
+    Up,
+    /// Fewer replicas.
+    Down,
+    /// No change.
+    Hold,
+}
+
+/// The outcome of one tick.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Decision {
+    /// Replicas wanted.
+    pub desired: u32,
+    /// Compared with the current count.
+    pub direction: Direction,
+    /// Whether panic mode (queue outgrowing capacity) drove the decision.
+    pub panic: bool,
+    /// Why, with the numbers, for status, Events and logs.
+    pub reason: Reason,
+}
+
+/// Why the policy chose what it chose.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Reason {
+    /// Demand needs this many replicas.
+    Demand {
+        /// Mean demand over the panic window.
+        demand: f64,
+        /// Replicas the demand needs, before warm ones and bounds.
+        needed: u32,
+    },
+    /// Demand outgrows capacity: scaled for the demand projected at ready time.
+    Panic {
+        /// Demand now.
+        demand: f64,
+        /// Growth in requests per second.
+        growth: f64,
+        /// Demand expected once a new replica is ready.
+        projected: f64,
+        /// The lead time used.
+        ready_time: Duration,
+    },
+    /// Lower demand held for the whole scale-down window.
+    Stabilised {
+        /// The scale-down window.
+        window: Duration,
+    },
+    /// Kept where it was: demand fits, or a scale-down is still inside its window.
+    Steady,
+    /// The bounds changed (or were never met).
+    Bounds,
+    /// No ready replica could be scraped: holding.
+    NoMetrics,
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Reason::Demand { demand, needed } => {
+                write!(f, "queue depth {demand:.1} needs {needed} replica(s)")
+            }
+            Reason::Panic {
+                demand,
+                growth,
+                projected,
+                ready_time,
+            } => write!(
+                f,
+                "panic: queue depth {demand:.0} growing {growth:.1}/s past capacity; \
+                 {projected:.0} expected in the {:.0} s a replica takes to load",
+                ready_time.as_secs_f64()
+            ),
+            Reason::Stabilised { window } => write!(
+                f,
+                "lower demand held for the {} s scale-down window",
+                window.as_secs()
+            ),
+            Reason::Steady => write!(f, "demand fits the current replicas"),
+            Reason::Bounds => write!(f, "minReplicas/maxReplicas bound"),
+            Reason::NoMetrics => write!(f, "no metrics from ready replicas; holding"),
+        }
+    }
+}
+
+/// The autoscaler of one deployment: the policy plus the history it needs.
+#[derive(Clone, Debug)]
+pub struct Autoscaler {
+    params: Params,
+    /// Demand samples within the stable window.
+    samples: VecDeque<(Instant, f64)>,
+    /// Recommendations within the longer of the two stabilisation windows.
+    recs: VecDeque<(Instant, u32)>,
+    /// Smoothed time from pod creation to ready.
+    ready_time: Option<Duration>,
+}
+
+impl Autoscaler {
+    /// A policy with no history.
+    pub fn new(params: Params) -> Autoscaler {
+        Autoscaler {
+            params,
+            samples: VecDeque::new(),
+            recs: VecDeque::new(),
+            ready_time: None,
+        }
+    }
+
+    /// The current parameters.
+    pub fn params(&self) -> &Params {
+        &self.params
+    }
+
+    /// Takes new parameters (a spec change), keeping the history.
+    pub fn set_params(&mut self, params: Params) {
+        self.params = params;
+    }
+
+    /// Records how long a replica took from creation to ready.
+    pub fn observe_ready(&mut self, took: Duration) {
+        // An even mix of the last measurement and the history: quick to learn, not
+        // thrown by one slow node.
+        self.ready_time = Some(match self.ready_time {
+            None => took,
+            Some(prev) => (prev + took) / 2,
+        });
+    }
+
+    /// The measured time a replica takes to become ready (a default until measured).
+    pub fn ready_time(&self) -> Duration {
+        self.ready_time.unwrap_or(DEFAULT_READY_TIME)
+    }
+
+    /// Whether a replica still loading after `age` has failed to become ready.
+    pub fn is_stuck(&self, age: Duration) -> bool {
+        age > READY_TIMEOUT_FLOOR.max(self.ready_time() * 3)
+    }
+
+    /// One tick: the replica count wanted at `now`.
+    pub fn decide(&mut self, now: Instant, obs: &Observation) -> Decision {
+        let p = self.params.clone();
+        let Some(latest) = obs.demand else {
+            let desired = p.bound(obs.current);
+            return decision(obs.current, desired, false, Reason::NoMetrics);
+        };
+        let latest = latest.max(0.0);
+        self.samples.push_back((now, latest));
+        let stable = STABLE_WINDOW.max(p.panic_window);
+        trim(&mut self.samples, now, stable);
+        let mean = mean_since(&self.samples, now, stable);
+        let short = mean_since(&self.samples, now, p.panic_window);
+        let growth = slope(&self.samples, now, p.panic_window);
+        let capacity = f64::from(obs.ready + obs.loading) * p.target;
+        let panic = short > capacity && growth > 0.0;
+        let (demand, reason) = if panic {
+            // Project over the lead time, but no further than the growth was measured:
+            // a longer extrapolation of a noisy slope buys replicas for spikes that are
+            // gone before they load.
+            let ready_time = self.ready_time();
+            let lead = ready_time.min(p.panic_window).as_secs_f64();
+            let projected = short + growth * lead;
+            let reason = Reason::Panic {
+                demand: short,
+                growth,
+                projected,
+                ready_time,
+            };
+            (projected, reason)
+        } else {
+            let needed = (mean / p.target).ceil().min(f64::from(u32::MAX)) as u32;
+            (
+                mean,
+                Reason::Demand {
+                    demand: mean,
+                    needed,
+                },
+            )
+        };
+        let needed = (demand / p.target).ceil().min(f64::from(u32::MAX)) as u32;
+        let rec = p.bound(needed.saturating_add(p.warm));
+
+        // One signal for both directions, so the two never disagree and flap. After a
+        // burst the scale-down steps down as the mean decays: gradual, like the HPA's.
+        self.recs.push_back((now, rec));
+        let keep = p.up_window.max(p.down_window);
+        while self
+            .recs
+            .front()
+            .is_some_and(|&(t, _)| now.saturating_duration_since(t) > keep)
+        {
+            self.recs.pop_front();
+        }
+        let in_window = |w: Duration| {
+            self.recs
+                .iter()
+                .filter(move |(t, _)| now.saturating_duration_since(*t) <= w)
+                .map(|&(_, r)| p.bound(r))
+        };
+        let up = if panic || p.up_window.is_zero() {
+            rec
+        } else {
+            in_window(p.up_window).min().unwrap_or(rec)
+        };
+        let down = in_window(p.down_window).max().unwrap_or(rec);
+
+        let current = obs.current;
+        if up > current {
+            decision(current, up, panic, reason)
+        } else if down < current {
+            let why = if current > p.max {
+                Reason::Bounds
+            } else {
+                Reason::Stabilised {
+                    window: p.down_window,
+                }
+            };
+            decision(current, down, false, why)
+        } else if current < p.min {
+            decision(current, p.min, false, Reason::Bounds)
+        } else {
+            decision(current, current, false, Reason::Steady)
+        }
+    }
+}
+
+fn decision(current: u32, desired: u32, panic: bool, reason: Reason) -> Decision {
+    let direction = match desired.cmp(&current) {
+        std::cmp::Ordering::Greater => Direction::Up,
+        std::cmp::Ordering::Less => Direction::Down,
+        std::cmp::Ordering::Equal => Direction::Hold,
+    };
+    let reason = match direction {
+        Direction::Hold if reason != Reason::NoMetrics => Reason::Steady,
+        _ => reason,
+    };
+    Decision {
+        desired,
+        direction,
+        panic,
+        reason,
+    }
+}
+
+/// Drops samples older than `window`.
+fn trim(samples: &mut VecDeque<(Instant, f64)>, now: Instant, window: Duration) {
+    while samples
+        .front()
+        .is_some_and(|&(t, _)| now.saturating_duration_since(t) > window)
+    {
+        samples.pop_front();
+    }
+}
+
+fn recent(
+    samples: &VecDeque<(Instant, f64)>,
+    now: Instant,
+    window: Duration,
+) -> impl Iterator<Item = (f64, f64)> + Clone + '_ {
+    samples
+        .iter()
+        .filter(move |(t, _)| now.saturating_duration_since(*t) <= window)
+        .map(move |&(t, v)| (-(now.saturating_duration_since(t).as_secs_f64()), v))
+}
+
+/// Mean of the samples within `window` (0 with none).
+fn mean_since(samples: &VecDeque<(Instant, f64)>, now: Instant, window: Duration) -> f64 {
+    let (n, sum) = recent(samples, now, window).fold((0.0, 0.0), |(n, s), (_, v)| (n + 1.0, s + v));
+    if n == 0.0 {
+        0.0
+    } else {
+        sum / n
+    }
+}
+
+/// Least-squares growth of the samples within `window`, per second (0 with fewer than
+/// two distinct times).
+fn slope(samples: &VecDeque<(Instant, f64)>, now: Instant, window: Duration) -> f64 {
+    let points = recent(samples, now, window);
+    let n = points.clone().count() as f64;
+    if n < 2.0 {
+        return 0.0;
+    }
+    let mx = points.clone().map(|p| p.0).sum::<f64>() / n;
+    let my = points.clone().map(|p| p.1).sum::<f64>() / n;
+    let (mut sxy, mut sxx) = (0.0, 0.0);
+    for (x, y) in points {
+        sxy += (x - mx) * (y - my);
+        sxx += (x - mx) * (x - mx);
+    }
+    if sxx == 0.0 {
+        0.0
+    } else {
+        sxy / sxx
+    }
+}

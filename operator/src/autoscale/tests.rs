@@ -1,0 +1,316 @@
+//! The policy over simulated time: a toy cluster whose replicas become ready a fixed
+//! time after they are asked for, driven by a demand curve, one tick every 2 s.
+
+use proptest::prelude::{prop, prop_assert, proptest, ProptestConfig};
+
+use super::*;
+
+const TICK: Duration = Duration::from_secs(2);
+
+fn params(min: u32, max: u32, warm: u32) -> Params {
+    Params {
+        min,
+        max,
+        warm,
+        target: 4.0,
+        up_window: Duration::ZERO,
+        down_window: Duration::from_secs(300),
+        panic_window: Duration::from_secs(6),
+    }
+}
+
+struct Sim {
+    t0: Instant,
+    now: Instant,
+    policy: Autoscaler,
+    ready: u32,
+    /// When each loading replica becomes ready (`None`: never).
+    loading: Vec<Option<Instant>>,
+    load_time: Option<Duration>,
+    log: Vec<(f64, Decision)>,
+}
+
+impl Sim {
+    fn new(p: Params) -> Sim {
+        let t0 = Instant::now();
+        Sim {
+            t0,
+            now: t0,
+            ready: p.min,
+            policy: Autoscaler::new(p),
+            loading: Vec::new(),
+            load_time: Some(Duration::from_secs(20)),
+            log: Vec::new(),
+        }
+    }
+
+    fn secs(&self) -> f64 {
+        self.now.duration_since(self.t0).as_secs_f64()
+    }
+
+    fn current(&self) -> u32 {
+        self.ready + self.loading.len() as u32
+    }
+
+    /// One tick with `demand` observed (or no metrics).
+    fn tick(&mut self, demand: Option<f64>) -> Decision {
+        let now = self.now;
+        let before = self.loading.len();
+        self.loading.retain(|r| r.is_none_or(|at| at > now));
+        let became_ready = before - self.loading.len();
+        for _ in 0..became_ready {
+            self.policy.observe_ready(self.load_time.unwrap());
+        }
+        self.ready += became_ready as u32;
+        let obs = Observation {
+            demand,
+            ready: self.ready,
+            loading: self.loading.len() as u32,
+            current: self.current(),
+        };
+        let d = self.policy.decide(now, &obs);
+        while self.current() < d.desired {
+            self.loading.push(self.load_time.map(|l| now + l));
+        }
+        while self.current() > d.desired {
+            if self.loading.pop().is_none() {
+                self.ready -= 1;
+            }
+        }
+        self.log.push((self.secs(), d.clone()));
+        self.now += TICK;
+        d
+    }
+
+    /// Runs `f(t)` as the demand for `seconds` (t counts from the start of the run).
+    fn run(&mut self, seconds: u64, f: impl Fn(f64) -> f64) {
+        for _ in 0..seconds / TICK.as_secs() {
+            let t = self.secs();
+            self.tick(Some(f(t)));
+        }
+    }
+
+    fn count(&self, dir: Direction) -> usize {
+        self.log.iter().filter(|(_, d)| d.direction == dir).count()
+    }
+}
+
+#[test]
+fn a_burst_scales_up_on_the_next_tick_in_panic_mode() {
+    let mut sim = Sim::new(params(1, 10, 0));
+    sim.run(60, |_| 2.0);
+    assert_eq!(sim.current(), 1);
+    let d = sim.tick(Some(40.0));
+    assert_eq!(d.direction, Direction::Up);
+    assert!(d.panic, "{d:?}");
+    assert_eq!(d.desired, 10, "40 waiting / 4 per replica");
+    assert!(
+        d.reason.to_string().starts_with("panic: queue depth"),
+        "{}",
+        d.reason
+    );
+}
+
+#[test]
+fn a_slow_ramp_is_tracked_without_overshoot_or_any_scale_down() {
+    let mut sim = Sim::new(params(1, 20, 0));
+    sim.run(600, |t| 0.05 * t);
+    assert_eq!(sim.count(Direction::Down), 0);
+    for (t, d) in &sim.log {
+        let demand = 0.05 * t;
+        let needed = (demand / 4.0).ceil().max(1.0) as u32;
+        assert!(
+            d.desired + 1 >= needed && d.desired <= needed + 1,
+            "at {t} s demand {demand:.1} needs {needed}, desired {}",
+            d.desired
+        );
+    }
+    assert_eq!(sim.current(), 8, "30 requests at the end / 4");
+}
+
+#[test]
+fn oscillating_load_does_not_flap() {
+    let mut sim = Sim::new(params(1, 10, 0));
+    // 20 requests for a minute, 2 for a minute, for 20 minutes.
+    sim.run(1200, |t| {
+        if (t as u64 / 60).is_multiple_of(2) {
+            20.0
+        } else {
+            2.0
+        }
+    });
+    assert_eq!(sim.count(Direction::Down), 0, "held through every trough");
+    assert_eq!(sim.count(Direction::Up), 1, "one step up to the peak");
+    assert_eq!(sim.current(), 5);
+}
+
+#[test]
+fn scale_down_waits_for_the_window_then_goes_to_min_plus_warm() {
+    let mut sim = Sim::new(params(1, 10, 1));
+    sim.run(60, |_| 30.0);
+    assert_eq!(sim.current(), 9, "ceil(30/4) + 1 warm");
+    let quiet_from = sim.secs();
+    sim.run(420, |_| 0.0);
+    let downs: Vec<&(f64, Decision)> = sim
+        .log
+        .iter()
+        .filter(|(_, d)| d.direction == Direction::Down)
+        .collect();
+    let first = downs.first().expect("scaled down").0 - quiet_from;
+    let last = downs.last().unwrap().0 - quiet_from;
+    // Not before the window has passed; then down with the 60 s mean, to the floor.
+    assert!(
+        (300.0..=310.0).contains(&first),
+        "first scale-down {first} s after load ended"
+    );
+    assert!(
+        last <= 300.0 + 62.0,
+        "last scale-down {last} s after load ended"
+    );
+    assert!(
+        matches!(downs[0].1.reason, Reason::Stabilised { .. }),
+        "{downs:?}"
+    );
+    assert_eq!(
+        sim.current(),
+        1,
+        "no demand: one warm replica, which min 1 covers"
+    );
+    assert_eq!(sim.count(Direction::Up), 1);
+}
+
+#[test]
+fn warm_replicas_sit_on_top_of_demand_within_bounds() {
+    let mut sim = Sim::new(params(2, 4, 1));
+    sim.run(30, |_| 8.0);
+    assert_eq!(sim.current(), 3, "8/4 = 2 plus 1 warm");
+    sim.run(30, |_| 100.0);
+    assert_eq!(sim.current(), 4, "capped at max");
+    let mut idle = Sim::new(params(2, 4, 1));
+    idle.run(30, |_| 0.0);
+    assert_eq!(idle.current(), 2, "min covers the warm replica when idle");
+}
+
+#[test]
+fn missing_metrics_never_scale_down() {
+    let mut sim = Sim::new(params(1, 10, 0));
+    sim.run(30, |_| 20.0);
+    let before = sim.current();
+    for _ in 0..500 {
+        let d = sim.tick(None);
+        assert_eq!(d.direction, Direction::Hold);
+        assert_eq!(d.reason, Reason::NoMetrics);
+    }
+    assert_eq!(sim.current(), before);
+}
+
+#[test]
+fn a_queue_that_piles_up_while_replicas_load_is_not_read_as_new_load() {
+    let mut sim = Sim::new(params(1, 20, 0));
+    sim.load_time = Some(Duration::from_secs(60));
+    // A step to 16 asks for 4 replicas; the queue then stays at 16 while they load.
+    sim.run(50, |_| 16.0);
+    assert_eq!(sim.ready, 1, "still loading");
+    assert_eq!(sim.current(), 4);
+    assert_eq!(sim.count(Direction::Up), 1);
+}
+
+#[test]
+fn the_panic_projection_uses_the_measured_ready_time() {
+    let burst = |ready: Duration| {
+        let mut a = Autoscaler::new(params(1, 100, 0));
+        a.observe_ready(ready);
+        let t0 = Instant::now();
+        let mut last = None;
+        for i in 0..4u32 {
+            let obs = Observation {
+                demand: Some(f64::from(8 + 4 * i)),
+                ready: 1,
+                loading: 0,
+                current: 1,
+            };
+            last = Some(a.decide(t0 + TICK * i, &obs));
+        }
+        last.unwrap()
+    };
+    let fast = burst(Duration::from_secs(2));
+    let slow = burst(Duration::from_secs(120));
+    assert!(fast.panic && slow.panic);
+    // 8, 12, 16, 20 over 6 s: mean 14 growing 2/s. Replicas that load in 2 s need
+    // 18 covered; slow ones 26 (the projection stops at the 6 s panic window).
+    assert_eq!(fast.desired, 5);
+    assert_eq!(slow.desired, 7);
+}
+
+#[test]
+fn a_replica_that_never_becomes_ready_is_declared_failed() {
+    let mut a = Autoscaler::new(params(1, 4, 0));
+    assert!(!a.is_stuck(Duration::from_secs(299)));
+    assert!(
+        a.is_stuck(Duration::from_secs(301)),
+        "the floor applies before any measurement"
+    );
+    a.observe_ready(Duration::from_secs(200));
+    assert!(!a.is_stuck(Duration::from_secs(599)));
+    assert!(
+        a.is_stuck(Duration::from_secs(601)),
+        "three measured ready times"
+    );
+
+    // Counted out of capacity, the failed replica no longer hides the demand.
+    let mut sim = Sim::new(params(1, 4, 0));
+    sim.load_time = None;
+    sim.run(20, |_| 8.0);
+    assert_eq!((sim.ready, sim.current()), (1, 2));
+    sim.loading.clear(); // the controller deleted the failed pod
+    let d = sim.tick(Some(8.0));
+    assert_eq!(
+        (d.desired, d.direction),
+        (2, Direction::Up),
+        "asks for the replica back"
+    );
+}
+
+#[test]
+fn lowered_bounds_apply_at_once() {
+    let mut sim = Sim::new(params(1, 10, 0));
+    sim.run(20, |_| 40.0);
+    assert_eq!(sim.current(), 10);
+    sim.policy.set_params(params(1, 3, 0));
+    let d = sim.tick(Some(40.0));
+    assert_eq!((d.desired, d.direction), (3, Direction::Down));
+    assert_eq!(d.reason, Reason::Bounds);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// Whatever the demand, the count stays in bounds and never goes down within the
+    /// scale-down window of the last scale-up.
+    #[test]
+    fn bounds_hold_and_nothing_flaps(
+        min in 1u32..4,
+        extra in 0u32..8,
+        warm in 0u32..3,
+        demand in prop::collection::vec(prop::option::weighted(0.95, 0.0f64..80.0), 1..400),
+    ) {
+        let p = params(min, min + extra, warm);
+        let down_window = p.down_window.as_secs_f64();
+        let mut sim = Sim::new(p);
+        let mut last_up: Option<f64> = None;
+        for d in demand {
+            let dec = sim.tick(d);
+            let t = sim.secs() - TICK.as_secs_f64();
+            prop_assert!(dec.desired >= min && dec.desired <= min + extra, "{dec:?}");
+            match dec.direction {
+                Direction::Up => last_up = Some(t),
+                Direction::Down => {
+                    if let Some(u) = last_up {
+                        prop_assert!(t - u >= down_window, "down at {t} after up at {u}");
+                    }
+                }
+                Direction::Hold => {}
+            }
+        }
+    }
+}

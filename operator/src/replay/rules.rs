@@ -1,0 +1,211 @@
+//! The scaling rules a replay compares: gpuscale's policy, and the two rules users
+//! reach for today, modelled on their documented defaults.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::time::{Duration, Instant};
+
+use super::{ReplicaView, ScalingRule};
+use crate::autoscale::{Autoscaler, Observation, Params};
+
+/// gpuscale's policy ([`crate::autoscale`]), ticking at the operator's scrape interval.
+pub struct GpuscaleRule {
+    scaler: Autoscaler,
+    interval: f64,
+    origin: Instant,
+    seen_ready: HashSet<u64>,
+}
+
+impl GpuscaleRule {
+    /// The policy with `params`, scraping every `interval` seconds.
+    pub fn new(params: Params, interval: f64) -> GpuscaleRule {
+        GpuscaleRule {
+            scaler: Autoscaler::new(params),
+            interval,
+            origin: Instant::now(),
+            seen_ready: HashSet::new(),
+        }
+    }
+}
+
+impl ScalingRule for GpuscaleRule {
+    fn name(&self) -> String {
+        let p = self.scaler.params();
+        format!(
+            "gpuscale (queue {} per replica, {} warm, {} s scrape)",
+            p.target, p.warm, self.interval
+        )
+    }
+
+    fn interval(&self) -> f64 {
+        self.interval
+    }
+
+    fn desired(&mut self, now: f64, replicas: &[ReplicaView]) -> u32 {
+        let mut demand = 0;
+        let mut ready = 0;
+        for r in replicas {
+            if let Some(at) = r.ready_since {
+                ready += 1;
+                demand += r.waiting + r.running;
+                if self.seen_ready.insert(r.id) && r.created > 0.0 {
+                    self.scaler
+                        .observe_ready(Duration::from_secs_f64(at - r.created));
+                }
+            }
+        }
+        let obs = Observation {
+            demand: Some(f64::from(demand)),
+            ready,
+            loading: replicas.len() as u32 - ready,
+            current: replicas.len() as u32,
+        };
+        let at = self.origin + Duration::from_secs_f64(now);
+        self.scaler.decide(at, &obs).desired
+    }
+}
+
+/// Kubernetes' HorizontalPodAutoscaler on GPU utilisation (the DCGM "GPU busy"
+/// fraction): `desired = ceil(ready x utilisation / target)`, 10% tolerance, a sync
+/// every 15 s, scale-up limited to max(double, +4) per sync, scale-down stabilised
+/// over 300 s.
+pub struct HpaRule {
+    min: u32,
+    max: u32,
+    target_utilisation: f64,
+    sync: f64,
+    window: f64,
+    last_busy: HashMap<u64, (f64, f64)>,
+    recs: VecDeque<(f64, u32)>,
+}
+
+impl HpaRule {
+    /// An HPA with the documented defaults and a `target_utilisation` (0.7 for 70%).
+    pub fn new(min: u32, max: u32, target_utilisation: f64) -> HpaRule {
+        HpaRule {
+            min,
+            max,
+            target_utilisation,
+            sync: 15.0,
+            window: 300.0,
+            last_busy: HashMap::new(),
+            recs: VecDeque::new(),
+        }
+    }
+}
+
+impl ScalingRule for HpaRule {
+    fn name(&self) -> String {
+        format!(
+            "HPA-style (GPU utilisation {:.0}%, {} s sync, {} s scale-down)",
+            self.target_utilisation * 100.0,
+            self.sync,
+            self.window
+        )
+    }
+
+    fn interval(&self) -> f64 {
+        self.sync
+    }
+
+    fn desired(&mut self, now: f64, replicas: &[ReplicaView]) -> u32 {
+        let current = replicas.len() as u32;
+        let mut utils = Vec::new();
+        for r in replicas.iter().filter(|r| r.ready_since.is_some()) {
+            let (t, busy) = self
+                .last_busy
+                .insert(r.id, (now, r.busy_seconds))
+                .unwrap_or((r.ready_since.unwrap_or(now), 0.0));
+            if now > t {
+                utils.push(((r.busy_seconds - busy) / (now - t)).clamp(0.0, 1.0));
+            }
+        }
+        let rec = if utils.is_empty() {
+            current
+        } else {
+            let util = utils.iter().sum::<f64>() / utils.len() as f64;
+            let ratio = util / self.target_utilisation;
+            if (ratio - 1.0).abs() <= 0.1 {
+                current
+            } else {
+                let n = (utils.len() as f64 * ratio).ceil() as u32;
+                n.min(current.saturating_mul(2).max(current + 4))
+            }
+        }
+        .clamp(self.min, self.max);
+        stabilised(&mut self.recs, now, self.window, rec, current)
+    }
+}
+
+/// KEDA's Prometheus scaler on queue depth: polls every 30 s, `desired =
+/// ceil(total queue / threshold)`, scale-down after a 300 s cooldown.
+pub struct KedaRule {
+    min: u32,
+    max: u32,
+    threshold: f64,
+    polling: f64,
+    cooldown: f64,
+    recs: VecDeque<(f64, u32)>,
+}
+
+impl KedaRule {
+    /// KEDA with its documented defaults and a per-replica queue `threshold`.
+    pub fn new(min: u32, max: u32, threshold: f64) -> KedaRule {
+        KedaRule {
+            min,
+            max,
+            threshold,
+            polling: 30.0,
+            cooldown: 300.0,
+            recs: VecDeque::new(),
+        }
+    }
+}
+
+impl ScalingRule for KedaRule {
+    fn name(&self) -> String {
+        format!(
+            "KEDA-style (queue {} per replica, {} s polling, {} s cooldown)",
+            self.threshold, self.polling, self.cooldown
+        )
+    }
+
+    fn interval(&self) -> f64 {
+        self.polling
+    }
+
+    fn desired(&mut self, now: f64, replicas: &[ReplicaView]) -> u32 {
+        let queue: u32 = replicas.iter().map(|r| r.waiting + r.running).sum();
+        let rec = ((f64::from(queue) / self.threshold).ceil() as u32).clamp(self.min, self.max);
+        stabilised(
+            &mut self.recs,
+            now,
+            self.cooldown,
+            rec,
+            replicas.len() as u32,
+        )
+    }
+}
+
+/// Scale up at once; scale down to the highest recommendation of the last `window`
+/// seconds (Kubernetes' scale-down stabilisation).
+fn stabilised(
+    recs: &mut VecDeque<(f64, u32)>,
+    now: f64,
+    window: f64,
+    rec: u32,
+    current: u32,
+) -> u32 {
+    recs.push_back((now, rec));
+    while recs.front().is_some_and(|&(t, _)| now - t > window) {
+        recs.pop_front();
+    }
+    if rec >= current {
+        rec
+    } else {
+        recs.iter()
+            .map(|&(_, r)| r)
+            .max()
+            .unwrap_or(rec)
+            .min(current)
+    }
+}

@@ -1,0 +1,118 @@
+use super::*;
+
+/// Wants `n` replicas from each listed time on.
+struct Schedule(Vec<(f64, u32)>);
+
+impl ScalingRule for Schedule {
+    fn name(&self) -> String {
+        "schedule".into()
+    }
+    fn interval(&self) -> f64 {
+        1.0
+    }
+    fn desired(&mut self, now: f64, _: &[ReplicaView]) -> u32 {
+        self.0
+            .iter()
+            .rev()
+            .find(|(t, _)| *t <= now)
+            .map_or(1, |&(_, n)| n)
+    }
+}
+
+fn setup(max_batch: u32, queue: u32) -> Setup {
+    Setup {
+        model: ReplicaModel {
+            max_batch,
+            queue_capacity: queue,
+            prefill_tokens_per_second: 1000.0,
+            decode_tokens_per_second: 10.0,
+            load_seconds: 30.0,
+            gpus: 2,
+        },
+        slo: Slo { ttft_seconds: 1.0 },
+        initial_replicas: 1,
+        sample_every: 5.0,
+    }
+}
+
+fn trace(rows: &[(f64, u32, u32)]) -> Trace {
+    Trace {
+        requests: rows
+            .iter()
+            .map(|&(at, p, g)| TraceRequest {
+                at,
+                prompt_tokens: p,
+                generated_tokens: g,
+            })
+            .collect(),
+    }
+}
+
+#[test]
+fn a_queued_request_waits_for_a_batch_slot() {
+    // One slot: the second request waits for the first (0.5 s prefill + 2 s decode).
+    let t = trace(&[(0.0, 500, 20), (0.5, 500, 20)]);
+    let o = replay(&t, &setup(1, 4), &mut Schedule(vec![]));
+    assert_eq!((o.refused, o.cold_starts), (0, 0));
+    assert!((o.ttft_p50 - 0.5).abs() < 1e-9, "{o:?}");
+    // Starts at 2.5 s, first token at 3.0 s, arrived at 0.5 s.
+    assert!((o.ttft_p99 - 2.5).abs() < 1e-9, "{o:?}");
+    assert_eq!(o.slo_misses, 1);
+    // One replica of two GPUs for 5 s (the second request ends at 5.0 s).
+    assert!((o.gpu_seconds - 10.0).abs() < 1e-9, "{}", o.gpu_seconds);
+}
+
+#[test]
+fn a_full_queue_refuses_and_counts_a_miss() {
+    let t = trace(&[(0.0, 10, 10), (0.0, 10, 10), (0.0, 10, 10)]);
+    let o = replay(&t, &setup(1, 1), &mut Schedule(vec![]));
+    assert_eq!(o.refused, 1);
+    assert_eq!(
+        o.slo_misses, 2,
+        "the refused one and the one that waited 1 s"
+    );
+}
+
+#[test]
+fn scale_up_is_a_cold_start_that_serves_only_once_loaded() {
+    // Ask for two replicas at 0 s; the second is ready at 30 s.
+    let t = trace(&[(10.0, 10, 200), (20.0, 10, 10), (40.0, 10, 10)]);
+    let o = replay(&t, &setup(1, 8), &mut Schedule(vec![(0.0, 2)]));
+    assert_eq!(o.cold_starts, 1);
+    // The request at 20 s waited for the first (busy until 30.01 s).
+    assert!(o.ttft_p99 > 10.0, "{o:?}");
+    assert_eq!(o.peak_replicas, 2);
+}
+
+#[test]
+fn scale_down_drains_and_loses_nothing() {
+    // Two replicas from the start; down to one at 3 s while both are busy.
+    let mut s = setup(1, 8);
+    s.initial_replicas = 2;
+    let t = trace(&[(0.0, 10, 50), (0.0, 10, 100), (1.0, 10, 10)]);
+    let o = replay(&t, &s, &mut Schedule(vec![(0.0, 2), (3.0, 1)]));
+    assert_eq!(o.refused, 0);
+    assert_eq!(o.scale_downs, 1);
+    // The drained replica held its request to the end (5.01 s); the other served the
+    // queued request after 10.01 s, then the 1.0 s one... all three were served.
+    let served = o.requests - o.refused;
+    assert_eq!(served, 3);
+    assert!(
+        o.gpu_seconds > 2.0 * (5.0 + 10.0),
+        "draining time is paid: {}",
+        o.gpu_seconds
+    );
+}
+
+#[test]
+fn the_timeline_records_load_and_replicas() {
+    let t = trace(&[(0.0, 10, 10), (1.0, 10, 10), (12.0, 10, 10)]);
+    let o = replay(&t, &setup(4, 8), &mut Schedule(vec![]));
+    assert_eq!(o.timeline[0].at, 0.0);
+    assert!(
+        (o.timeline[1].arrival_rate - 2.0 / 5.0).abs() < 1e-9,
+        "{:?}",
+        o.timeline
+    );
+    assert!(o.timeline.iter().all(|s| s.replicas == 1 && s.ready == 1));
+}
