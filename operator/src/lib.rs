@@ -1,9 +1,13 @@
-//! The gpuscale operator: GPU inventory, VRAM estimates and placement (pure logic,
-//! no I/O), and the node agent that publishes a node's GPUs.
+//! The gpuscale operator: GPU inventory, VRAM estimates, placement and the autoscaling
+//! policy (pure logic, no I/O); the reconcile loop, worker scraping and metrics around
+//! them; the node agent that publishes a node's GPUs; and trace replay.
 
 pub mod autoscale;
 pub mod estimate;
 pub mod inventory;
+pub mod metrics;
 pub mod node_agent;
 pub mod placement;
+pub mod reconcile;
 pub mod replay;
+pub mod scrape;

@@ -1,0 +1,144 @@
+//! The operator's own Prometheus metrics (`gpuscale_operator_*`).
+
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+use crate::autoscale::Direction;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabel {
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ScaleLabel {
+    deployment: String,
+    direction: &'static str,
+}
+
+/// The operator's metrics and their registry.
+pub struct Metrics {
+    registry: Registry,
+    reconciles: Family<ResultLabel, Counter>,
+    duration: Histogram,
+    scaling: Family<ScaleLabel, Counter>,
+    leader: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("gpuscale_operator");
+        let reconciles = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "reconciles",
+            "Reconcile passes, by result (ok or error)",
+            reconciles.clone(),
+        );
+        let duration = Histogram::new(exponential_buckets(0.001, 2.0, 14));
+        registry.register(
+            "reconcile_duration_seconds",
+            "Time one reconcile pass took",
+            duration.clone(),
+        );
+        let scaling = Family::<ScaleLabel, Counter>::default();
+        registry.register(
+            "scaling_decisions",
+            "Autoscaler decisions that changed the replica count, by deployment and direction",
+            scaling.clone(),
+        );
+        let leader = Gauge::default();
+        registry.register(
+            "leader",
+            "1 while this operator replica holds the leader Lease",
+            leader.clone(),
+        );
+        Metrics {
+            registry,
+            reconciles,
+            duration,
+            scaling,
+            leader,
+        }
+    }
+}
+
+impl Metrics {
+    /// Records one reconcile pass.
+    pub fn reconciled(&self, took: Duration, ok: bool) {
+        let result = if ok { "ok" } else { "error" };
+        self.reconciles.get_or_create(&ResultLabel { result }).inc();
+        self.duration.observe(took.as_secs_f64());
+    }
+
+    /// Records a scaling decision of `deployment` (`namespace/name`).
+    pub fn scaled(&self, deployment: &str, direction: Direction) {
+        let direction = match direction {
+            Direction::Up => "up",
+            Direction::Down => "down",
+            Direction::Hold => return,
+        };
+        self.scaling
+            .get_or_create(&ScaleLabel {
+                deployment: deployment.into(),
+                direction,
+            })
+            .inc();
+    }
+
+    /// Drops the series of a deleted deployment.
+    pub fn forget(&self, deployment: &str) {
+        for direction in ["up", "down"] {
+            self.scaling.remove(&ScaleLabel {
+                deployment: deployment.into(),
+                direction,
+            });
+        }
+    }
+
+    /// Records whether this replica leads.
+    pub fn set_leader(&self, leading: bool) {
+        self.leader.set(i64::from(leading));
+    }
+
+    /// The exposition text.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_passes_and_decisions() {
+        let m = Metrics::default();
+        m.reconciled(Duration::from_millis(3), true);
+        m.reconciled(Duration::from_millis(3), false);
+        m.scaled("ns/a", Direction::Up);
+        m.scaled("ns/a", Direction::Hold);
+        m.set_leader(true);
+        let text = m.encode();
+        assert!(
+            text.contains("gpuscale_operator_reconciles_total{result=\"ok\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("gpuscale_operator_reconciles_total{result=\"error\"} 1"));
+        assert!(text.contains(
+            "gpuscale_operator_scaling_decisions_total{deployment=\"ns/a\",direction=\"up\"} 1"
+        ));
+        assert!(!text.contains("direction=\"hold\""));
+        assert!(text.contains("gpuscale_operator_leader 1"));
+        m.forget("ns/a");
+        assert!(!m.encode().contains("ns/a"));
+    }
+}

@@ -1,0 +1,325 @@
+//! The objects a deployment owns: one worker Pod per replica, pinned to its placement,
+//! and one Service. Pure builders and readers; no API calls.
+
+use std::collections::BTreeMap;
+
+use gpuscale_crds::InferenceDeployment;
+use k8s_openapi::api::core::v1::{
+    Container, ContainerPort, EnvVar, HTTPGetAction, HostPathVolumeSource,
+    PersistentVolumeClaimVolumeSource, Pod, PodSpec, Probe, ResourceRequirements, Service,
+    ServicePort, ServiceSpec, Volume, VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::api::ObjectMeta;
+use kube::{Resource, ResourceExt};
+use serde::{Deserialize, Serialize};
+
+/// Who manages the pods (`app.kubernetes.io/managed-by`).
+pub const MANAGED_BY: &str = "gpuscale";
+/// Label: the owning deployment's name.
+pub const LABEL_DEPLOYMENT: &str = "gpuscale.dev/deployment";
+/// Label: the replica index.
+pub const LABEL_REPLICA: &str = "gpuscale.dev/replica";
+/// Label: hash of the pod template; a change means a rollout.
+pub const LABEL_TEMPLATE: &str = "gpuscale.dev/template";
+/// Label: `"true"` while the replica takes traffic; the Service selects on it, so
+/// flipping it to `"false"` is the first step of a drain.
+pub const LABEL_SERVING: &str = "gpuscale.dev/serving";
+/// Annotation: the replica's placement, as JSON.
+pub const ANNOTATION_PLACEMENT: &str = "gpuscale.dev/placement";
+/// Annotation: when the drain began (RFC 3339).
+pub const ANNOTATION_DRAINING_SINCE: &str = "gpuscale.dev/draining-since";
+/// Where `pvc://` model claims are mounted in the worker.
+pub const MODEL_MOUNT: &str = "/models";
+
+/// A replica's placement as recorded on its pod.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PodPlacement {
+    /// Node.
+    pub node: String,
+    /// GPU indices on the node (empty on a CPU node).
+    #[serde(default)]
+    pub gpus: Vec<u32>,
+    /// Their UUIDs.
+    #[serde(default)]
+    pub uuids: Vec<String>,
+    /// Bytes reserved per GPU (or of host memory on a CPU node).
+    pub bytes_per_gpu: u64,
+    /// Whole GPUs.
+    #[serde(default)]
+    pub exclusive: bool,
+}
+
+/// The pod name of replica `index`.
+pub fn pod_name(deployment: &str, index: u32) -> String {
+    format!("{deployment}-{index}")
+}
+
+/// The labels every replica of `deployment` carries (the Service's selector adds
+/// serving=true).
+pub fn selector_labels(deployment: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (
+            "app.kubernetes.io/managed-by".to_string(),
+            MANAGED_BY.to_string(),
+        ),
+        (LABEL_DEPLOYMENT.to_string(), deployment.to_string()),
+    ])
+}
+
+/// The label selector string of the replicas (status.selector, for `kubectl scale`).
+pub fn selector_string(deployment: &str) -> String {
+    selector_labels(deployment)
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// A stable hash of what the pods are built from: model, resources and worker.
+/// FNV-1a, so it does not change between builds.
+pub fn template_hash(d: &InferenceDeployment) -> String {
+    let s = &d.spec;
+    let text = serde_json::to_string(&(&s.model, &s.resources, &s.worker))
+        .expect("specs always serialize");
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in text.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{:010x}", h & 0xff_ffff_ffff)
+}
+
+/// The worker command line for a placement.
+fn worker_args(d: &InferenceDeployment, model_path: &str, p: &PodPlacement) -> Vec<String> {
+    let s = &d.spec;
+    let device = if p.gpus.is_empty() { "cpu" } else { "cuda" };
+    vec![
+        format!("--model={model_path}"),
+        format!("--model-name={}", s.model.name),
+        "--host=0.0.0.0".into(),
+        format!("--port={}", s.worker.port),
+        format!("--device={device}"),
+        format!("--memory-budget={}", p.bytes_per_gpu),
+        format!("--max-seq-len={}", s.resources.max_sequence_length),
+        format!("--max-batch={}", s.resources.max_batch_size),
+        "--log-format=json".into(),
+    ]
+}
+
+/// Where the model file is inside the pod, and the volume that puts it there.
+/// `None` for sources the worker cannot open yet (http(s)).
+pub fn model_volume(source: &str) -> Option<(String, Volume, VolumeMount)> {
+    if let Some(path) = source.strip_prefix("file://") {
+        let dir = std::path::Path::new(path)
+            .parent()?
+            .to_string_lossy()
+            .to_string();
+        let volume = Volume {
+            name: "model".into(),
+            host_path: Some(HostPathVolumeSource {
+                path: dir.clone(),
+                type_: Some("Directory".into()),
+            }),
+            ..Volume::default()
+        };
+        let mount = VolumeMount {
+            name: "model".into(),
+            mount_path: dir,
+            read_only: Some(true),
+            ..VolumeMount::default()
+        };
+        return Some((path.to_string(), volume, mount));
+    }
+    let rest = source.strip_prefix("pvc://")?;
+    let (claim, path) = rest.split_once('/')?;
+    let volume = Volume {
+        name: "model".into(),
+        persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+            claim_name: claim.to_string(),
+            read_only: Some(true),
+        }),
+        ..Volume::default()
+    };
+    let mount = VolumeMount {
+        name: "model".into(),
+        mount_path: format!("{MODEL_MOUNT}/{claim}"),
+        read_only: Some(true),
+        ..VolumeMount::default()
+    };
+    Some((format!("{MODEL_MOUNT}/{claim}/{path}"), volume, mount))
+}
+
+/// The pod of replica `index` at placement `p`, owned by `d`.
+pub fn replica_pod(
+    d: &InferenceDeployment,
+    index: u32,
+    p: &PodPlacement,
+    default_image: Option<&str>,
+    drain_seconds: u64,
+) -> Option<Pod> {
+    let name = d.name_any();
+    let (model_path, volume, mount) = model_volume(&d.spec.model.source)?;
+    let mut labels = selector_labels(&name);
+    labels.insert("app.kubernetes.io/name".into(), "inference-worker".into());
+    labels.insert(LABEL_REPLICA.into(), index.to_string());
+    labels.insert(LABEL_TEMPLATE.into(), template_hash(d));
+    labels.insert(LABEL_SERVING.into(), "true".into());
+    let w = &d.spec.worker;
+    let mut env = w.env.clone();
+    let mut resources = w.resources.clone().unwrap_or_default();
+    if !p.gpus.is_empty() {
+        if p.exclusive {
+            // The device plugin hands out whole GPUs on the pinned node.
+            resources
+                .limits
+                .get_or_insert_with(BTreeMap::new)
+                .insert("nvidia.com/gpu".into(), Quantity(p.gpus.len().to_string()));
+        } else {
+            // Shared: the container runtime exposes the chosen GPU by UUID and the
+            // worker enforces its VRAM budget itself.
+            env.push(EnvVar {
+                name: "NVIDIA_VISIBLE_DEVICES".into(),
+                value: Some(p.uuids.join(",")),
+                value_from: None,
+            });
+        }
+    }
+    let http = |path: &str| HTTPGetAction {
+        path: Some(path.into()),
+        port: IntOrString::String("http".into()),
+        ..HTTPGetAction::default()
+    };
+    // The operator's --worker-image replaces the built-in default, never an image the
+    // user chose.
+    let image = if w.image == gpuscale_crds::WorkerSpec::default().image {
+        default_image.unwrap_or(&w.image).to_string()
+    } else {
+        w.image.clone()
+    };
+    Some(Pod {
+        metadata: ObjectMeta {
+            name: Some(pod_name(&name, index)),
+            namespace: d.namespace(),
+            labels: Some(labels),
+            annotations: Some(BTreeMap::from([(
+                ANNOTATION_PLACEMENT.to_string(),
+                serde_json::to_string(p).expect("placements serialize"),
+            )])),
+            owner_references: d.controller_owner_ref(&()).map(|o| vec![o]),
+            ..ObjectMeta::default()
+        },
+        spec: Some(PodSpec {
+            node_name: Some(p.node.clone()),
+            restart_policy: Some("Always".into()),
+            termination_grace_period_seconds: Some(drain_seconds as i64 + 10),
+            containers: vec![Container {
+                name: "worker".into(),
+                image: Some(image),
+                args: Some(worker_args(d, &model_path, p)),
+                ports: Some(vec![ContainerPort {
+                    name: Some("http".into()),
+                    container_port: w.port.into(),
+                    protocol: Some("TCP".into()),
+                    ..ContainerPort::default()
+                }]),
+                env: (!env.is_empty()).then_some(env),
+                resources: Some(resources).filter(|r| *r != ResourceRequirements::default()),
+                readiness_probe: Some(Probe {
+                    http_get: Some(http("/readyz")),
+                    period_seconds: Some(2),
+                    ..Probe::default()
+                }),
+                liveness_probe: Some(Probe {
+                    http_get: Some(http("/healthz")),
+                    period_seconds: Some(10),
+                    failure_threshold: Some(6),
+                    ..Probe::default()
+                }),
+                volume_mounts: Some(vec![mount]),
+                ..Container::default()
+            }],
+            volumes: Some(vec![volume]),
+            ..PodSpec::default()
+        }),
+        status: None,
+    })
+}
+
+/// The Service in front of the serving replicas.
+pub fn service(d: &InferenceDeployment) -> Service {
+    let name = d.name_any();
+    let mut selector = selector_labels(&name);
+    selector.insert(LABEL_SERVING.into(), "true".into());
+    Service {
+        metadata: ObjectMeta {
+            name: Some(name.clone()),
+            namespace: d.namespace(),
+            labels: Some(selector_labels(&name)),
+            owner_references: d.controller_owner_ref(&()).map(|o| vec![o]),
+            ..ObjectMeta::default()
+        },
+        spec: Some(ServiceSpec {
+            selector: Some(selector),
+            ports: Some(vec![ServicePort {
+                name: Some("http".into()),
+                port: d.spec.worker.port.into(),
+                target_port: Some(IntOrString::String("http".into())),
+                protocol: Some("TCP".into()),
+                ..ServicePort::default()
+            }]),
+            ..ServiceSpec::default()
+        }),
+        status: None,
+    }
+}
+
+/// The placement recorded on a pod.
+pub fn placement_of(pod: &Pod) -> Option<PodPlacement> {
+    let a = pod.annotations().get(ANNOTATION_PLACEMENT)?;
+    serde_json::from_str(a).ok()
+}
+
+/// The replica index of a pod.
+pub fn index_of(pod: &Pod) -> Option<u32> {
+    pod.labels().get(LABEL_REPLICA)?.parse().ok()
+}
+
+/// Whether the pod's Ready condition is true.
+pub fn is_ready(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+/// Why the pod cannot run, if it cannot (failed, or its container is stuck).
+pub fn failure(pod: &Pod) -> Option<String> {
+    let status = pod.status.as_ref()?;
+    if status.phase.as_deref() == Some("Failed") {
+        return Some(status.reason.clone().unwrap_or_else(|| "pod failed".into()));
+    }
+    status.container_statuses.iter().flatten().find_map(|c| {
+        let waiting = c.state.as_ref()?.waiting.as_ref()?;
+        let reason = waiting.reason.as_deref()?;
+        [
+            "CrashLoopBackOff",
+            "ImagePullBackOff",
+            "ErrImagePull",
+            "CreateContainerConfigError",
+        ]
+        .contains(&reason)
+        .then(|| format!("{reason}: {}", waiting.message.clone().unwrap_or_default()))
+    })
+}
+
+/// Whether `d` (this very object, by UID) controls the pod: pods of a deleted and
+/// recreated deployment of the same name are not its replicas.
+pub fn owned_by(pod: &Pod, d: &InferenceDeployment) -> bool {
+    let uid = d.meta().uid.as_deref();
+    pod.owner_references()
+        .iter()
+        .any(|o| o.controller == Some(true) && Some(o.uid.as_str()) == uid)
+}

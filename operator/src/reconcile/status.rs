@@ -1,0 +1,161 @@
+//! The status a pass writes, and its conditions. Pure.
+
+use std::time::Duration;
+
+use gpuscale_crds::{InferenceDeployment, InferenceDeploymentStatus, ReplicaPlacement};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::ResourceExt;
+
+use crate::autoscale::{Decision, Direction};
+use crate::estimate::GIB;
+use crate::placement::Refusal;
+
+/// What a pass saw and decided.
+pub struct Observed<'a> {
+    pub ready: u32,
+    pub active: u32,
+    pub desired: u32,
+    pub demand: Option<f64>,
+    pub request_rate: Option<f64>,
+    pub ready_time: Duration,
+    pub decision: Option<&'a Decision>,
+    pub refusal: Option<&'a Refusal>,
+    pub placements: Vec<ReplicaPlacement>,
+}
+
+/// The status after a pass.
+pub fn build(d: &InferenceDeployment, o: &Observed) -> InferenceDeploymentStatus {
+    let prev = d.status.clone().unwrap_or_default();
+    let generation = d.metadata.generation;
+    let mut st = InferenceDeploymentStatus {
+        replicas: o.active,
+        ready_replicas: o.ready,
+        desired_replicas: o.desired,
+        queue_depth: o.demand.unwrap_or(0.0).round() as u32,
+        request_rate: o.request_rate.map(|r| (r * 100.0).round() / 100.0),
+        measured_ready_seconds: Some(o.ready_time.as_secs_f64().round()),
+        observed_generation: generation,
+        selector: Some(super::selector_string(&d.name_any())),
+        conditions: prev.conditions.clone(),
+        last_scale_time: prev.last_scale_time.clone(),
+        last_scale_reason: prev.last_scale_reason.clone(),
+        ..InferenceDeploymentStatus::default()
+    };
+    let target = f64::from(d.spec.scaling.target_queue_depth.max(1));
+    let needed = (o.demand.unwrap_or(0.0) / target).ceil() as u32;
+    st.warm_replicas = o
+        .ready
+        .saturating_sub(needed)
+        .min(d.spec.scaling.warm_replicas);
+    let gpus: usize = o.placements.iter().map(|p| p.gpus.len()).sum();
+    let bytes: u64 = o
+        .placements
+        .iter()
+        .map(|p| p.vram_reserved_bytes * p.gpus.len().max(1) as u64)
+        .sum();
+    st.gpu_summary = Some(format!("{gpus} / {:.1}Gi", bytes as f64 / GIB as f64));
+    st.placements = o.placements.clone();
+    if let Some(dec) = o.decision.filter(|d| d.direction != Direction::Hold) {
+        st.last_scale_time = Some(Time(jiff::Timestamp::now()));
+        st.last_scale_reason = Some(dec.reason.to_string());
+    } else if o.decision.is_none() && prev.desired_replicas != o.desired {
+        st.last_scale_time = Some(Time(jiff::Timestamp::now()));
+        st.last_scale_reason = Some(format!("spec.replicas pinned to {}", o.desired));
+    }
+
+    let available = o.ready >= 1 || o.desired == 0;
+    set(
+        &mut st.conditions,
+        generation,
+        "Available",
+        available,
+        if available {
+            "ReplicasReady"
+        } else {
+            "NoReadyReplica"
+        },
+        &format!("{} of {} replicas ready", o.ready, o.desired),
+    );
+    let progressing = o.ready != o.desired || o.active != o.desired;
+    set(
+        &mut st.conditions,
+        generation,
+        "Progressing",
+        progressing,
+        if progressing { "Scaling" } else { "Stable" },
+        &format!("{} replicas exist, {} desired", o.active, o.desired),
+    );
+    match o.refusal {
+        Some(r) => set(
+            &mut st.conditions,
+            generation,
+            "Unschedulable",
+            true,
+            r.reason.as_str(),
+            &r.message,
+        ),
+        None => set(
+            &mut st.conditions,
+            generation,
+            "Unschedulable",
+            false,
+            "Placed",
+            "every replica is placed",
+        ),
+    }
+    set(
+        &mut st.conditions,
+        generation,
+        "InvalidSpec",
+        false,
+        "Valid",
+        "the spec is valid",
+    );
+    st
+}
+
+/// The status when the spec cannot be acted on: everything else kept as it was.
+pub fn invalid(d: &InferenceDeployment, message: &str) -> InferenceDeploymentStatus {
+    let mut st = d.status.clone().unwrap_or_default();
+    st.observed_generation = d.metadata.generation;
+    st.selector = Some(super::selector_string(&d.name_any()));
+    set(
+        &mut st.conditions,
+        d.metadata.generation,
+        "InvalidSpec",
+        true,
+        "InvalidSpec",
+        message,
+    );
+    st
+}
+
+/// Sets a condition, keeping its transition time when the status did not change.
+fn set(
+    conds: &mut Vec<Condition>,
+    generation: Option<i64>,
+    type_: &str,
+    on: bool,
+    reason: &str,
+    message: &str,
+) {
+    let status = if on { "True" } else { "False" };
+    if let Some(c) = conds.iter_mut().find(|c| c.type_ == type_) {
+        if c.status != status {
+            c.last_transition_time = Time(jiff::Timestamp::now());
+        }
+        c.status = status.into();
+        c.reason = reason.into();
+        c.message = message.into();
+        c.observed_generation = generation;
+        return;
+    }
+    conds.push(Condition {
+        type_: type_.into(),
+        status: status.into(),
+        reason: reason.into(),
+        message: message.into(),
+        observed_generation: generation,
+        last_transition_time: Time(jiff::Timestamp::now()),
+    });
+}

@@ -1,0 +1,176 @@
+//! Reading a worker's load from its Prometheus `/metrics`.
+
+use std::time::Duration;
+
+/// What the autoscaler needs from one worker.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct WorkerLoad {
+    /// Requests waiting for a batch slot.
+    pub waiting: f64,
+    /// Sequences running.
+    pub running: f64,
+    /// Requests finished since the worker started, any status (a counter).
+    pub requests_total: f64,
+}
+
+impl WorkerLoad {
+    /// Waiting plus running.
+    pub fn in_flight(&self) -> f64 {
+        self.waiting + self.running
+    }
+}
+
+/// Why a worker's load is unknown.
+#[derive(Debug, thiserror::Error)]
+pub enum ScrapeError {
+    /// The request failed.
+    #[error("GET {url}: {message}")]
+    Http {
+        /// The URL.
+        url: String,
+        /// What happened.
+        message: String,
+    },
+    /// The body is not the worker's metrics.
+    #[error("{url}: {message}")]
+    Format {
+        /// The URL.
+        url: String,
+        /// What is missing.
+        message: String,
+    },
+}
+
+/// Parses the worker's exposition text (`gpuscale_worker_queue_depth`,
+/// `gpuscale_worker_running_sequences`, `gpuscale_worker_requests_total`).
+pub fn parse(url: &str, text: &str) -> Result<WorkerLoad, ScrapeError> {
+    let lines = text.lines().map(|l| Ok(l.to_string()));
+    let scrape = prometheus_parse::Scrape::parse(lines).map_err(|e| ScrapeError::Format {
+        url: url.to_string(),
+        message: format!("not Prometheus text: {e}"),
+    })?;
+    let sum = |name: &str| -> Option<f64> {
+        let mut found = None;
+        for s in scrape.samples.iter().filter(|s| s.metric == name) {
+            let v = match s.value {
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v) => v,
+                _ => continue,
+            };
+            *found.get_or_insert(0.0) += v;
+        }
+        found
+    };
+    let need = |name: &str| {
+        sum(name).ok_or_else(|| ScrapeError::Format {
+            url: url.to_string(),
+            message: format!("no {name} sample: is this a gpuscale worker?"),
+        })
+    };
+    Ok(WorkerLoad {
+        waiting: need("gpuscale_worker_queue_depth")?,
+        running: need("gpuscale_worker_running_sequences")?,
+        requests_total: sum("gpuscale_worker_requests_total").unwrap_or(0.0),
+    })
+}
+
+/// Where worker loads come from: HTTP in production, fixed values in tests.
+pub trait Scrape: Send + Sync {
+    /// The load of the worker serving `base` (`http://ip:port`).
+    fn load<'a>(
+        &'a self,
+        base: &'a str,
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<WorkerLoad, ScrapeError>> + Send + 'a>,
+    >;
+}
+
+/// Scrapes over HTTP with a short timeout: a slow worker must not stall the loop.
+pub struct HttpScraper {
+    client: reqwest::Client,
+}
+
+impl HttpScraper {
+    /// A scraper whose requests give up after `timeout`.
+    pub fn new(timeout: Duration) -> HttpScraper {
+        let client = reqwest::Client::builder()
+            .timeout(timeout)
+            .build()
+            .expect("a plain HTTP client always builds");
+        HttpScraper { client }
+    }
+}
+
+impl Scrape for HttpScraper {
+    fn load<'a>(
+        &'a self,
+        base: &'a str,
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<WorkerLoad, ScrapeError>> + Send + 'a>,
+    > {
+        Box::pin(async move {
+            let url = format!("{base}/metrics");
+            let http = |e: reqwest::Error| ScrapeError::Http {
+                url: url.clone(),
+                message: e.to_string(),
+            };
+            let resp = self
+                .client
+                .get(&url)
+                .send()
+                .await
+                .and_then(|r| r.error_for_status())
+                .map_err(http)?;
+            let text = resp.text().await.map_err(http)?;
+            parse(&url, &text)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_worker_exposition() {
+        let text = "# HELP gpuscale_worker_queue_depth Requests waiting.\n\
+            # TYPE gpuscale_worker_queue_depth gauge\n\
+            gpuscale_worker_queue_depth 3\n\
+            # TYPE gpuscale_worker_running_sequences gauge\n\
+            gpuscale_worker_running_sequences 5\n\
+            # TYPE gpuscale_worker_requests_total counter\n\
+            gpuscale_worker_requests_total{status=\"ok\"} 40\n\
+            gpuscale_worker_requests_total{status=\"error\"} 2\n\
+            # EOF\n";
+        let l = parse("http://w/metrics", text).unwrap();
+        assert_eq!(
+            l,
+            WorkerLoad {
+                waiting: 3.0,
+                running: 5.0,
+                requests_total: 42.0
+            }
+        );
+        assert_eq!(l.in_flight(), 8.0);
+    }
+
+    #[test]
+    fn a_page_without_worker_metrics_is_an_error_not_zero_load() {
+        let e = parse("http://w/metrics", "up 1\n").unwrap_err();
+        assert!(
+            e.to_string().contains("no gpuscale_worker_queue_depth"),
+            "{e}"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_worker_is_an_error() {
+        let s = HttpScraper::new(Duration::from_millis(300));
+        let e = s.load("http://127.0.0.1:9").await.unwrap_err();
+        assert!(
+            e.to_string().starts_with("GET http://127.0.0.1:9/metrics"),
+            "{e}"
+        );
+    }
+}
