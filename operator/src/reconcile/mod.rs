@@ -407,8 +407,14 @@ async fn apply(d: &InferenceDeployment, ctx: &Context) -> Result<Action, Error> 
         (d.spec.replicas.unwrap_or(scaling.min_replicas), None)
     };
 
-    // The VRAM one replica needs; a spec that cannot be sized is reported, not acted on.
-    let need = match replica_need(d) {
+    // A spec that cannot be sized or mounted is reported, not acted on.
+    let need = match replica_need(d).and_then(|n| match model_volume(&d.spec.model.source) {
+        Some(_) => Ok(n),
+        None => Err(format!(
+            "model.source {} cannot be mounted into the worker yet: use file:// or pvc://",
+            d.spec.model.source
+        )),
+    }) {
         Ok(n) => n,
         Err(message) => {
             ctx.state
@@ -472,22 +478,7 @@ async fn apply(d: &InferenceDeployment, ctx: &Context) -> Result<Action, Error> 
                     ctx.config.worker_image.as_deref(),
                     ctx.config.drain_timeout.as_secs(),
                 ) else {
-                    let message = format!(
-                        "model.source {} cannot be mounted into the worker yet: use file:// or pvc://",
-                        d.spec.model.source
-                    );
-                    let st = status::invalid(d, &message);
-                    publish(
-                        ctx,
-                        d,
-                        EventType::Warning,
-                        "InvalidSpec",
-                        "Validate",
-                        &message,
-                    )
-                    .await;
-                    patch_status(d, ctx, &st).await?;
-                    break;
+                    continue; // unmountable sources were refused above
                 };
                 match pods_api.create(&PostParams::default(), &pod).await {
                     Ok(_) => {
