@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use futures::future::BoxFuture;
+
 /// What the autoscaler needs from one worker.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct WorkerLoad {
@@ -78,12 +80,7 @@ pub fn parse(url: &str, text: &str) -> Result<WorkerLoad, ScrapeError> {
 /// Where worker loads come from: HTTP in production, fixed values in tests.
 pub trait Scrape: Send + Sync {
     /// The load of the worker serving `base` (`http://ip:port`).
-    fn load<'a>(
-        &'a self,
-        base: &'a str,
-    ) -> std::pin::Pin<
-        Box<dyn std::future::Future<Output = Result<WorkerLoad, ScrapeError>> + Send + 'a>,
-    >;
+    fn load<'a>(&'a self, base: &'a str) -> BoxFuture<'a, Result<WorkerLoad, ScrapeError>>;
 }
 
 /// Scrapes over HTTP with a short timeout: a slow worker must not stall the loop.
@@ -103,12 +100,7 @@ impl HttpScraper {
 }
 
 impl Scrape for HttpScraper {
-    fn load<'a>(
-        &'a self,
-        base: &'a str,
-    ) -> std::pin::Pin<
-        Box<dyn std::future::Future<Output = Result<WorkerLoad, ScrapeError>> + Send + 'a>,
-    > {
+    fn load<'a>(&'a self, base: &'a str) -> BoxFuture<'a, Result<WorkerLoad, ScrapeError>> {
         Box::pin(async move {
             let url = format!("{base}/metrics");
             let http = |e: reqwest::Error| ScrapeError::Http {

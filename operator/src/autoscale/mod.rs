@@ -244,7 +244,7 @@ impl Autoscaler {
         let growth = slope(&self.samples, now, p.panic_window);
         let capacity = f64::from(obs.ready + obs.loading) * p.target;
         let panic = short > capacity && growth > 0.0;
-        let (demand, reason) = if panic {
+        let (demand, panic_reason) = if panic {
             // Project over the lead time, but no further than the growth was measured:
             // a longer extrapolation of a noisy slope buys replicas for spikes that are
             // gone before they load.
@@ -257,18 +257,15 @@ impl Autoscaler {
                 projected,
                 ready_time,
             };
-            (projected, reason)
+            (projected, Some(reason))
         } else {
-            let needed = (mean / p.target).ceil().min(f64::from(u32::MAX)) as u32;
-            (
-                mean,
-                Reason::Demand {
-                    demand: mean,
-                    needed,
-                },
-            )
+            (mean, None)
         };
         let needed = (demand / p.target).ceil().min(f64::from(u32::MAX)) as u32;
+        let reason = panic_reason.unwrap_or(Reason::Demand {
+            demand: mean,
+            needed,
+        });
         let rec = p.bound(needed.saturating_add(p.warm));
 
         // One signal for both directions, so the two never disagree and flap. After a

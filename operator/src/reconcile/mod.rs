@@ -296,22 +296,15 @@ async fn apply(d: &InferenceDeployment, ctx: &Context) -> Result<Action, Error> 
             .metadata
             .creation_timestamp
             .as_ref()
-            .map_or(Duration::ZERO, |t| {
-                Duration::try_from(now_wall.duration_since(t.0)).unwrap_or_default()
-            });
+            .map_or(Duration::ZERO, |t| elapsed(t.0, now_wall));
         let mut failure = lost
             .get(&pod.name_any())
             .cloned()
             .or_else(|| pods::failure(pod));
-        let draining_since = pod.annotations().get(ANNOTATION_DRAINING_SINCE);
         let phase = if pod.labels().get(LABEL_SERVING).map(String::as_str) == Some("false") {
-            let since = draining_since
-                .and_then(|s| s.parse::<jiff::Timestamp>().ok())
-                .unwrap_or(now_wall);
-            let drained_for =
-                Duration::try_from(now_wall.duration_since(since)).unwrap_or_default();
+            let drained = drained_for(pod, now_wall).unwrap_or_default();
             Phase::Draining {
-                timed_out: drained_for > ctx.config.drain_timeout || failure.is_some(),
+                timed_out: drained > ctx.config.drain_timeout || failure.is_some(),
             }
         } else if failure.is_some() {
             Phase::Failed
@@ -327,11 +320,7 @@ async fn apply(d: &InferenceDeployment, ctx: &Context) -> Result<Action, Error> 
         } else {
             Phase::Loading
         };
-        let url = pod
-            .status
-            .as_ref()
-            .and_then(|s| s.pod_ip.as_ref())
-            .map(|ip| format!("http://{ip}:{}", d.spec.worker.port));
+        let url = worker_url(pod, d.spec.worker.port);
         seen.push(Seen {
             pod: pod.clone(),
             index,
@@ -492,10 +481,7 @@ async fn apply(d: &InferenceDeployment, ctx: &Context) -> Result<Action, Error> 
             }
             Step::Drain(index) => {
                 let name = pod_name(&name, index);
-                let patch = serde_json::json!({"metadata": {
-                    "labels": {LABEL_SERVING: "false"},
-                    "annotations": {ANNOTATION_DRAINING_SINCE: now_wall.to_string()},
-                }});
+                let patch = drain_patch(now_wall);
                 pods_api
                     .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
                     .await?;
@@ -564,29 +550,25 @@ async fn apply(d: &InferenceDeployment, ctx: &Context) -> Result<Action, Error> 
     let mut placements: Vec<ReplicaPlacement> = seen
         .iter()
         .filter_map(|s| {
-            let p = s.placement.as_ref()?;
-            Some(ReplicaPlacement {
-                pod: s.pod.name_any(),
-                node: p.node.clone(),
-                gpus: p.uuids.clone(),
-                vram_reserved_bytes: p.bytes_per_gpu,
-                state: match s.phase {
-                    Phase::Loading => ReplicaState::Loading,
-                    Phase::Ready => ReplicaState::Ready,
-                    Phase::Draining { .. } => ReplicaState::Draining,
-                    Phase::Failed => ReplicaState::Failed,
-                },
-            })
+            let state = match s.phase {
+                Phase::Loading => ReplicaState::Loading,
+                Phase::Ready => ReplicaState::Ready,
+                Phase::Draining { .. } => ReplicaState::Draining,
+                Phase::Failed => ReplicaState::Failed,
+            };
+            Some(replica_placement(
+                s.pod.name_any(),
+                s.placement.as_ref()?,
+                state,
+            ))
         })
         .collect();
     for (index, p) in &created {
-        placements.push(ReplicaPlacement {
-            pod: pod_name(&name, *index),
-            node: p.node.clone(),
-            gpus: p.uuids.clone(),
-            vram_reserved_bytes: p.bytes_per_gpu,
-            state: ReplicaState::Loading,
-        });
+        placements.push(replica_placement(
+            pod_name(&name, *index),
+            p,
+            ReplicaState::Loading,
+        ));
     }
     placements.sort_by(|a, b| a.pod.cmp(&b.pod));
     let observed = status::Observed {
@@ -622,33 +604,20 @@ async fn cleanup(d: &InferenceDeployment, ctx: &Context) -> Result<Action, Error
         }
         let name = pod.name_any();
         let serving = pod.labels().get(LABEL_SERVING).map(String::as_str) != Some("false");
+        let now = jiff::Timestamp::now();
         if serving && is_ready(pod) {
-            let patch = serde_json::json!({"metadata": {
-                "labels": {LABEL_SERVING: "false"},
-                "annotations": {ANNOTATION_DRAINING_SINCE: jiff::Timestamp::now().to_string()},
-            }});
+            let patch = drain_patch(now);
             pods_api
                 .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
                 .await?;
             remaining += 1;
             continue;
         }
-        let load = match pod.status.as_ref().and_then(|s| s.pod_ip.as_ref()) {
-            Some(ip) if is_ready(pod) => ctx
-                .scraper
-                .load(&format!("http://{ip}:{}", d.spec.worker.port))
-                .await
-                .ok(),
+        let load = match worker_url(pod, d.spec.worker.port) {
+            Some(url) if is_ready(pod) => ctx.scraper.load(&url).await.ok(),
             _ => None,
         };
-        let timed_out = pod
-            .annotations()
-            .get(ANNOTATION_DRAINING_SINCE)
-            .and_then(|s| s.parse::<jiff::Timestamp>().ok())
-            .is_some_and(|t| {
-                Duration::try_from(jiff::Timestamp::now().duration_since(t)).unwrap_or_default()
-                    > ctx.config.drain_timeout
-            });
+        let timed_out = drained_for(pod, now).is_some_and(|t| t > ctx.config.drain_timeout);
         if !is_ready(pod) || timed_out || load.is_some_and(|l| l.in_flight() == 0.0) {
             match pods_api.delete(&name, &DeleteParams::default()).await {
                 Err(kube::Error::Api(e)) if e.code == 404 => {}
@@ -709,6 +678,16 @@ async fn publish(
     }
 }
 
+fn replica_placement(pod: String, p: &PodPlacement, state: ReplicaState) -> ReplicaPlacement {
+    ReplicaPlacement {
+        pod,
+        node: p.node.clone(),
+        gpus: p.uuids.clone(),
+        vram_reserved_bytes: p.bytes_per_gpu,
+        state,
+    }
+}
+
 /// Time from pod creation to its Ready condition.
 fn ready_took(pod: &Pod) -> Option<Duration> {
     let created = pod.metadata.creation_timestamp.as_ref()?.0;
@@ -722,7 +701,7 @@ fn ready_took(pod: &Pod) -> Option<Duration> {
         .last_transition_time
         .as_ref()?
         .0;
-    Duration::try_from(ready.duration_since(created)).ok()
+    Some(elapsed(created, ready))
 }
 
 /// The inventory placement sees, and the CPU-only nodes. Nodes that are not Ready or
@@ -797,15 +776,15 @@ fn cpu_placement(
     if !d.spec.resources.allow_cpu {
         return None;
     }
-    let count = |n: &str| {
-        pods.iter()
-            .filter_map(placement_of)
-            .filter(|p| p.node == n)
-            .count()
-    };
+    let mut count: HashMap<&str, usize> = HashMap::new();
+    let placed: Vec<PodPlacement> = pods.iter().filter_map(placement_of).collect();
+    for p in &placed {
+        *count.entry(p.node.as_str()).or_default() += 1;
+    }
+    let load = |n: &str| count.get(n).copied().unwrap_or(0);
     let node = cpu_nodes
         .iter()
-        .min_by(|a, b| count(a).cmp(&count(b)).then(a.cmp(b)))?;
+        .min_by(|a, b| load(a).cmp(&load(b)).then(a.cmp(b)))?;
     Some(PodPlacement {
         node: node.clone(),
         gpus: Vec::new(),

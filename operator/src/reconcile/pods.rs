@@ -287,6 +287,35 @@ pub fn index_of(pod: &Pod) -> Option<u32> {
     pod.labels().get(LABEL_REPLICA)?.parse().ok()
 }
 
+/// The merge patch that starts a drain: out of the Service, with the time it began.
+pub fn drain_patch(now: jiff::Timestamp) -> serde_json::Value {
+    serde_json::json!({"metadata": {
+        "labels": {LABEL_SERVING: "false"},
+        "annotations": {ANNOTATION_DRAINING_SINCE: now.to_string()},
+    }})
+}
+
+/// How long the pod has been draining, when it records the start.
+pub fn drained_for(pod: &Pod, now: jiff::Timestamp) -> Option<std::time::Duration> {
+    let since: jiff::Timestamp = pod
+        .annotations()
+        .get(ANNOTATION_DRAINING_SINCE)?
+        .parse()
+        .ok()?;
+    Some(elapsed(since, now))
+}
+
+/// Time from `from` to `to` (zero when `to` is earlier).
+pub fn elapsed(from: jiff::Timestamp, to: jiff::Timestamp) -> std::time::Duration {
+    std::time::Duration::try_from(to.duration_since(from)).unwrap_or_default()
+}
+
+/// The base URL of the pod's worker, once it has an IP.
+pub fn worker_url(pod: &Pod, port: u16) -> Option<String> {
+    let ip = pod.status.as_ref()?.pod_ip.as_ref()?;
+    Some(format!("http://{ip}:{port}"))
+}
+
 /// Whether the pod's Ready condition is true.
 pub fn is_ready(pod: &Pod) -> bool {
     pod.status

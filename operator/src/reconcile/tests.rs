@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use futures::future::BoxFuture;
 use http::{Method, Request, Response};
 use http_body_util::BodyExt;
 use kube::client::Body;
@@ -17,12 +18,7 @@ use crate::scrape::{ScrapeError, WorkerLoad};
 struct Loads(HashMap<String, f64>);
 
 impl Scrape for Loads {
-    fn load<'a>(
-        &'a self,
-        base: &'a str,
-    ) -> std::pin::Pin<
-        Box<dyn std::future::Future<Output = Result<WorkerLoad, ScrapeError>> + Send + 'a>,
-    > {
+    fn load<'a>(&'a self, base: &'a str) -> BoxFuture<'a, Result<WorkerLoad, ScrapeError>> {
         let r = self
             .0
             .get(base)

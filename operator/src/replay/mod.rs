@@ -234,34 +234,28 @@ pub fn replay(trace: &Trace, setup: &Setup, rule: &mut dyn ScalingRule) -> Outco
         if !busy {
             break;
         }
-        match (arrival, event) {
-            (Some(a), Some(e)) if a < e => {
-                run.now = a;
-                run.arrive(next_arrival);
-                next_arrival += 1;
+        // Events at the same instant go first: a sample at t counts the arrivals before t.
+        if let Some(a) = arrival.filter(|&a| event.is_none_or(|e| a < e)) {
+            run.now = a;
+            run.arrive(next_arrival);
+            next_arrival += 1;
+            continue;
+        }
+        let Some(Reverse((At(t), _, ev))) = run.events.pop() else {
+            break;
+        };
+        run.now = t;
+        match ev {
+            Event::Ready(id) => run.ready(id),
+            Event::Finish(id) => run.finish(id),
+            Event::Tick => {
+                run.tick(rule);
+                run.schedule(run.now + rule.interval(), Event::Tick);
             }
-            (Some(a), None) => {
-                run.now = a;
-                run.arrive(next_arrival);
-                next_arrival += 1;
+            Event::Sample => {
+                run.sample();
+                run.schedule(run.now + setup.sample_every, Event::Sample);
             }
-            (_, Some(_)) => {
-                let Reverse((At(t), _, ev)) = run.events.pop().expect("peeked");
-                run.now = t;
-                match ev {
-                    Event::Ready(id) => run.ready(id),
-                    Event::Finish(id) => run.finish(id),
-                    Event::Tick => {
-                        run.tick(rule);
-                        run.schedule(run.now + rule.interval(), Event::Tick);
-                    }
-                    Event::Sample => {
-                        run.sample();
-                        run.schedule(run.now + setup.sample_every, Event::Sample);
-                    }
-                }
-            }
-            (None, None) => break,
         }
     }
     for r in &run.replicas {
