@@ -5,9 +5,11 @@
 pub mod autoscale;
 pub mod estimate;
 pub mod inventory;
+pub mod leader;
 pub mod metrics;
 pub mod node_agent;
 pub mod placement;
 pub mod reconcile;
 pub mod replay;
 pub mod scrape;
+pub mod sim;

@@ -6,10 +6,17 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use gpuscale_operator::leader::{Elector, LeaseConfig};
 use gpuscale_operator::metrics::Metrics;
 use gpuscale_operator::node_agent;
 use gpuscale_operator::reconcile::{self, Config};
 use gpuscale_operator::scrape::HttpScraper;
+use gpuscale_operator::sim::{
+    self,
+    cluster::{ClusterConfig, SimCluster},
+    kubelet::KubeletConfig,
+    nodes::{default_fleet, parse_fleet},
+};
 use std::sync::Arc;
 
 #[derive(Parser)]
@@ -33,9 +40,18 @@ enum Command {
         /// Worker image for deployments that keep the built-in default.
         #[arg(long)]
         worker_image: Option<String>,
-        /// Watch only this namespace (default: all).
+        /// Watch only this namespace; repeat for several (default: all).
         #[arg(long)]
-        namespace: Option<String>,
+        namespace: Vec<String>,
+        /// Elect a leader on a Lease so that several operator replicas are safe.
+        #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+        leader_election: bool,
+        /// Namespace of the leader Lease (the operator's own).
+        #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+        lease_namespace: String,
+        /// This replica's identity in the Lease (default: POD_NAME, else host and pid).
+        #[arg(long, env = "POD_NAME")]
+        identity: Option<String>,
         /// Seconds between passes over each deployment (and worker scrapes).
         #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=300))]
         scrape_interval_seconds: u64,
@@ -60,6 +76,22 @@ enum Command {
     },
     /// Start the simulated cluster demo: placement and scaling of real workers under load.
     Demo,
+    /// Run only the simulated cluster (API server and simulated nodes) until Ctrl-C.
+    Sim {
+        /// Address of the simulated API server.
+        #[arg(long, default_value = "127.0.0.1:0")]
+        addr: SocketAddr,
+        /// Where to write the kubeconfig.
+        #[arg(long, default_value = "target/gpuscale-sim/kubeconfig")]
+        kubeconfig: std::path::PathBuf,
+        /// Simulated nodes, as `name=COUNTxPRODUCT:GIB[:nvlink]`, comma separated
+        /// (default: two 2×L4 nodes and one 4×A100 NVLink node).
+        #[arg(long)]
+        nodes: Option<String>,
+        /// Local directory that stands for the nodes' /models.
+        #[arg(long, env = "GPUSCALE_MODEL_DIR", default_value = "models")]
+        models: std::path::PathBuf,
+    },
 }
 
 fn init_tracing() {
@@ -90,10 +122,17 @@ async fn node_agent_main(
     Ok(())
 }
 
+/// How `run` elects its leader; `None` runs unelected (a single replica).
+struct Election {
+    namespace: String,
+    identity: String,
+}
+
 async fn operator_main(
     addr: SocketAddr,
     config: Config,
-    namespace: Option<String>,
+    namespaces: Vec<String>,
+    election: Option<Election>,
 ) -> anyhow::Result<()> {
     let client = kube::Client::try_default()
         .await
@@ -123,10 +162,35 @@ async fn operator_main(
         );
     tokio::spawn(async move { axum::serve(listener, app).await });
     let scraper = Arc::new(HttpScraper::new(Duration::from_secs(1)));
-    let ctx = reconcile::Context::new(client, config, scraper, metrics);
-    tracing::info!(%addr, namespace = namespace.as_deref().unwrap_or("(all)"), "operator started");
-    reconcile::run(ctx, namespace).await;
+    let ctx = reconcile::Context::new(client.clone(), config, scraper, metrics.clone());
+    let watched = if namespaces.is_empty() {
+        "(all)".to_string()
+    } else {
+        namespaces.join(",")
+    };
+    tracing::info!(%addr, namespaces = %watched, "operator started");
+    match election {
+        None => {
+            metrics.set_leader(true);
+            reconcile::run(ctx, namespaces).await;
+        }
+        Some(e) => {
+            let config = LeaseConfig::new(&e.namespace, "gpuscale-operator", &e.identity);
+            Elector::new(client, config)
+                .lead(&metrics, reconcile::run(ctx, namespaces))
+                .await
+                .context("leadership ended; stopping so that only one leader acts")?;
+        }
+    }
     Ok(())
+}
+
+/// Host name and pid: unique among replicas that share neither.
+fn default_identity() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "gpuscale-operator".into());
+    format!("{host}-{}", std::process::id())
 }
 
 fn not_built(what: &str, issue: &str) -> ExitCode {
@@ -141,10 +205,17 @@ fn main() -> anyhow::Result<ExitCode> {
             metrics_addr,
             worker_image,
             namespace,
+            leader_election,
+            lease_namespace,
+            identity,
             scrape_interval_seconds,
             drain_timeout_seconds,
         } => {
             init_tracing();
+            let election = leader_election.then(|| Election {
+                namespace: lease_namespace,
+                identity: identity.unwrap_or_else(default_identity),
+            });
             let config = Config {
                 worker_image,
                 scrape_interval: Duration::from_secs(scrape_interval_seconds),
@@ -154,7 +225,41 @@ fn main() -> anyhow::Result<ExitCode> {
                 metrics_addr,
                 config,
                 namespace,
+                election,
             ))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Sim {
+            addr,
+            kubeconfig,
+            nodes,
+            models,
+        } => {
+            init_tracing();
+            tokio::runtime::Runtime::new()?.block_on(async move {
+                let cluster = SimCluster::start(ClusterConfig {
+                    addr,
+                    kubeconfig,
+                    nodes: match nodes {
+                        Some(f) => parse_fleet(&f)?,
+                        None => default_fleet(),
+                    },
+                    kubelet: KubeletConfig {
+                        worker_bin: sim::worker_binary()?,
+                        host_paths: vec![("/models".into(), models)],
+                        threads: 1,
+                        log_dir: "target/gpuscale-sim/logs".into(),
+                    },
+                })
+                .await?;
+                println!(
+                    "simulated cluster at {}; kubeconfig {}",
+                    cluster.url(),
+                    cluster.kubeconfig().display()
+                );
+                tokio::signal::ctrl_c().await?;
+                anyhow::Ok(())
+            })?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo => Ok(not_built(

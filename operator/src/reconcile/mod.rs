@@ -162,8 +162,21 @@ pub fn error_policy(d: Arc<InferenceDeployment>, err: &Error, ctx: Arc<Context>)
     Action::requeue(wait)
 }
 
-/// Runs the controller until SIGTERM. `namespace` limits it to one namespace.
-pub async fn run(ctx: Arc<Context>, namespace: Option<String>) {
+/// Runs the controller until SIGTERM, over `namespaces` (empty: all of them).
+pub async fn run(ctx: Arc<Context>, namespaces: Vec<String>) {
+    if namespaces.is_empty() {
+        return run_one(ctx, None).await;
+    }
+    // One controller per namespace: a namespaced operator needs no cluster-wide list.
+    futures::future::join_all(
+        namespaces
+            .into_iter()
+            .map(|ns| run_one(ctx.clone(), Some(ns))),
+    )
+    .await;
+}
+
+async fn run_one(ctx: Arc<Context>, namespace: Option<String>) {
     let client = ctx.client.clone();
     let (deployments, pods): (Api<InferenceDeployment>, Api<Pod>) = match &namespace {
         Some(ns) => (
@@ -452,7 +465,7 @@ async fn apply(d: &InferenceDeployment, ctx: &Context) -> Result<Action, Error> 
                         bytes_per_gpu: p.bytes_per_gpu,
                         exclusive: p.exclusive,
                     },
-                    Err(r) => match cpu_placement(d, &cpu_nodes, &all_pods.items, need) {
+                    Err(r) => match cpu_placement(d, &cpu_nodes, &all_pods.items, &created, need) {
                         Some(p) => p,
                         None => {
                             refusal = Some(r);
@@ -771,13 +784,19 @@ fn cpu_placement(
     d: &InferenceDeployment,
     cpu_nodes: &HashSet<String>,
     pods: &[Pod],
+    created: &[(u32, PodPlacement)],
     need: u64,
 ) -> Option<PodPlacement> {
     if !d.spec.resources.allow_cpu {
         return None;
     }
     let mut count: HashMap<&str, usize> = HashMap::new();
-    let placed: Vec<PodPlacement> = pods.iter().filter_map(placement_of).collect();
+    // Replicas created earlier in this pass count too, so one pass spreads them.
+    let placed: Vec<PodPlacement> = pods
+        .iter()
+        .filter_map(placement_of)
+        .chain(created.iter().map(|(_, p)| p.clone()))
+        .collect();
     for p in &placed {
         *count.entry(p.node.as_str()).or_default() += 1;
     }

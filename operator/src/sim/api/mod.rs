@@ -1,0 +1,93 @@
+//! The simulated API server: the subset of the Kubernetes API that the operator, the
+//! simulated kubelet and kubectl use, served over plain HTTP on loopback.
+
+mod openapi;
+mod resources;
+mod selector;
+mod server;
+mod store;
+mod table;
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use anyhow::Context;
+use serde_json::Value;
+
+pub use server::Shared;
+pub use store::{ApiError, DeleteOptions, Part};
+
+/// A running simulated API server.
+pub struct ApiServer {
+    addr: SocketAddr,
+    shared: Shared,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl ApiServer {
+    /// Serves on `addr` (port 0 picks a free one).
+    pub async fn start(addr: SocketAddr) -> anyhow::Result<Self> {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding the simulated API server on {addr}"))?;
+        let addr = listener.local_addr()?;
+        let shared = Shared::default();
+        let app = server::router(shared.clone());
+        let task = tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, app).await {
+                tracing::error!(error = %e, "simulated API server stopped");
+            }
+        });
+        Ok(Self { addr, shared, task })
+    }
+
+    /// `http://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Creates an object directly (as a controller of the simulator, not through HTTP).
+    pub fn create(&self, obj: Value) -> Result<Value, ApiError> {
+        let mut store = self.shared.store.lock().expect("store lock");
+        let (group, _) = split_api_version(obj["apiVersion"].as_str().unwrap_or("v1"));
+        let kind = obj["kind"].as_str().unwrap_or_default();
+        let r = store
+            .resources()
+            .iter()
+            .find(|r| r.group == group && r.kind == kind)
+            .cloned()
+            .ok_or_else(|| {
+                ApiError::bad_request(format!("no resource of kind {kind} in {group:?}"))
+            })?;
+        let ns = obj["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or(if r.namespaced { "default" } else { "" })
+            .to_string();
+        store.create(&r, &ns, obj, false)
+    }
+
+    /// Writes a kubeconfig that points at this server.
+    pub fn write_kubeconfig(&self, path: &Path) -> anyhow::Result<()> {
+        let text = format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: gpuscale-sim\n  cluster:\n    server: {}\n\
+             contexts:\n- name: gpuscale-sim\n  context:\n    cluster: gpuscale-sim\n    user: gpuscale-sim\n    namespace: default\n\
+             current-context: gpuscale-sim\nusers:\n- name: gpuscale-sim\n  user: {{}}\n",
+            self.url()
+        );
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
+    }
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// ("group", "version") of an apiVersion; the core group is "".
+pub fn split_api_version(v: &str) -> (&str, &str) {
+    v.rsplit_once('/').unwrap_or(("", v))
+}

@@ -1,0 +1,691 @@
+//! The simulator's object store: every object as JSON, one cluster-wide resourceVersion,
+//! a history of changes for watches to resume from, and the API server's own rules
+//! (conflicts, generation, status and scale subresources, finalizers, graceful pod
+//! deletion, owner-reference garbage collection, CRD registration).
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+
+use serde_json::{json, Value};
+use tokio::sync::broadcast;
+
+use super::resources::{builtins, Resource};
+use super::selector::{FieldSelector, LabelSelector};
+
+/// Changes kept for watches that resume from a resourceVersion; older ones get 410.
+const HISTORY: usize = 50_000;
+
+/// A failure, as a Kubernetes `Status`.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{reason}: {message}")]
+pub struct ApiError {
+    pub code: u16,
+    pub reason: &'static str,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(code: u16, reason: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            reason,
+            message: message.into(),
+        }
+    }
+
+    fn not_found(r: &Resource, name: &str) -> Self {
+        Self::new(
+            404,
+            "NotFound",
+            format!("{} \"{name}\" not found", plural_group(r)),
+        )
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(400, "BadRequest", message)
+    }
+
+    fn invalid(message: impl Into<String>) -> Self {
+        Self::new(422, "Invalid", message)
+    }
+
+    /// The `Status` object.
+    pub fn status(&self) -> Value {
+        json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+               "message": self.message, "reason": self.reason, "code": self.code})
+    }
+}
+
+/// What a change was.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Change {
+    Added,
+    Modified,
+    Deleted,
+}
+
+impl Change {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Change::Added => "ADDED",
+            Change::Modified => "MODIFIED",
+            Change::Deleted => "DELETED",
+        }
+    }
+}
+
+/// One change, as watches see it.
+#[derive(Debug)]
+pub struct Event {
+    pub rv: u64,
+    pub change: Change,
+    /// (group, plural) of the object.
+    pub resource: (String, String),
+    pub object: Value,
+    /// The object before the change, so a watch with a selector can tell an object that
+    /// stopped matching (sent as DELETED) from one that never did.
+    pub old: Option<Value>,
+}
+
+/// Which part of an object a write addresses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Part {
+    Main,
+    Status,
+}
+
+/// Options of a delete.
+#[derive(Debug, Default)]
+pub struct DeleteOptions {
+    pub grace_seconds: Option<i64>,
+    pub orphan: bool,
+    pub dry_run: bool,
+}
+
+type Key = (String, String);
+
+/// A receiver of the changes to come.
+pub type Subscription = broadcast::Receiver<Arc<Event>>;
+
+/// The store.
+pub struct Store {
+    rv: u64,
+    uid: u64,
+    resources: Vec<Resource>,
+    objects: BTreeMap<Key, BTreeMap<Key, Value>>,
+    history: VecDeque<Arc<Event>>,
+    tx: broadcast::Sender<Arc<Event>>,
+}
+
+fn now() -> String {
+    jiff::Timestamp::now()
+        .round(jiff::Unit::Second)
+        .unwrap_or_else(|_| jiff::Timestamp::now())
+        .to_string()
+}
+
+fn meta_str<'a>(obj: &'a Value, key: &str) -> Option<&'a str> {
+    obj["metadata"][key].as_str()
+}
+
+/// Everything but metadata and status: a change here bumps `generation`.
+fn spec_part(obj: &Value) -> Value {
+    let mut o = obj.clone();
+    if let Some(m) = o.as_object_mut() {
+        m.remove("metadata");
+        m.remove("status");
+    }
+    o
+}
+
+/// Sets a dotted path (`.spec.replicas`), making maps on the way.
+pub fn set_path(obj: &mut Value, path: &str, v: Value) {
+    let keys: Vec<&str> = path.trim_start_matches('.').split('.').collect();
+    let mut cur = obj;
+    for k in &keys[..keys.len() - 1] {
+        if !cur[*k].is_object() {
+            cur[*k] = json!({});
+        }
+        cur = &mut cur[*k];
+    }
+    cur[keys[keys.len() - 1]] = v;
+}
+
+impl Default for Store {
+    fn default() -> Self {
+        let (tx, _) = broadcast::channel(8192);
+        let mut s = Self {
+            rv: 1,
+            uid: 0,
+            resources: builtins(),
+            objects: BTreeMap::new(),
+            history: VecDeque::new(),
+            tx,
+        };
+        let ns = s
+            .resource("", "namespaces")
+            .expect("namespaces are built in");
+        for name in ["default", "kube-system"] {
+            let obj = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name},
+                             "status": {"phase": "Active"}});
+            s.create(&ns, "", obj, false)
+                .expect("a fresh store takes namespaces");
+        }
+        s
+    }
+}
+
+impl Store {
+    /// The current resourceVersion.
+    pub fn resource_version(&self) -> u64 {
+        self.rv
+    }
+
+    /// Every served resource.
+    pub fn resources(&self) -> &[Resource] {
+        &self.resources
+    }
+
+    /// The resource `plural` of `group`.
+    pub fn resource(&self, group: &str, plural: &str) -> Option<Resource> {
+        self.resources
+            .iter()
+            .find(|r| r.group == group && r.plural == plural)
+            .cloned()
+    }
+
+    fn bucket(&self, r: &Resource) -> Option<&BTreeMap<Key, Value>> {
+        self.objects.get(&(r.group.clone(), r.plural.clone()))
+    }
+
+    /// One object.
+    pub fn get(&self, r: &Resource, ns: &str, name: &str) -> Result<Value, ApiError> {
+        self.bucket(r)
+            .and_then(|b| b.get(&(ns.to_string(), name.to_string())))
+            .cloned()
+            .ok_or_else(|| ApiError::not_found(r, name))
+    }
+
+    /// Objects in `ns` (all namespaces when None) that match the selectors. Core
+    /// `v1` events include the `events.k8s.io` ones, converted, as they share storage
+    /// in Kubernetes.
+    pub fn list(
+        &self,
+        r: &Resource,
+        ns: Option<&str>,
+        labels: &LabelSelector,
+        fields: &FieldSelector,
+    ) -> Vec<Value> {
+        let mut out = self.list_own(r, ns, labels, fields);
+        if r.group.is_empty() && r.plural == "events" {
+            if let Some(new) = self.resource("events.k8s.io", "events") {
+                out.extend(
+                    self.list_own(&new, ns, labels, fields)
+                        .iter()
+                        .map(core_event),
+                );
+            }
+        }
+        out
+    }
+
+    fn list_own(
+        &self,
+        r: &Resource,
+        ns: Option<&str>,
+        labels: &LabelSelector,
+        fields: &FieldSelector,
+    ) -> Vec<Value> {
+        self.bucket(r)
+            .map(|b| {
+                b.iter()
+                    .filter(|((n, _), o)| {
+                        ns.is_none_or(|ns| ns == n) && labels.matches(o) && fields.matches(o)
+                    })
+                    .map(|(_, o)| o.clone())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Changes after `rv` (410 when they are no longer kept), and a receiver for the
+    /// ones to come, taken together so that none falls between.
+    pub fn changes_since(&self, rv: u64) -> Result<(Vec<Arc<Event>>, Subscription), ApiError> {
+        if let Some(first) = self.history.front() {
+            if rv + 1 < first.rv {
+                return Err(ApiError::new(
+                    410,
+                    "Expired",
+                    format!("too old resource version: {rv} ({})", first.rv - 1),
+                ));
+            }
+        }
+        let past = self.history.iter().filter(|e| e.rv > rv).cloned().collect();
+        Ok((past, self.tx.subscribe()))
+    }
+
+    fn record(&mut self, change: Change, r: &Resource, object: Value, old: Option<Value>) {
+        let e = Arc::new(Event {
+            rv: self.rv,
+            change,
+            resource: (r.group.clone(), r.plural.clone()),
+            object,
+            old,
+        });
+        if self.history.len() == HISTORY {
+            self.history.pop_front();
+        }
+        self.history.push_back(e.clone());
+        // No receivers is fine: nobody watches yet.
+        let _ = self.tx.send(e);
+    }
+
+    fn next_rv(&mut self) -> String {
+        self.rv += 1;
+        self.rv.to_string()
+    }
+
+    fn check_kind(r: &Resource, obj: &Value) -> Result<(), ApiError> {
+        let kind = obj["kind"].as_str().unwrap_or(&r.kind);
+        let api_version = obj["apiVersion"].as_str().map(String::from);
+        if kind != r.kind || api_version.is_some_and(|v| v != r.api_version()) {
+            return Err(ApiError::bad_request(format!(
+                "the body is a {kind} of {}, not a {} of {}",
+                obj["apiVersion"].as_str().unwrap_or("?"),
+                r.kind,
+                r.api_version()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Creates `obj` in `ns`.
+    pub fn create(
+        &mut self,
+        r: &Resource,
+        ns: &str,
+        mut obj: Value,
+        dry_run: bool,
+    ) -> Result<Value, ApiError> {
+        if !obj.is_object() || !obj["metadata"].is_object() && !obj["metadata"].is_null() {
+            return Err(ApiError::bad_request("the body must be a JSON object"));
+        }
+        Self::check_kind(r, &obj)?;
+        if r.namespaced {
+            if let Some(body_ns) = meta_str(&obj, "namespace") {
+                if body_ns != ns {
+                    return Err(ApiError::bad_request(format!(
+                        "the namespace of the object ({body_ns}) does not match the namespace on the request ({ns})"
+                    )));
+                }
+            }
+            let nsr = self.resource("", "namespaces").expect("built in");
+            self.get(&nsr, "", ns).map_err(|_| {
+                ApiError::new(404, "NotFound", format!("namespaces \"{ns}\" not found"))
+            })?;
+        }
+        self.uid += 1;
+        let name = match (meta_str(&obj, "name"), meta_str(&obj, "generateName")) {
+            (Some(n), _) if !n.is_empty() => n.to_string(),
+            (_, Some(prefix)) => format!("{prefix}{:05x}", self.uid * 7919 % 0xfffff),
+            _ => {
+                return Err(ApiError::invalid(
+                    "metadata.name: Required value: name or generateName is required",
+                ))
+            }
+        };
+        if !valid_name(&name) {
+            return Err(ApiError::invalid(format!(
+                "metadata.name: Invalid value: \"{name}\": a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.'"
+            )));
+        }
+        let key = (ns.to_string(), name.clone());
+        if self.bucket(r).is_some_and(|b| b.contains_key(&key)) {
+            return Err(ApiError::new(
+                409,
+                "AlreadyExists",
+                format!("{} \"{name}\" already exists", plural_group(r)),
+            ));
+        }
+        obj["apiVersion"] = json!(r.api_version());
+        obj["kind"] = json!(r.kind);
+        let m = &mut obj["metadata"];
+        m["name"] = json!(name);
+        if r.namespaced {
+            m["namespace"] = json!(ns);
+        } else if let Some(o) = m.as_object_mut() {
+            o.remove("namespace");
+        }
+        m["uid"] = json!(format!("00000000-0000-4000-8000-{:012x}", self.uid));
+        m["creationTimestamp"] = json!(now());
+        m["generation"] = json!(1);
+        if let Some(o) = m.as_object_mut() {
+            o.remove("deletionTimestamp");
+            o.remove("managedFields");
+        }
+        self.defaults(r, &mut obj);
+        if dry_run {
+            return Ok(obj);
+        }
+        obj["metadata"]["resourceVersion"] = json!(self.next_rv());
+        if r.group == "apiextensions.k8s.io" {
+            self.register_crd(&mut obj)?;
+        }
+        self.objects
+            .entry((r.group.clone(), r.plural.clone()))
+            .or_default()
+            .insert(key, obj.clone());
+        self.record(Change::Added, r, obj.clone(), None);
+        Ok(obj)
+    }
+
+    /// What the API server fills in: pod phase, a service's cluster IP, a fresh status
+    /// where the status subresource owns it.
+    fn defaults(&self, r: &Resource, obj: &mut Value) {
+        match (r.group.as_str(), r.plural.as_str()) {
+            ("", "pods") => {
+                obj["status"] = json!({"phase": "Pending"});
+                if obj["spec"]["terminationGracePeriodSeconds"].is_null() {
+                    obj["spec"]["terminationGracePeriodSeconds"] = json!(30);
+                }
+            }
+            ("", "services") => {
+                if obj["spec"]["type"].is_null() {
+                    obj["spec"]["type"] = json!("ClusterIP");
+                }
+                if obj["spec"]["clusterIP"].is_null() {
+                    let n = self.uid;
+                    obj["spec"]["clusterIP"] = json!(format!("10.96.{}.{}", n / 250, n % 250 + 1));
+                }
+            }
+            _ if r.status && !r.group.is_empty() && r.group != "apiextensions.k8s.io" => {
+                // A CRD with a status subresource ignores status on create.
+                if let Some(o) = obj.as_object_mut() {
+                    o.remove("status");
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn register_crd(&mut self, crd: &mut Value) -> Result<(), ApiError> {
+        let new = Resource::from_crd(crd);
+        if new.is_empty() {
+            return Err(ApiError::invalid(
+                "spec.versions: Required value: a CRD needs at least one served version",
+            ));
+        }
+        for r in new {
+            self.resources
+                .retain(|o| !(o.group == r.group && o.plural == r.plural));
+            self.resources.push(r);
+        }
+        crd["status"] = json!({
+            "acceptedNames": crd["spec"]["names"],
+            "storedVersions": crd["spec"]["versions"].as_array().map(|v| v.iter().map(|v| v["name"].clone()).collect::<Vec<_>>()),
+            "conditions": [
+                {"type": "NamesAccepted", "status": "True", "reason": "NoConflicts", "lastTransitionTime": now()},
+                {"type": "Established", "status": "True", "reason": "InitialNamesAccepted", "lastTransitionTime": now()},
+            ],
+        });
+        Ok(())
+    }
+
+    /// Replaces the object (or its status) with `obj`. A non-empty
+    /// `metadata.resourceVersion` must be the current one, else 409.
+    pub fn update(
+        &mut self,
+        r: &Resource,
+        ns: &str,
+        name: &str,
+        obj: Value,
+        part: Part,
+        dry_run: bool,
+    ) -> Result<Value, ApiError> {
+        let old = self.get(r, ns, name)?;
+        if let Some(rv) = meta_str(&obj, "resourceVersion").filter(|v| !v.is_empty()) {
+            if Some(rv) != meta_str(&old, "resourceVersion") {
+                return Err(ApiError::new(
+                    409,
+                    "Conflict",
+                    format!(
+                        "Operation cannot be fulfilled on {} \"{name}\": the object has been modified; please apply your changes to the latest version and try again",
+                        plural_group(r)
+                    ),
+                ));
+            }
+        }
+        if meta_str(&obj, "name").is_some_and(|n| n != name) {
+            return Err(ApiError::bad_request(format!(
+                "the name of the object ({}) does not match the name on the URL ({name})",
+                meta_str(&obj, "name").unwrap_or_default()
+            )));
+        }
+        Self::check_kind(r, &obj)?;
+        let mut new = match part {
+            Part::Status => {
+                let mut n = old.clone();
+                n["status"] = obj.get("status").cloned().unwrap_or(Value::Null);
+                n
+            }
+            Part::Main => {
+                let mut n = obj;
+                if r.status {
+                    match old.get("status") {
+                        Some(s) => n["status"] = s.clone(),
+                        None => {
+                            if let Some(o) = n.as_object_mut() {
+                                o.remove("status");
+                            }
+                        }
+                    }
+                }
+                // Fields only the server sets.
+                for k in [
+                    "uid",
+                    "creationTimestamp",
+                    "deletionTimestamp",
+                    "deletionGracePeriodSeconds",
+                    "namespace",
+                ] {
+                    match old["metadata"].get(k) {
+                        Some(v) => n["metadata"][k] = v.clone(),
+                        None => {
+                            if let Some(m) = n["metadata"].as_object_mut() {
+                                m.remove(k);
+                            }
+                        }
+                    }
+                }
+                n
+            }
+        };
+        new["apiVersion"] = json!(r.api_version());
+        new["kind"] = json!(r.kind);
+        new["metadata"]["name"] = json!(name);
+        let generation = old["metadata"]["generation"].as_i64().unwrap_or(1);
+        let bumped = part == Part::Main && spec_part(&new) != spec_part(&old);
+        new["metadata"]["generation"] = json!(generation + i64::from(bumped));
+        if dry_run {
+            return Ok(new);
+        }
+        if r.group == "apiextensions.k8s.io" && part == Part::Main {
+            self.register_crd(&mut new)?;
+        }
+        // No change, no new resourceVersion and no event, as the API server does.
+        new["metadata"]["resourceVersion"] = old["metadata"]["resourceVersion"].clone();
+        if new == old {
+            return Ok(new);
+        }
+        new["metadata"]["resourceVersion"] = json!(self.next_rv());
+        let finalized = new["metadata"].get("deletionTimestamp").is_some()
+            && new["metadata"]["finalizers"]
+                .as_array()
+                .is_none_or(Vec::is_empty)
+            && !awaits_kubelet(r, &new);
+        self.store(r, ns, name, new.clone());
+        self.record(Change::Modified, r, new.clone(), Some(old));
+        if finalized {
+            self.remove(r, ns, name, false);
+        }
+        Ok(new)
+    }
+
+    fn store(&mut self, r: &Resource, ns: &str, name: &str, obj: Value) {
+        self.objects
+            .entry((r.group.clone(), r.plural.clone()))
+            .or_default()
+            .insert((ns.to_string(), name.to_string()), obj);
+    }
+
+    /// Deletes an object: at once, or (finalizers, or a pod its kubelet must stop first)
+    /// by marking it with a deletionTimestamp.
+    pub fn delete(
+        &mut self,
+        r: &Resource,
+        ns: &str,
+        name: &str,
+        opts: &DeleteOptions,
+    ) -> Result<Value, ApiError> {
+        let old = self.get(r, ns, name)?;
+        let has_finalizers = old["metadata"]["finalizers"]
+            .as_array()
+            .is_some_and(|f| !f.is_empty());
+        let graceful = r.group.is_empty()
+            && r.plural == "pods"
+            && old["spec"]["nodeName"].as_str().is_some_and(|n| {
+                let nodes = self.resource("", "nodes").expect("built in");
+                self.get(&nodes, "", n).is_ok()
+            })
+            && opts.grace_seconds.unwrap_or_else(|| {
+                old["spec"]["terminationGracePeriodSeconds"]
+                    .as_i64()
+                    .unwrap_or(30)
+            }) > 0;
+        if opts.dry_run {
+            return Ok(old);
+        }
+        if has_finalizers || graceful {
+            if old["metadata"].get("deletionTimestamp").is_some() {
+                if !graceful && !has_finalizers {
+                    self.remove(r, ns, name, opts.orphan);
+                }
+                return Ok(old);
+            }
+            let mut new = old.clone();
+            new["metadata"]["deletionTimestamp"] = json!(now());
+            if graceful {
+                let grace = opts.grace_seconds.unwrap_or_else(|| {
+                    old["spec"]["terminationGracePeriodSeconds"]
+                        .as_i64()
+                        .unwrap_or(30)
+                });
+                new["metadata"]["deletionGracePeriodSeconds"] = json!(grace);
+            }
+            new["metadata"]["resourceVersion"] = json!(self.next_rv());
+            self.store(r, ns, name, new.clone());
+            self.record(Change::Modified, r, new.clone(), Some(old));
+            return Ok(new);
+        }
+        Ok(self.remove(r, ns, name, opts.orphan).unwrap_or(old))
+    }
+
+    /// Removes an object for good, then what it owned (background propagation), and for
+    /// a Node the pods bound to it (the pod garbage collector's job).
+    fn remove(&mut self, r: &Resource, ns: &str, name: &str, orphan: bool) -> Option<Value> {
+        let mut obj = self
+            .objects
+            .get_mut(&(r.group.clone(), r.plural.clone()))?
+            .remove(&(ns.to_string(), name.to_string()))?;
+        obj["metadata"]["resourceVersion"] = json!(self.next_rv());
+        self.record(Change::Deleted, r, obj.clone(), None);
+        if r.group == "apiextensions.k8s.io" {
+            let group = obj["spec"]["group"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            let plural = obj["spec"]["names"]["plural"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            self.resources
+                .retain(|o| !(o.group == group && o.plural == plural));
+            self.objects.remove(&(group, plural));
+        }
+        if !orphan {
+            let uid = obj["metadata"]["uid"].clone();
+            let dependents: Vec<(Resource, Key)> = self
+                .resources
+                .iter()
+                .flat_map(|res| {
+                    self.bucket(res)
+                        .into_iter()
+                        .flat_map(|b| b.iter())
+                        .filter(|(_, o)| {
+                            o["metadata"]["ownerReferences"]
+                                .as_array()
+                                .is_some_and(|refs| refs.iter().any(|x| x["uid"] == uid))
+                        })
+                        .map(|(k, _)| (res.clone(), k.clone()))
+                        .collect::<Vec<_>>()
+                })
+                .collect();
+            for (res, (dns, dname)) in dependents {
+                let _ = self.delete(&res, &dns, &dname, &DeleteOptions::default());
+            }
+        }
+        if r.group.is_empty() && r.plural == "nodes" {
+            let pods = self.resource("", "pods").expect("built in");
+            let bound: Vec<Key> = self
+                .bucket(&pods)
+                .into_iter()
+                .flat_map(|b| b.iter())
+                .filter(|(_, p)| p["spec"]["nodeName"].as_str() == Some(name))
+                .map(|(k, _)| k.clone())
+                .collect();
+            for (pns, pname) in bound {
+                self.remove(&pods, &pns, &pname, false);
+            }
+        }
+        Some(obj)
+    }
+}
+
+/// An `events.k8s.io/v1` Event as a core `v1` one.
+fn core_event(e: &Value) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Event", "metadata": e["metadata"],
+        "involvedObject": e["regarding"], "reason": e["reason"], "message": e["note"],
+        "type": e["type"], "count": e["deprecatedCount"].as_i64().unwrap_or(1),
+        "firstTimestamp": e["deprecatedFirstTimestamp"], "lastTimestamp": e["deprecatedLastTimestamp"],
+        "eventTime": e["eventTime"],
+        "source": {"component": e["reportingController"]},
+    })
+}
+
+/// A terminating pod on a live node stays until its kubelet reports it stopped.
+fn awaits_kubelet(r: &Resource, obj: &Value) -> bool {
+    r.group.is_empty()
+        && r.plural == "pods"
+        && obj["metadata"]["deletionGracePeriodSeconds"]
+            .as_i64()
+            .is_some_and(|g| g > 0)
+}
+
+fn plural_group(r: &Resource) -> String {
+    if r.group.is_empty() {
+        r.plural.clone()
+    } else {
+        format!("{}.{}", r.plural, r.group)
+    }
+}
+
+/// RFC 1123 subdomain: lowercase alphanumerics, '-' and '.', at most 253 characters.
+fn valid_name(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() <= 253
+        && n.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+        && n.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && n.ends_with(|c: char| c.is_ascii_alphanumeric())
+}

@@ -1,0 +1,121 @@
+//! A whole simulated cluster: the API server with the gpuscale CRDs registered, a
+//! kubeconfig for it, and one simulated kubelet per simulated node.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context;
+use k8s_openapi::api::core::v1::Node;
+use kube::api::DeleteParams;
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Api, Client};
+
+use super::api::ApiServer;
+use super::kubelet::{IpPool, Kubelet, KubeletConfig};
+use super::nodes::SimNode;
+
+/// How to start a simulated cluster.
+#[derive(Clone, Debug)]
+pub struct ClusterConfig {
+    /// Address of the API server (port 0: any free port).
+    pub addr: SocketAddr,
+    /// Where the kubeconfig goes.
+    pub kubeconfig: PathBuf,
+    pub nodes: Vec<SimNode>,
+    pub kubelet: KubeletConfig,
+}
+
+/// A running simulated cluster.
+pub struct SimCluster {
+    api: ApiServer,
+    client: Client,
+    kubeconfig: PathBuf,
+    kubelets: Vec<Kubelet>,
+    config: KubeletConfig,
+    ips: Arc<IpPool>,
+}
+
+/// A kube-rs client for the cluster in `kubeconfig`, made as for any cluster.
+pub async fn client_for(kubeconfig: &Path) -> anyhow::Result<Client> {
+    let kc = Kubeconfig::read_from(kubeconfig)
+        .with_context(|| format!("reading {}", kubeconfig.display()))?;
+    let config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?;
+    Ok(Client::try_from(config)?)
+}
+
+impl SimCluster {
+    /// Starts the API server, registers the CRDs, writes the kubeconfig and starts the
+    /// nodes.
+    pub async fn start(config: ClusterConfig) -> anyhow::Result<Self> {
+        let api = ApiServer::start(config.addr).await?;
+        for (file, yaml) in gpuscale_crds::crd_manifests() {
+            let crd: serde_json::Value = serde_yaml::from_str(&yaml)?;
+            api.create(crd)
+                .map_err(|e| anyhow::anyhow!("registering {file}: {e}"))?;
+        }
+        api.write_kubeconfig(&config.kubeconfig)?;
+        let client = client_for(&config.kubeconfig).await?;
+        let mut cluster = Self {
+            api,
+            client,
+            kubeconfig: config.kubeconfig,
+            kubelets: Vec::new(),
+            config: config.kubelet,
+            ips: Arc::default(),
+        };
+        for node in config.nodes {
+            cluster.add_node(node).await?;
+        }
+        Ok(cluster)
+    }
+
+    /// Adds a node and starts its kubelet.
+    pub async fn add_node(&mut self, node: SimNode) -> anyhow::Result<()> {
+        let name = node.name.clone();
+        let k = Kubelet::start(
+            self.client.clone(),
+            node,
+            self.config.clone(),
+            self.ips.clone(),
+        )
+        .await
+        .with_context(|| format!("starting the simulated kubelet of {name}"))?;
+        self.kubelets.push(k);
+        Ok(())
+    }
+
+    /// A node is lost: its kubelet and workers die at once, and the Node object is
+    /// deleted, which (as the pod garbage collector does) removes the pods bound to it.
+    pub async fn lose_node(&mut self, name: &str) -> anyhow::Result<()> {
+        let i = self
+            .kubelets
+            .iter()
+            .position(|k| k.node() == name)
+            .with_context(|| format!("no simulated node {name}"))?;
+        self.kubelets.remove(i).kill();
+        let nodes: Api<Node> = Api::all(self.client.clone());
+        nodes.delete(name, &DeleteParams::default()).await?;
+        Ok(())
+    }
+
+    /// The API server's URL.
+    pub fn url(&self) -> String {
+        self.api.url()
+    }
+
+    /// The kubeconfig's path.
+    pub fn kubeconfig(&self) -> &Path {
+        &self.kubeconfig
+    }
+
+    /// A client for the cluster.
+    pub fn client(&self) -> Client {
+        self.client.clone()
+    }
+
+    /// The kubelets, by node.
+    pub fn kubelets(&self) -> &[Kubelet] {
+        &self.kubelets
+    }
+}

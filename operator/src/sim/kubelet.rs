@@ -1,0 +1,470 @@
+//! The simulated kubelet of one simulated node: registers the Node, publishes its
+//! simulated GPUs as a GpuInventory (through the real node agent's publish), and runs
+//! each pod bound to the node as a local process of the real `inference-worker` —
+//! reporting pod IP, readiness from the worker's `/readyz`, and a crash as
+//! CrashLoopBackOff; on deletion it sends SIGTERM, waits out the grace period, and only
+//! then removes the pod.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use gpuscale_crds::{GpuDevice, GpuInventorySpec};
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::runtime::watcher;
+use kube::{Api, Client, ResourceExt};
+use serde_json::json;
+
+use super::nodes::SimNode;
+
+/// What every simulated kubelet shares.
+#[derive(Clone, Debug)]
+pub struct KubeletConfig {
+    /// The `inference-worker` binary.
+    pub worker_bin: PathBuf,
+    /// Node paths (hostPath volumes) and the local directories they stand for.
+    pub host_paths: Vec<(String, PathBuf)>,
+    /// Compute threads per worker (the simulated CPU limit).
+    pub threads: usize,
+    /// Where each pod's worker writes its log.
+    pub log_dir: PathBuf,
+}
+
+/// Hands out pod IPs 127.0.1.1, 127.0.1.2, ...: every worker gets its own loopback
+/// address, so all can listen on the same port as pods do.
+#[derive(Default)]
+pub struct IpPool(AtomicU32);
+
+impl IpPool {
+    fn next(&self) -> String {
+        let n = self.0.fetch_add(1, Ordering::Relaxed) + 1;
+        format!("127.{}.{}.{}", 1 + n / 65_025, (n / 255) % 255, n % 255 + 1)
+    }
+}
+
+fn now() -> String {
+    jiff::Timestamp::now()
+        .round(jiff::Unit::Second)
+        .map(|t| t.to_string())
+        .unwrap_or_default()
+}
+
+/// A worker process of a pod.
+#[derive(Clone, Copy, Debug)]
+struct Worker {
+    pid: u32,
+    /// Termination began: its exit is no crash.
+    stopping: bool,
+}
+
+type Running = Arc<Mutex<HashMap<String, Worker>>>;
+
+/// A running simulated kubelet.
+pub struct Kubelet {
+    node: String,
+    task: tokio::task::JoinHandle<()>,
+    running: Running,
+}
+
+impl Kubelet {
+    /// Registers `node` and starts serving the pods bound to it.
+    pub async fn start(
+        client: Client,
+        node: SimNode,
+        config: KubeletConfig,
+        ips: Arc<IpPool>,
+    ) -> anyhow::Result<Self> {
+        register(&client, &node).await?;
+        crate::node_agent::publish(&client, inventory(&node)).await?;
+        let running: Running = Arc::default();
+        let name = node.name.clone();
+        let task = tokio::spawn(serve(client, name.clone(), config, ips, running.clone()));
+        Ok(Self {
+            node: name,
+            task,
+            running,
+        })
+    }
+
+    /// The node's name.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// Pids of the workers this kubelet runs, by pod name.
+    pub fn workers(&self) -> HashMap<String, u32> {
+        let running = self.running.lock().expect("running lock");
+        running.iter().map(|(k, w)| (k.clone(), w.pid)).collect()
+    }
+
+    /// The node dies: the kubelet stops, and with it every worker (their tasks drop
+    /// the child processes, which kills them); nothing more reaches the API.
+    pub fn kill(self) {
+        self.task.abort();
+    }
+}
+
+impl Drop for Kubelet {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn signal(pid: u32, sig: &str) {
+    // `kill` rather than libc: no unsafe code for a simulator.
+    let _ = std::process::Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status();
+}
+
+async fn register(client: &Client, node: &SimNode) -> anyhow::Result<()> {
+    let api: Api<Node> = Api::all(client.clone());
+    let mut labels = json!({"kubernetes.io/hostname": node.name, "gpuscale.dev/simulated": "true"});
+    if let Some(zone) = &node.zone {
+        labels["topology.kubernetes.io/zone"] = json!(zone);
+    }
+    let capacity = json!({"cpu": "16", "memory": "128Gi", "pods": "110",
+                          "nvidia.com/gpu": node.gpus.len().to_string()});
+    let obj: Node = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": node.name, "labels": labels},
+        "spec": {},
+        "status": {
+            "capacity": capacity, "allocatable": capacity,
+            "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady",
+                            "message": "simulated kubelet is posting ready status",
+                            "lastHeartbeatTime": now(), "lastTransitionTime": now()}],
+            "nodeInfo": {"kubeletVersion": "v1.34.0-gpuscale-sim", "architecture": "amd64",
+                         "operatingSystem": "linux", "osImage": "gpuscale simulated node",
+                         "containerRuntimeVersion": "process://", "kernelVersion": "",
+                         "kubeProxyVersion": "", "machineID": "", "systemUUID": "", "bootID": ""},
+        },
+    }))?;
+    match api.create(&PostParams::default(), &obj).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The inventory NVML would report for the node's simulated GPUs.
+pub fn inventory(node: &SimNode) -> GpuInventorySpec {
+    let gpus: Vec<GpuDevice> = node
+        .gpus
+        .iter()
+        .enumerate()
+        .map(|(i, g)| {
+            let i = i as u32;
+            let peers = node
+                .nvlink
+                .iter()
+                .find(|island| island.contains(&i))
+                .map(|island| island.iter().copied().filter(|p| *p != i).collect())
+                .unwrap_or_default();
+            GpuDevice {
+                index: i,
+                uuid: format!("GPU-sim-{}-{i}", node.name),
+                product: g.product.clone(),
+                memory_total_bytes: g.memory_bytes,
+                memory_free_bytes: g.memory_bytes,
+                compute_capability: None,
+                nvlink_peers: peers,
+                numa_node: None,
+                health: Default::default(),
+            }
+        })
+        .collect();
+    GpuInventorySpec {
+        node: node.name.clone(),
+        gpu_count: gpus.len() as u32,
+        product: gpus.first().map(|g| g.product.clone()),
+        zone: node.zone.clone(),
+        gpus,
+        message: Some("simulated GPUs (gpuscale simulator)".into()),
+        observed_at: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            jiff::Timestamp::now(),
+        )),
+    }
+}
+
+async fn serve(
+    client: Client,
+    node: String,
+    config: KubeletConfig,
+    ips: Arc<IpPool>,
+    running: Running,
+) {
+    // Every pod task lives in this set: when the kubelet stops, they all do.
+    let mut tasks = tokio::task::JoinSet::new();
+    let pods: Api<Pod> = Api::all(client);
+    let cfg = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
+    let mut stream = watcher::watcher(pods.clone(), cfg).boxed();
+    // Pods this kubelet has started (by namespace/name) and whether termination began.
+    let mut started: HashMap<String, bool> = HashMap::new();
+    while let Some(ev) = stream.next().await {
+        while tasks.try_join_next().is_some() {}
+        let pods_seen: Vec<Pod> = match ev {
+            Ok(watcher::Event::Apply(p) | watcher::Event::InitApply(p)) => vec![p],
+            Ok(watcher::Event::Delete(p)) => {
+                // Force-deleted behind our back: stop the worker.
+                if let Some(w) = running.lock().expect("running lock").get_mut(&p.name_any()) {
+                    w.stopping = true;
+                    signal(w.pid, "KILL");
+                }
+                continue;
+            }
+            Ok(_) => continue,
+            Err(e) => {
+                tracing::debug!(%node, error = %e, "kubelet watch");
+                continue;
+            }
+        };
+        for pod in pods_seen {
+            let key = format!("{}/{}", pod.namespace().unwrap_or_default(), pod.name_any());
+            let terminating = pod.metadata.deletion_timestamp.is_some();
+            match (started.get(&key).copied(), terminating) {
+                (None, false) => {
+                    started.insert(key, false);
+                    let api: Api<Pod> = Api::namespaced(
+                        pods.clone().into_client(),
+                        &pod.namespace().unwrap_or_default(),
+                    );
+                    tasks.spawn(run_pod(
+                        api,
+                        pod,
+                        config.clone(),
+                        ips.clone(),
+                        running.clone(),
+                    ));
+                }
+                (None, true) => {
+                    // Never started: nothing to stop.
+                    let api: Api<Pod> = Api::namespaced(
+                        pods.clone().into_client(),
+                        &pod.namespace().unwrap_or_default(),
+                    );
+                    let _ = api
+                        .delete(&pod.name_any(), &DeleteParams::default().grace_period(0))
+                        .await;
+                }
+                (Some(false), true) => {
+                    started.insert(key, true);
+                    let grace = pod
+                        .metadata
+                        .deletion_grace_period_seconds
+                        .unwrap_or(30)
+                        .max(0) as u64;
+                    let pid = running
+                        .lock()
+                        .expect("running lock")
+                        .get_mut(&pod.name_any())
+                        .map(|w| {
+                            w.stopping = true;
+                            w.pid
+                        });
+                    let api: Api<Pod> = Api::namespaced(
+                        pods.clone().into_client(),
+                        &pod.namespace().unwrap_or_default(),
+                    );
+                    let running = running.clone();
+                    tasks.spawn(async move {
+                        if let Some(pid) = pid {
+                            signal(pid, "TERM");
+                            let deadline = tokio::time::Instant::now() + Duration::from_secs(grace);
+                            let alive = || {
+                                running
+                                    .lock()
+                                    .expect("running lock")
+                                    .contains_key(&pod.name_any())
+                            };
+                            while tokio::time::Instant::now() < deadline && alive() {
+                                tokio::time::sleep(Duration::from_millis(100)).await;
+                            }
+                            if alive() {
+                                signal(pid, "KILL");
+                            }
+                        }
+                        let _ = api
+                            .delete(&pod.name_any(), &DeleteParams::default().grace_period(0))
+                            .await;
+                    });
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+/// Rewrites the container's arguments for a local process: the pod IP to listen on,
+/// the CPU backend (the GPUs are simulated), a thread cap, and node paths mapped to
+/// local directories through the pod's hostPath volumes.
+fn command_line(pod: &Pod, ip: &str, config: &KubeletConfig) -> Vec<String> {
+    let spec = pod.spec.clone().unwrap_or_default();
+    let c = spec.containers.first().cloned().unwrap_or_default();
+    let mounts: Vec<(String, String)> = c
+        .volume_mounts
+        .iter()
+        .flatten()
+        .filter_map(|m| {
+            let v = spec.volumes.iter().flatten().find(|v| v.name == m.name)?;
+            Some((m.mount_path.clone(), v.host_path.as_ref()?.path.clone()))
+        })
+        .collect();
+    let local = |path: &str| -> String {
+        for (mount, host) in &mounts {
+            if let Some(rest) = path.strip_prefix(mount.as_str()) {
+                let host_path = format!("{host}{rest}");
+                for (node_prefix, dir) in &config.host_paths {
+                    if let Some(r) = host_path.strip_prefix(node_prefix.as_str()) {
+                        return format!("{}{r}", dir.display());
+                    }
+                }
+                return host_path;
+            }
+        }
+        path.to_string()
+    };
+    let mut args: Vec<String> = c
+        .args
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|a| !a.starts_with("--threads"))
+        .map(|a| match a.split_once('=') {
+            Some(("--host", _)) => format!("--host={ip}"),
+            Some(("--device", _)) => "--device=cpu".into(),
+            Some((k, v)) if v.starts_with('/') => format!("{k}={}", local(v)),
+            _ => a,
+        })
+        .collect();
+    args.push(format!("--threads={}", config.threads));
+    args
+}
+
+async fn run_pod(
+    api: Api<Pod>,
+    pod: Pod,
+    config: KubeletConfig,
+    ips: Arc<IpPool>,
+    running: Running,
+) {
+    let name = pod.name_any();
+    let ip = ips.next();
+    let args = command_line(&pod, &ip, &config);
+    let port = args
+        .iter()
+        .find_map(|a| a.strip_prefix("--port="))
+        .and_then(|p| p.parse::<u16>().ok())
+        .unwrap_or(8080);
+    let container = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.containers.first())
+        .map(|c| c.name.clone())
+        .unwrap_or_else(|| "worker".into());
+    let envs: Vec<(String, String)> = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.containers.first())
+        .and_then(|c| c.env.clone())
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|e| Some((e.name, e.value?)))
+        .collect();
+    let _ = std::fs::create_dir_all(&config.log_dir);
+    let log = std::fs::File::create(config.log_dir.join(format!("{name}.log")));
+    let mut cmd = tokio::process::Command::new(&config.worker_bin);
+    cmd.args(&args)
+        .envs(envs)
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    match log.and_then(|f| Ok((f.try_clone()?, f))) {
+        Ok((out, err)) => cmd.stdout(out).stderr(err),
+        Err(_) => cmd.stdout(Stdio::null()).stderr(Stdio::null()),
+    };
+    let status = |ready: bool, state: serde_json::Value| {
+        json!({"status": {
+            "phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}], "hostIP": "127.0.0.1",
+            "startTime": now(),
+            "conditions": [{"type": "Ready", "status": if ready {"True"} else {"False"},
+                            "lastTransitionTime": now()}],
+            "containerStatuses": [{"name": container, "ready": ready, "restartCount": 0,
+                                   "image": "gpuscale/inference-worker (local process)",
+                                   "imageID": "", "started": true, "state": state}],
+        }})
+    };
+    let patch_status = |v: serde_json::Value| {
+        let api = api.clone();
+        let name = name.clone();
+        async move {
+            if let Err(e) = api
+                .patch_status(&name, &PatchParams::default(), &Patch::Merge(&v))
+                .await
+            {
+                tracing::debug!(pod = %name, error = %e, "pod status not written");
+            }
+        }
+    };
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            patch_status(json!({"status": {"phase": "Failed", "reason": "StartError",
+                "message": format!("starting {}: {e}", config.worker_bin.display())}}))
+            .await;
+            return;
+        }
+    };
+    let pid = child.id().unwrap_or(0);
+    running.lock().expect("running lock").insert(
+        name.clone(),
+        Worker {
+            pid,
+            stopping: false,
+        },
+    );
+    let started = json!({"running": {"startedAt": now()}});
+    patch_status(status(false, started.clone())).await;
+    tracing::info!(pod = %name, %ip, port, pid, "simulated kubelet started a worker");
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(1))
+        .build()
+        .expect("a plain HTTP client");
+    let readyz = format!("http://{ip}:{port}/readyz");
+    let mut ready = false;
+    let exit = loop {
+        tokio::select! {
+            exit = child.wait() => break exit,
+            () = tokio::time::sleep(Duration::from_millis(500)) => {
+                let now_ready = http.get(&readyz).send().await.is_ok_and(|r| r.status().is_success());
+                if now_ready != ready {
+                    ready = now_ready;
+                    patch_status(status(ready, started.clone())).await;
+                }
+            }
+        }
+    };
+    let stopping = running
+        .lock()
+        .expect("running lock")
+        .remove(&name)
+        .is_some_and(|w| w.stopping);
+    if stopping {
+        return; // stopped on purpose; the deleting side removes the pod
+    }
+    // A crash: reported as CrashLoopBackOff (the simulator does not restart workers).
+    let code = exit.ok().and_then(|s| s.code()).unwrap_or(-1);
+    let tail = std::fs::read_to_string(config.log_dir.join(format!("{name}.log")))
+        .map(|l| l.lines().rev().take(3).collect::<Vec<_>>().join(" | "))
+        .unwrap_or_default();
+    patch_status(status(
+        false,
+        json!({"waiting": {"reason": "CrashLoopBackOff",
+                           "message": format!("worker exited with status {code}: {tail}")}}),
+    ))
+    .await;
+}
