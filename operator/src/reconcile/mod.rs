@@ -8,7 +8,7 @@
 //! backoff. Nothing is deleted because a spec is invalid.
 
 mod plan;
-mod pods;
+pub mod pods;
 mod status;
 #[cfg(test)]
 mod tests;

@@ -3,7 +3,6 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use anyhow::Context;
 use k8s_openapi::api::core::v1::Node;
@@ -12,7 +11,7 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client};
 
 use super::api::ApiServer;
-use super::kubelet::{IpPool, Kubelet, KubeletConfig};
+use super::kubelet::{Kubelet, KubeletConfig};
 use super::nodes::SimNode;
 
 /// How to start a simulated cluster.
@@ -33,7 +32,6 @@ pub struct SimCluster {
     kubeconfig: PathBuf,
     kubelets: Vec<Kubelet>,
     config: KubeletConfig,
-    ips: Arc<IpPool>,
 }
 
 /// A kube-rs client for the cluster in `kubeconfig`, made as for any cluster.
@@ -62,7 +60,6 @@ impl SimCluster {
             kubeconfig: config.kubeconfig,
             kubelets: Vec::new(),
             config: config.kubelet,
-            ips: Arc::default(),
         };
         for node in config.nodes {
             cluster.add_node(node).await?;
@@ -73,14 +70,9 @@ impl SimCluster {
     /// Adds a node and starts its kubelet.
     pub async fn add_node(&mut self, node: SimNode) -> anyhow::Result<()> {
         let name = node.name.clone();
-        let k = Kubelet::start(
-            self.client.clone(),
-            node,
-            self.config.clone(),
-            self.ips.clone(),
-        )
-        .await
-        .with_context(|| format!("starting the simulated kubelet of {name}"))?;
+        let k = Kubelet::start(self.client.clone(), node, self.config.clone())
+            .await
+            .with_context(|| format!("starting the simulated kubelet of {name}"))?;
         self.kubelets.push(k);
         Ok(())
     }

@@ -35,16 +35,14 @@ pub struct KubeletConfig {
     pub log_dir: PathBuf,
 }
 
-/// Hands out pod IPs 127.0.1.1, 127.0.1.2, ...: every worker gets its own loopback
-/// address, so all can listen on the same port as pods do.
-#[derive(Default)]
-pub struct IpPool(AtomicU32);
-
-impl IpPool {
-    fn next(&self) -> String {
-        let n = self.0.fetch_add(1, Ordering::Relaxed) + 1;
-        format!("127.{}.{}.{}", 1 + n / 65_025, (n / 255) % 255, n % 255 + 1)
-    }
+/// Hands out pod IPs: every worker gets its own loopback address, so all can listen on
+/// the same port as pods do. Addresses are unique across every cluster in the process
+/// (one counter) and, through the pid, across processes.
+fn pod_ip() -> String {
+    static NEXT_IP: AtomicU32 = AtomicU32::new(0);
+    let n = NEXT_IP.fetch_add(1, Ordering::Relaxed);
+    let block = 1 + std::process::id() % 250;
+    format!("127.{block}.{}.{}", (n / 250) % 250, n % 250 + 2)
 }
 
 fn now() -> String {
@@ -77,13 +75,12 @@ impl Kubelet {
         client: Client,
         node: SimNode,
         config: KubeletConfig,
-        ips: Arc<IpPool>,
     ) -> anyhow::Result<Self> {
         register(&client, &node).await?;
         crate::node_agent::publish(&client, inventory(&node)).await?;
         let running: Running = Arc::default();
         let name = node.name.clone();
-        let task = tokio::spawn(serve(client, name.clone(), config, ips, running.clone()));
+        let task = tokio::spawn(serve(client, name.clone(), config, running.clone()));
         Ok(Self {
             node: name,
             task,
@@ -193,13 +190,7 @@ pub fn inventory(node: &SimNode) -> GpuInventorySpec {
     }
 }
 
-async fn serve(
-    client: Client,
-    node: String,
-    config: KubeletConfig,
-    ips: Arc<IpPool>,
-    running: Running,
-) {
+async fn serve(client: Client, node: String, config: KubeletConfig, running: Running) {
     // Every pod task lives in this set: when the kubelet stops, they all do.
     let mut tasks = tokio::task::JoinSet::new();
     let pods: Api<Pod> = Api::all(client);
@@ -235,13 +226,7 @@ async fn serve(
                         pods.clone().into_client(),
                         &pod.namespace().unwrap_or_default(),
                     );
-                    tasks.spawn(run_pod(
-                        api,
-                        pod,
-                        config.clone(),
-                        ips.clone(),
-                        running.clone(),
-                    ));
+                    tasks.spawn(run_pod(api, pod, config.clone(), running.clone()));
                 }
                 (None, true) => {
                     // Never started: nothing to stop.
@@ -346,15 +331,9 @@ fn command_line(pod: &Pod, ip: &str, config: &KubeletConfig) -> Vec<String> {
     args
 }
 
-async fn run_pod(
-    api: Api<Pod>,
-    pod: Pod,
-    config: KubeletConfig,
-    ips: Arc<IpPool>,
-    running: Running,
-) {
+async fn run_pod(api: Api<Pod>, pod: Pod, config: KubeletConfig, running: Running) {
     let name = pod.name_any();
-    let ip = ips.next();
+    let ip = pod_ip();
     let args = command_line(&pod, &ip, &config);
     let port = args
         .iter()

@@ -30,3 +30,4 @@ pub fn worker_binary() -> anyhow::Result<PathBuf> {
         exe.display()
     )
 }
+pub mod traffic;

@@ -1,0 +1,266 @@
+//! The harness of the end-to-end scenarios. By default each scenario starts its own
+//! simulated cluster (API server, simulated GPU nodes, kubelets running the real
+//! `inference-worker`) and runs the operator's controller against it through kube-rs,
+//! exactly as against a cluster. With `GPUSCALE_E2E_KUBECONFIG=<path>` the scenarios
+//! run against that cluster instead, where gpuscale must already be installed (`helm
+//! install`); each then works in a namespace of its own, and the scenarios that need
+//! to kill the operator or a node are skipped there.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use gpuscale_crds::InferenceDeployment;
+use gpuscale_operator::metrics::Metrics;
+use gpuscale_operator::reconcile::{self, Config};
+use gpuscale_operator::scrape::HttpScraper;
+use gpuscale_operator::sim::cluster::{client_for, ClusterConfig, SimCluster};
+use gpuscale_operator::sim::kubelet::KubeletConfig;
+use gpuscale_operator::sim::nodes::SimNode;
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::events::v1::Event;
+use kube::api::{ListParams, Patch, PatchParams, PostParams};
+use kube::{Api, Client, ResourceExt};
+use serde_json::{json, Value};
+
+/// The environment variable that points the scenarios at a real cluster.
+pub const REAL_CLUSTER_ENV: &str = "GPUSCALE_E2E_KUBECONFIG";
+
+/// The SmolLM2 example every scenario starts from.
+pub const SMOLLM: &str = include_str!("../../examples/smollm.yaml");
+
+/// One scenario's cluster, namespace and (on the simulator) operator.
+pub struct Env {
+    pub client: Client,
+    pub namespace: String,
+    sim: Option<SimCluster>,
+    operator: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// The kubeconfig of a real cluster, when one is given.
+pub fn real_cluster() -> Option<PathBuf> {
+    std::env::var_os(REAL_CLUSTER_ENV).map(PathBuf::from)
+}
+
+impl Env {
+    /// A fresh simulated cluster with `nodes` and the operator running, or the real
+    /// cluster with a new namespace.
+    pub async fn start(scenario: &str, nodes: Vec<SimNode>) -> anyhow::Result<Env> {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| "warn".into()),
+            )
+            .with_test_writer()
+            .try_init();
+        if let Some(kc) = real_cluster() {
+            let client = client_for(&kc).await?;
+            let namespace = format!("gpuscale-e2e-{scenario}-{}", std::process::id());
+            let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": namespace}}))?;
+            Api::<Namespace>::all(client.clone())
+                .create(&PostParams::default(), &ns)
+                .await?;
+            return Ok(Env {
+                client,
+                namespace,
+                sim: None,
+                operator: None,
+            });
+        }
+        let model = std::env::var("GPUSCALE_SMOLLM2_GGUF").context(
+            "GPUSCALE_SMOLLM2_GGUF is not set: run the tests through scripts/test.sh, which fetches SmolLM2",
+        )?;
+        let models = PathBuf::from(model)
+            .parent()
+            .context("the model path has no directory")?
+            .to_path_buf();
+        let dir =
+            std::env::temp_dir().join(format!("gpuscale-e2e-{scenario}-{}", std::process::id()));
+        let sim = SimCluster::start(ClusterConfig {
+            addr: "127.0.0.1:0".parse()?,
+            kubeconfig: dir.join("kubeconfig"),
+            nodes,
+            kubelet: KubeletConfig {
+                worker_bin: gpuscale_operator::sim::worker_binary()?,
+                host_paths: vec![("/models".into(), models)],
+                threads: 1,
+                log_dir: dir.join("logs"),
+            },
+        })
+        .await?;
+        let mut env = Env {
+            client: sim.client(),
+            namespace: "default".into(),
+            sim: Some(sim),
+            operator: None,
+        };
+        env.start_operator();
+        Ok(env)
+    }
+
+    /// Whether this runs on the simulator (where the operator and nodes can be killed).
+    pub fn simulated(&self) -> bool {
+        self.sim.is_some()
+    }
+
+    /// The simulated cluster.
+    pub fn sim(&mut self) -> Option<&mut SimCluster> {
+        self.sim.as_mut()
+    }
+
+    /// Starts the operator's controller (simulator only; a real cluster runs its own).
+    pub fn start_operator(&mut self) {
+        if self.sim.is_none() {
+            return;
+        }
+        let config = Config {
+            worker_image: None,
+            scrape_interval: Duration::from_secs(1),
+            drain_timeout: Duration::from_secs(30),
+        };
+        let ctx = reconcile::Context::new(
+            self.client.clone(),
+            config,
+            Arc::new(HttpScraper::new(Duration::from_secs(1))),
+            Arc::new(Metrics::default()),
+        );
+        self.operator = Some(tokio::spawn(reconcile::run(ctx, Vec::new())));
+    }
+
+    /// Kills the operator at once, mid-pass if it is in one (no cleanup runs).
+    pub fn kill_operator(&mut self) {
+        if let Some(op) = self.operator.take() {
+            op.abort();
+        }
+    }
+
+    /// Applies an InferenceDeployment (server-side apply, as `kubectl apply
+    /// --server-side` does) into this scenario's namespace.
+    pub async fn apply(&self, d: &Value) -> anyhow::Result<InferenceDeployment> {
+        let api: Api<InferenceDeployment> = Api::namespaced(self.client.clone(), &self.namespace);
+        let name = d["metadata"]["name"]
+            .as_str()
+            .context("the deployment has no name")?;
+        Ok(api
+            .patch(
+                name,
+                &PatchParams::apply("gpuscale-e2e").force(),
+                &Patch::Apply(d),
+            )
+            .await?)
+    }
+
+    /// The deployment now.
+    pub async fn deployment(&self, name: &str) -> anyhow::Result<InferenceDeployment> {
+        let api: Api<InferenceDeployment> = Api::namespaced(self.client.clone(), &self.namespace);
+        Ok(api.get(name).await?)
+    }
+
+    /// The deployment's replica pods now.
+    pub async fn pods(&self, name: &str) -> anyhow::Result<Vec<Pod>> {
+        let api: Api<Pod> = Api::namespaced(self.client.clone(), &self.namespace);
+        let lp = ListParams::default().labels(&format!("gpuscale.dev/deployment={name}"));
+        Ok(api.list(&lp).await?.items)
+    }
+
+    /// Events about the deployment.
+    pub async fn events(&self, name: &str) -> anyhow::Result<Vec<Event>> {
+        let api: Api<Event> = Api::namespaced(self.client.clone(), &self.namespace);
+        Ok(api
+            .list(&ListParams::default())
+            .await?
+            .items
+            .into_iter()
+            .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
+            .collect())
+    }
+
+    /// Polls `check` every 250 ms until it gives a value or `timeout` passes.
+    pub async fn wait<T, F, Fut>(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut check: F,
+    ) -> anyhow::Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Option<T>>,
+    {
+        let start = Instant::now();
+        loop {
+            if let Some(v) = check().await {
+                return Ok(v);
+            }
+            if start.elapsed() > timeout {
+                bail!("timed out after {timeout:?} waiting for {what}");
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// Waits until `name` has `n` ready replicas and no others (nor terminating pods).
+    pub async fn wait_ready(
+        &self,
+        name: &str,
+        n: usize,
+        timeout: Duration,
+    ) -> anyhow::Result<Vec<Pod>> {
+        self.wait(
+            &format!("{n} ready replicas of {name}"),
+            timeout,
+            || async {
+                let pods = self.pods(name).await.ok()?;
+                let settled = pods.len() == n
+                    && pods.iter().all(|p| {
+                        p.metadata.deletion_timestamp.is_none()
+                            && gpuscale_operator::reconcile::pods::is_ready(p)
+                    });
+                settled.then_some(pods)
+            },
+        )
+        .await
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        self.kill_operator();
+    }
+}
+
+/// The example deployment with `change` merged into it (a JSON merge patch).
+pub fn smollm(change: Value) -> Value {
+    let mut d: Value = serde_yaml::from_str(SMOLLM).expect("the example is valid YAML");
+    merge(&mut d, change);
+    d
+}
+
+fn merge(a: &mut Value, b: Value) {
+    match (a, b) {
+        (Value::Object(a), Value::Object(b)) => {
+            for (k, v) in b {
+                merge(a.entry(k).or_insert(Value::Null), v);
+            }
+        }
+        (a, b) => *a = b,
+    }
+}
+
+/// The status of condition `kind`, with its reason and message.
+pub fn condition(d: &InferenceDeployment, kind: &str) -> Option<(String, String, String)> {
+    d.status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == kind)
+        .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
+}
+
+/// Names of pods, sorted.
+pub fn names(pods: &[Pod]) -> Vec<String> {
+    let mut n: Vec<String> = pods.iter().map(|p| p.name_any()).collect();
+    n.sort();
+    n
+}

@@ -1,0 +1,245 @@
+//! End-to-end scenarios: the operator, the API (simulated, or a real cluster through
+//! `GPUSCALE_E2E_KUBECONFIG`) and real SmolLM2 workers. See e2e/README.md.
+
+use std::time::Duration;
+
+use gpuscale_e2e::{condition, names, smollm, Env};
+use gpuscale_operator::sim::nodes::SimNode;
+use gpuscale_operator::sim::traffic::{self, Profile};
+use k8s_openapi::api::core::v1::Service;
+use kube::api::DeleteParams;
+use kube::{Api, ResourceExt};
+use serde_json::json;
+
+const MODEL: &str = "smollm2-135m-instruct";
+
+fn two_l4_nodes() -> Vec<SimNode> {
+    vec![
+        SimNode::new("sim-l4-a", 2, "NVIDIA L4", 24, false),
+        SimNode::new("sim-l4-b", 2, "NVIDIA L4", 24, false),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apply_becomes_available_and_serves() {
+    let env = Env::start("available", two_l4_nodes()).await.unwrap();
+    env.apply(&smollm(json!({}))).await.unwrap();
+    let pods = env
+        .wait_ready("smollm", 1, Duration::from_secs(120))
+        .await
+        .unwrap();
+    let placed_on = pods[0].spec.as_ref().unwrap().node_name.clone().unwrap();
+    assert!(placed_on.starts_with("sim-l4-"), "{placed_on}");
+    let d = env
+        .wait("Available=True", Duration::from_secs(30), || async {
+            let d = env.deployment("smollm").await.ok()?;
+            (condition(&d, "Available")?.0 == "True").then_some(d)
+        })
+        .await
+        .unwrap();
+    let status = d.status.unwrap();
+    assert_eq!((status.replicas, status.ready_replicas), (1, 1));
+    assert_eq!(status.placements.len(), 1);
+    assert_eq!(status.observed_generation, d.metadata.generation);
+    let svc: Api<Service> = Api::namespaced(env.client.clone(), &env.namespace);
+    let selector = svc
+        .get("smollm")
+        .await
+        .unwrap()
+        .spec
+        .unwrap()
+        .selector
+        .unwrap();
+    assert_eq!(selector["gpuscale.dev/serving"], "true");
+    let outcomes = traffic::drive(
+        env.client.clone(),
+        &env.namespace,
+        "smollm",
+        MODEL,
+        8,
+        Profile(vec![(0.0, 2.0), (2.0, 0.0)]),
+    )
+    .await;
+    let s = traffic::summary(&outcomes);
+    assert!(s.requests >= 3, "{s:?}");
+    assert_eq!(s.errors, 0, "{s:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_scales_up_then_down_without_losing_a_request() {
+    let env = Env::start("burst", two_l4_nodes()).await.unwrap();
+    let d = smollm(json!({"spec": {"scaling": {
+        "minReplicas": 1, "maxReplicas": 3, "warmReplicas": 0, "targetQueueDepth": 2,
+        "scaleDownWindowSeconds": 15}}}));
+    env.apply(&d).await.unwrap();
+    env.wait_ready("smollm", 1, Duration::from_secs(120))
+        .await
+        .unwrap();
+    // A burst well past one worker, then a trickle that goes on while replicas drain.
+    let (client, ns) = (env.client.clone(), env.namespace.clone());
+    let load = tokio::spawn(async move {
+        traffic::drive(
+            client,
+            &ns,
+            "smollm",
+            MODEL,
+            32,
+            Profile(vec![(0.0, 4.0), (20.0, 0.5), (55.0, 0.0)]),
+        )
+        .await
+    });
+    let most = env
+        .wait("a scale-up", Duration::from_secs(40), || async {
+            let d = env.deployment("smollm").await.ok()?;
+            let desired = d.status?.desired_replicas;
+            (desired > 1).then_some(desired)
+        })
+        .await
+        .unwrap();
+    assert!(most > 1);
+    let outcomes = load.await.unwrap();
+    let s = traffic::summary(&outcomes);
+    assert_eq!(
+        s.errors, 0,
+        "every request answered 200 through scale-up and scale-down: {s:?}"
+    );
+    env.wait_ready("smollm", 1, Duration::from_secs(120))
+        .await
+        .unwrap();
+    let events = env.events("smollm").await.unwrap();
+    let reasons: Vec<&str> = events.iter().filter_map(|e| e.reason.as_deref()).collect();
+    assert!(reasons.contains(&"ScaledUp"), "{reasons:?}");
+    assert!(reasons.contains(&"ScaledDown"), "{reasons:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_killed_mid_scale_leaves_no_duplicate_or_orphan() {
+    let mut env = Env::start("restart", two_l4_nodes()).await.unwrap();
+    if !env.simulated() {
+        eprintln!("skipped: needs to kill the operator (simulator only)");
+        return;
+    }
+    let d = smollm(json!({"spec": {"replicas": 3, "scaling": {"autoscale": false}}}));
+    let created = env.apply(&d).await.unwrap();
+    env.wait("the first replica pod", Duration::from_secs(30), || async {
+        (!env.pods("smollm").await.ok()?.is_empty()).then_some(())
+    })
+    .await
+    .unwrap();
+    env.kill_operator();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    env.start_operator();
+    let pods = env
+        .wait_ready("smollm", 3, Duration::from_secs(150))
+        .await
+        .unwrap();
+    assert_eq!(names(&pods), ["smollm-0", "smollm-1", "smollm-2"]);
+    for p in &pods {
+        let owner = &p.owner_references()[0];
+        assert_eq!(Some(&owner.uid), created.metadata.uid.as_ref());
+    }
+    // Deleting the deployment drains and removes every replica (finalizer, owner GC).
+    let api: Api<gpuscale_crds::InferenceDeployment> =
+        Api::namespaced(env.client.clone(), &env.namespace);
+    api.delete("smollm", &DeleteParams::default())
+        .await
+        .unwrap();
+    env.wait(
+        "the deployment and its pods gone",
+        Duration::from_secs(90),
+        || async {
+            let gone = api.get_opt("smollm").await.ok()?.is_none();
+            (gone && env.pods("smollm").await.ok()?.is_empty()).then_some(())
+        },
+    )
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_node_has_its_replica_placed_again() {
+    let nodes = vec![
+        SimNode::new("sim-l4-a", 1, "NVIDIA L4", 24, false),
+        SimNode::new("sim-l4-b", 1, "NVIDIA L4", 24, false),
+        SimNode::new("sim-l4-c", 1, "NVIDIA L4", 24, false),
+    ];
+    let mut env = Env::start("nodeloss", nodes).await.unwrap();
+    if !env.simulated() {
+        eprintln!("skipped: needs to kill a node (simulator only)");
+        return;
+    }
+    // Whole GPUs (the default sharing): one replica per single-GPU node.
+    let d = smollm(json!({"spec": {"replicas": 2, "scaling": {"autoscale": false}}}));
+    env.apply(&d).await.unwrap();
+    let pods = env
+        .wait_ready("smollm", 2, Duration::from_secs(120))
+        .await
+        .unwrap();
+    let lost = pods[0].spec.as_ref().unwrap().node_name.clone().unwrap();
+    env.sim().unwrap().lose_node(&lost).await.unwrap();
+    let pods = env
+        .wait(
+            "2 ready replicas off the lost node",
+            Duration::from_secs(120),
+            || async {
+                let pods = env
+                    .wait_ready("smollm", 2, Duration::from_millis(1))
+                    .await
+                    .ok()?;
+                pods.iter()
+                    .all(|p| {
+                        p.spec.as_ref().and_then(|s| s.node_name.as_deref()) != Some(lost.as_str())
+                    })
+                    .then_some(pods)
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(pods.len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_spec_is_reported_as_a_condition_and_an_event() {
+    let env = Env::start("invalid", two_l4_nodes()).await.unwrap();
+    let d = smollm(json!({"metadata": {"name": "unsized"},
+        "spec": {"model": {"source": "file:///nowhere/model.gguf", "parameters": null, "dtype": null}}}));
+    env.apply(&d).await.unwrap();
+    let (status, reason, message) = env
+        .wait("InvalidSpec", Duration::from_secs(30), || async {
+            condition(&env.deployment("unsized").await.ok()?, "InvalidSpec")
+        })
+        .await
+        .unwrap();
+    assert_eq!((status.as_str(), reason.as_str()), ("True", "InvalidSpec"));
+    assert!(message.contains("spec.model.parameters"), "{message}");
+    let events = env.events("unsized").await.unwrap();
+    assert!(
+        events
+            .iter()
+            .any(|e| e.reason.as_deref() == Some("InvalidSpec")),
+        "{events:?}"
+    );
+    assert!(env.pods("unsized").await.unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unschedulable_model_is_reported_with_its_reason() {
+    let env = Env::start("unschedulable", two_l4_nodes()).await.unwrap();
+    let d = smollm(json!({"metadata": {"name": "huge"},
+        "spec": {"model": {"name": "huge", "parameters": 400_000_000_000u64, "dtype": "f16"},
+                 "resources": {"allowCpu": false}}}));
+    env.apply(&d).await.unwrap();
+    let (status, reason, message) = env
+        .wait("Unschedulable", Duration::from_secs(30), || async {
+            let c = condition(&env.deployment("huge").await.ok()?, "Unschedulable")?;
+            (c.0 == "True").then_some(c)
+        })
+        .await
+        .unwrap();
+    assert_eq!(status, "True");
+    assert!(
+        ["InsufficientVRAM", "InsufficientGPUsOnNode"].contains(&reason.as_str()),
+        "{reason}: {message}"
+    );
+    assert!(env.pods("huge").await.unwrap().is_empty());
+}

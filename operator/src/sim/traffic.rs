@@ -1,0 +1,196 @@
+//! Traffic for the demo and the end-to-end scenarios: OpenAI-style completions sent to
+//! a Service's ready endpoints. The simulator has no kube-proxy, so the client picks an
+//! endpoint itself (round robin over the ready pods the Service selects), re-read every
+//! half second as replicas come and go.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::{Pod, Service};
+use kube::api::ListParams;
+use kube::{Api, Client};
+use serde_json::json;
+
+/// How one request went.
+#[derive(Clone, Debug)]
+pub struct Outcome {
+    /// Seconds since the traffic started.
+    pub at: f64,
+    pub latency: Duration,
+    /// HTTP status, or None when no connection was made.
+    pub status: Option<u16>,
+}
+
+/// Requests per second over time: `(seconds from start, rate)` steps.
+#[derive(Clone, Debug)]
+pub struct Profile(pub Vec<(f64, f64)>);
+
+impl Profile {
+    fn rate_at(&self, t: f64) -> f64 {
+        self.0
+            .iter()
+            .rev()
+            .find(|(from, _)| *from <= t)
+            .map_or(0.0, |(_, r)| *r)
+    }
+
+    fn end(&self) -> f64 {
+        self.0.last().map_or(0.0, |(t, _)| *t)
+    }
+}
+
+/// The ready endpoints (`http://ip:port`) behind a Service.
+pub async fn endpoints(client: &Client, ns: &str, service: &str) -> Vec<String> {
+    let svcs: Api<Service> = Api::namespaced(client.clone(), ns);
+    let Ok(svc) = svcs.get(service).await else {
+        return Vec::new();
+    };
+    let spec = svc.spec.unwrap_or_default();
+    let port = spec
+        .ports
+        .iter()
+        .flatten()
+        .next()
+        .and_then(|p| match &p.target_port {
+            Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(n)) => {
+                Some(*n as u16)
+            }
+            _ => u16::try_from(p.port).ok(),
+        })
+        .unwrap_or(8080);
+    let selector = spec
+        .selector
+        .unwrap_or_default()
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let Ok(list) = pods.list(&ListParams::default().labels(&selector)).await else {
+        return Vec::new();
+    };
+    list.items
+        .iter()
+        .filter(|p| crate::reconcile::pods::is_ready(p) && p.metadata.deletion_timestamp.is_none())
+        .filter_map(|p| {
+            Some(format!(
+                "http://{}:{port}",
+                p.status.as_ref()?.pod_ip.as_ref()?
+            ))
+        })
+        .collect()
+}
+
+/// Sends completions following `profile` (a new request every 1/rate seconds, each on
+/// its own task so that a slow one never holds the next back) and returns every
+/// outcome once all have finished.
+pub async fn drive(
+    client: Client,
+    ns: &str,
+    service: &str,
+    model: &str,
+    max_tokens: u32,
+    profile: Profile,
+) -> Vec<Outcome> {
+    let targets: Arc<Mutex<Vec<String>>> = Arc::default();
+    let refresher = {
+        let (client, ns, service, targets) = (
+            client.clone(),
+            ns.to_string(),
+            service.to_string(),
+            targets.clone(),
+        );
+        tokio::spawn(async move {
+            loop {
+                let found = endpoints(&client, &ns, &service).await;
+                *targets.lock().expect("targets lock") = found;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        })
+    };
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(300))
+        .build()
+        .expect("a plain HTTP client");
+    let next = Arc::new(AtomicUsize::new(0));
+    let start = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut credit = 0.0;
+    let tick = Duration::from_millis(50);
+    while start.elapsed().as_secs_f64() < profile.end() {
+        tokio::time::sleep(tick).await;
+        credit += profile.rate_at(start.elapsed().as_secs_f64()) * tick.as_secs_f64();
+        while credit >= 1.0 {
+            credit -= 1.0;
+            let (http, targets, next) = (http.clone(), targets.clone(), next.clone());
+            let body = json!({"model": model, "prompt": "Tell me a short story about a GPU.",
+                              "max_tokens": max_tokens});
+            tasks.spawn(async move {
+                let sent = Instant::now();
+                let at = sent.duration_since(start).as_secs_f64();
+                // Wait (briefly) for an endpoint rather than count a refusal of our own.
+                let mut url = None;
+                for _ in 0..100 {
+                    let t = targets.lock().expect("targets lock").clone();
+                    if !t.is_empty() {
+                        url = Some(t[next.fetch_add(1, Ordering::Relaxed) % t.len()].clone());
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                let status = match url {
+                    Some(u) => http
+                        .post(format!("{u}/v1/completions"))
+                        .header("content-type", "application/json")
+                        .body(body.to_string())
+                        .send()
+                        .await
+                        .ok()
+                        .map(|r| r.status().as_u16()),
+                    None => None,
+                };
+                Outcome {
+                    at,
+                    latency: sent.elapsed(),
+                    status,
+                }
+            });
+        }
+    }
+    let mut out = Vec::new();
+    while let Some(r) = tasks.join_next().await {
+        if let Ok(o) = r {
+            out.push(o);
+        }
+    }
+    refresher.abort();
+    out.sort_by(|a, b| a.at.total_cmp(&b.at));
+    out
+}
+
+/// Requests, errors and latency percentiles of `outcomes`.
+#[derive(Debug)]
+pub struct Summary {
+    pub requests: usize,
+    pub errors: usize,
+    pub p50: Duration,
+    pub p99: Duration,
+}
+
+/// Summarises outcomes (an error is anything but a 200).
+pub fn summary(outcomes: &[Outcome]) -> Summary {
+    let mut lat: Vec<Duration> = outcomes.iter().map(|o| o.latency).collect();
+    lat.sort();
+    let pick = |q: f64| {
+        lat.get(((lat.len() as f64 - 1.0) * q).round() as usize)
+            .copied()
+            .unwrap_or_default()
+    };
+    Summary {
+        requests: outcomes.len(),
+        errors: outcomes.iter().filter(|o| o.status != Some(200)).count(),
+        p50: pick(0.5),
+        p99: pick(0.99),
+    }
+}
