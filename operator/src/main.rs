@@ -75,7 +75,11 @@ enum Command {
         once: bool,
     },
     /// Start the simulated cluster demo: placement and scaling of real workers under load.
-    Demo,
+    Demo {
+        /// Requests per second of the burst.
+        #[arg(long, default_value_t = 4.0)]
+        burst_rps: f64,
+    },
     /// Run only the simulated cluster (API server and simulated nodes) until Ctrl-C.
     Sim {
         /// Address of the simulated API server.
@@ -193,11 +197,6 @@ fn default_identity() -> String {
     format!("{host}-{}", std::process::id())
 }
 
-fn not_built(what: &str, issue: &str) -> ExitCode {
-    eprintln!("gpuscale-operator: {what} is not built yet (tracked by the issue \"{issue}\"); nothing was started.");
-    ExitCode::from(2)
-}
-
 fn main() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
     match cli.command {
@@ -262,11 +261,14 @@ fn main() -> anyhow::Result<ExitCode> {
             })?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Demo => Ok(not_built(
-            "the demo (a simulated cluster with simulated GPU nodes, this operator, SmolLM2 \
-             workers and a traffic burst, shown as a live `kubectl get infd -w` table)",
-            "Simulated cluster: the embedded demo and the end-to-end suite",
-        )),
+        Command::Demo { burst_rps } => {
+            if std::env::var_os("RUST_LOG").is_none() {
+                std::env::set_var("RUST_LOG", "warn");
+            }
+            init_tracing();
+            tokio::runtime::Runtime::new()?.block_on(sim::demo::run(burst_rps))?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::NodeAgent {
             node_name,
             once: true,

@@ -5,6 +5,7 @@
 
 pub mod api;
 pub mod cluster;
+pub mod demo;
 pub mod kubelet;
 pub mod nodes;
 

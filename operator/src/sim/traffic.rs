@@ -27,7 +27,8 @@ pub struct Outcome {
 pub struct Profile(pub Vec<(f64, f64)>);
 
 impl Profile {
-    fn rate_at(&self, t: f64) -> f64 {
+    /// The rate at `t` seconds.
+    pub fn rate_at(&self, t: f64) -> f64 {
         self.0
             .iter()
             .rev()
@@ -35,7 +36,8 @@ impl Profile {
             .map_or(0.0, |(_, r)| *r)
     }
 
-    fn end(&self) -> f64 {
+    /// When the traffic stops.
+    pub fn end(&self) -> f64 {
         self.0.last().map_or(0.0, |(t, _)| *t)
     }
 }

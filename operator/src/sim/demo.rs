@@ -1,0 +1,294 @@
+//! `gpuscale-operator demo`: a simulated cluster, the real operator binary, SmolLM2
+//! workers, and a traffic burst, with a live table, a summary and an SVG plot.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use gpuscale_crds::InferenceDeployment;
+use k8s_openapi::api::events::v1::Event;
+use kube::api::{ListParams, Patch, PatchParams};
+use kube::Api;
+use serde_json::{json, Value};
+
+use super::cluster::{ClusterConfig, SimCluster};
+use super::kubelet::KubeletConfig;
+use super::nodes::default_fleet;
+use super::traffic::{self, Profile};
+
+const EXAMPLE: &str = include_str!("../../../examples/smollm.yaml");
+
+/// Where the demo writes: kubeconfig, logs, plot.
+pub const OUT: &str = "target/gpuscale-sim";
+
+/// One row of the live table, kept for the plot.
+struct Sample {
+    t: f64,
+    sent_per_s: f64,
+    queue: u32,
+    ready: u32,
+    desired: u32,
+}
+
+/// The model file: `GPUSCALE_SMOLLM2_GGUF`, else fetched by `scripts/ensure-tools.sh`.
+fn model_path() -> anyhow::Result<PathBuf> {
+    if let Ok(p) = std::env::var("GPUSCALE_SMOLLM2_GGUF") {
+        return Ok(p.into());
+    }
+    let script = Path::new("scripts/ensure-tools.sh");
+    if !script.is_file() {
+        bail!("set GPUSCALE_SMOLLM2_GGUF to SmolLM2-135M-Instruct.Q4_1.gguf, or run from the repository root");
+    }
+    eprintln!("fetching SmolLM2 into ~/.cache/gpuscale (scripts/ensure-tools.sh)...");
+    let out = std::process::Command::new("bash")
+        .arg(script)
+        .stderr(Stdio::inherit())
+        .output()?;
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("export GPUSCALE_SMOLLM2_GGUF="))
+        .map(|p| PathBuf::from(p.trim_matches('"')))
+        .context("scripts/ensure-tools.sh did not report GPUSCALE_SMOLLM2_GGUF")
+}
+
+/// The worker binary, built (release) when missing.
+fn worker() -> anyhow::Result<PathBuf> {
+    if let Ok(p) = super::worker_binary() {
+        return Ok(p);
+    }
+    eprintln!("building the worker (cargo build --release -p gpuscale-inference-worker)...");
+    let ok = std::process::Command::new("cargo")
+        .args(["build", "--release", "-p", "gpuscale-inference-worker"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        bail!("could not build the worker; build it with cargo build --release -p gpuscale-inference-worker");
+    }
+    super::worker_binary()
+}
+
+/// Runs the demo. `burst_rps` is the request rate of the burst.
+pub async fn run(burst_rps: f64) -> anyhow::Result<()> {
+    let model = model_path()?;
+    let worker_bin = worker()?;
+    let out = PathBuf::from(OUT);
+    let kubeconfig = out.join("kubeconfig");
+    let cluster = SimCluster::start(ClusterConfig {
+        addr: "127.0.0.1:0".parse()?,
+        kubeconfig: kubeconfig.clone(),
+        nodes: default_fleet(),
+        kubelet: KubeletConfig {
+            worker_bin,
+            host_paths: vec![(
+                "/models".into(),
+                model.parent().context("model path")?.into(),
+            )],
+            threads: 1,
+            log_dir: out.join("logs"),
+        },
+    })
+    .await?;
+    println!(
+        "simulated cluster: {} (nodes: 2×L4, 2×L4, 4×A100 NVLink; simulated GPUs, workers on CPU)",
+        cluster.url()
+    );
+    println!(
+        "watch it from another terminal:  kubectl --kubeconfig {} get infd -w",
+        kubeconfig.display()
+    );
+    let log = std::fs::File::create(out.join("operator.log"))?;
+    let mut operator = tokio::process::Command::new(std::env::current_exe()?)
+        .args([
+            "run",
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--scrape-interval-seconds",
+            "1",
+            "--drain-timeout-seconds",
+            "30",
+        ])
+        .env("KUBECONFIG", &kubeconfig)
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting the operator")?;
+    println!(
+        "operator: pid {} (log {}/operator.log)",
+        operator.id().unwrap_or(0),
+        OUT
+    );
+
+    // examples/smollm.yaml, with a 30 s scale-down window so the demo ends in minutes.
+    let mut d: Value = serde_yaml::from_str(EXAMPLE)?;
+    d["spec"]["scaling"]["scaleDownWindowSeconds"] = json!(30);
+    let client = cluster.client();
+    let api: Api<InferenceDeployment> = Api::namespaced(client.clone(), "default");
+    api.patch(
+        "smollm",
+        &PatchParams::apply("gpuscale-demo").force(),
+        &Patch::Apply(&d),
+    )
+    .await?;
+    println!("applied examples/smollm.yaml (scaleDownWindowSeconds: 30 for the demo)\n");
+
+    let start = Instant::now();
+    let profile = Profile(vec![
+        (0.0, 0.3),
+        (15.0, burst_rps),
+        (60.0, 0.3),
+        (120.0, 0.0),
+    ]);
+    let load = tokio::spawn({
+        let (client, profile) = (client.clone(), profile.clone());
+        async move {
+            traffic::drive(
+                client,
+                "default",
+                "smollm",
+                "smollm2-135m-instruct",
+                48,
+                profile,
+            )
+            .await
+        }
+    });
+    println!(
+        "{:>6}  {:>9}  {:>5}  {:>7}  {:>5}  REASON",
+        "TIME", "LOAD", "READY", "DESIRED", "QUEUE"
+    );
+    let mut samples = Vec::new();
+    let mut settled_since: Option<Instant> = None;
+    loop {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let t = start.elapsed().as_secs_f64();
+        let st = api.get("smollm").await?.status.unwrap_or_default();
+        let sent = profile.rate_at(t);
+        println!(
+            "{:>5.0}s  {:>6.1}/s  {:>5}  {:>7}  {:>5}  {}",
+            t,
+            sent,
+            st.ready_replicas,
+            st.desired_replicas,
+            st.queue_depth,
+            st.last_scale_reason.clone().unwrap_or_default()
+        );
+        samples.push(Sample {
+            t,
+            sent_per_s: sent,
+            queue: st.queue_depth,
+            ready: st.ready_replicas,
+            desired: st.desired_replicas,
+        });
+        if let Ok(Some(status)) = operator.try_wait() {
+            bail!("the operator exited ({status}); see {OUT}/operator.log");
+        }
+        let done = t > profile.end()
+            && st.desired_replicas <= 1
+            && st.ready_replicas == st.desired_replicas;
+        settled_since = if done {
+            settled_since.or(Some(Instant::now()))
+        } else {
+            None
+        };
+        if settled_since.is_some_and(|s| s.elapsed() > Duration::from_secs(4)) || t > 400.0 {
+            break;
+        }
+    }
+    let outcomes = load.await?;
+    let s = traffic::summary(&outcomes);
+    let events: Api<Event> = Api::namespaced(client.clone(), "default");
+    let scale_events: Vec<String> = events
+        .list(&ListParams::default())
+        .await?
+        .items
+        .into_iter()
+        .filter(|e| matches!(e.reason.as_deref(), Some("ScaledUp" | "ScaledDown")))
+        .map(|e| {
+            format!(
+                "{}: {}",
+                e.reason.unwrap_or_default(),
+                e.note.unwrap_or_default()
+            )
+        })
+        .collect();
+    println!("\nsummary");
+    println!(
+        "  requests {}  errors {}  p50 {:.2}s  p99 {:.2}s",
+        s.requests,
+        s.errors,
+        s.p50.as_secs_f64(),
+        s.p99.as_secs_f64()
+    );
+    println!(
+        "  peak replicas {}",
+        samples.iter().map(|x| x.ready).max().unwrap_or(0)
+    );
+    println!("  scale events ({}):", scale_events.len());
+    for e in &scale_events {
+        println!("    {e}");
+    }
+    let plot = out.join("demo.svg");
+    std::fs::write(&plot, svg(&samples))?;
+    println!("  plot: {}", plot.display());
+    operator.kill().await.ok();
+    Ok(())
+}
+
+/// A plotted line: name, colour, value.
+type Series<'a> = (&'a str, &'a str, &'a dyn Fn(&Sample) -> f64);
+
+/// Load, queue depth and replicas over time, as an SVG line chart.
+fn svg(samples: &[Sample]) -> String {
+    let (w, h, pad) = (900.0, 360.0, 50.0);
+    let t_max = samples.last().map_or(1.0, |s| s.t).max(1.0);
+    let y_max = samples
+        .iter()
+        .map(|s| {
+            s.sent_per_s
+                .max(f64::from(s.queue))
+                .max(f64::from(s.desired))
+        })
+        .fold(1.0, f64::max)
+        .ceil();
+    let x = |t: f64| pad + t / t_max * (w - 2.0 * pad);
+    let y = |v: f64| h - pad - v / y_max * (h - 2.0 * pad);
+    let line = |f: &dyn Fn(&Sample) -> f64| {
+        samples
+            .iter()
+            .map(|s| format!("{:.1},{:.1}", x(s.t), y(f(s))))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let mut out = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n\
+         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
+         <text x=\"{pad}\" y=\"20\" font-size=\"14\">gpuscale demo: SmolLM2 on the simulated cluster</text>\n\
+         <line x1=\"{pad}\" y1=\"{b}\" x2=\"{r}\" y2=\"{b}\" stroke=\"black\"/>\n\
+         <line x1=\"{pad}\" y1=\"{pad}\" x2=\"{pad}\" y2=\"{b}\" stroke=\"black\"/>\n\
+         <text x=\"{r}\" y=\"{bl}\" text-anchor=\"end\">{t_max:.0} s</text>\n\
+         <text x=\"5\" y=\"{pad}\">{y_max}</text><text x=\"5\" y=\"{b}\">0</text>\n",
+        b = h - pad,
+        r = w - pad,
+        bl = h - pad + 20.0,
+    );
+    let series: [Series; 4] = [
+        ("load (requests/s)", "#1f77b4", &|s| s.sent_per_s),
+        ("queue depth", "#ff7f0e", &|s| f64::from(s.queue)),
+        ("ready replicas", "#2ca02c", &|s| f64::from(s.ready)),
+        ("desired replicas", "#d62728", &|s| f64::from(s.desired)),
+    ];
+    for (i, (name, color, f)) in series.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"2\" points=\"{}\"/>\n\
+             <text x=\"{}\" y=\"40\" fill=\"{color}\">{name}</text>",
+            line(*f),
+            pad + 170.0 * i as f64
+        );
+    }
+    out.push_str("</svg>\n");
+    out
+}
