@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 
 use gpuscale_operator::autoscale::Params;
 use gpuscale_operator::replay::{
-    replay, GpuscaleRule, HpaRule, KedaRule, Outcome, ReplicaModel, ScalingRule, Setup, Slo, Trace,
+    replay, report, GpuscaleRule, HpaRule, KedaRule, Outcome, ReplicaModel, ScalingRule, Setup,
+    Slo, Trace,
 };
 
 const MIN: u32 = 1;
@@ -94,51 +95,10 @@ fn main() -> anyhow::Result<()> {
         outcomes.push((o, took));
     }
 
-    println!(
-        "\n{:<62} {:>9} {:>8} {:>9} {:>9} {:>11} {:>6} {:>5} {:>8}",
-        "rule",
-        "over SLO",
-        "refused",
-        "TTFT p50",
-        "TTFT p99",
-        "GPU-seconds",
-        "cold",
-        "peak",
-        "replay"
-    );
     for (o, took) in &outcomes {
-        println!(
-            "{:<62} {:>9} {:>8} {:>8.2}s {:>8.2}s {:>11.0} {:>6} {:>5} {:>6.1}ms",
-            o.rule,
-            o.slo_misses,
-            o.refused,
-            o.ttft_p50,
-            o.ttft_p99,
-            o.gpu_seconds,
-            o.cold_starts,
-            o.peak_replicas,
-            took.as_secs_f64() * 1e3
-        );
+        println!("replayed {} in {:.1} ms", o.rule, took.as_secs_f64() * 1e3);
     }
-    let ours = &outcomes[0].0;
-    println!();
-    for (peer, _) in &outcomes[2..] {
-        compare(ours, peer);
-    }
+    let rows: Vec<Outcome> = outcomes.into_iter().map(|(o, _)| o).collect();
+    println!("\n{}", report::table(&rows));
     Ok(())
-}
-
-fn compare(ours: &Outcome, peer: &Outcome) {
-    let name = &peer.rule;
-    println!(
-        "gpuscale vs {name}: SLO misses {} vs {} ({:.2}x), GPU-seconds {:.0} vs {:.0} ({:.2}x), cold starts {} vs {}",
-        ours.slo_misses,
-        peer.slo_misses,
-        ours.slo_misses as f64 / peer.slo_misses.max(1) as f64,
-        ours.gpu_seconds,
-        peer.gpu_seconds,
-        ours.gpu_seconds / peer.gpu_seconds,
-        ours.cold_starts,
-        peer.cold_starts
-    );
 }

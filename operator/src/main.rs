@@ -10,6 +10,7 @@ use gpuscale_operator::leader::{Elector, LeaseConfig};
 use gpuscale_operator::metrics::Metrics;
 use gpuscale_operator::node_agent;
 use gpuscale_operator::reconcile::{self, Config};
+use gpuscale_operator::replay;
 use gpuscale_operator::scrape::HttpScraper;
 use gpuscale_operator::sim::{
     self,
@@ -79,6 +80,29 @@ enum Command {
         /// Requests per second of the burst.
         #[arg(long, default_value_t = 4.0)]
         burst_rps: f64,
+    },
+    /// Capacity planning: replay a request trace through a deployment's scaling policy
+    /// and, on the same replicas, HPA- and KEDA-style rules; print SLO misses,
+    /// GPU-seconds and cold starts (trace format: operator/src/replay/trace.rs).
+    Plan {
+        /// The request trace (CSV).
+        #[arg(long)]
+        trace: std::path::PathBuf,
+        /// The InferenceDeployment whose spec.scaling and batch size are replayed.
+        #[arg(long, default_value = "examples/smollm.yaml")]
+        deployment: std::path::PathBuf,
+        /// Prompt tokens one replica processes per second.
+        #[arg(long, default_value_t = 8000.0)]
+        prefill_tokens_per_second: f64,
+        /// Tokens one sequence generates per second.
+        #[arg(long, default_value_t = 40.0)]
+        decode_tokens_per_second: f64,
+        /// Seconds from pod creation to ready.
+        #[arg(long, default_value_t = 45.0)]
+        load_seconds: f64,
+        /// Time-to-first-token objective in seconds.
+        #[arg(long, default_value_t = 2.0)]
+        ttft_slo_seconds: f64,
     },
     /// Run only the simulated cluster (API server and simulated nodes) until Ctrl-C.
     Sim {
@@ -259,6 +283,61 @@ fn main() -> anyhow::Result<ExitCode> {
                 tokio::signal::ctrl_c().await?;
                 anyhow::Ok(())
             })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Plan {
+            trace,
+            deployment,
+            prefill_tokens_per_second,
+            decode_tokens_per_second,
+            load_seconds,
+            ttft_slo_seconds,
+        } => {
+            let d: gpuscale_crds::InferenceDeployment = serde_yaml::from_str(
+                &std::fs::read_to_string(&deployment)
+                    .with_context(|| format!("reading {}", deployment.display()))?,
+            )
+            .with_context(|| format!("{} is not an InferenceDeployment", deployment.display()))?;
+            let text = std::fs::read_to_string(&trace)
+                .with_context(|| format!("reading {}", trace.display()))?;
+            let trace = replay::Trace::parse_csv(&text)?;
+            let params = gpuscale_operator::autoscale::Params::from_spec(&d.spec.scaling);
+            let setup = replay::Setup {
+                model: replay::ReplicaModel {
+                    max_batch: d.spec.resources.max_batch_size,
+                    queue_capacity: 64,
+                    prefill_tokens_per_second,
+                    decode_tokens_per_second,
+                    load_seconds,
+                    gpus: d.spec.resources.tensor_parallel.max(1),
+                },
+                slo: replay::Slo {
+                    ttft_seconds: ttft_slo_seconds,
+                },
+                initial_replicas: params.min.max(1),
+                sample_every: 5.0,
+            };
+            println!(
+                "{} requests over {:.0} s; policy of {}: {}..{} replicas, {} warm, target queue depth {}",
+                trace.requests.len(),
+                trace.duration(),
+                deployment.display(),
+                params.min,
+                params.max,
+                params.warm,
+                params.target
+            );
+            let (min, max, target) = (params.min.max(1), params.max, params.target);
+            let mut rules: Vec<Box<dyn replay::ScalingRule>> = vec![
+                Box::new(replay::GpuscaleRule::new(params, 2.0)),
+                Box::new(replay::HpaRule::new(min, max, 0.7)),
+                Box::new(replay::KedaRule::new(min, max, target)),
+            ];
+            let outcomes: Vec<replay::Outcome> = rules
+                .iter_mut()
+                .map(|r| replay::replay(&trace, &setup, r.as_mut()))
+                .collect();
+            println!("\n{}", replay::report::table(&outcomes));
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo { burst_rps } => {

@@ -10,6 +10,7 @@
 //! holds (drain) and only then goes. GPU-seconds count every replica from creation to
 //! removal, loading and draining included.
 
+pub mod report;
 mod rules;
 mod trace;
 
