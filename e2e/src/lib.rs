@@ -82,12 +82,11 @@ impl Env {
             addr: "127.0.0.1:0".parse()?,
             kubeconfig: dir.join("kubeconfig"),
             nodes,
-            kubelet: KubeletConfig {
-                worker_bin: gpuscale_operator::sim::worker_binary()?,
-                host_paths: vec![("/models".into(), models)],
-                threads: 1,
-                log_dir: dir.join("logs"),
-            },
+            kubelet: KubeletConfig::new(
+                gpuscale_operator::sim::worker_binary()?,
+                models,
+                dir.join("logs"),
+            ),
         })
         .await?;
         let mut env = Env {

@@ -267,12 +267,11 @@ fn main() -> anyhow::Result<ExitCode> {
                         Some(f) => parse_fleet(&f)?,
                         None => default_fleet(),
                     },
-                    kubelet: KubeletConfig {
-                        worker_bin: sim::worker_binary()?,
-                        host_paths: vec![("/models".into(), models)],
-                        threads: 1,
-                        log_dir: "target/gpuscale-sim/logs".into(),
-                    },
+                    kubelet: KubeletConfig::new(
+                        sim::worker_binary()?,
+                        models,
+                        "target/gpuscale-sim/logs".into(),
+                    ),
                 })
                 .await?;
                 println!(

@@ -79,15 +79,11 @@ pub async fn run(burst_rps: f64) -> anyhow::Result<()> {
         addr: "127.0.0.1:0".parse()?,
         kubeconfig: kubeconfig.clone(),
         nodes: default_fleet(),
-        kubelet: KubeletConfig {
+        kubelet: KubeletConfig::new(
             worker_bin,
-            host_paths: vec![(
-                "/models".into(),
-                model.parent().context("model path")?.into(),
-            )],
-            threads: 1,
-            log_dir: out.join("logs"),
-        },
+            model.parent().context("model path")?.into(),
+            out.join("logs"),
+        ),
     })
     .await?;
     println!(

@@ -35,6 +35,18 @@ pub struct KubeletConfig {
     pub log_dir: PathBuf,
 }
 
+impl KubeletConfig {
+    /// One compute thread per worker; the nodes' `/models` is `models`.
+    pub fn new(worker_bin: PathBuf, models: PathBuf, log_dir: PathBuf) -> Self {
+        Self {
+            worker_bin,
+            host_paths: vec![("/models".into(), models)],
+            threads: 1,
+            log_dir,
+        }
+    }
+}
+
 /// Hands out pod IPs: every worker gets its own loopback address, so all can listen on
 /// the same port as pods do. Addresses are unique across every cluster in the process
 /// (one counter) and, through the pid, across processes.
@@ -45,12 +57,7 @@ fn pod_ip() -> String {
     format!("127.{block}.{}.{}", (n / 250) % 250, n % 250 + 2)
 }
 
-fn now() -> String {
-    jiff::Timestamp::now()
-        .round(jiff::Unit::Second)
-        .map(|t| t.to_string())
-        .unwrap_or_default()
-}
+use crate::sim::now_rfc3339 as now;
 
 /// A worker process of a pod.
 #[derive(Clone, Copy, Debug)]
@@ -219,21 +226,17 @@ async fn serve(client: Client, node: String, config: KubeletConfig, running: Run
         for pod in pods_seen {
             let key = format!("{}/{}", pod.namespace().unwrap_or_default(), pod.name_any());
             let terminating = pod.metadata.deletion_timestamp.is_some();
+            let api: Api<Pod> = Api::namespaced(
+                pods.clone().into_client(),
+                &pod.namespace().unwrap_or_default(),
+            );
             match (started.get(&key).copied(), terminating) {
                 (None, false) => {
                     started.insert(key, false);
-                    let api: Api<Pod> = Api::namespaced(
-                        pods.clone().into_client(),
-                        &pod.namespace().unwrap_or_default(),
-                    );
                     tasks.spawn(run_pod(api, pod, config.clone(), running.clone()));
                 }
                 (None, true) => {
                     // Never started: nothing to stop.
-                    let api: Api<Pod> = Api::namespaced(
-                        pods.clone().into_client(),
-                        &pod.namespace().unwrap_or_default(),
-                    );
                     let _ = api
                         .delete(&pod.name_any(), &DeleteParams::default().grace_period(0))
                         .await;
@@ -253,10 +256,6 @@ async fn serve(client: Client, node: String, config: KubeletConfig, running: Run
                             w.stopping = true;
                             w.pid
                         });
-                    let api: Api<Pod> = Api::namespaced(
-                        pods.clone().into_client(),
-                        &pod.namespace().unwrap_or_default(),
-                    );
                     let running = running.clone();
                     tasks.spawn(async move {
                         if let Some(pid) = pid {

@@ -11,6 +11,12 @@ pub mod nodes;
 
 use std::path::PathBuf;
 
+/// Now, to the second, as Kubernetes writes timestamps (`2026-01-01T12:00:00Z`).
+pub(crate) fn now_rfc3339() -> String {
+    let now = jiff::Timestamp::now();
+    now.round(jiff::Unit::Second).unwrap_or(now).to_string()
+}
+
 /// The `inference-worker` binary built beside the running one (`target/<profile>/`),
 /// or where `GPUSCALE_WORKER_BIN` points.
 pub fn worker_binary() -> anyhow::Result<PathBuf> {

@@ -108,21 +108,13 @@ async fn handle(
                 None => error(&ApiError::new(404, "NotFound", "no such group version")),
             }
         }
-        ["api", "v1", rest @ ..] => {
-            resource(
-                shared,
-                "",
-                "v1",
-                rest,
-                method,
-                query,
-                accept,
-                &content_type,
-                body,
-            )
-            .await
-        }
-        ["apis", g, v, rest @ ..] => {
+        ["api", "v1", ..] | ["apis", _, _, ..] => {
+            // `/api/v1/...` is the core group; `/apis/<group>/<version>/...` the others.
+            let (g, v, rest) = match segs.as_slice() {
+                ["api", v, rest @ ..] => ("", *v, rest),
+                [_, g, v, rest @ ..] => (*g, *v, rest),
+                _ => unreachable!("matched above"),
+            };
             resource(
                 shared,
                 g,

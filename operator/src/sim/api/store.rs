@@ -117,12 +117,7 @@ pub struct Store {
     tx: broadcast::Sender<Arc<Event>>,
 }
 
-fn now() -> String {
-    jiff::Timestamp::now()
-        .round(jiff::Unit::Second)
-        .unwrap_or_else(|_| jiff::Timestamp::now())
-        .to_string()
-}
+use crate::sim::now_rfc3339 as now;
 
 fn meta_str<'a>(obj: &'a Value, key: &str) -> Option<&'a str> {
     obj["metadata"][key].as_str()
@@ -551,17 +546,18 @@ impl Store {
         let has_finalizers = old["metadata"]["finalizers"]
             .as_array()
             .is_some_and(|f| !f.is_empty());
+        let grace = opts.grace_seconds.unwrap_or_else(|| {
+            old["spec"]["terminationGracePeriodSeconds"]
+                .as_i64()
+                .unwrap_or(30)
+        });
         let graceful = r.group.is_empty()
             && r.plural == "pods"
             && old["spec"]["nodeName"].as_str().is_some_and(|n| {
                 let nodes = self.resource("", "nodes").expect("built in");
                 self.get(&nodes, "", n).is_ok()
             })
-            && opts.grace_seconds.unwrap_or_else(|| {
-                old["spec"]["terminationGracePeriodSeconds"]
-                    .as_i64()
-                    .unwrap_or(30)
-            }) > 0;
+            && grace > 0;
         if opts.dry_run {
             return Ok(old);
         }
@@ -575,11 +571,6 @@ impl Store {
             let mut new = old.clone();
             new["metadata"]["deletionTimestamp"] = json!(now());
             if graceful {
-                let grace = opts.grace_seconds.unwrap_or_else(|| {
-                    old["spec"]["terminationGracePeriodSeconds"]
-                        .as_i64()
-                        .unwrap_or(30)
-                });
                 new["metadata"]["deletionGracePeriodSeconds"] = json!(grace);
             }
             new["metadata"]["resourceVersion"] = json!(self.next_rv());
