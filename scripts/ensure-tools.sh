@@ -60,7 +60,30 @@ PY
   mv "$SMOLLM.part" "$SMOLLM"
 fi
 
+# NVRTC (the CUDA runtime compiler) from PyPI's nvidia-cuda-nvrtc-cu12: enough to compile
+# every kernel to PTX on a machine without a GPU or a CUDA toolkit. Only lib/ is kept.
+NVRTC="$CACHE/nvrtc"
+if [[ ! -e "$NVRTC/lib/libnvrtc.so.12" ]]; then
+  log "fetching NVRTC 12.9 (PyPI nvidia-cuda-nvrtc-cu12)"
+  python3 -m pip download -q --no-deps -d "$DL" 'nvidia-cuda-nvrtc-cu12==12.9.86'
+  python3 - "$DL" "$NVRTC" <<'PY'
+import glob, os, shutil, sys, zipfile
+dl, dest = sys.argv[1], sys.argv[2]
+whl = glob.glob(f"{dl}/nvidia_cuda_nvrtc_cu12-12.9.86-*.whl")[0]
+os.makedirs(dest + ".part/lib", exist_ok=True)
+with zipfile.ZipFile(whl) as w:
+    for n in w.namelist():
+        if n.startswith("nvidia/cuda_nvrtc/lib/") and ".so" in n:
+            with w.open(n) as src, open(dest + ".part/lib/" + os.path.basename(n), "wb") as out:
+                shutil.copyfileobj(src, out)
+shutil.rmtree(dest, ignore_errors=True)
+os.rename(dest + ".part", dest)
+PY
+fi
+
 # Variables for the caller (eval "$(scripts/ensure-tools.sh)").
 echo "export PATH=\"$BIN:\$PATH\""
 echo "export GPUSCALE_SMOLLM2_GGUF=\"$SMOLLM\""
+echo "export GPUSCALE_NVRTC_LIB_DIR=\"$NVRTC/lib\""
+echo "export LD_LIBRARY_PATH=\"$NVRTC/lib\${LD_LIBRARY_PATH:+:\$LD_LIBRARY_PATH}\""
 echo "export GPUSCALE_KUBERNETES_VALIDATE=\"$VENV/bin/kubernetes-validate\""

@@ -2,8 +2,11 @@
 //! a paged KV cache, and serves an OpenAI-compatible HTTP API with Prometheus metrics.
 
 pub mod backend;
+pub mod budget;
+pub mod device;
 pub mod http;
 pub mod metrics;
 pub mod model;
 pub mod scheduler;
+pub mod telemetry;
 pub mod tokenizer;

@@ -5,24 +5,18 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
-use clap::{Parser, ValueEnum};
+use anyhow::Context;
+use clap::Parser;
 use inference_worker::backend::cpu::CpuBackend;
-use inference_worker::backend::{Backend, KvLayout, Logits, SeqChunk};
+use inference_worker::backend::cuda::{self, CudaBackend, CudaOptions};
+use inference_worker::backend::{Backend, Logits, SeqChunk};
+use inference_worker::budget;
+use inference_worker::device::{self, Device, DeviceRequest, Probe};
 use inference_worker::http::{router, AppState, Loaded};
 use inference_worker::metrics::Metrics;
 use inference_worker::model::ModelConfig;
 use inference_worker::scheduler::{self, EngineConfig};
 use inference_worker::tokenizer::{ChatTemplate, Tokenizer};
-
-/// Where the model runs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-enum Device {
-    /// CPU backend (AVX2 when available).
-    Cpu,
-    /// CUDA backend (separate build; not in this binary yet).
-    Cuda,
-}
 
 /// Serves a GGUF model (Llama family) over an OpenAI-compatible HTTP API with continuous
 /// batching, a paged KV cache, Prometheus metrics and graceful drain on SIGTERM.
@@ -44,9 +38,16 @@ struct Cli {
     /// Compute threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
-    /// Device to run on.
-    #[arg(long, value_enum, default_value_t = Device::Cpu)]
-    device: Device,
+    /// Device to run on: auto (CUDA when a driver, a GPU and NVRTC are present, else
+    /// CPU), cpu, or cuda:N.
+    #[arg(long, default_value = "auto", env = "GPUSCALE_DEVICE")]
+    device: DeviceRequest,
+    /// Where compiled CUDA kernels are cached (default ~/.cache/gpuscale/kernels).
+    #[arg(long, env = "GPUSCALE_KERNEL_CACHE")]
+    kernel_cache: Option<PathBuf>,
+    /// Replay decode steps as CUDA graphs (off: launch every kernel, for debugging).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    cuda_graphs: bool,
     /// Memory (or VRAM) budget for weights plus KV cache, e.g. 1GiB, 512MiB or bytes.
     /// What remains after the weights becomes KV-cache blocks.
     #[arg(long, default_value = "1GiB", value_parser = parse_bytes, env = "GPUSCALE_MEMORY_BUDGET")]
@@ -114,9 +115,9 @@ async fn main() -> anyhow::Result<()> {
     } else {
         tracing_subscriber::fmt().with_env_filter(filter).init();
     }
-    if cli.device == Device::Cuda {
-        bail!("--device cuda: the CUDA backend is not part of this build yet; use --device cpu");
-    }
+    let probe = Probe::detect();
+    let (device, why) = device::select(cli.device, probe).map_err(anyhow::Error::msg)?;
+    tracing::info!(%device, reason = %why, ?probe, "device selected");
     let threads = cli
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
@@ -154,7 +155,7 @@ async fn main() -> anyhow::Result<()> {
     let loaded = tokio::task::spawn_blocking({
         let cli = cli.clone();
         let metrics = Arc::clone(&metrics);
-        move || load(&cli, metrics)
+        move || load(&cli, device, metrics)
     })
     .await??;
     metrics.load_seconds.set(started.elapsed().as_secs_f64());
@@ -200,7 +201,7 @@ async fn wait_for_signal() {
 
 /// Opens the file, builds tokenizer and backend within the budget, runs a warm-up pass
 /// and starts the engine.
-fn load(cli: &Cli, metrics: Arc<Metrics>) -> anyhow::Result<Loaded> {
+fn load(cli: &Cli, device: Device, metrics: Arc<Metrics>) -> anyhow::Result<Loaded> {
     let (path, block_size, budget) = (cli.model.as_path(), cli.block_size, cli.memory_budget);
     let file = Arc::new(
         gguf::GgufFile::open(path).with_context(|| format!("loading {}", path.display()))?,
@@ -224,18 +225,61 @@ fn load(cli: &Cli, metrics: Arc<Metrics>) -> anyhow::Result<Loaded> {
     )?;
     let max_seq_len = cli.max_seq_len.unwrap_or(config.context_length.min(4096));
     let weights = header.weight_bytes();
-    let Some(kv_budget) = budget.checked_sub(weights) else {
-        bail!("--memory-budget {budget} bytes is less than the weights ({weights} bytes)");
+    let mut backend: Box<dyn Backend> = match device {
+        Device::Cpu => {
+            let plan = budget::plan(
+                &config,
+                weights,
+                0,
+                budget,
+                None,
+                block_size,
+                max_seq_len.min(256),
+            )?;
+            Box::new(CpuBackend::load(Arc::clone(&file), plan.layout)?)
+        }
+        Device::Cuda(ordinal) => {
+            let info = cuda::device_info(ordinal)?;
+            let scratch =
+                cuda::scratch_bytes(&config, cli.max_batch_tokens, max_seq_len, block_size);
+            let name = format!("cuda:{ordinal} ({})", info.name);
+            // The KV pool must hold at least one whole sequence on a GPU.
+            let plan = budget::plan(
+                &config,
+                weights,
+                scratch,
+                budget,
+                Some((&name, info.free)),
+                block_size,
+                max_seq_len,
+            )?;
+            let cache = cli.kernel_cache.clone().or_else(|| {
+                std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/gpuscale/kernels"))
+            });
+            let opts = CudaOptions {
+                ordinal,
+                max_tokens: cli.max_batch_tokens,
+                max_seq_len,
+                kernel_cache: cache,
+                graphs: cli.cuda_graphs,
+            };
+            let b = CudaBackend::load(Arc::clone(&file), plan.layout, opts)?;
+            tracing::info!(
+                planned_bytes = plan.total(),
+                reserved_bytes = b.reserved_bytes(),
+                "VRAM reserved"
+            );
+            if !inference_worker::telemetry::spawn(
+                Arc::clone(&metrics),
+                ordinal as u32,
+                Duration::from_secs(5),
+            ) {
+                tracing::info!("no NVML: GPU metrics are not exported");
+            }
+            Box::new(b)
+        }
     };
-    let layout = KvLayout::for_budget(&config, block_size, kv_budget);
-    if layout.n_blocks * block_size < max_seq_len.min(256) {
-        bail!(
-            "--memory-budget leaves room for {} KV tokens after {weights} bytes of weights; raise it (one token takes {} bytes)",
-            layout.n_blocks * block_size,
-            KvLayout::bytes_per_token(&config)
-        );
-    }
-    let mut backend = CpuBackend::load(Arc::clone(&file), layout)?;
+    let layout = backend.kv_layout();
     // Warm-up: one real pass touches every weight page and primes the thread pool.
     let warm: Vec<u32> = (0..8u32.min(config.vocab as u32)).collect();
     backend.forward(&[SeqChunk {
@@ -252,18 +296,17 @@ fn load(cli: &Cli, metrics: Arc<Metrics>) -> anyhow::Result<Loaded> {
         memory_bytes = backend.memory_bytes(),
         "backend {} ready", backend.name()
     );
+    metrics
+        .memory_reserved_bytes
+        .set(backend.memory_bytes() as i64);
     let engine_config = EngineConfig {
         max_batch: cli.max_batch,
         max_batch_tokens: cli.max_batch_tokens,
         max_seq_len,
         queue_capacity: cli.queue_size,
     };
-    let (engine, _thread) = scheduler::start(
-        Box::new(backend),
-        Arc::clone(&tokenizer),
-        engine_config,
-        metrics,
-    );
+    let (engine, _thread) =
+        scheduler::start(backend, Arc::clone(&tokenizer), engine_config, metrics);
     Ok(Loaded {
         engine,
         tokenizer,

@@ -17,6 +17,50 @@ pub struct StatusLabel {
     pub status: u16,
 }
 
+/// Label of per-GPU telemetry.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GpuLabel {
+    /// CUDA/NVML index.
+    pub gpu: u32,
+}
+
+/// Label of a throttle reason.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ThrottleLabel {
+    /// CUDA/NVML index.
+    pub gpu: u32,
+    /// NVML's reason, e.g. HwThermalSlowdown.
+    pub reason: String,
+}
+
+/// Label of an XID error.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct XidLabel {
+    /// CUDA/NVML index.
+    pub gpu: u32,
+    /// The XID code (e.g. 79: fallen off the bus).
+    pub xid: u64,
+}
+
+/// One reading of a GPU (NVML), as the worker exports it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct GpuSample {
+    /// Memory in use on the whole device, bytes.
+    pub memory_used: u64,
+    /// Device memory, bytes.
+    pub memory_total: u64,
+    /// Fraction of time a kernel ran over the last sample period.
+    pub utilization: f64,
+    /// Degrees Celsius.
+    pub temperature_c: u32,
+    /// Watts.
+    pub power_w: f64,
+    /// Every known throttle reason and whether it is active now.
+    pub throttle: Vec<(&'static str, bool)>,
+    /// XID errors seen since the last sample.
+    pub xids: Vec<u64>,
+}
+
 /// All metrics, cheap to update from any thread.
 pub struct Metrics {
     registry: Registry,
@@ -44,6 +88,15 @@ pub struct Metrics {
     pub load_seconds: Gauge<f64, AtomicU64>,
     /// 1 when ready to serve.
     pub ready: Gauge,
+    /// Bytes the backend reserved (device memory on CUDA, measured).
+    pub memory_reserved_bytes: Gauge,
+    gpu_memory_used: Family<GpuLabel, Gauge>,
+    gpu_memory_total: Family<GpuLabel, Gauge>,
+    gpu_utilization: Family<GpuLabel, Gauge<f64, AtomicU64>>,
+    gpu_temperature: Family<GpuLabel, Gauge>,
+    gpu_power: Family<GpuLabel, Gauge<f64, AtomicU64>>,
+    gpu_throttle: Family<ThrottleLabel, Gauge>,
+    gpu_xids: Family<XidLabel, Counter>,
 }
 
 impl Metrics {
@@ -63,6 +116,14 @@ impl Metrics {
             preemptions: Counter::default(),
             load_seconds: Gauge::default(),
             ready: Gauge::default(),
+            memory_reserved_bytes: Gauge::default(),
+            gpu_memory_used: Family::default(),
+            gpu_memory_total: Family::default(),
+            gpu_utilization: Family::default(),
+            gpu_temperature: Family::default(),
+            gpu_power: Family::default(),
+            gpu_throttle: Family::default(),
+            gpu_xids: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -121,7 +182,73 @@ impl Metrics {
             m.load_seconds.clone(),
         );
         registry.register("ready", "1 when the worker serves", m.ready.clone());
+        registry.register(
+            "memory_reserved_bytes",
+            "Memory the backend reserved for weights, KV cache and activations",
+            m.memory_reserved_bytes.clone(),
+        );
+        // GPU telemetry (NVML): absent on CPU nodes, where no series appear.
+        registry.register(
+            "gpu_memory_used_bytes",
+            "GPU memory in use (whole device)",
+            m.gpu_memory_used.clone(),
+        );
+        registry.register(
+            "gpu_memory_total_bytes",
+            "GPU memory",
+            m.gpu_memory_total.clone(),
+        );
+        registry.register(
+            "gpu_utilization_ratio",
+            "Fraction of time a kernel was running",
+            m.gpu_utilization.clone(),
+        );
+        registry.register(
+            "gpu_temperature_celsius",
+            "GPU temperature",
+            m.gpu_temperature.clone(),
+        );
+        registry.register("gpu_power_watts", "GPU power draw", m.gpu_power.clone());
+        registry.register(
+            "gpu_throttle_active",
+            "1 while the clocks are throttled for this reason",
+            m.gpu_throttle.clone(),
+        );
+        registry.register(
+            "gpu_xid_errors",
+            "Critical XID errors reported by the driver",
+            m.gpu_xids.clone(),
+        );
         Metrics { registry, ..m }
+    }
+
+    /// Exports one NVML reading of GPU `gpu`.
+    pub fn record_gpu(&self, gpu: u32, s: &GpuSample) {
+        let l = GpuLabel { gpu };
+        self.gpu_memory_used
+            .get_or_create(&l)
+            .set(s.memory_used as i64);
+        self.gpu_memory_total
+            .get_or_create(&l)
+            .set(s.memory_total as i64);
+        self.gpu_utilization.get_or_create(&l).set(s.utilization);
+        self.gpu_temperature
+            .get_or_create(&l)
+            .set(s.temperature_c as i64);
+        self.gpu_power.get_or_create(&l).set(s.power_w);
+        for (reason, active) in &s.throttle {
+            self.gpu_throttle
+                .get_or_create(&ThrottleLabel {
+                    gpu,
+                    reason: (*reason).to_string(),
+                })
+                .set(i64::from(*active));
+        }
+        for xid in &s.xids {
+            self.gpu_xids
+                .get_or_create(&XidLabel { gpu, xid: *xid })
+                .inc();
+        }
     }
 
     /// The text exposition.

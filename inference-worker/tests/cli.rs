@@ -69,9 +69,33 @@ fn missing_corrupt_and_oversized_models_fail_with_the_reason() {
         "12 parsecs",
     ]);
     assert!(!ok && out.contains("unknown size unit"), "{out}");
-    let (ok, out) = worker(&["--model", good.to_str().unwrap(), "--device", "cuda"]);
+    let (ok, out) = worker(&["--model", good.to_str().unwrap(), "--device", "gpu"]);
     assert!(
-        !ok && out.contains("CUDA backend is not part of this build"),
+        !ok && out.contains("use auto, cpu, cuda or cuda:N"),
+        "{out}"
+    );
+}
+
+#[test]
+fn device_selection_says_what_it_chose_and_why() {
+    let m = common::model(WeightType::Q4_1, "llama", 9);
+    let good = common::write_tmp("cli-device.gguf", &m.bytes);
+    let model = good.to_str().unwrap();
+    // The budget failure stops the worker right after it has picked the device.
+    let (ok, out) = worker(&["--model", model, "--memory-budget", "1KiB"]);
+    assert!(!ok && out.contains("device selected"), "{out}");
+    let gpu = inference_worker::device::Probe::detect();
+    if gpu.driver && gpu.gpus > 0 && gpu.nvrtc {
+        assert!(out.contains("cuda:0"), "{out}");
+        return;
+    }
+    // No GPU here: auto falls back to the CPU and names what was missing; an explicit
+    // CUDA device is refused with the same reason.
+    assert!(out.contains("auto: "), "{out}");
+    let (ok, out) = worker(&["--model", model, "--device", "cuda:0"]);
+    assert!(!ok && out.contains("--device cuda:0: "), "{out}");
+    assert!(
+        out.contains("no CUDA driver") || out.contains("no GPU") || out.contains("NVRTC"),
         "{out}"
     );
 }

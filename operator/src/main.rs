@@ -78,7 +78,7 @@ enum Command {
     /// Start the simulated cluster demo: placement and scaling of real workers under load.
     Demo {
         /// Requests per second of the burst.
-        #[arg(long, default_value_t = 8.0)]
+        #[arg(long, default_value_t = 16.0)]
         burst_rps: f64,
     },
     /// Capacity planning: replay a request trace through a deployment's scaling policy

@@ -4,6 +4,7 @@
 //! the reference; the CUDA backend implements the same trait.
 
 pub mod cpu;
+pub mod cuda;
 
 use crate::model::ModelConfig;
 
@@ -74,6 +75,57 @@ impl KvLayout {
             block_size,
             n_blocks: (budget_bytes / per_block.max(1)) as usize,
         }
+    }
+}
+
+/// A batch flattened to one row per token, after checking it against the KV pool and the
+/// vocabulary: what every backend's forward pass starts from.
+#[derive(Debug, Default)]
+pub struct Flat {
+    /// Token id of each row.
+    pub tokens: Vec<u32>,
+    /// Position of each row in its sequence.
+    pub pos: Vec<usize>,
+    /// Index of the chunk each row came from.
+    pub owner: Vec<usize>,
+    /// Rows whose logits were asked for, in order.
+    pub wanted: Vec<usize>,
+}
+
+impl Flat {
+    /// Flattens `chunks`, or says which chunk does not fit `layout` or `vocab`.
+    pub fn new(
+        chunks: &[SeqChunk<'_>],
+        layout: KvLayout,
+        vocab: usize,
+    ) -> Result<Flat, BackendError> {
+        let bs = layout.block_size;
+        let mut f = Flat::default();
+        for (i, ch) in chunks.iter().enumerate() {
+            let end = ch.start + ch.tokens.len();
+            if end > ch.blocks.len() * bs
+                || ch.blocks.iter().any(|b| *b as usize >= layout.n_blocks)
+            {
+                return Err(BackendError::KvOutOfRange {
+                    position: end.saturating_sub(1),
+                    blocks: ch.blocks.len(),
+                    block_size: bs,
+                });
+            }
+            for (j, t) in ch.tokens.iter().enumerate() {
+                if *t as usize >= vocab {
+                    return Err(BackendError::BadToken(*t));
+                }
+                let last = j + 1 == ch.tokens.len();
+                if ch.logits == Logits::All || (ch.logits == Logits::Last && last) {
+                    f.wanted.push(f.tokens.len());
+                }
+                f.tokens.push(*t);
+                f.pos.push(ch.start + j);
+                f.owner.push(i);
+            }
+        }
+        Ok(f)
     }
 }
 

@@ -23,6 +23,9 @@ const EXAMPLE: &str = include_str!("../../../examples/smollm.yaml");
 /// Where the demo writes: kubeconfig, logs, plot.
 pub const OUT: &str = "target/gpuscale-sim";
 
+/// Seconds of light load before the burst.
+const BURST_START: f64 = 15.0;
+
 /// One row of the live table, kept for the plot.
 struct Sample {
     t: f64,
@@ -133,7 +136,7 @@ pub async fn run(burst_rps: f64) -> anyhow::Result<()> {
     let start = Instant::now();
     let profile = Profile(vec![
         (0.0, 0.3),
-        (15.0, burst_rps),
+        (BURST_START, burst_rps),
         (60.0, 0.3),
         (120.0, 0.0),
     ]);
@@ -157,6 +160,10 @@ pub async fn run(burst_rps: f64) -> anyhow::Result<()> {
     );
     let mut samples = Vec::new();
     let mut settled_since: Option<Instant> = None;
+    // The count at light load (minimum plus the warm replicas, or more if the light load
+    // alone asked for more): the demo ends when the scale-down brings it back there.
+    let count = |k: &str| d["spec"]["scaling"][k].as_u64().unwrap_or(0) as u32;
+    let mut baseline = count("minReplicas").max(1) + count("warmReplicas");
     loop {
         tokio::time::sleep(Duration::from_secs(2)).await;
         let t = start.elapsed().as_secs_f64();
@@ -181,8 +188,11 @@ pub async fn run(burst_rps: f64) -> anyhow::Result<()> {
         if let Ok(Some(status)) = operator.try_wait() {
             bail!("the operator exited ({status}); see {OUT}/operator.log");
         }
+        if t < BURST_START {
+            baseline = baseline.max(st.desired_replicas);
+        }
         let done = t > profile.end()
-            && st.desired_replicas <= 1
+            && st.desired_replicas <= baseline
             && st.ready_replicas == st.desired_replicas;
         settled_since = if done {
             settled_since.or(Some(Instant::now()))

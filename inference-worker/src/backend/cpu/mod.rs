@@ -12,7 +12,7 @@ use half::f16;
 use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
-use super::{Backend, BackendError, KvLayout, Logits, SeqChunk};
+use super::{Backend, BackendError, Flat, KvLayout, SeqChunk};
 use crate::model::{LoadError, ModelConfig, RopeStyle};
 use quant::{Q8Row, WeightType};
 
@@ -312,33 +312,12 @@ impl Backend for CpuBackend {
         let c = &self.config;
         let (dim, qd, kvd, hd, ffd) = (c.dim, c.q_dim(), c.kv_dim(), c.head_dim, c.ffn_dim);
         let bs = self.kv.layout.block_size;
-        // Flatten the batch: token, position and chunk of every row.
-        let mut tokens = Vec::new();
-        let mut pos = Vec::new();
-        let mut owner = Vec::new();
-        for (i, ch) in chunks.iter().enumerate() {
-            let end = ch.start + ch.tokens.len();
-            if end > ch.blocks.len() * bs
-                || ch
-                    .blocks
-                    .iter()
-                    .any(|b| *b as usize >= self.kv.layout.n_blocks)
-            {
-                return Err(BackendError::KvOutOfRange {
-                    position: end - 1,
-                    blocks: ch.blocks.len(),
-                    block_size: bs,
-                });
-            }
-            for (j, t) in ch.tokens.iter().enumerate() {
-                if *t as usize >= c.vocab {
-                    return Err(BackendError::BadToken(*t));
-                }
-                tokens.push(*t);
-                pos.push(ch.start + j);
-                owner.push(i);
-            }
-        }
+        let Flat {
+            tokens,
+            pos,
+            owner,
+            wanted,
+        } = Flat::new(chunks, self.kv.layout, c.vocab)?;
         let n = tokens.len();
         let file = Arc::clone(&self.file);
         let data = file.bytes();
@@ -431,14 +410,6 @@ impl Backend for CpuBackend {
             x.iter_mut().zip(&xb).for_each(|(a, b)| *a += b);
         }
         // Only the rows whose logits were asked for go through the (large) output head.
-        let mut wanted = Vec::new();
-        for (t, o) in owner.iter().enumerate() {
-            let ch = &chunks[*o];
-            let last = pos[t] + 1 == ch.start + ch.tokens.len();
-            if ch.logits == Logits::All || (ch.logits == Logits::Last && last) {
-                wanted.push(t);
-            }
-        }
         let mut normed = vec![0f32; wanted.len() * dim];
         for (o, t) in normed.chunks_mut(dim).zip(&wanted) {
             rmsnorm(&x[t * dim..(t + 1) * dim], &self.output_norm, c.norm_eps, o);
