@@ -6,7 +6,7 @@
 pub mod cpu;
 pub mod cuda;
 
-use crate::model::ModelConfig;
+use crate::model::{LoadError, ModelConfig};
 
 /// Which logits a chunk wants back.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -126,6 +126,75 @@ impl Flat {
             }
         }
         Ok(f)
+    }
+}
+
+/// How a backend reads a tensor by its GGUF name into its own storage.
+pub(crate) trait TensorLoader {
+    /// A weight matrix as the backend holds it.
+    type Matrix;
+    /// A vector (norm weights, biases) as the backend holds it.
+    type Vector;
+    /// A required matrix.
+    fn matrix(&mut self, name: &str) -> Result<Self::Matrix, LoadError>;
+    /// A required vector.
+    fn vector(&mut self, name: &str) -> Result<Self::Vector, LoadError>;
+    /// Whether the file has the tensor (biases and the output head are optional).
+    fn has(&self, name: &str) -> bool;
+}
+
+/// One transformer block's weights, whatever the backend's storage.
+pub(crate) struct LayerWeights<M, V> {
+    pub attn_norm: V,
+    pub wq: M,
+    pub wk: M,
+    pub wv: M,
+    pub bq: Option<V>,
+    pub bk: Option<V>,
+    pub bv: Option<V>,
+    pub wo: M,
+    pub ffn_norm: V,
+    pub w_gate: M,
+    pub w_up: M,
+    pub w_down: M,
+}
+
+impl<M, V> LayerWeights<M, V> {
+    /// Block `l`'s tensors, by llama.cpp's names.
+    pub(crate) fn load<L>(t: &mut L, l: usize) -> Result<Self, LoadError>
+    where
+        L: TensorLoader<Matrix = M, Vector = V>,
+    {
+        let n = |s: &str| format!("blk.{l}.{s}");
+        let optional = |t: &mut L, s: &str| match t.has(&n(s)) {
+            true => t.vector(&n(s)).map(Some),
+            false => Ok(None),
+        };
+        Ok(LayerWeights {
+            bq: optional(t, "attn_q.bias")?,
+            bk: optional(t, "attn_k.bias")?,
+            bv: optional(t, "attn_v.bias")?,
+            attn_norm: t.vector(&n("attn_norm.weight"))?,
+            wq: t.matrix(&n("attn_q.weight"))?,
+            wk: t.matrix(&n("attn_k.weight"))?,
+            wv: t.matrix(&n("attn_v.weight"))?,
+            wo: t.matrix(&n("attn_output.weight"))?,
+            ffn_norm: t.vector(&n("ffn_norm.weight"))?,
+            w_gate: t.matrix(&n("ffn_gate.weight"))?,
+            w_up: t.matrix(&n("ffn_up.weight"))?,
+            w_down: t.matrix(&n("ffn_down.weight"))?,
+        })
+    }
+
+    /// The output head: `output.weight`, or the embedding when tied (SmolLM2).
+    pub(crate) fn output<L>(t: &mut L) -> Result<M, LoadError>
+    where
+        L: TensorLoader<Matrix = M, Vector = V>,
+    {
+        match t.has("output.weight") {
+            true => t.matrix("output.weight"),
+            false => t.matrix("token_embd.weight"),
+        }
     }
 }
 

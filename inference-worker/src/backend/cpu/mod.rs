@@ -12,7 +12,7 @@ use half::f16;
 use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
-use super::{Backend, BackendError, Flat, KvLayout, SeqChunk};
+use super::{Backend, BackendError, Flat, KvLayout, LayerWeights, SeqChunk, TensorLoader};
 use crate::model::{LoadError, ModelConfig, RopeStyle};
 use quant::{Q8Row, WeightType};
 
@@ -31,20 +31,7 @@ impl Matrix {
     }
 }
 
-struct Layer {
-    attn_norm: Vec<f32>,
-    wq: Matrix,
-    wk: Matrix,
-    wv: Matrix,
-    bq: Option<Vec<f32>>,
-    bk: Option<Vec<f32>>,
-    bv: Option<Vec<f32>>,
-    wo: Matrix,
-    ffn_norm: Vec<f32>,
-    w_gate: Matrix,
-    w_up: Matrix,
-    w_down: Matrix,
-}
+type Layer = LayerWeights<Matrix, Vec<f32>>;
 
 /// Paged KV storage: per layer, `n_blocks * block_size` slots of `kv_dim` halves. f16,
 /// as llama.cpp stores it: half the memory of f32, and the same rounding as the peer.
@@ -71,34 +58,13 @@ impl CpuBackend {
     /// not copied: they are read from the map as the forward pass needs them.
     pub fn load(file: Arc<GgufFile>, kv: KvLayout) -> Result<CpuBackend, LoadError> {
         let config = ModelConfig::from_gguf(file.header())?;
+        check_tensors(&file, &config)?;
         let mut loader = Loader { file: &file };
-        for spec in config.tensors() {
-            loader.check(&spec.name, &spec.dims, spec.optional)?;
-        }
-        let mut layers = Vec::with_capacity(config.n_layers);
-        for l in 0..config.n_layers {
-            let n = |s: &str| format!("blk.{l}.{s}");
-            layers.push(Layer {
-                attn_norm: loader.vector(&n("attn_norm.weight"))?,
-                wq: loader.matrix(&n("attn_q.weight"))?,
-                wk: loader.matrix(&n("attn_k.weight"))?,
-                wv: loader.matrix(&n("attn_v.weight"))?,
-                bq: loader.optional_vector(&n("attn_q.bias"))?,
-                bk: loader.optional_vector(&n("attn_k.bias"))?,
-                bv: loader.optional_vector(&n("attn_v.bias"))?,
-                wo: loader.matrix(&n("attn_output.weight"))?,
-                ffn_norm: loader.vector(&n("ffn_norm.weight"))?,
-                w_gate: loader.matrix(&n("ffn_gate.weight"))?,
-                w_up: loader.matrix(&n("ffn_up.weight"))?,
-                w_down: loader.matrix(&n("ffn_down.weight"))?,
-            });
-        }
+        let layers = (0..config.n_layers)
+            .map(|l| Layer::load(&mut loader, l))
+            .collect::<Result<Vec<_>, _>>()?;
         let embed = loader.matrix("token_embd.weight")?;
-        // Tied embeddings (SmolLM2) have no output matrix: the embedding is the head.
-        let output = match file.header().tensor("output.weight") {
-            Some(_) => loader.matrix("output.weight")?,
-            None => loader.matrix("token_embd.weight")?,
-        };
+        let output = Layer::output(&mut loader)?;
         let output_norm = loader.vector("output_norm.weight")?;
         let inv_freq = (0..config.rope_dims / 2)
             .map(|i| {
@@ -134,34 +100,46 @@ struct Loader<'a> {
     file: &'a GgufFile,
 }
 
-impl Loader<'_> {
-    fn check(&mut self, name: &str, dims: &[u64], optional: bool) -> Result<(), LoadError> {
-        let Some(t) = self.file.header().tensor(name) else {
-            return if optional {
-                Ok(())
-            } else {
-                Err(LoadError::MissingTensor(name.into()))
-            };
-        };
-        if t.dims != dims {
-            return Err(LoadError::WrongShape {
-                tensor: name.into(),
-                found: t.dims.clone(),
-                expected: dims.to_vec(),
-            });
-        }
-        let ty = WeightType::from_ggml(t.ggml_type).ok_or_else(|| LoadError::UnsupportedType {
-            tensor: name.into(),
-            ty: t.ggml_type,
-        })?;
-        if ty.is_quantized() && !(dims[0] as usize).is_multiple_of(quant::QK) {
-            return Err(LoadError::Invalid(format!(
-                "{name}: rows of {} are not whole blocks",
-                dims[0]
-            )));
-        }
-        Ok(())
+/// Checks every tensor the forward pass reads against the dims the metadata implies and
+/// the types the backends compute with (both backends index weights by these shapes).
+pub(crate) fn check_tensors(file: &GgufFile, config: &ModelConfig) -> Result<(), LoadError> {
+    for spec in config.tensors() {
+        check(file, &spec.name, &spec.dims, spec.optional)?;
     }
+    Ok(())
+}
+
+fn check(file: &GgufFile, name: &str, dims: &[u64], optional: bool) -> Result<(), LoadError> {
+    let Some(t) = file.header().tensor(name) else {
+        return if optional {
+            Ok(())
+        } else {
+            Err(LoadError::MissingTensor(name.into()))
+        };
+    };
+    if t.dims != dims {
+        return Err(LoadError::WrongShape {
+            tensor: name.into(),
+            found: t.dims.clone(),
+            expected: dims.to_vec(),
+        });
+    }
+    let ty = WeightType::from_ggml(t.ggml_type).ok_or_else(|| LoadError::UnsupportedType {
+        tensor: name.into(),
+        ty: t.ggml_type,
+    })?;
+    if ty.is_quantized() && !(dims[0] as usize).is_multiple_of(quant::QK) {
+        return Err(LoadError::Invalid(format!(
+            "{name}: rows of {} are not whole blocks",
+            dims[0]
+        )));
+    }
+    Ok(())
+}
+
+impl TensorLoader for Loader<'_> {
+    type Matrix = Matrix;
+    type Vector = Vec<f32>;
 
     fn matrix(&mut self, name: &str) -> Result<Matrix, LoadError> {
         let t = self
@@ -190,11 +168,8 @@ impl Loader<'_> {
         Ok(out)
     }
 
-    fn optional_vector(&mut self, name: &str) -> Result<Option<Vec<f32>>, LoadError> {
-        match self.file.header().tensor(name) {
-            Some(_) => self.vector(name).map(Some),
-            None => Ok(None),
-        }
+    fn has(&self, name: &str) -> bool {
+        self.file.header().tensor(name).is_some()
     }
 }
 

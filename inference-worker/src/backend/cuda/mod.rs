@@ -22,7 +22,7 @@ use cudarc::nvrtc::Ptx;
 use gguf::GgufFile;
 
 use super::cpu::quant::{self, WeightType};
-use super::{Backend, BackendError, Flat, KvLayout, SeqChunk};
+use super::{Backend, BackendError, Flat, KvLayout, LayerWeights, SeqChunk, TensorLoader};
 use crate::model::{LoadError, ModelConfig, RopeStyle};
 
 /// Batches of at most this many tokens are captured and replayed as CUDA graphs.
@@ -152,20 +152,7 @@ struct DMatrix {
     data: CudaSlice<u8>,
 }
 
-struct DLayer {
-    attn_norm: CudaSlice<f32>,
-    wq: DMatrix,
-    wk: DMatrix,
-    wv: DMatrix,
-    bq: Option<CudaSlice<f32>>,
-    bk: Option<CudaSlice<f32>>,
-    bv: Option<CudaSlice<f32>>,
-    wo: DMatrix,
-    ffn_norm: CudaSlice<f32>,
-    w_gate: DMatrix,
-    w_up: DMatrix,
-    w_down: DMatrix,
-}
+type DLayer = LayerWeights<DMatrix, CudaSlice<f32>>;
 
 /// Activations and per-batch inputs, sized once for `max_tokens`: fixed addresses are
 /// what lets a captured graph be replayed with new inputs.
@@ -246,6 +233,7 @@ impl CudaBackend {
         opts: CudaOptions,
     ) -> Result<CudaBackend, LoadError> {
         let config = ModelConfig::from_gguf(file.header())?;
+        super::cpu::check_tensors(&file, &config)?;
         let ctx = CudaContext::new(opts.ordinal).map_err(load_dev("opening the device"))?;
         // One stream, no cross-stream events: nothing to track, and graph capture needs a
         // stream other than the legacy default one.
@@ -279,33 +267,15 @@ impl CudaBackend {
         }
         let k = Kernels::load(&ctx, info.arch, opts.kernel_cache.as_deref())?;
 
-        let up = Uploader {
+        let mut up = Uploader {
             file: &file,
             stream: &stream,
         };
-        let mut layers = Vec::with_capacity(config.n_layers);
-        for l in 0..config.n_layers {
-            let n = |s: &str| format!("blk.{l}.{s}");
-            layers.push(DLayer {
-                attn_norm: up.vector(&n("attn_norm.weight"))?,
-                wq: up.matrix(&n("attn_q.weight"))?,
-                wk: up.matrix(&n("attn_k.weight"))?,
-                wv: up.matrix(&n("attn_v.weight"))?,
-                bq: up.optional_vector(&n("attn_q.bias"))?,
-                bk: up.optional_vector(&n("attn_k.bias"))?,
-                bv: up.optional_vector(&n("attn_v.bias"))?,
-                wo: up.matrix(&n("attn_output.weight"))?,
-                ffn_norm: up.vector(&n("ffn_norm.weight"))?,
-                w_gate: up.matrix(&n("ffn_gate.weight"))?,
-                w_up: up.matrix(&n("ffn_up.weight"))?,
-                w_down: up.matrix(&n("ffn_down.weight"))?,
-            });
-        }
+        let layers = (0..config.n_layers)
+            .map(|l| DLayer::load(&mut up, l))
+            .collect::<Result<Vec<_>, _>>()?;
         let embed = up.matrix("token_embd.weight")?;
-        let output = match file.header().tensor("output.weight") {
-            Some(_) => up.matrix("output.weight")?,
-            None => up.matrix("token_embd.weight")?,
-        };
+        let output = DLayer::output(&mut up)?;
         let output_norm = up.vector("output_norm.weight")?;
         let inv: Vec<f32> = (0..config.rope_dims / 2)
             .map(|i| {
@@ -531,31 +501,7 @@ impl CudaBackend {
             add_inplace(st, k, &mut s.x, &s.xb, n * dim)?;
         }
         if w > 0 {
-            let mut a = st.launch_builder(k.get("gather_rows"));
-            let d = dim as i32;
-            a.arg(&s.x).arg(&s.wanted).arg(&d).arg(&mut s.xb);
-            // SAFETY: wanted holds w row indices below n.
-            unsafe { a.launch(grid1(w, 256)) }?;
-            rmsnorm(
-                st,
-                k,
-                &s.xb,
-                &self.output_norm,
-                w,
-                dim,
-                c.norm_eps,
-                &mut s.normed,
-            )?;
-            quantize(st, k, &s.normed, dim, w, &mut s.qd, &mut s.qs, &mut s.qq)?;
-            matmul(
-                st,
-                k,
-                &self.output,
-                &s.normed,
-                (&s.qd, &s.qs, &s.qq),
-                w,
-                &mut s.logits,
-            )?;
+            head(st, k, s, &self.output_norm, &self.output, c, w)?;
         }
         Ok(())
     }
@@ -650,32 +596,8 @@ impl CudaBackend {
 
     /// The output head alone, for wanted rows beyond the first LOGIT_ROWS.
     fn head_only(&mut self, w: usize) -> Result<(), DriverError> {
-        let (st, k, s, c) = (&self.stream, &self.k, &mut self.s, &self.config);
-        let mut a = st.launch_builder(k.get("gather_rows"));
-        let d = c.dim as i32;
-        a.arg(&s.x).arg(&s.wanted).arg(&d).arg(&mut s.xb);
-        // SAFETY: wanted holds w row indices of the pass just run.
-        unsafe { a.launch(grid1(w, 256)) }?;
-        rmsnorm(
-            st,
-            k,
-            &s.xb,
-            &self.output_norm,
-            w,
-            c.dim,
-            c.norm_eps,
-            &mut s.normed,
-        )?;
-        quantize(st, k, &s.normed, c.dim, w, &mut s.qd, &mut s.qs, &mut s.qq)?;
-        matmul(
-            st,
-            k,
-            &self.output,
-            &s.normed,
-            (&s.qd, &s.qs, &s.qq),
-            w,
-            &mut s.logits,
-        )
+        let (st, k, c) = (&self.stream, &self.k, &self.config);
+        head(st, k, &mut self.s, &self.output_norm, &self.output, c, w)
     }
 
     /// Picks each row's next token on the device from logits the caller supplies:
@@ -721,17 +643,12 @@ struct Uploader<'a> {
     stream: &'a Arc<CudaStream>,
 }
 
-impl Uploader<'_> {
-    fn matrix(&self, name: &str) -> Result<DMatrix, LoadError> {
-        let t = self
-            .file
-            .header()
-            .tensor(name)
-            .ok_or_else(|| LoadError::MissingTensor(name.into()))?;
-        let ty = WeightType::from_ggml(t.ggml_type).ok_or_else(|| LoadError::UnsupportedType {
-            tensor: name.into(),
-            ty: t.ggml_type,
-        })?;
+impl TensorLoader for Uploader<'_> {
+    type Matrix = DMatrix;
+    type Vector = CudaSlice<f32>;
+
+    fn matrix(&mut self, name: &str) -> Result<DMatrix, LoadError> {
+        let (t, ty) = self.tensor(name)?;
         let data = self
             .stream
             .clone_htod(self.file.data(t))
@@ -744,7 +661,22 @@ impl Uploader<'_> {
         })
     }
 
-    fn vector(&self, name: &str) -> Result<CudaSlice<f32>, LoadError> {
+    fn vector(&mut self, name: &str) -> Result<CudaSlice<f32>, LoadError> {
+        let (t, ty) = self.tensor(name)?;
+        let mut v = vec![0f32; t.dims[0] as usize];
+        quant::dequantize_row(ty, self.file.data(t), &mut v);
+        self.stream
+            .clone_htod(&v)
+            .map_err(load_dev("uploading weights"))
+    }
+
+    fn has(&self, name: &str) -> bool {
+        self.file.header().tensor(name).is_some()
+    }
+}
+
+impl<'a> Uploader<'a> {
+    fn tensor(&self, name: &str) -> Result<(&'a gguf::TensorInfo, WeightType), LoadError> {
         let t = self
             .file
             .header()
@@ -754,18 +686,7 @@ impl Uploader<'_> {
             tensor: name.into(),
             ty: t.ggml_type,
         })?;
-        let mut v = vec![0f32; t.dims[0] as usize];
-        quant::dequantize_row(ty, self.file.data(t), &mut v);
-        self.stream
-            .clone_htod(&v)
-            .map_err(load_dev("uploading weights"))
-    }
-
-    fn optional_vector(&self, name: &str) -> Result<Option<CudaSlice<f32>>, LoadError> {
-        match self.file.header().tensor(name) {
-            Some(_) => self.vector(name).map(Some),
-            None => Ok(None),
-        }
+        Ok((t, ty))
     }
 }
 
@@ -775,6 +696,35 @@ fn grid1(n: usize, threads: u32) -> LaunchConfig {
         block_dim: (threads, 1, 1),
         shared_mem_bytes: 0,
     }
+}
+
+/// The output head over the `w` rows of `s.x` listed in `s.wanted`: gather, final
+/// RMSNorm, and the vocabulary matmul into `s.logits`.
+fn head(
+    st: &Arc<CudaStream>,
+    k: &Kernels,
+    s: &mut Scratch,
+    norm: &CudaSlice<f32>,
+    output: &DMatrix,
+    c: &ModelConfig,
+    w: usize,
+) -> Result<(), DriverError> {
+    let mut a = st.launch_builder(k.get("gather_rows"));
+    let d = c.dim as i32;
+    a.arg(&s.x).arg(&s.wanted).arg(&d).arg(&mut s.xb);
+    // SAFETY: wanted holds w row indices of the pass just run.
+    unsafe { a.launch(grid1(w, 256)) }?;
+    rmsnorm(st, k, &s.xb, norm, w, c.dim, c.norm_eps, &mut s.normed)?;
+    quantize(st, k, &s.normed, c.dim, w, &mut s.qd, &mut s.qs, &mut s.qq)?;
+    matmul(
+        st,
+        k,
+        output,
+        &s.normed,
+        (&s.qd, &s.qs, &s.qq),
+        w,
+        &mut s.logits,
+    )
 }
 
 fn embed(
