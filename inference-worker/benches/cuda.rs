@@ -17,6 +17,7 @@ use std::time::Instant;
 use inference_worker::backend::cpu::quant;
 use inference_worker::backend::cuda::{self, CudaBackend, CudaOptions};
 use inference_worker::backend::{Backend, KvLayout, Logits, SeqChunk};
+use inference_worker::scheduler::sampling::argmax;
 use nvml_wrapper::enum_wrappers::device::Clock;
 
 const PROMPT: usize = 32;
@@ -144,13 +145,6 @@ fn decode_rate(gpu: &mut CudaBackend, batch: usize, per_seq: usize, vocab: usize
         pos += 1;
     }
     (batch * (STEPS - 1)) as f64 / t.elapsed().as_secs_f64()
-}
-
-fn argmax(v: &[f32]) -> u32 {
-    v.iter()
-        .enumerate()
-        .max_by(|a, b| a.1.total_cmp(b.1))
-        .map_or(0, |(i, _)| i as u32)
 }
 
 /// Peak DRAM bandwidth in bytes/s: memory clock x bus width x 2 (double data rate).

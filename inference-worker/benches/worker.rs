@@ -15,6 +15,7 @@ use std::time::Instant;
 use inference_worker::backend::cpu::CpuBackend;
 use inference_worker::backend::{Backend, KvLayout, Logits, SeqChunk};
 use inference_worker::metrics::Metrics;
+use inference_worker::scheduler::sampling::argmax;
 use inference_worker::scheduler::sampling::Sampling;
 use inference_worker::scheduler::{self, EngineConfig, Event, GenerateRequest};
 use inference_worker::tokenizer::Tokenizer;
@@ -22,13 +23,6 @@ use inference_worker::tokenizer::Tokenizer;
 const DECODE: usize = 128;
 const STREAMS: usize = 8;
 const STREAM_TOKENS: usize = 64;
-
-fn argmax(v: &[f32]) -> u32 {
-    v.iter()
-        .enumerate()
-        .max_by(|a, b| a.1.total_cmp(b.1))
-        .map_or(0, |(i, _)| i as u32)
-}
 
 fn main() {
     let model = std::env::var("GPUSCALE_SMOLLM2_GGUF")

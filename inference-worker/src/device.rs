@@ -64,11 +64,15 @@ pub struct Probe {
 impl Probe {
     /// Reads the node: dlopen probes only, no panics when libraries are missing.
     pub fn detect() -> Probe {
-        let gpus = crate::backend::cuda::device_count();
+        // SAFETY: only tries to dlopen libcuda.
+        let driver = unsafe { cudarc::driver::sys::is_culib_present() };
         Probe {
-            // SAFETY: only tries to dlopen libcuda.
-            driver: unsafe { cudarc::driver::sys::is_culib_present() },
-            gpus,
+            driver,
+            gpus: if driver {
+                crate::backend::cuda::device_count()
+            } else {
+                0
+            },
             nvrtc: crate::backend::cuda::kernels::nvrtc_present(),
         }
     }

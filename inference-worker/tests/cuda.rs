@@ -21,6 +21,7 @@ use inference_worker::backend::cpu::quant::WeightType;
 use inference_worker::backend::cpu::CpuBackend;
 use inference_worker::backend::cuda::{self, CudaBackend, CudaOptions};
 use inference_worker::backend::{Backend, KvLayout, Logits, SeqChunk};
+use inference_worker::scheduler::sampling::argmax;
 
 fn gpu_or_skip() -> bool {
     if cuda::device_count() > 0 && cuda::kernels::nvrtc_present() {
@@ -77,13 +78,7 @@ fn every_weight_type_matches_the_cpu_backend_for_prompt_and_decode() {
         return;
     }
     for arch in ["llama", "qwen2"] {
-        for ty in [
-            WeightType::F32,
-            WeightType::F16,
-            WeightType::Q4_0,
-            WeightType::Q4_1,
-            WeightType::Q8_0,
-        ] {
+        for ty in WeightType::ALL {
             let m = model(ty, arch, 7);
             let (mut cpu, mut gpu) = pair(&m, &format!("cuda-{arch}-{ty:?}.gguf"), true);
             // Scrambled blocks: the paging is exercised, not just contiguous slots.
@@ -171,13 +166,7 @@ fn device_sampling_agrees_with_the_cpu() {
         .unwrap();
     for (r, g) in greedy.iter().enumerate() {
         let row = &logits[r * VOCAB..(r + 1) * VOCAB];
-        let want = row
-            .iter()
-            .enumerate()
-            .max_by(|a, b| a.1.total_cmp(b.1))
-            .unwrap()
-            .0 as u32;
-        assert_eq!(*g, want, "row {r}");
+        assert_eq!(*g, argmax(row), "row {r}");
     }
     // Top-p 0.5 at temperature 1: every pick lies in the smallest set of top tokens
     // holding half the mass.
@@ -234,13 +223,6 @@ fn smollm2_greedy_tokens_equal_the_cpu_backend() {
     )
     .unwrap();
     let vocab = cpu.config().vocab;
-    let argmax = |l: &[f32]| {
-        l.iter()
-            .enumerate()
-            .max_by(|a, b| a.1.total_cmp(b.1))
-            .unwrap()
-            .0 as u32
-    };
     // Token ids of a few SmolLM2 prompts (the tokenizer is tested separately).
     let tok = inference_worker::tokenizer::Tokenizer::from_gguf(
         gguf::GgufFile::open(std::path::Path::new(&path))

@@ -29,13 +29,7 @@ const TOKENS: [u32; 11] = [3, 17, 42, 5, 5, 29, 0, 47, 12, 8, 33];
 #[test]
 fn every_tensor_type_matches_the_f32_reference() {
     for (arch, halves) in [("llama", false), ("qwen2", true)] {
-        for ty in [
-            WeightType::F32,
-            WeightType::F16,
-            WeightType::Q4_0,
-            WeightType::Q4_1,
-            WeightType::Q8_0,
-        ] {
+        for ty in WeightType::ALL {
             let m = model(ty, arch, 7);
             let mut b = load(&m, &format!("{arch}-{ty:?}.gguf"), 8);
             let blocks = [5u32, 1, 7];

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use inference_worker::backend::cpu::CpuBackend;
 use inference_worker::backend::{Backend, KvLayout, Logits, SeqChunk};
+use inference_worker::scheduler::sampling::argmax;
 use inference_worker::tokenizer::Tokenizer;
 use serde::Deserialize;
 
@@ -35,14 +36,6 @@ struct TokenizeCase {
 fn fixture() -> Fixture {
     let text = include_str!("fixtures/smollm2-llama-cpp.json");
     serde_json::from_str(text).expect("parity fixture parses")
-}
-
-fn argmax(v: &[f32]) -> u32 {
-    v.iter()
-        .enumerate()
-        .max_by(|a, b| a.1.total_cmp(b.1))
-        .map(|(i, _)| i as u32)
-        .unwrap()
 }
 
 fn setup() -> Option<(Tokenizer, CpuBackend)> {

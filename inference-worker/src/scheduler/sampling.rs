@@ -13,6 +13,16 @@ pub struct Sampling {
     pub top_p: f32,
 }
 
+/// The index of the largest logit; the last one on ties (0 for an empty row). Greedy
+/// decoding everywhere (scheduler, tests, benches) picks by this one rule.
+pub fn argmax(logits: &[f32]) -> u32 {
+    logits
+        .iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .map_or(0, |(i, _)| i as u32)
+}
+
 /// A request's sampler.
 pub struct Sampler {
     params: Sampling,
@@ -30,15 +40,8 @@ impl Sampler {
 
     /// The next token.
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
-        let argmax = || {
-            logits
-                .iter()
-                .enumerate()
-                .max_by(|a, b| a.1.total_cmp(b.1))
-                .map_or(0, |(i, _)| i as u32)
-        };
         if self.params.temperature <= 0.0 {
-            return argmax();
+            return argmax(logits);
         }
         let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let mut probs: Vec<(u32, f32)> = logits
@@ -66,7 +69,7 @@ impl Sampler {
                 return *id;
             }
         }
-        kept.last().map_or_else(argmax, |p| p.0)
+        kept.last().map_or_else(|| argmax(logits), |p| p.0)
     }
 }
 

@@ -25,6 +25,15 @@ pub enum WeightType {
 }
 
 impl WeightType {
+    /// Every type the backends compute with.
+    pub const ALL: [WeightType; 5] = [
+        WeightType::F32,
+        WeightType::F16,
+        WeightType::Q4_0,
+        WeightType::Q4_1,
+        WeightType::Q8_0,
+    ];
+
     /// The backend type for a GGUF type, `None` when it has no kernel here.
     pub fn from_ggml(t: gguf::GgmlType) -> Option<WeightType> {
         use gguf::GgmlType as G;
@@ -410,14 +419,6 @@ mod tests {
         a.iter().zip(b).map(|(x, y)| x * y).sum()
     }
 
-    const ALL: [WeightType; 5] = [
-        WeightType::F32,
-        WeightType::F16,
-        WeightType::Q4_0,
-        WeightType::Q4_1,
-        WeightType::Q8_0,
-    ];
-
     proptest! {
         /// Every format's dot product matches the f32 dot of the decoded row with x,
         /// within the 8-bit activation rounding; SIMD equals scalar.
@@ -426,7 +427,7 @@ mod tests {
                                          x in prop::collection::vec(-3f32..3.0, 128)) {
             let mut q = Q8Row::default();
             q.quantize_from(&x);
-            for t in ALL {
+            for t in WeightType::ALL {
                 let row = quantize_row(t, &w);
                 let mut decoded = vec![0f32; 128];
                 dequantize_row(t, &row, &mut decoded);
@@ -444,7 +445,7 @@ mod tests {
         /// Quantising then decoding stays within half a step of the original.
         #[test]
         fn round_trip_error_is_bounded(w in prop::collection::vec(-4f32..4.0, 64)) {
-            for t in ALL {
+            for t in WeightType::ALL {
                 let mut decoded = vec![0f32; 64];
                 dequantize_row(t, &quantize_row(t, &w), &mut decoded);
                 for (b, (orig, dec)) in w.chunks(QK).zip(decoded.chunks(QK)).enumerate() {
