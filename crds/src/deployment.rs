@@ -424,6 +424,35 @@ pub struct InferenceDeploymentStatus {
     /// Label selector of the replica pods, for the scale subresource.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub selector: Option<String>,
+    /// What the autoscaler must not forget when the operator restarts or the leader
+    /// changes (with `measuredReadySeconds`): a failover neither scales down early nor
+    /// forgets a panic.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaler: Option<AutoscalerMemory>,
+}
+
+/// The autoscaler's memory, kept in status.
+#[derive(JsonSchema, Deserialize, Serialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct AutoscalerMemory {
+    /// Recommendations that still bound a scale-down, oldest first, each higher than
+    /// every later one. The last is the current recommendation, with the time it was
+    /// first made; after a restart it is taken as still current.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub recommendations: Vec<Recommendation>,
+    /// Panic mode, which forbids scaling down, lasts until then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub panic_until: Option<Time>,
+}
+
+/// One remembered recommendation.
+#[derive(JsonSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Recommendation {
+    /// Replicas recommended.
+    pub replicas: u32,
+    /// When (the last time, or for the current one the first time).
+    pub time: Time,
 }
 
 /// One replica's placement.

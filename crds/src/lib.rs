@@ -8,6 +8,8 @@
 
 mod deployment;
 mod inventory;
+#[cfg(feature = "validate")]
+pub mod validate;
 
 pub use deployment::*;
 pub use inventory::*;

@@ -16,9 +16,9 @@ use gpuscale_crds::InferenceDeployment;
 use gpuscale_operator::metrics::Metrics;
 use gpuscale_operator::reconcile::{self, Config};
 use gpuscale_operator::scrape::HttpScraper;
-use gpuscale_operator::sim::cluster::{client_for, ClusterConfig, SimCluster};
-use gpuscale_operator::sim::kubelet::KubeletConfig;
-use gpuscale_operator::sim::nodes::SimNode;
+use gpuscale_sim::cluster::{client_for, ClusterConfig, SimCluster};
+use gpuscale_sim::kubelet::KubeletConfig;
+use gpuscale_sim::nodes::SimNode;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
@@ -82,11 +82,7 @@ impl Env {
             addr: "127.0.0.1:0".parse()?,
             kubeconfig: dir.join("kubeconfig"),
             nodes,
-            kubelet: KubeletConfig::new(
-                gpuscale_operator::sim::worker_binary()?,
-                models,
-                dir.join("logs"),
-            ),
+            kubelet: KubeletConfig::new(gpuscale_sim::worker_binary()?, models, dir.join("logs")),
         })
         .await?;
         let mut env = Env {
@@ -214,7 +210,7 @@ impl Env {
                 let settled = pods.len() == n
                     && pods.iter().all(|p| {
                         p.metadata.deletion_timestamp.is_none()
-                            && gpuscale_operator::reconcile::pods::is_ready(p)
+                            && gpuscale_operator::reconcile::is_ready(p)
                     });
                 settled.then_some(pods)
             },

@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use gpuscale_e2e::{condition, names, smollm, Env};
-use gpuscale_operator::sim::nodes::SimNode;
-use gpuscale_operator::sim::traffic::{self, Profile};
+use gpuscale_sim::nodes::SimNode;
+use gpuscale_sim::traffic::{self, Profile};
 use k8s_openapi::api::core::v1::Service;
 use kube::api::DeleteParams;
 use kube::{Api, ResourceExt};

@@ -12,4 +12,3 @@ pub mod placement;
 pub mod reconcile;
 pub mod replay;
 pub mod scrape;
-pub mod sim;

@@ -1,4 +1,5 @@
-//! `gpuscale-operator`: the operator, the node agent and the demo, one binary.
+//! `gpuscale-operator`: the operator, the node agent and capacity planning, one binary.
+//! The simulated cluster and the demo are `gpuscale-sim` (sim/), never linked in here.
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -12,12 +13,6 @@ use gpuscale_operator::node_agent;
 use gpuscale_operator::reconcile::{self, Config};
 use gpuscale_operator::replay;
 use gpuscale_operator::scrape::HttpScraper;
-use gpuscale_operator::sim::{
-    self,
-    cluster::{ClusterConfig, SimCluster},
-    kubelet::KubeletConfig,
-    nodes::{default_fleet, parse_fleet},
-};
 use std::sync::Arc;
 
 #[derive(Parser)]
@@ -75,12 +70,6 @@ enum Command {
         #[arg(long)]
         once: bool,
     },
-    /// Start the simulated cluster demo: placement and scaling of real workers under load.
-    Demo {
-        /// Requests per second of the burst.
-        #[arg(long, default_value_t = 16.0)]
-        burst_rps: f64,
-    },
     /// Capacity planning: replay a request trace through a deployment's scaling policy
     /// and, on the same replicas, HPA- and KEDA-style rules; print SLO misses,
     /// GPU-seconds and cold starts (trace format: operator/src/replay/trace.rs).
@@ -103,22 +92,6 @@ enum Command {
         /// Time-to-first-token objective in seconds.
         #[arg(long, default_value_t = 2.0)]
         ttft_slo_seconds: f64,
-    },
-    /// Run only the simulated cluster (API server and simulated nodes) until Ctrl-C.
-    Sim {
-        /// Address of the simulated API server.
-        #[arg(long, default_value = "127.0.0.1:0")]
-        addr: SocketAddr,
-        /// Where to write the kubeconfig.
-        #[arg(long, default_value = "target/gpuscale-sim/kubeconfig")]
-        kubeconfig: std::path::PathBuf,
-        /// Simulated nodes, as `name=COUNTxPRODUCT:GIB[:nvlink]`, comma separated
-        /// (default: two 2×L4 nodes and one 4×A100 NVLink node).
-        #[arg(long)]
-        nodes: Option<String>,
-        /// Local directory that stands for the nodes' /models.
-        #[arg(long, env = "GPUSCALE_MODEL_DIR", default_value = "models")]
-        models: std::path::PathBuf,
     },
 }
 
@@ -252,38 +225,6 @@ fn main() -> anyhow::Result<ExitCode> {
             ))?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Sim {
-            addr,
-            kubeconfig,
-            nodes,
-            models,
-        } => {
-            init_tracing();
-            tokio::runtime::Runtime::new()?.block_on(async move {
-                let cluster = SimCluster::start(ClusterConfig {
-                    addr,
-                    kubeconfig,
-                    nodes: match nodes {
-                        Some(f) => parse_fleet(&f)?,
-                        None => default_fleet(),
-                    },
-                    kubelet: KubeletConfig::new(
-                        sim::worker_binary()?,
-                        models,
-                        "target/gpuscale-sim/logs".into(),
-                    ),
-                })
-                .await?;
-                println!(
-                    "simulated cluster at {}; kubeconfig {}",
-                    cluster.url(),
-                    cluster.kubeconfig().display()
-                );
-                tokio::signal::ctrl_c().await?;
-                anyhow::Ok(())
-            })?;
-            Ok(ExitCode::SUCCESS)
-        }
         Command::Plan {
             trace,
             deployment,
@@ -337,14 +278,6 @@ fn main() -> anyhow::Result<ExitCode> {
                 .map(|r| replay::replay(&trace, &setup, r.as_mut()))
                 .collect();
             println!("\n{}", replay::report::table(&outcomes));
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Demo { burst_rps } => {
-            if std::env::var_os("RUST_LOG").is_none() {
-                std::env::set_var("RUST_LOG", "warn");
-            }
-            init_tracing();
-            tokio::runtime::Runtime::new()?.block_on(sim::demo::run(burst_rps))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::NodeAgent {

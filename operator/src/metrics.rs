@@ -17,6 +17,25 @@ struct ResultLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    kind: &'static str,
+}
+
+/// How a reconcile pass ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Converged or converging.
+    Ok,
+    /// A deletion waits for replicas to drain: expected, not a failure.
+    Draining,
+    /// The object could not be read as an InferenceDeployment; skipped.
+    Unreadable,
+    /// Failed, with the kind of failure (`api_conflict`, `api_server_error`,
+    /// `api_refused`, `api_unreachable`, `finalizer`).
+    Error(&'static str),
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ScaleLabel {
     deployment: String,
     direction: &'static str,
@@ -26,6 +45,7 @@ struct ScaleLabel {
 pub struct Metrics {
     registry: Registry,
     reconciles: Family<ResultLabel, Counter>,
+    errors: Family<KindLabel, Counter>,
     duration: Histogram,
     scaling: Family<ScaleLabel, Counter>,
     leader: Gauge,
@@ -37,8 +57,14 @@ impl Default for Metrics {
         let reconciles = Family::<ResultLabel, Counter>::default();
         registry.register(
             "reconciles",
-            "Reconcile passes, by result (ok or error)",
+            "Reconcile passes, by result (ok, draining, unreadable, error)",
             reconciles.clone(),
+        );
+        let errors = Family::<KindLabel, Counter>::default();
+        registry.register(
+            "reconcile_errors",
+            "Failed reconcile passes, by kind of failure",
+            errors.clone(),
         );
         let duration = Histogram::new(exponential_buckets(0.001, 2.0, 14));
         registry.register(
@@ -61,6 +87,7 @@ impl Default for Metrics {
         Metrics {
             registry,
             reconciles,
+            errors,
             duration,
             scaling,
             leader,
@@ -70,8 +97,16 @@ impl Default for Metrics {
 
 impl Metrics {
     /// Records one reconcile pass.
-    pub fn reconciled(&self, took: Duration, ok: bool) {
-        let result = if ok { "ok" } else { "error" };
+    pub fn reconciled(&self, took: Duration, outcome: Outcome) {
+        let result = match outcome {
+            Outcome::Ok => "ok",
+            Outcome::Draining => "draining",
+            Outcome::Unreadable => "unreadable",
+            Outcome::Error(kind) => {
+                self.errors.get_or_create(&KindLabel { kind }).inc();
+                "error"
+            }
+        };
         self.reconciles.get_or_create(&ResultLabel { result }).inc();
         self.duration.observe(took.as_secs_f64());
     }
@@ -122,8 +157,9 @@ mod tests {
     #[test]
     fn counts_passes_and_decisions() {
         let m = Metrics::default();
-        m.reconciled(Duration::from_millis(3), true);
-        m.reconciled(Duration::from_millis(3), false);
+        m.reconciled(Duration::from_millis(3), Outcome::Ok);
+        m.reconciled(Duration::from_millis(3), Outcome::Error("api_server_error"));
+        m.reconciled(Duration::from_millis(3), Outcome::Draining);
         m.scaled("ns/a", Direction::Up);
         m.scaled("ns/a", Direction::Hold);
         m.set_leader(true);
@@ -133,6 +169,12 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("gpuscale_operator_reconciles_total{result=\"error\"} 1"));
+        assert!(text.contains("gpuscale_operator_reconciles_total{result=\"draining\"} 1"));
+        assert!(
+            text.contains("gpuscale_operator_reconcile_errors_total{kind=\"api_server_error\"} 1"),
+            "{text}"
+        );
+        assert!(!text.contains("kind=\"draining\""), "a drain is no failure");
         assert!(text.contains(
             "gpuscale_operator_scaling_decisions_total{deployment=\"ns/a\",direction=\"up\"} 1"
         ));

@@ -15,7 +15,14 @@
 //! - **Scale-down** takes the highest recommendation of the scale-down window
 //!   (default 300 s), as Kubernetes' HPA stabilisation does: no flapping under
 //!   oscillating load.
+//! - **Panic mode** (Knative's): once the panic condition fires, the policy stays in
+//!   panic for the stable window after the last time it held; meanwhile it never scales
+//!   down.
 //! - **No metrics, no scale-down**: a scrape that failed is never read as zero demand.
+//! - **Memory** (`Memory`): what must survive an operator restart or a leader change
+//!   (the recommendations that still bound a scale-down, the panic deadline, the
+//!   measured ready time) is small enough to live in the deployment's status, and
+//!   `Autoscaler::restore` rebuilds the policy from it, erring towards holding.
 
 #[cfg(test)]
 mod tests;
@@ -140,6 +147,11 @@ pub enum Reason {
     },
     /// Kept where it was: demand fits, or a scale-down is still inside its window.
     Steady,
+    /// In panic mode, which forbids scaling down until it ends.
+    PanicHold {
+        /// Until panic mode ends (if the panic condition does not fire again).
+        left: Duration,
+    },
     /// The bounds changed (or were never met).
     Bounds,
     /// No ready replica could be scraped: holding.
@@ -169,6 +181,11 @@ impl fmt::Display for Reason {
                 window.as_secs()
             ),
             Reason::Steady => write!(f, "demand fits the current replicas"),
+            Reason::PanicHold { left } => write!(
+                f,
+                "panic mode: no scale-down for another {:.0} s",
+                left.as_secs_f64()
+            ),
             Reason::Bounds => write!(f, "minReplicas/maxReplicas bound"),
             Reason::NoMetrics => write!(f, "no metrics from ready replicas; holding"),
         }
@@ -185,6 +202,24 @@ pub struct Autoscaler {
     recs: VecDeque<(Instant, u32)>,
     /// Smoothed time from pod creation to ready.
     ready_time: Option<Duration>,
+    /// Panic mode lasts until then.
+    panic_until: Option<Instant>,
+}
+
+/// What the policy must not forget when the operator restarts or the leader changes:
+/// ages are relative to the moment the memory was taken.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Memory {
+    /// The recommendations that can still bound a scale-down, oldest first, each higher
+    /// than every later one, as `(age, replicas)`. The last is the current one, with the
+    /// age of its first tick: it is taken as still current when restored (the holding
+    /// side of not knowing when it stopped). Steady load therefore gives the same memory
+    /// every tick, so remembering costs no status write.
+    pub recommendations: Vec<(Duration, u32)>,
+    /// How much longer panic mode lasts.
+    pub panic_left: Option<Duration>,
+    /// The measured time a replica takes to become ready.
+    pub ready_time: Option<Duration>,
 }
 
 impl Autoscaler {
@@ -195,7 +230,57 @@ impl Autoscaler {
             samples: VecDeque::new(),
             recs: VecDeque::new(),
             ready_time: None,
+            panic_until: None,
         }
+    }
+
+    /// A policy with the history of `memory`, taken `memory`'s ages before `now`.
+    pub fn restore(params: Params, memory: &Memory, now: Instant) -> Autoscaler {
+        let mut a = Autoscaler::new(params);
+        let n = memory.recommendations.len();
+        for (i, &(age, r)) in memory.recommendations.iter().enumerate() {
+            let t = if i + 1 == n {
+                now
+            } else {
+                now.checked_sub(age).unwrap_or(now)
+            };
+            a.recs.push_back((t, r));
+        }
+        a.panic_until = memory.panic_left.map(|left| now + left);
+        a.ready_time = memory.ready_time;
+        a
+    }
+
+    /// What must survive a restart (see `Memory`).
+    pub fn memory(&self, now: Instant) -> Memory {
+        let mut recommendations = Vec::new();
+        if let Some(&(_, last)) = self.recs.back() {
+            // The current run of equal recommendations, by its first tick.
+            let mut newest = self.recs.iter().rev().take_while(|(_, r)| *r == last);
+            let first = newest.by_ref().last().map_or(now, |&(t, _)| t);
+            recommendations.push((now.saturating_duration_since(first), last));
+            let mut max = last;
+            for &(t, r) in self.recs.iter().rev().skip_while(|(_, r)| *r == last) {
+                if r > max {
+                    recommendations.push((now.saturating_duration_since(t), r));
+                    max = r;
+                }
+            }
+            recommendations.reverse();
+        }
+        Memory {
+            recommendations,
+            panic_left: self
+                .panic_until
+                .filter(|&u| u > now)
+                .map(|u| u.saturating_duration_since(now)),
+            ready_time: self.ready_time,
+        }
+    }
+
+    /// Whether panic mode holds at `now`.
+    pub fn panicking(&self, now: Instant) -> bool {
+        self.panic_until.is_some_and(|u| now < u)
     }
 
     /// The current parameters.
@@ -244,6 +329,10 @@ impl Autoscaler {
         let growth = slope(&self.samples, now, p.panic_window);
         let capacity = f64::from(obs.ready + obs.loading) * p.target;
         let panic = short > capacity && growth > 0.0;
+        if panic {
+            self.panic_until = Some(now + stable);
+        }
+        let in_panic = self.panicking(now);
         let (demand, panic_reason) = if panic {
             // Project over the lead time, but no further than the growth was measured:
             // a longer extrapolation of a noisy slope buys replicas for spikes that are
@@ -285,7 +374,7 @@ impl Autoscaler {
                 .filter(move |(t, _)| now.saturating_duration_since(*t) <= w)
                 .map(|&(_, r)| p.bound(r))
         };
-        let up = if panic || p.up_window.is_zero() {
+        let up = if in_panic || p.up_window.is_zero() {
             rec
         } else {
             in_window(p.up_window).min().unwrap_or(rec)
@@ -294,7 +383,12 @@ impl Autoscaler {
 
         let current = obs.current;
         if up > current {
-            decision(current, up, panic, reason)
+            decision(current, up, in_panic, reason)
+        } else if in_panic && down < current && current <= p.max {
+            let left = self
+                .panic_until
+                .map_or(Duration::ZERO, |u| u.saturating_duration_since(now));
+            decision(current, current, true, Reason::PanicHold { left })
         } else if down < current {
             let why = if current > p.max {
                 Reason::Bounds
@@ -318,8 +412,9 @@ fn decision(current: u32, desired: u32, panic: bool, reason: Reason) -> Decision
         std::cmp::Ordering::Less => Direction::Down,
         std::cmp::Ordering::Equal => Direction::Hold,
     };
-    let reason = match direction {
-        Direction::Hold if reason != Reason::NoMetrics => Reason::Steady,
+    let reason = match (direction, &reason) {
+        (Direction::Hold, Reason::NoMetrics | Reason::PanicHold { .. }) => reason,
+        (Direction::Hold, _) => Reason::Steady,
         _ => reason,
     };
     Decision {

@@ -314,3 +314,97 @@ proptest! {
         }
     }
 }
+
+/// The policy after a restart at `sim.now` from the memory the old one left.
+fn restarted(sim: &Sim) -> Autoscaler {
+    let memory = sim.policy.memory(sim.now);
+    Autoscaler::restore(sim.policy.params().clone(), &memory, sim.now)
+}
+
+#[test]
+fn memory_is_a_short_staircase_and_stable_under_steady_load() {
+    let mut sim = Sim::new(params(1, 10, 0));
+    sim.run(20, |_| 30.0); // 8 replicas
+    sim.run(20, |_| 14.0); // the mean decays through 7, 6, 5, 4
+    sim.run(40, |_| 4.0);
+    let m = sim.policy.memory(sim.now);
+    let values: Vec<u32> = m.recommendations.iter().map(|r| r.1).collect();
+    assert!(values.windows(2).all(|w| w[0] > w[1]), "{values:?}");
+    assert_eq!(values.first(), Some(&8), "the peak still bounds");
+    assert!(m.recommendations.len() <= 8, "{m:?}");
+    // Steady load: the same memory, in wall-clock terms, tick after tick.
+    sim.run(60, |_| 4.0);
+    let a = sim.policy.memory(sim.now);
+    sim.tick(Some(4.0));
+    let b = sim.policy.memory(sim.now);
+    let wall = |m: &Memory, now: Instant| -> Vec<(Instant, u32)> {
+        m.recommendations
+            .iter()
+            .map(|&(age, r)| (now - age, r))
+            .collect()
+    };
+    assert_eq!(wall(&a, sim.now - TICK), wall(&b, sim.now));
+}
+
+#[test]
+fn a_restored_policy_holds_the_scale_down_window_it_remembers() {
+    let mut sim = Sim::new(params(1, 10, 0));
+    sim.run(20, |_| 30.0);
+    assert_eq!(sim.current(), 8);
+    sim.run(100, |_| 0.5); // inside the 300 s window: still 8
+    assert_eq!(sim.current(), 8);
+    // A fresh policy (state lost) would drop to 1 at once; the restored one holds.
+    let mut fresh = Autoscaler::new(sim.policy.params().clone());
+    let obs = Observation {
+        demand: Some(0.5),
+        ready: 8,
+        loading: 0,
+        current: 8,
+    };
+    assert_eq!(fresh.decide(sim.now, &obs).desired, 1);
+    sim.policy = restarted(&sim);
+    let d = sim.tick(Some(0.5));
+    assert_eq!(d.desired, 8, "{d:?}");
+    // ... until the window that started with the peak has passed.
+    sim.run(220, |_| 0.5);
+    assert!(sim.current() < 8, "{}", sim.current());
+}
+
+#[test]
+fn panic_mode_forbids_scale_down_and_survives_a_restart() {
+    let mut sim = Sim::new(params(1, 10, 0));
+    sim.run(60, |_| 2.0);
+    let d = sim.tick(Some(40.0));
+    assert!(d.panic && d.direction == Direction::Up, "{d:?}");
+    sim.policy = restarted(&sim);
+    assert!(
+        sim.policy.panicking(sim.now),
+        "panic kept across the restart"
+    );
+    // Lower bounds would allow a scale-down at once; panic mode forbids it.
+    let mut p = sim.policy.params().clone();
+    p.down_window = Duration::ZERO;
+    sim.policy.set_params(p);
+    sim.now += TICK;
+    let d = sim.tick(Some(1.0));
+    assert_eq!(d.direction, Direction::Hold, "{d:?}");
+    assert!(
+        d.reason
+            .to_string()
+            .starts_with("panic mode: no scale-down"),
+        "{}",
+        d.reason
+    );
+    sim.run(70, |_| 1.0);
+    assert!(!sim.policy.panicking(sim.now));
+    assert!(sim.current() < 10, "scales down once panic mode ends");
+}
+
+#[test]
+fn ready_time_is_remembered() {
+    let mut a = Autoscaler::new(params(1, 4, 0));
+    a.observe_ready(Duration::from_secs(42));
+    let now = Instant::now();
+    let b = Autoscaler::restore(a.params().clone(), &a.memory(now), now);
+    assert_eq!(b.ready_time(), Duration::from_secs(42));
+}

@@ -2,11 +2,14 @@
 
 use std::time::Duration;
 
-use gpuscale_crds::{InferenceDeployment, InferenceDeploymentStatus, ReplicaPlacement};
+use gpuscale_crds::{
+    AutoscalerMemory, InferenceDeployment, InferenceDeploymentStatus, Recommendation,
+    ReplicaPlacement,
+};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::ResourceExt;
 
-use crate::autoscale::{Decision, Direction};
+use crate::autoscale::{Decision, Direction, Memory};
 use crate::estimate::GIB;
 use crate::placement::Refusal;
 
@@ -21,6 +24,38 @@ pub struct Observed<'a> {
     pub decision: Option<&'a Decision>,
     pub refusal: Option<&'a Refusal>,
     pub placements: Vec<ReplicaPlacement>,
+    /// The autoscaler's memory, as status keeps it.
+    pub memory: Option<AutoscalerMemory>,
+    /// The wall time of the pass.
+    pub now: jiff::Timestamp,
+}
+
+/// The autoscaler's memory with its ages turned into times before `now` (to the
+/// second, as Kubernetes keeps times); `None` when there is nothing to remember.
+pub fn memory(m: &Memory, now: jiff::Timestamp) -> Option<AutoscalerMemory> {
+    let at = |age: Duration| -> Time {
+        let t = now
+            .checked_sub(jiff::SignedDuration::try_from(age).unwrap_or_default())
+            .unwrap_or(now);
+        Time(t.round(jiff::Unit::Second).unwrap_or(t))
+    };
+    let out = AutoscalerMemory {
+        recommendations: m
+            .recommendations
+            .iter()
+            .map(|&(age, replicas)| Recommendation {
+                replicas,
+                time: at(age),
+            })
+            .collect(),
+        panic_until: m.panic_left.map(|left| {
+            let t = now
+                .checked_add(jiff::SignedDuration::try_from(left).unwrap_or_default())
+                .unwrap_or(now);
+            Time(t.round(jiff::Unit::Second).unwrap_or(t))
+        }),
+    };
+    (out != AutoscalerMemory::default()).then_some(out)
 }
 
 /// The status after a pass.
@@ -36,6 +71,7 @@ pub fn build(d: &InferenceDeployment, o: &Observed) -> InferenceDeploymentStatus
         measured_ready_seconds: Some(o.ready_time.as_secs_f64().round()),
         observed_generation: generation,
         selector: Some(super::selector_string(&d.name_any())),
+        autoscaler: o.memory.clone(),
         conditions: prev.conditions.clone(),
         last_scale_time: prev.last_scale_time.clone(),
         last_scale_reason: prev.last_scale_reason.clone(),
@@ -56,10 +92,10 @@ pub fn build(d: &InferenceDeployment, o: &Observed) -> InferenceDeploymentStatus
     st.gpu_summary = Some(format!("{gpus} / {:.1}Gi", bytes as f64 / GIB as f64));
     st.placements = o.placements.clone();
     if let Some(dec) = o.decision.filter(|d| d.direction != Direction::Hold) {
-        st.last_scale_time = Some(Time(jiff::Timestamp::now()));
+        st.last_scale_time = Some(Time(o.now));
         st.last_scale_reason = Some(dec.reason.to_string());
     } else if o.decision.is_none() && prev.desired_replicas != o.desired {
-        st.last_scale_time = Some(Time(jiff::Timestamp::now()));
+        st.last_scale_time = Some(Time(o.now));
         st.last_scale_reason = Some(format!("spec.replicas pinned to {}", o.desired));
     }
 

@@ -1,8 +1,11 @@
 //! The reconciler against a mocked API server (kube-rs's tower-test pattern, as in
-//! kube-rs/controller-rs): each test scripts the requests a pass must make, in order,
-//! and the answers; Events are answered whenever they come and recorded.
+//! kube-rs/controller-rs). Reads come from caches the test fills; each test scripts the
+//! writes a pass must make, in order, matched on the method, the exact path, the parsed
+//! query and the content type, with the answers. Any request not in the script fails the
+//! test, also after the script ends; Events are answered whenever they come, and
+//! recorded.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 
 use futures::future::BoxFuture;
@@ -15,12 +18,20 @@ use super::*;
 use crate::scrape::{ScrapeError, WorkerLoad};
 
 /// Loads by worker URL; a worker not listed fails to scrape.
-struct Loads(HashMap<String, f64>);
+struct Loads(Mutex<HashMap<String, f64>>);
+
+impl Loads {
+    fn set<'a>(&self, loads: impl IntoIterator<Item = (&'a str, f64)>) {
+        *self.0.lock().unwrap() = loads.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+    }
+}
 
 impl Scrape for Loads {
     fn load<'a>(&'a self, base: &'a str) -> BoxFuture<'a, Result<WorkerLoad, ScrapeError>> {
         let r = self
             .0
+            .lock()
+            .unwrap()
             .get(base)
             .map(|&v| WorkerLoad {
                 waiting: 0.0,
@@ -35,73 +46,239 @@ impl Scrape for Loads {
     }
 }
 
-/// One expected request: method, a piece of the path, and the answer.
-struct Expect(Method, &'static str, u16, Value);
+/// A clock the test moves.
+struct TestClock {
+    start: (Instant, jiff::Timestamp),
+    offset: Mutex<Duration>,
+}
 
-/// What the mock saw: every request with its body, events included.
-type Seen = Vec<(Method, String, Value)>;
+impl TestClock {
+    fn new() -> Arc<TestClock> {
+        Arc::new(TestClock {
+            start: (Instant::now(), jiff::Timestamp::now()),
+            offset: Mutex::new(Duration::ZERO),
+        })
+    }
 
+    fn set(&self, secs: u64) {
+        *self.offset.lock().unwrap() = Duration::from_secs(secs);
+    }
+}
+
+impl Clock for TestClock {
+    fn now(&self) -> (Instant, jiff::Timestamp) {
+        let o = *self.offset.lock().unwrap();
+        let wall = self
+            .start
+            .1
+            .checked_add(jiff::SignedDuration::try_from(o).unwrap())
+            .unwrap();
+        (self.start.0 + o, wall)
+    }
+}
+
+const POD_PATH: &str = "/api/v1/namespaces/default/pods";
+const STATUS_PATH: &str =
+    "/apis/gpuscale.dev/v1alpha1/namespaces/default/inferencedeployments/smollm/status";
+const EVENTS_PATH: &str = "/apis/events.k8s.io/v1/namespaces/default/events";
+const JSON: &str = "application/json";
+const MERGE: &str = "application/merge-patch+json";
+const APPLY: &str = "application/apply-patch+yaml";
+
+/// One expected request and its answer (`Null`: echo the request body).
+struct Expect {
+    method: Method,
+    path: String,
+    query: BTreeMap<String, String>,
+    content_type: Option<&'static str>,
+    code: u16,
+    answer: Value,
+}
+
+fn expect(method: Method, path: &str, content_type: Option<&'static str>) -> Expect {
+    Expect {
+        method,
+        path: path.into(),
+        query: BTreeMap::new(),
+        content_type,
+        code: 200,
+        answer: Value::Null,
+    }
+}
+
+impl Expect {
+    fn query(mut self, q: &[(&str, &str)]) -> Self {
+        self.query = q
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        self
+    }
+
+    fn reply(mut self, code: u16, answer: Value) -> Self {
+        self.code = code;
+        self.answer = answer;
+        self
+    }
+}
+
+/// A request as the mock saw it.
+#[derive(Clone, Debug)]
+struct Seen {
+    method: Method,
+    path: String,
+    body: Value,
+}
+
+/// What the mock saw: the scripted requests and the Events.
+#[derive(Debug, Default)]
+struct Log {
+    requests: Vec<Seen>,
+    events: Vec<Value>,
+}
+
+impl Log {
+    fn posts(&self, path: &str) -> Vec<&Value> {
+        self.requests
+            .iter()
+            .filter(|s| s.method == Method::POST && s.path == path)
+            .map(|s| &s.body)
+            .collect()
+    }
+
+    fn status(&self) -> Value {
+        self.requests
+            .iter()
+            .rev()
+            .find(|s| s.path == STATUS_PATH)
+            .map(|s| s.body["status"].clone())
+            .expect("a status patch")
+    }
+
+    fn event(&self, reason: &str) -> Option<&Value> {
+        self.events.iter().find(|e| e["reason"] == reason)
+    }
+}
+
+/// The mocked API server; it runs until the last client of it is dropped.
+struct Mock {
+    server: tokio::task::JoinHandle<Log>,
+}
+
+impl Mock {
+    /// The client of a mock that answers `script`, in order.
+    fn start(script: Vec<Expect>) -> (Client, Mock) {
+        let (svc, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let client = Client::new(svc, "default");
+        let server = tokio::spawn(async move {
+            let mut script: VecDeque<Expect> = script.into();
+            let mut log = Log::default();
+            while let Some((req, send)) = handle.next_request().await {
+                let method = req.method().clone();
+                let path = req.uri().path().to_string();
+                let query: BTreeMap<String, String> = req
+                    .uri()
+                    .query()
+                    .map(|q| {
+                        url::form_urlencoded::parse(q.as_bytes())
+                            .into_owned()
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let content_type = req
+                    .headers()
+                    .get(http::header::CONTENT_TYPE)
+                    .and_then(|v| v.to_str().ok())
+                    .map(String::from);
+                let bytes = req.into_body().collect().await.unwrap().to_bytes();
+                let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+                if path == EVENTS_PATH || path.starts_with(&format!("{EVENTS_PATH}/")) {
+                    log.events.push(body.clone());
+                    let code = if method == Method::POST { 201 } else { 200 };
+                    send.send_response(
+                        Response::builder()
+                            .status(code)
+                            .body(Body::from(serde_json::to_vec(&body).unwrap()))
+                            .unwrap(),
+                    );
+                    continue;
+                }
+                let Some(e) = script.pop_front() else {
+                    panic!("unexpected request {method} {path}?{query:?} after the script ended");
+                };
+                assert_eq!(
+                    (&method, &path, &query),
+                    (&e.method, &e.path, &e.query),
+                    "request {} of the script",
+                    log.requests.len() + 1
+                );
+                if let Some(ct) = e.content_type {
+                    assert_eq!(
+                        content_type.as_deref(),
+                        Some(ct),
+                        "content type of {method} {path}"
+                    );
+                }
+                log.requests.push(Seen {
+                    method,
+                    path,
+                    body: body.clone(),
+                });
+                let answer = if e.answer.is_null() { body } else { e.answer };
+                send.send_response(
+                    Response::builder()
+                        .status(e.code)
+                        .body(Body::from(serde_json::to_vec(&answer).unwrap()))
+                        .unwrap(),
+                );
+            }
+            assert!(
+                script.is_empty(),
+                "requests never made: {:?}",
+                script
+                    .iter()
+                    .map(|e| format!("{} {}", e.method, e.path))
+                    .collect::<Vec<_>>()
+            );
+            log
+        });
+        (client, Mock { server })
+    }
+
+    /// Drops the context (its clients) and returns what the mock saw.
+    async fn finish(self, ctx: Arc<Context>) -> Log {
+        drop(ctx);
+        self.server.await.expect("the mock server")
+    }
+}
+
+/// Caches holding `pods` on one node with three L4 GPUs.
+fn cache(pods: Vec<Value>) -> Cache {
+    let pods = pods
+        .into_iter()
+        .map(|p| serde_json::from_value(p).unwrap())
+        .collect();
+    Cache::of(pods, vec![node()], vec![inventory()])
+}
+
+/// A context over `client` and `cache`, with workers loaded as `loads`.
 fn context(
+    client: Client,
+    cache: Cache,
     loads: &[(&str, f64)],
-) -> (
-    Arc<Context>,
-    tokio::task::JoinHandle<Seen>,
-    tokio::sync::mpsc::UnboundedSender<Vec<Expect>>,
-) {
-    let (svc, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-    let client = Client::new(svc, "default");
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Vec<Expect>>();
-    let server = tokio::spawn(async move {
-        let mut script: std::collections::VecDeque<Expect> =
-            rx.recv().await.unwrap_or_default().into();
-        let mut seen = Seen::new();
-        while let Some((req, send)) = handle.next_request().await {
-            let method = req.method().clone();
-            let path = req.uri().to_string();
-            let body = req.into_body().collect().await.unwrap().to_bytes();
-            let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-            seen.push((method.clone(), path.clone(), body.clone()));
-            if path.contains("/events") {
-                let reply = Response::builder()
-                    .status(201)
-                    .body(Body::from(serde_json::to_vec(&body).unwrap()));
-                send.send_response(reply.unwrap());
-                continue;
-            }
-            let Some(Expect(m, p, code, answer)) = script.pop_front() else {
-                panic!("unexpected request {method} {path}");
-            };
-            assert_eq!(
-                (&method, path.contains(p)),
-                (&m, true),
-                "expected {m} {p}, got {method} {path}"
-            );
-            let answer = if answer.is_null() { body } else { answer };
-            send.send_response(
-                Response::builder()
-                    .status(code)
-                    .body(Body::from(serde_json::to_vec(&answer).unwrap()))
-                    .unwrap(),
-            );
-            if script.is_empty() {
-                break;
-            }
-        }
-        assert!(
-            script.is_empty(),
-            "requests never made: {:?}",
-            script.iter().map(|e| e.1).collect::<Vec<_>>()
-        );
-        seen
-    });
-    let loads = Loads(loads.iter().map(|(k, v)| (k.to_string(), *v)).collect());
-    let ctx = Context::new(
+    clock: Arc<TestClock>,
+) -> Arc<Context> {
+    let loads = Loads(Mutex::new(
+        loads.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+    ));
+    Context::with_cache(
         client,
         Config::default(),
         Arc::new(loads),
         Arc::new(Metrics::default()),
-    );
-    (ctx, server, tx)
+        cache,
+        clock,
+    )
 }
 
 fn deployment(scaling: Value) -> InferenceDeployment {
@@ -119,33 +296,30 @@ fn deployment(scaling: Value) -> InferenceDeployment {
     .unwrap()
 }
 
-fn list(kind: &str, items: Vec<Value>) -> Value {
-    json!({"apiVersion": "v1", "kind": kind, "metadata": {"resourceVersion": "1"}, "items": items})
+/// The deployment as the controller's watch hands it over.
+fn object(d: &InferenceDeployment) -> Arc<DynamicObject> {
+    Arc::new(serde_json::from_value(serde_json::to_value(d).unwrap()).unwrap())
 }
 
-fn inventory() -> Value {
-    list(
-        "GpuInventoryList",
-        vec![json!({
-            "apiVersion": "gpuscale.dev/v1alpha1", "kind": "GpuInventory",
-            "metadata": {"name": "gpu-a"},
-            "spec": {"node": "gpu-a", "gpuCount": 3, "gpus": [
-                {"index": 0, "uuid": "GPU-0", "product": "NVIDIA L4", "memoryTotalBytes": 24u64 << 30, "memoryFreeBytes": 24u64 << 30},
-                {"index": 1, "uuid": "GPU-1", "product": "NVIDIA L4", "memoryTotalBytes": 24u64 << 30, "memoryFreeBytes": 24u64 << 30},
-                {"index": 2, "uuid": "GPU-2", "product": "NVIDIA L4", "memoryTotalBytes": 24u64 << 30, "memoryFreeBytes": 24u64 << 30}
-            ]}
-        })],
-    )
+fn inventory() -> GpuInventory {
+    serde_json::from_value(json!({
+        "apiVersion": "gpuscale.dev/v1alpha1", "kind": "GpuInventory",
+        "metadata": {"name": "gpu-a"},
+        "spec": {"node": "gpu-a", "gpuCount": 3, "gpus": [
+            {"index": 0, "uuid": "GPU-0", "product": "NVIDIA L4", "memoryTotalBytes": 24u64 << 30, "memoryFreeBytes": 24u64 << 30},
+            {"index": 1, "uuid": "GPU-1", "product": "NVIDIA L4", "memoryTotalBytes": 24u64 << 30, "memoryFreeBytes": 24u64 << 30},
+            {"index": 2, "uuid": "GPU-2", "product": "NVIDIA L4", "memoryTotalBytes": 24u64 << 30, "memoryFreeBytes": 24u64 << 30}
+        ]}
+    }))
+    .unwrap()
 }
 
-fn nodes() -> Value {
-    list(
-        "NodeList",
-        vec![json!({
-            "apiVersion": "v1", "kind": "Node", "metadata": {"name": "gpu-a"},
-            "status": {"conditions": [{"type": "Ready", "status": "True"}]}
-        })],
-    )
+fn node() -> Node {
+    serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Node", "metadata": {"name": "gpu-a"},
+        "status": {"conditions": [{"type": "Ready", "status": "True"}]}
+    }))
+    .unwrap()
 }
 
 /// A ready replica pod of `d` at GPU `gpu` with IP `ip`.
@@ -171,36 +345,53 @@ fn pod(d: &InferenceDeployment, index: u32, gpu: u32, ip: &str, extra_labels: Va
     })
 }
 
-fn reads(pods: Vec<Value>, inv: Value) -> Vec<Expect> {
-    vec![
-        Expect(Method::GET, "/api/v1/pods?", 200, list("PodList", pods)),
-        Expect(Method::GET, "/gpuinventories", 200, inv),
-        Expect(Method::GET, "/api/v1/nodes", 200, nodes()),
-    ]
+fn create_pod() -> Expect {
+    expect(Method::POST, POD_PATH, Some(JSON)).reply(201, Value::Null)
 }
 
-fn writes_after(d: &InferenceDeployment, mut steps: Vec<Expect>) -> Vec<Expect> {
-    steps.push(Expect(Method::PATCH, "/services/smollm", 200, Value::Null));
-    steps.push(status_write(d));
-    steps
-}
-
-fn status_write(d: &InferenceDeployment) -> Expect {
-    let obj = serde_json::to_value(d).unwrap();
-    Expect(
+fn drain(index: u32) -> Expect {
+    expect(
         Method::PATCH,
-        "/inferencedeployments/smollm/status",
-        200,
-        obj,
+        &format!("{POD_PATH}/smollm-{index}"),
+        Some(MERGE),
     )
 }
 
-fn status_of(seen: &Seen) -> Value {
-    seen.iter()
-        .rev()
-        .find(|(m, p, _)| *m == Method::PATCH && p.contains("/status"))
-        .map(|s| s.2["status"].clone())
-        .expect("a status patch")
+fn delete(index: u32) -> Expect {
+    expect(
+        Method::DELETE,
+        &format!("{POD_PATH}/smollm-{index}"),
+        Some(JSON),
+    )
+    .reply(
+        200,
+        json!({"kind": "Status", "apiVersion": "v1", "status": "Success"}),
+    )
+}
+
+fn apply_service() -> Expect {
+    expect(
+        Method::PATCH,
+        "/api/v1/namespaces/default/services/smollm",
+        Some(APPLY),
+    )
+    .query(&[("fieldManager", FIELD_MANAGER), ("force", "true")])
+}
+
+fn write_status(d: &InferenceDeployment) -> Expect {
+    expect(Method::PATCH, STATUS_PATH, Some(MERGE)).reply(200, serde_json::to_value(d).unwrap())
+}
+
+fn server_error() -> Value {
+    json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+        "message": "etcdserver: leader changed", "reason": "InternalError", "code": 500})
+}
+
+/// `steps`, then the Service apply and the status write every pass ends with.
+fn pass(d: &InferenceDeployment, mut steps: Vec<Expect>) -> Vec<Expect> {
+    steps.push(apply_service());
+    steps.push(write_status(d));
+    steps
 }
 
 fn condition(status: &Value, type_: &str) -> Value {
@@ -213,22 +404,22 @@ fn condition(status: &Value, type_: &str) -> Value {
         .unwrap()
 }
 
+fn created_names(log: &Log) -> Vec<String> {
+    log.posts(POD_PATH)
+        .iter()
+        .map(|p| p["metadata"]["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
 #[tokio::test]
 async fn create_places_a_pinned_owned_pod_and_a_service() {
     let d = deployment(json!({"minReplicas": 1, "maxReplicas": 4}));
-    let (ctx, server, tx) = context(&[]);
-    let mut script = reads(vec![], inventory());
-    script.push(Expect(
-        Method::POST,
-        "/namespaces/default/pods",
-        201,
-        Value::Null,
-    ));
-    tx.send(writes_after(&d, script)).unwrap();
-    let action = reconcile(Arc::new(d), ctx).await.unwrap();
+    let (client, mock) = Mock::start(pass(&d, vec![create_pod()]));
+    let ctx = context(client, cache(vec![]), &[], TestClock::new());
+    let action = reconcile(object(&d), ctx.clone()).await.unwrap();
     assert_eq!(action, Action::requeue(Duration::from_secs(2)));
-    let seen = server.await.unwrap();
-    let pod: Pod = serde_json::from_value(seen[3].2.clone()).unwrap();
+    let log = mock.finish(ctx).await;
+    let pod: Pod = serde_json::from_value(log.posts(POD_PATH)[0].clone()).unwrap();
     assert_eq!(pod.name_any(), "smollm-0");
     let spec = pod.spec.unwrap();
     assert_eq!(spec.node_name.as_deref(), Some("gpu-a"));
@@ -244,112 +435,120 @@ async fn create_places_a_pinned_owned_pod_and_a_service() {
     );
     assert!(args.contains("--memory-budget="), "{args}");
     assert_eq!(pod.metadata.owner_references.unwrap()[0].uid, "uid-1");
-    let svc = &seen[4].2;
+    let svc = &log.requests[1].body;
     assert_eq!(svc["spec"]["selector"][LABEL_SERVING], "true");
-    let status = status_of(&seen);
+    let status = log.status();
     assert_eq!(status["desiredReplicas"], 1);
     assert_eq!(status["placements"][0]["node"], "gpu-a");
     assert_eq!(condition(&status, "Unschedulable")["status"], "False");
 }
 
 #[tokio::test]
-async fn a_409_on_create_is_someone_else_s_copy_not_an_error_or_a_duplicate() {
+async fn the_mock_fails_a_pass_whose_request_differs_in_query_or_content_type() {
     let d = deployment(json!({"minReplicas": 1, "maxReplicas": 4}));
-    let (ctx, server, tx) = context(&[]);
-    let conflict = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
-        "message": "pods \"smollm-0\" already exists", "reason": "AlreadyExists", "code": 409});
-    let mut script = reads(vec![], inventory());
-    script.push(Expect(Method::POST, "/pods", 409, conflict));
-    tx.send(writes_after(&d, script)).unwrap();
-    reconcile(Arc::new(d), ctx).await.unwrap();
-    let seen = server.await.unwrap();
-    assert_eq!(
-        seen.iter()
-            .filter(|s| s.0 == Method::POST && s.1.contains("/pods"))
-            .count(),
-        1
+    // The script wants a server-side apply without `force`; the pass sends `force=true`.
+    let mut script = pass(&d, vec![create_pod()]);
+    script[1] = expect(
+        Method::PATCH,
+        "/api/v1/namespaces/default/services/smollm",
+        Some(APPLY),
+    )
+    .query(&[("fieldManager", FIELD_MANAGER)]);
+    let (client, mock) = Mock::start(script);
+    let ctx = context(client, cache(vec![]), &[], TestClock::new());
+    let _ = reconcile(object(&d), ctx.clone()).await;
+    drop(ctx);
+    assert!(
+        mock.server.await.is_err(),
+        "the mismatch must fail the test"
     );
+
+    // A merge patch where a server-side apply is scripted fails the same way.
+    let mut script = pass(&d, vec![create_pod()]);
+    script[1].content_type = Some(MERGE);
+    let (client, mock) = Mock::start(script);
+    let ctx = context(client, cache(vec![]), &[], TestClock::new());
+    let _ = reconcile(object(&d), ctx.clone()).await;
+    drop(ctx);
+    assert!(mock.server.await.is_err());
 }
 
 #[tokio::test]
-async fn a_500_fails_the_pass_and_backs_off() {
-    let d = Arc::new(deployment(json!({"minReplicas": 1, "maxReplicas": 4})));
-    let (ctx, server, tx) = context(&[]);
-    let err = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
-        "message": "etcdserver: leader changed", "reason": "InternalError", "code": 500});
-    tx.send(vec![Expect(Method::GET, "/api/v1/pods?", 500, err)])
-        .unwrap();
-    let e = reconcile(d.clone(), ctx.clone()).await.unwrap_err();
+async fn a_409_on_create_is_someone_else_s_copy_not_an_error_or_a_duplicate() {
+    let d = deployment(json!({"minReplicas": 1, "maxReplicas": 4}));
+    let conflict = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+        "message": "pods \"smollm-0\" already exists", "reason": "AlreadyExists", "code": 409});
+    let (client, mock) = Mock::start(pass(&d, vec![create_pod().reply(409, conflict)]));
+    let ctx = context(client, cache(vec![]), &[], TestClock::new());
+    reconcile(object(&d), ctx.clone()).await.unwrap();
+    let log = mock.finish(ctx).await;
+    assert_eq!(log.posts(POD_PATH).len(), 1);
+}
+
+#[tokio::test]
+async fn a_500_fails_the_pass_is_counted_by_kind_and_backs_off() {
+    let d = deployment(json!({"minReplicas": 1, "maxReplicas": 4}));
+    // The status is still written after the failed step, with the decision.
+    let script = vec![create_pod().reply(500, server_error()), write_status(&d)];
+    let (client, mock) = Mock::start(script);
+    let ctx = context(client, cache(vec![]), &[], TestClock::new());
+    let obj = object(&d);
+    let e = reconcile(obj.clone(), ctx.clone()).await.unwrap_err();
     assert!(e.to_string().contains("etcdserver: leader changed"), "{e}");
-    server.await.unwrap();
-    let first = error_policy(d.clone(), &e, ctx.clone());
-    let second = error_policy(d, &e, ctx);
+    let first = error_policy(obj.clone(), &e, ctx.clone());
+    let second = error_policy(obj, &e, ctx.clone());
     assert_ne!(first, second, "the retry interval grows");
+    let text = ctx.metrics.encode();
+    assert!(
+        text.contains("gpuscale_operator_reconcile_errors_total{kind=\"api_server_error\"} 1"),
+        "{text}"
+    );
+    let log = mock.finish(ctx).await;
+    assert_eq!(log.status()["desiredReplicas"], 1);
 }
 
 #[tokio::test]
 async fn missing_inventory_is_reported_as_unschedulable_with_the_reason() {
     let d = deployment(json!({"minReplicas": 1, "maxReplicas": 4}));
-    let (ctx, server, tx) = context(&[]);
-    let mut script = vec![
-        Expect(Method::GET, "/api/v1/pods?", 200, list("PodList", vec![])),
-        Expect(
-            Method::GET,
-            "/gpuinventories",
-            200,
-            list("GpuInventoryList", vec![]),
-        ),
-        Expect(Method::GET, "/api/v1/nodes", 200, list("NodeList", vec![])),
-    ];
-    script = writes_after(&d, script);
-    tx.send(script).unwrap();
-    reconcile(Arc::new(d), ctx).await.unwrap();
-    let seen = server.await.unwrap();
-    assert!(
-        !seen
-            .iter()
-            .any(|s| s.0 == Method::POST && s.1.contains("/pods")),
-        "no pod without a place"
-    );
-    let cond = condition(&status_of(&seen), "Unschedulable");
+    let (client, mock) = Mock::start(pass(&d, vec![]));
+    let empty = Cache::of(vec![], vec![], vec![]);
+    let ctx = context(client, empty, &[], TestClock::new());
+    reconcile(object(&d), ctx.clone()).await.unwrap();
+    let log = mock.finish(ctx).await;
+    assert!(log.posts(POD_PATH).is_empty(), "no pod without a place");
+    let cond = condition(&log.status(), "Unschedulable");
     assert_eq!(
         (cond["status"].as_str(), cond["reason"].as_str()),
         (Some("True"), Some("NoGPUs"))
     );
-    let event = seen
-        .iter()
-        .find(|s| s.1.contains("/events"))
-        .expect("an Unschedulable event");
-    assert_eq!(event.2["reason"], "Unschedulable");
+    assert!(log.event("Unschedulable").is_some(), "{:?}", log.events);
 }
 
 #[tokio::test]
 async fn queue_depth_scales_up_and_says_why() {
     let d = deployment(json!({"minReplicas": 1, "maxReplicas": 3, "targetQueueDepth": 4}));
-    let (ctx, server, tx) = context(&[("http://10.0.0.1:8080", 20.0)]);
-    let mut script = reads(vec![pod(&d, 0, 0, "10.0.0.1", json!({}))], inventory());
-    script.push(Expect(Method::POST, "/pods", 201, Value::Null));
-    script.push(Expect(Method::POST, "/pods", 201, Value::Null));
-    tx.send(writes_after(&d, script)).unwrap();
-    reconcile(Arc::new(d), ctx).await.unwrap();
-    let seen = server.await.unwrap();
-    let created: Vec<String> = seen
-        .iter()
-        .filter(|s| s.0 == Method::POST && s.1.contains("/pods"))
-        .map(|s| s.2["metadata"]["name"].as_str().unwrap().to_string())
-        .collect();
+    let (client, mock) = Mock::start(pass(&d, vec![create_pod(), create_pod()]));
+    let pods = vec![pod(&d, 0, 0, "10.0.0.1", json!({}))];
+    let ctx = context(
+        client,
+        cache(pods),
+        &[("http://10.0.0.1:8080", 20.0)],
+        TestClock::new(),
+    );
+    reconcile(object(&d), ctx.clone()).await.unwrap();
+    let log = mock.finish(ctx).await;
     assert_eq!(
-        created,
+        created_names(&log),
         ["smollm-1", "smollm-2"],
         "20 in flight / 4 per replica, capped at max 3"
     );
-    let gpus: Vec<&Value> = seen
+    let gpus: Vec<&Value> = log
+        .posts(POD_PATH)
         .iter()
-        .filter(|s| s.0 == Method::POST && s.1.contains("/pods"))
-        .map(|s| &s.2["spec"]["nodeName"])
+        .map(|p| &p["metadata"]["annotations"][ANNOTATION_PLACEMENT])
         .collect();
-    assert_eq!(gpus.len(), 2);
-    let status = status_of(&seen);
+    assert_ne!(gpus[0], gpus[1], "two replicas, two GPUs");
+    let status = log.status();
     assert_eq!(status["desiredReplicas"], 3);
     assert_eq!(status["queueDepth"], 20);
     assert!(
@@ -359,61 +558,52 @@ async fn queue_depth_scales_up_and_says_why() {
             .contains("queue depth"),
         "{status}"
     );
-    let ev = seen
-        .iter()
-        .find(|s| s.1.contains("/events"))
-        .expect("a scale event");
-    assert_eq!(ev.2["reason"], "ScaledUp");
+    let ev = log.event("ScaledUp").expect("a scale event");
+    assert_eq!(
+        ev["note"].as_str().unwrap().split(':').next(),
+        Some("1 → 3")
+    );
 }
 
 #[tokio::test]
 async fn scale_down_drains_first_and_deletes_only_when_empty() {
     let d = deployment(json!({"autoscale": false, "minReplicas": 1, "maxReplicas": 3}));
     let busy = ("http://10.0.0.1:8080", 3.0);
-    let (ctx, server, tx) = context(&[busy, ("http://10.0.0.2:8080", 1.0)]);
+    let drained = pod(&d, 1, 1, "10.0.0.2", json!({}));
+    let (client, mock) = Mock::start(pass(&d, vec![drain(1).reply(200, drained)]));
     let pods = vec![
         pod(&d, 0, 0, "10.0.0.1", json!({})),
         pod(&d, 1, 1, "10.0.0.2", json!({})),
     ];
-    let mut script = reads(pods, inventory());
-    script.push(Expect(
-        Method::PATCH,
-        "/pods/smollm-1",
-        200,
-        pod(&d, 1, 1, "10.0.0.2", json!({})),
-    ));
-    tx.send(writes_after(&d, script)).unwrap();
-    reconcile(Arc::new(d.clone()), ctx).await.unwrap();
-    let seen = server.await.unwrap();
-    let drain = seen
-        .iter()
-        .find(|s| s.1.contains("/pods/smollm-1"))
-        .unwrap();
+    let ctx = context(
+        client,
+        cache(pods),
+        &[busy, ("http://10.0.0.2:8080", 1.0)],
+        TestClock::new(),
+    );
+    reconcile(object(&d), ctx.clone()).await.unwrap();
+    let log = mock.finish(ctx).await;
     assert_eq!(
-        drain.2["metadata"]["labels"][LABEL_SERVING], "false",
+        log.requests[0].body["metadata"]["labels"][LABEL_SERVING], "false",
         "taken out of the Service"
     );
-    assert!(!seen.iter().any(|s| s.0 == Method::DELETE));
 
     // Next pass: still one request in flight: nothing deleted. Then empty: deleted.
     for (in_flight, deletes) in [(1.0, false), (0.0, true)] {
-        let (ctx, server, tx) = context(&[busy, ("http://10.0.0.2:8080", in_flight)]);
+        let steps = if deletes { vec![delete(1)] } else { vec![] };
+        let (client, mock) = Mock::start(pass(&d, steps));
         let draining = pod(&d, 1, 1, "10.0.0.2", json!({LABEL_SERVING: "false"}));
         let pods = vec![pod(&d, 0, 0, "10.0.0.1", json!({})), draining];
-        let mut script = reads(pods, inventory());
-        if deletes {
-            script.push(Expect(
-                Method::DELETE,
-                "/pods/smollm-1",
-                200,
-                json!({"kind": "Status", "apiVersion": "v1", "status": "Success"}),
-            ));
-        }
-        tx.send(writes_after(&d, script)).unwrap();
-        reconcile(Arc::new(d.clone()), ctx).await.unwrap();
-        let seen = server.await.unwrap();
+        let ctx = context(
+            client,
+            cache(pods),
+            &[busy, ("http://10.0.0.2:8080", in_flight)],
+            TestClock::new(),
+        );
+        reconcile(object(&d), ctx.clone()).await.unwrap();
+        let log = mock.finish(ctx).await;
         assert_eq!(
-            seen.iter().any(|s| s.0 == Method::DELETE),
+            log.requests.iter().any(|s| s.method == Method::DELETE),
             deletes,
             "in flight {in_flight}"
         );
@@ -423,23 +613,19 @@ async fn scale_down_drains_first_and_deletes_only_when_empty() {
 #[tokio::test]
 async fn a_spec_change_surges_a_new_replica_before_draining_the_old() {
     let d = deployment(json!({"autoscale": false, "minReplicas": 1, "maxReplicas": 3}));
-    let (ctx, server, tx) = context(&[("http://10.0.0.1:8080", 0.0)]);
+    let (client, mock) = Mock::start(pass(&d, vec![create_pod()]));
     let old = pod(&d, 0, 0, "10.0.0.1", json!({LABEL_TEMPLATE: "0000000000"}));
-    let mut script = reads(vec![old], inventory());
-    script.push(Expect(Method::POST, "/pods", 201, Value::Null));
-    tx.send(writes_after(&d, script)).unwrap();
-    reconcile(Arc::new(d), ctx).await.unwrap();
-    let seen = server.await.unwrap();
-    let created = seen
-        .iter()
-        .find(|s| s.0 == Method::POST && s.1.contains("/pods"))
-        .unwrap();
-    assert_eq!(created.2["metadata"]["name"], "smollm-1");
-    assert_eq!(created.2["spec"]["nodeName"], "gpu-a");
-    assert!(
-        !seen.iter().any(|s| s.1.contains("/pods/smollm-0")),
-        "the old replica serves on"
+    let ctx = context(
+        client,
+        cache(vec![old]),
+        &[("http://10.0.0.1:8080", 0.0)],
+        TestClock::new(),
     );
+    reconcile(object(&d), ctx.clone()).await.unwrap();
+    let log = mock.finish(ctx).await;
+    assert_eq!(created_names(&log), ["smollm-1"]);
+    assert_eq!(log.posts(POD_PATH)[0]["spec"]["nodeName"], "gpu-a");
+    // The script has no patch or delete of smollm-0: the old replica serves on.
 }
 
 #[tokio::test]
@@ -448,43 +634,48 @@ async fn delete_drains_every_replica_before_the_finalizer_goes() {
     d.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
         jiff::Timestamp::now(),
     ));
-    let (ctx, server, tx) = context(&[("http://10.0.0.1:8080", 2.0)]);
-    tx.send(vec![
-        Expect(
-            Method::GET,
-            "/namespaces/default/pods?",
-            200,
-            list("PodList", vec![pod(&d, 0, 0, "10.0.0.1", json!({}))]),
-        ),
-        Expect(Method::PATCH, "/pods/smollm-0", 200, Value::Null),
-    ])
-    .unwrap();
-    let e = reconcile(Arc::new(d.clone()), ctx.clone())
-        .await
-        .unwrap_err();
+    let (client, mock) = Mock::start(vec![drain(0)]);
+    let pods = vec![pod(&d, 0, 0, "10.0.0.1", json!({}))];
+    let ctx = context(
+        client,
+        cache(pods),
+        &[("http://10.0.0.1:8080", 2.0)],
+        TestClock::new(),
+    );
+    let e = reconcile(object(&d), ctx.clone()).await.unwrap_err();
     assert!(matches!(e, Error::Draining(1)), "{e}");
     assert_eq!(
-        error_policy(Arc::new(d), &e, ctx),
+        error_policy(object(&d), &e, ctx.clone()),
         Action::requeue(Duration::from_secs(2))
     );
-    let seen = server.await.unwrap();
-    assert_eq!(seen[1].2["metadata"]["labels"][LABEL_SERVING], "false");
+    let text = ctx.metrics.encode();
+    assert!(
+        text.contains("gpuscale_operator_reconciles_total{result=\"draining\"} 1")
+            && !text.contains("reconcile_errors_total{"),
+        "a drain is counted, and not as a failure: {text}"
+    );
+    let log = mock.finish(ctx).await;
+    assert_eq!(
+        log.requests[0].body["metadata"]["labels"][LABEL_SERVING],
+        "false"
+    );
 }
 
 #[tokio::test]
 async fn an_unsizeable_model_is_an_invalid_spec_condition_and_nothing_is_touched() {
     let mut d = deployment(json!({"minReplicas": 1, "maxReplicas": 3}));
     d.spec.model.parameters = None;
-    let (ctx, server, tx) = context(&[("http://10.0.0.1:8080", 0.0)]);
-    let mut script = reads(vec![pod(&d, 0, 0, "10.0.0.1", json!({}))], inventory());
-    script.push(status_write(&d));
-    tx.send(script).unwrap();
-    reconcile(Arc::new(d), ctx).await.unwrap();
-    let seen = server.await.unwrap();
-    assert!(!seen
-        .iter()
-        .any(|s| s.0 == Method::DELETE || (s.0 == Method::POST && s.1.contains("/pods"))));
-    let cond = condition(&status_of(&seen), "InvalidSpec");
+    let (client, mock) = Mock::start(vec![write_status(&d)]);
+    let pods = vec![pod(&d, 0, 0, "10.0.0.1", json!({}))];
+    let ctx = context(
+        client,
+        cache(pods),
+        &[("http://10.0.0.1:8080", 0.0)],
+        TestClock::new(),
+    );
+    reconcile(object(&d), ctx.clone()).await.unwrap();
+    let log = mock.finish(ctx).await;
+    let cond = condition(&log.status(), "InvalidSpec");
     assert_eq!(cond["status"], "True");
     assert!(
         cond["message"]
@@ -493,4 +684,98 @@ async fn an_unsizeable_model_is_an_invalid_spec_condition_and_nothing_is_touched
             .contains("spec.model.parameters"),
         "{cond}"
     );
+}
+
+#[tokio::test]
+async fn an_object_that_cannot_be_read_is_reported_and_skipped() {
+    let d = deployment(json!({"minReplicas": 1, "maxReplicas": 3}));
+    let mut raw = serde_json::to_value(&d).unwrap();
+    raw["spec"].as_object_mut().unwrap().remove("model");
+    let obj: Arc<DynamicObject> = Arc::new(serde_json::from_value(raw).unwrap());
+    let (client, mock) = Mock::start(vec![]);
+    let ctx = context(client, cache(vec![]), &[], TestClock::new());
+    let action = reconcile(obj, ctx.clone()).await.unwrap();
+    assert_eq!(action, Action::requeue(Duration::from_secs(300)));
+    assert!(ctx
+        .metrics
+        .encode()
+        .contains("gpuscale_operator_reconciles_total{result=\"unreadable\"} 1"));
+    let log = mock.finish(ctx).await;
+    let ev = log
+        .event("Unreadable")
+        .expect("a Warning event on the object");
+    assert!(
+        ev["note"]
+            .as_str()
+            .unwrap()
+            .contains("spec: missing field `model`"),
+        "{ev}"
+    );
+    assert!(log.requests.is_empty(), "nothing written, nothing deleted");
+}
+
+/// The per-deployment autoscaler state survives a failed pass. The window's
+/// recommendation of 2 (t = 200 s) must still hold at t = 302 s, after the pass at
+/// t = 301 s failed on its drain patch; lost state would scale straight to 1.
+#[tokio::test]
+async fn a_500_on_the_drain_keeps_the_scale_down_window() {
+    let mut d = deployment(
+        json!({"minReplicas": 1, "maxReplicas": 3, "targetQueueDepth": 4,
+                                  "warmReplicas": 0, "scaleDownWindowSeconds": 300}),
+    );
+    d.status = Some(gpuscale_crds::InferenceDeploymentStatus {
+        desired_replicas: 3,
+        ..Default::default()
+    });
+    let pods: Vec<Value> = (0..3)
+        .map(|i| pod(&d, i, i, &format!("10.0.0.{}", i + 1), json!({})))
+        .collect();
+    let urls = [
+        "http://10.0.0.1:8080",
+        "http://10.0.0.2:8080",
+        "http://10.0.0.3:8080",
+    ];
+    let clock = TestClock::new();
+    let loads = Arc::new(Loads(Mutex::new(HashMap::new())));
+    let (unused, _) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let base = Context::with_cache(
+        Client::new(unused, "default"),
+        Config::default(),
+        loads.clone(),
+        Arc::new(Metrics::default()),
+        cache(pods),
+        clock.clone(),
+    );
+    // (time, in flight per replica, script, pass succeeds, desired after)
+    let passes = [
+        (0, 4.0, pass(&d, vec![]), true, 3),
+        (200, 2.0, pass(&d, vec![]), true, 3),
+        // Idle: the window (from 1 s) holds the 2 of 200 s: drain one; it answers 500.
+        (
+            301,
+            0.0,
+            vec![drain(2).reply(500, server_error()), write_status(&d)],
+            false,
+            2,
+        ),
+        // Still idle: the same window holds: one drain again, not two.
+        (302, 0.0, pass(&d, vec![drain(2)]), true, 2),
+    ];
+    for (t, each, script, ok, desired) in passes {
+        clock.set(t);
+        loads.set(urls.iter().map(|u| (*u, each)));
+        let (client, mock) = Mock::start(script);
+        let ctx = base.with_client(client);
+        assert_eq!(
+            reconcile(object(&d), ctx.clone()).await.is_ok(),
+            ok,
+            "pass at {t} s"
+        );
+        let log = mock.finish(ctx).await;
+        assert_eq!(
+            log.status()["desiredReplicas"],
+            desired,
+            "after the pass at {t} s"
+        );
+    }
 }

@@ -74,7 +74,9 @@ pub async fn endpoints(client: &Client, ns: &str, service: &str) -> Vec<String> 
     };
     list.items
         .iter()
-        .filter(|p| crate::reconcile::pods::is_ready(p) && p.metadata.deletion_timestamp.is_none())
+        .filter(|p| {
+            gpuscale_operator::reconcile::is_ready(p) && p.metadata.deletion_timestamp.is_none()
+        })
         .filter_map(|p| {
             Some(format!(
                 "http://{}:{port}",

@@ -1,5 +1,5 @@
-//! `gpuscale-operator demo`: a simulated cluster, the real operator binary, SmolLM2
-//! workers, and a traffic burst, with a live table, a summary and an SVG plot.
+//! `gpuscale-sim demo`: a simulated cluster, the real operator binary, SmolLM2 workers,
+//! and a traffic burst, with a live table, a summary and an SVG plot.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -18,7 +18,7 @@ use super::kubelet::KubeletConfig;
 use super::nodes::default_fleet;
 use super::traffic::{self, Profile};
 
-const EXAMPLE: &str = include_str!("../../../examples/smollm.yaml");
+const EXAMPLE: &str = include_str!("../../examples/smollm.yaml");
 
 /// Where the demo writes: kubeconfig, logs, plot.
 pub const OUT: &str = "target/gpuscale-sim";
@@ -56,26 +56,36 @@ fn model_path() -> anyhow::Result<PathBuf> {
         .context("scripts/ensure-tools.sh did not report GPUSCALE_SMOLLM2_GGUF")
 }
 
-/// The worker binary, built (release) when missing.
-fn worker() -> anyhow::Result<PathBuf> {
-    if let Ok(p) = super::worker_binary() {
-        return Ok(p);
+/// The operator and worker binaries. From a checkout they are (re)built in release
+/// first, so the demo never runs a stale operator; `GPUSCALE_OPERATOR_BIN` and
+/// `GPUSCALE_WORKER_BIN` override both.
+fn binaries() -> anyhow::Result<(PathBuf, PathBuf)> {
+    let overridden = std::env::var_os("GPUSCALE_OPERATOR_BIN").is_some()
+        && std::env::var_os("GPUSCALE_WORKER_BIN").is_some();
+    if !overridden && Path::new("Cargo.toml").is_file() {
+        eprintln!("building the operator and the worker (cargo build --release)...");
+        let ok = std::process::Command::new("cargo")
+            .args([
+                "build",
+                "--release",
+                "-p",
+                "gpuscale-operator",
+                "-p",
+                "gpuscale-inference-worker",
+            ])
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            bail!("could not build them; run cargo build --release -p gpuscale-operator -p gpuscale-inference-worker");
+        }
     }
-    eprintln!("building the worker (cargo build --release -p gpuscale-inference-worker)...");
-    let ok = std::process::Command::new("cargo")
-        .args(["build", "--release", "-p", "gpuscale-inference-worker"])
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ok {
-        bail!("could not build the worker; build it with cargo build --release -p gpuscale-inference-worker");
-    }
-    super::worker_binary()
+    Ok((super::operator_binary()?, super::worker_binary()?))
 }
 
 /// Runs the demo. `burst_rps` is the request rate of the burst.
 pub async fn run(burst_rps: f64) -> anyhow::Result<()> {
     let model = model_path()?;
-    let worker_bin = worker()?;
+    let (operator_bin, worker_bin) = binaries()?;
     let out = PathBuf::from(OUT);
     let kubeconfig = out.join("kubeconfig");
     let cluster = SimCluster::start(ClusterConfig {
@@ -98,7 +108,9 @@ pub async fn run(burst_rps: f64) -> anyhow::Result<()> {
         kubeconfig.display()
     );
     let log = std::fs::File::create(out.join("operator.log"))?;
-    let mut operator = tokio::process::Command::new(std::env::current_exe()?)
+    // The operator logs at info whatever the demo's own level: its log is the record of
+    // every decision the run made.
+    let mut operator = tokio::process::Command::new(&operator_bin)
         .args([
             "run",
             "--metrics-addr",
@@ -109,6 +121,7 @@ pub async fn run(burst_rps: f64) -> anyhow::Result<()> {
             "30",
         ])
         .env("KUBECONFIG", &kubeconfig)
+        .env("RUST_LOG", "info")
         .stdout(log.try_clone()?)
         .stderr(log)
         .kill_on_drop(true)

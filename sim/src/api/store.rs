@@ -9,6 +9,8 @@ use std::sync::Arc;
 use serde_json::{json, Value};
 use tokio::sync::broadcast;
 
+use gpuscale_crds::validate::{FieldValidation, Refusal};
+
 use super::resources::{builtins, Resource};
 use super::selector::{FieldSelector, LabelSelector};
 
@@ -22,6 +24,8 @@ pub struct ApiError {
     pub code: u16,
     pub reason: &'static str,
     pub message: String,
+    /// `Status.details` (the causes of an Invalid).
+    pub details: Option<Value>,
 }
 
 impl ApiError {
@@ -30,6 +34,7 @@ impl ApiError {
             code,
             reason,
             message: message.into(),
+            details: None,
         }
     }
 
@@ -49,10 +54,33 @@ impl ApiError {
         Self::new(422, "Invalid", message)
     }
 
+    /// The API server's answer to a custom resource its CRD's schema refuses: 400 for
+    /// unknown fields under strict validation, else 422 with one cause per field.
+    fn refused(r: &Resource, name: &str, refusal: Refusal) -> Self {
+        match refusal {
+            Refusal::UnknownFields(m) => Self::bad_request(m),
+            Refusal::Invalid { message, causes } => Self {
+                code: 422,
+                reason: "Invalid",
+                message,
+                details: Some(json!({
+                    "name": name, "group": r.group, "kind": r.kind,
+                    "causes": causes.iter().map(|c| json!({
+                        "reason": c.reason, "message": c.message, "field": c.field,
+                    })).collect::<Vec<_>>(),
+                })),
+            },
+        }
+    }
+
     /// The `Status` object.
     pub fn status(&self) -> Value {
-        json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-               "message": self.message, "reason": self.reason, "code": self.code})
+        let mut s = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+               "message": self.message, "reason": self.reason, "code": self.code});
+        if let Some(d) = &self.details {
+            s["details"] = d.clone();
+        }
+        s
     }
 }
 
@@ -94,6 +122,27 @@ pub enum Part {
     Status,
 }
 
+/// Options of a create or update, and what it warned of.
+#[derive(Debug, Default)]
+pub struct WriteOptions {
+    /// `dryRun=All`: check, answer, store nothing.
+    pub dry_run: bool,
+    /// `fieldValidation`: what unknown fields of a custom resource do.
+    pub validation: FieldValidation,
+    /// `Warning` headers for the response (unknown fields dropped under `Warn`).
+    pub warnings: Vec<String>,
+    /// Skip admission: only for objects a test stores as if written before their CRD's
+    /// schema changed (the API server keeps such objects and serves them as they are).
+    pub unchecked: bool,
+}
+
+impl WriteOptions {
+    /// A plain write, with the API server's default field validation.
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
 /// Options of a delete.
 #[derive(Debug, Default)]
 pub struct DeleteOptions {
@@ -117,7 +166,7 @@ pub struct Store {
     tx: broadcast::Sender<Arc<Event>>,
 }
 
-use crate::sim::now_rfc3339 as now;
+use crate::now_rfc3339 as now;
 
 fn meta_str<'a>(obj: &'a Value, key: &str) -> Option<&'a str> {
     obj["metadata"][key].as_str()
@@ -163,7 +212,7 @@ impl Default for Store {
         for name in ["default", "kube-system"] {
             let obj = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name},
                              "status": {"phase": "Active"}});
-            s.create(&ns, "", obj, false)
+            s.create(&ns, "", obj, &mut WriteOptions::new())
                 .expect("a fresh store takes namespaces");
         }
         s
@@ -300,7 +349,7 @@ impl Store {
         r: &Resource,
         ns: &str,
         mut obj: Value,
-        dry_run: bool,
+        opts: &mut WriteOptions,
     ) -> Result<Value, ApiError> {
         if !obj.is_object() || !obj["metadata"].is_object() && !obj["metadata"].is_null() {
             return Err(ApiError::bad_request("the body must be a JSON object"));
@@ -359,7 +408,8 @@ impl Store {
             o.remove("managedFields");
         }
         self.defaults(r, &mut obj);
-        if dry_run {
+        Self::admit(r, &name, &mut obj, None, opts)?;
+        if opts.dry_run {
             return Ok(obj);
         }
         obj["metadata"]["resourceVersion"] = json!(self.next_rv());
@@ -372,6 +422,25 @@ impl Store {
             .insert(key, obj.clone());
         self.record(Change::Added, r, obj.clone(), None);
         Ok(obj)
+    }
+
+    /// A custom resource against its CRD's schema and rules (pruned and defaulted in
+    /// place), as the apiextensions-apiserver admits it on every create and update.
+    fn admit(
+        r: &Resource,
+        name: &str,
+        obj: &mut Value,
+        old: Option<&Value>,
+        opts: &mut WriteOptions,
+    ) -> Result<(), ApiError> {
+        let Some(v) = r.validator.as_ref().filter(|_| !opts.unchecked) else {
+            return Ok(());
+        };
+        let warnings = v
+            .admit(obj, old, opts.validation)
+            .map_err(|e| ApiError::refused(r, name, e))?;
+        opts.warnings.extend(warnings);
+        Ok(())
     }
 
     /// What the API server fills in: pod phase, a service's cluster IP, a fresh status
@@ -404,7 +473,12 @@ impl Store {
     }
 
     fn register_crd(&mut self, crd: &mut Value) -> Result<(), ApiError> {
-        let new = Resource::from_crd(crd);
+        let new = Resource::from_crd(crd).map_err(|e| {
+            ApiError::invalid(format!(
+                "CustomResourceDefinition.apiextensions.k8s.io {:?} is invalid: {e}",
+                crd["metadata"]["name"].as_str().unwrap_or_default()
+            ))
+        })?;
         if new.is_empty() {
             return Err(ApiError::invalid(
                 "spec.versions: Required value: a CRD needs at least one served version",
@@ -435,7 +509,7 @@ impl Store {
         name: &str,
         obj: Value,
         part: Part,
-        dry_run: bool,
+        opts: &mut WriteOptions,
     ) -> Result<Value, ApiError> {
         let old = self.get(r, ns, name)?;
         if let Some(rv) = meta_str(&obj, "resourceVersion").filter(|v| !v.is_empty()) {
@@ -498,10 +572,11 @@ impl Store {
         new["apiVersion"] = json!(r.api_version());
         new["kind"] = json!(r.kind);
         new["metadata"]["name"] = json!(name);
+        Self::admit(r, name, &mut new, Some(&old), opts)?;
         let generation = old["metadata"]["generation"].as_i64().unwrap_or(1);
         let bumped = part == Part::Main && spec_part(&new) != spec_part(&old);
         new["metadata"]["generation"] = json!(generation + i64::from(bumped));
-        if dry_run {
+        if opts.dry_run {
             return Ok(new);
         }
         if r.group == "apiextensions.k8s.io" && part == Part::Main {

@@ -52,6 +52,8 @@ pub struct Resource {
     pub columns: Vec<Column>,
     /// The CRD's OpenAPI schema, when it came from one.
     pub schema: Option<Value>,
+    /// Its admission (pruning, defaults, schema and CEL rules), when it came from a CRD.
+    pub validator: Option<std::sync::Arc<gpuscale_crds::validate::Validator>>,
 }
 
 impl Resource {
@@ -69,6 +71,7 @@ impl Resource {
             scale: None,
             columns: Vec::new(),
             schema: None,
+            validator: None,
         }
     }
 
@@ -124,8 +127,9 @@ impl Resource {
         out
     }
 
-    /// The resource a CRD object describes, one per served version.
-    pub fn from_crd(crd: &Value) -> Vec<Resource> {
+    /// The resource a CRD object describes, one per served version, or why the CRD's
+    /// schema is refused (a CEL rule that does not compile, as the API server checks).
+    pub fn from_crd(crd: &Value) -> Result<Vec<Resource>, String> {
         let spec = &crd["spec"];
         let names = &spec["names"];
         let strings = |v: &Value| -> Vec<String> {
@@ -139,7 +143,7 @@ impl Resource {
         };
         let text = |v: &Value| v.as_str().unwrap_or_default().to_string();
         let Some(versions) = spec["versions"].as_array() else {
-            return Vec::new();
+            return Ok(Vec::new());
         };
         versions
             .iter()
@@ -147,7 +151,7 @@ impl Resource {
             .map(|v| {
                 let sub = &v["subresources"];
                 let kind = text(&names["kind"]);
-                Resource {
+                Ok(Resource {
                     group: text(&spec["group"]),
                     version: text(&v["name"]),
                     plural: text(&names["plural"]),
@@ -180,7 +184,13 @@ impl Resource {
                         })
                         .unwrap_or_else(|| vec![Column::new("Age", "date", AGE, 0)]),
                     schema: v["schema"].get("openAPIV3Schema").cloned(),
-                }
+                    validator: match v["schema"].get("openAPIV3Schema") {
+                        Some(_) => Some(std::sync::Arc::new(
+                            gpuscale_crds::validate::Validator::from_crd(crd, &text(&v["name"]))?,
+                        )),
+                        None => None,
+                    },
+                })
             })
             .collect()
     }

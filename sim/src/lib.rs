@@ -1,7 +1,8 @@
 //! The simulated cluster: an API server, GPU nodes and a kubelet that runs the real
 //! `inference-worker`, so that the operator and kubectl run end to end on a machine with
 //! no Kubernetes. It is a simulator, not a Kubernetes: it serves the subset of the API
-//! gpuscale and kubectl use, and the production path never depends on it.
+//! gpuscale and kubectl use, and the production path never depends on it (this crate
+//! depends on the operator, never the other way round, so the compiler enforces that).
 
 pub mod api;
 pub mod cluster;
@@ -20,20 +21,39 @@ pub(crate) fn now_rfc3339() -> String {
 /// The `inference-worker` binary built beside the running one (`target/<profile>/`),
 /// or where `GPUSCALE_WORKER_BIN` points.
 pub fn worker_binary() -> anyhow::Result<PathBuf> {
-    if let Ok(p) = std::env::var("GPUSCALE_WORKER_BIN") {
+    sibling_binary(
+        "inference-worker",
+        "GPUSCALE_WORKER_BIN",
+        "gpuscale-inference-worker",
+    )
+}
+
+/// The `gpuscale-operator` binary built beside the running one, or where
+/// `GPUSCALE_OPERATOR_BIN` points.
+pub fn operator_binary() -> anyhow::Result<PathBuf> {
+    sibling_binary(
+        "gpuscale-operator",
+        "GPUSCALE_OPERATOR_BIN",
+        "gpuscale-operator",
+    )
+}
+
+/// A binary of this workspace: `env` when set, else `name` beside the running one.
+fn sibling_binary(name: &str, env: &str, package: &str) -> anyhow::Result<PathBuf> {
+    if let Ok(p) = std::env::var(env) {
         return Ok(PathBuf::from(p));
     }
     let exe = std::env::current_exe()?;
     // Test binaries live one level down, in target/<profile>/deps.
     for dir in exe.ancestors().skip(1).take(2) {
-        let candidate = dir.join("inference-worker");
+        let candidate = dir.join(name);
         if candidate.is_file() {
             return Ok(candidate);
         }
     }
     anyhow::bail!(
-        "no inference-worker binary beside {} (build it: cargo build -p gpuscale-inference-worker, \
-         with --release for the demo), and GPUSCALE_WORKER_BIN is not set",
+        "no {name} binary beside {} (build it: cargo build -p {package}, with --release for \
+         the demo), and {env} is not set",
         exe.display()
     )
 }

@@ -13,10 +13,12 @@ use http::{header, HeaderMap, Method, StatusCode, Uri};
 use serde_json::{json, Value};
 
 use super::openapi;
+use super::patch;
 use super::resources::Resource;
 use super::selector::{FieldSelector, LabelSelector};
-use super::store::{set_path, ApiError, Change, DeleteOptions, Event, Part, Store};
+use super::store::{set_path, ApiError, Change, DeleteOptions, Event, Part, Store, WriteOptions};
 use super::table::{json_path, table, wants_table};
+use gpuscale_crds::validate::FieldValidation;
 
 /// The state every request shares.
 #[derive(Clone, Default)]
@@ -282,7 +284,22 @@ async fn resource(
         Ok(b) => b,
         Err(e) => return error(&e),
     };
-    let dry_run = query.get("dryRun").is_some_and(|d| d == "All");
+    let validation = match query.get("fieldValidation").map(String::as_str) {
+        None | Some("") => FieldValidation::default(),
+        Some(v) => match FieldValidation::parse(v) {
+            Some(m) => m,
+            None => {
+                return error(&ApiError::bad_request(format!(
+                    "fieldValidation must be one of Ignore, Warn or Strict, not {v:?}"
+                )))
+            }
+        },
+    };
+    let mut opts = WriteOptions {
+        dry_run: query.get("dryRun").is_some_and(|d| d == "All"),
+        validation,
+        ..WriteOptions::default()
+    };
     let ns = t.namespace.clone().unwrap_or_default();
     let table_out = wants_table(accept);
     let r = t.resource.clone();
@@ -308,9 +325,9 @@ async fn resource(
                 })
             })
         }
-        (Method::POST, None, _) => shared.lock().create(&r, &ns, body, dry_run).map(created),
+        (Method::POST, None, _) => shared.lock().create(&r, &ns, body, &mut opts).map(created),
         (Method::PUT, Some(name), sub) => {
-            write(&shared, &t, name, sub, |_| Ok(body.clone()), dry_run).map(ok)
+            write(&shared, &t, name, sub, |_| Ok(body.clone()), &mut opts).map(ok)
         }
         (Method::PATCH, Some(name), sub) => {
             let apply = content_type.starts_with("application/apply-patch");
@@ -319,15 +336,15 @@ async fn resource(
                 // Server-side apply creates what does not exist yet.
                 let mut obj = body.clone();
                 obj["metadata"]["name"] = json!(name);
-                shared.lock().create(&r, &ns, obj, dry_run).map(created)
+                shared.lock().create(&r, &ns, obj, &mut opts).map(created)
             } else {
                 write(
                     &shared,
                     &t,
                     name,
                     sub,
-                    |cur| patch(content_type, cur, &body),
-                    dry_run,
+                    |cur| patch::apply(&r, content_type, cur, &body),
+                    &mut opts,
                 )
                 .map(ok)
             }
@@ -358,7 +375,17 @@ async fn resource(
         )),
     };
     match result {
-        Ok((code, v)) => json_response(code, &v),
+        Ok((code, v)) => {
+            let mut resp = json_response(code, &v);
+            // As the API server sends them: `299 - "<text>"`, one header each.
+            for w in &opts.warnings {
+                let text = format!("299 - {:?}", w);
+                if let Ok(h) = http::HeaderValue::from_str(&text) {
+                    resp.headers_mut().append(header::WARNING, h);
+                }
+            }
+            resp
+        }
         Err(e) => error(&e),
     }
 }
@@ -433,7 +460,7 @@ fn write(
     name: &str,
     sub: Option<&str>,
     change: impl FnOnce(&Value) -> Result<Value, ApiError>,
-    dry_run: bool,
+    opts: &mut WriteOptions,
 ) -> Result<Value, ApiError> {
     let ns = t.namespace.clone().unwrap_or_default();
     let r = &t.resource;
@@ -454,7 +481,7 @@ fn write(
                 ));
             }
             let new = change(&current)?;
-            store.update(r, &ns, name, new, part, dry_run)
+            store.update(r, &ns, name, new, part, opts)
         }
         Some("scale") => {
             let scale = scale_of(r, &current)?;
@@ -475,7 +502,7 @@ fn write(
             if let Some(rv) = new["metadata"]["resourceVersion"].as_str() {
                 obj["metadata"]["resourceVersion"] = json!(rv);
             }
-            let updated = store.update(r, &ns, name, obj, Part::Main, dry_run)?;
+            let updated = store.update(r, &ns, name, obj, Part::Main, opts)?;
             scale_of(r, &updated)
         }
         Some(other) => Err(ApiError::new(
@@ -483,74 +510,6 @@ fn write(
             "NotFound",
             format!("no subresource {other}"),
         )),
-    }
-}
-
-/// Applies a patch of `content_type` to `current`. Strategic merge is read as a JSON
-/// merge patch (its `$` directives dropped) and server-side apply as a merge of the
-/// applied configuration: the simulator keeps no field ownership.
-fn patch(content_type: &str, current: &Value, body: &Value) -> Result<Value, ApiError> {
-    let mut out = current.clone();
-    let kind = content_type.split(';').next().unwrap_or_default().trim();
-    match kind {
-        "application/json-patch+json" => {
-            // As the API server's JSON patch library does, a `test` for null passes on a
-            // missing path (kube-runtime's finalizer helper relies on it).
-            let ops: Vec<Value> = body
-                .as_array()
-                .ok_or_else(|| ApiError::bad_request("a JSON patch is an array of operations"))?
-                .iter()
-                .filter(|op| {
-                    !(op["op"] == "test"
-                        && op["value"].is_null()
-                        && op["path"]
-                            .as_str()
-                            .is_some_and(|p| current.pointer(p).is_none()))
-                })
-                .cloned()
-                .collect();
-            let p: json_patch::Patch = serde_json::from_value(Value::Array(ops))
-                .map_err(|e| ApiError::bad_request(format!("invalid JSON patch: {e}")))?;
-            json_patch::patch(&mut out, &p).map_err(|e| {
-                ApiError::new(
-                    422,
-                    "Invalid",
-                    format!("the JSON patch does not apply: {e}"),
-                )
-            })?;
-            return Ok(out);
-        }
-        "application/merge-patch+json" | "application/apply-patch+yaml" => {
-            json_patch::merge(&mut out, body)
-        }
-        "application/strategic-merge-patch+json" => {
-            json_patch::merge(&mut out, &strip_directives(body))
-        }
-        other => {
-            return Err(ApiError::new(
-                415,
-                "UnsupportedMediaType",
-                format!("the patch type {other:?} is not supported"),
-            ))
-        }
-    }
-    // A patch only checks the resourceVersion it names itself.
-    out["metadata"]["resourceVersion"] = body["metadata"]["resourceVersion"].clone();
-    if out["metadata"]["resourceVersion"].is_null() {
-        out["metadata"]["resourceVersion"] = json!("");
-    }
-    Ok(out)
-}
-
-fn strip_directives(v: &Value) -> Value {
-    match v {
-        Value::Object(m) => Value::Object(
-            m.iter()
-                .filter(|(k, _)| !k.starts_with('$'))
-                .map(|(k, v)| (k.clone(), strip_directives(v)))
-                .collect(),
-        ),
-        other => other.clone(),
     }
 }
 

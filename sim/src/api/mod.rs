@@ -2,6 +2,7 @@
 //! simulated kubelet and kubectl use, served over plain HTTP on loopback.
 
 mod openapi;
+mod patch;
 mod resources;
 mod selector;
 mod server;
@@ -15,7 +16,7 @@ use anyhow::Context;
 use serde_json::Value;
 
 pub use server::Shared;
-pub use store::{ApiError, DeleteOptions, Part};
+pub use store::{ApiError, DeleteOptions, Part, WriteOptions};
 
 /// A running simulated API server.
 pub struct ApiServer {
@@ -46,8 +47,26 @@ impl ApiServer {
         format!("http://{}", self.addr)
     }
 
-    /// Creates an object directly (as a controller of the simulator, not through HTTP).
+    /// Creates an object directly (as a controller of the simulator, not through HTTP),
+    /// admitted as any create is.
     pub fn create(&self, obj: Value) -> Result<Value, ApiError> {
+        self.create_with(obj, &mut WriteOptions::new())
+    }
+
+    /// Stores an object its CRD's current schema would refuse, as one written before the
+    /// schema changed: a real API server keeps and serves such objects, so a controller
+    /// must survive them (tests only).
+    pub fn create_unchecked(&self, obj: Value) -> Result<Value, ApiError> {
+        self.create_with(
+            obj,
+            &mut WriteOptions {
+                unchecked: true,
+                ..WriteOptions::default()
+            },
+        )
+    }
+
+    fn create_with(&self, obj: Value, opts: &mut WriteOptions) -> Result<Value, ApiError> {
         let mut store = self.shared.store.lock().expect("store lock");
         let (group, _) = split_api_version(obj["apiVersion"].as_str().unwrap_or("v1"));
         let kind = obj["kind"].as_str().unwrap_or_default();
@@ -63,7 +82,7 @@ impl ApiServer {
             .as_str()
             .unwrap_or(if r.namespaced { "default" } else { "" })
             .to_string();
-        store.create(&r, &ns, obj, false)
+        store.create(&r, &ns, obj, opts)
     }
 
     /// Writes a kubeconfig that points at this server.

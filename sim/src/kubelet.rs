@@ -57,7 +57,7 @@ fn pod_ip() -> String {
     format!("127.{block}.{}.{}", (n / 250) % 250, n % 250 + 2)
 }
 
-use crate::sim::now_rfc3339 as now;
+use crate::now_rfc3339 as now;
 
 /// A worker process of a pod.
 #[derive(Clone, Copy, Debug)]
@@ -84,7 +84,7 @@ impl Kubelet {
         config: KubeletConfig,
     ) -> anyhow::Result<Self> {
         register(&client, &node).await?;
-        crate::node_agent::publish(&client, inventory(&node)).await?;
+        gpuscale_operator::node_agent::publish(&client, inventory(&node)).await?;
         let running: Running = Arc::default();
         let name = node.name.clone();
         let task = tokio::spawn(serve(client, name.clone(), config, running.clone()));

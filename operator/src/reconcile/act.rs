@@ -1,0 +1,144 @@
+//! Act: the API writes a pass decided (pods created, drained, deleted; the Service
+//! applied), and the drain of every replica when a deployment is deleted.
+
+use gpuscale_crds::InferenceDeployment;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
+use kube::ResourceExt;
+use tracing::info;
+
+use super::decide::{Decided, Todo};
+use super::pods::*;
+use super::report::publish;
+use super::{key_of, Context, Error, FIELD_MANAGER};
+
+/// Act: the decided API steps, in order, then the Service. Returns the replicas created
+/// and the first error (the steps after it are left for the next pass).
+pub(super) async fn act(
+    d: &InferenceDeployment,
+    ctx: &Context,
+    decided: &Decided,
+    wall: jiff::Timestamp,
+) -> (Vec<(u32, PodPlacement)>, Result<(), Error>) {
+    let ns = d.namespace().unwrap_or_default();
+    let name = d.name_any();
+    let pods_api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    let mut created = Vec::new();
+    for step in &decided.todo {
+        let result: Result<(), kube::Error> = match step {
+            Todo::Create(index, p) => {
+                let Some(pod) = replica_pod(
+                    d,
+                    *index,
+                    p,
+                    ctx.config.worker_image.as_deref(),
+                    ctx.config.drain_timeout.as_secs(),
+                ) else {
+                    continue; // unmountable sources were refused before
+                };
+                match pods_api.create(&PostParams::default(), &pod).await {
+                    Ok(made) => {
+                        info!(pod = %pod.name_any(), node = %p.node, gpus = ?p.gpus, "created replica");
+                        ctx.cache.expect_created(made);
+                        created.push((*index, p.clone()));
+                        Ok(())
+                    }
+                    // Someone (a stale pass, another operator) already made it.
+                    Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+                    Err(e) => Err(e),
+                }
+            }
+            Todo::Drain(index) => {
+                let pod = pod_name(&name, *index);
+                let patch = drain_patch(wall);
+                pods_api
+                    .patch(&pod, &PatchParams::default(), &Patch::Merge(&patch))
+                    .await
+                    .map(|_| info!(%pod, "draining replica"))
+            }
+            Todo::Delete(index, why) => {
+                let pod = pod_name(&name, *index);
+                if let Some(why) = why {
+                    let note = format!("replica {pod} failed: {why}; replacing it");
+                    publish(
+                        ctx,
+                        d,
+                        EventType::Warning,
+                        "ReplicaFailed",
+                        "Replace",
+                        &note,
+                    )
+                    .await;
+                }
+                match pods_api.delete(&pod, &DeleteParams::default()).await {
+                    Ok(_) => {
+                        info!(%pod, "deleted replica");
+                        Ok(())
+                    }
+                    Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+                    Err(e) => Err(e),
+                }
+            }
+        };
+        if let Err(e) = result {
+            return (created, Err(e.into()));
+        }
+    }
+    let svc = service(d);
+    let applied = Api::<k8s_openapi::api::core::v1::Service>::namespaced(ctx.client.clone(), &ns)
+        .patch(
+            &name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&svc),
+        )
+        .await;
+    (created, applied.map(|_| ()).map_err(Error::from))
+}
+
+/// On deletion: drain every replica, delete each once it is empty, then let the
+/// finalizer go (the owner references then collect the Service).
+pub(super) async fn cleanup(d: &InferenceDeployment, ctx: &Context) -> Result<Action, Error> {
+    let ns = d.namespace().unwrap_or_default();
+    let pods_api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    let (_, now) = ctx.clock.now();
+    let mut remaining = 0;
+    for pod in ctx.cache.pods().iter().filter(|p| owned_by(p, d)) {
+        remaining += 1;
+        if pod.metadata.deletion_timestamp.is_some() {
+            continue;
+        }
+        let name = pod.name_any();
+        let serving = pod.labels().get(LABEL_SERVING).map(String::as_str) != Some("false");
+        if serving && is_ready(pod) {
+            let patch = drain_patch(now);
+            pods_api
+                .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await?;
+            continue;
+        }
+        let load = match worker_url(pod, d.spec.worker.port) {
+            Some(url) if is_ready(pod) => ctx.scraper.load(&url).await.ok(),
+            _ => None,
+        };
+        let timed_out = drained_for(pod, now).is_some_and(|t| t > ctx.config.drain_timeout);
+        if !is_ready(pod) || timed_out || load.is_some_and(|l| l.in_flight() == 0.0) {
+            match pods_api.delete(&name, &DeleteParams::default()).await {
+                Err(kube::Error::Api(e)) if e.code == 404 => {}
+                Err(e) => return Err(e.into()),
+                Ok(_) => {}
+            }
+        }
+    }
+    if remaining > 0 {
+        return Err(Error::Draining(remaining));
+    }
+    let key = key_of(d);
+    if let Some(uid) = d.uid() {
+        ctx.state.lock().expect("state lock").remove(&uid);
+    }
+    ctx.metrics.forget(&key);
+    info!(deployment = %key, "all replicas drained; releasing");
+    Ok(Action::await_change())
+}

@@ -1,0 +1,157 @@
+//! What a pass reads, from kube-runtime reflector stores kept current by watches: the
+//! pods gpuscale manages, the nodes and the GpuInventories. A pass makes no LIST; the
+//! API sees one watch per kind plus the operator's writes.
+//!
+//! A store lags the API by the time a watch event takes to arrive, so a pass can run
+//! before the pods the previous pass created are in it. As the ReplicaSet controller does
+//! with its "expectations", pods this operator created are remembered until the store
+//! shows them (or a minute passes), and every pass sees them: their GPUs count as taken
+//! and their replicas as loading, so a stale store never causes a second placement on
+//! the same GPU.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use gpuscale_crds::GpuInventory;
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::runtime::reflector::{self, store::Writer, Store};
+use kube::runtime::watcher;
+use kube::ResourceExt;
+
+/// How long a created pod is expected before the store must have shown it.
+const EXPECTATION_TTL: Duration = Duration::from_secs(60);
+
+/// The stores a pass reads.
+#[derive(Clone)]
+pub struct Cache {
+    pub(super) pods: Store<Pod>,
+    pub(super) nodes: Store<Node>,
+    pub(super) inventories: Store<GpuInventory>,
+    /// Pods created by this operator and not yet seen in `pods`, by `namespace/name`.
+    created: Arc<Mutex<HashMap<String, (Pod, Instant)>>>,
+}
+
+/// The writers behind a `Cache`, consumed by the reflectors in `run`.
+pub struct Writers {
+    pub(super) pods: Writer<Pod>,
+    pub(super) nodes: Writer<Node>,
+    pub(super) inventories: Writer<GpuInventory>,
+}
+
+fn key(pod: &Pod) -> String {
+    format!("{}/{}", pod.namespace().unwrap_or_default(), pod.name_any())
+}
+
+impl Cache {
+    /// Empty stores fed by watches (`run` starts them), and their writers. The pod
+    /// store is shared: the controller's trigger on pod changes reads the same watch.
+    pub fn watched() -> (Cache, Writers) {
+        let (pods, pod_writer) = reflector::store_shared(1024);
+        let (nodes, node_writer) = reflector::store();
+        let (inventories, inv_writer) = reflector::store_shared(256);
+        (
+            Cache {
+                pods,
+                nodes,
+                inventories,
+                created: Arc::default(),
+            },
+            Writers {
+                pods: pod_writer,
+                nodes: node_writer,
+                inventories: inv_writer,
+            },
+        )
+    }
+
+    /// Stores holding exactly these objects (tests, benchmarks and replays).
+    pub fn of(pods: Vec<Pod>, nodes: Vec<Node>, inventories: Vec<GpuInventory>) -> Cache {
+        fn filled<K>(items: Vec<K>) -> Store<K>
+        where
+            K: kube::Resource + Clone + 'static,
+            K::DynamicType: Default + Eq + std::hash::Hash + Clone,
+        {
+            let mut w = Writer::default();
+            w.apply_watcher_event(&watcher::Event::Init);
+            for item in items {
+                w.apply_watcher_event(&watcher::Event::InitApply(item));
+            }
+            w.apply_watcher_event(&watcher::Event::InitDone);
+            w.as_reader()
+        }
+        Cache {
+            pods: filled(pods),
+            nodes: filled(nodes),
+            inventories: filled(inventories),
+            created: Arc::default(),
+        }
+    }
+
+    /// Waits until every store has its first full list.
+    pub async fn ready(&self) {
+        let _ = futures::join!(
+            self.pods.wait_until_ready(),
+            self.nodes.wait_until_ready(),
+            self.inventories.wait_until_ready()
+        );
+    }
+
+    /// Every managed pod: the store's, plus those created and not in it yet.
+    pub fn pods(&self) -> Vec<Arc<Pod>> {
+        let mut pods = self.pods.state();
+        let mut created = self.created.lock().expect("created lock");
+        let now = Instant::now();
+        created.retain(|k, (_, at)| {
+            now.duration_since(*at) < EXPECTATION_TTL && !pods.iter().any(|p| key(p) == *k)
+        });
+        pods.extend(created.values().map(|(p, _)| Arc::new(p.clone())));
+        pods
+    }
+
+    /// Remembers a pod this operator created (the API's answer to the create).
+    pub fn expect_created(&self, pod: Pod) {
+        self.created
+            .lock()
+            .expect("created lock")
+            .insert(key(&pod), (pod, Instant::now()));
+    }
+
+    /// The nodes.
+    pub fn nodes(&self) -> Vec<Arc<Node>> {
+        self.nodes.state()
+    }
+
+    /// The GpuInventories.
+    pub fn inventories(&self) -> Vec<Arc<GpuInventory>> {
+        self.inventories.state()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(name: &str) -> Pod {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "namespace": "default"}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_created_pod_is_seen_until_the_store_has_it() {
+        let cache = Cache::of(vec![pod("a")], vec![], vec![]);
+        cache.expect_created(pod("b"));
+        let names = |c: &Cache| {
+            let mut n: Vec<String> = c.pods().iter().map(|p| p.name_any()).collect();
+            n.sort();
+            n
+        };
+        assert_eq!(names(&cache), ["a", "b"]);
+        // Once the store shows it, the expectation goes (no duplicate).
+        cache.expect_created(pod("a"));
+        assert_eq!(names(&cache), ["a", "b"]);
+        assert_eq!(cache.created.lock().unwrap().len(), 1);
+    }
+}

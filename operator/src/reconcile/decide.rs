@@ -1,0 +1,200 @@
+//! Decide: the replica count, the steps towards it, and where each new replica goes.
+//! Pure: it reads what `observe` found and the clock it is given.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Instant;
+
+use gpuscale_crds::InferenceDeployment;
+use k8s_openapi::api::core::v1::Pod;
+
+use super::observe::World;
+use super::pods::*;
+use super::{key_of, plan, DeploymentState, Replica, Step};
+use crate::autoscale::{self, Observation};
+use crate::estimate::{ModelProfile, GIB, RUNTIME_OVERHEAD_BYTES};
+use crate::placement;
+
+/// What one pass decided.
+pub(super) struct Decided {
+    pub(super) desired: u32,
+    /// The autoscaler's decision (`None` with `autoscale: false`).
+    pub(super) scaling: Option<autoscale::Decision>,
+    /// The count the decision was made against.
+    pub(super) current: u32,
+    pub(super) todo: Vec<Todo>,
+    pub(super) refusal: Option<placement::Refusal>,
+}
+
+/// One API step of a pass.
+pub(super) enum Todo {
+    Create(u32, PodPlacement),
+    Drain(u32),
+    Delete(u32, Option<String>),
+}
+
+/// Decide: the replica count, the steps towards it, and where each new replica goes.
+pub(super) fn decide(
+    d: &InferenceDeployment,
+    state: &mut DeploymentState,
+    world: &mut World,
+    need: u64,
+    now: Instant,
+) -> Decided {
+    let status = d.status.clone().unwrap_or_default();
+    let active = world.ready + world.loading;
+    let current = if status.desired_replicas > 0 {
+        status.desired_replicas
+    } else {
+        active.max(d.spec.scaling.min_replicas)
+    };
+    let (desired, scaling) = if d.spec.scaling.autoscale {
+        let dec = state.scaler.decide(
+            now,
+            &Observation {
+                demand: world.demand,
+                ready: world.ready,
+                loading: world.loading,
+                current,
+            },
+        );
+        (dec.desired, Some(dec))
+    } else {
+        (d.spec.replicas.unwrap_or(d.spec.scaling.min_replicas), None)
+    };
+
+    let replicas: Vec<Replica> = world
+        .seen
+        .iter()
+        .map(|s| Replica {
+            index: s.index,
+            phase: s.phase,
+            outdated: s.outdated,
+            in_flight: s.load.map(|l| l.in_flight()),
+        })
+        .collect();
+    let key = key_of(d);
+    let mut refusal = None;
+    let mut todo = Vec::new();
+    let mut created: Vec<PodPlacement> = Vec::new();
+    for step in plan(&replicas, desired, d.spec.rollout.max_surge) {
+        match step {
+            Step::Create(index) => {
+                if refusal.is_some() {
+                    continue;
+                }
+                let req = placement::request(&key, index, &d.spec, need);
+                let p = match world.engine.place(&req) {
+                    Ok(p) => PodPlacement {
+                        node: p.node,
+                        gpus: p.gpus,
+                        uuids: p.gpu_uuids,
+                        bytes_per_gpu: p.bytes_per_gpu,
+                        exclusive: p.exclusive,
+                    },
+                    Err(r) => match cpu_placement(d, &world.cpu_nodes, &world.pods, &created, need)
+                    {
+                        Some(p) => p,
+                        None => {
+                            refusal = Some(r);
+                            continue;
+                        }
+                    },
+                };
+                created.push(p.clone());
+                todo.push(Todo::Create(index, p));
+            }
+            Step::Drain(index) => todo.push(Todo::Drain(index)),
+            Step::Delete(index) => {
+                let why = world
+                    .seen
+                    .iter()
+                    .find(|s| s.index == index)
+                    .and_then(|s| s.failure.clone());
+                todo.push(Todo::Delete(index, why));
+            }
+        }
+    }
+    Decided {
+        desired,
+        scaling,
+        current,
+        todo,
+        refusal,
+    }
+}
+
+/// Where a replica may run on the CPU backend (`resources.allowCpu`): the CPU node
+/// holding the fewest gpuscale replicas.
+fn cpu_placement(
+    d: &InferenceDeployment,
+    cpu_nodes: &HashSet<String>,
+    pods: &[Arc<Pod>],
+    created: &[PodPlacement],
+    need: u64,
+) -> Option<PodPlacement> {
+    if !d.spec.resources.allow_cpu {
+        return None;
+    }
+    let mut count: HashMap<&str, usize> = HashMap::new();
+    // Replicas created earlier in this pass count too, so one pass spreads them.
+    let placed: Vec<PodPlacement> = pods
+        .iter()
+        .filter_map(|p| placement_of(p))
+        .chain(created.iter().cloned())
+        .collect();
+    for p in &placed {
+        *count.entry(p.node.as_str()).or_default() += 1;
+    }
+    let load = |n: &str| count.get(n).copied().unwrap_or(0);
+    let node = cpu_nodes
+        .iter()
+        .min_by(|a, b| load(a).cmp(&load(b)).then(a.cmp(b)))?;
+    Some(PodPlacement {
+        node: node.clone(),
+        gpus: Vec::new(),
+        uuids: Vec::new(),
+        bytes_per_gpu: need,
+        exclusive: false,
+    })
+}
+
+/// Bytes one replica needs on each of its GPUs: from the model file's header when the
+/// operator can read it, else from the declared parameter count and weight type.
+pub fn replica_need(d: &InferenceDeployment) -> Result<u64, String> {
+    let m = &d.spec.model;
+    let cfg = placement::replica_config(&d.spec);
+    if let Some(path) = m.source.strip_prefix("file://") {
+        if let Ok(file) = gguf::GgufFile::open(std::path::Path::new(path)) {
+            let profile = ModelProfile::from_gguf(file.header()).map_err(|e| e.to_string())?;
+            return profile
+                .estimate(&cfg)
+                .map(|e| e.per_gpu())
+                .map_err(|e| e.to_string());
+        }
+    }
+    let (Some(params), Some(dtype)) = (m.parameters, m.dtype) else {
+        return Err(format!(
+            "the operator cannot read the model header at {} and spec.model.parameters and \
+             spec.model.dtype are not both set; mount the model where the operator can read it \
+             or declare them",
+            m.source
+        ));
+    };
+    use gpuscale_crds::WeightType as W;
+    let bits: u64 = match dtype {
+        W::F32 => 32,
+        W::F16 | W::Bf16 => 16,
+        W::Q8_0 => 9,
+        W::Q4_0 => 5,
+        W::Q4_1 => 6,
+    };
+    // Without the shapes, KV bytes per token is bounded from the parameter count:
+    // 2·sqrt(params) is above Llama-3 8B (128 KiB), 70B (320 KiB) and SmolLM2 (23 KiB).
+    let kv_per_token = 2 * (params as f64).sqrt() as u64;
+    let tp = cfg.tensor_parallel.max(1);
+    let kv = kv_per_token * cfg.max_sequence_length * cfg.max_batch_size;
+    let base = (params * bits / 8 + kv).div_ceil(tp) + RUNTIME_OVERHEAD_BYTES;
+    let need = base + base * cfg.headroom_percent / 100;
+    Ok(need.max(GIB / 4))
+}

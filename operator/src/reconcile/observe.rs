@@ -1,0 +1,270 @@
+//! Observe: what exists and how loaded it is, from the caches and the workers.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use gpuscale_crds::{GpuInventory, InferenceDeployment};
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::ResourceExt;
+
+use super::pods::{self, *};
+use super::{Context, DeploymentState, Phase};
+use crate::autoscale::Params;
+use crate::inventory::{from_gfd_labels, from_gpu_inventory, Inventory};
+use crate::placement::{Engine, Placement, ReplicaId};
+use crate::scrape::WorkerLoad;
+
+/// A replica pod with what the pass learned of it.
+pub(super) struct Seen {
+    pub(super) pod: Arc<Pod>,
+    pub(super) index: u32,
+    pub(super) phase: Phase,
+    pub(super) outdated: bool,
+    pub(super) placement: Option<PodPlacement>,
+    pub(super) load: Option<WorkerLoad>,
+    pub(super) failure: Option<String>,
+}
+
+/// What one pass observed.
+pub(super) struct World {
+    /// Every managed pod in the cluster (placement needs the others' GPUs too).
+    pub(super) pods: Vec<Arc<Pod>>,
+    /// This deployment's replicas.
+    pub(super) seen: Vec<Seen>,
+    /// The placement engine with every existing placement adopted.
+    pub(super) engine: Engine,
+    pub(super) cpu_nodes: HashSet<String>,
+    pub(super) ready: u32,
+    pub(super) loading: u32,
+    /// Waiting plus running requests over the ready replicas (`None`: none scraped).
+    pub(super) demand: Option<f64>,
+    pub(super) request_rate: Option<f64>,
+}
+
+/// Observe: the deployment's replicas and their phases, the inventory with every
+/// existing placement, and the workers' load.
+pub(super) async fn observe(
+    d: &InferenceDeployment,
+    ctx: &Context,
+    state: &mut DeploymentState,
+    now: Instant,
+    wall: jiff::Timestamp,
+) -> World {
+    let pods = ctx.cache.pods();
+    let (inventory, cpu_nodes) =
+        build_inventory(&ctx.cache.inventories(), &ctx.cache.nodes(), &pods);
+
+    // Everything already placed, ours and other deployments'.
+    let mut engine = Engine::new(&inventory);
+    let mut lost: HashMap<String, String> = HashMap::new();
+    for pod in &pods {
+        let (Some(p), Some(index), Some(dep)) = (
+            placement_of(pod),
+            index_of(pod),
+            pod.labels().get(LABEL_DEPLOYMENT),
+        ) else {
+            continue;
+        };
+        if p.gpus.is_empty() {
+            if !cpu_nodes.contains(&p.node) {
+                lost.insert(pod.name_any(), format!("node {} is gone", p.node));
+            }
+            continue;
+        }
+        let placed = Placement {
+            replica: ReplicaId {
+                deployment: format!("{}/{dep}", pod.namespace().unwrap_or_default()),
+                index,
+            },
+            node: p.node.clone(),
+            gpus: p.gpus.clone(),
+            gpu_uuids: p.uuids.clone(),
+            bytes_per_gpu: p.bytes_per_gpu,
+            exclusive: p.exclusive,
+            nvlink: true,
+        };
+        if let Err(e) = engine.adopt(placed) {
+            lost.insert(pod.name_any(), e.to_string());
+        }
+    }
+
+    state.scaler.set_params(Params::from_spec(&d.spec.scaling));
+    let hash = template_hash(d);
+    let mut seen: Vec<Seen> = Vec::new();
+    for pod in pods.iter().filter(|p| owned_by(p, d)) {
+        let Some(index) = index_of(pod) else { continue };
+        let mut failure = lost
+            .get(&pod.name_any())
+            .cloned()
+            .or_else(|| pods::failure(pod));
+        let phase = if pod.metadata.deletion_timestamp.is_some() {
+            // Terminating (SIGTERM drain); it only keeps its index until it is gone.
+            Phase::Draining { timed_out: false }
+        } else if pod.labels().get(LABEL_SERVING).map(String::as_str) == Some("false") {
+            let drained = drained_for(pod, wall).unwrap_or_default();
+            Phase::Draining {
+                timed_out: drained > ctx.config.drain_timeout || failure.is_some(),
+            }
+        } else if failure.is_some() {
+            Phase::Failed
+        } else if is_ready(pod) {
+            Phase::Ready
+        } else {
+            let age = pod
+                .metadata
+                .creation_timestamp
+                .as_ref()
+                .map_or(Duration::ZERO, |t| elapsed(t.0, wall));
+            if state.scaler.is_stuck(age) {
+                failure = Some(format!(
+                    "not ready after {} s (expected about {} s)",
+                    age.as_secs(),
+                    state.scaler.ready_time().as_secs()
+                ));
+                Phase::Failed
+            } else {
+                Phase::Loading
+            }
+        };
+        seen.push(Seen {
+            pod: pod.clone(),
+            index,
+            phase,
+            outdated: pod.metadata.deletion_timestamp.is_some()
+                || pod.labels().get(LABEL_TEMPLATE) != Some(&hash),
+            placement: placement_of(pod),
+            load: None,
+            failure,
+        });
+    }
+
+    // Scrape ready and draining workers, all at once.
+    let port = d.spec.worker.port;
+    let scrapes = seen.iter().map(|s| async move {
+        let url = worker_url(&s.pod, port)?;
+        let live = s.pod.metadata.deletion_timestamp.is_none();
+        match s.phase {
+            Phase::Ready | Phase::Draining { .. } if live => ctx.scraper.load(&url).await.ok(),
+            _ => None,
+        }
+    });
+    let loads = futures::future::join_all(scrapes).await;
+    for (s, l) in seen.iter_mut().zip(loads) {
+        s.load = l;
+    }
+
+    // Learn load times from replicas that became ready. A state restored with a
+    // measured time does not count the replicas that were ready before it again.
+    let ready_uids = seen
+        .iter()
+        .filter(|s| s.phase == Phase::Ready)
+        .map(|s| (s.pod.uid().unwrap_or_else(|| s.pod.name_any()), &s.pod));
+    let first = state.seen_ready.is_none();
+    let known = state.seen_ready.get_or_insert_with(HashSet::new);
+    for (uid, pod) in ready_uids {
+        if known.insert(uid) && !(first && state.restored_ready_time) {
+            if let Some(took) = ready_took(pod) {
+                state.scaler.observe_ready(took);
+            }
+        }
+    }
+
+    let ready = seen.iter().filter(|s| s.phase == Phase::Ready);
+    let scraped: Vec<WorkerLoad> = ready.clone().filter_map(|s| s.load).collect();
+    let demand = (!scraped.is_empty()).then(|| scraped.iter().map(|l| l.in_flight()).sum());
+    let requests_total: f64 = scraped.iter().map(|l| l.requests_total).sum();
+    let request_rate = match state.last_requests.replace((now, requests_total)) {
+        Some((t, prev)) if requests_total >= prev && now > t => {
+            Some((requests_total - prev) / now.duration_since(t).as_secs_f64())
+        }
+        _ => None,
+    };
+    World {
+        ready: ready.count() as u32,
+        loading: seen.iter().filter(|s| s.phase == Phase::Loading).count() as u32,
+        pods,
+        seen,
+        engine,
+        cpu_nodes,
+        demand,
+        request_rate,
+    }
+}
+
+/// Time from pod creation to its Ready condition.
+fn ready_took(pod: &Pod) -> Option<Duration> {
+    let created = pod.metadata.creation_timestamp.as_ref()?.0;
+    let ready = pod
+        .status
+        .as_ref()?
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| c.type_ == "Ready" && c.status == "True")?
+        .last_transition_time
+        .as_ref()?
+        .0;
+    Some(elapsed(created, ready))
+}
+
+/// The inventory placement sees, and the CPU-only nodes. Nodes that are not Ready or
+/// are cordoned offer nothing; a node's agent inventory wins over its GFD labels.
+fn build_inventory(
+    inventories: &[Arc<GpuInventory>],
+    nodes: &[Arc<Node>],
+    pods: &[Arc<Pod>],
+) -> (Inventory, HashSet<String>) {
+    let usable = |n: &Node| {
+        let ready = n
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+        let cordoned = n
+            .spec
+            .as_ref()
+            .and_then(|s| s.unschedulable)
+            .unwrap_or(false);
+        ready && !cordoned
+    };
+    let usable_nodes: HashMap<String, &Node> = nodes
+        .iter()
+        .filter(|n| usable(n))
+        .map(|n| (n.name_any(), &**n))
+        .collect();
+    // Bytes our running replicas reserved per GPU UUID (NVML counts them as used).
+    let mut reserved: HashMap<String, u64> = HashMap::new();
+    for p in pods.iter().filter_map(|p| placement_of(p)) {
+        for u in &p.uuids {
+            *reserved.entry(u.clone()).or_default() += p.bytes_per_gpu;
+        }
+    }
+    let mut out = Inventory::default();
+    let mut with_gpus: HashSet<String> = HashSet::new();
+    for inv in inventories {
+        if usable_nodes.contains_key(&inv.spec.node) && !inv.spec.gpus.is_empty() {
+            with_gpus.insert(inv.spec.node.clone());
+            out.nodes.push(from_gpu_inventory(&inv.spec, &reserved));
+        }
+    }
+    let mut cpu = HashSet::new();
+    for (name, n) in &usable_nodes {
+        if with_gpus.contains(name) {
+            continue;
+        }
+        let allocatable = n
+            .status
+            .as_ref()
+            .and_then(|s| s.allocatable.as_ref())
+            .and_then(|a| a.get("nvidia.com/gpu"))
+            .and_then(|q| q.0.parse().ok());
+        match from_gfd_labels(name, n.labels(), allocatable) {
+            Some(g) => out.nodes.push(g),
+            None => {
+                cpu.insert(name.clone());
+            }
+        }
+    }
+    (out, cpu)
+}

@@ -1,0 +1,165 @@
+//! Report: Events for what a pass decided, and the status it writes (with the
+//! autoscaler's memory). The status itself is built, purely, in `status.rs`.
+
+use std::time::Instant;
+
+use gpuscale_crds::{InferenceDeployment, ReplicaPlacement, ReplicaState};
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::events::EventType;
+use kube::{Resource, ResourceExt};
+use tracing::{info, warn};
+
+use super::decide::Decided;
+use super::observe::World;
+use super::pods::*;
+use super::{key_of, status, Context, DeploymentState, Error, Phase};
+use crate::autoscale::Direction;
+
+/// Report: Events for the decision and any refusal, and the status with the
+/// autoscaler's memory.
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn report(
+    d: &InferenceDeployment,
+    ctx: &Context,
+    state: &DeploymentState,
+    world: &World,
+    decided: &Decided,
+    created: &[(u32, PodPlacement)],
+    now: Instant,
+    wall: jiff::Timestamp,
+) -> Result<(), Error> {
+    let key = key_of(d);
+    if let Some(dec) = decided.scaling.as_ref() {
+        if dec.direction != Direction::Hold {
+            let note = format!("{} → {}: {}", decided.current, dec.desired, dec.reason);
+            let reason = if dec.direction == Direction::Up {
+                "ScaledUp"
+            } else {
+                "ScaledDown"
+            };
+            ctx.metrics.scaled(&key, dec.direction);
+            info!(from = decided.current, to = dec.desired, reason = %dec.reason, "scaling");
+            publish(ctx, d, EventType::Normal, reason, "Scale", &note).await;
+        }
+    }
+    if let Some(r) = &decided.refusal {
+        publish(
+            ctx,
+            d,
+            EventType::Warning,
+            "Unschedulable",
+            "Place",
+            &r.message,
+        )
+        .await;
+    }
+
+    let name = d.name_any();
+    let mut placements: Vec<ReplicaPlacement> = world
+        .seen
+        .iter()
+        .filter_map(|s| {
+            let state = match s.phase {
+                Phase::Loading => ReplicaState::Loading,
+                Phase::Ready => ReplicaState::Ready,
+                Phase::Draining { .. } => ReplicaState::Draining,
+                Phase::Failed => ReplicaState::Failed,
+            };
+            Some(replica_placement(
+                s.pod.name_any(),
+                s.placement.as_ref()?,
+                state,
+            ))
+        })
+        .collect();
+    for (index, p) in created {
+        let pod = pod_name(&name, *index);
+        if !placements.iter().any(|x| x.pod == pod) {
+            placements.push(replica_placement(pod, p, ReplicaState::Loading));
+        }
+    }
+    placements.sort_by(|a, b| a.pod.cmp(&b.pod));
+    let live = world
+        .seen
+        .iter()
+        .filter(|s| matches!(s.phase, Phase::Loading | Phase::Ready))
+        .count();
+    let fresh = created
+        .iter()
+        .filter(|(i, _)| !world.seen.iter().any(|s| s.index == *i))
+        .count();
+    let observed = status::Observed {
+        ready: world.ready,
+        active: (live + fresh) as u32,
+        desired: decided.desired,
+        demand: world.demand,
+        request_rate: world.request_rate,
+        ready_time: state.scaler.ready_time(),
+        decision: decided.scaling.as_ref(),
+        refusal: decided.refusal.as_ref(),
+        placements,
+        memory: status::memory(&state.scaler.memory(now), wall),
+        now: wall,
+    };
+    patch_status(d, ctx, &status::build(d, &observed)).await
+}
+
+pub(super) async fn patch_status(
+    d: &InferenceDeployment,
+    ctx: &Context,
+    st: &gpuscale_crds::InferenceDeploymentStatus,
+) -> Result<(), Error> {
+    if d.status.as_ref() == Some(st) {
+        return Ok(());
+    }
+    let api: Api<InferenceDeployment> =
+        Api::namespaced(ctx.client.clone(), &d.namespace().unwrap_or_default());
+    let patch = serde_json::json!({ "status": st });
+    api.patch_status(
+        &d.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(&patch),
+    )
+    .await?;
+    Ok(())
+}
+
+pub(super) async fn publish(
+    ctx: &Context,
+    d: &InferenceDeployment,
+    type_: EventType,
+    reason: &str,
+    action: &str,
+    note: &str,
+) {
+    publish_to(ctx, &d.object_ref(&()), type_, reason, action, note).await;
+}
+
+pub(super) async fn publish_to(
+    ctx: &Context,
+    reference: &k8s_openapi::api::core::v1::ObjectReference,
+    type_: EventType,
+    reason: &str,
+    action: &str,
+    note: &str,
+) {
+    // An event lost is not worth failing the pass for.
+    let note: String = note.chars().take(1024).collect();
+    if let Err(e) = ctx
+        .recorder
+        .publish(reference, type_, reason, action, &note)
+        .await
+    {
+        warn!(error = %e, reason, "could not publish an event");
+    }
+}
+
+fn replica_placement(pod: String, p: &PodPlacement, state: ReplicaState) -> ReplicaPlacement {
+    ReplicaPlacement {
+        pod,
+        node: p.node.clone(),
+        gpus: p.uuids.clone(),
+        vram_reserved_bytes: p.bytes_per_gpu,
+        state,
+    }
+}
