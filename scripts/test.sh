@@ -10,6 +10,8 @@ start=$SECONDS
 step "cargo fmt --check" cargo fmt --all -- --check
 step "cargo clippy" cargo clippy --workspace --all-targets --locked -- -D warnings
 step "CRD YAML matches the types" cargo run -q --locked -p gpuscale-crds --bin crdgen -- --check
+# The e2e scenarios run these as processes (a failover needs two operators).
+step "cargo build (operator and worker binaries)" cargo build --locked -p gpuscale-operator -p gpuscale-inference-worker
 step "cargo test" cargo test --workspace --locked
 step "Helm chart" scripts/check-chart.sh
 echo; echo "all checks passed in $((SECONDS - start)) s"

@@ -127,7 +127,7 @@ impl Validator {
         }
         let compiled = jsonschema::draft4::options()
             .should_validate_formats(false)
-            .build(&schema)
+            .build(&with_nullable(&schema))
             .map_err(|e| format!("openAPIV3Schema: {e}"))?;
         Ok(Validator {
             kind: spec["names"]["kind"].as_str().unwrap_or_default().into(),
@@ -213,6 +213,53 @@ impl Validator {
             ),
             causes,
         })
+    }
+}
+
+/// `schema` as JSON Schema reads it: OpenAPI's `nullable: true` becomes a `null` type
+/// (and a `null` among the enum values), so that null passes where the API server lets
+/// it.
+fn with_nullable(schema: &Value) -> Value {
+    match schema {
+        Value::Object(m) => {
+            let mut out: serde_json::Map<String, Value> = m
+                .iter()
+                .map(|(k, v)| {
+                    let v = match k.as_str() {
+                        // Maps of subschemas and lists of them; `enum`, `default`,
+                        // `example` and the like hold values, not schemas.
+                        "properties" | "patternProperties" | "definitions" => match v {
+                            Value::Object(props) => Value::Object(
+                                props
+                                    .iter()
+                                    .map(|(n, s)| (n.clone(), with_nullable(s)))
+                                    .collect(),
+                            ),
+                            other => other.clone(),
+                        },
+                        "items" | "additionalProperties" | "not" => with_nullable(v),
+                        "allOf" | "anyOf" | "oneOf" => match v {
+                            Value::Array(a) => Value::Array(a.iter().map(with_nullable).collect()),
+                            other => other.clone(),
+                        },
+                        _ => v.clone(),
+                    };
+                    (k.clone(), v)
+                })
+                .collect();
+            if m.get("nullable") == Some(&Value::Bool(true)) {
+                if let Some(Value::String(t)) = out.get("type").cloned() {
+                    out.insert("type".into(), serde_json::json!([t, "null"]));
+                }
+                if let Some(Value::Array(e)) = out.get_mut("enum") {
+                    if !e.contains(&Value::Null) {
+                        e.push(Value::Null);
+                    }
+                }
+            }
+            Value::Object(out)
+        }
+        other => other.clone(),
     }
 }
 
@@ -609,6 +656,16 @@ mod tests {
             .admit(&mut o, None, FieldValidation::Strict)
             .unwrap();
         assert_eq!(o["spec"]["scaling"]["scaleDownWindowSeconds"], 300);
+    }
+
+    #[test]
+    fn null_is_a_value_of_a_nullable_field_and_dropped_from_others() {
+        let mut o = obj(json!({"model": {"name": "m", "source": "file:///m.gguf",
+                                          "parameters": null, "dtype": null}}));
+        validator()
+            .admit(&mut o, None, FieldValidation::Strict)
+            .unwrap();
+        assert!(o["spec"]["model"]["dtype"].is_null());
     }
 
     #[test]

@@ -243,3 +243,120 @@ async fn an_unschedulable_model_is_reported_with_its_reason() {
     );
     assert!(env.pods("huge").await.unwrap().is_empty());
 }
+
+/// Two operator processes with leader election; the leader is killed (SIGKILL) in the
+/// middle of a burst that put the autoscaler in panic mode. The new leader restores the
+/// autoscaler's memory from status: it neither scales down inside the window the old
+/// leader was holding nor forgets the panic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_leader_keeps_the_scale_down_window_and_the_panic() {
+    use k8s_openapi::api::coordination::v1::Lease;
+    let mut env = Env::start("failover", two_l4_nodes()).await.unwrap();
+    if !env.simulated() {
+        eprintln!("skipped: kills an operator process (simulator only)");
+        return;
+    }
+    env.kill_operator();
+    let kubeconfig = env.sim().unwrap().kubeconfig().to_path_buf();
+    let operator = gpuscale_sim::operator_binary().unwrap();
+    let start = |id: &str| {
+        tokio::process::Command::new(&operator)
+            .args([
+                "run",
+                "--metrics-addr",
+                "127.0.0.1:0",
+                "--scrape-interval-seconds",
+                "1",
+                "--lease-duration-seconds",
+                "3",
+                "--lease-namespace",
+                "default",
+            ])
+            .env("KUBECONFIG", &kubeconfig)
+            .env("POD_NAME", id)
+            .env("RUST_LOG", "warn")
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap()
+    };
+    let leases: Api<Lease> = Api::namespaced(env.client.clone(), "default");
+    let holder = |leases: Api<Lease>| async move {
+        leases
+            .get_opt("gpuscale-operator")
+            .await
+            .ok()??
+            .spec?
+            .holder_identity
+    };
+    let mut a = start("op-a");
+    env.wait("op-a leads", Duration::from_secs(30), || async {
+        (holder(leases.clone()).await.as_deref() == Some("op-a")).then_some(())
+    })
+    .await
+    .unwrap();
+    let mut b = start("op-b");
+
+    let d = smollm(json!({"spec": {"scaling": {
+        "minReplicas": 1, "maxReplicas": 3, "warmReplicas": 0, "targetQueueDepth": 2,
+        "scaleDownWindowSeconds": 90}}}));
+    env.apply(&d).await.unwrap();
+    env.wait_ready("smollm", 1, Duration::from_secs(120))
+        .await
+        .unwrap();
+    let (client, ns) = (env.client.clone(), env.namespace.clone());
+    let load = tokio::spawn(async move {
+        traffic::drive(
+            client,
+            &ns,
+            "smollm",
+            MODEL,
+            32,
+            Profile(vec![(0.0, 6.0), (40.0, 0.0)]),
+        )
+        .await
+    });
+    let before = env
+        .wait("panic mode", Duration::from_secs(40), || async {
+            let st = env.deployment("smollm").await.ok()?.status?;
+            let panic = st.autoscaler.as_ref()?.panic_until.clone()?;
+            (st.desired_replicas > 1).then_some((st.desired_replicas, panic))
+        })
+        .await
+        .unwrap();
+    a.kill().await.unwrap();
+    load.abort();
+    env.wait("op-b takes over", Duration::from_secs(30), || async {
+        (holder(leases.clone()).await.as_deref() == Some("op-b")).then_some(())
+    })
+    .await
+    .unwrap();
+    // op-b now acts alone on an idle deployment. For 20 s (inside the 90 s window the
+    // old leader's recommendations hold) the count stays, and the panic deadline with it.
+    let (desired, panic_until) = before;
+    let watch_until = std::time::Instant::now() + Duration::from_secs(20);
+    let mut saw_idle = false;
+    while std::time::Instant::now() < watch_until {
+        let st = env.deployment("smollm").await.unwrap().status.unwrap();
+        assert!(
+            st.desired_replicas >= desired,
+            "the new leader scaled down early: {} → {} ({:?})",
+            desired,
+            st.desired_replicas,
+            st.last_scale_reason
+        );
+        if jiff::Timestamp::now() < panic_until.0 {
+            let kept = st.autoscaler.as_ref().and_then(|m| m.panic_until.clone());
+            assert!(
+                kept.as_ref().is_some_and(|k| k.0 >= panic_until.0),
+                "the panic was dropped: {kept:?} < {panic_until:?}"
+            );
+        }
+        saw_idle |= st.queue_depth == 0;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(
+        saw_idle,
+        "op-b never reported the idle queue: it did not reconcile"
+    );
+    b.kill().await.ok();
+}

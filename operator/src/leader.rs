@@ -39,13 +39,24 @@ pub struct LeaseConfig {
 impl LeaseConfig {
     /// client-go's defaults: 15 s lease, 10 s renew deadline, 2 s retry.
     pub fn new(namespace: &str, name: &str, identity: &str) -> Self {
+        Self::with_duration(namespace, name, identity, Duration::from_secs(15))
+    }
+
+    /// A lease of `lease_duration`, with client-go's proportions: the renew deadline
+    /// at 2/3 of it and the retry period at 2/15 (10 s and 2 s for 15 s).
+    pub fn with_duration(
+        namespace: &str,
+        name: &str,
+        identity: &str,
+        lease_duration: Duration,
+    ) -> Self {
         Self {
             namespace: namespace.into(),
             name: name.into(),
             identity: identity.into(),
-            lease_duration: Duration::from_secs(15),
-            renew_deadline: Duration::from_secs(10),
-            retry_period: Duration::from_secs(2),
+            lease_duration,
+            renew_deadline: lease_duration * 2 / 3,
+            retry_period: lease_duration * 2 / 15,
         }
     }
 }

@@ -48,6 +48,10 @@ enum Command {
         /// This replica's identity in the Lease (default: POD_NAME, else host and pid).
         #[arg(long, env = "POD_NAME")]
         identity: Option<String>,
+        /// Seconds a leader's Lease lasts unrenewed: how long a failover can take. The
+        /// renew deadline and retry period follow at client-go's proportions.
+        #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u64).range(3..=300))]
+        lease_duration_seconds: u64,
         /// Seconds between passes over each deployment (and worker scrapes).
         #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=300))]
         scrape_interval_seconds: u64,
@@ -127,6 +131,7 @@ async fn node_agent_main(
 struct Election {
     namespace: String,
     identity: String,
+    lease_duration: Duration,
 }
 
 async fn operator_main(
@@ -176,7 +181,12 @@ async fn operator_main(
             reconcile::run(ctx, namespaces).await;
         }
         Some(e) => {
-            let config = LeaseConfig::new(&e.namespace, "gpuscale-operator", &e.identity);
+            let config = LeaseConfig::with_duration(
+                &e.namespace,
+                "gpuscale-operator",
+                &e.identity,
+                e.lease_duration,
+            );
             Elector::new(client, config)
                 .lead(&metrics, reconcile::run(ctx, namespaces))
                 .await
@@ -204,6 +214,7 @@ fn main() -> anyhow::Result<ExitCode> {
             leader_election,
             lease_namespace,
             identity,
+            lease_duration_seconds,
             scrape_interval_seconds,
             drain_timeout_seconds,
         } => {
@@ -211,6 +222,7 @@ fn main() -> anyhow::Result<ExitCode> {
             let election = leader_election.then(|| Election {
                 namespace: lease_namespace,
                 identity: identity.unwrap_or_else(default_identity),
+                lease_duration: Duration::from_secs(lease_duration_seconds),
             });
             let config = Config {
                 worker_image,

@@ -106,6 +106,11 @@ impl SimCluster {
         self.client.clone()
     }
 
+    /// The simulated API server itself (request counts, objects stored unchecked).
+    pub fn api(&self) -> &ApiServer {
+        &self.api
+    }
+
     /// The kubelets, by node.
     pub fn kubelets(&self) -> &[Kubelet] {
         &self.kubelets

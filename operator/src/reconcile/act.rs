@@ -87,6 +87,15 @@ pub(super) async fn act(
         }
     }
     let svc = service(d);
+    // Applied when missing or different, not every pass: a steady deployment costs the
+    // API no write.
+    if ctx
+        .cache
+        .service(&ns, &name)
+        .is_some_and(|have| service_matches(&have, &svc))
+    {
+        return (created, Ok(()));
+    }
     let applied = Api::<k8s_openapi::api::core::v1::Service>::namespaced(ctx.client.clone(), &ns)
         .patch(
             &name,

@@ -1,5 +1,5 @@
 //! What a pass reads, from kube-runtime reflector stores kept current by watches: the
-//! pods gpuscale manages, the nodes and the GpuInventories. A pass makes no LIST; the
+//! pods and Services gpuscale manages, the nodes and the GpuInventories. A pass makes no LIST; the
 //! API sees one watch per kind plus the operator's writes.
 //!
 //! A store lags the API by the time a watch event takes to arrive, so a pass can run
@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use gpuscale_crds::GpuInventory;
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::core::v1::{Node, Pod, Service};
 use kube::runtime::reflector::{self, store::Writer, Store};
 use kube::runtime::watcher;
 use kube::ResourceExt;
@@ -28,6 +28,7 @@ pub struct Cache {
     pub(super) pods: Store<Pod>,
     pub(super) nodes: Store<Node>,
     pub(super) inventories: Store<GpuInventory>,
+    pub(super) services: Store<Service>,
     /// Pods created by this operator and not yet seen in `pods`, by `namespace/name`.
     created: Arc<Mutex<HashMap<String, (Pod, Instant)>>>,
 }
@@ -37,6 +38,7 @@ pub struct Writers {
     pub(super) pods: Writer<Pod>,
     pub(super) nodes: Writer<Node>,
     pub(super) inventories: Writer<GpuInventory>,
+    pub(super) services: Writer<Service>,
 }
 
 fn key(pod: &Pod) -> String {
@@ -50,22 +52,25 @@ impl Cache {
         let (pods, pod_writer) = reflector::store_shared(1024);
         let (nodes, node_writer) = reflector::store();
         let (inventories, inv_writer) = reflector::store_shared(256);
+        let (services, svc_writer) = reflector::store();
         (
             Cache {
                 pods,
                 nodes,
                 inventories,
+                services,
                 created: Arc::default(),
             },
             Writers {
                 pods: pod_writer,
                 nodes: node_writer,
                 inventories: inv_writer,
+                services: svc_writer,
             },
         )
     }
 
-    /// Stores holding exactly these objects (tests, benchmarks and replays).
+    /// Stores holding exactly these objects, and no Service (tests and benchmarks).
     pub fn of(pods: Vec<Pod>, nodes: Vec<Node>, inventories: Vec<GpuInventory>) -> Cache {
         fn filled<K>(items: Vec<K>) -> Store<K>
         where
@@ -84,6 +89,7 @@ impl Cache {
             pods: filled(pods),
             nodes: filled(nodes),
             inventories: filled(inventories),
+            services: filled(Vec::new()),
             created: Arc::default(),
         }
     }
@@ -93,7 +99,8 @@ impl Cache {
         let _ = futures::join!(
             self.pods.wait_until_ready(),
             self.nodes.wait_until_ready(),
-            self.inventories.wait_until_ready()
+            self.inventories.wait_until_ready(),
+            self.services.wait_until_ready()
         );
     }
 
@@ -120,6 +127,12 @@ impl Cache {
     /// The nodes.
     pub fn nodes(&self) -> Vec<Arc<Node>> {
         self.nodes.state()
+    }
+
+    /// The managed Service `namespace/name`, as last seen.
+    pub fn service(&self, namespace: &str, name: &str) -> Option<Arc<Service>> {
+        self.services
+            .get(&reflector::ObjectRef::new(name).within(namespace))
     }
 
     /// The GpuInventories.

@@ -45,7 +45,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use gpuscale_crds::{GpuInventory, InferenceDeployment};
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::core::v1::{Node, Pod, Service};
 use kube::api::{Api, ApiResource, DynamicObject};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::EventType;
@@ -405,11 +405,15 @@ pub async fn run(ctx: Arc<Context>, namespaces: Vec<String>) {
         watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGED_BY}"));
     let pods = reflector::reflector(
         writers.pods,
-        watcher::watcher(Api::<Pod>::all(client.clone()), managed),
+        watcher::watcher(Api::<Pod>::all(client.clone()), managed.clone()),
     );
     let nodes = reflector::reflector(
         writers.nodes,
         watcher::watcher(Api::<Node>::all(client.clone()), watcher::Config::default()),
+    );
+    let services = reflector::reflector(
+        writers.services,
+        watcher::watcher(Api::<Service>::all(client.clone()), managed),
     );
     let inventories = reflector::reflector(
         writers.inventories,
@@ -420,6 +424,7 @@ pub async fn run(ctx: Arc<Context>, namespaces: Vec<String>) {
             pods.default_backoff().for_each(|_| async {}),
             nodes.default_backoff().for_each(|_| async {}),
             inventories.default_backoff().for_each(|_| async {}),
+            services.default_backoff().for_each(|_| async {}),
         );
     };
     tokio::select! {

@@ -276,6 +276,42 @@ pub fn service(d: &InferenceDeployment) -> Service {
     }
 }
 
+/// Whether the Service `have` already is what `want` applies: its selector, ports,
+/// labels and controller owner (fields the API server defaults are not compared).
+pub fn service_matches(have: &Service, want: &Service) -> bool {
+    let ports = |s: &Service| -> Vec<(Option<String>, i32, Option<IntOrString>, Option<String>)> {
+        s.spec
+            .iter()
+            .flat_map(|sp| sp.ports.iter().flatten())
+            .map(|p| {
+                (
+                    p.name.clone(),
+                    p.port,
+                    p.target_port.clone(),
+                    p.protocol.clone(),
+                )
+            })
+            .collect()
+    };
+    let selector = |s: &Service| s.spec.as_ref().and_then(|sp| sp.selector.clone());
+    let owner = |s: &Service| {
+        s.metadata
+            .owner_references
+            .iter()
+            .flatten()
+            .find(|o| o.controller == Some(true))
+            .map(|o| o.uid.clone())
+    };
+    let labels_kept = want
+        .labels()
+        .iter()
+        .all(|(k, v)| have.labels().get(k) == Some(v));
+    selector(have) == selector(want)
+        && ports(have) == ports(want)
+        && owner(have) == owner(want)
+        && labels_kept
+}
+
 /// The placement recorded on a pod.
 pub fn placement_of(pod: &Pod) -> Option<PodPlacement> {
     let a = pod.annotations().get(ANNOTATION_PLACEMENT)?;

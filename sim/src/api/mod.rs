@@ -42,6 +42,11 @@ impl ApiServer {
         Ok(Self { addr, shared, task })
     }
 
+    /// The resource requests served so far, by (verb, resource), and a reset.
+    pub fn take_request_counts(&self) -> std::collections::BTreeMap<(String, String), u64> {
+        std::mem::take(&mut *self.shared.requests.lock().expect("request counts"))
+    }
+
     /// `http://127.0.0.1:<port>`.
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)

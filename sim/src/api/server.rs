@@ -24,6 +24,9 @@ use gpuscale_crds::validate::FieldValidation;
 #[derive(Clone, Default)]
 pub struct Shared {
     pub store: Arc<Mutex<Store>>,
+    /// Resource requests served, by verb and resource (`list pods`, `patch
+    /// inferencedeployments/status`), for measuring what a client costs the API.
+    pub requests: Arc<Mutex<std::collections::BTreeMap<(String, String), u64>>>,
 }
 
 impl Shared {
@@ -280,6 +283,29 @@ async fn resource(
         Ok(t) => t,
         Err(e) => return error(&e),
     };
+    let verb = match (&method, &t.name) {
+        (&Method::GET, None) if query.get("watch").is_some_and(|w| w == "true" || w == "1") => {
+            "watch"
+        }
+        (&Method::GET, None) => "list",
+        (&Method::GET, Some(_)) => "get",
+        (&Method::POST, _) => "create",
+        (&Method::PUT, _) => "update",
+        (&Method::PATCH, _) => "patch",
+        (&Method::DELETE, None) => "deletecollection",
+        (&Method::DELETE, Some(_)) => "delete",
+        _ => "other",
+    };
+    let what = match &t.sub {
+        Some(sub) => format!("{}/{sub}", t.resource.plural),
+        None => t.resource.plural.clone(),
+    };
+    *shared
+        .requests
+        .lock()
+        .expect("request counts")
+        .entry((verb.to_string(), what))
+        .or_default() += 1;
     let body = match parse_body(content_type, &body) {
         Ok(b) => b,
         Err(e) => return error(&e),

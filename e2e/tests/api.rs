@@ -1,0 +1,259 @@
+//! The operator and kubectl against the simulated API server where no worker needs to
+//! run: admission of InferenceDeployments as a real API server does it, a bad object in
+//! the namespace, and what the controller costs the API at 100 deployments.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use gpuscale_crds::InferenceDeployment;
+use gpuscale_e2e::{condition, smollm, Env};
+use gpuscale_sim::cluster::{ClusterConfig, SimCluster};
+use gpuscale_sim::kubelet::KubeletConfig;
+use kube::api::{ListParams, Patch, PatchParams};
+use kube::Api;
+use serde_json::json;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// A simulated cluster with no node (so no worker process).
+async fn bare_cluster(name: &str) -> SimCluster {
+    let dir = std::env::temp_dir().join(format!("gpuscale-e2e-{name}-{}", std::process::id()));
+    SimCluster::start(ClusterConfig {
+        addr: "127.0.0.1:0".parse().unwrap(),
+        kubeconfig: dir.join("kubeconfig"),
+        nodes: Vec::new(),
+        kubelet: KubeletConfig::new("/nonexistent/worker".into(), dir.clone(), dir.join("logs")),
+    })
+    .await
+    .unwrap()
+}
+
+fn kubectl(kubeconfig: &Path, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new("kubectl")
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .args(args)
+        .output()
+        .expect("kubectl is on PATH (scripts/test.sh installs it into ~/.cache/gpuscale/bin)");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
+fn yaml_files(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    files
+}
+
+/// `kubectl apply` of every example: the valid ones are created (no `--validate=false`),
+/// every file in `examples/invalid/` is refused with its `# expect:` message, as a real
+/// API server words it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_apply_admits_the_examples_and_refuses_every_invalid_one() {
+    let cluster = bare_cluster("kubectl").await;
+    let kc = cluster.kubeconfig().to_path_buf();
+    let valid = yaml_files(&repo().join("examples"));
+    for f in &valid {
+        let (ok, out, err) = kubectl(&kc, &["apply", "-f", f.to_str().unwrap()]);
+        assert!(ok && out.contains("created"), "{}: {out}{err}", f.display());
+    }
+    let invalid = yaml_files(&repo().join("examples/invalid"));
+    assert!(invalid.len() >= 8);
+    for f in &invalid {
+        let text = std::fs::read_to_string(f).unwrap();
+        let expect = text
+            .lines()
+            .find_map(|l| l.strip_prefix("# expect: "))
+            .unwrap();
+        let (ok, out, err) = kubectl(&kc, &["apply", "-f", f.to_str().unwrap()]);
+        assert!(!ok, "{} was accepted: {out}", f.display());
+        assert!(
+            err.contains("is invalid") && err.contains(expect),
+            "{}: expected {expect:?} in kubectl's error, got {err}",
+            f.display()
+        );
+        println!("refused {}: {}", f.display(), err.trim());
+    }
+    // Unknown fields: kubectl asks for strict field validation, and gets it.
+    let typo = repo().join("target/gpuscale-e2e-typo.yaml");
+    std::fs::write(
+        &typo,
+        "apiVersion: gpuscale.dev/v1alpha1\nkind: InferenceDeployment\nmetadata: {name: typo}\n\
+         spec:\n  model: {name: m, source: 'file:///m.gguf'}\n  scaling: {maxReplica: 3}\n",
+    )
+    .unwrap();
+    let (ok, _, err) = kubectl(&kc, &["apply", "-f", typo.to_str().unwrap()]);
+    assert!(!ok, "a misspelt field was accepted");
+    assert!(
+        err.contains("unknown field \"spec.scaling.maxReplica\""),
+        "{err}"
+    );
+    // Defaults are the API server's: the short example comes back complete.
+    let (ok, out, err) = kubectl(&kc, &["get", "infd", "smollm", "-o", "json"]);
+    assert!(ok, "{err}");
+    let d: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(d["spec"]["placement"]["strategy"], "BinPack");
+    // A patch that breaks a rule is refused like a create.
+    let (ok, _, err) = kubectl(
+        &kc,
+        &[
+            "patch",
+            "infd",
+            "smollm",
+            "--type=merge",
+            "-p",
+            r#"{"spec":{"scaling":{"minReplicas":9}}}"#,
+        ],
+    );
+    assert!(!ok);
+    assert!(
+        err.contains("spec.scaling.minReplicas: Invalid value: \"object\": scaling.minReplicas must not exceed scaling.maxReplicas"),
+        "{err}"
+    );
+}
+
+/// An object the current schema refuses (stored before the CRD changed) is reported and
+/// skipped; the valid deployment beside it is reconciled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_unreadable_deployment_does_not_stall_the_others() {
+    let mut env = Env::start("unreadable", Vec::new()).await.unwrap();
+    let Some(sim) = env.sim() else {
+        eprintln!("skipped: stores an object around validation (simulator only)");
+        return;
+    };
+    let mut bad = smollm(json!({"metadata": {"name": "no-model", "namespace": "default"}}));
+    bad["spec"].as_object_mut().unwrap().remove("model");
+    sim.api().create_unchecked(bad).unwrap();
+    env.apply(&smollm(json!({"metadata": {"name": "good"},
+        "spec": {"resources": {"allowCpu": false}}})))
+        .await
+        .unwrap();
+    let (status, reason, _) = env
+        .wait(
+            "the good one reconciled",
+            Duration::from_secs(30),
+            || async { condition(&env.deployment("good").await.ok()?, "Unschedulable") },
+        )
+        .await
+        .unwrap();
+    assert_eq!((status.as_str(), reason.as_str()), ("True", "NoGPUs"));
+    let events = env
+        .wait("an Unreadable event", Duration::from_secs(30), || async {
+            let ev = env.events("no-model").await.ok()?;
+            (!ev.is_empty()).then_some(ev)
+        })
+        .await
+        .unwrap();
+    let note = events[0].note.clone().unwrap_or_default();
+    assert_eq!(events[0].reason.as_deref(), Some("Unreadable"));
+    assert!(note.contains("missing field `model`"), "{note}");
+    assert!(env.pods("no-model").await.unwrap().is_empty());
+}
+
+/// 100 deployments on 100 simulated GPUs (no kubelet: the replicas stay Pending, so the
+/// load is the controller's alone). Once every replica is placed, the API sees watches
+/// and nothing else: no LIST per pass, no write of an unchanged Service or status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_deployments_cost_the_api_no_list_per_pass() {
+    let mut env = Env::start("requests", Vec::new()).await.unwrap();
+    let Some(sim) = env.sim() else {
+        eprintln!("skipped: counts requests at the simulated API server");
+        return;
+    };
+    for n in 0..25 {
+        let node = format!("gpu-{n}");
+        sim.api()
+            .create(json!({"apiVersion": "v1", "kind": "Node",
+                "metadata": {"name": node, "labels": {"kubernetes.io/hostname": node}},
+                "status": {"conditions": [{"type": "Ready", "status": "True"}],
+                           "allocatable": {"nvidia.com/gpu": "4", "cpu": "64", "memory": "512Gi"}}}))
+            .unwrap();
+        let gpus: Vec<_> = (0..4)
+            .map(|i| {
+                json!({"index": i, "uuid": format!("GPU-{n}-{i}"), "product": "NVIDIA A100",
+                            "memoryTotalBytes": 80u64 << 30, "memoryFreeBytes": 80u64 << 30})
+            })
+            .collect();
+        sim.api()
+            .create(
+                json!({"apiVersion": "gpuscale.dev/v1alpha1", "kind": "GpuInventory",
+                "metadata": {"name": node}, "spec": {"node": node, "gpuCount": 4, "gpus": gpus}}),
+            )
+            .unwrap();
+    }
+    let api: Api<InferenceDeployment> = Api::namespaced(env.client.clone(), "default");
+    env.sim().unwrap().api().take_request_counts();
+    let setup = Instant::now();
+    for i in 0..100 {
+        let d = smollm(json!({"metadata": {"name": format!("m{i}")},
+            "spec": {"replicas": 1, "scaling": {"autoscale": false},
+                     "resources": {"allowCpu": false}}}));
+        api.patch(
+            &format!("m{i}"),
+            &PatchParams::apply("e2e").force(),
+            &Patch::Apply(&d),
+        )
+        .await
+        .unwrap();
+    }
+    env.wait("100 placed replicas", Duration::from_secs(120), || async {
+        let all = api.list(&ListParams::default()).await.ok()?;
+        let placed = all
+            .items
+            .iter()
+            .filter(|d| d.status.as_ref().is_some_and(|s| s.placements.len() == 1))
+            .count();
+        (placed == 100).then_some(())
+    })
+    .await
+    .unwrap();
+    let sim = env.sim().unwrap();
+    let placing = sim.api().take_request_counts();
+    println!(
+        "API requests while 100 deployments were created and placed ({:.0} s, the test's own \
+         applies and polls included):",
+        setup.elapsed().as_secs_f64()
+    );
+    for ((verb, what), n) in &placing {
+        println!("  {verb:>8} {what:<32} {n:>8}");
+    }
+    // Settle, then count over a window of passes (one pass per deployment every 1 s).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    sim.api().take_request_counts();
+    let window = Duration::from_secs(20);
+    let start = Instant::now();
+    tokio::time::sleep(window).await;
+    let counts = sim.api().take_request_counts();
+    let per_min = 60.0 / start.elapsed().as_secs_f64();
+    println!(
+        "API requests per minute, 100 deployments, steady state ({} in all):",
+        counts.values().sum::<u64>()
+    );
+    for ((verb, what), n) in &counts {
+        println!("  {verb:>8} {what:<32} {:>8.1}", *n as f64 * per_min);
+    }
+    let lists: u64 = counts
+        .iter()
+        .filter(|((v, _), _)| v == "list")
+        .map(|(_, n)| n)
+        .sum();
+    assert_eq!(lists, 0, "a LIST in steady state: {counts:?}");
+    let writes: Vec<_> = counts
+        .iter()
+        .filter(|((v, _), _)| !["watch", "get"].contains(&v.as_str()))
+        .collect();
+    assert!(
+        writes.is_empty(),
+        "writes with nothing changing: {writes:?}"
+    );
+}
