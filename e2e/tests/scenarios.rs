@@ -260,22 +260,15 @@ async fn a_new_leader_keeps_the_scale_down_window_and_the_panic() {
     let kubeconfig = env.sim().unwrap().kubeconfig().to_path_buf();
     let operator = gpuscale_sim::operator_binary().unwrap();
     let start = |id: &str| {
-        tokio::process::Command::new(&operator)
+        gpuscale_sim::operator_command(&operator, &kubeconfig)
             .args([
-                "run",
-                "--metrics-addr",
-                "127.0.0.1:0",
-                "--scrape-interval-seconds",
-                "1",
                 "--lease-duration-seconds",
                 "3",
                 "--lease-namespace",
                 "default",
             ])
-            .env("KUBECONFIG", &kubeconfig)
             .env("POD_NAME", id)
             .env("RUST_LOG", "warn")
-            .kill_on_drop(true)
             .spawn()
             .unwrap()
     };

@@ -110,21 +110,11 @@ pub async fn run(burst_rps: f64) -> anyhow::Result<()> {
     let log = std::fs::File::create(out.join("operator.log"))?;
     // The operator logs at info whatever the demo's own level: its log is the record of
     // every decision the run made.
-    let mut operator = tokio::process::Command::new(&operator_bin)
-        .args([
-            "run",
-            "--metrics-addr",
-            "127.0.0.1:0",
-            "--scrape-interval-seconds",
-            "1",
-            "--drain-timeout-seconds",
-            "30",
-        ])
-        .env("KUBECONFIG", &kubeconfig)
+    let mut operator = super::operator_command(&operator_bin, &kubeconfig)
+        .args(["--drain-timeout-seconds", "30"])
         .env("RUST_LOG", "info")
         .stdout(log.try_clone()?)
         .stderr(log)
-        .kill_on_drop(true)
         .spawn()
         .context("starting the operator")?;
     println!(

@@ -38,6 +38,26 @@ pub fn operator_binary() -> anyhow::Result<PathBuf> {
     )
 }
 
+/// `gpuscale-operator run` (the binary at `binary`) against the cluster of
+/// `kubeconfig`, with the settings every simulated run uses: metrics on any free port,
+/// one pass a second. The caller adds its own flags and environment.
+pub fn operator_command(
+    binary: &std::path::Path,
+    kubeconfig: &std::path::Path,
+) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(binary);
+    cmd.args([
+        "run",
+        "--metrics-addr",
+        "127.0.0.1:0",
+        "--scrape-interval-seconds",
+        "1",
+    ])
+    .env("KUBECONFIG", kubeconfig)
+    .kill_on_drop(true);
+    cmd
+}
+
 /// A binary of this workspace: `env` when set, else `name` beside the running one.
 fn sibling_binary(name: &str, env: &str, package: &str) -> anyhow::Result<PathBuf> {
     if let Ok(p) = std::env::var(env) {

@@ -128,6 +128,8 @@ pub enum Reason {
         demand: f64,
         /// Replicas the demand needs, before warm ones and bounds.
         needed: u32,
+        /// Idle replicas kept loaded on top.
+        warm: u32,
     },
     /// Demand outgrows capacity: scaled for the demand projected at ready time.
     Panic {
@@ -161,9 +163,19 @@ pub enum Reason {
 impl fmt::Display for Reason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Reason::Demand { demand, needed } => {
-                write!(f, "queue depth {demand:.1} needs {needed} replica(s)")
-            }
+            Reason::Demand {
+                demand,
+                needed,
+                warm: 0,
+            } => write!(f, "queue depth {demand:.1} needs {needed} replica(s)"),
+            Reason::Demand {
+                demand,
+                needed,
+                warm,
+            } => write!(
+                f,
+                "queue depth {demand:.1} needs {needed} replica(s), plus {warm} warm"
+            ),
             Reason::Panic {
                 demand,
                 growth,
@@ -354,6 +366,7 @@ impl Autoscaler {
         let reason = panic_reason.unwrap_or(Reason::Demand {
             demand: mean,
             needed,
+            warm: p.warm,
         });
         let rec = p.bound(needed.saturating_add(p.warm));
 

@@ -41,13 +41,10 @@ pub(super) fn decide(
     need: u64,
     now: Instant,
 ) -> Decided {
-    let status = d.status.clone().unwrap_or_default();
     let active = world.ready + world.loading;
-    let current = if status.desired_replicas > 0 {
-        status.desired_replicas
-    } else {
-        active.max(d.spec.scaling.min_replicas)
-    };
+    let current = state
+        .desired
+        .unwrap_or_else(|| active.max(d.spec.scaling.min_replicas));
     let (desired, scaling) = if d.spec.scaling.autoscale {
         let dec = state.scaler.decide(
             now,
@@ -115,6 +112,7 @@ pub(super) fn decide(
             }
         }
     }
+    state.desired = Some(desired);
     Decided {
         desired,
         scaling,

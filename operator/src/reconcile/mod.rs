@@ -126,6 +126,10 @@ struct DeploymentState {
     seen_ready: Option<HashSet<String>>,
     /// Measured ready time came from status.
     restored_ready_time: bool,
+    /// The count the last pass decided. Authoritative here: the object a pass is handed
+    /// can be older than the status the previous pass wrote, and deciding against that
+    /// stale count repeats a decision (and its Event). Seeded from status on restore.
+    desired: Option<u32>,
     last_requests: Option<(Instant, f64)>,
 }
 
@@ -159,6 +163,7 @@ impl DeploymentState {
             scaler: Autoscaler::restore(params, &memory, now),
             seen_ready: None,
             restored_ready_time: ready_time.is_some(),
+            desired: st.map(|s| s.desired_replicas).filter(|&n| n > 0),
             last_requests: None,
         }
     }

@@ -779,3 +779,39 @@ async fn a_500_on_the_drain_keeps_the_scale_down_window() {
         );
     }
 }
+
+/// The controller can hand a pass an object older than the status the previous pass
+/// wrote. The pass decides against its own last decision, so it neither repeats the
+/// scale-up (nor its Event) nor creates the replicas again: the ones just created are
+/// expected even before the pod cache shows them.
+#[tokio::test]
+async fn a_pass_on_a_stale_object_does_not_repeat_the_last_decision() {
+    let mut d = deployment(json!({"minReplicas": 1, "maxReplicas": 3, "targetQueueDepth": 4}));
+    // Both passes get this object: its status still says 1.
+    d.status = Some(gpuscale_crds::InferenceDeploymentStatus {
+        desired_replicas: 1,
+        ..Default::default()
+    });
+    let clock = TestClock::new();
+    let (unused, _) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let base = context(
+        Client::new(unused, "default"),
+        cache(vec![pod(&d, 0, 0, "10.0.0.1", json!({}))]),
+        &[("http://10.0.0.1:8080", 20.0)],
+        clock.clone(),
+    );
+    let (client, mock) = Mock::start(pass(&d, vec![create_pod(), create_pod()]));
+    let ctx = base.with_client(client);
+    reconcile(object(&d), ctx.clone()).await.unwrap();
+    let first = mock.finish(ctx).await;
+    assert!(first.event("ScaledUp").is_some());
+
+    clock.set(1);
+    let (client, mock) = Mock::start(pass(&d, vec![]));
+    let ctx = base.with_client(client);
+    reconcile(object(&d), ctx.clone()).await.unwrap();
+    let second = mock.finish(ctx).await;
+    assert!(second.event("ScaledUp").is_none(), "{:?}", second.events);
+    assert_eq!(second.status()["desiredReplicas"], 3);
+    assert_eq!(second.status()["replicas"], 3, "the created replicas count");
+}
