@@ -386,15 +386,34 @@ proptest! {
     #[test]
     fn never_over_commits_and_sets_stay_on_one_node(inventory in arb_inventory(), requests in arb_requests()) {
         let (e, out) = run(&inventory, &requests);
-        for (node, index, reserved, usable, owners, exclusive) in e.gpu_usage() {
-            prop_assert!(reserved <= usable, "{node} gpu {index}: {reserved} > {usable}");
-            prop_assert!(!exclusive || owners == 1, "{node} gpu {index}: exclusive with {owners} owners");
+        // Per-GPU use recomputed from the placements returned, not read from the engine:
+        // (bytes reserved, placements, any exclusive) by (node, GPU index).
+        let mut used: std::collections::BTreeMap<(&str, u32), (u64, u32, bool)> = Default::default();
+        for p in out.iter().flatten() {
+            for g in &p.gpus {
+                let u = used.entry((p.node.as_str(), *g)).or_default();
+                u.0 += p.bytes_per_gpu;
+                u.1 += 1;
+                u.2 |= p.exclusive;
+            }
+        }
+        for ((node, index), (bytes, count, exclusive)) in &used {
+            let gpu = inventory.nodes.iter().find(|n| n.name == *node).unwrap()
+                .gpus.iter().find(|g| g.index == *index).unwrap();
+            prop_assert!(*bytes <= gpu.usable_bytes(), "{node} gpu {index}: {bytes} > {}", gpu.usable_bytes());
+            prop_assert!(!exclusive || *count == 1, "{node} gpu {index}: exclusive with {count} placements");
+        }
+        // The engine's own ledger agrees with that.
+        for (node, index, reserved, _, owners, _) in e.gpu_usage() {
+            let (bytes, count, _) = used.get(&(node, index)).copied().unwrap_or_default();
+            prop_assert_eq!((reserved, owners), (bytes, count), "{} gpu {}", node, index);
         }
         for (r, p) in requests.iter().zip(&out) {
             let Ok(p) = p else { continue };
             let node = inventory.nodes.iter().find(|n| n.name == p.node).unwrap();
             prop_assert_eq!(p.gpus.len(), r.gpus as usize);
             let mut distinct = p.gpus.clone();
+            distinct.sort_unstable();
             distinct.dedup();
             prop_assert_eq!(distinct.len(), p.gpus.len());
             for (g, uuid) in p.gpus.iter().zip(&p.gpu_uuids) {

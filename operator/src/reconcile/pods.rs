@@ -279,17 +279,17 @@ pub fn service(d: &InferenceDeployment) -> Service {
 /// Whether the Service `have` already is what `want` applies: its selector, ports,
 /// labels and controller owner (fields the API server defaults are not compared).
 pub fn service_matches(have: &Service, want: &Service) -> bool {
-    let ports = |s: &Service| -> Vec<(Option<String>, i32, Option<IntOrString>, Option<String>)> {
+    // The fields `service` sets; the API server fills others (nodePort, appProtocol).
+    let ports = |s: &Service| -> Vec<ServicePort> {
         s.spec
             .iter()
             .flat_map(|sp| sp.ports.iter().flatten())
-            .map(|p| {
-                (
-                    p.name.clone(),
-                    p.port,
-                    p.target_port.clone(),
-                    p.protocol.clone(),
-                )
+            .map(|p| ServicePort {
+                name: p.name.clone(),
+                port: p.port,
+                target_port: p.target_port.clone(),
+                protocol: p.protocol.clone(),
+                ..ServicePort::default()
             })
             .collect()
     };
