@@ -114,6 +114,7 @@ impl Env {
             worker_image: None,
             scrape_interval: Duration::from_secs(1),
             drain_timeout: Duration::from_secs(30),
+            ..Config::default()
         };
         let ctx = reconcile::Context::new(
             self.client.clone(),

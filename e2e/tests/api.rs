@@ -176,7 +176,7 @@ async fn a_hundred_deployments_cost_the_api_no_list_per_pass() {
             .create(json!({"apiVersion": "v1", "kind": "Node",
                 "metadata": {"name": node, "labels": {"kubernetes.io/hostname": node}},
                 "status": {"conditions": [{"type": "Ready", "status": "True"}],
-                           "allocatable": {"nvidia.com/gpu": "4", "cpu": "64", "memory": "512Gi"}}}))
+                           "allocatable": {"nvidia.com/gpu": "4", "cpu": "64", "memory": "512Gi", "pods": "110"}}}))
             .unwrap();
         let gpus: Vec<_> = (0..4)
             .map(|i| {
@@ -214,6 +214,19 @@ async fn a_hundred_deployments_cost_the_api_no_list_per_pass() {
             .filter(|d| d.status.as_ref().is_some_and(|s| s.placements.len() == 1))
             .count();
         (placed == 100).then_some(())
+    })
+    .await
+    .unwrap();
+    // Placed concurrently by many passes, yet no GPU twice: the scheduler, which
+    // counts nvidia.com/gpu per node itself, bound every pod and refused none.
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(env.client.clone(), "default");
+    env.wait("100 bound pods", Duration::from_secs(60), || async {
+        let all = pods.list(&ListParams::default()).await.ok()?.items;
+        let bound = all
+            .iter()
+            .filter(|p| p.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some())
+            .count();
+        (all.len() == 100 && bound == 100).then_some(())
     })
     .await
     .unwrap();

@@ -7,7 +7,7 @@ use gpuscale_e2e::{condition, names, smollm, Env};
 use gpuscale_sim::nodes::SimNode;
 use gpuscale_sim::traffic::{self, Profile};
 use k8s_openapi::api::core::v1::Service;
-use kube::api::DeleteParams;
+use kube::api::{DeleteParams, Patch, PatchParams};
 use kube::{Api, ResourceExt};
 use serde_json::json;
 
@@ -352,4 +352,112 @@ async fn a_new_leader_keeps_the_scale_down_window_and_the_panic() {
         "op-b never reported the idle queue: it did not reconcile"
     );
     b.kill().await.ok();
+}
+
+/// Pods reach their node through the scheduler, which checks taints: a node whose
+/// taint the replica pods do not tolerate gets no replica, a GPU node tainted
+/// `nvidia.com/gpu` (tolerated by default) does, and no pod carries a nodeName the
+/// operator set.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tainted_gpu_node_gets_no_replica_the_tolerated_one_does() {
+    use k8s_openapi::api::core::v1::Node;
+    let env = Env::start("taints", two_l4_nodes()).await.unwrap();
+    if !env.simulated() {
+        eprintln!("skipped: taints simulated nodes");
+        return;
+    }
+    let nodes: Api<Node> = Api::all(env.client.clone());
+    for (node, taint) in [
+        (
+            "sim-l4-a",
+            json!({"key": "maintenance", "value": "true", "effect": "NoSchedule"}),
+        ),
+        (
+            "sim-l4-b",
+            json!({"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}),
+        ),
+    ] {
+        nodes
+            .patch(
+                node,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"spec": {"taints": [taint]}})),
+            )
+            .await
+            .unwrap();
+    }
+    let d = smollm(json!({"spec": {"replicas": 2, "scaling": {"autoscale": false}}}));
+    env.apply(&d).await.unwrap();
+    let pods = env
+        .wait_ready("smollm", 2, Duration::from_secs(120))
+        .await
+        .unwrap();
+    for p in &pods {
+        let spec = p.spec.as_ref().unwrap();
+        assert_eq!(
+            spec.node_name.as_deref(),
+            Some("sim-l4-b"),
+            "{}",
+            p.name_any()
+        );
+        assert!(
+            spec.affinity.is_some(),
+            "pinned by affinity, bound by the scheduler"
+        );
+    }
+}
+
+/// The GpuInventory shows GPUs the scheduler cannot hand out (the device plugin has not
+/// registered on that node: allocatable `nvidia.com/gpu` is 0). The scheduler refuses
+/// the pod; the operator reports its words, releases the placement and places the
+/// replica on the other node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scheduler_refusal_is_reported_and_the_replica_placed_elsewhere() {
+    use k8s_openapi::api::core::v1::Node;
+    let nodes = vec![
+        SimNode::new("sim-l4-a", 1, "NVIDIA L4", 24, false),
+        SimNode::new("sim-l4-b", 1, "NVIDIA L4", 24, false),
+    ];
+    let env = Env::start("refusal", nodes).await.unwrap();
+    if !env.simulated() {
+        eprintln!("skipped: edits a simulated node's allocatable");
+        return;
+    }
+    // Placement prefers the first node by name; make that the one the plugin lacks.
+    let api: Api<Node> = Api::all(env.client.clone());
+    api.patch_status(
+        "sim-l4-a",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"status": {"allocatable": {"nvidia.com/gpu": "0"}}})),
+    )
+    .await
+    .unwrap();
+    let d = smollm(json!({"spec": {"replicas": 1, "scaling": {"autoscale": false}}}));
+    env.apply(&d).await.unwrap();
+    // The condition says SchedulerRejected only until the replica is placed elsewhere
+    // (a pass or two); the Event is the lasting record.
+    let note = env
+        .wait("a ReplicaFailed event", Duration::from_secs(60), || async {
+            env.events("smollm")
+                .await
+                .ok()?
+                .into_iter()
+                .find(|e| e.reason.as_deref() == Some("ReplicaFailed"))?
+                .note
+        })
+        .await
+        .unwrap();
+    assert!(
+        note.contains("the scheduler cannot place it: 0/2 nodes are available")
+            && note.contains("Insufficient nvidia.com/gpu"),
+        "{note}"
+    );
+    let pods = env
+        .wait_ready("smollm", 1, Duration::from_secs(120))
+        .await
+        .unwrap();
+    assert_eq!(
+        pods[0].spec.as_ref().unwrap().node_name.as_deref(),
+        Some("sim-l4-b")
+    );
 }

@@ -82,6 +82,7 @@ fn workload(rng: &mut StdRng, scale: f64) -> Vec<Request> {
                 strategy: Strategy::BinPack,
                 spread: SpreadDomain::Node,
                 require_nvlink: false,
+                avoid_nodes: Vec::new(),
             });
         }
     }

@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 use gpuscale_operator::leader::{Elector, LeaseConfig};
 use gpuscale_operator::metrics::Metrics;
 use gpuscale_operator::node_agent;
-use gpuscale_operator::reconcile::{self, Config};
+use gpuscale_operator::reconcile::{self, Config, Scheduling};
 use gpuscale_operator::replay;
 use gpuscale_operator::scrape::HttpScraper;
 use std::sync::Arc;
@@ -58,6 +58,18 @@ enum Command {
         /// Seconds a draining replica may take before it is deleted anyway.
         #[arg(long, default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..=86400))]
         drain_timeout_seconds: u64,
+        /// A toleration of every replica pod, `KEY[=VALUE][:EFFECT]` (no value: any;
+        /// no effect: all); repeat for several. Nodes with a NoSchedule or NoExecute
+        /// taint these do not tolerate get no replicas.
+        #[arg(long = "toleration", default_value = "nvidia.com/gpu:NoSchedule",
+              value_parser = Scheduling::parse_toleration)]
+        tolerations: Vec<k8s_openapi::api::core::v1::Toleration>,
+        /// `runtimeClassName` of replica pods (e.g. `nvidia`).
+        #[arg(long)]
+        runtime_class_name: Option<String>,
+        /// `schedulerName` of replica pods (default: the cluster's default scheduler).
+        #[arg(long)]
+        scheduler_name: Option<String>,
     },
     /// Publish this node's GPU inventory (NVML) as a GpuInventory object.
     NodeAgent {
@@ -217,6 +229,9 @@ fn main() -> anyhow::Result<ExitCode> {
             lease_duration_seconds,
             scrape_interval_seconds,
             drain_timeout_seconds,
+            tolerations,
+            runtime_class_name,
+            scheduler_name,
         } => {
             init_tracing();
             let election = leader_election.then(|| Election {
@@ -228,6 +243,11 @@ fn main() -> anyhow::Result<ExitCode> {
                 worker_image,
                 scrape_interval: Duration::from_secs(scrape_interval_seconds),
                 drain_timeout: Duration::from_secs(drain_timeout_seconds),
+                scheduling: Scheduling {
+                    tolerations,
+                    runtime_class: runtime_class_name.filter(|s| !s.is_empty()),
+                    scheduler_name: scheduler_name.filter(|s| !s.is_empty()),
+                },
             };
             tokio::runtime::Runtime::new()?.block_on(operator_main(
                 metrics_addr,

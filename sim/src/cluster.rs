@@ -1,5 +1,5 @@
 //! A whole simulated cluster: the API server with the gpuscale CRDs registered, a
-//! kubeconfig for it, and one simulated kubelet per simulated node.
+//! kubeconfig for it, the scheduler, and one simulated kubelet per simulated node.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -13,6 +13,7 @@ use kube::{Api, Client};
 use super::api::ApiServer;
 use super::kubelet::{Kubelet, KubeletConfig};
 use super::nodes::SimNode;
+use super::scheduler::Scheduler;
 
 /// How to start a simulated cluster.
 #[derive(Clone, Debug)]
@@ -32,6 +33,7 @@ pub struct SimCluster {
     kubeconfig: PathBuf,
     kubelets: Vec<Kubelet>,
     config: KubeletConfig,
+    _scheduler: Scheduler,
 }
 
 /// A kube-rs client for the cluster in `kubeconfig`, made as for any cluster.
@@ -55,6 +57,7 @@ impl SimCluster {
         api.write_kubeconfig(&config.kubeconfig)?;
         let client = client_for(&config.kubeconfig).await?;
         let mut cluster = Self {
+            _scheduler: Scheduler::start(client.clone()),
             api,
             client,
             kubeconfig: config.kubeconfig,

@@ -9,6 +9,7 @@ pub mod cluster;
 pub mod demo;
 pub mod kubelet;
 pub mod nodes;
+pub mod scheduler;
 
 use std::path::PathBuf;
 

@@ -89,6 +89,8 @@ pub struct Request {
     pub spread: SpreadDomain,
     /// Refuse GPU sets that are not one NVLink island.
     pub require_nvlink: bool,
+    /// Nodes not to use: the scheduler refused this deployment's pod there lately.
+    pub avoid_nodes: Vec<String>,
 }
 
 /// Where a replica runs.
@@ -125,6 +127,9 @@ pub enum RefusalReason {
     InsufficientGpusOnNode,
     /// Enough GPUs exist on a node but not in one NVLink island, and NVLink is required.
     NvlinkUnavailable,
+    /// Placed, but the cluster's scheduler refused the pod on that node (a taint, a
+    /// resource the inventory does not show); the message is the scheduler's.
+    SchedulerRejected,
 }
 
 impl RefusalReason {
@@ -137,6 +142,7 @@ impl RefusalReason {
             RefusalReason::InsufficientVram => "InsufficientVRAM",
             RefusalReason::InsufficientGpusOnNode => "InsufficientGPUsOnNode",
             RefusalReason::NvlinkUnavailable => "NVLinkUnavailable",
+            RefusalReason::SchedulerRejected => "SchedulerRejected",
         }
     }
 }
@@ -340,6 +346,9 @@ impl Engine {
         let mut seen = Seen::default();
         let mut best: Option<(Key, usize, Vec<usize>, bool)> = None;
         for (ni, node) in self.nodes.iter().enumerate() {
+            if req.avoid_nodes.contains(&node.name) {
+                continue;
+            }
             let fitting = self.fitting_gpus(node, ni, req, &product_ok, &mut seen);
             if fitting.len() < k {
                 continue;

@@ -57,6 +57,7 @@ pub fn request(
             SpecSpread::None => SpreadDomain::None,
         },
         require_nvlink: spec.placement.require_nvlink,
+        avoid_nodes: Vec::new(),
     }
 }
 

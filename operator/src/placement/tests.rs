@@ -61,6 +61,7 @@ fn req(dep: &str, index: u32, need_gib: f64, gpus: u32, sharing: Sharing) -> Req
         strategy: Strategy::BinPack,
         spread: SpreadDomain::Node,
         require_nvlink: false,
+        avoid_nodes: Vec::new(),
     }
 }
 

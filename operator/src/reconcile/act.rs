@@ -29,13 +29,7 @@ pub(super) async fn act(
     for step in &decided.todo {
         let result: Result<(), kube::Error> = match step {
             Todo::Create(index, p) => {
-                let Some(pod) = replica_pod(
-                    d,
-                    *index,
-                    p,
-                    ctx.config.worker_image.as_deref(),
-                    ctx.config.drain_timeout.as_secs(),
-                ) else {
+                let Some(pod) = replica_pod(d, *index, p, &ctx.config) else {
                     continue; // unmountable sources were refused before
                 };
                 match pods_api.create(&PostParams::default(), &pod).await {

@@ -10,7 +10,7 @@ use k8s_openapi::api::core::v1::Pod;
 
 use super::observe::World;
 use super::pods::*;
-use super::{key_of, plan, DeploymentState, Replica, Step};
+use super::{key_of, plan, DeploymentState, Replica, Step, AVOID_REFUSED_NODE};
 use crate::autoscale::{self, Observation};
 use crate::estimate::{ModelProfile, GIB, RUNTIME_OVERHEAD_BYTES};
 use crate::placement;
@@ -71,6 +71,14 @@ pub(super) fn decide(
         })
         .collect();
     let key = key_of(d);
+    for (node, _) in &world.refusals {
+        state.avoid.insert(node.clone(), now);
+    }
+    state
+        .avoid
+        .retain(|_, at| now.saturating_duration_since(*at) < AVOID_REFUSED_NODE);
+    let mut avoid: Vec<String> = state.avoid.keys().cloned().collect();
+    avoid.sort();
     let mut refusal = None;
     let mut todo = Vec::new();
     let mut created: Vec<PodPlacement> = Vec::new();
@@ -80,7 +88,8 @@ pub(super) fn decide(
                 if refusal.is_some() {
                     continue;
                 }
-                let req = placement::request(&key, index, &d.spec, need);
+                let mut req = placement::request(&key, index, &d.spec, need);
+                req.avoid_nodes = avoid.clone();
                 let p = match world.engine.place(&req) {
                     Ok(p) => PodPlacement {
                         node: p.node,
@@ -113,6 +122,18 @@ pub(super) fn decide(
         }
     }
     state.desired = Some(desired);
+    // The scheduler's own words explain more than a placement refusal they caused.
+    if !world.refusals.is_empty() {
+        let pods: Vec<&str> = world.refusals.iter().map(|(_, m)| m.as_str()).collect();
+        refusal = Some(placement::Refusal {
+            reason: placement::RefusalReason::SchedulerRejected,
+            message: format!(
+                "the scheduler refused {} (placed elsewhere for the next {} s)",
+                pods.join("; "),
+                AVOID_REFUSED_NODE.as_secs()
+            ),
+        });
+    }
     Decided {
         desired,
         scaling,

@@ -73,6 +73,8 @@ pub struct Config {
     pub scrape_interval: Duration,
     /// How long a draining replica may take before it is deleted anyway.
     pub drain_timeout: Duration,
+    /// How replica pods reach the node placement chose.
+    pub scheduling: Scheduling,
 }
 
 impl Default for Config {
@@ -81,7 +83,72 @@ impl Default for Config {
             worker_image: None,
             scrape_interval: Duration::from_secs(2),
             drain_timeout: Duration::from_secs(120),
+            scheduling: Scheduling::default(),
         }
+    }
+}
+
+/// What replica pods carry for the scheduler. Pods never set `nodeName` (that skips the
+/// scheduler: taints, resource fit, volume binding, DRA); they require the chosen node
+/// by a node affinity on `metadata.name`, as the DaemonSet controller does
+/// (<https://kubernetes.io/docs/concepts/workloads/controllers/daemonset/#how-daemon-pods-are-scheduled>).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Scheduling {
+    /// Tolerations of every replica pod; nodes whose NoSchedule or NoExecute taints
+    /// these do not tolerate are not offered to placement.
+    pub tolerations: Vec<k8s_openapi::api::core::v1::Toleration>,
+    /// `runtimeClassName` of replica pods (e.g. `nvidia` where the NVIDIA container
+    /// runtime is a RuntimeClass).
+    pub runtime_class: Option<String>,
+    /// `schedulerName` of replica pods (default: the cluster's default scheduler).
+    pub scheduler_name: Option<String>,
+}
+
+impl Default for Scheduling {
+    /// Tolerates `nvidia.com/gpu` (any value), the taint GPU node pools carry on GKE,
+    /// AKS and clusters set up by NVIDIA's GPU Operator guides.
+    fn default() -> Self {
+        Scheduling {
+            tolerations: vec![k8s_openapi::api::core::v1::Toleration {
+                key: Some("nvidia.com/gpu".into()),
+                operator: Some("Exists".into()),
+                effect: Some("NoSchedule".into()),
+                ..Default::default()
+            }],
+            runtime_class: None,
+            scheduler_name: None,
+        }
+    }
+}
+
+impl Scheduling {
+    /// A toleration from `KEY[=VALUE][:EFFECT]` (no value: `Exists`; no effect: all).
+    pub fn parse_toleration(s: &str) -> Result<k8s_openapi::api::core::v1::Toleration, String> {
+        let (kv, effect) = match s.rsplit_once(':') {
+            Some((kv, e)) => (kv, Some(e)),
+            None => (s, None),
+        };
+        if let Some(e) = effect {
+            if !["NoSchedule", "PreferNoSchedule", "NoExecute"].contains(&e) {
+                return Err(format!(
+                    "toleration {s:?}: effect must be NoSchedule, PreferNoSchedule or NoExecute, not {e:?}"
+                ));
+            }
+        }
+        let (key, value) = match kv.split_once('=') {
+            Some((k, v)) => (k, Some(v)),
+            None => (kv, None),
+        };
+        if key.is_empty() {
+            return Err(format!("toleration {s:?}: the key is empty"));
+        }
+        Ok(k8s_openapi::api::core::v1::Toleration {
+            key: Some(key.into()),
+            operator: Some(if value.is_some() { "Equal" } else { "Exists" }.into()),
+            value: value.map(String::from),
+            effect: effect.map(String::from),
+            ..Default::default()
+        })
     }
 }
 
@@ -115,6 +182,8 @@ pub struct Context {
     state: Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<DeploymentState>>>>>,
     /// Consecutive failed passes per deployment, for backoff.
     failures: Mutex<HashMap<String, u32>>,
+    /// Held while a pass places and creates replicas.
+    placing: tokio::sync::Mutex<()>,
 }
 
 /// What the controller remembers of one deployment between passes.
@@ -130,8 +199,15 @@ struct DeploymentState {
     /// can be older than the status the previous pass wrote, and deciding against that
     /// stale count repeats a decision (and its Event). Seeded from status on restore.
     desired: Option<u32>,
+    /// Nodes where the scheduler refused a replica of this deployment, and when:
+    /// placement avoids them for `AVOID_REFUSED_NODE`, so a refusal is not retried in a
+    /// loop.
+    avoid: HashMap<String, Instant>,
     last_requests: Option<(Instant, f64)>,
 }
+
+/// How long placement avoids a node where the scheduler refused a replica.
+const AVOID_REFUSED_NODE: Duration = Duration::from_secs(120);
 
 impl DeploymentState {
     /// The state of `d`, restored from the memory its status carries.
@@ -164,6 +240,7 @@ impl DeploymentState {
             seen_ready: None,
             restored_ready_time: ready_time.is_some(),
             desired: st.map(|s| s.desired_replicas).filter(|&n| n > 0),
+            avoid: HashMap::new(),
             last_requests: None,
         }
     }
@@ -225,6 +302,7 @@ impl Context {
             clock,
             state: Arc::default(),
             failures: Mutex::new(HashMap::new()),
+            placing: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -499,8 +577,18 @@ async fn apply(d: &InferenceDeployment, ctx: &Context) -> Result<Action, Error> 
             return Ok(Action::requeue(Duration::from_secs(60)));
         }
     };
+    // Placing and creating is one critical section across every deployment's passes
+    // (the controller runs them concurrently): the ledger is rebuilt from the cache
+    // and the pods created so far, so two passes never choose the same free GPU.
+    let placing = ctx.placing.lock().await;
+    let pods = ctx.cache.pods();
+    let fresh = observe::ledger(ctx, &pods);
+    world.pods = pods;
+    world.engine = fresh.engine;
+    world.cpu_nodes = fresh.cpu_nodes;
     let decided = decide(d, &mut state, &mut world, need, now);
     let (created, acted) = act(d, ctx, &decided, wall).await;
+    drop(placing);
     // Report even after a failed step: status then says what was decided and done, and
     // the autoscaler's memory is saved whatever happened.
     let reported = report(d, ctx, &state, &world, &decided, &created, now, wall).await;

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use gpuscale_crds::{GpuInventory, InferenceDeployment};
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::core::v1::{Node, Pod, Taint, Toleration};
 use kube::ResourceExt;
 
 use super::pods::{self, *};
@@ -39,6 +39,8 @@ pub(super) struct World {
     pub(super) loading: u32,
     /// Waiting plus running requests over the ready replicas (`None`: none scraped).
     pub(super) demand: Option<f64>,
+    /// Replicas the scheduler refused: (the node placement chose, its message).
+    pub(super) refusals: Vec<(String, String)>,
     pub(super) request_rate: Option<f64>,
 }
 
@@ -52,52 +54,27 @@ pub(super) async fn observe(
     wall: jiff::Timestamp,
 ) -> World {
     let pods = ctx.cache.pods();
-    let (inventory, cpu_nodes) =
-        build_inventory(&ctx.cache.inventories(), &ctx.cache.nodes(), &pods);
-
-    // Everything already placed, ours and other deployments'.
-    let mut engine = Engine::new(&inventory);
-    let mut lost: HashMap<String, String> = HashMap::new();
-    for pod in &pods {
-        let (Some(p), Some(index), Some(dep)) = (
-            placement_of(pod),
-            index_of(pod),
-            pod.labels().get(LABEL_DEPLOYMENT),
-        ) else {
-            continue;
-        };
-        if p.gpus.is_empty() {
-            if !cpu_nodes.contains(&p.node) {
-                lost.insert(pod.name_any(), format!("node {} is gone", p.node));
-            }
-            continue;
-        }
-        let placed = Placement {
-            replica: ReplicaId {
-                deployment: format!("{}/{dep}", pod.namespace().unwrap_or_default()),
-                index,
-            },
-            node: p.node.clone(),
-            gpus: p.gpus.clone(),
-            gpu_uuids: p.uuids.clone(),
-            bytes_per_gpu: p.bytes_per_gpu,
-            exclusive: p.exclusive,
-            nvlink: true,
-        };
-        if let Err(e) = engine.adopt(placed) {
-            lost.insert(pod.name_any(), e.to_string());
-        }
-    }
+    let Ledger {
+        engine,
+        cpu_nodes,
+        lost,
+    } = ledger(ctx, &pods);
 
     state.scaler.set_params(Params::from_spec(&d.spec.scaling));
     let hash = template_hash(d);
     let mut seen: Vec<Seen> = Vec::new();
+    let mut refusals: Vec<(String, String)> = Vec::new();
     for pod in pods.iter().filter(|p| owned_by(p, d)) {
         let Some(index) = index_of(pod) else { continue };
+        let refused = pods::unschedulable(pod);
+        if let (Some(message), Some(p)) = (&refused, placement_of(pod)) {
+            refusals.push((p.node, format!("{}: {message}", pod.name_any())));
+        }
         let mut failure = lost
             .get(&pod.name_any())
             .cloned()
-            .or_else(|| pods::failure(pod));
+            .or_else(|| pods::failure(pod))
+            .or_else(|| refused.map(|m| format!("the scheduler cannot place it: {m}")));
         let phase = if pod.metadata.deletion_timestamp.is_some() {
             // Terminating (SIGTERM drain); it only keeps its index until it is gone.
             Phase::Draining { timed_out: false }
@@ -181,6 +158,7 @@ pub(super) async fn observe(
         _ => None,
     };
     World {
+        refusals,
         ready: ready.count() as u32,
         loading: seen.iter().filter(|s| s.phase == Phase::Loading).count() as u32,
         pods,
@@ -190,6 +168,79 @@ pub(super) async fn observe(
         demand,
         request_rate,
     }
+}
+
+/// What placement starts from: the inventory, with every existing placement (ours and
+/// other deployments') adopted.
+pub(super) struct Ledger {
+    pub(super) engine: Engine,
+    pub(super) cpu_nodes: HashSet<String>,
+    /// Pods whose placement cannot be adopted (their node or GPU is gone), and why.
+    pub(super) lost: HashMap<String, String>,
+}
+
+/// The ledger over `pods` and the cached inventory.
+pub(super) fn ledger(ctx: &Context, pods: &[Arc<Pod>]) -> Ledger {
+    let (inventory, cpu_nodes) = build_inventory(
+        &ctx.cache.inventories(),
+        &ctx.cache.nodes(),
+        pods,
+        &ctx.config.scheduling.tolerations,
+    );
+    let mut engine = Engine::new(&inventory);
+    let mut lost: HashMap<String, String> = HashMap::new();
+    for pod in pods {
+        let (Some(p), Some(index), Some(dep)) = (
+            placement_of(pod),
+            index_of(pod),
+            pod.labels().get(LABEL_DEPLOYMENT),
+        ) else {
+            continue;
+        };
+        if p.gpus.is_empty() {
+            if !cpu_nodes.contains(&p.node) {
+                lost.insert(pod.name_any(), format!("node {} is gone", p.node));
+            }
+            continue;
+        }
+        let placed = Placement {
+            replica: ReplicaId {
+                deployment: format!("{}/{dep}", pod.namespace().unwrap_or_default()),
+                index,
+            },
+            node: p.node.clone(),
+            gpus: p.gpus.clone(),
+            gpu_uuids: p.uuids.clone(),
+            bytes_per_gpu: p.bytes_per_gpu,
+            exclusive: p.exclusive,
+            nvlink: true,
+        };
+        if let Err(e) = engine.adopt(placed) {
+            lost.insert(pod.name_any(), e.to_string());
+        }
+    }
+    Ledger {
+        engine,
+        cpu_nodes,
+        lost,
+    }
+}
+
+/// Whether `tol` tolerates `taint`, by the rules of the Kubernetes documentation: an
+/// empty key with `Exists` matches every taint, an empty effect every effect.
+fn tolerates(tol: &Toleration, taint: &Taint) -> bool {
+    let exists = tol.operator.as_deref() == Some("Exists");
+    let key = match tol.key.as_deref() {
+        None | Some("") => exists,
+        Some(k) => k == taint.key,
+    };
+    let value =
+        exists || tol.value.as_deref().unwrap_or("") == taint.value.as_deref().unwrap_or("");
+    let effect = tol
+        .effect
+        .as_deref()
+        .is_none_or(|e| e.is_empty() || e == taint.effect);
+    key && value && effect
 }
 
 /// Time from pod creation to its Ready condition.
@@ -214,6 +265,7 @@ fn build_inventory(
     inventories: &[Arc<GpuInventory>],
     nodes: &[Arc<Node>],
     pods: &[Arc<Pod>],
+    tolerations: &[Toleration],
 ) -> (Inventory, HashSet<String>) {
     let usable = |n: &Node| {
         let ready = n
@@ -226,7 +278,20 @@ fn build_inventory(
             .as_ref()
             .and_then(|s| s.unschedulable)
             .unwrap_or(false);
-        ready && !cordoned
+        // A taint the replica pods do not tolerate keeps them off the node
+        // (https://kubernetes.io/docs/concepts/scheduling-eviction/taint-and-toleration/):
+        // placing there would only earn a refusal from the scheduler.
+        let tainted = n
+            .spec
+            .as_ref()
+            .and_then(|s| s.taints.as_ref())
+            .is_some_and(|ts| {
+                ts.iter().any(|t| {
+                    matches!(t.effect.as_str(), "NoSchedule" | "NoExecute")
+                        && !tolerations.iter().any(|tol| tolerates(tol, t))
+                })
+            });
+        ready && !cordoned && !tainted
     };
     let usable_nodes: HashMap<String, &Node> = nodes
         .iter()

@@ -5,9 +5,10 @@ use std::collections::BTreeMap;
 
 use gpuscale_crds::InferenceDeployment;
 use k8s_openapi::api::core::v1::{
-    Container, ContainerPort, EnvVar, HTTPGetAction, HostPathVolumeSource,
-    PersistentVolumeClaimVolumeSource, Pod, PodSpec, Probe, ResourceRequirements, Service,
-    ServicePort, ServiceSpec, Volume, VolumeMount,
+    Affinity, Container, ContainerPort, EnvVar, HTTPGetAction, HostPathVolumeSource, NodeAffinity,
+    NodeSelector, NodeSelectorRequirement, NodeSelectorTerm, PersistentVolumeClaimVolumeSource,
+    Pod, PodSpec, Probe, ResourceRequirements, Service, ServicePort, ServiceSpec, Volume,
+    VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -157,9 +158,10 @@ pub fn replica_pod(
     d: &InferenceDeployment,
     index: u32,
     p: &PodPlacement,
-    default_image: Option<&str>,
-    drain_seconds: u64,
+    config: &super::Config,
 ) -> Option<Pod> {
+    let default_image = config.worker_image.as_deref();
+    let drain_seconds = config.drain_timeout.as_secs();
     let name = d.name_any();
     let (model_path, volume, mount) = model_volume(&d.spec.model.source)?;
     let mut labels = selector_labels(&name);
@@ -212,7 +214,10 @@ pub fn replica_pod(
             ..ObjectMeta::default()
         },
         spec: Some(PodSpec {
-            node_name: Some(p.node.clone()),
+            affinity: Some(on_node(&p.node)),
+            tolerations: Some(config.scheduling.tolerations.clone()).filter(|t| !t.is_empty()),
+            runtime_class_name: config.scheduling.runtime_class.clone(),
+            scheduler_name: config.scheduling.scheduler_name.clone(),
             restart_policy: Some("Always".into()),
             termination_grace_period_seconds: Some(drain_seconds as i64 + 10),
             containers: vec![Container {
@@ -246,6 +251,27 @@ pub fn replica_pod(
         }),
         status: None,
     })
+}
+
+/// A required node affinity to `node` by name, as the DaemonSet controller pins its
+/// pods: the scheduler still checks taints, resources, volumes and claims.
+pub fn on_node(node: &str) -> Affinity {
+    Affinity {
+        node_affinity: Some(NodeAffinity {
+            required_during_scheduling_ignored_during_execution: Some(NodeSelector {
+                node_selector_terms: vec![NodeSelectorTerm {
+                    match_fields: Some(vec![NodeSelectorRequirement {
+                        key: "metadata.name".into(),
+                        operator: "In".into(),
+                        values: Some(vec![node.into()]),
+                    }]),
+                    match_expressions: None,
+                }],
+            }),
+            ..NodeAffinity::default()
+        }),
+        ..Affinity::default()
+    }
 }
 
 /// The Service in front of the serving replicas.
@@ -378,6 +404,20 @@ pub fn failure(pod: &Pod) -> Option<String> {
         .contains(&reason)
         .then(|| format!("{reason}: {}", waiting.message.clone().unwrap_or_default()))
     })
+}
+
+/// The scheduler's message when it cannot place the pod (`PodScheduled=False`,
+/// reason `Unschedulable`).
+pub fn unschedulable(pod: &Pod) -> Option<String> {
+    let c = pod
+        .status
+        .as_ref()?
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| c.type_ == "PodScheduled")?;
+    (c.status == "False" && c.reason.as_deref() == Some("Unschedulable"))
+        .then(|| c.message.clone().unwrap_or_default())
 }
 
 /// Whether `d` (this very object, by UID) controls the pod: pods of a deleted and

@@ -422,7 +422,28 @@ async fn create_places_a_pinned_owned_pod_and_a_service() {
     let pod: Pod = serde_json::from_value(log.posts(POD_PATH)[0].clone()).unwrap();
     assert_eq!(pod.name_any(), "smollm-0");
     let spec = pod.spec.unwrap();
-    assert_eq!(spec.node_name.as_deref(), Some("gpu-a"));
+    assert_eq!(spec.node_name, None, "the scheduler binds it");
+    let term = &spec
+        .affinity
+        .unwrap()
+        .node_affinity
+        .unwrap()
+        .required_during_scheduling_ignored_during_execution
+        .unwrap()
+        .node_selector_terms[0];
+    let by_name = &term.match_fields.as_ref().unwrap()[0];
+    assert_eq!(
+        (
+            by_name.key.as_str(),
+            by_name.operator.as_str(),
+            by_name.values.as_deref()
+        ),
+        ("metadata.name", "In", Some(&["gpu-a".to_string()][..]))
+    );
+    assert_eq!(
+        spec.tolerations.unwrap()[0].key.as_deref(),
+        Some("nvidia.com/gpu")
+    );
     let c = &spec.containers[0];
     assert_eq!(
         c.resources.as_ref().unwrap().limits.as_ref().unwrap()["nvidia.com/gpu"].0,
@@ -624,7 +645,12 @@ async fn a_spec_change_surges_a_new_replica_before_draining_the_old() {
     reconcile(object(&d), ctx.clone()).await.unwrap();
     let log = mock.finish(ctx).await;
     assert_eq!(created_names(&log), ["smollm-1"]);
-    assert_eq!(log.posts(POD_PATH)[0]["spec"]["nodeName"], "gpu-a");
+    assert_eq!(
+        log.posts(POD_PATH)[0]["spec"]["affinity"]["nodeAffinity"]
+            ["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"][0]
+            ["matchFields"][0]["values"][0],
+        "gpu-a"
+    );
     // The script has no patch or delete of smollm-0: the old replica serves on.
 }
 
@@ -814,4 +840,49 @@ async fn a_pass_on_a_stale_object_does_not_repeat_the_last_decision() {
     assert!(second.event("ScaledUp").is_none(), "{:?}", second.events);
     assert_eq!(second.status()["desiredReplicas"], 3);
     assert_eq!(second.status()["replicas"], 3, "the created replicas count");
+}
+
+#[tokio::test]
+async fn a_node_with_an_untolerated_taint_is_not_offered_to_placement() {
+    let d = deployment(json!({"minReplicas": 1, "maxReplicas": 4}));
+    let mut tainted = node();
+    tainted.spec = Some(
+        serde_json::from_value(json!(
+        {"taints": [{"key": "gpu", "value": "broken", "effect": "NoSchedule"}]}))
+        .unwrap(),
+    );
+    let (client, mock) = Mock::start(pass(&d, vec![]));
+    let cache = Cache::of(vec![], vec![tainted], vec![inventory()]);
+    let ctx = context(client, cache, &[], TestClock::new());
+    reconcile(object(&d), ctx.clone()).await.unwrap();
+    let log = mock.finish(ctx).await;
+    assert!(log.posts(POD_PATH).is_empty());
+    assert_eq!(condition(&log.status(), "Unschedulable")["status"], "True");
+}
+
+/// A pod the scheduler refuses: reported with the scheduler's message, deleted (its
+/// placement released), and its node avoided, so the refusal does not loop.
+#[tokio::test]
+async fn a_pod_the_scheduler_refuses_is_reported_released_and_its_node_avoided() {
+    let d = deployment(json!({"minReplicas": 1, "maxReplicas": 4}));
+    let message = "0/1 nodes are available: 1 Insufficient nvidia.com/gpu.";
+    let mut refused = pod(&d, 0, 0, "", json!({}));
+    refused["status"] = json!({"phase": "Pending", "conditions": [{"type": "PodScheduled",
+        "status": "False", "reason": "Unschedulable", "message": message}]});
+    let (client, mock) = Mock::start(pass(&d, vec![delete(0)]));
+    let ctx = context(client, cache(vec![refused]), &[], TestClock::new());
+    reconcile(object(&d), ctx.clone()).await.unwrap();
+    let log = mock.finish(ctx).await;
+    // No replacement on gpu-a, the only node: it is avoided for now.
+    assert!(log.posts(POD_PATH).is_empty());
+    let cond = condition(&log.status(), "Unschedulable");
+    assert_eq!(cond["reason"], "SchedulerRejected");
+    assert!(
+        cond["message"].as_str().unwrap().contains(message),
+        "{cond}"
+    );
+    let ev = log
+        .event("ReplicaFailed")
+        .expect("an event on the replaced replica");
+    assert!(ev["note"].as_str().unwrap().contains(message));
 }

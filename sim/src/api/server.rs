@@ -352,6 +352,9 @@ async fn resource(
             })
         }
         (Method::POST, None, _) => shared.lock().create(&r, &ns, body, &mut opts).map(created),
+        (Method::POST, Some(name), Some("binding")) if r.group.is_empty() && r.plural == "pods" => {
+            bind(&shared, &ns, name, &body, &mut opts).map(created)
+        }
         (Method::PUT, Some(name), sub) => {
             write(&shared, &t, name, sub, |_| Ok(body.clone()), &mut opts).map(ok)
         }
@@ -476,6 +479,45 @@ fn scale_of(r: &Resource, obj: &Value) -> Result<Value, ApiError> {
         "status": {"replicas": replicas(&paths.status_replicas),
                    "selector": paths.label_selector.as_deref().and_then(|p| json_path(obj, p)).cloned().unwrap_or(json!(""))},
     }))
+}
+
+/// `POST pods/<name>/binding`: how a scheduler assigns a pod to a node. It sets
+/// `spec.nodeName` once; a pod already assigned answers 409, as the API server does
+/// (<https://kubernetes.io/docs/reference/kubernetes-api/workload-resources/pod-v1/#create-binding-pod-v1-core>).
+fn bind(
+    shared: &Shared,
+    ns: &str,
+    name: &str,
+    binding: &Value,
+    opts: &mut WriteOptions,
+) -> Result<Value, ApiError> {
+    let node = binding["target"]["name"]
+        .as_str()
+        .filter(|n| !n.is_empty())
+        .ok_or_else(|| ApiError::new(422, "Invalid", "target.name: Required value"))?;
+    let mut store = shared.lock();
+    let r = store.resource("", "pods").expect("pods are built in");
+    let mut pod = store.get(&r, ns, name)?;
+    if let Some(have) = pod["spec"]["nodeName"].as_str().filter(|n| !n.is_empty()) {
+        return Err(ApiError::new(
+            409,
+            "Conflict",
+            format!("Operation cannot be fulfilled on pods/binding \"{name}\": pod {name} is already assigned to node \"{have}\""),
+        ));
+    }
+    if pod["metadata"]["deletionTimestamp"].is_string() {
+        return Err(ApiError::new(
+            409,
+            "Conflict",
+            format!("Operation cannot be fulfilled on pods/binding \"{name}\": pod {name} is being deleted, cannot be assigned to a host"),
+        ));
+    }
+    pod["spec"]["nodeName"] = json!(node);
+    opts.binding = true;
+    store.update(&r, ns, name, pod, Part::Main, opts)?;
+    Ok(
+        json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201}),
+    )
 }
 
 /// PUT or PATCH of an object, its status or its scale: `change` turns the current

@@ -131,6 +131,8 @@ pub struct WriteOptions {
     pub validation: FieldValidation,
     /// `Warning` headers for the response (unknown fields dropped under `Warn`).
     pub warnings: Vec<String>,
+    /// A scheduler's binding: the one write that may set a pod's `spec.nodeName`.
+    pub binding: bool,
     /// Skip admission: only for objects a test stores as if written before their CRD's
     /// schema changed (the API server keeps such objects and serves them as they are).
     pub unchecked: bool,
@@ -572,6 +574,9 @@ impl Store {
         new["apiVersion"] = json!(r.api_version());
         new["kind"] = json!(r.kind);
         new["metadata"]["name"] = json!(name);
+        if r.group.is_empty() && r.plural == "pods" && part == Part::Main {
+            pod_spec_update(name, &old, &new, opts.binding)?;
+        }
         Self::admit(r, name, &mut new, Some(&old), opts)?;
         let generation = old["metadata"]["generation"].as_i64().unwrap_or(1);
         let bumped = part == Part::Main && spec_part(&new) != spec_part(&old);
@@ -718,6 +723,53 @@ impl Store {
 }
 
 /// An `events.k8s.io/v1` Event as a core `v1` one.
+/// A pod's spec is immutable but for the fields the API server lets an update change
+/// (<https://kubernetes.io/docs/concepts/workloads/pods/#pod-update-and-replacement>):
+/// container images, `activeDeadlineSeconds`, `terminationGracePeriodSeconds`, and
+/// tolerations added to the existing ones. `spec.nodeName` is set once, by a binding.
+fn pod_spec_update(name: &str, old: &Value, new: &Value, binding: bool) -> Result<(), ApiError> {
+    let comparable = |spec: &Value, keep_node: bool| {
+        let mut s = spec.clone();
+        if let Some(o) = s.as_object_mut() {
+            o.remove("activeDeadlineSeconds");
+            o.remove("terminationGracePeriodSeconds");
+            o.remove("tolerations");
+            if !keep_node {
+                o.remove("nodeName");
+            }
+            for list in ["containers", "initContainers"] {
+                for c in o
+                    .get_mut(list)
+                    .and_then(Value::as_array_mut)
+                    .into_iter()
+                    .flatten()
+                {
+                    if let Some(c) = c.as_object_mut() {
+                        c.remove("image");
+                    }
+                }
+            }
+        }
+        s
+    };
+    let (was, now) = (&old["spec"], &new["spec"]);
+    let node_set = was["nodeName"].as_str().is_none_or(str::is_empty)
+        && now["nodeName"].as_str().is_some_and(|n| !n.is_empty());
+    let node_ok = binding && node_set;
+    let old_tolerations = was["tolerations"].as_array().cloned().unwrap_or_default();
+    let new_tolerations = now["tolerations"].as_array().cloned().unwrap_or_default();
+    let tolerations_ok = old_tolerations.iter().all(|t| new_tolerations.contains(t));
+    if comparable(was, !node_ok) == comparable(now, !node_ok) && tolerations_ok {
+        return Ok(());
+    }
+    Err(ApiError::invalid(format!(
+        "Pod \"{name}\" is invalid: spec: Forbidden: pod updates may not change fields other than \
+         `spec.containers[*].image`, `spec.initContainers[*].image`, `spec.activeDeadlineSeconds`, \
+         `spec.tolerations` (only additions to existing tolerations) or \
+         `spec.terminationGracePeriodSeconds` (allow it to be set to 1 if it was previously negative)"
+    )))
+}
+
 fn core_event(e: &Value) -> Value {
     json!({
         "apiVersion": "v1", "kind": "Event", "metadata": e["metadata"],

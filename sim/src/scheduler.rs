@@ -1,0 +1,526 @@
+//! The simulated scheduler: binds each pending pod to a node, deciding as
+//! kube-scheduler's default filter plugins do
+//! (<https://kubernetes.io/docs/reference/scheduling/config/#scheduling-plugins>):
+//!
+//! - **NodeUnschedulable**: a cordoned node (`spec.unschedulable`) takes only pods that
+//!   tolerate `node.kubernetes.io/unschedulable:NoSchedule`.
+//! - **TaintToleration**: every `NoSchedule` and `NoExecute` taint must be tolerated
+//!   (<https://kubernetes.io/docs/concepts/scheduling-eviction/taint-and-toleration/>);
+//!   a node that is not Ready carries `node.kubernetes.io/not-ready:NoSchedule`, as the
+//!   node lifecycle controller adds it.
+//! - **NodeAffinity**: `nodeSelector` and the required node affinity terms
+//!   (`matchExpressions` on labels, `matchFields` on `metadata.name`)
+//!   (<https://kubernetes.io/docs/concepts/scheduling-eviction/assign-pod-node/>).
+//! - **NodeResourcesFit**: the pod's requests (limits stand in for the requests of
+//!   extended resources such as `nvidia.com/gpu`) fit the node's allocatable less what
+//!   the pods bound to it request
+//!   (<https://kubernetes.io/docs/concepts/configuration/manage-resources-containers/>).
+//!
+//! Of the nodes that pass, the one with the most free GPUs, then the first by name.
+//! A pod that fits nowhere gets `PodScheduled=False`, reason `Unschedulable`, with the
+//! scheduler's message (`0/3 nodes are available: 1 node(s) had untolerated taint
+//! {gpu: broken}, 2 Insufficient nvidia.com/gpu.`). Only pods whose `schedulerName` is
+//! `default-scheduler` (or unset) are this scheduler's: any other stays Pending, as it
+//! does on a cluster where that scheduler does not run. Binding goes through the pod's
+//! `binding` subresource, as kube-scheduler's does.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Node, Pod, PodCondition, Taint, Toleration};
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{watcher, WatchStreamExt};
+use kube::{Client, ResourceExt};
+use serde_json::json;
+
+/// The scheduler name this simulator serves.
+pub const DEFAULT_SCHEDULER: &str = "default-scheduler";
+
+/// A running simulated scheduler; stops when dropped.
+pub struct Scheduler {
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Scheduler {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Scheduler {
+    /// Starts scheduling the cluster behind `client`.
+    pub fn start(client: Client) -> Scheduler {
+        Scheduler {
+            task: tokio::spawn(run(client)),
+        }
+    }
+}
+
+async fn run(client: Client) {
+    let (pods, pod_writer) = reflector::store();
+    let (nodes, node_writer) = reflector::store();
+    let pod_feed = reflector::reflector(
+        pod_writer,
+        watcher::watcher(Api::<Pod>::all(client.clone()), watcher::Config::default()),
+    )
+    .default_backoff()
+    .for_each(|_| async {});
+    let node_feed = reflector::reflector(
+        node_writer,
+        watcher::watcher(Api::<Node>::all(client.clone()), watcher::Config::default()),
+    )
+    .default_backoff()
+    .for_each(|_| async {});
+    tokio::select! {
+        () = pod_feed => {}
+        () = node_feed => {}
+        () = schedule_loop(client, pods, nodes) => {}
+    }
+}
+
+async fn schedule_loop(client: Client, pods: Store<Pod>, nodes: Store<Node>) {
+    let _ = pods.wait_until_ready().await;
+    let _ = nodes.wait_until_ready().await;
+    // The last message written per pod, so an unchanged refusal is not written again.
+    let mut reported: HashMap<String, String> = HashMap::new();
+    loop {
+        let all = pods.state();
+        let node_list = nodes.state();
+        let mut bound: Vec<Pod> = all
+            .iter()
+            .filter(|p| node_of(p).is_some() && !terminal(p))
+            .map(|p| (**p).clone())
+            .collect();
+        let mut pending: Vec<&Pod> = all
+            .iter()
+            .map(|p| &**p)
+            .filter(|p| node_of(p).is_none() && p.metadata.deletion_timestamp.is_none())
+            .filter(|p| {
+                let name = p.spec.as_ref().and_then(|s| s.scheduler_name.as_deref());
+                name.is_none_or(|n| n == DEFAULT_SCHEDULER)
+            })
+            .collect();
+        pending.sort_by_key(|p| p.metadata.creation_timestamp.clone().map(|t| t.0));
+        for pod in pending {
+            let key = format!("{}/{}", pod.namespace().unwrap_or_default(), pod.name_any());
+            let api: Api<Pod> =
+                Api::namespaced(client.clone(), &pod.namespace().unwrap_or_default());
+            match choose(pod, &node_list, &bound) {
+                Ok(node) => {
+                    let binding = json!({"apiVersion": "v1", "kind": "Binding",
+                        "metadata": {"name": pod.name_any()},
+                        "target": {"apiVersion": "v1", "kind": "Node", "name": node}});
+                    match api
+                        .create_subresource::<_, serde_json::Value>(
+                            "binding",
+                            &pod.name_any(),
+                            &PostParams::default(),
+                            &binding,
+                        )
+                        .await
+                    {
+                        Ok(_) => {
+                            let mut p = pod.clone();
+                            p.spec.get_or_insert_with(Default::default).node_name = Some(node);
+                            bound.push(p);
+                            reported.remove(&key);
+                        }
+                        Err(e) => tracing::debug!(pod = %key, error = %e, "binding failed"),
+                    }
+                }
+                Err(message) => {
+                    if reported.get(&key) == Some(&message) {
+                        continue;
+                    }
+                    let cond = PodCondition {
+                        type_: "PodScheduled".into(),
+                        status: "False".into(),
+                        reason: Some("Unschedulable".into()),
+                        message: Some(message.clone()),
+                        last_transition_time: Some(
+                            k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                                jiff::Timestamp::now(),
+                            ),
+                        ),
+                        ..PodCondition::default()
+                    };
+                    let patch = json!({"status": {"conditions": [cond]}});
+                    if api
+                        .patch_status(
+                            &pod.name_any(),
+                            &PatchParams::default(),
+                            &Patch::Strategic(&patch),
+                        )
+                        .await
+                        .is_ok()
+                    {
+                        reported.insert(key, message);
+                    }
+                }
+            }
+        }
+        reported.retain(|k, _| {
+            all.iter()
+                .any(|p| format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any()) == *k)
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn node_of(p: &Pod) -> Option<&str> {
+    p.spec
+        .as_ref()?
+        .node_name
+        .as_deref()
+        .filter(|n| !n.is_empty())
+}
+
+fn terminal(p: &Pod) -> bool {
+    matches!(
+        p.status.as_ref().and_then(|s| s.phase.as_deref()),
+        Some("Succeeded" | "Failed")
+    )
+}
+
+/// The node `pod` goes to, or the scheduler's message saying why none fits.
+pub fn choose(pod: &Pod, nodes: &[std::sync::Arc<Node>], bound: &[Pod]) -> Result<String, String> {
+    let mut why: BTreeMap<String, usize> = BTreeMap::new();
+    let mut fits: Vec<(i64, String)> = Vec::new();
+    for node in nodes {
+        let on_node: Vec<&Pod> = bound
+            .iter()
+            .filter(|p| node_of(p) == Some(node.name_any().as_str()))
+            .collect();
+        match filter(pod, node, &on_node) {
+            Ok(free_gpus) => fits.push((-free_gpus, node.name_any())),
+            Err(reason) => *why.entry(reason).or_default() += 1,
+        }
+    }
+    fits.sort();
+    match fits.into_iter().next() {
+        Some((_, name)) => Ok(name),
+        None => {
+            let reasons: Vec<String> = why.iter().map(|(r, n)| format!("{n} {r}")).collect();
+            Err(format!(
+                "0/{} nodes are available: {}.",
+                nodes.len(),
+                if reasons.is_empty() {
+                    "no nodes".to_string()
+                } else {
+                    reasons.join(", ")
+                }
+            ))
+        }
+    }
+}
+
+/// Whether `pod` may go to `node` (with `on_node` already bound there): the node's free
+/// `nvidia.com/gpu` count after it, or the reason in the scheduler's words.
+pub fn filter(pod: &Pod, node: &Node, on_node: &[&Pod]) -> Result<i64, String> {
+    let spec = pod.spec.clone().unwrap_or_default();
+    let tolerations = spec.tolerations.clone().unwrap_or_default();
+    // NodeUnschedulable
+    if node.spec.as_ref().and_then(|s| s.unschedulable) == Some(true)
+        && !tolerated(
+            &tolerations,
+            "node.kubernetes.io/unschedulable",
+            None,
+            "NoSchedule",
+        )
+    {
+        return Err("node(s) were unschedulable".into());
+    }
+    // TaintToleration (with the not-ready taint of a node that is not Ready)
+    let mut taints: Vec<Taint> = node
+        .spec
+        .as_ref()
+        .and_then(|s| s.taints.clone())
+        .unwrap_or_default();
+    let ready = node
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+    if !ready {
+        taints.push(Taint {
+            key: "node.kubernetes.io/not-ready".into(),
+            effect: "NoSchedule".into(),
+            ..Taint::default()
+        });
+    }
+    for t in &taints {
+        if matches!(t.effect.as_str(), "NoSchedule" | "NoExecute")
+            && !tolerated(&tolerations, &t.key, t.value.as_deref(), &t.effect)
+        {
+            return Err(format!(
+                "node(s) had untolerated taint {{{}: {}}}",
+                t.key,
+                t.value.clone().unwrap_or_default()
+            ));
+        }
+    }
+    // NodeAffinity
+    let labels = node.labels();
+    let selector_ok = spec
+        .node_selector
+        .iter()
+        .flatten()
+        .all(|(k, v)| labels.get(k) == Some(v));
+    let affinity_ok = spec
+        .affinity
+        .as_ref()
+        .and_then(|a| a.node_affinity.as_ref())
+        .and_then(|na| {
+            na.required_during_scheduling_ignored_during_execution
+                .as_ref()
+        })
+        .is_none_or(|sel| {
+            sel.node_selector_terms.iter().any(|term| {
+                let exprs = term.match_expressions.iter().flatten().all(|r| {
+                    requirement(
+                        labels.get(&r.key).map(String::as_str),
+                        &r.operator,
+                        r.values.as_deref(),
+                    )
+                });
+                let fields = term.match_fields.iter().flatten().all(|r| {
+                    let name = node.name_any();
+                    let v = (r.key == "metadata.name").then_some(name.as_str());
+                    requirement(v, &r.operator, r.values.as_deref())
+                });
+                // An empty term matches nothing.
+                let empty = term.match_expressions.as_ref().is_none_or(Vec::is_empty)
+                    && term.match_fields.as_ref().is_none_or(Vec::is_empty);
+                !empty && exprs && fields
+            })
+        });
+    if !(selector_ok && affinity_ok) {
+        return Err("node(s) didn't match Pod's node affinity/selector".into());
+    }
+    // NodeResourcesFit
+    let allocatable: BTreeMap<String, i128> = node
+        .status
+        .as_ref()
+        .and_then(|s| s.allocatable.as_ref())
+        .map(|a| {
+            a.iter()
+                .filter_map(|(k, q)| Some((k.clone(), parse_quantity(&q.0)?)))
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut used: BTreeMap<String, i128> = BTreeMap::new();
+    for p in on_node {
+        for (k, v) in requests(p) {
+            *used.entry(k).or_default() += v;
+        }
+        *used.entry("pods".into()).or_default() += 1000;
+    }
+    let mut want = requests(pod);
+    *want.entry("pods".into()).or_default() += 1000;
+    let mut short: Vec<String> = Vec::new();
+    for (k, v) in &want {
+        if *v == 0 {
+            continue;
+        }
+        let have = allocatable.get(k).copied().unwrap_or(0);
+        if used.get(k).copied().unwrap_or(0) + v > have {
+            short.push(if k == "pods" {
+                "Too many pods".into()
+            } else {
+                format!("Insufficient {k}")
+            });
+        }
+    }
+    if let Some(first) = short.into_iter().next() {
+        return Err(first);
+    }
+    let gpus = |m: &BTreeMap<String, i128>| m.get("nvidia.com/gpu").copied().unwrap_or(0);
+    Ok(((gpus(&allocatable) - gpus(&used) - gpus(&want)) / 1000) as i64)
+}
+
+/// Whether `tolerations` tolerate the taint `key=value:effect`.
+fn tolerated(tolerations: &[Toleration], key: &str, value: Option<&str>, effect: &str) -> bool {
+    tolerations.iter().any(|t| {
+        let effect_ok = t
+            .effect
+            .as_deref()
+            .is_none_or(|e| e.is_empty() || e == effect);
+        let key_ok = match t.key.as_deref() {
+            None | Some("") => t.operator.as_deref() == Some("Exists"),
+            Some(k) => k == key,
+        };
+        let value_ok = match t.operator.as_deref() {
+            Some("Exists") => true,
+            _ => t.value.as_deref().unwrap_or("") == value.unwrap_or(""),
+        };
+        effect_ok && key_ok && value_ok
+    })
+}
+
+/// One node selector requirement against the value `v` (absent: `None`).
+fn requirement(v: Option<&str>, operator: &str, values: Option<&[String]>) -> bool {
+    let values = values.unwrap_or_default();
+    match operator {
+        "In" => v.is_some_and(|v| values.iter().any(|x| x == v)),
+        "NotIn" => v.is_none_or(|v| !values.iter().any(|x| x == v)),
+        "Exists" => v.is_some(),
+        "DoesNotExist" => v.is_none(),
+        "Gt" | "Lt" => {
+            let (Some(v), Some(bound)) = (
+                v.and_then(|v| v.parse::<i64>().ok()),
+                values.first().and_then(|b| b.parse::<i64>().ok()),
+            ) else {
+                return false;
+            };
+            if operator == "Gt" {
+                v > bound
+            } else {
+                v < bound
+            }
+        }
+        _ => false,
+    }
+}
+
+/// A pod's requests in thousandths (millicores, milli-bytes, milli-devices): the sum
+/// over its containers, with limits standing in for extended resources' requests.
+fn requests(pod: &Pod) -> BTreeMap<String, i128> {
+    let mut out: BTreeMap<String, i128> = BTreeMap::new();
+    for c in pod.spec.iter().flat_map(|s| &s.containers) {
+        let Some(r) = &c.resources else { continue };
+        let mut these: BTreeMap<String, i128> = BTreeMap::new();
+        for (k, q) in r.limits.iter().flatten() {
+            if k.contains('/') {
+                if let Some(v) = parse_quantity(&q.0) {
+                    these.insert(k.clone(), v);
+                }
+            }
+        }
+        for (k, q) in r.requests.iter().flatten() {
+            if let Some(v) = parse_quantity(&q.0) {
+                these.insert(k.clone(), v);
+            }
+        }
+        for (k, v) in these {
+            *out.entry(k).or_default() += v;
+        }
+    }
+    out
+}
+
+/// A Kubernetes quantity in thousandths of its unit (`500m` → 500, `2` → 2000,
+/// `1Gi` → 1073741824000).
+pub fn parse_quantity(s: &str) -> Option<i128> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (num, suffix) = s.split_at(split);
+    let value: f64 = num.parse().ok()?;
+    let scale: f64 = match suffix {
+        "" => 1.0,
+        "m" => 0.001,
+        "k" => 1e3,
+        "M" => 1e6,
+        "G" => 1e9,
+        "T" => 1e12,
+        "Ki" => 1024.0,
+        "Mi" => 1024f64.powi(2),
+        "Gi" => 1024f64.powi(3),
+        "Ti" => 1024f64.powi(4),
+        _ => return None,
+    };
+    Some((value * scale * 1000.0).round() as i128)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    fn node(name: &str, gpus: u32, taints: serde_json::Value) -> Arc<Node> {
+        Arc::new(
+            serde_json::from_value(
+                json!({"metadata": {"name": name, "labels": {"kubernetes.io/hostname": name}},
+                "spec": {"taints": taints},
+                "status": {"allocatable": {"cpu": "16", "memory": "64Gi", "pods": "110",
+                                           "nvidia.com/gpu": gpus.to_string()},
+                           "conditions": [{"type": "Ready", "status": "True"}]}}),
+            )
+            .unwrap(),
+        )
+    }
+
+    fn pod(gpus: u32, extra: serde_json::Value) -> Pod {
+        let mut p = json!({"metadata": {"name": "p", "namespace": "default"},
+            "spec": {"containers": [{"name": "w", "resources": {"limits": {"nvidia.com/gpu": gpus.to_string()}}}]}});
+        if let (Some(spec), Some(extra)) = (p["spec"].as_object_mut(), extra.as_object()) {
+            for (k, v) in extra {
+                spec.insert(k.clone(), v.clone());
+            }
+        }
+        serde_json::from_value(p).unwrap()
+    }
+
+    fn pinned(node: &str) -> serde_json::Value {
+        json!({"affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution":
+            {"nodeSelectorTerms": [{"matchFields": [{"key": "metadata.name", "operator": "In", "values": [node]}]}]}}}})
+    }
+
+    #[test]
+    fn required_node_affinity_by_name_picks_that_node_only() {
+        let nodes = vec![node("a", 2, json!([])), node("b", 2, json!([]))];
+        assert_eq!(choose(&pod(1, pinned("b")), &nodes, &[]), Ok("b".into()));
+        let e = choose(&pod(1, pinned("c")), &nodes, &[]).unwrap_err();
+        assert_eq!(
+            e,
+            "0/2 nodes are available: 2 node(s) didn't match Pod's node affinity/selector."
+        );
+    }
+
+    #[test]
+    fn an_untolerated_taint_refuses_and_a_toleration_admits() {
+        let nodes = vec![node(
+            "a",
+            2,
+            json!([{"key": "gpu", "value": "broken", "effect": "NoSchedule"}]),
+        )];
+        let e = choose(&pod(1, json!({})), &nodes, &[]).unwrap_err();
+        assert!(
+            e.contains("1 node(s) had untolerated taint {gpu: broken}"),
+            "{e}"
+        );
+        let tolerant = pod(
+            1,
+            json!({"tolerations": [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}]}),
+        );
+        assert_eq!(choose(&tolerant, &nodes, &[]), Ok("a".into()));
+        // PreferNoSchedule never filters.
+        let soft = vec![node(
+            "a",
+            2,
+            json!([{"key": "x", "effect": "PreferNoSchedule"}]),
+        )];
+        assert!(choose(&pod(1, json!({})), &soft, &[]).is_ok());
+    }
+
+    #[test]
+    fn gpus_already_requested_on_a_node_are_not_handed_out_twice() {
+        let nodes = vec![node("a", 2, json!([]))];
+        let mut on_a = pod(2, json!({}));
+        on_a.spec.as_mut().unwrap().node_name = Some("a".into());
+        let e = choose(&pod(1, json!({})), &nodes, &[on_a]).unwrap_err();
+        assert_eq!(e, "0/1 nodes are available: 1 Insufficient nvidia.com/gpu.");
+    }
+
+    #[test]
+    fn quantities_parse_as_the_api_writes_them() {
+        assert_eq!(parse_quantity("500m"), Some(500));
+        assert_eq!(parse_quantity("2"), Some(2000));
+        assert_eq!(parse_quantity("1Gi"), Some(1024 * 1024 * 1024 * 1000));
+        assert_eq!(parse_quantity("1.5"), Some(1500));
+        assert_eq!(parse_quantity("x"), None);
+    }
+}
