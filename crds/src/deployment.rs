@@ -463,9 +463,13 @@ pub struct ReplicaPlacement {
     pub pod: String,
     /// Node name.
     pub node: String,
-    /// GPU UUIDs (empty on the CPU backend).
+    /// GPU UUIDs, where known (empty on the CPU backend, and on nodes known only by
+    /// GPU Feature Discovery labels, where the device plugin picks the device).
     #[serde(default)]
     pub gpus: Vec<String>,
+    /// GPUs the replica holds; more than `gpus` lists means their UUIDs are unknown.
+    #[serde(default)]
+    pub gpu_count: u32,
     /// VRAM reserved per GPU, in bytes.
     pub vram_reserved_bytes: u64,
     /// Lifecycle state of the replica.

@@ -30,7 +30,7 @@ fn fleet(rng: &mut StdRng) -> Inventory {
             let gpus = (0..8u32)
                 .map(|g| Gpu {
                     index: g,
-                    uuid: format!("GPU-{i:04}-{g}"),
+                    uuid: Some(format!("GPU-{i:04}-{g}")),
                     product: product.into(),
                     total_bytes: gib * GIB,
                     used_outside_bytes: 0,

@@ -41,9 +41,10 @@ pub struct NodeGpus {
 pub struct Gpu {
     /// Index on the node.
     pub index: u32,
-    /// Device UUID (GFD-only inventories use `<node>/gpu<index>`: the device plugin
-    /// chooses the real device).
-    pub uuid: String,
+    /// Device UUID; `None` where only GPU Feature Discovery labels describe the node
+    /// (they give a count, not devices): such GPUs are placed by count, and which one a
+    /// pod gets is the device plugin's choice. No UUID is ever made up.
+    pub uuid: Option<String>,
     /// Product name.
     pub product: String,
     /// Total memory.
@@ -117,7 +118,7 @@ pub fn from_gpu_inventory(
             let ours = reserved_running.get(&d.uuid).copied().unwrap_or(0);
             Gpu {
                 index: d.index,
-                uuid: d.uuid.clone(),
+                uuid: Some(d.uuid.clone()),
                 product: d.product.clone(),
                 total_bytes: d.memory_total_bytes,
                 used_outside_bytes: used.saturating_sub(ours),
@@ -171,7 +172,7 @@ pub fn from_gfd_labels(
         gpus: (0..count)
             .map(|i| Gpu {
                 index: i,
-                uuid: format!("{node}/gpu{i}"),
+                uuid: None,
                 product: product.clone(),
                 total_bytes: mib << 20,
                 used_outside_bytes: 0,
@@ -263,7 +264,7 @@ mod tests {
         let n = from_gfd_labels("gpu-7", &labels, Some(6)).unwrap();
         assert_eq!(n.gpus.len(), 6);
         assert_eq!(n.gpus[0].total_bytes, 81559 << 20);
-        assert_eq!(n.gpus[5].uuid, "gpu-7/gpu5");
+        assert_eq!(n.gpus[5].uuid, None, "GFD labels name no device");
         assert_eq!(n.zone.as_deref(), Some("us-east-1a"));
         assert_eq!(n.gpus[0].compute_capability, Some((9, 0)));
         assert!(from_gfd_labels("cpu-1", &BTreeMap::new(), None).is_none());

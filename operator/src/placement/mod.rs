@@ -102,7 +102,8 @@ pub struct Placement {
     pub node: String,
     /// GPU indices on the node, ascending.
     pub gpus: Vec<u32>,
-    /// Their UUIDs, in the same order.
+    /// Their UUIDs, in the same order, where the inventory knows them (empty on nodes
+    /// known only by GPU Feature Discovery labels).
     pub gpu_uuids: Vec<String>,
     /// VRAM reserved on each.
     pub bytes_per_gpu: u64,
@@ -190,7 +191,7 @@ pub struct Fragmentation {
 #[derive(Clone, Debug)]
 struct GpuState {
     index: u32,
-    uuid: String,
+    uuid: Option<String>,
     product: usize,
     total: u64,
     usable: u64,
@@ -395,7 +396,10 @@ impl Engine {
             replica: req.replica.clone(),
             node: node.name.clone(),
             gpus: order.iter().map(|&gi| node.gpus[gi].index).collect(),
-            gpu_uuids: order.iter().map(|&gi| node.gpus[gi].uuid.clone()).collect(),
+            gpu_uuids: order
+                .iter()
+                .filter_map(|&gi| node.gpus[gi].uuid.clone())
+                .collect(),
             bytes_per_gpu: req.need_per_gpu,
             exclusive: req.sharing == Sharing::Exclusive,
             nvlink,
@@ -524,6 +528,12 @@ impl Engine {
             if !matches {
                 continue;
             }
+            // A share of a GPU must name the device; a GPU known only by count cannot
+            // be named.
+            if req.sharing == Sharing::Shared && g.uuid.is_none() {
+                seen.unnamed.get_or_insert_with(|| node.name.clone());
+                continue;
+            }
             seen.matching += 1;
             if let Some(why) = &g.unhealthy {
                 seen.unhealthy
@@ -550,6 +560,15 @@ impl Engine {
         let need = gib(req.need_per_gpu);
         let (reason, message) = if !seen.any_gpu {
             (RefusalReason::NoGpus, "no GPU nodes in the inventory: no GpuInventory from a node agent and no node labelled by NVIDIA GPU Feature Discovery".to_string())
+        } else if let (0, Some(node)) = (seen.matching, &seen.unnamed) {
+            (
+                RefusalReason::NoMatchingGpu,
+                format!(
+                    "a shared replica must name its GPU, and the GPUs of {node} are known only \
+                     from GPU Feature Discovery labels (a count, no UUIDs); run the gpuscale node \
+                     agent there, or set resources.sharing: Exclusive"
+                ),
+            )
         } else if seen.matching == 0 {
             let mut have: Vec<&str> = self.products.iter().map(String::as_str).collect();
             have.sort_unstable();
@@ -619,6 +638,8 @@ struct Seen {
     /// (fitting GPUs, node) of the node with the most.
     most_on_node: (usize, usize),
     nvlink_short: Option<String>,
+    /// A node whose GPUs a shared request could not use because their UUIDs are unknown.
+    unnamed: Option<String>,
 }
 
 fn describe(s: &Selector) -> String {

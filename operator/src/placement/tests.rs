@@ -9,7 +9,7 @@ use crate::inventory::{Gpu, Health, Inventory, NodeGpus};
 fn gpu(index: u32, product: &str, gib: u64, peers: &[u32]) -> Gpu {
     Gpu {
         index,
-        uuid: format!("GPU-{product}-{index}"),
+        uuid: Some(format!("GPU-{product}-{index}")),
         product: product.into(),
         total_bytes: gib * GIB,
         used_outside_bytes: 0,
@@ -419,7 +419,7 @@ proptest! {
             prop_assert_eq!(distinct.len(), p.gpus.len());
             for (g, uuid) in p.gpus.iter().zip(&p.gpu_uuids) {
                 let gpu = node.gpus.iter().find(|x| x.index == *g).unwrap();
-                prop_assert_eq!(&gpu.uuid, uuid, "GPU set must be on the placement's node");
+                prop_assert_eq!(gpu.uuid.as_ref(), Some(uuid), "GPU set must be on the placement's node");
                 prop_assert_eq!(&gpu.health, &Health::Healthy);
             }
             if r.require_nvlink { prop_assert!(p.nvlink); }

@@ -159,6 +159,7 @@ fn replica_placement(pod: String, p: &PodPlacement, state: ReplicaState) -> Repl
         pod,
         node: p.node.clone(),
         gpus: p.uuids.clone(),
+        gpu_count: p.gpus.len() as u32,
         vram_reserved_bytes: p.bytes_per_gpu,
         state,
     }

@@ -83,11 +83,11 @@ pub fn build(d: &InferenceDeployment, o: &Observed) -> InferenceDeploymentStatus
         .ready
         .saturating_sub(needed)
         .min(d.spec.scaling.warm_replicas);
-    let gpus: usize = o.placements.iter().map(|p| p.gpus.len()).sum();
+    let gpus: u32 = o.placements.iter().map(|p| p.gpu_count).sum();
     let bytes: u64 = o
         .placements
         .iter()
-        .map(|p| p.vram_reserved_bytes * p.gpus.len().max(1) as u64)
+        .map(|p| p.vram_reserved_bytes * u64::from(p.gpu_count.max(1)))
         .sum();
     st.gpu_summary = Some(format!("{gpus} / {:.1}Gi", bytes as f64 / GIB as f64));
     st.placements = o.placements.clone();

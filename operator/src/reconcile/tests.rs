@@ -886,3 +886,54 @@ async fn a_pod_the_scheduler_refuses_is_reported_released_and_its_node_avoided()
         .expect("an event on the replaced replica");
     assert!(ev["note"].as_str().unwrap().contains(message));
 }
+
+/// A node known only by GPU Feature Discovery labels: placed by count, the pod asks the
+/// device plugin for a GPU, and no UUID is made up (not in the pod, not in status).
+/// A shared replica, which must name its GPU, is not placed there.
+#[tokio::test]
+async fn a_gfd_only_node_is_placed_by_count_with_no_invented_uuid() {
+    let gfd: Node = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": "gfd-a", "labels": {"nvidia.com/gpu.count": "2",
+            "nvidia.com/gpu.memory": "24576", "nvidia.com/gpu.product": "NVIDIA-L4"}},
+        "status": {"conditions": [{"type": "Ready", "status": "True"}],
+                   "allocatable": {"nvidia.com/gpu": "2"}}
+    }))
+    .unwrap();
+    let d = deployment(json!({"minReplicas": 1, "maxReplicas": 4}));
+    let (client, mock) = Mock::start(pass(&d, vec![create_pod()]));
+    let cache = Cache::of(vec![], vec![gfd.clone()], vec![]);
+    let ctx = context(client, cache, &[], TestClock::new());
+    reconcile(object(&d), ctx.clone()).await.unwrap();
+    let log = mock.finish(ctx).await;
+    let pod = &log.posts(POD_PATH)[0];
+    let text = pod.to_string();
+    assert!(!text.contains("gfd-a/gpu"), "an invented UUID: {text}");
+    assert_eq!(
+        pod["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"],
+        "1"
+    );
+    let placed = &log.status()["placements"][0];
+    assert_eq!(
+        (placed["gpus"].clone(), placed["gpuCount"].clone()),
+        (json!([]), json!(1))
+    );
+
+    let mut shared = deployment(json!({"minReplicas": 1, "maxReplicas": 4}));
+    shared.spec.resources.sharing = gpuscale_crds::SharingMode::Shared;
+    let (client, mock) = Mock::start(pass(&shared, vec![]));
+    let cache = Cache::of(vec![], vec![gfd], vec![]);
+    let ctx = context(client, cache, &[], TestClock::new());
+    reconcile(object(&shared), ctx.clone()).await.unwrap();
+    let log = mock.finish(ctx).await;
+    assert!(log.posts(POD_PATH).is_empty(), "a share needs a named GPU");
+    let cond = condition(&log.status(), "Unschedulable");
+    assert_eq!(cond["status"], "True");
+    assert!(
+        cond["message"]
+            .as_str()
+            .unwrap()
+            .contains("known only from GPU Feature Discovery labels"),
+        "{cond}"
+    );
+}
