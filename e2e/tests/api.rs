@@ -270,3 +270,44 @@ async fn a_hundred_deployments_cost_the_api_no_list_per_pass() {
         "writes with nothing changing: {writes:?}"
     );
 }
+
+/// Requests a real API server refuses are refused with a Status: a watch from a
+/// resourceVersion that is not one (400), a body over the 3 MiB request limit (413).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_requests_get_the_api_server_s_status() {
+    let cluster = bare_cluster("malformed").await;
+    let http = reqwest::Client::new();
+    let url = cluster.url();
+    let r = http
+        .get(format!(
+            "{url}/api/v1/namespaces/default/pods?watch=true&resourceVersion=abc"
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    let status: serde_json::Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+    assert_eq!(status["kind"], "Status");
+    assert!(
+        status["message"]
+            .as_str()
+            .unwrap()
+            .contains("invalid resource version"),
+        "{status}"
+    );
+
+    let big = format!(
+        r#"{{"apiVersion":"v1","kind":"ConfigMap","metadata":{{"name":"big"}},"data":{{"x":"{}"}}}}"#,
+        "a".repeat(5 << 20)
+    );
+    let r = http
+        .post(format!("{url}/api/v1/namespaces/default/configmaps"))
+        .header("content-type", "application/json")
+        .body(big)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 413);
+    let status: serde_json::Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+    assert_eq!(status["reason"], "RequestEntityTooLarge", "{status}");
+}

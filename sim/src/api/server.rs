@@ -36,8 +36,15 @@ impl Shared {
 }
 
 /// The router: every path goes to one handler that reads it as the API server would.
+/// The API server's limit on a request body (3 MiB, `maxRequestBodyBytes`,
+/// <https://kubernetes.io/docs/reference/command-line-tools-reference/kube-apiserver/>).
+pub const MAX_REQUEST_BODY: usize = 3 * 1024 * 1024;
+
 pub fn router(shared: Shared) -> axum::Router {
-    axum::Router::new().fallback(handle).with_state(shared)
+    axum::Router::new()
+        .fallback(handle)
+        .with_state(shared)
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_REQUEST_BODY))
 }
 
 fn json_response(code: u16, v: &Value) -> Response {
@@ -68,8 +75,20 @@ async fn handle(
     method: Method,
     uri: Uri,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Response {
+    // Too large: a Status, as the API server answers, not a plain-text 413.
+    let body = match body {
+        Ok(b) => b,
+        Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            return error(&ApiError::new(
+                413,
+                "RequestEntityTooLarge",
+                format!("request entity too large: limit is {MAX_REQUEST_BODY}"),
+            ))
+        }
+        Err(e) => return error(&ApiError::bad_request(e.body_text())),
+    };
     let query: Query = uri
         .query()
         .map(|q| {
@@ -629,10 +648,22 @@ fn watch(shared: Shared, t: Target, q: &Query, table_out: bool) -> Response {
         .and_then(|s| s.parse::<u64>().ok())
         .unwrap_or(1800)
         .min(3600);
-    let from: Option<u64> = q
+    // A resourceVersion that is not one is refused, as the API server's storage layer
+    // refuses it ("invalid resource version"), not served from the start.
+    let from: Option<u64> = match q
         .get("resourceVersion")
         .filter(|v| !v.is_empty() && *v != "0")
-        .and_then(|v| v.parse().ok());
+    {
+        None => None,
+        Some(v) => match v.parse() {
+            Ok(n) => Some(n),
+            Err(e) => {
+                return error(&ApiError::bad_request(format!(
+                    "invalid resource version {v:?}: {e}"
+                )))
+            }
+        },
+    };
     let (initial, past, mut rx, start_rv) = {
         let store = shared.lock();
         let rv = store.resource_version();
