@@ -461,3 +461,68 @@ async fn a_scheduler_refusal_is_reported_and_the_replica_placed_elsewhere() {
         Some("sim-l4-b")
     );
 }
+
+/// Exclusive replicas ask the device plugin for a count; the simulated plugin picks the
+/// devices by its own rule (highest index first), not placement's (lowest first). The
+/// status and the operator's ledger converge to what the plugin assigned, and no GPU is
+/// held by two pods.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_follows_the_gpus_the_device_plugin_assigned() {
+    let mut env = Env::start("deviceplugin", two_l4_nodes()).await.unwrap();
+    if !env.simulated() {
+        eprintln!("skipped: reads the simulated kubelets' assignments");
+        return;
+    }
+    let d = smollm(json!({"spec": {"replicas": 3, "scaling": {"autoscale": false}}}));
+    env.apply(&d).await.unwrap();
+    env.wait_ready("smollm", 3, Duration::from_secs(150))
+        .await
+        .unwrap();
+    let assigned: std::collections::HashMap<String, Vec<String>> = env
+        .sim()
+        .unwrap()
+        .kubelets()
+        .iter()
+        .flat_map(|k| k.assignments())
+        .collect();
+    let mut all: Vec<&String> = assigned.values().flatten().collect();
+    let n = all.len();
+    all.sort();
+    all.dedup();
+    assert_eq!(
+        (n, all.len()),
+        (3, 3),
+        "three GPUs, none twice: {assigned:?}"
+    );
+    let st = env
+        .wait(
+            "status to follow the plugin",
+            Duration::from_secs(30),
+            || async {
+                let st = env.deployment("smollm").await.ok()?.status?;
+                st.placements
+                    .iter()
+                    .all(|p| assigned.get(&p.pod) == Some(&p.gpus))
+                    .then_some(st)
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(st.placements.len(), 3);
+    // The plugin's rule differs from placement's, so at least one was corrected.
+    let corrected = env
+        .pods("smollm")
+        .await
+        .unwrap()
+        .iter()
+        .filter(|p| {
+            p.annotations()
+                .get("gpuscale.dev/placement")
+                .is_some_and(|a| a.contains("\"assigned\":true"))
+        })
+        .count();
+    assert!(
+        corrected >= 1,
+        "no placement differed from the plugin's choice"
+    );
+}

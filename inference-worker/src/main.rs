@@ -132,6 +132,12 @@ async fn main() -> anyhow::Result<()> {
             .map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned())
     });
     let metrics = Arc::new(Metrics::new());
+    // What the device plugin gave this pod, for the operator's ledger (none on CPU).
+    let gpus = inference_worker::telemetry::visible_gpus();
+    if !gpus.is_empty() {
+        tracing::info!(?gpus, "GPUs assigned to this worker");
+    }
+    metrics.set_gpus(&gpus);
     let state = Arc::new(AppState::new(Arc::clone(&metrics), model_name.clone()));
     let addr: SocketAddr = format!("{}:{}", cli.host, cli.port)
         .parse()

@@ -24,6 +24,13 @@ pub struct GpuLabel {
     pub gpu: u32,
 }
 
+/// Label of a GPU this worker was given.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GpuInfoLabel {
+    /// Its UUID (`GPU-…` or `MIG-…`).
+    pub uuid: String,
+}
+
 /// Label of a throttle reason.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ThrottleLabel {
@@ -97,6 +104,7 @@ pub struct Metrics {
     gpu_power: Family<GpuLabel, Gauge<f64, AtomicU64>>,
     gpu_throttle: Family<ThrottleLabel, Gauge>,
     gpu_xids: Family<XidLabel, Counter>,
+    gpu_info: Family<GpuInfoLabel, Gauge>,
 }
 
 impl Metrics {
@@ -124,6 +132,7 @@ impl Metrics {
             gpu_power: Family::default(),
             gpu_throttle: Family::default(),
             gpu_xids: Family::default(),
+            gpu_info: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -183,6 +192,11 @@ impl Metrics {
         );
         registry.register("ready", "1 when the worker serves", m.ready.clone());
         registry.register(
+            "gpu_info",
+            "1 for each GPU this worker was given (by UUID): what the device plugin assigned",
+            m.gpu_info.clone(),
+        );
+        registry.register(
             "memory_reserved_bytes",
             "Memory the backend reserved for weights, KV cache and activations",
             m.memory_reserved_bytes.clone(),
@@ -223,6 +237,15 @@ impl Metrics {
     }
 
     /// Exports one NVML reading of GPU `gpu`.
+    /// Exports the GPUs this worker was given.
+    pub fn set_gpus(&self, uuids: &[String]) {
+        for uuid in uuids {
+            self.gpu_info
+                .get_or_create(&GpuInfoLabel { uuid: uuid.clone() })
+                .set(1);
+        }
+    }
+
     pub fn record_gpu(&self, gpu: u32, s: &GpuSample) {
         let l = GpuLabel { gpu };
         self.gpu_memory_used

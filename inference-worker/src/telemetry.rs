@@ -100,6 +100,32 @@ impl Telemetry {
     }
 }
 
+/// The GPUs this process was given, by UUID: what NVML sees (only the devices the
+/// container runtime exposed), else the UUIDs in `NVIDIA_VISIBLE_DEVICES` (how NVIDIA's
+/// device plugin names its assignment; `all`, `none` and indices name no UUID).
+pub fn visible_gpus() -> Vec<String> {
+    let from_nvml = Nvml::init().ok().and_then(|nvml| {
+        let n = nvml.device_count().ok()?;
+        (0..n)
+            .map(|i| nvml.device_by_index(i).ok()?.uuid().ok())
+            .collect::<Option<Vec<String>>>()
+    });
+    match from_nvml {
+        Some(uuids) if !uuids.is_empty() => uuids,
+        _ => uuids_in(&std::env::var("NVIDIA_VISIBLE_DEVICES").unwrap_or_default()),
+    }
+}
+
+/// The device UUIDs in an `NVIDIA_VISIBLE_DEVICES` value.
+pub fn uuids_in(value: &str) -> Vec<String> {
+    value
+        .split(',')
+        .map(str::trim)
+        .filter(|d| d.starts_with("GPU-") || d.starts_with("MIG-"))
+        .map(String::from)
+        .collect()
+}
+
 /// Starts sampling GPU `index` every `every` into `metrics`. Returns false, having logged
 /// why, when NVML is not there (CPU nodes).
 pub fn spawn(metrics: Arc<Metrics>, index: u32, every: Duration) -> bool {
@@ -125,6 +151,20 @@ pub fn spawn(metrics: Arc<Metrics>, index: u32, every: Duration) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_device_plugin_s_uuids_are_read_and_exported() {
+        assert_eq!(
+            uuids_in("GPU-aa, MIG-bb,0,all"),
+            ["GPU-aa".to_string(), "MIG-bb".to_string()]
+        );
+        assert!(uuids_in("all").is_empty() && uuids_in("").is_empty());
+        let m = Metrics::new();
+        m.set_gpus(&["GPU-aa".into()]);
+        assert!(m
+            .encode()
+            .contains("gpuscale_worker_gpu_info{uuid=\"GPU-aa\"} 1"));
+    }
 
     #[test]
     fn a_reading_is_exported_in_prometheus_text() {

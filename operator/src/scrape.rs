@@ -4,8 +4,8 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 
-/// What the autoscaler needs from one worker.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
+/// What the autoscaler and the ledger need from one worker.
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct WorkerLoad {
     /// Requests waiting for a batch slot.
     pub waiting: f64,
@@ -13,6 +13,9 @@ pub struct WorkerLoad {
     pub running: f64,
     /// Requests finished since the worker started, any status (a counter).
     pub requests_total: f64,
+    /// The GPUs the worker was given (`gpuscale_worker_gpu_info`), by UUID: what the
+    /// device plugin assigned, whatever placement chose. Empty on CPU.
+    pub gpus: Vec<String>,
 }
 
 impl WorkerLoad {
@@ -70,10 +73,19 @@ pub fn parse(url: &str, text: &str) -> Result<WorkerLoad, ScrapeError> {
             message: format!("no {name} sample: is this a gpuscale worker?"),
         })
     };
+    let mut gpus: Vec<String> = scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == "gpuscale_worker_gpu_info")
+        .filter_map(|s| s.labels.get("uuid").map(String::from))
+        .collect();
+    gpus.sort();
+    gpus.dedup();
     Ok(WorkerLoad {
         waiting: need("gpuscale_worker_queue_depth")?,
         running: need("gpuscale_worker_running_sequences")?,
         requests_total: sum("gpuscale_worker_requests_total").unwrap_or(0.0),
+        gpus,
     })
 }
 
@@ -141,7 +153,8 @@ mod tests {
             WorkerLoad {
                 waiting: 3.0,
                 running: 5.0,
-                requests_total: 42.0
+                requests_total: 42.0,
+                gpus: Vec::new(),
             }
         );
         assert_eq!(l.in_flight(), 8.0);

@@ -69,11 +69,54 @@ struct Worker {
 
 type Running = Arc<Mutex<HashMap<String, Worker>>>;
 
+/// The node's simulated NVIDIA device plugin, as the kubelet's device manager drives it
+/// (<https://kubernetes.io/docs/concepts/extend-kubernetes/compute-storage-net/device-plugins/>):
+/// a pod's `nvidia.com/gpu` limit is allocated from the free devices when the pod is
+/// admitted, by the plugin's own order (highest index first: which GPUs a pod gets is
+/// the plugin's choice, never the requester's), handed to the container as
+/// `NVIDIA_VISIBLE_DEVICES`, and held until the pod is gone from the API, crashed or
+/// not. Too few free devices fail the pod with `UnexpectedAdmissionError`, as the
+/// kubelet does.
+#[derive(Debug, Default)]
+pub struct DevicePlugin {
+    /// Device UUIDs by index.
+    uuids: Vec<String>,
+    /// Devices held, by pod name.
+    held: HashMap<String, Vec<usize>>,
+}
+
+type Devices = Arc<Mutex<DevicePlugin>>;
+
+impl DevicePlugin {
+    fn allocate(&mut self, pod: &str, n: usize) -> Result<Vec<String>, String> {
+        if let Some(have) = self.held.get(pod) {
+            return Ok(have.iter().map(|&i| self.uuids[i].clone()).collect());
+        }
+        let taken: Vec<usize> = self.held.values().flatten().copied().collect();
+        let free: Vec<usize> = (0..self.uuids.len())
+            .rev()
+            .filter(|i| !taken.contains(i))
+            .collect();
+        if free.len() < n {
+            return Err(format!(
+                "Allocate failed due to requested number of devices unavailable for nvidia.com/gpu. \
+                 Requested: {n}, Available: {}, which is unexpected",
+                free.len()
+            ));
+        }
+        let mine: Vec<usize> = free[..n].to_vec();
+        let uuids = mine.iter().map(|&i| self.uuids[i].clone()).collect();
+        self.held.insert(pod.to_string(), mine);
+        Ok(uuids)
+    }
+}
+
 /// A running simulated kubelet.
 pub struct Kubelet {
     node: String,
     task: tokio::task::JoinHandle<()>,
     running: Running,
+    devices: Devices,
 }
 
 impl Kubelet {
@@ -86,13 +129,39 @@ impl Kubelet {
         register(&client, &node).await?;
         gpuscale_operator::node_agent::publish(&client, inventory(&node)).await?;
         let running: Running = Arc::default();
+        let devices: Devices = Arc::new(Mutex::new(DevicePlugin {
+            uuids: inventory(&node).gpus.into_iter().map(|g| g.uuid).collect(),
+            held: HashMap::new(),
+        }));
         let name = node.name.clone();
-        let task = tokio::spawn(serve(client, name.clone(), config, running.clone()));
+        let task = tokio::spawn(serve(
+            client,
+            name.clone(),
+            config,
+            running.clone(),
+            devices.clone(),
+        ));
         Ok(Self {
             node: name,
             task,
             running,
+            devices,
         })
+    }
+
+    /// The GPUs each pod holds, by pod name, as the kubelet's PodResources API lists
+    /// them.
+    pub fn assignments(&self) -> HashMap<String, Vec<String>> {
+        let d = self.devices.lock().expect("devices lock");
+        d.held
+            .iter()
+            .map(|(pod, ix)| {
+                (
+                    pod.clone(),
+                    ix.iter().map(|&i| d.uuids[i].clone()).collect(),
+                )
+            })
+            .collect()
     }
 
     /// The node's name.
@@ -197,7 +266,13 @@ pub fn inventory(node: &SimNode) -> GpuInventorySpec {
     }
 }
 
-async fn serve(client: Client, node: String, config: KubeletConfig, running: Running) {
+async fn serve(
+    client: Client,
+    node: String,
+    config: KubeletConfig,
+    running: Running,
+    devices: Devices,
+) {
     // Every pod task lives in this set: when the kubelet stops, they all do.
     let mut tasks = tokio::task::JoinSet::new();
     let pods: Api<Pod> = Api::all(client);
@@ -210,6 +285,12 @@ async fn serve(client: Client, node: String, config: KubeletConfig, running: Run
         let pods_seen: Vec<Pod> = match ev {
             Ok(watcher::Event::Apply(p) | watcher::Event::InitApply(p)) => vec![p],
             Ok(watcher::Event::Delete(p)) => {
+                // Gone from the API: its devices go back to the plugin.
+                devices
+                    .lock()
+                    .expect("devices lock")
+                    .held
+                    .remove(&p.name_any());
                 // Force-deleted behind our back: stop the worker.
                 if let Some(w) = running.lock().expect("running lock").get_mut(&p.name_any()) {
                     w.stopping = true;
@@ -233,7 +314,13 @@ async fn serve(client: Client, node: String, config: KubeletConfig, running: Run
             match (started.get(&key).copied(), terminating) {
                 (None, false) => {
                     started.insert(key, false);
-                    tasks.spawn(run_pod(api, pod, config.clone(), running.clone()));
+                    tasks.spawn(run_pod(
+                        api,
+                        pod,
+                        config.clone(),
+                        running.clone(),
+                        devices.clone(),
+                    ));
                 }
                 (None, true) => {
                     // Never started: nothing to stop.
@@ -330,7 +417,13 @@ fn command_line(pod: &Pod, ip: &str, config: &KubeletConfig) -> Vec<String> {
     args
 }
 
-async fn run_pod(api: Api<Pod>, pod: Pod, config: KubeletConfig, running: Running) {
+async fn run_pod(
+    api: Api<Pod>,
+    pod: Pod,
+    config: KubeletConfig,
+    running: Running,
+    devices: Devices,
+) {
     let name = pod.name_any();
     let ip = pod_ip();
     let args = command_line(&pod, &ip, &config);
@@ -388,6 +481,28 @@ async fn run_pod(api: Api<Pod>, pod: Pod, config: KubeletConfig, running: Runnin
             }
         }
     };
+    // Admission: the device plugin allocates the pod's GPUs, or the pod fails.
+    let gpus: usize = pod
+        .spec
+        .iter()
+        .flat_map(|s| &s.containers)
+        .filter_map(|c| c.resources.as_ref()?.limits.as_ref()?.get("nvidia.com/gpu"))
+        .filter_map(|q| q.0.parse::<usize>().ok())
+        .sum();
+    if gpus > 0 {
+        let allocated = devices.lock().expect("devices lock").allocate(&name, gpus);
+        match allocated {
+            Ok(uuids) => {
+                cmd.env("NVIDIA_VISIBLE_DEVICES", uuids.join(","));
+            }
+            Err(message) => {
+                patch_status(json!({"status": {"phase": "Failed",
+                    "reason": "UnexpectedAdmissionError", "message": message}}))
+                .await;
+                return;
+            }
+        }
+    }
     let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => {

@@ -10,6 +10,7 @@ use kube::ResourceExt;
 use tracing::info;
 
 use super::decide::{Decided, Todo};
+use super::observe::World;
 use super::pods::*;
 use super::report::publish;
 use super::{key_of, Context, Error, FIELD_MANAGER};
@@ -19,6 +20,7 @@ use super::{key_of, Context, Error, FIELD_MANAGER};
 pub(super) async fn act(
     d: &InferenceDeployment,
     ctx: &Context,
+    world: &World,
     decided: &Decided,
     wall: jiff::Timestamp,
 ) -> (Vec<(u32, PodPlacement)>, Result<(), Error>) {
@@ -26,6 +28,21 @@ pub(super) async fn act(
     let name = d.name_any();
     let pods_api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
     let mut created = Vec::new();
+    // Record what the device plugin assigned, so every later ledger starts from it.
+    for (pod, p) in &world.corrections {
+        let patched = pods_api
+            .patch(
+                pod,
+                &PatchParams::default(),
+                &Patch::Merge(&placement_patch(p)),
+            )
+            .await;
+        match patched {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(e) => return (created, Err(e.into())),
+        }
+    }
     for step in &decided.todo {
         let result: Result<(), kube::Error> = match step {
             Todo::Create(index, p) => {

@@ -67,7 +67,7 @@ pub(super) fn decide(
             index: s.index,
             phase: s.phase,
             outdated: s.outdated,
-            in_flight: s.load.map(|l| l.in_flight()),
+            in_flight: s.load.as_ref().map(|l| l.in_flight()),
         })
         .collect();
     let key = key_of(d);
@@ -97,6 +97,7 @@ pub(super) fn decide(
                         uuids: p.gpu_uuids,
                         bytes_per_gpu: p.bytes_per_gpu,
                         exclusive: p.exclusive,
+                        assigned: false,
                     },
                     Err(r) => match cpu_placement(d, &world.cpu_nodes, &world.pods, &created, need)
                     {
@@ -175,6 +176,7 @@ fn cpu_placement(
         uuids: Vec::new(),
         bytes_per_gpu: need,
         exclusive: false,
+        assigned: false,
     })
 }
 

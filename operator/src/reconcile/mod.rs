@@ -582,12 +582,12 @@ async fn apply(d: &InferenceDeployment, ctx: &Context) -> Result<Action, Error> 
     // and the pods created so far, so two passes never choose the same free GPU.
     let placing = ctx.placing.lock().await;
     let pods = ctx.cache.pods();
-    let fresh = observe::ledger(ctx, &pods);
+    let fresh = observe::ledger(ctx, &pods, &world.corrections);
     world.pods = pods;
     world.engine = fresh.engine;
     world.cpu_nodes = fresh.cpu_nodes;
     let decided = decide(d, &mut state, &mut world, need, now);
-    let (created, acted) = act(d, ctx, &decided, wall).await;
+    let (created, acted) = act(d, ctx, &world, &decided, wall).await;
     drop(placing);
     // Report even after a failed step: status then says what was decided and done, and
     // the autoscaler's memory is saved whatever happened.

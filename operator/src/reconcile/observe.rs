@@ -39,6 +39,8 @@ pub(super) struct World {
     pub(super) loading: u32,
     /// Waiting plus running requests over the ready replicas (`None`: none scraped).
     pub(super) demand: Option<f64>,
+    /// Placements corrected to what the device plugin assigned: (pod, placement).
+    pub(super) corrections: Vec<(String, PodPlacement)>,
     /// Replicas the scheduler refused: (the node placement chose, its message).
     pub(super) refusals: Vec<(String, String)>,
     pub(super) request_rate: Option<f64>,
@@ -58,7 +60,7 @@ pub(super) async fn observe(
         engine,
         cpu_nodes,
         lost,
-    } = ledger(ctx, &pods);
+    } = ledger(ctx, &pods, &[]);
 
     state.scaler.set_params(Params::from_spec(&d.spec.scaling));
     let hash = template_hash(d);
@@ -131,6 +133,28 @@ pub(super) async fn observe(
         s.load = l;
     }
 
+    // What the device plugin really assigned, where a worker reports other GPUs than
+    // placement recorded: the placement is corrected (and written back by `act`).
+    let mut corrections = Vec::new();
+    for s in seen.iter_mut() {
+        let (Some(load), Some(p)) = (s.load.as_ref(), s.placement.as_ref()) else {
+            continue;
+        };
+        if load.gpus.is_empty() || p.gpus.is_empty() {
+            continue;
+        }
+        let mut recorded = p.uuids.clone();
+        recorded.sort();
+        if recorded == load.gpus {
+            continue;
+        }
+        let fixed = assigned(p, &load.gpus, &ctx.cache.inventories());
+        tracing::info!(pod = %s.pod.name_any(), chose = ?p.uuids, assigned = ?load.gpus,
+                       "the device plugin assigned other GPUs than placement chose; following it");
+        corrections.push((s.pod.name_any(), fixed.clone()));
+        s.placement = Some(fixed);
+    }
+
     // Learn load times from replicas that became ready. A state restored with a
     // measured time does not count the replicas that were ready before it again.
     let ready_uids = seen
@@ -148,7 +172,7 @@ pub(super) async fn observe(
     }
 
     let ready = seen.iter().filter(|s| s.phase == Phase::Ready);
-    let scraped: Vec<WorkerLoad> = ready.clone().filter_map(|s| s.load).collect();
+    let scraped: Vec<&WorkerLoad> = ready.clone().filter_map(|s| s.load.as_ref()).collect();
     let demand = (!scraped.is_empty()).then(|| scraped.iter().map(|l| l.in_flight()).sum());
     let requests_total: f64 = scraped.iter().map(|l| l.requests_total).sum();
     let request_rate = match state.last_requests.replace((now, requests_total)) {
@@ -158,6 +182,7 @@ pub(super) async fn observe(
         _ => None,
     };
     World {
+        corrections,
         refusals,
         ready: ready.count() as u32,
         loading: seen.iter().filter(|s| s.phase == Phase::Loading).count() as u32,
@@ -170,6 +195,31 @@ pub(super) async fn observe(
     }
 }
 
+/// `p` with the GPUs the worker reported: their indices from the node's inventory
+/// (kept as they were where the inventory names no UUIDs, as on GFD-only nodes).
+fn assigned(p: &PodPlacement, uuids: &[String], inventories: &[Arc<GpuInventory>]) -> PodPlacement {
+    let node = inventories.iter().find(|i| i.spec.node == p.node);
+    let indices: Option<Vec<u32>> = uuids
+        .iter()
+        .map(|u| {
+            node?
+                .spec
+                .gpus
+                .iter()
+                .find(|g| &g.uuid == u)
+                .map(|g| g.index)
+        })
+        .collect();
+    let mut fixed = p.clone();
+    if let Some(mut ix) = indices {
+        ix.sort_unstable();
+        fixed.gpus = ix;
+    }
+    fixed.uuids = uuids.to_vec();
+    fixed.assigned = true;
+    fixed
+}
+
 /// What placement starts from: the inventory, with every existing placement (ours and
 /// other deployments') adopted.
 pub(super) struct Ledger {
@@ -179,8 +229,13 @@ pub(super) struct Ledger {
     pub(super) lost: HashMap<String, String>,
 }
 
-/// The ledger over `pods` and the cached inventory.
-pub(super) fn ledger(ctx: &Context, pods: &[Arc<Pod>]) -> Ledger {
+/// The ledger over `pods` and the cached inventory; `corrected` placements (by pod
+/// name) replace what those pods record.
+pub(super) fn ledger(
+    ctx: &Context,
+    pods: &[Arc<Pod>],
+    corrected: &[(String, PodPlacement)],
+) -> Ledger {
     let (inventory, cpu_nodes) = build_inventory(
         &ctx.cache.inventories(),
         &ctx.cache.nodes(),
@@ -190,8 +245,12 @@ pub(super) fn ledger(ctx: &Context, pods: &[Arc<Pod>]) -> Ledger {
     let mut engine = Engine::new(&inventory);
     let mut lost: HashMap<String, String> = HashMap::new();
     for pod in pods {
+        let fixed = corrected
+            .iter()
+            .find(|(name, _)| *name == pod.name_any())
+            .map(|(_, p)| p.clone());
         let (Some(p), Some(index), Some(dep)) = (
-            placement_of(pod),
+            fixed.or_else(|| placement_of(pod)),
             index_of(pod),
             pod.labels().get(LABEL_DEPLOYMENT),
         ) else {

@@ -51,6 +51,10 @@ pub struct PodPlacement {
     /// Whole GPUs.
     #[serde(default)]
     pub exclusive: bool,
+    /// `gpus`/`uuids` are what the device plugin assigned, as the worker reported them,
+    /// not what placement chose (the plugin picks the devices of a count request).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub assigned: bool,
 }
 
 /// The pod name of replica `index`.
@@ -418,6 +422,13 @@ pub fn unschedulable(pod: &Pod) -> Option<String> {
         .find(|c| c.type_ == "PodScheduled")?;
     (c.status == "False" && c.reason.as_deref() == Some("Unschedulable"))
         .then(|| c.message.clone().unwrap_or_default())
+}
+
+/// The merge patch that records a replica's placement (after a correction).
+pub fn placement_patch(p: &PodPlacement) -> serde_json::Value {
+    serde_json::json!({"metadata": {"annotations": {
+        ANNOTATION_PLACEMENT: serde_json::to_string(p).expect("placements serialize"),
+    }}})
 }
 
 /// Whether `d` (this very object, by UID) controls the pod: pods of a deleted and

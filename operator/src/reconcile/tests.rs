@@ -17,8 +17,13 @@ use serde_json::{json, Value};
 use super::*;
 use crate::scrape::{ScrapeError, WorkerLoad};
 
-/// Loads by worker URL; a worker not listed fails to scrape.
-struct Loads(Mutex<HashMap<String, f64>>);
+/// Loads by worker URL, and the GPUs each worker reports; a worker not listed fails to
+/// scrape.
+#[derive(Default)]
+struct Loads(
+    Mutex<HashMap<String, f64>>,
+    Mutex<HashMap<String, Vec<String>>>,
+);
 
 impl Loads {
     fn set<'a>(&self, loads: impl IntoIterator<Item = (&'a str, f64)>) {
@@ -37,6 +42,13 @@ impl Scrape for Loads {
                 waiting: 0.0,
                 running: v,
                 requests_total: 0.0,
+                gpus: self
+                    .1
+                    .lock()
+                    .unwrap()
+                    .get(base)
+                    .cloned()
+                    .unwrap_or_default(),
             })
             .ok_or(ScrapeError::Http {
                 url: base.into(),
@@ -268,13 +280,12 @@ fn context(
     loads: &[(&str, f64)],
     clock: Arc<TestClock>,
 ) -> Arc<Context> {
-    let loads = Loads(Mutex::new(
-        loads.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
-    ));
+    let scraper = Loads::default();
+    scraper.set(loads.iter().copied());
     Context::with_cache(
         client,
         Config::default(),
-        Arc::new(loads),
+        Arc::new(scraper),
         Arc::new(Metrics::default()),
         cache,
         clock,
@@ -762,7 +773,7 @@ async fn a_500_on_the_drain_keeps_the_scale_down_window() {
         "http://10.0.0.3:8080",
     ];
     let clock = TestClock::new();
-    let loads = Arc::new(Loads(Mutex::new(HashMap::new())));
+    let loads = Arc::new(Loads::default());
     let (unused, _) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let base = Context::with_cache(
         Client::new(unused, "default"),
@@ -936,4 +947,58 @@ async fn a_gfd_only_node_is_placed_by_count_with_no_invented_uuid() {
             .contains("known only from GPU Feature Discovery labels"),
         "{cond}"
     );
+}
+
+/// The device plugin gave the replica another GPU than placement chose (GPU-2 for
+/// GPU-0): within the pass the pod's recorded placement, the status and the ledger follow
+/// what was assigned, and the replica created beside it does not take GPU 2.
+#[tokio::test]
+async fn the_ledger_and_status_follow_what_the_device_plugin_assigned() {
+    let d = deployment(json!({"autoscale": false, "minReplicas": 2, "maxReplicas": 3}));
+    let clock = TestClock::new();
+    let scraper = Arc::new(Loads::default());
+    scraper.set([("http://10.0.0.1:8080", 0.0)]);
+    scraper
+        .1
+        .lock()
+        .unwrap()
+        .insert("http://10.0.0.1:8080".into(), vec!["GPU-2".into()]);
+    let (client, mock) = Mock::start(pass(
+        &d,
+        vec![drain(0).reply(200, Value::Null), create_pod()],
+    ));
+    // The placement patch is a merge patch on the pod, like a drain.
+    let ctx = Context::with_cache(
+        client,
+        Config::default(),
+        scraper,
+        Arc::new(Metrics::default()),
+        cache(vec![pod(&d, 0, 0, "10.0.0.1", json!({}))]),
+        clock,
+    );
+    reconcile(object(&d), ctx.clone()).await.unwrap();
+    let log = mock.finish(ctx).await;
+    let recorded: PodPlacement = serde_json::from_str(
+        log.requests[0].body["metadata"]["annotations"][ANNOTATION_PLACEMENT]
+            .as_str()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        (recorded.gpus, recorded.uuids, recorded.assigned),
+        (vec![2], vec!["GPU-2".to_string()], true)
+    );
+    let new: PodPlacement = serde_json::from_str(
+        log.posts(POD_PATH)[0]["metadata"]["annotations"][ANNOTATION_PLACEMENT]
+            .as_str()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_ne!(
+        new.gpus,
+        vec![2],
+        "GPU 2 is taken, whatever placement had hoped"
+    );
+    let placements = &log.status()["placements"];
+    assert_eq!(placements[0]["gpus"], json!(["GPU-2"]));
 }
