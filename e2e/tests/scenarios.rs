@@ -13,6 +13,13 @@ use serde_json::json;
 
 const MODEL: &str = "smollm2-135m-instruct";
 
+/// Requests of 32 tokens to the `smollm` Service at the rates of `profile`, sent in
+/// the background; the handle gives every request's outcome.
+fn background_load(env: &Env, profile: Profile) -> tokio::task::JoinHandle<Vec<traffic::Outcome>> {
+    let (client, ns) = (env.client.clone(), env.namespace.clone());
+    tokio::spawn(async move { traffic::drive(client, &ns, "smollm", MODEL, 32, profile).await })
+}
+
 fn two_l4_nodes() -> Vec<SimNode> {
     vec![
         SimNode::new("sim-l4-a", 2, "NVIDIA L4", 24, false),
@@ -76,18 +83,7 @@ async fn a_burst_scales_up_then_down_without_losing_a_request() {
         .await
         .unwrap();
     // A burst well past one worker, then a trickle that goes on while replicas drain.
-    let (client, ns) = (env.client.clone(), env.namespace.clone());
-    let load = tokio::spawn(async move {
-        traffic::drive(
-            client,
-            &ns,
-            "smollm",
-            MODEL,
-            32,
-            Profile(vec![(0.0, 4.0), (20.0, 0.5), (55.0, 0.0)]),
-        )
-        .await
-    });
+    let load = background_load(&env, Profile(vec![(0.0, 4.0), (20.0, 0.5), (55.0, 0.0)]));
     let most = env
         .wait("a scale-up", Duration::from_secs(40), || async {
             let d = env.deployment("smollm").await.ok()?;
@@ -296,18 +292,7 @@ async fn a_new_leader_keeps_the_scale_down_window_and_the_panic() {
     env.wait_ready("smollm", 1, Duration::from_secs(120))
         .await
         .unwrap();
-    let (client, ns) = (env.client.clone(), env.namespace.clone());
-    let load = tokio::spawn(async move {
-        traffic::drive(
-            client,
-            &ns,
-            "smollm",
-            MODEL,
-            32,
-            Profile(vec![(0.0, 6.0), (40.0, 0.0)]),
-        )
-        .await
-    });
+    let load = background_load(&env, Profile(vec![(0.0, 6.0), (40.0, 0.0)]));
     let before = env
         .wait("panic mode", Duration::from_secs(40), || async {
             let st = env.deployment("smollm").await.ok()?.status?;
