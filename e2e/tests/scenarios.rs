@@ -76,13 +76,15 @@ async fn apply_becomes_available_and_serves() {
 async fn a_burst_scales_up_then_down_without_losing_a_request() {
     let env = Env::start("burst", two_l4_nodes()).await.unwrap();
     let d = smollm(json!({"spec": {"scaling": {
-        "minReplicas": 1, "maxReplicas": 3, "warmReplicas": 0, "targetQueueDepth": 2,
+        "minReplicas": 1, "maxReplicas": 3, "warmReplicas": 0, "targetQueueDepth": 1,
         "scaleDownWindowSeconds": 15}}}));
     env.apply(&d).await.unwrap();
     env.wait_ready("smollm", 1, Duration::from_secs(120))
         .await
         .unwrap();
-    // A burst well past one worker, then a trickle that goes on while replicas drain.
+    // A burst well past one worker (4 requests/s of 32 tokens keeps 1 to 3 in flight on
+    // one simulated worker: at a target of 1 per replica that is 2 to 3 replicas), then
+    // a trickle that goes on while replicas drain.
     let load = background_load(&env, Profile(vec![(0.0, 4.0), (20.0, 0.5), (55.0, 0.0)]));
     let most = env
         .wait("a scale-up", Duration::from_secs(40), || async {
