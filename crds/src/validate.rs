@@ -326,7 +326,7 @@ fn drop_nulls(schema: &Value, value: &mut Value) {
 
 /// Structural-schema defaulting: a missing property with a `default` gets it, then
 /// defaulting recurses into what is present.
-pub fn apply_defaults(schema: &Value, value: &mut Value) {
+fn apply_defaults(schema: &Value, value: &mut Value) {
     if let (Some(props), Some(obj)) = (schema["properties"].as_object(), value.as_object_mut()) {
         for (name, sub) in props {
             if !obj.contains_key(name) {

@@ -8,7 +8,7 @@ use std::time::Instant;
 use gpuscale_crds::InferenceDeployment;
 use k8s_openapi::api::core::v1::Pod;
 
-use super::observe::World;
+use super::observe::{Ledger, World};
 use super::pods::*;
 use super::{key_of, plan, DeploymentState, Replica, Step, AVOID_REFUSED_NODE};
 use crate::autoscale::{self, Observation};
@@ -37,7 +37,9 @@ pub(super) enum Todo {
 pub(super) fn decide(
     d: &InferenceDeployment,
     state: &mut DeploymentState,
-    world: &mut World,
+    world: &World,
+    ledger: &mut Ledger,
+    pods: &[Arc<Pod>],
     need: u64,
     now: Instant,
 ) -> Decided {
@@ -90,7 +92,7 @@ pub(super) fn decide(
                 }
                 let mut req = placement::request(&key, index, &d.spec, need);
                 req.avoid_nodes = avoid.clone();
-                let p = match world.engine.place(&req) {
+                let p = match ledger.engine.place(&req) {
                     Ok(p) => PodPlacement {
                         node: p.node,
                         gpus: p.gpus,
@@ -99,8 +101,7 @@ pub(super) fn decide(
                         exclusive: p.exclusive,
                         assigned: false,
                     },
-                    Err(r) => match cpu_placement(d, &world.cpu_nodes, &world.pods, &created, need)
-                    {
+                    Err(r) => match cpu_placement(d, &ledger.cpu_nodes, pods, &created, need) {
                         Some(p) => p,
                         None => {
                             refusal = Some(r);

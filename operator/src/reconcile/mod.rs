@@ -29,7 +29,8 @@ mod status;
 #[cfg(test)]
 mod tests;
 
-pub use cache::{Cache, Writers};
+pub use cache::Cache;
+use cache::Writers;
 pub use decide::replica_need;
 pub use plan::{plan, Phase, Replica, Step};
 
@@ -559,7 +560,7 @@ async fn apply(d: &InferenceDeployment, ctx: &Context) -> Result<Action, Error> 
     // Held for the whole pass, mutated in place: an error anywhere leaves it as it is.
     let mut state = slot.lock().await;
     let (now, wall) = ctx.clock.now();
-    let mut world = observe(d, ctx, &mut state, now, wall).await;
+    let world = observe(d, ctx, &mut state, now, wall).await;
     let need = match replica_need(d).and_then(|n| mountable(d).map(|()| n)) {
         Ok(n) => n,
         Err(message) => {
@@ -582,11 +583,8 @@ async fn apply(d: &InferenceDeployment, ctx: &Context) -> Result<Action, Error> 
     // and the pods created so far, so two passes never choose the same free GPU.
     let placing = ctx.placing.lock().await;
     let pods = ctx.cache.pods();
-    let fresh = observe::ledger(ctx, &pods, &world.corrections);
-    world.pods = pods;
-    world.engine = fresh.engine;
-    world.cpu_nodes = fresh.cpu_nodes;
-    let decided = decide(d, &mut state, &mut world, need, now);
+    let mut ledger = observe::ledger(ctx, &pods, &world.corrections);
+    let decided = decide(d, &mut state, &world, &mut ledger, &pods, need, now);
     let (created, acted) = act(d, ctx, &world, &decided, wall).await;
     drop(placing);
     // Report even after a failed step: status then says what was decided and done, and

@@ -26,15 +26,11 @@ pub(super) struct Seen {
     pub(super) failure: Option<String>,
 }
 
-/// What one pass observed.
+/// What one pass observed of its deployment. (What the whole cluster holds is the
+/// `Ledger`, built again under the placement lock when the pass places.)
 pub(super) struct World {
-    /// Every managed pod in the cluster (placement needs the others' GPUs too).
-    pub(super) pods: Vec<Arc<Pod>>,
     /// This deployment's replicas.
     pub(super) seen: Vec<Seen>,
-    /// The placement engine with every existing placement adopted.
-    pub(super) engine: Engine,
-    pub(super) cpu_nodes: HashSet<String>,
     pub(super) ready: u32,
     pub(super) loading: u32,
     /// Waiting plus running requests over the ready replicas (`None`: none scraped).
@@ -56,11 +52,8 @@ pub(super) async fn observe(
     wall: jiff::Timestamp,
 ) -> World {
     let pods = ctx.cache.pods();
-    let Ledger {
-        engine,
-        cpu_nodes,
-        lost,
-    } = ledger(ctx, &pods, &[]);
+    // Only which replicas lost their node or GPU; placing uses a fresh ledger.
+    let lost = ledger(ctx, &pods, &[]).lost;
 
     state.scaler.set_params(Params::from_spec(&d.spec.scaling));
     let hash = template_hash(d);
@@ -186,10 +179,7 @@ pub(super) async fn observe(
         refusals,
         ready: ready.count() as u32,
         loading: seen.iter().filter(|s| s.phase == Phase::Loading).count() as u32,
-        pods,
         seen,
-        engine,
-        cpu_nodes,
         demand,
         request_rate,
     }
