@@ -11,6 +11,9 @@
 //! - **NodeAffinity**: `nodeSelector` and the required node affinity terms
 //!   (`matchExpressions` on labels, `matchFields` on `metadata.name`)
 //!   (<https://kubernetes.io/docs/concepts/scheduling-eviction/assign-pod-node/>).
+//! - **VolumeBinding**: this simulator serves no PersistentVolumeClaims, so a pod that
+//!   mounts one is refused as kube-scheduler refuses a pod whose claim does not exist
+//!   (`persistentvolumeclaim "models" not found`), never bound as if it were there.
 //! - **NodeResourcesFit**: the pod's requests (limits stand in for the requests of
 //!   extended resources such as `nvidia.com/gpu`) fit the node's allocatable less what
 //!   the pods bound to it request
@@ -186,6 +189,19 @@ fn terminal(p: &Pod) -> bool {
 
 /// The node `pod` goes to, or the scheduler's message saying why none fits.
 pub fn choose(pod: &Pod, nodes: &[std::sync::Arc<Node>], bound: &[Pod]) -> Result<String, String> {
+    // VolumeBinding's PreFilter: the claims must exist before any node is considered.
+    if let Some(claim) = pod
+        .spec
+        .iter()
+        .flat_map(|s| s.volumes.iter().flatten())
+        .find_map(|v| v.persistent_volume_claim.as_ref())
+    {
+        return Err(format!(
+            "0/{} nodes are available: persistentvolumeclaim \"{}\" not found.",
+            nodes.len(),
+            claim.claim_name
+        ));
+    }
     let mut why: BTreeMap<String, usize> = BTreeMap::new();
     let mut fits: Vec<(i64, String)> = Vec::new();
     for node in nodes {
@@ -513,6 +529,20 @@ mod tests {
         on_a.spec.as_mut().unwrap().node_name = Some("a".into());
         let e = choose(&pod(1, json!({})), &nodes, &[on_a]).unwrap_err();
         assert_eq!(e, "0/1 nodes are available: 1 Insufficient nvidia.com/gpu.");
+    }
+
+    #[test]
+    fn a_pod_with_a_claim_the_simulator_does_not_serve_is_not_bound() {
+        let nodes = vec![node("a", 2, json!([]))];
+        let with_claim = pod(
+            1,
+            json!({"volumes": [{"name": "m",
+            "persistentVolumeClaim": {"claimName": "models"}}]}),
+        );
+        assert_eq!(
+            choose(&with_claim, &nodes, &[]),
+            Err("0/1 nodes are available: persistentvolumeclaim \"models\" not found.".into())
+        );
     }
 
     #[test]
