@@ -43,6 +43,12 @@ use serde::{Deserialize, Serialize};
     printcolumn(name = "Queue", type_ = "integer", json_path = ".status.queueDepth"),
     printcolumn(name = "GPUs", type_ = "string", json_path = ".status.gpuSummary"),
     printcolumn(
+        name = "Placements",
+        type_ = "string",
+        json_path = ".status.placementSummary",
+        priority = 1
+    ),
+    printcolumn(
         name = "Reason",
         type_ = "string",
         json_path = ".status.lastScaleReason",
@@ -406,6 +412,10 @@ pub struct InferenceDeploymentStatus {
     /// Short summary for `kubectl get`: GPU count and VRAM reserved (for example `2 / 9.1Gi`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gpu_summary: Option<String>,
+    /// Per replica, for `kubectl get -o wide`: node, GPUs held and how they were bound
+    /// (for example `smollm-0 sim-a100-0 [GPU-…-3] DraClaim`), `;`-separated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placement_summary: Option<String>,
     /// Where each replica runs.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub placements: Vec<ReplicaPlacement>,
@@ -474,6 +484,29 @@ pub struct ReplicaPlacement {
     pub vram_reserved_bytes: u64,
     /// Lifecycle state of the replica.
     pub state: ReplicaState,
+    /// How its GPUs were bound to the pod (absent on the CPU backend).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub binding: Option<GpuBinding>,
+    /// The ResourceClaim that holds its GPUs, when bound through DRA.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claim: Option<String>,
+}
+
+/// How a replica's GPUs were bound to its pod.
+#[derive(JsonSchema, Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GpuBinding {
+    /// A ResourceClaim whose selector names the GPUs by UUID (DRA): the scheduler
+    /// allocated exactly the GPUs placement chose.
+    DraClaim,
+    /// A share of a named GPU through a ResourceClaim requesting consumable memory
+    /// capacity of a device that allows multiple allocations (DRA).
+    DraSharedClaim,
+    /// Whole GPUs counted out by the device plugin (`nvidia.com/gpu`): it picked which,
+    /// and `gpus` lists what it assigned once the worker reported them.
+    DevicePlugin,
+    /// A share through the device plugin's GPU sharing resource (time-slicing or MPS);
+    /// the plugin picked the GPU.
+    SharingResource,
 }
 
 /// Lifecycle of a replica.

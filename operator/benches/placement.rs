@@ -7,7 +7,7 @@
 use std::time::Instant;
 
 use gpuscale_operator::estimate::GIB;
-use gpuscale_operator::inventory::{Gpu, Health, Inventory, NodeGpus};
+use gpuscale_operator::inventory::{Binding, Gpu, Health, Inventory, NodeGpus};
 use gpuscale_operator::placement::{
     Engine, ReplicaId, Request, Selector, Sharing, SpreadDomain, Strategy,
 };
@@ -48,6 +48,7 @@ fn fleet(rng: &mut StdRng) -> Inventory {
                 name: format!("node-{i:04}"),
                 zone: Some(format!("zone-{}", i % 3)),
                 gpus,
+                binding: Binding::Dra { shareable: true },
             }
         })
         .collect();

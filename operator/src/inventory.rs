@@ -1,11 +1,14 @@
 //! The GPU inventory placement works on, built from what the cluster publishes:
+//! the DRA driver's `ResourceSlice`s (resource.k8s.io/v1: the devices a claim can name),
 //! the node agent's `GpuInventory` objects (NVML: free memory, health, NVLink), or,
 //! where no agent runs, NVIDIA GPU Feature Discovery labels and allocatable
-//! `nvidia.com/gpu`.
+//! `nvidia.com/gpu`. Each node also says how its GPUs are bound to a pod
+//! ([`Binding`]): that decides what a replica there can ask for.
 
 use std::collections::{BTreeMap, HashMap};
 
 use gpuscale_crds::{GpuDevice, GpuInventorySpec};
+use k8s_openapi::api::resource::v1::{DeviceAttribute, ResourceSlice};
 
 /// Throttle reasons that mean the GPU is slowed by hardware, heat or power: such GPUs
 /// get no new replicas. Idle, application-clock and power-cap reasons are normal.
@@ -34,6 +37,29 @@ pub struct NodeGpus {
     pub zone: Option<String>,
     /// The GPUs.
     pub gpus: Vec<Gpu>,
+    /// How a pod gets them.
+    pub binding: Binding,
+}
+
+/// How a node's GPUs reach a pod, which decides what placement may promise there.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Binding {
+    /// Dynamic Resource Allocation: a ResourceClaim names the exact devices (a CEL
+    /// selector on their UUIDs) and the scheduler allocates precisely those.
+    Dra {
+        /// Every device allows multiple allocations with consumable `memory` capacity
+        /// (KEP-5075), so a shared replica can claim a share of a named GPU.
+        shareable: bool,
+    },
+    /// An extended resource served by the NVIDIA device plugin: a pod asks for a count
+    /// and the plugin picks the devices.
+    DevicePlugin {
+        /// The node offers whole GPUs (`nvidia.com/gpu` allocatable).
+        whole: bool,
+        /// The GPU sharing resource the node offers (time-slicing or MPS replicas, as
+        /// `nvidia.com/gpu.shared`), if any.
+        sharing: Option<String>,
+    },
 }
 
 /// One GPU as placement sees it.
@@ -109,6 +135,7 @@ pub fn health_of(d: &GpuDevice) -> Health {
 pub fn from_gpu_inventory(
     spec: &GpuInventorySpec,
     reserved_running: &HashMap<String, u64>,
+    binding: Binding,
 ) -> NodeGpus {
     let gpus = spec
         .gpus
@@ -136,6 +163,7 @@ pub fn from_gpu_inventory(
         name: spec.node.clone(),
         zone: spec.zone.clone(),
         gpus,
+        binding,
     }
 }
 
@@ -148,6 +176,7 @@ pub fn from_gfd_labels(
     node: &str,
     labels: &BTreeMap<String, String>,
     allocatable_gpus: Option<u32>,
+    binding: Binding,
 ) -> Option<NodeGpus> {
     let label = |k: &str| labels.get(k).map(String::as_str);
     let labelled: u32 = label("nvidia.com/gpu.count")?.parse().ok()?;
@@ -182,7 +211,138 @@ pub fn from_gfd_labels(
                 health: Health::Healthy,
             })
             .collect(),
+        binding,
     })
+}
+
+/// The NVIDIA DRA driver's name, as its ResourceSlices and DeviceClass carry it.
+pub const NVIDIA_DRA_DRIVER: &str = "gpu.nvidia.com";
+
+/// The GPUs `driver` publishes for `node` in ResourceSlices, as the NVIDIA DRA driver
+/// writes them: one device per GPU with the attributes `uuid`, `index`, `productName`
+/// and `cudaComputeCapability`, and the capacity `memory`
+/// (<https://kubernetes.io/docs/concepts/scheduling-eviction/dynamic-resource-allocation/#resourceslice>).
+/// Only the slices of each pool's newest generation count, and a pool whose slices
+/// have not all arrived (fewer than `resourceSliceCount`) is not used yet, as the API
+/// documents for consumers. A device without a `uuid` attribute cannot be named by a
+/// claim's selector and is left out. `agent`, the node agent's view of the same GPUs,
+/// adds what the slices do not carry: NVLink peers, NUMA node, health and memory used
+/// outside Kubernetes (matched by UUID). `None` when the driver publishes nothing there.
+pub fn from_resource_slices(
+    node: &str,
+    driver: &str,
+    slices: &[&ResourceSlice],
+    agent: Option<&GpuInventorySpec>,
+    reserved_running: &HashMap<String, u64>,
+) -> Option<NodeGpus> {
+    let mine: Vec<&ResourceSlice> = slices
+        .iter()
+        .copied()
+        .filter(|s| s.spec.driver == driver && s.spec.node_name.as_deref() == Some(node))
+        .collect();
+    let mut newest: HashMap<&str, i64> = HashMap::new();
+    for s in &mine {
+        let g = newest.entry(s.spec.pool.name.as_str()).or_insert(i64::MIN);
+        *g = (*g).max(s.spec.pool.generation);
+    }
+    let current: Vec<&ResourceSlice> = mine
+        .into_iter()
+        .filter(|s| newest.get(s.spec.pool.name.as_str()) == Some(&s.spec.pool.generation))
+        .collect();
+    let complete = |pool: &str| {
+        let of_pool: Vec<&&ResourceSlice> = current
+            .iter()
+            .filter(|s| s.spec.pool.name == pool)
+            .collect();
+        of_pool
+            .first()
+            .is_some_and(|s| of_pool.len() as i64 >= s.spec.pool.resource_slice_count)
+    };
+    let agent_gpu = |uuid: &str| agent.and_then(|a| a.gpus.iter().find(|g| g.uuid == uuid));
+    let mut gpus = Vec::new();
+    let mut shareable = true;
+    for s in current.iter().filter(|s| complete(&s.spec.pool.name)) {
+        for d in s.spec.devices.iter().flatten() {
+            let attr = |k: &str| -> Option<&DeviceAttribute> {
+                let attrs = d.attributes.as_ref()?;
+                attrs.get(k).or_else(|| attrs.get(&format!("{driver}/{k}")))
+            };
+            let Some(uuid) = attr("uuid").and_then(|a| a.string.clone()) else {
+                continue;
+            };
+            let total = d
+                .capacity
+                .as_ref()
+                .and_then(|c| c.get("memory"))
+                .and_then(|c| parse_bytes(&c.value.0))
+                .unwrap_or(0);
+            if total == 0 {
+                continue;
+            }
+            shareable &= d.allow_multiple_allocations == Some(true);
+            let seen = agent_gpu(&uuid);
+            let index = attr("index")
+                .and_then(|a| a.int)
+                .and_then(|i| u32::try_from(i).ok())
+                .or(seen.map(|g| g.index))
+                .unwrap_or(gpus.len() as u32);
+            let used = seen.map_or(0, |g| {
+                let used = g.memory_total_bytes.saturating_sub(g.memory_free_bytes);
+                used.saturating_sub(reserved_running.get(&uuid).copied().unwrap_or(0))
+            });
+            gpus.push(Gpu {
+                index,
+                product: attr("productName")
+                    .and_then(|a| a.string.clone())
+                    .or(seen.map(|g| g.product.clone()))
+                    .unwrap_or_else(|| "unknown".into()),
+                total_bytes: total,
+                used_outside_bytes: used,
+                compute_capability: attr("cudaComputeCapability")
+                    .and_then(|a| a.version.as_deref().or(a.string.as_deref()))
+                    .and_then(|v| {
+                        let mut it = v.split('.');
+                        Some((it.next()?.parse().ok()?, it.next()?.parse().ok()?))
+                    }),
+                nvlink_peers: seen.map(|g| g.nvlink_peers.clone()).unwrap_or_default(),
+                numa_node: seen.and_then(|g| g.numa_node),
+                health: seen.map_or(Health::Healthy, health_of),
+                uuid: Some(uuid),
+            });
+        }
+    }
+    if gpus.is_empty() {
+        return None;
+    }
+    gpus.sort_by_key(|g| g.index);
+    Some(NodeGpus {
+        name: node.to_string(),
+        zone: agent.and_then(|a| a.zone.clone()),
+        gpus,
+        binding: Binding::Dra { shareable },
+    })
+}
+
+/// A Kubernetes quantity of bytes (`80Gi`, `81559Mi`, `85899345920`), as DRA capacities
+/// and GFD write them.
+pub fn parse_bytes(q: &str) -> Option<u64> {
+    let q = q.trim();
+    let split = q.find(|c: char| !c.is_ascii_digit()).unwrap_or(q.len());
+    let (n, unit) = q.split_at(split);
+    let n: u64 = n.parse().ok()?;
+    let mult: u64 = match unit {
+        "" => 1,
+        "k" => 1_000,
+        "M" => 1_000_000,
+        "G" => 1_000_000_000,
+        "T" => 1_000_000_000_000,
+        "Ki" => 1 << 10,
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        "Ti" => 1 << 40,
+        _ => return None,
+    };
+    n.checked_mul(mult)
 }
 
 #[cfg(test)]
@@ -213,7 +373,7 @@ mod tests {
         };
         // 20 GiB used, 15 GiB of it by a gpuscale replica already running there.
         let ours = HashMap::from([("GPU-a".to_string(), 15u64 << 30)]);
-        let node = from_gpu_inventory(&spec, &ours);
+        let node = from_gpu_inventory(&spec, &ours, Binding::Dra { shareable: true });
         let g = &node.gpus[0];
         assert_eq!(g.used_outside_bytes, 5 << 30);
         assert_eq!(g.usable_bytes(), 75 << 30);
@@ -261,12 +421,81 @@ mod tests {
         .into_iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
-        let n = from_gfd_labels("gpu-7", &labels, Some(6)).unwrap();
+        let plugin = Binding::DevicePlugin {
+            whole: true,
+            sharing: None,
+        };
+        let n = from_gfd_labels("gpu-7", &labels, Some(6), plugin.clone()).unwrap();
         assert_eq!(n.gpus.len(), 6);
         assert_eq!(n.gpus[0].total_bytes, 81559 << 20);
         assert_eq!(n.gpus[5].uuid, None, "GFD labels name no device");
         assert_eq!(n.zone.as_deref(), Some("us-east-1a"));
         assert_eq!(n.gpus[0].compute_capability, Some((9, 0)));
-        assert!(from_gfd_labels("cpu-1", &BTreeMap::new(), None).is_none());
+        assert!(from_gfd_labels("cpu-1", &BTreeMap::new(), None, plugin).is_none());
+    }
+
+    fn slice(pool_gen: i64, count: i64, devices: serde_json::Value) -> ResourceSlice {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": format!("n1-gpu.nvidia.com-{pool_gen}")},
+            "spec": {"driver": "gpu.nvidia.com", "nodeName": "n1",
+                     "pool": {"name": "n1", "generation": pool_gen, "resourceSliceCount": count},
+                     "devices": devices},
+        }))
+        .unwrap()
+    }
+
+    fn dra_device(i: i64, shared: bool) -> serde_json::Value {
+        serde_json::json!({
+            "name": format!("gpu-{i}"),
+            "allowMultipleAllocations": shared,
+            "attributes": {"uuid": {"string": format!("GPU-{i}")}, "index": {"int": i},
+                           "productName": {"string": "NVIDIA H100 80GB HBM3"},
+                           "cudaComputeCapability": {"version": "9.0.0"}},
+            "capacity": {"memory": {"value": "80Gi"}},
+        })
+    }
+
+    #[test]
+    fn resource_slices_give_named_gpus_from_the_newest_complete_pool() {
+        let old = slice(1, 1, serde_json::json!([dra_device(0, false)]));
+        let new = slice(
+            2,
+            1,
+            serde_json::json!([dra_device(0, true), dra_device(1, true), {"name": "no-uuid",
+                "capacity": {"memory": {"value": "80Gi"}}}]),
+        );
+        let agent = GpuInventorySpec {
+            node: "n1".into(),
+            gpus: vec![GpuDevice {
+                uuid: "GPU-1".into(),
+                index: 1,
+                ..device(70 << 30, GpuHealth::default())
+            }],
+            ..Default::default()
+        };
+        let none = HashMap::new();
+        let n = from_resource_slices("n1", NVIDIA_DRA_DRIVER, &[&old, &new], Some(&agent), &none)
+            .unwrap();
+        assert_eq!(n.binding, Binding::Dra { shareable: true });
+        let uuids: Vec<_> = n.gpus.iter().map(|g| g.uuid.clone().unwrap()).collect();
+        assert_eq!(
+            uuids,
+            ["GPU-0", "GPU-1"],
+            "generation 1 and the unnamed device are out"
+        );
+        assert_eq!(n.gpus[0].total_bytes, 80 << 30);
+        assert_eq!(n.gpus[0].compute_capability, Some((9, 0)));
+        assert_eq!(
+            n.gpus[1].nvlink_peers,
+            vec![1, 2],
+            "topology comes from the agent"
+        );
+        assert_eq!(n.gpus[1].used_outside_bytes, 10 << 30);
+        // A pool that says it spans two slices is not used until both are there.
+        let partial = slice(3, 2, serde_json::json!([dra_device(0, false)]));
+        assert!(from_resource_slices("n1", NVIDIA_DRA_DRIVER, &[&partial], None, &none).is_none());
+        assert!(from_resource_slices("n2", NVIDIA_DRA_DRIVER, &[&new], None, &none).is_none());
+        assert_eq!(parse_bytes("81559Mi"), Some(81559 << 20));
+        assert_eq!(parse_bytes("12x"), None);
     }
 }

@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 use gpuscale_operator::leader::{Elector, LeaseConfig};
 use gpuscale_operator::metrics::Metrics;
 use gpuscale_operator::node_agent;
-use gpuscale_operator::reconcile::{self, Config, Scheduling};
+use gpuscale_operator::reconcile::{self, BindingConfig, Config, DraConfig, Scheduling};
 use gpuscale_operator::replay;
 use gpuscale_operator::scrape::HttpScraper;
 use std::sync::Arc;
@@ -70,6 +70,18 @@ enum Command {
         /// `schedulerName` of replica pods (default: the cluster's default scheduler).
         #[arg(long)]
         scheduler_name: Option<String>,
+        /// The DRA driver whose ResourceSlices describe GPUs; nodes it publishes get
+        /// their GPUs through ResourceClaims naming the chosen devices. Empty: never use
+        /// DRA (it is also off where the cluster does not serve resource.k8s.io/v1).
+        #[arg(long, default_value = gpuscale_operator::inventory::NVIDIA_DRA_DRIVER)]
+        dra_driver: String,
+        /// The DeviceClass the replicas' ResourceClaims request.
+        #[arg(long, default_value = gpuscale_operator::inventory::NVIDIA_DRA_DRIVER)]
+        dra_device_class: String,
+        /// The extended resource of GPU shares on device-plugin nodes (time-slicing or
+        /// MPS with renameByDefault). Empty: shared replicas go only to DRA nodes.
+        #[arg(long, default_value = "nvidia.com/gpu.shared")]
+        gpu_sharing_resource: String,
     },
     /// Publish this node's GPU inventory (NVML) as a GpuInventory object.
     NodeAgent {
@@ -232,6 +244,9 @@ fn main() -> anyhow::Result<ExitCode> {
             tolerations,
             runtime_class_name,
             scheduler_name,
+            dra_driver,
+            dra_device_class,
+            gpu_sharing_resource,
         } => {
             init_tracing();
             let election = leader_election.then(|| Election {
@@ -247,6 +262,13 @@ fn main() -> anyhow::Result<ExitCode> {
                     tolerations,
                     runtime_class: runtime_class_name.filter(|s| !s.is_empty()),
                     scheduler_name: scheduler_name.filter(|s| !s.is_empty()),
+                },
+                binding: BindingConfig {
+                    dra: (!dra_driver.is_empty()).then(|| DraConfig {
+                        driver: dra_driver,
+                        device_class: dra_device_class,
+                    }),
+                    sharing_resource: Some(gpu_sharing_resource).filter(|s| !s.is_empty()),
                 },
             };
             tokio::runtime::Runtime::new()?.block_on(operator_main(

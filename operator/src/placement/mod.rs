@@ -19,7 +19,7 @@ pub use spec::{replica_config, request};
 use std::collections::HashMap;
 
 use crate::estimate::gib;
-use crate::inventory::{Health, Inventory};
+use crate::inventory::{Binding, Health, Inventory};
 
 /// Identifies one replica: the deployment (`namespace/name`) and its index.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -111,6 +111,9 @@ pub struct Placement {
     pub exclusive: bool,
     /// The GPU set is one NVLink island (always true for one GPU).
     pub nvlink: bool,
+    /// The GPUs are claimed through DRA (a ResourceClaim naming them), not counted
+    /// out by a device plugin.
+    pub dra: bool,
 }
 
 /// Why a replica could not be placed.
@@ -131,6 +134,10 @@ pub enum RefusalReason {
     /// Placed, but the cluster's scheduler refused the pod on that node (a taint, a
     /// resource the inventory does not show); the message is the scheduler's.
     SchedulerRejected,
+    /// The GPUs that would fit cannot be bound in this sharing mode: no GPU sharing
+    /// resource or shareable DRA device for a shared replica, no whole GPUs for an
+    /// exclusive one.
+    BindingUnavailable,
 }
 
 impl RefusalReason {
@@ -144,6 +151,7 @@ impl RefusalReason {
             RefusalReason::InsufficientGpusOnNode => "InsufficientGPUsOnNode",
             RefusalReason::NvlinkUnavailable => "NVLinkUnavailable",
             RefusalReason::SchedulerRejected => "SchedulerRejected",
+            RefusalReason::BindingUnavailable => "BindingUnavailable",
         }
     }
 }
@@ -228,6 +236,7 @@ struct NodeState {
     name: String,
     zone: Option<usize>,
     gpus: Vec<GpuState>,
+    binding: Binding,
 }
 
 /// The placement engine: the inventory plus everything placed on it.
@@ -288,6 +297,7 @@ impl Engine {
                     name: n.name.clone(),
                     zone: n.zone.as_deref().map(|z| intern(&mut zones, z)),
                     gpus,
+                    binding: n.binding.clone(),
                 }
             })
             .collect();
@@ -403,6 +413,7 @@ impl Engine {
             bytes_per_gpu: req.need_per_gpu,
             exclusive: req.sharing == Sharing::Exclusive,
             nvlink,
+            dra: matches!(node.binding, Binding::Dra { .. }),
         };
         self.commit(ni, &order, p.clone());
         Ok(p)
@@ -518,20 +529,23 @@ impl Engine {
     ) -> Vec<usize> {
         let sel = &req.selector;
         let mut fitting = Vec::new();
+        seen.any_gpu |= !node.gpus.is_empty();
+        if let Some(why) = unbindable(node, req.sharing) {
+            seen.unbindable.get_or_insert(why);
+            return fitting;
+        }
+        // Through a sharing resource the device plugin picks the GPU, so a shared
+        // replica fits a node only if it fits whichever healthy GPU the plugin picks.
+        let plugin_picks =
+            req.sharing == Sharing::Shared && matches!(node.binding, Binding::DevicePlugin { .. });
+        let mut healthy_here = 0;
         for (gi, g) in node.gpus.iter().enumerate() {
-            seen.any_gpu = true;
             let matches = product_ok[g.product]
                 && sel.min_memory_bytes.is_none_or(|m| g.total >= m)
                 && sel
                     .min_compute_capability
                     .is_none_or(|m| g.cc.is_some_and(|c| c >= m));
             if !matches {
-                continue;
-            }
-            // A share of a GPU must name the device; a GPU known only by count cannot
-            // be named.
-            if req.sharing == Sharing::Shared && g.uuid.is_none() {
-                seen.unnamed.get_or_insert_with(|| node.name.clone());
                 continue;
             }
             seen.matching += 1;
@@ -541,6 +555,7 @@ impl Engine {
                 continue;
             }
             seen.healthy += 1;
+            healthy_here += 1;
             let free = g.free_for(req.sharing);
             if free > seen.largest.0 {
                 seen.largest = (free, ni, g.index);
@@ -548,6 +563,9 @@ impl Engine {
             if free >= req.need_per_gpu {
                 fitting.push(gi);
             }
+        }
+        if plugin_picks && fitting.len() < healthy_here {
+            fitting.clear();
         }
         if fitting.len() > seen.most_on_node.0 {
             seen.most_on_node = (fitting.len(), ni);
@@ -560,15 +578,8 @@ impl Engine {
         let need = gib(req.need_per_gpu);
         let (reason, message) = if !seen.any_gpu {
             (RefusalReason::NoGpus, "no GPU nodes in the inventory: no GpuInventory from a node agent and no node labelled by NVIDIA GPU Feature Discovery".to_string())
-        } else if let (0, Some(node)) = (seen.matching, &seen.unnamed) {
-            (
-                RefusalReason::NoMatchingGpu,
-                format!(
-                    "a shared replica must name its GPU, and the GPUs of {node} are known only \
-                     from GPU Feature Discovery labels (a count, no UUIDs); run the gpuscale node \
-                     agent there, or set resources.sharing: Exclusive"
-                ),
-            )
+        } else if let (0, Some(why)) = (seen.matching, &seen.unbindable) {
+            (RefusalReason::BindingUnavailable, why.clone())
         } else if seen.matching == 0 {
             let mut have: Vec<&str> = self.products.iter().map(String::as_str).collect();
             have.sort_unstable();
@@ -638,8 +649,32 @@ struct Seen {
     /// (fitting GPUs, node) of the node with the most.
     most_on_node: (usize, usize),
     nvlink_short: Option<String>,
-    /// A node whose GPUs a shared request could not use because their UUIDs are unknown.
-    unnamed: Option<String>,
+    /// Why a node's GPUs could not be bound in the request's sharing mode.
+    unbindable: Option<String>,
+}
+
+/// Why `node` cannot bind a replica of this sharing mode, if it cannot.
+fn unbindable(node: &NodeState, sharing: Sharing) -> Option<String> {
+    let name = &node.name;
+    match (&node.binding, sharing) {
+        (Binding::Dra { shareable: false }, Sharing::Shared) => Some(format!(
+            "a shared replica needs a share of a named GPU, and the DRA driver on {name} \
+             publishes no shareable GPUs (allowMultipleAllocations with consumable memory \
+             capacity); enable consumable capacity in the driver (Kubernetes feature \
+             DRAConsumableCapacity) or set resources.sharing: Exclusive"
+        )),
+        (Binding::DevicePlugin { sharing: None, .. }, Sharing::Shared) => Some(format!(
+            "a shared replica needs a GPU sharing resource, and {name} offers none (configure \
+             time-slicing or MPS in the NVIDIA device plugin with renameByDefault, so shares \
+             are nvidia.com/gpu.shared, or install its DRA driver); or set resources.sharing: \
+             Exclusive"
+        )),
+        (Binding::DevicePlugin { whole: false, .. }, Sharing::Exclusive) => Some(format!(
+            "{name} offers no whole GPUs (no nvidia.com/gpu allocatable: its device plugin \
+             shares them); use another node or set resources.sharing: Shared"
+        )),
+        _ => None,
+    }
 }
 
 fn describe(s: &Selector) -> String {

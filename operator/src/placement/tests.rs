@@ -4,7 +4,7 @@ use proptest::prelude::{
 
 use super::*;
 use crate::estimate::GIB;
-use crate::inventory::{Gpu, Health, Inventory, NodeGpus};
+use crate::inventory::{Binding, Gpu, Health, Inventory, NodeGpus};
 
 fn gpu(index: u32, product: &str, gib: u64, peers: &[u32]) -> Gpu {
     Gpu {
@@ -36,6 +36,7 @@ fn nvswitch_node(name: &str, n: u32, product: &str, gib: u64) -> NodeGpus {
                 )
             })
             .collect(),
+        binding: Binding::Dra { shareable: true },
     }
 }
 
@@ -45,6 +46,7 @@ fn paired_node(name: &str, n: u32, product: &str, gib: u64) -> NodeGpus {
         name: name.into(),
         zone: None,
         gpus: (0..n).map(|i| gpu(i, product, gib, &[i ^ 1])).collect(),
+        binding: Binding::Dra { shareable: true },
     }
 }
 
@@ -469,6 +471,7 @@ fn tensor_parallel_sets_take_the_smallest_gpus_that_fit() {
         name: "b-l4".into(),
         zone: None,
         gpus: (0..8).map(|i| gpu(i, "L4", 24, &[])).collect(),
+        binding: Binding::Dra { shareable: true },
     };
     let mut e = Engine::new(&inv(vec![nvswitch_node("a-h100", 8, "H100", 80), l4]));
     let p = e
@@ -476,4 +479,58 @@ fn tensor_parallel_sets_take_the_smallest_gpus_that_fit() {
         .unwrap();
     assert_eq!(p.node, "b-l4", "{p:?}");
     assert!(!p.nvlink);
+}
+
+/// A node bound by `binding`, of two 24 GiB L4s.
+fn bound_node(name: &str, binding: Binding) -> NodeGpus {
+    NodeGpus {
+        binding,
+        ..paired_node(name, 2, "L4", 24)
+    }
+}
+
+#[test]
+fn each_binding_takes_only_what_it_can_bind_and_says_why_not() {
+    let plain = Binding::DevicePlugin {
+        whole: true,
+        sharing: None,
+    };
+    let sliced = Binding::DevicePlugin {
+        whole: false,
+        sharing: Some("nvidia.com/gpu.shared".into()),
+    };
+    // A shared replica: not on a plain device-plugin node, nor on a DRA node without
+    // shareable devices.
+    let mut e = Engine::new(&inv(vec![
+        bound_node("a", plain.clone()),
+        bound_node("b", Binding::Dra { shareable: false }),
+    ]));
+    let r = e
+        .place(&req("ns/s", 0, 4.0, 1, Sharing::Shared))
+        .unwrap_err();
+    assert_eq!(r.reason, RefusalReason::BindingUnavailable, "{r}");
+    assert!(r.message.contains("sharing"), "{r}");
+    // An exclusive replica: not where the plugin offers only shares.
+    let mut e = Engine::new(&inv(vec![bound_node("c", sliced.clone())]));
+    let r = e
+        .place(&req("ns/x", 0, 4.0, 1, Sharing::Exclusive))
+        .unwrap_err();
+    assert_eq!(r.reason, RefusalReason::BindingUnavailable);
+    assert!(r.message.contains("no whole GPUs"), "{r}");
+    // Through a sharing resource the plugin picks the GPU: a share must fit on every
+    // GPU of the node, so once one GPU is too full the node takes no more.
+    let p = e.place(&req("ns/s", 0, 20.0, 1, Sharing::Shared)).unwrap();
+    assert!(!p.dra);
+    let r = e.place(&req("ns/s", 1, 20.0, 1, Sharing::Shared));
+    assert!(r.is_err(), "the plugin may put it on the full GPU: {r:?}");
+    assert!(e.place(&req("ns/s", 2, 4.0, 1, Sharing::Shared)).is_ok());
+    // On a DRA node the claim names the GPU, so the second share goes to the free one.
+    let mut e = Engine::new(&inv(vec![bound_node(
+        "d",
+        Binding::Dra { shareable: true },
+    )]));
+    let p0 = e.place(&req("ns/s", 0, 20.0, 1, Sharing::Shared)).unwrap();
+    let p1 = e.place(&req("ns/s", 1, 20.0, 1, Sharing::Shared)).unwrap();
+    assert!(p0.dra && p1.dra);
+    assert_ne!(p0.gpus, p1.gpus);
 }

@@ -3,6 +3,7 @@
 
 use gpuscale_crds::InferenceDeployment;
 use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::resource::v1::ResourceClaim;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
@@ -43,6 +44,12 @@ pub(super) async fn act(
             Err(e) => return (created, Err(e.into())),
         }
     }
+    // Claims of DRA replicas whose creation was cut short between pod and claim.
+    for (pod, p) in &world.missing_claims {
+        if let Err(e) = create_claim(ctx, pod, p).await {
+            return (created, Err(e.into()));
+        }
+    }
     for step in &decided.todo {
         let result: Result<(), kube::Error> = match step {
             Todo::Create(index, p) => {
@@ -52,9 +59,10 @@ pub(super) async fn act(
                 match pods_api.create(&PostParams::default(), &pod).await {
                     Ok(made) => {
                         info!(pod = %pod.name_any(), node = %p.node, gpus = ?p.gpus, "created replica");
+                        let claimed = create_claim(ctx, &made, p).await;
                         ctx.cache.expect_created(made);
                         created.push((*index, p.clone()));
-                        Ok(())
+                        claimed
                     }
                     // Someone (a stale pass, another operator) already made it.
                     Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
@@ -115,6 +123,27 @@ pub(super) async fn act(
         )
         .await;
     (created, applied.map(|_| ()).map_err(Error::from))
+}
+
+/// Creates the ResourceClaim of a DRA replica (nothing for other placements). The
+/// scheduler holds the pod until it exists.
+async fn create_claim(ctx: &Context, pod: &Pod, p: &PodPlacement) -> Result<(), kube::Error> {
+    if !p.dra || p.gpus.is_empty() {
+        return Ok(());
+    }
+    let Some(claim) = replica_claim(pod, p, &ctx.config) else {
+        return Ok(());
+    };
+    let api: Api<ResourceClaim> =
+        Api::namespaced(ctx.client.clone(), &pod.namespace().unwrap_or_default());
+    match api.create(&PostParams::default(), &claim).await {
+        Ok(_) => {
+            info!(claim = %claim.name_any(), uuids = ?p.uuids, "created resource claim");
+            Ok(())
+        }
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+        Err(e) => Err(e),
+    }
 }
 
 /// On deletion: drain every replica, delete each once it is empty, then let the

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use gpuscale_crds::GpuInventory;
 use k8s_openapi::api::core::v1::{Node, Pod, Service};
+use k8s_openapi::api::resource::v1::{ResourceClaim, ResourceSlice};
 use kube::runtime::reflector::{self, store::Writer, Store};
 use kube::runtime::watcher;
 use kube::ResourceExt;
@@ -29,6 +30,10 @@ pub struct Cache {
     pub(super) nodes: Store<Node>,
     pub(super) inventories: Store<GpuInventory>,
     pub(super) services: Store<Service>,
+    /// The DRA drivers' ResourceSlices (empty where DRA is off or not served).
+    pub(super) slices: Store<ResourceSlice>,
+    /// The ResourceClaims of managed replicas.
+    pub(super) claims: Store<ResourceClaim>,
     /// Pods created by this operator and not yet seen in `pods`, by `namespace/name`.
     created: Arc<Mutex<HashMap<String, (Pod, Instant)>>>,
 }
@@ -39,6 +44,8 @@ pub struct Writers {
     pub(super) nodes: Writer<Node>,
     pub(super) inventories: Writer<GpuInventory>,
     pub(super) services: Writer<Service>,
+    pub(super) slices: Writer<ResourceSlice>,
+    pub(super) claims: Writer<ResourceClaim>,
 }
 
 fn key(pod: &Pod) -> String {
@@ -53,12 +60,16 @@ impl Cache {
         let (nodes, node_writer) = reflector::store();
         let (inventories, inv_writer) = reflector::store_shared(256);
         let (services, svc_writer) = reflector::store();
+        let (slices, slice_writer) = reflector::store();
+        let (claims, claim_writer) = reflector::store();
         (
             Cache {
                 pods,
                 nodes,
                 inventories,
                 services,
+                slices,
+                claims,
                 created: Arc::default(),
             },
             Writers {
@@ -66,6 +77,8 @@ impl Cache {
                 nodes: node_writer,
                 inventories: inv_writer,
                 services: svc_writer,
+                slices: slice_writer,
+                claims: claim_writer,
             },
         )
     }
@@ -90,8 +103,22 @@ impl Cache {
             nodes: filled(nodes),
             inventories: filled(inventories),
             services: filled(Vec::new()),
+            slices: filled(Vec::new()),
+            claims: filled(Vec::new()),
             created: Arc::default(),
         }
+    }
+
+    /// The same stores with these ResourceSlices (tests and benchmarks).
+    pub fn with_slices(mut self, slices: Vec<ResourceSlice>) -> Cache {
+        let mut w = Writer::default();
+        w.apply_watcher_event(&watcher::Event::Init);
+        for s in slices {
+            w.apply_watcher_event(&watcher::Event::InitApply(s));
+        }
+        w.apply_watcher_event(&watcher::Event::InitDone);
+        self.slices = w.as_reader();
+        self
     }
 
     /// Waits until every store has its first full list.
@@ -100,7 +127,9 @@ impl Cache {
             self.pods.wait_until_ready(),
             self.nodes.wait_until_ready(),
             self.inventories.wait_until_ready(),
-            self.services.wait_until_ready()
+            self.services.wait_until_ready(),
+            self.slices.wait_until_ready(),
+            self.claims.wait_until_ready()
         );
     }
 
@@ -138,6 +167,31 @@ impl Cache {
     /// The GpuInventories.
     pub fn inventories(&self) -> Vec<Arc<GpuInventory>> {
         self.inventories.state()
+    }
+
+    /// The ResourceSlices.
+    pub fn slices(&self) -> Vec<Arc<ResourceSlice>> {
+        self.slices.state()
+    }
+
+    /// Whether the ResourceClaim `namespace/name` exists, as last seen.
+    pub fn has_claim(&self, namespace: &str, name: &str) -> bool {
+        self.claims
+            .get(&reflector::ObjectRef::new(name).within(namespace))
+            .is_some()
+    }
+}
+
+impl Writers {
+    /// Marks the DRA stores complete and empty: the cluster does not serve DRA, or it is
+    /// off, so no watch will ever fill them.
+    pub(super) fn without_dra(&mut self) {
+        for e in [watcher::Event::Init, watcher::Event::InitDone] {
+            self.slices.apply_watcher_event(&e);
+        }
+        for e in [watcher::Event::Init, watcher::Event::InitDone] {
+            self.claims.apply_watcher_event(&e);
+        }
     }
 }
 

@@ -100,6 +100,7 @@ pub(super) fn decide(
                         bytes_per_gpu: p.bytes_per_gpu,
                         exclusive: p.exclusive,
                         assigned: false,
+                        dra: p.dra,
                     },
                     Err(r) => match cpu_placement(d, &ledger.cpu_nodes, pods, &created, need) {
                         Some(p) => p,
@@ -178,6 +179,7 @@ fn cpu_placement(
         bytes_per_gpu: need,
         exclusive: false,
         assigned: false,
+        dra: false,
     })
 }
 

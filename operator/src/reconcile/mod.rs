@@ -47,6 +47,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use gpuscale_crds::{GpuInventory, InferenceDeployment};
 use k8s_openapi::api::core::v1::{Node, Pod, Service};
+use k8s_openapi::api::resource::v1::{ResourceClaim, ResourceSlice};
 use kube::api::{Api, ApiResource, DynamicObject};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::EventType;
@@ -76,6 +77,8 @@ pub struct Config {
     pub drain_timeout: Duration,
     /// How replica pods reach the node placement chose.
     pub scheduling: Scheduling,
+    /// How replica pods get the GPUs placement chose.
+    pub binding: BindingConfig,
 }
 
 impl Default for Config {
@@ -85,6 +88,42 @@ impl Default for Config {
             scrape_interval: Duration::from_secs(2),
             drain_timeout: Duration::from_secs(120),
             scheduling: Scheduling::default(),
+            binding: BindingConfig::default(),
+        }
+    }
+}
+
+/// The GPU binding modes the operator uses. A node's mode comes from what it
+/// publishes: ResourceSlices of the DRA driver make it a DRA node (claims name the
+/// GPUs); otherwise its GPUs are the device plugin's extended resources.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BindingConfig {
+    /// DRA, where the cluster serves resource.k8s.io/v1 (`None`: never).
+    pub dra: Option<DraConfig>,
+    /// The extended resource of shared GPUs on device-plugin nodes (`None`: shared
+    /// replicas go only to DRA nodes).
+    pub sharing_resource: Option<String>,
+}
+
+/// Which DRA driver's devices are GPUs, and the DeviceClass claims ask for.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DraConfig {
+    /// Driver name in ResourceSlices (also the domain of its device attributes).
+    pub driver: String,
+    /// DeviceClass of the claims' requests.
+    pub device_class: String,
+}
+
+impl Default for BindingConfig {
+    /// NVIDIA's DRA driver (driver and DeviceClass `gpu.nvidia.com`) and the NVIDIA
+    /// device plugin's renamed sharing resource `nvidia.com/gpu.shared`.
+    fn default() -> Self {
+        BindingConfig {
+            dra: Some(DraConfig {
+                driver: crate::inventory::NVIDIA_DRA_DRIVER.into(),
+                device_class: crate::inventory::NVIDIA_DRA_DRIVER.into(),
+            }),
+            sharing_resource: Some("nvidia.com/gpu.shared".into()),
         }
     }
 }
@@ -464,11 +503,20 @@ pub fn error_policy(obj: Arc<DynamicObject>, err: &Error, ctx: Arc<Context>) -> 
 /// Runs the controller until SIGTERM, over `namespaces` (empty: all of them). The
 /// caches are fed by one watch per kind, shared by every namespace's controller.
 pub async fn run(ctx: Arc<Context>, namespaces: Vec<String>) {
-    let Some(writers) = ctx.writers.lock().expect("writers lock").take() else {
+    let Some(mut writers) = ctx.writers.lock().expect("writers lock").take() else {
         tracing::error!("the controller is already running on this context");
         return;
     };
     let client = ctx.client.clone();
+    // DRA only where the cluster serves it: a watch of an API that is not there would
+    // keep the stores from ever being ready, and every pass waits for them.
+    let dra = match &ctx.config.binding.dra {
+        Some(_) => dra_served(&client).await,
+        None => false,
+    };
+    if !dra {
+        writers.without_dra();
+    }
     let scopes: Vec<Option<String>> = if namespaces.is_empty() {
         vec![None]
     } else {
@@ -497,23 +545,61 @@ pub async fn run(ctx: Arc<Context>, namespaces: Vec<String>) {
     );
     let services = reflector::reflector(
         writers.services,
-        watcher::watcher(Api::<Service>::all(client.clone()), managed),
+        watcher::watcher(Api::<Service>::all(client.clone()), managed.clone()),
     );
     let inventories = reflector::reflector(
         writers.inventories,
-        watcher::watcher(Api::<GpuInventory>::all(client), watcher::Config::default()),
+        watcher::watcher(
+            Api::<GpuInventory>::all(client.clone()),
+            watcher::Config::default(),
+        ),
     );
+    let (slice_writer, claim_writer) = (writers.slices, writers.claims);
+    let dra_feed = async {
+        if !dra {
+            return;
+        }
+        let slices = reflector::reflector(
+            slice_writer,
+            watcher::watcher(
+                Api::<ResourceSlice>::all(client.clone()),
+                Default::default(),
+            ),
+        );
+        let claims = reflector::reflector(
+            claim_writer,
+            watcher::watcher(Api::<ResourceClaim>::all(client.clone()), managed.clone()),
+        );
+        futures::join!(
+            slices.default_backoff().for_each(|_| async {}),
+            claims.default_backoff().for_each(|_| async {}),
+        );
+    };
     let feed = async {
         futures::join!(
             pods.default_backoff().for_each(|_| async {}),
             nodes.default_backoff().for_each(|_| async {}),
             inventories.default_backoff().for_each(|_| async {}),
             services.default_backoff().for_each(|_| async {}),
+            dra_feed,
         );
     };
     tokio::select! {
         _ = futures::future::join_all(controllers) => {}
         () = feed => {}
+    }
+}
+
+/// Whether the API server serves DRA's resource.k8s.io/v1 (GA in Kubernetes 1.34).
+async fn dra_served(client: &Client) -> bool {
+    match client.list_api_group_resources("resource.k8s.io/v1").await {
+        Ok(list) => ["resourceslices", "resourceclaims"]
+            .iter()
+            .all(|r| list.resources.iter().any(|x| x.name == *r)),
+        Err(e) => {
+            tracing::warn!(error = %e, "resource.k8s.io/v1 is not served: DRA is off, GPUs are bound through the device plugin only");
+            false
+        }
     }
 }
 

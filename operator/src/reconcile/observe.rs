@@ -11,9 +11,12 @@ use kube::ResourceExt;
 use super::pods::{self, *};
 use super::{Context, DeploymentState, Phase};
 use crate::autoscale::Params;
-use crate::inventory::{from_gfd_labels, from_gpu_inventory, Inventory};
+use crate::inventory::{
+    from_gfd_labels, from_gpu_inventory, from_resource_slices, Binding, Inventory,
+};
 use crate::placement::{Engine, Placement, ReplicaId};
 use crate::scrape::WorkerLoad;
+use k8s_openapi::api::resource::v1::ResourceSlice;
 
 /// A replica pod with what the pass learned of it.
 pub(super) struct Seen {
@@ -39,6 +42,9 @@ pub(super) struct World {
     pub(super) corrections: Vec<(String, PodPlacement)>,
     /// Replicas the scheduler refused: (the node placement chose, its message).
     pub(super) refusals: Vec<(String, String)>,
+    /// Pending DRA replicas whose ResourceClaim is missing (the operator stopped between
+    /// creating the pod and its claim): `act` makes them.
+    pub(super) missing_claims: Vec<(Arc<Pod>, PodPlacement)>,
     pub(super) request_rate: Option<f64>,
 }
 
@@ -164,6 +170,21 @@ pub(super) async fn observe(
         }
     }
 
+    let ns = d.namespace().unwrap_or_default();
+    let missing_claims = seen
+        .iter()
+        .filter(|s| s.pod.metadata.deletion_timestamp.is_none() && s.pod.uid().is_some())
+        .filter(|s| {
+            s.pod
+                .spec
+                .as_ref()
+                .and_then(|p| p.node_name.as_ref())
+                .is_none()
+        })
+        .filter_map(|s| Some((s.pod.clone(), s.placement.clone().filter(|p| p.dra)?)))
+        .filter(|(pod, _)| !ctx.cache.has_claim(&ns, &claim_name(&pod.name_any())))
+        .collect();
+
     let ready = seen.iter().filter(|s| s.phase == Phase::Ready);
     let scraped: Vec<&WorkerLoad> = ready.clone().filter_map(|s| s.load.as_ref()).collect();
     let demand = (!scraped.is_empty()).then(|| scraped.iter().map(|l| l.in_flight()).sum());
@@ -177,6 +198,7 @@ pub(super) async fn observe(
     World {
         corrections,
         refusals,
+        missing_claims,
         ready: ready.count() as u32,
         loading: seen.iter().filter(|s| s.phase == Phase::Loading).count() as u32,
         seen,
@@ -228,9 +250,10 @@ pub(super) fn ledger(
 ) -> Ledger {
     let (inventory, cpu_nodes) = build_inventory(
         &ctx.cache.inventories(),
+        &ctx.cache.slices(),
         &ctx.cache.nodes(),
         pods,
-        &ctx.config.scheduling.tolerations,
+        &ctx.config,
     );
     let mut engine = Engine::new(&inventory);
     let mut lost: HashMap<String, String> = HashMap::new();
@@ -263,6 +286,7 @@ pub(super) fn ledger(
             bytes_per_gpu: p.bytes_per_gpu,
             exclusive: p.exclusive,
             nvlink: true,
+            dra: p.dra,
         };
         if let Err(e) = engine.adopt(placed) {
             lost.insert(pod.name_any(), e.to_string());
@@ -312,10 +336,12 @@ fn ready_took(pod: &Pod) -> Option<Duration> {
 /// are cordoned offer nothing; a node's agent inventory wins over its GFD labels.
 fn build_inventory(
     inventories: &[Arc<GpuInventory>],
+    slices: &[Arc<ResourceSlice>],
     nodes: &[Arc<Node>],
     pods: &[Arc<Pod>],
-    tolerations: &[Toleration],
+    config: &super::Config,
 ) -> (Inventory, HashSet<String>) {
+    let tolerations = &config.scheduling.tolerations;
     let usable = |n: &Node| {
         let ready = n
             .status
@@ -354,26 +380,46 @@ fn build_inventory(
             *reserved.entry(u.clone()).or_default() += p.bytes_per_gpu;
         }
     }
+    let slices: Vec<&ResourceSlice> = slices.iter().map(|s| &**s).collect();
     let mut out = Inventory::default();
-    let mut with_gpus: HashSet<String> = HashSet::new();
-    for inv in inventories {
-        if usable_nodes.contains_key(&inv.spec.node) && !inv.spec.gpus.is_empty() {
-            with_gpus.insert(inv.spec.node.clone());
-            out.nodes.push(from_gpu_inventory(&inv.spec, &reserved));
-        }
-    }
     let mut cpu = HashSet::new();
     for (name, n) in &usable_nodes {
-        if with_gpus.contains(name) {
-            continue;
+        let agent = inventories
+            .iter()
+            .map(|i| &i.spec)
+            .find(|i| i.node == *name && !i.gpus.is_empty());
+        // DRA first: where the driver publishes the node's GPUs, claims can name them.
+        if let Some(dra) = &config.binding.dra {
+            if let Some(g) = from_resource_slices(name, &dra.driver, &slices, agent, &reserved) {
+                out.nodes.push(g);
+                continue;
+            }
         }
-        let allocatable = n
-            .status
-            .as_ref()
-            .and_then(|s| s.allocatable.as_ref())
-            .and_then(|a| a.get("nvidia.com/gpu"))
-            .and_then(|q| q.0.parse().ok());
-        match from_gfd_labels(name, n.labels(), allocatable) {
+        // Otherwise the device plugin's extended resources.
+        let allocatable = |r: &str| -> Option<u32> {
+            n.status
+                .as_ref()?
+                .allocatable
+                .as_ref()?
+                .get(r)?
+                .0
+                .parse()
+                .ok()
+        };
+        let whole = allocatable("nvidia.com/gpu");
+        let binding = Binding::DevicePlugin {
+            whole: whole.unwrap_or(0) > 0,
+            sharing: config
+                .binding
+                .sharing_resource
+                .clone()
+                .filter(|r| allocatable(r).unwrap_or(0) > 0),
+        };
+        let found = match agent {
+            Some(a) => Some(from_gpu_inventory(a, &reserved, binding)),
+            None => from_gfd_labels(name, n.labels(), whole.filter(|&w| w > 0), binding),
+        };
+        match found {
             Some(g) => out.nodes.push(g),
             None => {
                 cpu.insert(name.clone());

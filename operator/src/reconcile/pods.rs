@@ -5,12 +5,17 @@ use std::collections::BTreeMap;
 
 use gpuscale_crds::InferenceDeployment;
 use k8s_openapi::api::core::v1::{
-    Affinity, Container, ContainerPort, EnvVar, HTTPGetAction, HostPathVolumeSource, NodeAffinity,
+    Affinity, Container, ContainerPort, HTTPGetAction, HostPathVolumeSource, NodeAffinity,
     NodeSelector, NodeSelectorRequirement, NodeSelectorTerm, PersistentVolumeClaimVolumeSource,
-    Pod, PodSpec, Probe, ResourceRequirements, Service, ServicePort, ServiceSpec, Volume,
-    VolumeMount,
+    Pod, PodResourceClaim, PodSpec, Probe, ResourceClaim as ContainerClaim, ResourceRequirements,
+    Service, ServicePort, ServiceSpec, Volume, VolumeMount,
+};
+use k8s_openapi::api::resource::v1::{
+    CELDeviceSelector, CapacityRequirements, DeviceClaim, DeviceRequest, DeviceSelector,
+    ExactDeviceRequest, ResourceClaim, ResourceClaimSpec,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::ObjectMeta;
 use kube::{Resource, ResourceExt};
@@ -55,6 +60,76 @@ pub struct PodPlacement {
     /// not what placement chose (the plugin picks the devices of a count request).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub assigned: bool,
+    /// The GPUs are held by a DRA ResourceClaim naming them ([`claim_name`]), not
+    /// counted out by a device plugin.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub dra: bool,
+}
+
+/// The name of the ResourceClaim that holds the GPUs of pod `pod`.
+pub fn claim_name(pod: &str) -> String {
+    format!("{pod}-gpus")
+}
+
+/// The name a pod and its container use for the claim.
+const CLAIM_REF: &str = "gpus";
+
+/// The ResourceClaim of a replica placed on a DRA node: one request for exactly the
+/// GPUs placement chose, selected by a CEL expression on their `uuid` attribute, so the
+/// scheduler can allocate those and no others
+/// (<https://kubernetes.io/docs/concepts/scheduling-eviction/dynamic-resource-allocation/#resourceclaims-templates>).
+/// A shared replica asks for its VRAM as consumable `memory` capacity of the one GPU.
+/// Owned by the pod, as the resourceclaim controller owns the claims it makes from
+/// templates: the garbage collector removes it with the pod, and the devices with it.
+pub fn replica_claim(pod: &Pod, p: &PodPlacement, config: &super::Config) -> Option<ResourceClaim> {
+    let dra = config.binding.dra.as_ref()?;
+    let uuids = serde_json::to_string(&p.uuids).expect("strings serialize");
+    let expression = format!(
+        "device.attributes[{}].uuid in {uuids}",
+        serde_json::to_string(&dra.driver).expect("strings serialize")
+    );
+    let capacity = (!p.exclusive).then(|| CapacityRequirements {
+        requests: Some(BTreeMap::from([(
+            "memory".to_string(),
+            Quantity(p.bytes_per_gpu.to_string()),
+        )])),
+    });
+    Some(ResourceClaim {
+        metadata: ObjectMeta {
+            name: Some(claim_name(&pod.name_any())),
+            namespace: pod.namespace(),
+            labels: Some(pod.labels().clone()),
+            owner_references: Some(vec![OwnerReference {
+                api_version: "v1".into(),
+                kind: "Pod".into(),
+                name: pod.name_any(),
+                uid: pod.uid()?,
+                controller: Some(true),
+                block_owner_deletion: Some(true),
+            }]),
+            ..ObjectMeta::default()
+        },
+        spec: ResourceClaimSpec {
+            devices: Some(DeviceClaim {
+                requests: Some(vec![DeviceRequest {
+                    name: CLAIM_REF.into(),
+                    exactly: Some(ExactDeviceRequest {
+                        device_class_name: dra.device_class.clone(),
+                        allocation_mode: Some("ExactCount".into()),
+                        count: Some(p.uuids.len() as i64),
+                        selectors: Some(vec![DeviceSelector {
+                            cel: Some(CELDeviceSelector { expression }),
+                        }]),
+                        capacity,
+                        ..ExactDeviceRequest::default()
+                    }),
+                    ..DeviceRequest::default()
+                }]),
+                ..DeviceClaim::default()
+            }),
+        },
+        status: None,
+    })
 }
 
 /// The pod name of replica `index`.
@@ -174,23 +249,37 @@ pub fn replica_pod(
     labels.insert(LABEL_TEMPLATE.into(), template_hash(d));
     labels.insert(LABEL_SERVING.into(), "true".into());
     let w = &d.spec.worker;
-    let mut env = w.env.clone();
+    let env = w.env.clone();
     let mut resources = w.resources.clone().unwrap_or_default();
+    let mut claims = None;
     if !p.gpus.is_empty() {
-        if p.exclusive {
-            // The device plugin hands out whole GPUs on the pinned node.
+        // Never a bare NVIDIA_VISIBLE_DEVICES: hardened container toolkits refuse it,
+        // and the GPU must be accounted where the cluster allocates GPUs.
+        let extended = if p.dra {
+            // DRA: the claim (made right after the pod, see `replica_claim`) names the GPUs.
+            resources.claims = Some(vec![ContainerClaim {
+                name: CLAIM_REF.into(),
+                request: None,
+            }]);
+            claims = Some(vec![PodResourceClaim {
+                name: CLAIM_REF.into(),
+                resource_claim_name: Some(claim_name(&pod_name(&name, index))),
+                resource_claim_template_name: None,
+            }]);
+            None
+        } else if p.exclusive {
+            // The device plugin hands out whole GPUs on the chosen node.
+            Some(("nvidia.com/gpu".to_string(), p.gpus.len()))
+        } else {
+            // A share through the plugin's sharing resource (time-slicing or MPS); the
+            // worker enforces its VRAM budget itself.
+            Some((config.binding.sharing_resource.clone()?, 1))
+        };
+        if let Some((resource, n)) = extended {
             resources
                 .limits
                 .get_or_insert_with(BTreeMap::new)
-                .insert("nvidia.com/gpu".into(), Quantity(p.gpus.len().to_string()));
-        } else {
-            // Shared: the container runtime exposes the chosen GPU by UUID and the
-            // worker enforces its VRAM budget itself.
-            env.push(EnvVar {
-                name: "NVIDIA_VISIBLE_DEVICES".into(),
-                value: Some(p.uuids.join(",")),
-                value_from: None,
-            });
+                .insert(resource, Quantity(n.to_string()));
         }
     }
     let http = |path: &str| HTTPGetAction {
@@ -251,6 +340,7 @@ pub fn replica_pod(
                 ..Container::default()
             }],
             volumes: Some(vec![volume]),
+            resource_claims: claims,
             ..PodSpec::default()
         }),
         status: None,

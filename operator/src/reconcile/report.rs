@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use gpuscale_crds::{InferenceDeployment, ReplicaPlacement, ReplicaState};
+use gpuscale_crds::{GpuBinding, InferenceDeployment, ReplicaPlacement, ReplicaState};
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::events::EventType;
 use kube::{Resource, ResourceExt};
@@ -155,12 +155,20 @@ pub(super) async fn publish_to(
 }
 
 fn replica_placement(pod: String, p: &PodPlacement, state: ReplicaState) -> ReplicaPlacement {
+    let binding = (!p.gpus.is_empty()).then_some(match (p.dra, p.exclusive) {
+        (true, true) => GpuBinding::DraClaim,
+        (true, false) => GpuBinding::DraSharedClaim,
+        (false, true) => GpuBinding::DevicePlugin,
+        (false, false) => GpuBinding::SharingResource,
+    });
     ReplicaPlacement {
+        claim: (p.dra && !p.gpus.is_empty()).then(|| claim_name(&pod)),
         pod,
         node: p.node.clone(),
         gpus: p.uuids.clone(),
         gpu_count: p.gpus.len() as u32,
         vram_reserved_bytes: p.bytes_per_gpu,
         state,
+        binding,
     }
 }

@@ -90,6 +90,22 @@ pub fn build(d: &InferenceDeployment, o: &Observed) -> InferenceDeploymentStatus
         .map(|p| p.vram_reserved_bytes * u64::from(p.gpu_count.max(1)))
         .sum();
     st.gpu_summary = Some(format!("{gpus} / {:.1}Gi", bytes as f64 / GIB as f64));
+    st.placement_summary = (!o.placements.is_empty()).then(|| {
+        o.placements
+            .iter()
+            .map(|p| {
+                let held = if p.gpus.len() as u32 == p.gpu_count {
+                    p.gpus.join(",")
+                } else {
+                    // Counted out by a plugin that has not told which yet (GFD-only).
+                    format!("{} unknown", p.gpu_count)
+                };
+                let how = p.binding.map_or("CPU".to_string(), |b| format!("{b:?}"));
+                format!("{} {} [{held}] {how}", p.pod, p.node)
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
+    });
     st.placements = o.placements.clone();
     if let Some(dec) = o.decision.filter(|d| d.direction != Direction::Hold) {
         st.last_scale_time = Some(Time(o.now));

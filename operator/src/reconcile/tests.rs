@@ -328,7 +328,8 @@ fn inventory() -> GpuInventory {
 fn node() -> Node {
     serde_json::from_value(json!({
         "apiVersion": "v1", "kind": "Node", "metadata": {"name": "gpu-a"},
-        "status": {"conditions": [{"type": "Ready", "status": "True"}]}
+        "status": {"conditions": [{"type": "Ready", "status": "True"}],
+                   "allocatable": {"nvidia.com/gpu": "3"}}
     }))
     .unwrap()
 }
@@ -937,16 +938,152 @@ async fn a_gfd_only_node_is_placed_by_count_with_no_invented_uuid() {
     let ctx = context(client, cache, &[], TestClock::new());
     reconcile(object(&shared), ctx.clone()).await.unwrap();
     let log = mock.finish(ctx).await;
-    assert!(log.posts(POD_PATH).is_empty(), "a share needs a named GPU");
+    assert!(
+        log.posts(POD_PATH).is_empty(),
+        "no sharing resource on the node"
+    );
     let cond = condition(&log.status(), "Unschedulable");
-    assert_eq!(cond["status"], "True");
+    assert_eq!(
+        (cond["status"].as_str(), cond["reason"].as_str()),
+        (Some("True"), Some("BindingUnavailable"))
+    );
     assert!(
         cond["message"]
             .as_str()
             .unwrap()
-            .contains("known only from GPU Feature Discovery labels"),
+            .contains("needs a GPU sharing resource"),
         "{cond}"
     );
+}
+
+/// A node that offers the device plugin's sharing resource takes a shared replica,
+/// which asks for one share of it: never a bare NVIDIA_VISIBLE_DEVICES.
+#[tokio::test]
+async fn a_shared_replica_on_a_device_plugin_node_asks_for_the_sharing_resource() {
+    let sliced: Node = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": "gpu-a"},
+        "status": {"conditions": [{"type": "Ready", "status": "True"}],
+                   "allocatable": {"nvidia.com/gpu.shared": "12"}}
+    }))
+    .unwrap();
+    let mut shared = deployment(json!({"minReplicas": 1, "maxReplicas": 4}));
+    shared.spec.resources.sharing = gpuscale_crds::SharingMode::Shared;
+    let (client, mock) = Mock::start(pass(&shared, vec![create_pod()]));
+    let cache = Cache::of(vec![], vec![sliced], vec![inventory()]);
+    let ctx = context(client, cache, &[], TestClock::new());
+    reconcile(object(&shared), ctx.clone()).await.unwrap();
+    let log = mock.finish(ctx).await;
+    let pod = &log.posts(POD_PATH)[0];
+    let limits = &pod["spec"]["containers"][0]["resources"]["limits"];
+    assert_eq!(limits, &json!({"nvidia.com/gpu.shared": "1"}));
+    assert!(!pod.to_string().contains("NVIDIA_VISIBLE_DEVICES"), "{pod}");
+    assert_eq!(log.status()["placements"][0]["binding"], "SharingResource");
+    // An exclusive replica finds no whole GPU there, and says so.
+    let d = deployment(json!({"minReplicas": 1, "maxReplicas": 4}));
+    let sliced = Cache::of(
+        vec![],
+        vec![serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Node", "metadata": {"name": "gpu-a"},
+        "status": {"conditions": [{"type": "Ready", "status": "True"}],
+                   "allocatable": {"nvidia.com/gpu.shared": "12"}}}))
+        .unwrap()],
+        vec![inventory()],
+    );
+    let (client, mock) = Mock::start(pass(&d, vec![]));
+    let ctx = context(client, sliced, &[], TestClock::new());
+    reconcile(object(&d), ctx.clone()).await.unwrap();
+    let log = mock.finish(ctx).await;
+    let cond = condition(&log.status(), "Unschedulable");
+    assert_eq!(cond["reason"], "BindingUnavailable", "{cond}");
+}
+
+/// The NVIDIA DRA driver's ResourceSlice for node gpu-a: three L4s, shareable or not.
+fn dra_slice(shareable: bool) -> k8s_openapi::api::resource::v1::ResourceSlice {
+    let devices: Vec<Value> = (0..3)
+        .map(|i| {
+            json!({"name": format!("gpu-{i}"), "allowMultipleAllocations": shareable,
+                "attributes": {"uuid": {"string": format!("GPU-{i}")}, "index": {"int": i},
+                               "productName": {"string": "NVIDIA L4"}},
+                "capacity": {"memory": {"value": "24Gi"}}})
+        })
+        .collect();
+    serde_json::from_value(json!({
+        "apiVersion": "resource.k8s.io/v1", "kind": "ResourceSlice",
+        "metadata": {"name": "gpu-a-gpu.nvidia.com"},
+        "spec": {"driver": "gpu.nvidia.com", "nodeName": "gpu-a",
+                 "pool": {"name": "gpu-a", "generation": 1, "resourceSliceCount": 1},
+                 "devices": devices}
+    }))
+    .unwrap()
+}
+
+const CLAIM_PATH: &str = "/apis/resource.k8s.io/v1/namespaces/default/resourceclaims";
+
+/// On a DRA node the pod references a ResourceClaim, made right after it and owned by
+/// it, whose CEL selector names exactly the GPU placement chose; no device-plugin
+/// resource is asked for. A shared replica claims its VRAM as consumable capacity.
+#[tokio::test]
+async fn a_dra_replica_claims_exactly_the_chosen_gpu() {
+    let made = json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "smollm-0", "namespace": "default", "uid": "pod-uid-0"}});
+    for shareable in [false, true] {
+        let mut d = deployment(json!({"minReplicas": 1, "maxReplicas": 4}));
+        if shareable {
+            d.spec.resources.sharing = gpuscale_crds::SharingMode::Shared;
+        }
+        let steps = vec![
+            create_pod().reply(201, made.clone()),
+            expect(Method::POST, CLAIM_PATH, Some(JSON)).reply(201, Value::Null),
+        ];
+        let (client, mock) = Mock::start(pass(&d, steps));
+        let cache = Cache::of(vec![], vec![node()], vec![inventory()])
+            .with_slices(vec![dra_slice(shareable)]);
+        let ctx = context(client, cache, &[], TestClock::new());
+        reconcile(object(&d), ctx.clone()).await.unwrap();
+        let log = mock.finish(ctx).await;
+        let pod = &log.posts(POD_PATH)[0];
+        assert_eq!(
+            pod["spec"]["resourceClaims"],
+            json!([{"name": "gpus", "resourceClaimName": "smollm-0-gpus"}])
+        );
+        assert_eq!(
+            pod["spec"]["containers"][0]["resources"]["claims"],
+            json!([{"name": "gpus"}])
+        );
+        assert!(
+            pod["spec"]["containers"][0]["resources"]["limits"].is_null(),
+            "{pod}"
+        );
+        let claim = &log.posts(CLAIM_PATH)[0];
+        let placed = &log.status()["placements"][0];
+        let uuid = placed["gpus"][0].as_str().unwrap();
+        let exactly = &claim["spec"]["devices"]["requests"][0]["exactly"];
+        assert_eq!(exactly["deviceClassName"], "gpu.nvidia.com");
+        assert_eq!(exactly["count"], 1);
+        assert_eq!(
+            exactly["selectors"][0]["cel"]["expression"],
+            format!("device.attributes[\"gpu.nvidia.com\"].uuid in [\"{uuid}\"]")
+        );
+        assert_eq!(claim["metadata"]["ownerReferences"][0]["uid"], "pod-uid-0");
+        assert_eq!(placed["claim"], "smollm-0-gpus");
+        if shareable {
+            assert_eq!(placed["binding"], "DraSharedClaim");
+            let bytes: u64 = exactly["capacity"]["requests"]["memory"]
+                .as_str()
+                .unwrap()
+                .parse()
+                .unwrap();
+            assert_eq!(bytes, placed["vramReservedBytes"].as_u64().unwrap());
+        } else {
+            assert_eq!(placed["binding"], "DraClaim");
+            assert!(exactly["capacity"].is_null());
+        }
+        assert!(log.status()["placementSummary"]
+            .as_str()
+            .unwrap()
+            .contains(uuid));
+    }
 }
 
 /// The device plugin gave the replica another GPU than placement chose (GPU-2 for
