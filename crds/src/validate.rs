@@ -501,7 +501,7 @@ fn collect_rules(schema: &Value, out: &mut Vec<String>) {
 }
 
 /// Kubernetes CEL types: JSON integers are `int`, other numbers `double`.
-fn to_cel(v: &Value) -> cel::Value {
+pub fn to_cel(v: &Value) -> cel::Value {
     match v {
         Value::Null => cel::Value::Null,
         Value::Bool(b) => cel::Value::Bool(*b),

@@ -54,6 +54,9 @@ impl SimCluster {
             api.create(crd)
                 .map_err(|e| anyhow::anyhow!("registering {file}: {e}"))?;
         }
+        // The DeviceClass the NVIDIA DRA driver's chart installs, for the DRA nodes.
+        api.create(super::dra::device_class())
+            .map_err(|e| anyhow::anyhow!("creating the DeviceClass: {e}"))?;
         api.write_kubeconfig(&config.kubeconfig)?;
         let client = client_for(&config.kubeconfig).await?;
         let mut cluster = Self {

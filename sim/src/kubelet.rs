@@ -20,7 +20,9 @@ use kube::runtime::watcher;
 use kube::{Api, Client, ResourceExt};
 use serde_json::json;
 
-use super::nodes::SimNode;
+use super::dra;
+use super::nodes::{SimBinding, SimNode, SHARED_RESOURCE};
+use k8s_openapi::api::resource::v1::{ResourceClaim, ResourceSlice};
 
 /// What every simulated kubelet shares.
 #[derive(Clone, Debug)]
@@ -76,13 +78,22 @@ type Running = Arc<Mutex<HashMap<String, Worker>>>;
 /// the plugin's choice, never the requester's), handed to the container as
 /// `NVIDIA_VISIBLE_DEVICES`, and held until the pod is gone from the API, crashed or
 /// not. Too few free devices fail the pod with `UnexpectedAdmissionError`, as the
-/// kubelet does.
+/// kubelet does. With time-slicing (`replicas` shares per GPU, advertised as
+/// `nvidia.com/gpu.shared`) a share goes to the highest-index GPU with one left.
+/// Devices a DRA claim allocated to a pod are listed beside them, as the PodResources
+/// API lists both.
 #[derive(Debug, Default)]
 pub struct DevicePlugin {
     /// Device UUIDs by index.
     uuids: Vec<String>,
-    /// Devices held, by pod name.
+    /// Time-slicing shares per GPU (0: whole GPUs only).
+    replicas: u32,
+    /// Whole devices held, by pod name.
     held: HashMap<String, Vec<usize>>,
+    /// The GPU of each pod holding a time-sliced share.
+    shared: HashMap<String, usize>,
+    /// Devices prepared for a pod from its allocated DRA claims.
+    claimed: HashMap<String, Vec<usize>>,
 }
 
 type Devices = Arc<Mutex<DevicePlugin>>;
@@ -109,6 +120,30 @@ impl DevicePlugin {
         self.held.insert(pod.to_string(), mine);
         Ok(uuids)
     }
+
+    fn allocate_share(&mut self, pod: &str) -> Result<String, String> {
+        if let Some(&g) = self.shared.get(pod) {
+            return Ok(self.uuids[g].clone());
+        }
+        let used = |g: usize| self.shared.values().filter(|&&x| x == g).count() as u32;
+        let Some(g) = (0..self.uuids.len())
+            .rev()
+            .find(|&g| used(g) < self.replicas)
+        else {
+            return Err(format!(
+                "Allocate failed due to requested number of devices unavailable for {SHARED_RESOURCE}. \
+                 Requested: 1, Available: 0, which is unexpected"
+            ));
+        };
+        self.shared.insert(pod.to_string(), g);
+        Ok(self.uuids[g].clone())
+    }
+
+    fn release(&mut self, pod: &str) {
+        self.held.remove(pod);
+        self.shared.remove(pod);
+        self.claimed.remove(pod);
+    }
 }
 
 /// A running simulated kubelet.
@@ -126,12 +161,34 @@ impl Kubelet {
         node: SimNode,
         config: KubeletConfig,
     ) -> anyhow::Result<Self> {
-        register(&client, &node).await?;
-        gpuscale_operator::node_agent::publish(&client, inventory(&node)).await?;
+        let uid = register(&client, &node).await?;
+        if node.agent {
+            gpuscale_operator::node_agent::publish(&client, inventory(&node)).await?;
+        }
+        let replicas = match node.binding {
+            SimBinding::Dra { shareable } => {
+                // The DRA driver's kubelet plugin publishes the node's devices.
+                let slice = dra::resource_slice(&node, &uid, shareable);
+                let api: Api<ResourceSlice> = Api::all(client.clone());
+                match api
+                    .create(&PostParams::default(), &serde_json::from_value(slice)?)
+                    .await
+                {
+                    Ok(_) => {}
+                    Err(kube::Error::Api(e)) if e.code == 409 => {}
+                    Err(e) => return Err(e.into()),
+                }
+                0
+            }
+            SimBinding::DevicePlugin { replicas } => replicas,
+        };
         let running: Running = Arc::default();
         let devices: Devices = Arc::new(Mutex::new(DevicePlugin {
-            uuids: inventory(&node).gpus.into_iter().map(|g| g.uuid).collect(),
-            held: HashMap::new(),
+            uuids: (0..node.gpus.len())
+                .map(|i| dra::uuid(&node.name, i))
+                .collect(),
+            replicas,
+            ..DevicePlugin::default()
         }));
         let name = node.name.clone();
         let task = tokio::spawn(serve(
@@ -150,11 +207,16 @@ impl Kubelet {
     }
 
     /// The GPUs each pod holds, by pod name, as the kubelet's PodResources API lists
-    /// them.
+    /// them: devices of the device plugin (whole or a time-sliced share) and of DRA
+    /// claims.
     pub fn assignments(&self) -> HashMap<String, Vec<String>> {
         let d = self.devices.lock().expect("devices lock");
+        let shares = d.shared.iter().map(|(pod, &g)| (pod, vec![g]));
         d.held
             .iter()
+            .chain(d.claimed.iter())
+            .map(|(pod, ix)| (pod, ix.clone()))
+            .chain(shares)
             .map(|(pod, ix)| {
                 (
                     pod.clone(),
@@ -196,14 +258,33 @@ fn signal(pid: u32, sig: &str) {
         .status();
 }
 
-async fn register(client: &Client, node: &SimNode) -> anyhow::Result<()> {
+/// Registers the Node: its allocatable GPU resources as its binding makes them (the
+/// device plugin's `nvidia.com/gpu`, or only `nvidia.com/gpu.shared` under
+/// time-slicing, or none where the DRA driver binds them), and GPU Feature Discovery
+/// labels where no node agent runs. Returns the Node's UID.
+async fn register(client: &Client, node: &SimNode) -> anyhow::Result<String> {
     let api: Api<Node> = Api::all(client.clone());
     let mut labels = json!({"kubernetes.io/hostname": node.name, "gpuscale.dev/simulated": "true"});
     if let Some(zone) = &node.zone {
         labels["topology.kubernetes.io/zone"] = json!(zone);
     }
-    let capacity = json!({"cpu": "16", "memory": "128Gi", "pods": "110",
-                          "nvidia.com/gpu": node.gpus.len().to_string()});
+    if !node.agent {
+        if let Some(g) = node.gpus.first() {
+            labels["nvidia.com/gpu.count"] = json!(node.gpus.len().to_string());
+            labels["nvidia.com/gpu.memory"] = json!((g.memory_bytes >> 20).to_string());
+            labels["nvidia.com/gpu.product"] = json!(g.product.replace(' ', "-"));
+        }
+    }
+    let mut capacity = json!({"cpu": "16", "memory": "128Gi", "pods": "110"});
+    match node.binding {
+        SimBinding::DevicePlugin { replicas: 0 } => {
+            capacity["nvidia.com/gpu"] = json!(node.gpus.len().to_string());
+        }
+        SimBinding::DevicePlugin { replicas } => {
+            capacity[SHARED_RESOURCE] = json!((node.gpus.len() as u32 * replicas).to_string());
+        }
+        SimBinding::Dra { .. } => {}
+    }
     let obj: Node = serde_json::from_value(json!({
         "apiVersion": "v1", "kind": "Node",
         "metadata": {"name": node.name, "labels": labels},
@@ -219,11 +300,12 @@ async fn register(client: &Client, node: &SimNode) -> anyhow::Result<()> {
                          "kubeProxyVersion": "", "machineID": "", "systemUUID": "", "bootID": ""},
         },
     }))?;
-    match api.create(&PostParams::default(), &obj).await {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
-        Err(e) => Err(e.into()),
-    }
+    let made = match api.create(&PostParams::default(), &obj).await {
+        Ok(n) => n,
+        Err(kube::Error::Api(e)) if e.code == 409 => api.get(&node.name).await?,
+        Err(e) => return Err(e.into()),
+    };
+    Ok(made.uid().unwrap_or_default())
 }
 
 /// The inventory NVML would report for the node's simulated GPUs.
@@ -242,7 +324,7 @@ pub fn inventory(node: &SimNode) -> GpuInventorySpec {
                 .unwrap_or_default();
             GpuDevice {
                 index: i,
-                uuid: format!("GPU-sim-{}-{i}", node.name),
+                uuid: dra::uuid(&node.name, i as usize),
                 product: g.product.clone(),
                 memory_total_bytes: g.memory_bytes,
                 memory_free_bytes: g.memory_bytes,
@@ -286,11 +368,7 @@ async fn serve(
             Ok(watcher::Event::Apply(p) | watcher::Event::InitApply(p)) => vec![p],
             Ok(watcher::Event::Delete(p)) => {
                 // Gone from the API: its devices go back to the plugin.
-                devices
-                    .lock()
-                    .expect("devices lock")
-                    .held
-                    .remove(&p.name_any());
+                devices.lock().expect("devices lock").release(&p.name_any());
                 // Force-deleted behind our back: stop the worker.
                 if let Some(w) = running.lock().expect("running lock").get_mut(&p.name_any()) {
                     w.stopping = true;
@@ -481,26 +559,58 @@ async fn run_pod(
             }
         }
     };
-    // Admission: the device plugin allocates the pod's GPUs, or the pod fails.
-    let gpus: usize = pod
-        .spec
-        .iter()
-        .flat_map(|s| &s.containers)
-        .filter_map(|c| c.resources.as_ref()?.limits.as_ref()?.get("nvidia.com/gpu"))
-        .filter_map(|q| q.0.parse::<usize>().ok())
-        .sum();
-    if gpus > 0 {
-        let allocated = devices.lock().expect("devices lock").allocate(&name, gpus);
-        match allocated {
-            Ok(uuids) => {
-                cmd.env("NVIDIA_VISIBLE_DEVICES", uuids.join(","));
-            }
-            Err(message) => {
-                patch_status(json!({"status": {"phase": "Failed",
-                    "reason": "UnexpectedAdmissionError", "message": message}}))
-                .await;
-                return;
-            }
+    // Admission: the device plugin allocates the pod's GPUs (whole or a share), and
+    // the DRA driver prepares the devices its claims were allocated; or the pod fails.
+    let limit = |r: &str| -> usize {
+        pod.spec
+            .iter()
+            .flat_map(|s| &s.containers)
+            .filter_map(|c| c.resources.as_ref()?.limits.as_ref()?.get(r))
+            .filter_map(|q| q.0.parse::<usize>().ok())
+            .sum()
+    };
+    let (gpus, shares) = (limit("nvidia.com/gpu"), limit(SHARED_RESOURCE));
+    let claims = Api::<ResourceClaim>::namespaced(
+        api.clone().into_client(),
+        &pod.namespace().unwrap_or_default(),
+    );
+    let admitted: Result<Vec<String>, String> = async {
+        let mut uuids = Vec::new();
+        if gpus > 0 {
+            uuids.extend(
+                devices
+                    .lock()
+                    .expect("devices lock")
+                    .allocate(&name, gpus)?,
+            );
+        }
+        if shares > 0 {
+            uuids.push(
+                devices
+                    .lock()
+                    .expect("devices lock")
+                    .allocate_share(&name)?,
+            );
+        }
+        let prepared = prepare_claims(&pod, &claims).await?;
+        if !prepared.is_empty() {
+            let mut d = devices.lock().expect("devices lock");
+            uuids.extend(prepared.iter().map(|&i| d.uuids[i].clone()));
+            d.claimed.insert(name.clone(), prepared);
+        }
+        Ok(uuids)
+    }
+    .await;
+    match admitted {
+        Ok(uuids) if !uuids.is_empty() => {
+            cmd.env("NVIDIA_VISIBLE_DEVICES", uuids.join(","));
+        }
+        Ok(_) => {}
+        Err(message) => {
+            patch_status(json!({"status": {"phase": "Failed",
+                "reason": "UnexpectedAdmissionError", "message": message}}))
+            .await;
+            return;
         }
     }
     let mut child = match cmd.spawn() {
@@ -560,4 +670,58 @@ async fn run_pod(
                            "message": format!("worker exited with status {code}: {tail}")}}),
     ))
     .await;
+}
+
+/// The devices of this node that the pod's ResourceClaims were allocated, as the DRA
+/// driver's kubelet plugin prepares them: each claim must exist, be allocated and be
+/// reserved for this pod (the kubelet runs no pod on claims that are not)
+/// (<https://kubernetes.io/docs/concepts/scheduling-eviction/dynamic-resource-allocation/#resourceclaims-templates>).
+async fn prepare_claims(pod: &Pod, claims: &Api<ResourceClaim>) -> Result<Vec<usize>, String> {
+    let node = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.node_name.clone())
+        .unwrap_or_default();
+    let mut out = Vec::new();
+    for r in pod
+        .spec
+        .iter()
+        .flat_map(|s| s.resource_claims.iter().flatten())
+    {
+        let Some(name) = &r.resource_claim_name else {
+            return Err(format!("claim {}: templates are not simulated", r.name));
+        };
+        let claim = claims
+            .get(name)
+            .await
+            .map_err(|e| format!("resourceclaim {name}: {e}"))?;
+        let status = claim.status.unwrap_or_default();
+        let reserved = status
+            .reserved_for
+            .iter()
+            .flatten()
+            .any(|c| Some(&c.uid) == pod.metadata.uid.as_ref());
+        let Some(results) = status
+            .allocation
+            .and_then(|a| a.devices)
+            .and_then(|d| d.results)
+            .filter(|_| reserved)
+        else {
+            return Err(format!(
+                "resourceclaim {name} is not allocated and reserved for the pod"
+            ));
+        };
+        for res in results
+            .iter()
+            .filter(|r| r.driver == dra::DRIVER && r.pool == node)
+        {
+            let index = res
+                .device
+                .strip_prefix("gpu-")
+                .and_then(|i| i.parse().ok())
+                .ok_or_else(|| format!("resourceclaim {name}: no device {} here", res.device))?;
+            out.push(index);
+        }
+    }
+    Ok(out)
 }

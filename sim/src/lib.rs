@@ -7,6 +7,7 @@
 pub mod api;
 pub mod cluster;
 pub mod demo;
+pub mod dra;
 pub mod kubelet;
 pub mod nodes;
 pub mod scheduler;

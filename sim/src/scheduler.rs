@@ -18,6 +18,14 @@
 //!   extended resources such as `nvidia.com/gpu`) fit the node's allocatable less what
 //!   the pods bound to it request
 //!   (<https://kubernetes.io/docs/concepts/configuration/manage-resources-containers/>).
+//! - **DynamicResources**
+//!   (<https://kubernetes.io/docs/concepts/scheduling-eviction/dynamic-resource-allocation/>):
+//!   a pod waits until the ResourceClaims it references exist; a claim already
+//!   allocated confines the pod to its node; the others must be allocatable on the node
+//!   from its ResourceSlices (see `crate::dra::allocate`, CEL selectors evaluated).
+//!   Before binding, each claim's allocation and the pod's reservation are written to
+//!   the claim's status, and remembered until the store shows them, so no device is
+//!   handed out twice while a watch lags.
 //!
 //! Of the nodes that pass, the one with the most free GPUs, then the first by name.
 //! A pod that fits nowhere gets `PodScheduled=False`, reason `Unschedulable`, with the
@@ -32,6 +40,9 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Node, Pod, PodCondition, Taint, Toleration};
+use k8s_openapi::api::resource::v1::{DeviceClass, ResourceClaim, ResourceSlice};
+
+use crate::dra;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{watcher, WatchStreamExt};
@@ -61,9 +72,51 @@ impl Scheduler {
     }
 }
 
+/// The DRA objects the scheduler reads.
+#[derive(Clone)]
+struct DraStores {
+    claims: Store<ResourceClaim>,
+    slices: Store<ResourceSlice>,
+    classes: Store<DeviceClass>,
+}
+
 async fn run(client: Client) {
     let (pods, pod_writer) = reflector::store();
     let (nodes, node_writer) = reflector::store();
+    let (claims, claim_writer) = reflector::store();
+    let (slices, slice_writer) = reflector::store();
+    let (classes, class_writer) = reflector::store();
+    let dra_feed = futures::future::join3(
+        reflector::reflector(
+            claim_writer,
+            watcher::watcher(
+                Api::<ResourceClaim>::all(client.clone()),
+                Default::default(),
+            ),
+        )
+        .default_backoff()
+        .for_each(|_| async {}),
+        reflector::reflector(
+            slice_writer,
+            watcher::watcher(
+                Api::<ResourceSlice>::all(client.clone()),
+                Default::default(),
+            ),
+        )
+        .default_backoff()
+        .for_each(|_| async {}),
+        reflector::reflector(
+            class_writer,
+            watcher::watcher(Api::<DeviceClass>::all(client.clone()), Default::default()),
+        )
+        .default_backoff()
+        .for_each(|_| async {}),
+    );
+    let dra = DraStores {
+        claims,
+        slices,
+        classes,
+    };
     let pod_feed = reflector::reflector(
         pod_writer,
         watcher::watcher(Api::<Pod>::all(client.clone()), watcher::Config::default()),
@@ -79,18 +132,36 @@ async fn run(client: Client) {
     tokio::select! {
         () = pod_feed => {}
         () = node_feed => {}
-        () = schedule_loop(client, pods, nodes) => {}
+        _ = dra_feed => {}
+        () = schedule_loop(client, pods, nodes, dra) => {}
     }
 }
 
-async fn schedule_loop(client: Client, pods: Store<Pod>, nodes: Store<Node>) {
+async fn schedule_loop(client: Client, pods: Store<Pod>, nodes: Store<Node>, dra: DraStores) {
     let _ = pods.wait_until_ready().await;
     let _ = nodes.wait_until_ready().await;
+    let _ = dra.claims.wait_until_ready().await;
+    let _ = dra.slices.wait_until_ready().await;
+    let _ = dra.classes.wait_until_ready().await;
     // The last message written per pod, so an unchanged refusal is not written again.
     let mut reported: HashMap<String, String> = HashMap::new();
+    // Claims this scheduler allocated, until the store shows the allocation (the
+    // scheduler's assume cache).
+    let mut assumed: HashMap<String, ResourceClaim> = HashMap::new();
     loop {
         let all = pods.state();
         let node_list = nodes.state();
+        let stored = dra.claims.state();
+        assumed.retain(|k, _| {
+            stored.iter().find(|c| claim_key(c) == *k).is_some_and(|c| {
+                c.status
+                    .as_ref()
+                    .and_then(|s| s.allocation.as_ref())
+                    .is_none()
+            })
+        });
+        let slices = dra.slices.state();
+        let classes: Vec<DeviceClass> = dra.classes.state().iter().map(|c| (**c).clone()).collect();
         let mut bound: Vec<Pod> = all
             .iter()
             .filter(|p| node_of(p).is_some() && !terminal(p))
@@ -108,10 +179,54 @@ async fn schedule_loop(client: Client, pods: Store<Pod>, nodes: Store<Node>) {
         pending.sort_by_key(|p| p.metadata.creation_timestamp.clone().map(|t| t.0));
         for pod in pending {
             let key = format!("{}/{}", pod.namespace().unwrap_or_default(), pod.name_any());
-            let api: Api<Pod> =
-                Api::namespaced(client.clone(), &pod.namespace().unwrap_or_default());
-            match choose(pod, &node_list, &bound) {
+            let ns = pod.namespace().unwrap_or_default();
+            let api: Api<Pod> = Api::namespaced(client.clone(), &ns);
+            // DynamicResources' PreEnqueue: every claim must exist first.
+            let mut claims: Vec<ResourceClaim> = Vec::new();
+            let mut waiting = false;
+            for name in claim_names(pod) {
+                let key = format!("{ns}/{name}");
+                match assumed.get(&key).cloned().or_else(|| {
+                    stored
+                        .iter()
+                        .find(|c| claim_key(c) == key)
+                        .map(|c| (**c).clone())
+                }) {
+                    Some(c) => claims.push(c),
+                    None => waiting = true,
+                }
+            }
+            if waiting {
+                continue;
+            }
+            let in_use = dra::InUse::of(
+                stored
+                    .iter()
+                    .map(|c| &**c)
+                    .filter(|c| !assumed.contains_key(&claim_key(c)))
+                    .chain(assumed.values()),
+            );
+            let slice_refs: Vec<&ResourceSlice> = slices.iter().map(|s| &**s).collect();
+            let fit = |node: &str| allocate_claims(&claims, &classes, node, &slice_refs, &in_use);
+            match choose(pod, &node_list, &bound, &fit) {
                 Ok(node) => {
+                    // PreBind: write each claim's allocation and the pod's reservation.
+                    let allocations = fit(&node).unwrap_or_default();
+                    let mut written = true;
+                    for (claim, allocation) in claims.iter().zip(allocations) {
+                        match reserve(&client, claim, allocation, pod).await {
+                            Ok(c) => {
+                                assumed.insert(claim_key(&c), c);
+                            }
+                            Err(e) => {
+                                tracing::debug!(pod = %key, error = %e, "claim not reserved");
+                                written = false;
+                            }
+                        }
+                    }
+                    if !written {
+                        continue;
+                    }
                     let binding = json!({"apiVersion": "v1", "kind": "Binding",
                         "metadata": {"name": pod.name_any()},
                         "target": {"apiVersion": "v1", "kind": "Node", "name": node}});
@@ -187,8 +302,92 @@ fn terminal(p: &Pod) -> bool {
     )
 }
 
-/// The node `pod` goes to, or the scheduler's message saying why none fits.
-pub fn choose(pod: &Pod, nodes: &[std::sync::Arc<Node>], bound: &[Pod]) -> Result<String, String> {
+/// The pod's claims, allocated on `node` where they are not yet: per claim, its
+/// allocation to write (`None`: already allocated there), or why not.
+type Allocations = Vec<Option<serde_json::Value>>;
+
+fn allocate_claims(
+    claims: &[ResourceClaim],
+    classes: &[DeviceClass],
+    node: &str,
+    slices: &[&ResourceSlice],
+    in_use: &dra::InUse,
+) -> Result<Allocations, String> {
+    let mut in_use_now = dra::InUse::default();
+    let mut out = Vec::new();
+    for c in claims {
+        if let Some(at) = dra::allocated_node(c) {
+            if at != node {
+                return Err("node(s) didn't match Pod's node affinity/selector".into());
+            }
+            out.push(None);
+            continue;
+        }
+        let a = dra::allocate(c, classes, node, slices, &in_use.merged(&in_use_now))?;
+        let mut done = c.clone();
+        done.status = Some(
+            serde_json::from_value(json!({"allocation": a.clone()})).map_err(|e| e.to_string())?,
+        );
+        in_use_now.add(&done);
+        out.push(Some(a));
+    }
+    Ok(out)
+}
+
+/// Writes a claim's allocation (if new) and the pod's reservation into its status.
+async fn reserve(
+    client: &Client,
+    claim: &ResourceClaim,
+    allocation: Option<serde_json::Value>,
+    pod: &Pod,
+) -> Result<ResourceClaim, kube::Error> {
+    let api: Api<ResourceClaim> =
+        Api::namespaced(client.clone(), &claim.namespace().unwrap_or_default());
+    let mut status = serde_json::to_value(claim.status.clone().unwrap_or_default())
+        .unwrap_or_else(|_| json!({}));
+    if let Some(a) = allocation {
+        status["allocation"] = a;
+    }
+    let me = json!({"resource": "pods", "name": pod.name_any(), "uid": pod.uid()});
+    let mut reserved = status["reservedFor"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    if !reserved.contains(&me) {
+        reserved.push(me);
+    }
+    status["reservedFor"] = json!(reserved);
+    let patch =
+        json!({"metadata": {"resourceVersion": claim.resource_version()}, "status": status});
+    api.patch_status(
+        &claim.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(&patch),
+    )
+    .await
+}
+
+fn claim_key(c: &ResourceClaim) -> String {
+    format!("{}/{}", c.namespace().unwrap_or_default(), c.name_any())
+}
+
+/// The ResourceClaims a pod references by name.
+fn claim_names(pod: &Pod) -> Vec<String> {
+    pod.spec
+        .iter()
+        .flat_map(|s| s.resource_claims.iter().flatten())
+        .filter_map(|r| r.resource_claim_name.clone())
+        .collect()
+}
+
+/// The node `pod` goes to, or the scheduler's message saying why none fits; `claims`
+/// says whether the pod's ResourceClaims can be allocated on a node.
+pub fn choose(
+    pod: &Pod,
+    nodes: &[std::sync::Arc<Node>],
+    bound: &[Pod],
+    claims: &dyn Fn(&str) -> Result<Allocations, String>,
+) -> Result<String, String> {
     // VolumeBinding's PreFilter: the claims must exist before any node is considered.
     if let Some(claim) = pod
         .spec
@@ -209,7 +408,7 @@ pub fn choose(pod: &Pod, nodes: &[std::sync::Arc<Node>], bound: &[Pod]) -> Resul
             .iter()
             .filter(|p| node_of(p) == Some(node.name_any().as_str()))
             .collect();
-        match filter(pod, node, &on_node) {
+        match filter(pod, node, &on_node).and_then(|free| claims(&node.name_any()).map(|_| free)) {
             Ok(free_gpus) => fits.push((-free_gpus, node.name_any())),
             Err(reason) => *why.entry(reason).or_default() += 1,
         }
@@ -456,6 +655,10 @@ mod tests {
     use super::*;
     use std::sync::Arc;
 
+    fn no_claims(_: &str) -> Result<Allocations, String> {
+        Ok(Vec::new())
+    }
+
     fn node(name: &str, gpus: u32, taints: serde_json::Value) -> Arc<Node> {
         Arc::new(
             serde_json::from_value(
@@ -488,8 +691,11 @@ mod tests {
     #[test]
     fn required_node_affinity_by_name_picks_that_node_only() {
         let nodes = vec![node("a", 2, json!([])), node("b", 2, json!([]))];
-        assert_eq!(choose(&pod(1, pinned("b")), &nodes, &[]), Ok("b".into()));
-        let e = choose(&pod(1, pinned("c")), &nodes, &[]).unwrap_err();
+        assert_eq!(
+            choose(&pod(1, pinned("b")), &nodes, &[], &no_claims),
+            Ok("b".into())
+        );
+        let e = choose(&pod(1, pinned("c")), &nodes, &[], &no_claims).unwrap_err();
         assert_eq!(
             e,
             "0/2 nodes are available: 2 node(s) didn't match Pod's node affinity/selector."
@@ -503,7 +709,7 @@ mod tests {
             2,
             json!([{"key": "gpu", "value": "broken", "effect": "NoSchedule"}]),
         )];
-        let e = choose(&pod(1, json!({})), &nodes, &[]).unwrap_err();
+        let e = choose(&pod(1, json!({})), &nodes, &[], &no_claims).unwrap_err();
         assert!(
             e.contains("1 node(s) had untolerated taint {gpu: broken}"),
             "{e}"
@@ -512,14 +718,14 @@ mod tests {
             1,
             json!({"tolerations": [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}]}),
         );
-        assert_eq!(choose(&tolerant, &nodes, &[]), Ok("a".into()));
+        assert_eq!(choose(&tolerant, &nodes, &[], &no_claims), Ok("a".into()));
         // PreferNoSchedule never filters.
         let soft = vec![node(
             "a",
             2,
             json!([{"key": "x", "effect": "PreferNoSchedule"}]),
         )];
-        assert!(choose(&pod(1, json!({})), &soft, &[]).is_ok());
+        assert!(choose(&pod(1, json!({})), &soft, &[], &no_claims).is_ok());
     }
 
     #[test]
@@ -527,7 +733,7 @@ mod tests {
         let nodes = vec![node("a", 2, json!([]))];
         let mut on_a = pod(2, json!({}));
         on_a.spec.as_mut().unwrap().node_name = Some("a".into());
-        let e = choose(&pod(1, json!({})), &nodes, &[on_a]).unwrap_err();
+        let e = choose(&pod(1, json!({})), &nodes, &[on_a], &no_claims).unwrap_err();
         assert_eq!(e, "0/1 nodes are available: 1 Insufficient nvidia.com/gpu.");
     }
 
@@ -540,7 +746,7 @@ mod tests {
             "persistentVolumeClaim": {"claimName": "models"}}]}),
         );
         assert_eq!(
-            choose(&with_claim, &nodes, &[]),
+            choose(&with_claim, &nodes, &[], &no_claims),
             Err("0/1 nodes are available: persistentvolumeclaim \"models\" not found.".into())
         );
     }

@@ -244,6 +244,40 @@ pub fn builtins() -> Vec<Resource> {
         Resource::builtin("events.k8s.io", "v1", "events", "Event", true)
             .short(&["ev"])
             .columns(event_columns()),
+        // Dynamic Resource Allocation (resource.k8s.io/v1, GA in Kubernetes 1.34).
+        Resource::builtin(
+            "resource.k8s.io",
+            "v1",
+            "resourceslices",
+            "ResourceSlice",
+            false,
+        )
+        .columns(vec![
+            Column::new("Node", "string", ".spec.nodeName", 0),
+            Column::new("Driver", "string", ".spec.driver", 0),
+            Column::new("Pool", "string", ".spec.pool.name", 0),
+            age(),
+        ]),
+        Resource::builtin(
+            "resource.k8s.io",
+            "v1",
+            "resourceclaims",
+            "ResourceClaim",
+            true,
+        )
+        .with_status()
+        .columns(vec![
+            Column::new("State", "string", "@claimState", 0),
+            age(),
+        ]),
+        Resource::builtin(
+            "resource.k8s.io",
+            "v1",
+            "deviceclasses",
+            "DeviceClass",
+            false,
+        )
+        .columns(vec![age()]),
         Resource::builtin("coordination.k8s.io", "v1", "leases", "Lease", true).columns(vec![
             Column::new("Holder", "string", ".spec.holderIdentity", 0),
             age(),

@@ -410,6 +410,7 @@ impl Store {
             o.remove("managedFields");
         }
         self.defaults(r, &mut obj);
+        builtin_checks(r, &name, &obj, None)?;
         Self::admit(r, &name, &mut obj, None, opts)?;
         if opts.dry_run {
             return Ok(obj);
@@ -577,6 +578,9 @@ impl Store {
         if r.group.is_empty() && r.plural == "pods" && part == Part::Main {
             pod_spec_update(name, &old, &new, opts.binding)?;
         }
+        if part == Part::Main {
+            builtin_checks(r, name, &new, Some(&old))?;
+        }
         Self::admit(r, name, &mut new, Some(&old), opts)?;
         let generation = old["metadata"]["generation"].as_i64().unwrap_or(1);
         let bumped = part == Part::Main && spec_part(&new) != spec_part(&old);
@@ -720,6 +724,24 @@ impl Store {
         }
         Some(obj)
     }
+}
+
+/// The API server's own validation of the built-in kinds the simulator checks: a
+/// ResourceClaim (see `crate::dra::validate_claim`).
+fn builtin_checks(
+    r: &Resource,
+    name: &str,
+    obj: &Value,
+    old: Option<&Value>,
+) -> Result<(), ApiError> {
+    if (r.group.as_str(), r.plural.as_str()) == ("resource.k8s.io", "resourceclaims") {
+        crate::dra::validate_claim(obj, old).map_err(|e| {
+            ApiError::invalid(format!(
+                "ResourceClaim.resource.k8s.io \"{name}\" is invalid: {e}"
+            ))
+        })?;
+    }
+    Ok(())
 }
 
 /// An `events.k8s.io/v1` Event as a core `v1` one.

@@ -113,6 +113,27 @@ fn computed(obj: &Value, name: &str) -> Value {
             }
             json!(s)
         }
+        // kubectl's printer: allocated and/or reserved, else pending.
+        "@claimState" => {
+            let mut parts = Vec::new();
+            if obj["metadata"].get("deletionTimestamp").is_some() {
+                parts.push("deleted");
+            }
+            if status.get("allocation").is_some_and(|a| !a.is_null()) {
+                parts.push("allocated");
+            }
+            if status["reservedFor"]
+                .as_array()
+                .is_some_and(|r| !r.is_empty())
+            {
+                parts.push("reserved");
+            }
+            json!(if parts.is_empty() {
+                "pending".to_string()
+            } else {
+                parts.join(",")
+            })
+        }
         "@servicePorts" => json!(obj["spec"]["ports"]
             .as_array()
             .map(|p| p
