@@ -410,12 +410,13 @@ async fn a_scheduler_refusal_is_reported_and_the_replica_placed_elsewhere() {
         eprintln!("skipped: edits a simulated node's allocatable");
         return;
     }
-    // Placement prefers the first node by name; make that the one the plugin lacks.
+    // Placement prefers the first node by name; make that one full in a way only the
+    // scheduler sees (no pod slots left), so it refuses the replica placement chose.
     let api: Api<Node> = Api::all(env.client.clone());
     api.patch_status(
         "sim-l4-a",
         &PatchParams::default(),
-        &Patch::Merge(json!({"status": {"allocatable": {"nvidia.com/gpu": "0"}}})),
+        &Patch::Merge(json!({"status": {"allocatable": {"pods": "0"}}})),
     )
     .await
     .unwrap();
@@ -436,7 +437,7 @@ async fn a_scheduler_refusal_is_reported_and_the_replica_placed_elsewhere() {
         .unwrap();
     assert!(
         note.contains("the scheduler cannot place it: 0/2 nodes are available")
-            && note.contains("Insufficient nvidia.com/gpu"),
+            && note.contains("Too many pods"),
         "{note}"
     );
     let pods = env

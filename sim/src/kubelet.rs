@@ -360,7 +360,8 @@ async fn serve(
     let pods: Api<Pod> = Api::all(client);
     let cfg = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
     let mut stream = watcher::watcher(pods.clone(), cfg).boxed();
-    // Pods this kubelet has started (by namespace/name) and whether termination began.
+    // Pods this kubelet has started (by UID: a name comes back when a replica is
+    // recreated) and whether termination began.
     let mut started: HashMap<String, bool> = HashMap::new();
     while let Some(ev) = stream.next().await {
         while tasks.try_join_next().is_some() {}
@@ -369,6 +370,7 @@ async fn serve(
             Ok(watcher::Event::Delete(p)) => {
                 // Gone from the API: its devices go back to the plugin.
                 devices.lock().expect("devices lock").release(&p.name_any());
+                started.remove(&p.uid().unwrap_or_default());
                 // Force-deleted behind our back: stop the worker.
                 if let Some(w) = running.lock().expect("running lock").get_mut(&p.name_any()) {
                     w.stopping = true;
@@ -383,7 +385,7 @@ async fn serve(
             }
         };
         for pod in pods_seen {
-            let key = format!("{}/{}", pod.namespace().unwrap_or_default(), pod.name_any());
+            let key = pod.uid().unwrap_or_default();
             let terminating = pod.metadata.deletion_timestamp.is_some();
             let api: Api<Pod> = Api::namespaced(
                 pods.clone().into_client(),
