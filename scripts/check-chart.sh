@@ -47,8 +47,28 @@ print("\n".join(bad) or "RBAC and pod security: ok")
 sys.exit(1 if bad else 0)
 PY
 
+# RBAC follows the binding modes: resource.k8s.io only while DRA is on, and then only
+# what the operator uses (list/watch slices; list/watch/create claims).
+helm template gpuscale "$CHART" --namespace gpuscale --set binding.dra.enabled=false >"$out/nodra.yaml"
+"$GPUSCALE_KUBERNETES_VALIDATE" --strict --quiet "$out/nodra.yaml" || fail "the chart without DRA does not validate"
+"$(dirname "$GPUSCALE_KUBERNETES_VALIDATE")/python" - "$out/default.yaml" "$out/nodra.yaml" <<'PY' || fail "RBAC does not follow the binding modes"
+import sys, yaml
+def dra_rules(path):
+    docs = [d for d in yaml.safe_load_all(open(path)) if d]
+    role = next(d for d in docs if d["kind"] == "ClusterRole" and d["metadata"]["name"].endswith("-operator"))
+    args = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
+    rules = {tuple(r["resources"]): sorted(r["verbs"]) for r in role["rules"] if "resource.k8s.io" in r["apiGroups"]}
+    return rules, args
+on, on_args = dra_rules(sys.argv[1])
+off, off_args = dra_rules(sys.argv[2])
+assert on == {("resourceslices",): ["list", "watch"], ("resourceclaims",): ["create", "list", "watch"]}, on
+assert off == {}, off
+assert "--dra-driver=gpu.nvidia.com" in on_args and "--dra-driver=" in off_args, (on_args, off_args)
+print("binding-mode RBAC: ok")
+PY
+
 # values.schema.json must refuse bad values with a message.
-for bad in "operator.replicas=0" "operator.logFormat=xml" "metrics.serviceMonitor.interval=soon" "nodeAgent.bogus=1"; do
+for bad in "operator.replicas=0" "operator.logFormat=xml" "metrics.serviceMonitor.interval=soon" "nodeAgent.bogus=1" "binding.devicePlugin.sharingResource=no slash" "binding.dra.enabled=maybe"; do
   if helm template gpuscale "$CHART" --set "$bad" >/dev/null 2>"$out/err"; then
     fail "values.schema.json accepted --set $bad"
   fi

@@ -26,6 +26,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once at start and matched at once: the size of the `Run` variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Run the InferenceDeployment controller against the cluster in the kubeconfig.
@@ -264,7 +266,7 @@ fn main() -> anyhow::Result<ExitCode> {
                     scheduler_name: scheduler_name.filter(|s| !s.is_empty()),
                 },
                 binding: BindingConfig {
-                    dra: (!dra_driver.is_empty()).then(|| DraConfig {
+                    dra: (!dra_driver.is_empty()).then_some(DraConfig {
                         driver: dra_driver,
                         device_class: dra_device_class,
                     }),
