@@ -369,3 +369,73 @@ async fn a_mixed_cluster_binds_each_replica_the_way_its_node_allows() {
         .unwrap();
     assert_eq!(d, "BindingUnavailable");
 }
+
+/// (d) A model on a WaitForFirstConsumer claim: the scheduler picks the node, the claim
+/// is provisioned there and bound, and only then the pod; the worker loads the model
+/// through the claim's volume and becomes ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_on_a_wait_for_first_consumer_claim_binds_and_serves() {
+    use gpuscale_sim::volumes::{PROVISIONER, SELECTED_NODE};
+    use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
+    use k8s_openapi::api::storage::v1::StorageClass;
+    use kube::api::PostParams;
+    let nodes = vec![
+        SimNode::new("pvc-l4-a", 1, "NVIDIA L4", 24, false),
+        SimNode::new("pvc-l4-b", 1, "NVIDIA L4", 24, false),
+    ];
+    let env = Env::start("pvc", nodes).await.unwrap();
+    if !env.simulated() {
+        eprintln!("skipped: uses the simulator's node-local provisioner");
+        return;
+    }
+    let class: StorageClass = serde_json::from_value(json!({
+        "apiVersion": "storage.k8s.io/v1", "kind": "StorageClass",
+        "metadata": {"name": "sim-local"}, "provisioner": PROVISIONER,
+        "volumeBindingMode": "WaitForFirstConsumer", "parameters": {"path": "/models"},
+    }))
+    .unwrap();
+    Api::<StorageClass>::all(env.client.clone())
+        .create(&PostParams::default(), &class)
+        .await
+        .unwrap();
+    let claim: PersistentVolumeClaim = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "models"},
+        "spec": {"storageClassName": "sim-local", "accessModes": ["ReadOnlyMany"],
+                 "resources": {"requests": {"storage": "1Gi"}}},
+    }))
+    .unwrap();
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(env.client.clone(), &env.namespace);
+    claims.create(&PostParams::default(), &claim).await.unwrap();
+    env.apply(&deployment(
+        "onpvc",
+        1,
+        json!({"model": {"source": "pvc://models/SmolLM2-135M-Instruct.Q4_1.gguf"}}),
+    ))
+    .await
+    .unwrap();
+    let pods = env
+        .wait_ready("onpvc", 1, Duration::from_secs(120))
+        .await
+        .unwrap();
+    let node = pods[0].spec.as_ref().unwrap().node_name.clone().unwrap();
+    let bound = claims.get("models").await.unwrap();
+    assert_eq!(bound.annotations().get(SELECTED_NODE), Some(&node));
+    assert_eq!(bound.status.unwrap().phase.as_deref(), Some("Bound"));
+    let pv = Api::<PersistentVolume>::all(env.client.clone())
+        .get(&bound.spec.unwrap().volume_name.unwrap())
+        .await
+        .unwrap();
+    let term = &pv
+        .spec
+        .unwrap()
+        .node_affinity
+        .unwrap()
+        .required
+        .unwrap()
+        .node_selector_terms[0];
+    assert_eq!(
+        term.match_fields.as_ref().unwrap()[0].values,
+        Some(vec![node.clone()]),
+        "the volume was provisioned on the pod's node"
+    );
+}

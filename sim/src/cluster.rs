@@ -34,6 +34,7 @@ pub struct SimCluster {
     kubelets: Vec<Kubelet>,
     config: KubeletConfig,
     _scheduler: Scheduler,
+    _provisioner: super::volumes::Provisioner,
 }
 
 /// A kube-rs client for the cluster in `kubeconfig`, made as for any cluster.
@@ -61,6 +62,7 @@ impl SimCluster {
         let client = client_for(&config.kubeconfig).await?;
         let mut cluster = Self {
             _scheduler: Scheduler::start(client.clone()),
+            _provisioner: super::volumes::Provisioner::start(client.clone()),
             api,
             client,
             kubeconfig: config.kubeconfig,

@@ -506,6 +506,33 @@ async fn run_pod(
 ) {
     let name = pod.name_any();
     let ip = pod_ip();
+    // Claims are mounted through their bound volumes' host paths (the only volumes the
+    // simulated provisioner makes).
+    let mut pod = pod;
+    let client = api.clone().into_client();
+    let ns = pod.namespace().unwrap_or_default();
+    for v in pod
+        .spec
+        .iter_mut()
+        .flat_map(|s| s.volumes.iter_mut().flatten())
+    {
+        let Some(claim) = v.persistent_volume_claim.take() else {
+            continue;
+        };
+        match crate::volumes::host_path_of(&client, &ns, &claim.claim_name).await {
+            Ok(path) => {
+                v.host_path =
+                    Some(k8s_openapi::api::core::v1::HostPathVolumeSource { path, type_: None });
+            }
+            Err(message) => {
+                let patch = json!({"status": {"phase": "Failed", "reason": "FailedMount", "message": message}});
+                let _ = api
+                    .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                    .await;
+                return;
+            }
+        }
+    }
     let args = command_line(&pod, &ip, &config);
     let port = args
         .iter()

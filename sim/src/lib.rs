@@ -11,6 +11,7 @@ pub mod dra;
 pub mod kubelet;
 pub mod nodes;
 pub mod scheduler;
+pub mod volumes;
 
 use std::path::PathBuf;
 

@@ -11,9 +11,9 @@
 //! - **NodeAffinity**: `nodeSelector` and the required node affinity terms
 //!   (`matchExpressions` on labels, `matchFields` on `metadata.name`)
 //!   (<https://kubernetes.io/docs/concepts/scheduling-eviction/assign-pod-node/>).
-//! - **VolumeBinding**: this simulator serves no PersistentVolumeClaims, so a pod that
-//!   mounts one is refused as kube-scheduler refuses a pod whose claim does not exist
-//!   (`persistentvolumeclaim "models" not found`), never bound as if it were there.
+//! - **VolumeBinding**: claims must exist, bound volumes' node affinity must admit the
+//!   node, unbound `WaitForFirstConsumer` claims are provisioned on the chosen node
+//!   before the pod is bound (see `crate::volumes`).
 //! - **NodeResourcesFit**: the pod's requests (limits stand in for the requests of
 //!   extended resources such as `nvidia.com/gpu`) fit the node's allocatable less what
 //!   the pods bound to it request
@@ -39,10 +39,15 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Node, Pod, PodCondition, Taint, Toleration};
+use k8s_openapi::api::core::v1::{
+    Node, NodeSelector, PersistentVolume, PersistentVolumeClaim, Pod, PodCondition, Taint,
+    Toleration,
+};
 use k8s_openapi::api::resource::v1::{DeviceClass, ResourceClaim, ResourceSlice};
+use k8s_openapi::api::storage::v1::StorageClass;
 
 use crate::dra;
+use crate::volumes::{self, ClaimState};
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{watcher, WatchStreamExt};
@@ -72,67 +77,62 @@ impl Scheduler {
     }
 }
 
-/// The DRA objects the scheduler reads.
+/// The DRA and volume objects the scheduler reads.
 #[derive(Clone)]
 struct DraStores {
     claims: Store<ResourceClaim>,
     slices: Store<ResourceSlice>,
     classes: Store<DeviceClass>,
+    pvcs: Store<PersistentVolumeClaim>,
+    pvs: Store<PersistentVolume>,
+    storage_classes: Store<StorageClass>,
+}
+
+/// A store of every `K`, kept current by a watch (the future that feeds it).
+fn watched<K>(client: &Client) -> (Store<K>, impl std::future::Future<Output = ()>)
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+{
+    let (store, writer) = reflector::store();
+    let feed = reflector::reflector(
+        writer,
+        watcher::watcher(Api::<K>::all(client.clone()), Default::default()),
+    )
+    .default_backoff()
+    .for_each(|_| async {});
+    (store, feed)
 }
 
 async fn run(client: Client) {
-    let (pods, pod_writer) = reflector::store();
-    let (nodes, node_writer) = reflector::store();
-    let (claims, claim_writer) = reflector::store();
-    let (slices, slice_writer) = reflector::store();
-    let (classes, class_writer) = reflector::store();
-    let dra_feed = futures::future::join3(
-        reflector::reflector(
-            claim_writer,
-            watcher::watcher(
-                Api::<ResourceClaim>::all(client.clone()),
-                Default::default(),
-            ),
-        )
-        .default_backoff()
-        .for_each(|_| async {}),
-        reflector::reflector(
-            slice_writer,
-            watcher::watcher(
-                Api::<ResourceSlice>::all(client.clone()),
-                Default::default(),
-            ),
-        )
-        .default_backoff()
-        .for_each(|_| async {}),
-        reflector::reflector(
-            class_writer,
-            watcher::watcher(Api::<DeviceClass>::all(client.clone()), Default::default()),
-        )
-        .default_backoff()
-        .for_each(|_| async {}),
-    );
+    let (pods, pod_feed) = watched::<Pod>(&client);
+    let (nodes, node_feed) = watched::<Node>(&client);
+    let (claims, f1) = watched::<ResourceClaim>(&client);
+    let (slices, f2) = watched::<ResourceSlice>(&client);
+    let (classes, f3) = watched::<DeviceClass>(&client);
+    let (pvcs, f4) = watched::<PersistentVolumeClaim>(&client);
+    let (pvs, f5) = watched::<PersistentVolume>(&client);
+    let (storage_classes, f6) = watched::<StorageClass>(&client);
+    let dra_feed = async {
+        futures::join!(f1, f2, f3, f4, f5, f6);
+    };
     let dra = DraStores {
         claims,
         slices,
         classes,
+        pvcs,
+        pvs,
+        storage_classes,
     };
-    let pod_feed = reflector::reflector(
-        pod_writer,
-        watcher::watcher(Api::<Pod>::all(client.clone()), watcher::Config::default()),
-    )
-    .default_backoff()
-    .for_each(|_| async {});
-    let node_feed = reflector::reflector(
-        node_writer,
-        watcher::watcher(Api::<Node>::all(client.clone()), watcher::Config::default()),
-    )
-    .default_backoff()
-    .for_each(|_| async {});
     tokio::select! {
         () = pod_feed => {}
         () = node_feed => {}
-        _ = dra_feed => {}
+        () = dra_feed => {}
         () = schedule_loop(client, pods, nodes, dra) => {}
     }
 }
@@ -143,6 +143,9 @@ async fn schedule_loop(client: Client, pods: Store<Pod>, nodes: Store<Node>, dra
     let _ = dra.claims.wait_until_ready().await;
     let _ = dra.slices.wait_until_ready().await;
     let _ = dra.classes.wait_until_ready().await;
+    let _ = dra.pvcs.wait_until_ready().await;
+    let _ = dra.pvs.wait_until_ready().await;
+    let _ = dra.storage_classes.wait_until_ready().await;
     // The last message written per pod, so an unchanged refusal is not written again.
     let mut reported: HashMap<String, String> = HashMap::new();
     // Claims this scheduler allocated, until the store shows the allocation (the
@@ -160,6 +163,9 @@ async fn schedule_loop(client: Client, pods: Store<Pod>, nodes: Store<Node>, dra
                     .is_none()
             })
         });
+        let pvcs = dra.pvcs.state();
+        let pvs = dra.pvs.state();
+        let storage_classes = dra.storage_classes.state();
         let slices = dra.slices.state();
         let classes: Vec<DeviceClass> = dra.classes.state().iter().map(|c| (**c).clone()).collect();
         let mut bound: Vec<Pod> = all
@@ -208,8 +214,17 @@ async fn schedule_loop(client: Client, pods: Store<Pod>, nodes: Store<Node>, dra
             );
             let slice_refs: Vec<&ResourceSlice> = slices.iter().map(|s| &**s).collect();
             let fit = |node: &str| allocate_claims(&claims, &classes, node, &slice_refs, &in_use);
-            match choose(pod, &node_list, &bound, &fit) {
+            let plugins = Plugins {
+                volumes: volumes::prefilter(pod, &pvcs, &pvs, &storage_classes),
+                claims: &fit,
+            };
+            match choose(pod, &node_list, &bound, &plugins) {
                 Ok(node) => {
+                    // PreBind: volumes first; the pod is bound once its claims are.
+                    let states = plugins.volumes.as_deref().unwrap_or_default();
+                    if !volumes::prebind(&client, states, &node).await {
+                        continue;
+                    }
                     // PreBind: write each claim's allocation and the pod's reservation.
                     let allocations = fit(&node).unwrap_or_default();
                     let mut written = true;
@@ -380,27 +395,25 @@ fn claim_names(pod: &Pod) -> Vec<String> {
         .collect()
 }
 
-/// The node `pod` goes to, or the scheduler's message saying why none fits; `claims`
-/// says whether the pod's ResourceClaims can be allocated on a node.
+/// What the volume and DRA plugins found for one pod.
+pub struct Plugins<'a> {
+    /// VolumeBinding's PreFilter: the pod's claims, or why no node can take it.
+    pub volumes: Result<Vec<ClaimState>, String>,
+    /// DynamicResources: whether the pod's ResourceClaims can be allocated on a node.
+    pub claims: &'a (dyn Fn(&str) -> Result<Allocations, String> + Sync),
+}
+
+/// The node `pod` goes to, or the scheduler's message saying why none fits.
 pub fn choose(
     pod: &Pod,
     nodes: &[std::sync::Arc<Node>],
     bound: &[Pod],
-    claims: &dyn Fn(&str) -> Result<Allocations, String>,
+    plugins: &Plugins,
 ) -> Result<String, String> {
-    // VolumeBinding's PreFilter: the claims must exist before any node is considered.
-    if let Some(claim) = pod
-        .spec
-        .iter()
-        .flat_map(|s| s.volumes.iter().flatten())
-        .find_map(|v| v.persistent_volume_claim.as_ref())
-    {
-        return Err(format!(
-            "0/{} nodes are available: persistentvolumeclaim \"{}\" not found.",
-            nodes.len(),
-            claim.claim_name
-        ));
-    }
+    let volumes = match &plugins.volumes {
+        Ok(v) => v,
+        Err(e) => return Err(format!("0/{} nodes are available: {e}.", nodes.len())),
+    };
     let mut why: BTreeMap<String, usize> = BTreeMap::new();
     let mut fits: Vec<(i64, String)> = Vec::new();
     for node in nodes {
@@ -408,7 +421,10 @@ pub fn choose(
             .iter()
             .filter(|p| node_of(p) == Some(node.name_any().as_str()))
             .collect();
-        match filter(pod, node, &on_node).and_then(|free| claims(&node.name_any()).map(|_| free)) {
+        let fit = filter(pod, node, &on_node)
+            .and_then(|free| volumes::filter(volumes, node).map(|()| free))
+            .and_then(|free| (plugins.claims)(&node.name_any()).map(|_| free));
+        match fit {
             Ok(free_gpus) => fits.push((-free_gpus, node.name_any())),
             Err(reason) => *why.entry(reason).or_default() += 1,
         }
@@ -491,26 +507,7 @@ pub fn filter(pod: &Pod, node: &Node, on_node: &[&Pod]) -> Result<i64, String> {
             na.required_during_scheduling_ignored_during_execution
                 .as_ref()
         })
-        .is_none_or(|sel| {
-            sel.node_selector_terms.iter().any(|term| {
-                let exprs = term.match_expressions.iter().flatten().all(|r| {
-                    requirement(
-                        labels.get(&r.key).map(String::as_str),
-                        &r.operator,
-                        r.values.as_deref(),
-                    )
-                });
-                let fields = term.match_fields.iter().flatten().all(|r| {
-                    let name = node.name_any();
-                    let v = (r.key == "metadata.name").then_some(name.as_str());
-                    requirement(v, &r.operator, r.values.as_deref())
-                });
-                // An empty term matches nothing.
-                let empty = term.match_expressions.as_ref().is_none_or(Vec::is_empty)
-                    && term.match_fields.as_ref().is_none_or(Vec::is_empty);
-                !empty && exprs && fields
-            })
-        });
+        .is_none_or(|sel| matches_selector(sel, node));
     if !(selector_ok && affinity_ok) {
         return Err("node(s) didn't match Pod's node affinity/selector".into());
     }
@@ -553,6 +550,30 @@ pub fn filter(pod: &Pod, node: &Node, on_node: &[&Pod]) -> Result<i64, String> {
     }
     let gpus = |m: &BTreeMap<String, i128>| m.get("nvidia.com/gpu").copied().unwrap_or(0);
     Ok(((gpus(&allocatable) - gpus(&used) - gpus(&want)) / 1000) as i64)
+}
+
+/// Whether a required node selector (node affinity, a volume's node affinity) admits
+/// `node`: any term matching, all of a term's requirements met, an empty term matching
+/// nothing.
+pub(crate) fn matches_selector(sel: &NodeSelector, node: &Node) -> bool {
+    let labels = node.labels();
+    sel.node_selector_terms.iter().any(|term| {
+        let exprs = term.match_expressions.iter().flatten().all(|r| {
+            requirement(
+                labels.get(&r.key).map(String::as_str),
+                &r.operator,
+                r.values.as_deref(),
+            )
+        });
+        let fields = term.match_fields.iter().flatten().all(|r| {
+            let name = node.name_any();
+            let v = (r.key == "metadata.name").then_some(name.as_str());
+            requirement(v, &r.operator, r.values.as_deref())
+        });
+        let empty = term.match_expressions.as_ref().is_none_or(Vec::is_empty)
+            && term.match_fields.as_ref().is_none_or(Vec::is_empty);
+        !empty && exprs && fields
+    })
 }
 
 /// Whether `tolerations` tolerate the taint `key=value:effect`.
@@ -659,6 +680,13 @@ mod tests {
         Ok(Vec::new())
     }
 
+    fn none() -> Plugins<'static> {
+        Plugins {
+            volumes: Ok(Vec::new()),
+            claims: &no_claims,
+        }
+    }
+
     fn node(name: &str, gpus: u32, taints: serde_json::Value) -> Arc<Node> {
         Arc::new(
             serde_json::from_value(
@@ -692,10 +720,10 @@ mod tests {
     fn required_node_affinity_by_name_picks_that_node_only() {
         let nodes = vec![node("a", 2, json!([])), node("b", 2, json!([]))];
         assert_eq!(
-            choose(&pod(1, pinned("b")), &nodes, &[], &no_claims),
+            choose(&pod(1, pinned("b")), &nodes, &[], &none()),
             Ok("b".into())
         );
-        let e = choose(&pod(1, pinned("c")), &nodes, &[], &no_claims).unwrap_err();
+        let e = choose(&pod(1, pinned("c")), &nodes, &[], &none()).unwrap_err();
         assert_eq!(
             e,
             "0/2 nodes are available: 2 node(s) didn't match Pod's node affinity/selector."
@@ -709,7 +737,7 @@ mod tests {
             2,
             json!([{"key": "gpu", "value": "broken", "effect": "NoSchedule"}]),
         )];
-        let e = choose(&pod(1, json!({})), &nodes, &[], &no_claims).unwrap_err();
+        let e = choose(&pod(1, json!({})), &nodes, &[], &none()).unwrap_err();
         assert!(
             e.contains("1 node(s) had untolerated taint {gpu: broken}"),
             "{e}"
@@ -718,14 +746,14 @@ mod tests {
             1,
             json!({"tolerations": [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}]}),
         );
-        assert_eq!(choose(&tolerant, &nodes, &[], &no_claims), Ok("a".into()));
+        assert_eq!(choose(&tolerant, &nodes, &[], &none()), Ok("a".into()));
         // PreferNoSchedule never filters.
         let soft = vec![node(
             "a",
             2,
             json!([{"key": "x", "effect": "PreferNoSchedule"}]),
         )];
-        assert!(choose(&pod(1, json!({})), &soft, &[], &no_claims).is_ok());
+        assert!(choose(&pod(1, json!({})), &soft, &[], &none()).is_ok());
     }
 
     #[test]
@@ -733,20 +761,19 @@ mod tests {
         let nodes = vec![node("a", 2, json!([]))];
         let mut on_a = pod(2, json!({}));
         on_a.spec.as_mut().unwrap().node_name = Some("a".into());
-        let e = choose(&pod(1, json!({})), &nodes, &[on_a], &no_claims).unwrap_err();
+        let e = choose(&pod(1, json!({})), &nodes, &[on_a], &none()).unwrap_err();
         assert_eq!(e, "0/1 nodes are available: 1 Insufficient nvidia.com/gpu.");
     }
 
     #[test]
-    fn a_pod_with_a_claim_the_simulator_does_not_serve_is_not_bound() {
+    fn a_volume_refusal_is_the_scheduler_s_message() {
         let nodes = vec![node("a", 2, json!([]))];
-        let with_claim = pod(
-            1,
-            json!({"volumes": [{"name": "m",
-            "persistentVolumeClaim": {"claimName": "models"}}]}),
-        );
+        let refused = Plugins {
+            volumes: Err("persistentvolumeclaim \"models\" not found".into()),
+            claims: &no_claims,
+        };
         assert_eq!(
-            choose(&with_claim, &nodes, &[], &no_claims),
+            choose(&pod(1, json!({})), &nodes, &[], &refused),
             Err("0/1 nodes are available: persistentvolumeclaim \"models\" not found.".into())
         );
     }

@@ -244,6 +244,43 @@ pub fn builtins() -> Vec<Resource> {
         Resource::builtin("events.k8s.io", "v1", "events", "Event", true)
             .short(&["ev"])
             .columns(event_columns()),
+        Resource::builtin(
+            "",
+            "v1",
+            "persistentvolumeclaims",
+            "PersistentVolumeClaim",
+            true,
+        )
+        .short(&["pvc"])
+        .with_status()
+        .columns(vec![
+            Column::new("Status", "string", ".status.phase", 0),
+            Column::new("Volume", "string", ".spec.volumeName", 0),
+            Column::new("StorageClass", "string", ".spec.storageClassName", 0),
+            age(),
+        ]),
+        Resource::builtin("", "v1", "persistentvolumes", "PersistentVolume", false)
+            .short(&["pv"])
+            .with_status()
+            .columns(vec![
+                Column::new("Capacity", "string", ".spec.capacity.storage", 0),
+                Column::new("Status", "string", ".status.phase", 0),
+                Column::new("StorageClass", "string", ".spec.storageClassName", 0),
+                age(),
+            ]),
+        Resource::builtin(
+            "storage.k8s.io",
+            "v1",
+            "storageclasses",
+            "StorageClass",
+            false,
+        )
+        .short(&["sc"])
+        .columns(vec![
+            Column::new("Provisioner", "string", ".provisioner", 0),
+            Column::new("VolumeBindingMode", "string", ".volumeBindingMode", 0),
+            age(),
+        ]),
         // Dynamic Resource Allocation (resource.k8s.io/v1, GA in Kubernetes 1.34).
         Resource::builtin(
             "resource.k8s.io",

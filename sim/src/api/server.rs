@@ -41,10 +41,36 @@ impl Shared {
 pub const MAX_REQUEST_BODY: usize = 3 * 1024 * 1024;
 
 pub fn router(shared: Shared) -> axum::Router {
-    axum::Router::new()
-        .fallback(handle)
-        .with_state(shared)
-        .layer(axum::extract::DefaultBodyLimit::max(MAX_REQUEST_BODY))
+    axum::Router::new().fallback(handle).with_state(shared)
+}
+
+/// How much of a too-large body is read and dropped before the 413 is sent, so that the
+/// client, still writing, reads the answer instead of a broken pipe.
+const DISCARD_LIMIT: usize = 64 * 1024 * 1024;
+
+/// The request body, or the 413 Status once it passes `MAX_REQUEST_BODY`.
+async fn read_body(body: axum::body::Body) -> Result<Bytes, Response> {
+    use futures::StreamExt;
+    let mut stream = body.into_data_stream();
+    let mut buf: Vec<u8> = Vec::new();
+    let mut seen = 0usize;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| error(&ApiError::bad_request(e.to_string())))?;
+        seen += chunk.len();
+        if seen <= MAX_REQUEST_BODY {
+            buf.extend_from_slice(&chunk);
+        } else if seen > DISCARD_LIMIT {
+            break;
+        }
+    }
+    if seen > MAX_REQUEST_BODY {
+        return Err(error(&ApiError::new(
+            413,
+            "RequestEntityTooLarge",
+            format!("request entity too large: limit is {MAX_REQUEST_BODY}"),
+        )));
+    }
+    Ok(Bytes::from(buf))
 }
 
 fn json_response(code: u16, v: &Value) -> Response {
@@ -75,19 +101,12 @@ async fn handle(
     method: Method,
     uri: Uri,
     headers: HeaderMap,
-    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+    body: axum::body::Body,
 ) -> Response {
     // Too large: a Status, as the API server answers, not a plain-text 413.
-    let body = match body {
+    let body = match read_body(body).await {
         Ok(b) => b,
-        Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-            return error(&ApiError::new(
-                413,
-                "RequestEntityTooLarge",
-                format!("request entity too large: limit is {MAX_REQUEST_BODY}"),
-            ))
-        }
-        Err(e) => return error(&ApiError::bad_request(e.body_text())),
+        Err(refused) => return refused,
     };
     let query: Query = uri
         .query()
