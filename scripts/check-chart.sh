@@ -49,6 +49,10 @@ PY
 
 # RBAC follows the binding modes: resource.k8s.io only while DRA is on, and then only
 # what the operator uses (list/watch slices; list/watch/create claims).
+helm template gpuscale "$CHART" --namespace gpuscale --set nodeAgent.podResources.enabled=true >"$out/podres.yaml"
+"$GPUSCALE_KUBERNETES_VALIDATE" --strict --quiet "$out/podres.yaml" || fail "the chart with PodResources does not validate"
+grep -q "mountPath: /var/lib/kubelet/pod-resources" "$out/podres.yaml" || fail "PodResources on, but no socket mounted"
+grep -q -- "--pod-resources-socket=$" "$out/default.yaml" || fail "PodResources off, but the agent would still dial the socket"
 helm template gpuscale "$CHART" --namespace gpuscale --set binding.dra.enabled=false >"$out/nodra.yaml"
 "$GPUSCALE_KUBERNETES_VALIDATE" --strict --quiet "$out/nodra.yaml" || fail "the chart without DRA does not validate"
 "$(dirname "$GPUSCALE_KUBERNETES_VALIDATE")/python" - "$out/default.yaml" "$out/nodra.yaml" <<'PY' || fail "RBAC does not follow the binding modes"

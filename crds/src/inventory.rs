@@ -53,6 +53,23 @@ pub struct GpuInventorySpec {
     /// When the agent last refreshed this object.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_at: Option<Time>,
+    /// The GPUs the kubelet's device plugins assigned to each pod on this node, as the
+    /// kubelet's PodResources API lists them (time-slicing replica suffixes `::N`
+    /// removed, so each is a GPU UUID).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub assignments: Vec<GpuAssignment>,
+}
+
+/// The GPUs one pod was assigned.
+#[derive(JsonSchema, Deserialize, Serialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct GpuAssignment {
+    /// Pod namespace.
+    pub namespace: String,
+    /// Pod name.
+    pub pod: String,
+    /// GPU UUIDs, sorted.
+    pub gpus: Vec<String>,
 }
 
 /// One GPU as NVML reports it.

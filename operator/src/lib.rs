@@ -9,6 +9,7 @@ pub mod leader;
 pub mod metrics;
 pub mod node_agent;
 pub mod placement;
+pub mod pod_resources;
 pub mod reconcile;
 pub mod replay;
 pub mod scrape;

@@ -2,6 +2,7 @@
 //! The simulated cluster and the demo are `gpuscale-sim` (sim/), never linked in here.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -99,6 +100,15 @@ enum Command {
         /// Print the inventory as JSON once and exit, without contacting the API.
         #[arg(long)]
         once: bool,
+        /// The kubelet's PodResources socket, for which GPUs each pod was assigned.
+        /// Empty: do not report assignments (the operator then learns them from the
+        /// workers).
+        #[arg(long, default_value = gpuscale_operator::pod_resources::DEFAULT_SOCKET)]
+        pod_resources_socket: PathBuf,
+        /// The GPU extended resources whose assignments are reported; repeat for
+        /// several.
+        #[arg(long = "gpu-resource", default_values = ["nvidia.com/gpu", "nvidia.com/gpu.shared"])]
+        gpu_resources: Vec<String>,
     },
     /// Capacity planning: replay a request trace through a deployment's scaling policy
     /// and, on the same replicas, HPA- and KEDA-style rules; print SLO misses,
@@ -140,6 +150,7 @@ async fn node_agent_main(
     node: String,
     interval: Duration,
     health: SocketAddr,
+    assignments: Option<node_agent::Assignments>,
 ) -> anyhow::Result<()> {
     let client = kube::Client::try_default()
         .await
@@ -149,7 +160,7 @@ async fn node_agent_main(
         .with_context(|| format!("binding the health endpoint on {health}"))?;
     let app = axum::Router::new().route("/healthz", axum::routing::get(|| async { "ok" }));
     tokio::spawn(async move { axum::serve(listener, app).await });
-    node_agent::run(client, node, interval).await;
+    node_agent::run(client, node, interval, assignments).await;
     Ok(())
 }
 
@@ -353,12 +364,20 @@ fn main() -> anyhow::Result<ExitCode> {
             interval_seconds,
             health_addr,
             once: false,
+            pod_resources_socket,
+            gpu_resources,
         } => {
             init_tracing();
+            let assignments =
+                (!pod_resources_socket.as_os_str().is_empty()).then_some(node_agent::Assignments {
+                    socket: pod_resources_socket,
+                    resources: gpu_resources,
+                });
             tokio::runtime::Runtime::new()?.block_on(node_agent_main(
                 node_name,
                 Duration::from_secs(interval_seconds),
                 health_addr,
+                assignments,
             ))?;
             Ok(ExitCode::SUCCESS)
         }

@@ -229,15 +229,41 @@ pub async fn node_zone(client: &Client, node: &str) -> Option<String> {
     }
 }
 
-/// Publishes the inventory every `interval` until the process ends. API errors are
-/// logged and retried at the next tick; nothing is lost by a failed refresh.
-pub async fn run(client: Client, node: String, interval: Duration) {
+/// Where the agent learns which GPUs the kubelet assigned to each pod.
+#[derive(Clone, Debug)]
+pub struct Assignments {
+    /// The kubelet's PodResources socket.
+    pub socket: std::path::PathBuf,
+    /// The GPU extended resources to report (`nvidia.com/gpu`, the sharing resource).
+    pub resources: Vec<String>,
+}
+
+/// Publishes the inventory every `interval` until the process ends, with the GPU
+/// assignments the kubelet lists when `assignments` says where. API errors are logged
+/// and retried at the next tick; nothing is lost by a failed refresh.
+pub async fn run(
+    client: Client,
+    node: String,
+    interval: Duration,
+    assignments: Option<Assignments>,
+) {
     let mut probe = Probe::new();
     let zone = node_zone(&client, &node).await;
     let mut tick = tokio::time::interval(interval);
     loop {
         tick.tick().await;
-        let spec = probe.collect(&node, zone.clone());
+        let mut spec = probe.collect(&node, zone.clone());
+        if let Some(a) = &assignments {
+            match crate::pod_resources::list(&a.socket).await {
+                Ok(list) => {
+                    let names: Vec<&str> = a.resources.iter().map(String::as_str).collect();
+                    spec.assignments = crate::pod_resources::gpu_assignments(&list, &names);
+                }
+                // Published without assignments: the operator then follows what the
+                // workers report, as before.
+                Err(e) => warn!(node, error = %e, "cannot list the kubelet's pod resources"),
+            }
+        }
         let gpus = spec.gpu_count;
         match publish(&client, spec).await {
             Ok(_) => info!(node, gpus, "published GPU inventory"),

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
-use gpuscale_crds::{GpuDevice, GpuInventorySpec};
+use gpuscale_crds::{GpuAssignment, GpuDevice, GpuInventorySpec};
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::watcher;
@@ -139,10 +139,60 @@ impl DevicePlugin {
         Ok(self.uuids[g].clone())
     }
 
+    /// What the PodResources API lists, by pod (`namespace/name` keys): the device
+    /// plugin's devices, and with `dra` the devices of claims too.
+    fn listed(&self, dra: bool) -> Vec<GpuAssignment> {
+        let shares = self.shared.iter().map(|(pod, &g)| (pod, vec![g]));
+        let claimed = self.claimed.iter().filter(|_| dra);
+        let mut out: Vec<GpuAssignment> = self
+            .held
+            .iter()
+            .chain(claimed)
+            .map(|(pod, ix)| (pod, ix.clone()))
+            .chain(shares)
+            .map(|(key, ix)| {
+                let (namespace, pod) = key.split_once('/').unwrap_or(("", key));
+                let mut gpus: Vec<String> = ix.iter().map(|&i| self.uuids[i].clone()).collect();
+                gpus.sort();
+                GpuAssignment {
+                    namespace: namespace.into(),
+                    pod: pod.into(),
+                    gpus,
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| (&a.namespace, &a.pod).cmp(&(&b.namespace, &b.pod)));
+        out
+    }
+
     fn release(&mut self, pod: &str) {
         self.held.remove(pod);
         self.shared.remove(pod);
         self.claimed.remove(pod);
+    }
+}
+
+/// The key the device plugin holds a pod's devices under.
+fn pod_key(pod: &Pod) -> String {
+    format!("{}/{}", pod.namespace().unwrap_or_default(), pod.name_any())
+}
+
+/// The node agent of a simulated node: publishes the GpuInventory again whenever the
+/// device plugin's assignments change, with them (as the real agent lists them from
+/// the kubelet's PodResources API; see `gpuscale_operator::pod_resources`).
+async fn node_agent(client: Client, node: SimNode, devices: Devices) {
+    let mut last: Option<Vec<GpuAssignment>> = None;
+    loop {
+        let now = devices.lock().expect("devices lock").listed(false);
+        if last.as_ref() != Some(&now) {
+            let mut spec = inventory(&node);
+            spec.assignments = now.clone();
+            match gpuscale_operator::node_agent::publish(&client, spec).await {
+                Ok(_) => last = Some(now),
+                Err(e) => tracing::debug!(node = %node.name, error = %e, "inventory not published"),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
     }
 }
 
@@ -191,13 +241,25 @@ impl Kubelet {
             ..DevicePlugin::default()
         }));
         let name = node.name.clone();
-        let task = tokio::spawn(serve(
+        let agent = node
+            .agent
+            .then(|| node_agent(client.clone(), node.clone(), devices.clone()));
+        let kubelet = serve(
             client,
             name.clone(),
             config,
             running.clone(),
             devices.clone(),
-        ));
+        );
+        // The kubelet and the node's agent stop together, as the node does.
+        let task = tokio::spawn(async move {
+            match agent {
+                Some(agent) => {
+                    tokio::join!(kubelet, agent);
+                }
+                None => kubelet.await,
+            }
+        });
         Ok(Self {
             node: name,
             task,
@@ -211,18 +273,9 @@ impl Kubelet {
     /// claims.
     pub fn assignments(&self) -> HashMap<String, Vec<String>> {
         let d = self.devices.lock().expect("devices lock");
-        let shares = d.shared.iter().map(|(pod, &g)| (pod, vec![g]));
-        d.held
-            .iter()
-            .chain(d.claimed.iter())
-            .map(|(pod, ix)| (pod, ix.clone()))
-            .chain(shares)
-            .map(|(pod, ix)| {
-                (
-                    pod.clone(),
-                    ix.iter().map(|&i| d.uuids[i].clone()).collect(),
-                )
-            })
+        d.listed(true)
+            .into_iter()
+            .map(|a| (a.pod, a.gpus))
             .collect()
     }
 
@@ -345,6 +398,7 @@ pub fn inventory(node: &SimNode) -> GpuInventorySpec {
         observed_at: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
             jiff::Timestamp::now(),
         )),
+        assignments: Vec::new(),
     }
 }
 
@@ -369,7 +423,7 @@ async fn serve(
             Ok(watcher::Event::Apply(p) | watcher::Event::InitApply(p)) => vec![p],
             Ok(watcher::Event::Delete(p)) => {
                 // Gone from the API: its devices go back to the plugin.
-                devices.lock().expect("devices lock").release(&p.name_any());
+                devices.lock().expect("devices lock").release(&pod_key(&p));
                 started.remove(&p.uid().unwrap_or_default());
                 // Force-deleted behind our back: stop the worker.
                 if let Some(w) = running.lock().expect("running lock").get_mut(&p.name_any()) {
@@ -610,7 +664,7 @@ async fn run_pod(
                 devices
                     .lock()
                     .expect("devices lock")
-                    .allocate(&name, gpus)?,
+                    .allocate(&pod_key(&pod), gpus)?,
             );
         }
         if shares > 0 {
@@ -618,14 +672,14 @@ async fn run_pod(
                 devices
                     .lock()
                     .expect("devices lock")
-                    .allocate_share(&name)?,
+                    .allocate_share(&pod_key(&pod))?,
             );
         }
         let prepared = prepare_claims(&pod, &claims).await?;
         if !prepared.is_empty() {
             let mut d = devices.lock().expect("devices lock");
             uuids.extend(prepared.iter().map(|&i| d.uuids[i].clone()));
-            d.claimed.insert(name.clone(), prepared);
+            d.claimed.insert(pod_key(&pod), prepared);
         }
         Ok(uuids)
     }

@@ -132,23 +132,33 @@ pub(super) async fn observe(
         s.load = l;
     }
 
-    // What the device plugin really assigned, where a worker reports other GPUs than
-    // placement recorded: the placement is corrected (and written back by `act`).
+    // What the device plugin really assigned, where the kubelet (the node agent's
+    // PodResources listing) or else the worker reports other GPUs than placement
+    // recorded: the placement is corrected (and written back by `act`).
+    let inventories = ctx.cache.inventories();
+    let ns = d.namespace().unwrap_or_default();
     let mut corrections = Vec::new();
     for s in seen.iter_mut() {
-        let (Some(load), Some(p)) = (s.load.as_ref(), s.placement.as_ref()) else {
+        let Some(p) = s.placement.as_ref().filter(|p| !p.gpus.is_empty()) else {
             continue;
         };
-        if load.gpus.is_empty() || p.gpus.is_empty() {
+        let listed = inventories
+            .iter()
+            .filter(|i| i.spec.node == p.node)
+            .flat_map(|i| &i.spec.assignments)
+            .find(|a| a.namespace == ns && a.pod == s.pod.name_any())
+            .map(|a| a.gpus.clone());
+        let reported = s.load.as_ref().map(|l| l.gpus.clone());
+        let Some(truth) = listed.or(reported).filter(|g| !g.is_empty()) else {
             continue;
-        }
+        };
         let mut recorded = p.uuids.clone();
         recorded.sort();
-        if recorded == load.gpus {
+        if recorded == truth {
             continue;
         }
-        let fixed = assigned(p, &load.gpus, &ctx.cache.inventories());
-        tracing::info!(pod = %s.pod.name_any(), chose = ?p.uuids, assigned = ?load.gpus,
+        let fixed = assigned(p, &truth, &inventories);
+        tracing::info!(pod = %s.pod.name_any(), chose = ?p.uuids, assigned = ?truth,
                        "the device plugin assigned other GPUs than placement chose; following it");
         corrections.push((s.pod.name_any(), fixed.clone()));
         s.placement = Some(fixed);
@@ -170,7 +180,6 @@ pub(super) async fn observe(
         }
     }
 
-    let ns = d.namespace().unwrap_or_default();
     let missing_claims = seen
         .iter()
         .filter(|s| s.pod.metadata.deletion_timestamp.is_none() && s.pod.uid().is_some())

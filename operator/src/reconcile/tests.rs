@@ -1139,3 +1139,41 @@ async fn the_ledger_and_status_follow_what_the_device_plugin_assigned() {
     let placements = &log.status()["placements"];
     assert_eq!(placements[0]["gpus"], json!(["GPU-2"]));
 }
+
+/// The node agent lists what the kubelet assigned (PodResources) before the worker is
+/// up: the recorded placement and status follow it at once, with no worker report.
+#[tokio::test]
+async fn the_kubelet_s_assignments_from_the_node_agent_correct_a_loading_replica() {
+    let d = deployment(json!({"autoscale": false, "minReplicas": 1, "maxReplicas": 1}));
+    let clock = TestClock::new();
+    let mut loading = pod(&d, 0, 0, "10.0.0.1", json!({}));
+    loading["status"]["conditions"] = json!([]);
+    // Created just now: loading, not stuck.
+    loading["metadata"]["creationTimestamp"] = json!(clock.start.1.to_string());
+    let mut inv = inventory();
+    inv.spec.assignments = vec![gpuscale_crds::GpuAssignment {
+        namespace: "default".into(),
+        pod: "smollm-0".into(),
+        gpus: vec!["GPU-2".into()],
+    }];
+    let cache = Cache::of(
+        vec![serde_json::from_value(loading).unwrap()],
+        vec![node()],
+        vec![inv],
+    );
+    let (client, mock) = Mock::start(pass(&d, vec![drain(0).reply(200, Value::Null)]));
+    let ctx = context(client, cache, &[], clock);
+    reconcile(object(&d), ctx.clone()).await.unwrap();
+    let log = mock.finish(ctx).await;
+    let recorded: PodPlacement = serde_json::from_str(
+        log.requests[0].body["metadata"]["annotations"][ANNOTATION_PLACEMENT]
+            .as_str()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        (recorded.gpus, recorded.uuids, recorded.assigned),
+        (vec![2], vec!["GPU-2".to_string()], true)
+    );
+    assert_eq!(log.status()["placements"][0]["gpus"], json!(["GPU-2"]));
+}
