@@ -233,7 +233,9 @@ pub fn smollm(change: Value) -> Value {
     d
 }
 
-fn merge(a: &mut Value, b: Value) {
+/// Merges `b` into `a` as a JSON merge patch does (objects key by key, anything else
+/// replaced).
+pub fn merge(a: &mut Value, b: Value) {
     match (a, b) {
         (Value::Object(a), Value::Object(b)) => {
             for (k, v) in b {

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use gpuscale_e2e::{smollm, Env};
+use gpuscale_e2e::{merge, smollm, Env};
 use gpuscale_operator::reconcile::{is_ready, placement_of, unschedulable};
 use gpuscale_sim::nodes::{SimBinding, SimNode};
 use k8s_openapi::api::core::v1::Pod;
@@ -24,17 +24,6 @@ fn deployment(name: &str, replicas: u32, extra: Value) -> Value {
     }}));
     merge(&mut d["spec"], extra);
     d
-}
-
-fn merge(a: &mut Value, b: Value) {
-    match (a, b) {
-        (Value::Object(a), Value::Object(b)) => {
-            for (k, v) in b {
-                merge(a.entry(k).or_insert(Value::Null), v);
-            }
-        }
-        (a, b) => *a = b,
-    }
 }
 
 /// What the kubelets handed out (device plugin and DRA), by pod: the truth.

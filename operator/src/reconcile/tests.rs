@@ -416,6 +416,16 @@ fn condition(status: &Value, type_: &str) -> Value {
         .unwrap()
 }
 
+/// The placement a pod (or a patch of one) records in its annotation.
+fn placement_in(pod: &Value) -> PodPlacement {
+    serde_json::from_str(
+        pod["metadata"]["annotations"][ANNOTATION_PLACEMENT]
+            .as_str()
+            .unwrap(),
+    )
+    .unwrap()
+}
+
 fn created_names(log: &Log) -> Vec<String> {
     log.posts(POD_PATH)
         .iter()
@@ -1115,22 +1125,12 @@ async fn the_ledger_and_status_follow_what_the_device_plugin_assigned() {
     );
     reconcile(object(&d), ctx.clone()).await.unwrap();
     let log = mock.finish(ctx).await;
-    let recorded: PodPlacement = serde_json::from_str(
-        log.requests[0].body["metadata"]["annotations"][ANNOTATION_PLACEMENT]
-            .as_str()
-            .unwrap(),
-    )
-    .unwrap();
+    let recorded = placement_in(&log.requests[0].body);
     assert_eq!(
         (recorded.gpus, recorded.uuids, recorded.assigned),
         (vec![2], vec!["GPU-2".to_string()], true)
     );
-    let new: PodPlacement = serde_json::from_str(
-        log.posts(POD_PATH)[0]["metadata"]["annotations"][ANNOTATION_PLACEMENT]
-            .as_str()
-            .unwrap(),
-    )
-    .unwrap();
+    let new = placement_in(log.posts(POD_PATH)[0]);
     assert_ne!(
         new.gpus,
         vec![2],
@@ -1165,12 +1165,7 @@ async fn the_kubelet_s_assignments_from_the_node_agent_correct_a_loading_replica
     let ctx = context(client, cache, &[], clock);
     reconcile(object(&d), ctx.clone()).await.unwrap();
     let log = mock.finish(ctx).await;
-    let recorded: PodPlacement = serde_json::from_str(
-        log.requests[0].body["metadata"]["annotations"][ANNOTATION_PLACEMENT]
-            .as_str()
-            .unwrap(),
-    )
-    .unwrap();
+    let recorded = placement_in(&log.requests[0].body);
     assert_eq!(
         (recorded.gpus, recorded.uuids, recorded.assigned),
         (vec![2], vec!["GPU-2".to_string()], true)
