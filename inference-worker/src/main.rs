@@ -36,7 +36,7 @@ struct Cli {
     #[arg(long, default_value_t = 8080, env = "GPUSCALE_PORT")]
     port: u16,
     /// Compute threads (default: all cores).
-    #[arg(long)]
+    #[arg(long, value_parser = within::<1, 1024>)]
     threads: Option<usize>,
     /// Device to run on: auto (CUDA when a driver, a GPU and NVRTC are present, else
     /// CPU), cpu, or cuda:N.
@@ -53,29 +53,42 @@ struct Cli {
     #[arg(long, default_value = "1GiB", value_parser = parse_bytes, env = "GPUSCALE_MEMORY_BUDGET")]
     memory_budget: u64,
     /// Requests that may wait for a batch slot; beyond it the API answers 429.
-    #[arg(long, default_value_t = 64)]
+    /// 0 takes only what free batch slots can take at once.
+    #[arg(long, default_value_t = 64, value_parser = within::<0, 1_000_000>)]
     queue_size: usize,
     /// Sequences batched together in one forward pass.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = within::<1, 1024>)]
     max_batch: usize,
     /// Tokens in one forward pass; longer prompts are processed in chunks.
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = 512, value_parser = within::<1, 1_048_576>)]
     max_batch_tokens: usize,
     /// Longest sequence, prompt plus completion (default: the model's context, at most 4096).
-    #[arg(long)]
+    #[arg(long, value_parser = within::<2, 1_048_576>)]
     max_seq_len: Option<usize>,
     /// Tokens per KV-cache block.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, value_parser = within::<1, 1024>)]
     block_size: usize,
     /// Longest wait for in-flight requests after SIGTERM before exiting anyway.
-    #[arg(long, default_value_t = 120)]
+    #[arg(long, default_value_t = 120, value_parser = clap::value_parser!(u64).range(0..=86_400))]
     drain_timeout_seconds: u64,
     /// Log as JSON lines (default) or human text.
     #[arg(long, default_value = "json", value_parser = ["json", "text"])]
     log_format: String,
 }
 
-/// Parses sizes like `512MiB`, `2GiB`, `1.5G`, `1000000`.
+/// A whole number within `LO..=HI`; clap names the flag in the error.
+fn within<const LO: usize, const HI: usize>(s: &str) -> Result<usize, String> {
+    let n: usize = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a whole number (valid: {LO} to {HI})"))?;
+    if !(LO..=HI).contains(&n) {
+        return Err(format!("{n} is outside the valid range {LO} to {HI}"));
+    }
+    Ok(n)
+}
+
+/// Parses sizes like `512MiB`, `2GiB`, `1.5G`, `1000000`; zero is refused.
 fn parse_bytes(s: &str) -> Result<u64, String> {
     let s = s.trim();
     let split = s
@@ -99,12 +112,25 @@ fn parse_bytes(s: &str) -> Result<u64, String> {
             ))
         }
     };
-    Ok((n * mult) as u64)
+    let bytes = (n * mult) as u64;
+    if bytes == 0 {
+        return Err(format!(
+            "{s:?} is no memory at all; give a size such as 512MiB"
+        ));
+    }
+    Ok(bytes)
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    // Settings that can never serve are refused before anything starts.
+    if cli.model.is_dir() {
+        anyhow::bail!(
+            "--model {}: is a directory; give the path of a GGUF file",
+            cli.model.display()
+        );
+    }
     let filter =
         tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
     if cli.log_format == "json" {
@@ -182,16 +208,31 @@ async fn main() -> anyhow::Result<()> {
     while engine.in_flight() > 0 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    if engine.in_flight() > 0 {
+    let cut = engine.in_flight();
+    if cut > 0 {
+        // Each one ends with an error (a stream with an error event and [DONE]), at the
+        // end of the current step, rather than by a closed connection.
         tracing::warn!(
-            in_flight = engine.in_flight(),
-            "drain timeout; exiting with requests in flight"
+            in_flight = cut,
+            "drain timeout; ending the requests still in flight"
         );
+        engine.abort_all(&format!(
+            "the worker is shutting down: the drain timeout ({} s) passed before this request finished; retry it",
+            cli.drain_timeout_seconds
+        ));
+        let settle = Instant::now() + Duration::from_secs(1);
+        while engine.in_flight() > 0 && Instant::now() < settle {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
     let _ = shutdown_tx.send(());
-    // Open responses (streams that just got their last event) finish before serve returns.
-    let _ = tokio::time::timeout(Duration::from_secs(10), server).await;
+    // Open responses (streams that just got their last event) finish before serve
+    // returns; within a second, so the whole stop stays within the timeout plus that.
+    let _ = tokio::time::timeout(Duration::from_secs(1), server).await;
     engine.shutdown();
+    if cut > 0 {
+        anyhow::bail!("drain timed out: {cut} request(s) ended with an error");
+    }
     tracing::info!("drained; exiting");
     Ok(())
 }
@@ -286,8 +327,10 @@ fn load(cli: &Cli, device: Device, metrics: Arc<Metrics>) -> anyhow::Result<Load
         }
     };
     let layout = backend.kv_layout();
-    // Warm-up: one real pass touches every weight page and primes the thread pool.
-    let warm: Vec<u32> = (0..8u32.min(config.vocab as u32)).collect();
+    // Warm-up: one real pass touches every weight page and primes the thread pool. It
+    // fits in the first KV block, whatever the block size.
+    let warm_len = 8.min(config.vocab).min(block_size) as u32;
+    let warm: Vec<u32> = (0..warm_len).collect();
     backend.forward(&[SeqChunk {
         tokens: &warm,
         start: 0,

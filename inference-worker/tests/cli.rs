@@ -99,3 +99,65 @@ fn device_selection_says_what_it_chose_and_why() {
         "{out}"
     );
 }
+
+/// Every setting that could only give a worker that says ready and cannot serve is
+/// refused at start, naming the flag and its valid range.
+#[test]
+fn meaningless_settings_are_refused_naming_the_flag_and_range() {
+    let m = common::model(WeightType::Q8_0, "llama", 9);
+    let path = common::write_tmp("cli-settings.gguf", &m.bytes);
+    let model = path.to_str().unwrap();
+    for (flag, value, range) in [
+        ("--max-batch", "0", "1 to 1024"),
+        ("--max-batch-tokens", "0", "1 to 1048576"),
+        ("--max-seq-len", "0", "2 to 1048576"),
+        ("--block-size", "0", "1 to 1024"),
+        ("--threads", "0", "1 to 1024"),
+        ("--queue-size", "x", "0 to 1000000"),
+    ] {
+        let (ok, out) = worker(&["--model", model, flag, value]);
+        assert!(
+            !ok && out.contains(flag) && out.contains(range),
+            "{flag} {value}: {out}"
+        );
+    }
+    let (ok, out) = worker(&["--model", model, "--memory-budget", "0"]);
+    assert!(
+        !ok && out.contains("--memory-budget") && out.contains("no memory"),
+        "{out}"
+    );
+    let dir = std::env::temp_dir();
+    let (ok, out) = worker(&["--model", dir.to_str().unwrap()]);
+    assert!(!ok && out.contains("is a directory"), "{out}");
+}
+
+/// A block smaller than the warm-up pass (3 tokens) loads and reports ready.
+#[test]
+fn a_small_kv_block_still_loads() {
+    use std::io::BufRead;
+    let m = common::model(WeightType::Q8_0, "llama", 9);
+    let path = common::write_tmp("cli-block3.gguf", &m.bytes);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_inference-worker"))
+        .args(["--model", path.to_str().unwrap(), "--block-size", "3"])
+        .args(["--host", "127.0.0.1", "--port", "0", "--log-format", "text"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    for line in lines.map_while(Result::ok) {
+        let ready = line.contains("warmed up; ready");
+        seen.push(line);
+        if ready || seen.len() > 50 {
+            break;
+        }
+    }
+    let _ = child.kill();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        seen.iter().any(|l| l.contains("warmed up; ready")),
+        "{seen:#?}\n{err}"
+    );
+}

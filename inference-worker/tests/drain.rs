@@ -156,3 +156,78 @@ async fn sigterm_finishes_in_flight_requests_and_exits_zero() {
             .starts_with("cmpl-"));
     }
 }
+
+/// A drain that runs past `--drain-timeout-seconds` stops on time: the requests still
+/// running end with an error event and `[DONE]` (never a cut connection), and the exit
+/// status says the drain failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_drain_past_its_timeout_ends_streams_properly_and_on_time() {
+    let Some(model) = gguf::smollm2_fixture() else {
+        return;
+    };
+    let port = free_port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_inference-worker"))
+        .args(["--model", model.to_str().unwrap(), "--host", "127.0.0.1"])
+        .args(["--port", &port.to_string(), "--threads", "2"])
+        .args(["--memory-budget", "400MiB", "--drain-timeout-seconds", "2"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let url = format!("http://127.0.0.1:{port}");
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while client
+        .get(format!("{url}/readyz"))
+        .send()
+        .await
+        .map_or(true, |r| r.status() != 200)
+    {
+        assert!(Instant::now() < deadline, "worker never became ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Two streams far longer than the drain timeout (1,900 tokens at tens a second),
+    // greedy on a prompt the model goes on counting from, so none ends early by itself.
+    let mut tasks = Vec::new();
+    for i in 0..2 {
+        let (client, url) = (client.clone(), url.clone());
+        tasks.push(tokio::spawn(async move {
+            let prompt = (1..=20 + i)
+                .map(|n| n.to_string())
+                .collect::<Vec<_>>()
+                .join(", ");
+            let body = json!({"prompt": prompt, "max_tokens": 1900,
+                              "temperature": 0, "stream": true});
+            let r = client
+                .post(format!("{url}/v1/completions"))
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            r.text().await.unwrap()
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let term = Instant::now();
+    assert!(Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
+    for t in tasks {
+        let text = t.await.unwrap();
+        assert!(
+            text.trim_end().ends_with("data: [DONE]"),
+            "cut short: {text}"
+        );
+        assert!(text.contains("drain timeout"), "no error event: {text}");
+    }
+    let status = child.wait().unwrap();
+    let took = term.elapsed();
+    assert!(
+        !status.success(),
+        "a drain that cut requests must not exit 0"
+    );
+    // The timeout, one engine step and at most a second to close the responses.
+    assert!(took < Duration::from_secs(5), "stopping took {took:?}");
+}

@@ -51,6 +51,10 @@ pub struct AppState {
     /// Set once weights are loaded and the warm-up pass ran.
     pub ready: AtomicBool,
     next_id: AtomicU64,
+    /// Request preparations running off the executor (one per core).
+    preparing: tokio::sync::Semaphore,
+    /// Cancelled preparations (the client left first), for tests and metrics.
+    pub cancelled_preparations: AtomicU64,
 }
 
 impl AppState {
@@ -62,6 +66,10 @@ impl AppState {
             model_name,
             ready: AtomicBool::new(false),
             next_id: AtomicU64::new(1),
+            preparing: tokio::sync::Semaphore::new(
+                std::thread::available_parallelism().map_or(2, |n| n.get()),
+            ),
+            cancelled_preparations: AtomicU64::new(0),
         }
     }
 
@@ -180,7 +188,8 @@ async fn metrics(State(s): State<Arc<AppState>>) -> Response {
 }
 
 async fn models(State(s): State<Arc<AppState>>) -> Json<serde_json::Value> {
-    let max = s.loaded.get().map(|l| l.max_seq_len);
+    // What a request can really use: the KV cache may hold less than max_seq_len.
+    let max = s.loaded.get().map(|l| l.engine.max_context());
     Json(json!({"object": "list", "data": [{
         "id": s.model_name, "object": "model", "created": 0, "owned_by": "gpuscale", "max_model_len": max,
     }]}))
@@ -196,7 +205,7 @@ async fn completions(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
     let started = Instant::now();
     let result = async {
         let req: CompletionRequest = parse(&body)?;
-        let l = s.loaded()?;
+        s.loaded()?;
         let prompts = req.prompt.into_vec();
         let [prompt] = prompts.as_slice() else {
             return Err(ApiError::invalid(
@@ -204,7 +213,7 @@ async fn completions(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
                 "exactly one prompt per request is supported",
             ));
         };
-        let tokens = l.tokenizer.encode(prompt);
+        let tokens = tokenize(&s, "prompt", prompt.clone()).await?;
         // OpenAI's default for completions is 16 tokens.
         run(&s, Kind::Completion, tokens, req.params, 16, started).await
     }
@@ -220,17 +229,106 @@ async fn chat_completions(State(s): State<Arc<AppState>>, body: Bytes) -> Respon
             return Err(ApiError::invalid("messages", "messages must not be empty"));
         }
         let l = s.loaded()?;
-        let prompt = l
-            .chat
-            .render(&req.messages)
-            .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
-        let tokens = l.tokenizer.encode(&prompt);
+        // The template adds a little to the messages; their text alone can be too long.
+        let text_bytes: usize = req
+            .messages
+            .iter()
+            .map(|m| m.content.len() + m.role.len())
+            .sum();
+        too_long(l, "messages", text_bytes)?;
+        let state = Arc::clone(&s);
+        let messages = req.messages;
+        let prompt = off_executor(&s, move |_| {
+            let l = state.loaded()?;
+            l.chat
+                .render(&messages)
+                .map_err(|e| ApiError::invalid("messages", e.to_string()))
+        })
+        .await?;
+        let tokens = tokenize(&s, "messages", prompt).await?;
         // Chat defaults to "until the context is full", as OpenAI does.
         let room = l.max_seq_len.saturating_sub(tokens.len()).max(1);
         run(&s, Kind::Chat, tokens, req.params, room, started).await
     }
     .await;
     finish_error(&s, result, started)
+}
+
+/// Refuses a text that surely holds more tokens than a sequence may: more bytes than
+/// `max_seq_len` tokens of the longest token could cover. Checked before any work, so
+/// a huge request costs nothing; never refuses a text that would fit.
+fn too_long(l: &Loaded, param: &'static str, bytes: usize) -> Result<(), ApiError> {
+    let most = l.max_seq_len.saturating_mul(l.tokenizer.max_token_bytes());
+    if bytes > most {
+        return Err(ApiError::invalid(
+            param,
+            format!(
+                "the prompt is {bytes} bytes, which is more than {} tokens, and a sequence holds at most {} tokens (prompt and completion)",
+                l.max_seq_len, l.max_seq_len
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Sets its flag when dropped: the handler's future is dropped when the client goes,
+/// and the work it started off the executor sees the flag and stops.
+struct CancelOnDrop(Arc<AtomicBool>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Runs CPU-heavy request preparation (template rendering, tokenizing) on the blocking
+/// pool, at most one job per core at a time, so the async executor keeps answering
+/// probes and metrics however heavy the requests are. `work` gets a flag that is set
+/// once nobody waits for the result any more.
+async fn off_executor<T: Send + 'static>(
+    s: &AppState,
+    work: impl FnOnce(&AtomicBool) -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    let _permit = s.preparing.acquire().await.map_err(|_| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            "shutting down",
+        )
+    })?;
+    let cancel = Arc::new(AtomicBool::new(false));
+    let _guard = CancelOnDrop(Arc::clone(&cancel));
+    tokio::task::spawn_blocking(move || work(&cancel))
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                format!("preparing the request failed: {e}"),
+            )
+        })?
+}
+
+/// The tokens of `text`, tokenized off the executor after the size check.
+async fn tokenize(
+    s: &Arc<AppState>,
+    param: &'static str,
+    text: String,
+) -> Result<Vec<u32>, ApiError> {
+    let l = s.loaded()?;
+    too_long(l, param, text.len())?;
+    let tokenizer = Arc::clone(&l.tokenizer);
+    off_executor(s, move |cancel| {
+        // `None` only when cancelled, and then nobody reads the answer.
+        tokenizer.encode_until(&text, cancel).ok_or_else(|| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "cancelled",
+            )
+        })
+    })
+    .await
 }
 
 fn finish_error(s: &AppState, result: Result<Response, ApiError>, started: Instant) -> Response {
@@ -326,6 +424,10 @@ async fn run(
         None => default_max,
     };
     let l = s.loaded()?;
+    let prompt_param = match kind {
+        Kind::Completion => "prompt",
+        Kind::Chat => "messages",
+    };
     let n = s.next_id.fetch_add(1, Ordering::Relaxed);
     let prefix = match kind {
         Kind::Completion => "cmpl",
@@ -361,7 +463,8 @@ async fn run(
             "server_error",
             e.to_string(),
         ),
-        SubmitError::Invalid(m) => ApiError::invalid("max_tokens", m),
+        SubmitError::Invalid(m) => ApiError::invalid(prompt_param, m),
+        SubmitError::EmptyPrompt => ApiError::invalid(prompt_param, e.to_string()),
     })?;
     let created = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -466,10 +569,32 @@ fn stream(
                     l.status = 500;
                 }
                 log.take();
-                vec![data(error_body(&m, "server_error", None, None))]
+                // The error, then the end of the stream, so clients stop reading.
+                vec![
+                    data(error_body(&m, "server_error", None, None)),
+                    Ok(SseEvent::default().data("[DONE]")),
+                ]
             }
         };
         futures_util::stream::iter(items)
     });
     Sse::new(futures_util::stream::iter(opener).chain(body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn over_capacity_is_a_429_in_openai_shape_with_retry_after() {
+        let r = ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limit_error",
+            "at capacity",
+        )
+        .into_response();
+        assert_eq!(r.status(), 429);
+        assert_eq!(r.headers()[header::RETRY_AFTER], "1");
+        assert_eq!(r.headers()[header::CONTENT_TYPE], "application/json");
+    }
 }

@@ -102,6 +102,9 @@ pub enum SubmitError {
     /// The request can never fit.
     #[error("{0}")]
     Invalid(String),
+    /// The prompt has no tokens.
+    #[error("the prompt is empty")]
+    EmptyPrompt,
 }
 
 struct Waiting {
@@ -114,6 +117,8 @@ struct State {
     waiting: VecDeque<Waiting>,
     running: usize,
     shutdown: bool,
+    /// Every request in flight is to end now, with this error.
+    abort: Option<String>,
 }
 
 struct Shared {
@@ -169,6 +174,7 @@ pub fn start(
             waiting: VecDeque::new(),
             running: 0,
             shutdown: false,
+            abort: None,
         }),
         wake: Condvar::new(),
         draining: AtomicBool::new(false),
@@ -191,6 +197,15 @@ pub fn start(
 }
 
 impl Handle {
+    /// The longest sequence this engine can hold: its `max_seq_len`, or less when the
+    /// KV cache holds fewer tokens.
+    pub fn max_context(&self) -> usize {
+        self.shared
+            .config
+            .max_seq_len
+            .min(self.shared.kv_capacity_tokens)
+    }
+
     /// Queues a request, or says why not.
     pub fn submit(&self, req: GenerateRequest) -> Result<(), SubmitError> {
         let c = &self.shared.config;
@@ -198,7 +213,7 @@ impl Handle {
             return Err(SubmitError::Draining);
         }
         if req.prompt.is_empty() {
-            return Err(SubmitError::Invalid("the prompt is empty".into()));
+            return Err(SubmitError::EmptyPrompt);
         }
         let limit = c.max_seq_len.min(self.shared.kv_capacity_tokens);
         if req.prompt.len() + req.max_tokens > limit {
@@ -210,7 +225,10 @@ impl Handle {
             )));
         }
         let mut st = self.shared.state.lock().expect("engine state");
-        if st.waiting.len() >= c.queue_capacity {
+        // A request that a free batch slot will take at the next step is not queued:
+        // only requests beyond the free slots count against the queue.
+        let free_slots = c.max_batch.saturating_sub(st.running);
+        if st.waiting.len() >= c.queue_capacity + free_slots {
             return Err(SubmitError::QueueFull(st.waiting.len()));
         }
         let seq = Seq {
@@ -264,6 +282,19 @@ impl Handle {
             .expect("engine state")
             .waiting
             .len()
+    }
+
+    /// Ends every request in flight (running or waiting) with the error `reason`, at the
+    /// end of the current step: a drain that timed out closes its streams properly
+    /// instead of cutting them.
+    pub fn abort_all(&self, reason: &str) {
+        let mut st = self.shared.state.lock().expect("engine state");
+        st.abort = Some(reason.to_string());
+        for w in st.waiting.drain(..) {
+            let _ = w.seq.req.events.send(Event::Failed(reason.to_string()));
+        }
+        drop(st);
+        self.shared.wake.notify_all();
     }
 
     /// Ends the engine thread once nothing is in flight.
@@ -509,8 +540,27 @@ impl Engine {
         });
     }
 
-    /// Removes finished and abandoned sequences, returning their blocks.
+    /// Removes finished and abandoned sequences, returning their blocks; with an abort
+    /// pending, every running sequence ends with its error.
     fn retire(&mut self) {
+        let abort = self
+            .shared
+            .state
+            .lock()
+            .expect("engine state")
+            .abort
+            .clone();
+        if let Some(reason) = abort {
+            for mut s in self.running.drain(..) {
+                self.alloc.release(&mut s.blocks);
+                let _ = s.req.events.send(Event::Failed(reason.clone()));
+                self.shared
+                    .metrics
+                    .requests
+                    .get_or_create(&crate::metrics::StatusLabel { status: 503 })
+                    .inc();
+            }
+        }
         let mut i = 0;
         while i < self.running.len() {
             let s = &self.running[i];

@@ -202,6 +202,26 @@ fn a_request_joins_a_running_batch_and_leaves_before_it() {
 }
 
 #[test]
+fn requests_for_free_batch_slots_are_never_refused_as_queued() {
+    // No queue at all: the two batch slots still take two requests, whether or not the
+    // engine has admitted the first yet; the third has neither a slot nor a place.
+    let cfg = EngineConfig {
+        max_batch: 2,
+        queue_capacity: 0,
+        ..config()
+    };
+    let (h, _, _) = engine(32, cfg, 20);
+    let mut keep = Vec::new();
+    for _ in 0..2 {
+        let (r, rx) = request("a", 30, &[]);
+        h.submit(r).unwrap();
+        keep.push(rx);
+    }
+    let (r, _rx) = request("a", 30, &[]);
+    assert!(matches!(h.submit(r), Err(SubmitError::QueueFull(_))));
+}
+
+#[test]
 fn full_queue_long_requests_and_draining_are_refused_clearly() {
     let cfg = EngineConfig {
         max_batch: 1,

@@ -46,6 +46,9 @@ pub struct Tokenizer {
     merges: HashMap<(u32, u32), (u32, u32)>,
     /// Control / user-defined tokens, longest first.
     special: Vec<(String, u32)>,
+    /// A matcher over `special` (leftmost, then longest), so splitting a text around
+    /// them is one pass however many it holds.
+    special_matcher: Option<aho_corasick::AhoCorasick>,
     /// What each token decodes to (empty for control tokens).
     pieces: Vec<Vec<u8>>,
     pre: Vec<fancy_regex::Regex>,
@@ -157,6 +160,16 @@ impl Tokenizer {
             .map(|i| (tokens[i].clone(), i as u32))
             .collect();
         special.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.1.cmp(&b.1)));
+        let special_matcher = if special.is_empty() {
+            None
+        } else {
+            Some(
+                aho_corasick::AhoCorasick::builder()
+                    .match_kind(aho_corasick::MatchKind::LeftmostLongest)
+                    .build(special.iter().map(|(s, _)| s.as_str()))
+                    .map_err(|e| TokenizerError::Invalid(format!("special tokens: {e}")))?,
+            )
+        };
         let pieces = tokens
             .iter()
             .enumerate()
@@ -218,6 +231,7 @@ impl Tokenizer {
             scores,
             merges,
             special,
+            special_matcher,
             pieces,
             pre,
             byte_tokens,
@@ -234,106 +248,122 @@ impl Tokenizer {
         self.tokens.get(id as usize).map(String::as_str)
     }
 
-    /// Tokenizes `text`, adding BOS when the model asks for it.
+    /// Tokenizes `text`, adding BOS when the model asks for it. Linear in the text's
+    /// length (`benches/tokenize.rs` measures it on adversarial inputs).
     pub fn encode(&self, text: &str) -> Vec<u32> {
+        self.encode_until(text, &std::sync::atomic::AtomicBool::new(false))
+            .expect("never cancelled")
+    }
+
+    /// `encode`, giving up (`None`) as soon as `cancel` is set: the request it was for
+    /// has gone, and a worker thread should not go on tokenizing for nobody.
+    pub fn encode_until(
+        &self,
+        text: &str,
+        cancel: &std::sync::atomic::AtomicBool,
+    ) -> Option<Vec<u32>> {
         let mut out = Vec::new();
         if self.add_bos {
             out.extend(self.bos);
         }
         let mut first = true;
         for (piece, special) in self.split_special(text) {
+            if cancel.load(std::sync::atomic::Ordering::Relaxed) {
+                return None;
+            }
             if let Some(id) = special {
                 out.push(id);
                 continue;
             }
             match self.kind {
-                Kind::Bpe => self.encode_bpe(piece, &mut out),
+                Kind::Bpe => self.encode_bpe(piece, cancel, &mut out),
                 Kind::Spm => self.encode_spm(piece, first && self.add_space_prefix, &mut out),
             }
             first = false;
         }
-        out
+        (!cancel.load(std::sync::atomic::Ordering::Relaxed)).then_some(out)
+    }
+
+    /// The most bytes of text one token stands for: a text longer than `n` times this
+    /// surely needs more than `n` tokens, so it can be refused without tokenizing it.
+    pub fn max_token_bytes(&self) -> usize {
+        self.pieces
+            .iter()
+            .map(Vec::len)
+            .chain(self.special.iter().map(|(s, _)| s.len()))
+            .max()
+            .unwrap_or(1)
+            .max(1)
+            // SentencePiece adds one leading space to the text.
+            + usize::from(self.add_space_prefix)
     }
 
     /// Splits `text` around control and user-defined tokens: the earliest match first,
-    /// the longest token where several start at the same place.
+    /// the longest token where several start at the same place. One pass over the text.
     fn split_special<'t>(&self, text: &'t str) -> Vec<(&'t str, Option<u32>)> {
+        let Some(matcher) = &self.special_matcher else {
+            return vec![(text, None)]
+                .into_iter()
+                .filter(|(t, _)| !t.is_empty())
+                .collect();
+        };
         let mut out = Vec::new();
-        let mut rest = text;
-        while !rest.is_empty() {
-            let hit = self
-                .special
-                .iter()
-                .filter_map(|(s, id)| {
-                    rest.find(s.as_str())
-                        .map(|i| (i, std::cmp::Reverse(s.len()), *id))
-                })
-                .min();
-            let Some((i, std::cmp::Reverse(len), id)) = hit else {
-                out.push((rest, None));
-                break;
-            };
-            if i > 0 {
-                out.push((&rest[..i], None));
+        let mut last = 0;
+        for m in matcher.find_iter(text) {
+            if m.start() > last {
+                out.push((&text[last..m.start()], None));
             }
-            out.push((&rest[i..i + len], Some(id)));
-            rest = &rest[i + len..];
+            out.push((
+                &text[m.start()..m.end()],
+                Some(self.special[m.pattern().as_usize()].1),
+            ));
+            last = m.end();
+        }
+        if last < text.len() {
+            out.push((&text[last..], None));
         }
         out
     }
 
-    fn encode_bpe(&self, text: &str, out: &mut Vec<u32>) {
+    fn encode_bpe(&self, text: &str, cancel: &std::sync::atomic::AtomicBool, out: &mut Vec<u32>) {
         let chars = &byte_map().to_char;
         let mut pieces = vec![text.to_string()];
         for re in &self.pre {
             pieces = pieces.iter().flat_map(|p| regex_split(re, p)).collect();
         }
         for piece in pieces {
+            if cancel.load(std::sync::atomic::Ordering::Relaxed) {
+                return;
+            }
             let mapped: String = piece.bytes().map(|b| chars[b as usize]).collect();
             if let Some(&id) = self.ids.get(&mapped) {
                 out.push(id);
                 continue;
             }
-            let mut syms: Vec<u32> = piece
+            let syms: Vec<u32> = piece
                 .bytes()
                 .filter_map(|b| self.byte_tokens[b as usize])
                 .collect();
             // Repeatedly apply the lowest-ranked merge present (leftmost on ties).
-            loop {
-                let best = syms
-                    .windows(2)
-                    .enumerate()
-                    .filter_map(|(i, w)| self.merges.get(&(w[0], w[1])).map(|(r, m)| (*r, i, *m)))
-                    .min();
-                let Some((_, i, merged)) = best else { break };
-                syms[i] = merged;
-                syms.remove(i + 1);
-            }
-            out.extend(syms);
+            out.extend(merge_pairs(syms, |a, b| {
+                let &(rank, merged) = self.merges.get(&(*a, *b))?;
+                Some((std::cmp::Reverse(rank), merged))
+            }));
         }
     }
 
     fn encode_spm(&self, text: &str, prefix: bool, out: &mut Vec<u32>) {
         let text = format!("{}{}", if prefix { " " } else { "" }, text).replace(' ', "\u{2581}");
         // Symbols start as single characters; merge the adjacent pair whose union is a
-        // token with the highest score, as SentencePiece's BPE mode does.
-        let mut syms: Vec<String> = text.chars().map(String::from).collect();
-        loop {
-            let best = syms
-                .windows(2)
-                .enumerate()
-                .filter_map(|(i, w)| {
-                    let id = *self.ids.get(&format!("{}{}", w[0], w[1]))?;
-                    Some((self.scores[id as usize], std::cmp::Reverse(i)))
-                })
-                .max_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
-            let Some((_, std::cmp::Reverse(i))) = best else {
-                break;
-            };
-            let right = syms.remove(i + 1);
-            syms[i].push_str(&right);
-        }
-        for s in syms {
+        // token with the highest score (leftmost on ties), as SentencePiece's BPE mode
+        // does.
+        let syms: Vec<String> = text.chars().map(String::from).collect();
+        let merged = merge_pairs(syms, |a, b| {
+            let joined = format!("{a}{b}");
+            let id = *self.ids.get(&joined)?;
+            Some((Score(self.scores[id as usize]), joined))
+        });
+        for s in merged {
             match self.ids.get(&s) {
                 Some(&id) => out.push(id),
                 // Byte fallback: unknown characters become their UTF-8 bytes.
@@ -364,6 +394,93 @@ impl Tokenizer {
     pub fn is_eos(&self, id: u32) -> bool {
         self.eos.contains(&id)
     }
+}
+
+/// An `f32` score ordered totally, for the merge queue.
+#[derive(Clone, Copy, PartialEq)]
+struct Score(f32);
+
+impl Eq for Score {}
+
+impl PartialOrd for Score {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Score {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.0.total_cmp(&other.0)
+    }
+}
+
+/// Merges adjacent symbols until no pair merges: each step merges the pair whose
+/// `merge` priority is highest, the leftmost among equals, into the symbol `merge`
+/// gives. The same result as rescanning the whole sequence after every merge, in
+/// O(n log n) rather than O(n²): the candidate pairs wait in a heap over a linked list
+/// of symbols, and a pair whose symbols have changed since it was queued is skipped
+/// when it comes up (as Hugging Face's and tiktoken's tokenizers do).
+fn merge_pairs<S, P, F>(syms: Vec<S>, merge: F) -> Vec<S>
+where
+    S: Clone,
+    P: Ord,
+    F: Fn(&S, &S) -> Option<(P, S)>,
+{
+    use std::cmp::Reverse;
+    use std::collections::BinaryHeap;
+    let n = syms.len();
+    let mut sym: Vec<Option<S>> = syms.into_iter().map(Some).collect();
+    // Symbol versions: a queued pair is stale once either side changed.
+    let mut version = vec![0u32; n];
+    let mut next: Vec<usize> = (1..=n).collect();
+    let mut prev: Vec<usize> = (0..n).map(|i| i.wrapping_sub(1)).collect();
+    // (priority, leftmost first, left, right, their versions).
+    type Entry<P> = (P, Reverse<usize>, usize, (u32, u32));
+    let mut heap: BinaryHeap<Entry<P>> = BinaryHeap::new();
+    let push = |heap: &mut BinaryHeap<Entry<P>>,
+                sym: &[Option<S>],
+                version: &[u32],
+                l: usize,
+                r: usize| {
+        if let (Some(a), Some(b)) = (&sym[l], &sym[r]) {
+            if let Some((p, _)) = merge(a, b) {
+                heap.push((p, Reverse(l), r, (version[l], version[r])));
+            }
+        }
+    };
+    for i in 0..n.saturating_sub(1) {
+        push(&mut heap, &sym, &version, i, i + 1);
+    }
+    while let Some((_, Reverse(l), r, (vl, vr))) = heap.pop() {
+        if sym[l].is_none()
+            || sym[r].is_none()
+            || version[l] != vl
+            || version[r] != vr
+            || next[l] != r
+        {
+            continue;
+        }
+        let (Some(a), Some(b)) = (&sym[l], &sym[r]) else {
+            continue;
+        };
+        let Some((_, merged)) = merge(a, b) else {
+            continue;
+        };
+        sym[l] = Some(merged);
+        sym[r] = None;
+        version[l] += 1;
+        next[l] = next[r];
+        if next[l] < n {
+            prev[next[l]] = l;
+        }
+        if prev[l] < n {
+            push(&mut heap, &sym, &version, prev[l], l);
+        }
+        if next[l] < n {
+            push(&mut heap, &sym, &version, l, next[l]);
+        }
+    }
+    sym.into_iter().flatten().collect()
 }
 
 /// The bytes a (non-control) token's stored text stands for.

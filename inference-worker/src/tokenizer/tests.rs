@@ -60,8 +60,9 @@ fn bpe_splits_digits_and_special_tokens_first() {
     assert!(t.is_eos(0));
 }
 
-#[test]
-fn spm_merges_by_score_with_byte_fallback() {
+/// A SentencePiece vocabulary: byte tokens, `▁`, `h`, `i` and merges scored so that
+/// `hi` merges before `▁h`.
+fn spm() -> Tokenizer {
     let mut tokens = vec!["<unk>".to_string(), "<s>".into(), "</s>".into()];
     let mut types = vec![2, 3, 3];
     for b in 0..256 {
@@ -93,7 +94,12 @@ fn spm_merges_by_score_with_byte_fallback() {
         )
         .kv("tokenizer.ggml.bos_token_id", Value::U32(1))
         .kv("tokenizer.ggml.eos_token_id", Value::U32(2));
-    let t = Tokenizer::from_gguf(&Gguf::parse(&w.bytes()).unwrap()).unwrap();
+    Tokenizer::from_gguf(&Gguf::parse(&w.bytes()).unwrap()).unwrap()
+}
+
+#[test]
+fn spm_merges_by_score_with_byte_fallback() {
+    let t = spm();
     let space = t.ids["\u{2581}"];
     // BOS added; "hi" merges first (highest score), then "▁" + "hi"; never "▁h" + "i".
     assert_eq!(t.encode("hi"), vec![1, t.ids["\u{2581}hi"]]);
@@ -148,4 +154,75 @@ fn chat_template_renders_with_python_methods_and_errors() {
         .to_string()
         .contains("roles must alternate"));
     assert!(ChatTemplate::new(Some("{% for %}"), "", "").is_err());
+}
+
+/// The merge loop as it was written first: rescan every pair after each merge, O(n²).
+/// The reference `merge_pairs` must agree with.
+fn merge_by_rescanning<S: Clone, P: Ord>(
+    mut syms: Vec<S>,
+    merge: impl Fn(&S, &S) -> Option<(P, S)>,
+) -> Vec<S> {
+    loop {
+        let best = syms
+            .windows(2)
+            .enumerate()
+            .filter_map(|(i, w)| merge(&w[0], &w[1]).map(|(p, m)| (p, std::cmp::Reverse(i), m)))
+            .max_by(|a, b| a.0.cmp(&b.0).then(a.1.cmp(&b.1)));
+        let Some((_, std::cmp::Reverse(i), merged)) = best else {
+            return syms;
+        };
+        syms[i] = merged;
+        syms.remove(i + 1);
+    }
+}
+
+proptest::proptest! {
+    /// The heap-based merge gives exactly what rescanning gives, on random merge tables
+    /// over a small alphabet (so ties, chains and long runs of one symbol are common).
+    #[test]
+    fn merging_with_a_heap_equals_rescanning(
+        input in proptest::collection::vec(0u8..4, 0..200),
+        table in proptest::collection::btree_map((0u8..4, 0u8..4), (0u8..6, 0u8..4), 0..16),
+    ) {
+        // Symbols are strings; a pair merges when its first characters are in the table.
+        let syms: Vec<String> = input.iter().map(|b| ((b'a' + b) as char).to_string()).collect();
+        let merge = |a: &String, b: &String| {
+            let key = (a.as_bytes()[0] - b'a', b.as_bytes()[0] - b'a');
+            let (priority, _) = table.get(&key)?;
+            Some((*priority, format!("{a}{b}")))
+        };
+        proptest::prop_assert_eq!(merge_pairs(syms.clone(), merge), merge_by_rescanning(syms, merge));
+    }
+
+    /// Splitting around special tokens finds the earliest, then longest, token anywhere
+    /// in the text, as the first search loop did.
+    #[test]
+    fn special_tokens_split_leftmost_longest(parts in proptest::collection::vec(0usize..4, 0..40)) {
+        let t = bpe();
+        let words = ["<|im_start|>", "ab", "<|endoftext|>", "<|im_"];
+        let text: String = parts.iter().map(|&i| words[i]).collect();
+        let ids: Vec<u32> = t.split_special(&text).into_iter().filter_map(|(_, id)| id).collect();
+        let expected: Vec<u32> = parts
+            .iter()
+            .filter_map(|&i| match i { 0 => Some(1), 2 => Some(0), _ => None })
+            .collect();
+        proptest::prop_assert_eq!(ids, expected);
+    }
+}
+
+#[test]
+fn adversarial_runs_tokenize_as_their_pieces() {
+    // Long runs of one mergeable character, of a character with no token (byte
+    // fallback) and of a control token: the merges still reach the longest tokens.
+    let t = bpe();
+    let ids = t.encode(&"ab".repeat(5000));
+    assert_eq!(ids.len(), 5000);
+    assert!(ids.iter().all(|&i| i == 6));
+    let ids = t.encode(&"<|im_start|>".repeat(3000));
+    assert_eq!(ids, vec![1; 3000]);
+    let s = spm();
+    let text = "日".repeat(2000);
+    assert_eq!(s.decode(&s.encode(&text)), text);
+    let ids = s.encode(&"hi".repeat(3000));
+    assert_eq!(ids.len(), 1 + 3000, "BOS, then ▁hi and hi: {:?}", &ids[..4]);
 }

@@ -1,0 +1,146 @@
+//! The worker against a hostile but fair client (issue #23), on the real binary serving
+//! SmolLM2: the worst prompts (long runs of one letter, of one non-ASCII script) are
+//! tokenized off the async executor in linear time, so the probes and metrics keep
+//! answering while they are; a prompt too long to ever fit is refused before any work.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use inference_worker::tokenizer::Tokenizer;
+use serde_json::{json, Value};
+
+struct Worker {
+    child: Child,
+    url: String,
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn start(model: &std::path::Path) -> Worker {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let child = Command::new(env!("CARGO_BIN_EXE_inference-worker"))
+        .args(["--model", model.to_str().unwrap(), "--host", "127.0.0.1"])
+        .args([
+            "--port",
+            &port.to_string(),
+            "--threads",
+            "2",
+            "--max-seq-len",
+            "2048",
+        ])
+        .args(["--memory-budget", "400MiB"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let w = Worker {
+        child,
+        url: format!("http://127.0.0.1:{port}"),
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while reqwest::get(format!("{}/readyz", w.url))
+        .await
+        .map_or(true, |r| r.status() != 200)
+    {
+        assert!(Instant::now() < deadline, "the worker never became ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    w
+}
+
+/// The most bytes a prompt may have before it is refused unread: 2048 tokens of the
+/// vocabulary's longest token.
+fn byte_limit(model: &std::path::Path) -> usize {
+    let bytes = std::fs::read(model).unwrap();
+    let t = Tokenizer::from_gguf(&gguf::Gguf::parse(&bytes).unwrap()).unwrap();
+    2048 * t.max_token_bytes()
+}
+
+async fn chat(url: &str, content: String) -> (u16, Value) {
+    let r = reqwest::Client::new()
+        .post(format!("{url}/v1/chat/completions"))
+        .json(&json!({"messages": [{"role": "user", "content": content}], "max_tokens": 4}))
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn probes_answer_while_the_worst_prompts_are_tokenized() {
+    let Some(model) = gguf::smollm2_fixture() else {
+        return;
+    };
+    let w = start(&model).await;
+    // Right under the size limit, so each is tokenized in full (then refused: far more
+    // than 2048 tokens). Before the fix one such prompt took minutes on a request thread.
+    let n = byte_limit(&model).min(400_000) - 1000;
+    let mut tasks = Vec::new();
+    for i in 0..6 {
+        let content = if i % 2 == 0 {
+            "a".repeat(n)
+        } else {
+            "日".repeat(n / 3)
+        };
+        let url = w.url.clone();
+        tasks.push(tokio::spawn(async move { chat(&url, content).await }));
+    }
+    let probe = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let mut slowest = Duration::ZERO;
+    let mut probes = 0;
+    while tasks.iter().any(|t| !t.is_finished()) {
+        for path in ["/healthz", "/metrics"] {
+            let t = Instant::now();
+            let r = probe.get(format!("{}{path}", w.url)).send().await.unwrap();
+            assert_eq!(r.status(), 200);
+            slowest = slowest.max(t.elapsed());
+            probes += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for t in tasks {
+        let (status, body) = t.await.unwrap();
+        assert_eq!(status, 400, "{body}");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("maximum context length"),
+            "{body}"
+        );
+    }
+    eprintln!("{probes} probes while 6 worst-case prompts were tokenized; slowest {slowest:?}");
+    // A liveness probe's default timeout is 1 s; it must never come near it.
+    assert!(
+        slowest < Duration::from_millis(900),
+        "slowest probe {slowest:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prompt_too_long_to_ever_fit_is_refused_before_tokenizing() {
+    let Some(model) = gguf::smollm2_fixture() else {
+        return;
+    };
+    let w = start(&model).await;
+    let (status, body) = chat(&w.url, "a".repeat(byte_limit(&model) + 1)).await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["param"], "messages");
+    assert!(
+        body["error"]["message"].as_str().unwrap().contains("bytes"),
+        "{body}"
+    );
+}
