@@ -68,6 +68,9 @@ struct Cli {
     /// Tokens per KV-cache block.
     #[arg(long, default_value_t = 16, value_parser = within::<1, 1024>)]
     block_size: usize,
+    /// Seconds a client has to send a request's headers before its connection closes.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    header_read_timeout_seconds: u64,
     /// Longest wait for in-flight requests after SIGTERM before exiting anyway.
     #[arg(long, default_value_t = 120, value_parser = clap::value_parser!(u64).range(0..=86_400))]
     drain_timeout_seconds: u64,
@@ -175,13 +178,8 @@ async fn main() -> anyhow::Result<()> {
 
     let (shutdown_tx, shutdown_rx) = tokio::sync::oneshot::channel::<()>();
     let app = router(Arc::clone(&state));
-    let server = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async {
-                let _ = shutdown_rx.await;
-            })
-            .await
-    });
+    let header_timeout = Duration::from_secs(cli.header_read_timeout_seconds);
+    let server = tokio::spawn(serve(listener, app, header_timeout, shutdown_rx));
 
     let started = Instant::now();
     let loaded = tokio::task::spawn_blocking({
@@ -235,6 +233,48 @@ async fn main() -> anyhow::Result<()> {
     }
     tracing::info!("drained; exiting");
     Ok(())
+}
+
+/// Serves `app` on `listener` until `shutdown`, then lets open connections finish.
+/// A client gets `header_timeout` to send a request's headers: a half-sent request
+/// does not hold its connection (and a task) open for ever. (axum::serve has no such
+/// setting; this is its loop with hyper's HTTP/1 header read timeout.)
+async fn serve(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    header_timeout: Duration,
+    mut shutdown: tokio::sync::oneshot::Receiver<()>,
+) {
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let stream = match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let service = hyper_util::service::TowerToHyperService::new(app.clone());
+                let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                let conn = graceful.watch(conn.into_owned());
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                });
+            }
+            _ = &mut shutdown => break,
+        }
+    }
+    drop(listener);
+    graceful.shutdown().await;
 }
 
 async fn wait_for_signal() {

@@ -22,6 +22,10 @@ impl Drop for Worker {
 }
 
 async fn start(model: &std::path::Path) -> Worker {
+    start_with(model, &[]).await
+}
+
+async fn start_with(model: &std::path::Path, extra: &[&str]) -> Worker {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -38,6 +42,7 @@ async fn start(model: &std::path::Path) -> Worker {
             "2048",
         ])
         .args(["--memory-budget", "400MiB"])
+        .args(extra)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -142,5 +147,46 @@ async fn a_prompt_too_long_to_ever_fit_is_refused_before_tokenizing() {
     assert!(
         body["error"]["message"].as_str().unwrap().contains("bytes"),
         "{body}"
+    );
+}
+
+/// A client that sends half a request's headers and stops gets its connection closed
+/// after `--header-read-timeout-seconds`, instead of holding it open for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_sent_request_is_closed_after_the_header_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Some(model) = gguf::smollm2_fixture() else {
+        return;
+    };
+    let w = start_with(&model, &["--header-read-timeout-seconds", "1"]).await;
+    let addr = w.url.trim_start_matches("http://").to_string();
+    let mut conn = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    conn.write_all(b"POST /v1/completions HTTP/1.1\r\nHost: worker\r\n")
+        .await
+        .unwrap();
+    let sent = Instant::now();
+    let mut buf = [0u8; 512];
+    let read = tokio::time::timeout(Duration::from_secs(10), conn.read(&mut buf)).await;
+    let waited = sent.elapsed();
+    match read {
+        Ok(Ok(n)) => {
+            // Closed (0), or an error status written before closing.
+            let text = String::from_utf8_lossy(&buf[..n]);
+            assert!(n == 0 || text.starts_with("HTTP/1.1 408"), "{text}");
+        }
+        Ok(Err(_)) => {} // reset
+        Err(_) => panic!("the half-sent request was still open after 10 s"),
+    }
+    assert!(
+        waited >= Duration::from_millis(900),
+        "closed too early: {waited:?}"
+    );
+    // Meanwhile the worker serves others.
+    assert_eq!(
+        reqwest::get(format!("{}/healthz", w.url))
+            .await
+            .unwrap()
+            .status(),
+        200
     );
 }

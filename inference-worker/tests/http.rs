@@ -243,6 +243,31 @@ async fn bad_requests_get_openai_errors_with_the_reason() {
     let r = reqwest::get(format!("{}/v2/nothing", s.url)).await.unwrap();
     assert_eq!(r.status(), 404);
     assert_openai_error(&r.json().await.unwrap(), "not_found_error", "no such route");
+    // The empty prompt is blamed on the prompt, not on max_tokens.
+    let (_, _, b) = post(&c, json!({"prompt": ""})).await;
+    assert_eq!(b["error"]["param"], "prompt", "{b}");
+    // A wrong method and an oversized body are OpenAI errors too, not bare statuses.
+    let r = reqwest::get(&c).await.unwrap();
+    assert_eq!(r.status(), 405);
+    assert_openai_error(
+        &r.json().await.unwrap(),
+        "invalid_request_error",
+        "GET is not allowed",
+    );
+    let big = format!("{{\"prompt\": \"{}\"}}", "a".repeat(3 << 20));
+    let r = reqwest::Client::new()
+        .post(&c)
+        .header("content-type", "application/json")
+        .body(big)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
+    assert_openai_error(
+        &r.json().await.unwrap(),
+        "invalid_request_error",
+        "larger than",
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -212,25 +212,60 @@ async fn operator_main(
         namespaces.join(",")
     };
     tracing::info!(%addr, namespaces = %watched, "operator started");
-    match election {
-        None => {
-            metrics.set_leader(true);
-            reconcile::run(ctx, namespaces).await;
+    let work = async {
+        match election {
+            None => {
+                metrics.set_leader(true);
+                reconcile::run(ctx, namespaces).await;
+                Ok(())
+            }
+            Some(e) => {
+                let config = LeaseConfig::with_duration(
+                    &e.namespace,
+                    "gpuscale-operator",
+                    &e.identity,
+                    e.lease_duration,
+                );
+                Elector::new(client, config)
+                    .lead(&metrics, reconcile::run(ctx, namespaces))
+                    .await
+                    .context("leadership ended; stopping so that only one leader acts")
+            }
         }
-        Some(e) => {
-            let config = LeaseConfig::with_duration(
-                &e.namespace,
-                "gpuscale-operator",
-                &e.identity,
-                e.lease_duration,
-            );
-            Elector::new(client, config)
-                .lead(&metrics, reconcile::run(ctx, namespaces))
-                .await
-                .context("leadership ended; stopping so that only one leader acts")?;
+    };
+    tokio::pin!(work);
+    // The controller stops on SIGTERM by itself once its passes end; but a pass, a lease
+    // renewal or the first list can wait on an API server that is gone. The pod must
+    // stop within its grace period whatever the API does.
+    tokio::select! {
+        r = &mut work => r,
+        () = terminated() => {
+            tracing::info!("SIGTERM: stopping; passes in flight get {} s", STOP_GRACE.as_secs());
+            match tokio::time::timeout(STOP_GRACE, &mut work).await {
+                Ok(r) => r,
+                Err(_) => {
+                    tracing::warn!("still busy (the API server may be unreachable); exiting");
+                    Ok(())
+                }
+            }
         }
     }
-    Ok(())
+}
+
+/// How long in-flight passes get after SIGTERM.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// SIGTERM or Ctrl-C.
+async fn terminated() {
+    let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+    else {
+        let _ = tokio::signal::ctrl_c().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
 }
 
 /// Host name and pid: unique among replicas that share neither.

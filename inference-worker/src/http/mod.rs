@@ -116,7 +116,38 @@ pub fn router(state: Arc<AppState>) -> Router {
                 "no such route; see /v1/models, /v1/completions, /v1/chat/completions",
             )
         })
+        .method_not_allowed_fallback(|method: axum::http::Method| async move {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "invalid_request_error",
+                format!(
+                    "{method} is not allowed here: the completion routes take POST, the others GET"
+                ),
+            )
+        })
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
+}
+
+/// The largest request body read (2 MiB): far above any prompt a sequence can hold.
+pub const MAX_BODY_BYTES: usize = 2 << 20;
+
+/// The body, or an OpenAI error when it cannot be read (413 past `MAX_BODY_BYTES`).
+fn body_of(
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<Bytes, ApiError> {
+    body.map_err(|e| {
+        let status = e.status();
+        let message = if status == StatusCode::PAYLOAD_TOO_LARGE {
+            format!("the request body is larger than {MAX_BODY_BYTES} bytes")
+        } else {
+            e.body_text()
+        };
+        ApiError {
+            param: None,
+            ..ApiError::new(status, "invalid_request_error", message)
+        }
+    })
 }
 
 /// An error as OpenAI shapes it, with the status and (for 429) Retry-After.
@@ -201,10 +232,13 @@ fn parse<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
         .map_err(|e| ApiError::invalid("body", format!("invalid JSON body: {e}")))
 }
 
-async fn completions(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
+async fn completions(
+    State(s): State<Arc<AppState>>,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Response {
     let started = Instant::now();
     let result = async {
-        let req: CompletionRequest = parse(&body)?;
+        let req: CompletionRequest = parse(&body_of(body)?)?;
         s.loaded()?;
         let prompts = req.prompt.into_vec();
         let [prompt] = prompts.as_slice() else {
@@ -221,10 +255,13 @@ async fn completions(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
     finish_error(&s, result, started)
 }
 
-async fn chat_completions(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
+async fn chat_completions(
+    State(s): State<Arc<AppState>>,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Response {
     let started = Instant::now();
     let result = async {
-        let req: ChatRequest = parse(&body)?;
+        let req: ChatRequest = parse(&body_of(body)?)?;
         if req.messages.is_empty() {
             return Err(ApiError::invalid("messages", "messages must not be empty"));
         }
