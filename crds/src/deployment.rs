@@ -111,7 +111,12 @@ pub struct InferenceDeploymentSpec {
 #[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
 #[x_kube(validation = Rule::new(
     "has(self.format) || self.source.endsWith('.gguf') || self.source.endsWith('.safetensors')"
-).message("cannot infer model.format from model.source: set model.format to gguf or safetensors"))]
+).message("cannot infer model.format from model.source: set model.format to gguf"))]
+// Accepted and then crash-looping would be worse than a refusal: the worker reads GGUF only.
+#[x_kube(validation = Rule::new(
+    "(has(self.format) ? self.format : (self.source.endsWith('.safetensors') ? 'safetensors' : 'gguf')) != 'safetensors'"
+).message("model.format safetensors is not supported yet: the worker loads GGUF only; convert the model with llama.cpp's convert_hf_to_gguf.py and point model.source at the .gguf file")
+    .field_path(".format"))]
 #[serde(rename_all = "camelCase")]
 pub struct ModelSpec {
     /// Model name, as served by `/v1/models` and used in requests.
@@ -147,7 +152,8 @@ pub struct ModelSpec {
 pub enum ModelFormat {
     /// llama.cpp's GGUF.
     Gguf,
-    /// Hugging Face safetensors.
+    /// Hugging Face safetensors: refused at admission until the worker loads it (see
+    /// the rule on `ModelSpec`), so a deployment never crash-loops on it.
     Safetensors,
 }
 
