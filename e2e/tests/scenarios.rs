@@ -75,6 +75,8 @@ async fn apply_becomes_available_and_serves() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_scales_up_then_down_without_losing_a_request() {
     let env = Env::start("burst", two_l4_nodes()).await.unwrap();
+    // The burst starts panic mode, which forbids scaling down for the 60 s stable
+    // window after it last held (Knative's rule): the trickle outlasts that.
     let d = smollm(json!({"spec": {"scaling": {
         "minReplicas": 1, "maxReplicas": 3, "warmReplicas": 0, "targetQueueDepth": 1,
         "scaleDownWindowSeconds": 15}}}));
@@ -84,22 +86,48 @@ async fn a_burst_scales_up_then_down_without_losing_a_request() {
         .unwrap();
     // A burst well past one worker (4 requests/s of 32 tokens keeps 1 to 3 in flight on
     // one simulated worker: at a target of 1 per replica that is 2 to 3 replicas), then
-    // a trickle that goes on while replicas drain.
-    let load = background_load(&env, Profile(vec![(0.0, 4.0), (20.0, 0.5), (55.0, 0.0)]));
-    let most = env
-        .wait("a scale-up", Duration::from_secs(40), || async {
-            let d = env.deployment("smollm").await.ok()?;
-            let desired = d.status?.desired_replicas;
-            (desired > 1).then_some(desired)
+    // a trickle light enough for one replica (0.25/s) that goes on while replicas drain.
+    let load = background_load(&env, Profile(vec![(0.0, 4.0), (20.0, 0.25), (100.0, 0.0)]));
+    let t0 = std::time::Instant::now();
+    // Two or more replicas ready and serving while the burst lasts.
+    let serving = env
+        .wait("two ready replicas", Duration::from_secs(40), || async {
+            let st = env.deployment("smollm").await.ok()?.status?;
+            (st.ready_replicas >= 2).then(|| t0.elapsed())
         })
         .await
         .unwrap();
-    assert!(most > 1);
+    assert!(
+        serving < Duration::from_secs(20),
+        "two replicas were ready only after the burst, at {serving:?}"
+    );
+    // A scale-down while the trickle still flows (it ends at 100 s).
+    let down = env
+        .wait("a scale-down", Duration::from_secs(95), || async {
+            let ev = env.events("smollm").await.ok()?;
+            ev.iter()
+                .any(|e| e.reason.as_deref() == Some("ScaledDown"))
+                .then(|| t0.elapsed())
+        })
+        .await
+        .unwrap();
+    eprintln!("two ready replicas at {serving:?}, scaled down at {down:?}");
+    assert!(
+        down < Duration::from_secs(95),
+        "the scale-down came after the traffic, at {down:?}"
+    );
     let outcomes = load.await.unwrap();
     let s = traffic::summary(&outcomes);
+    // 4/s for 20 s and 0.25/s for 80 s: about 100 requests, each with an outcome.
+    assert!(s.requests >= 90, "only {} requests sent: {s:?}", s.requests);
+    let after = outcomes
+        .iter()
+        .filter(|o| o.at > down.as_secs_f64())
+        .count();
+    assert!(after > 0, "no request flowed through the scale-down");
     assert_eq!(
         s.errors, 0,
-        "every request answered 200 through scale-up and scale-down: {s:?}"
+        "every request answered 200 through scale-up and scale-down ({after} after the scale-down): {s:?}"
     );
     env.wait_ready("smollm", 1, Duration::from_secs(120))
         .await
@@ -117,14 +145,17 @@ async fn an_operator_killed_mid_scale_leaves_no_duplicate_or_orphan() {
         eprintln!("skipped: needs to kill the operator (simulator only)");
         return;
     }
+    // The API server lets the first pod create through and holds the second: the
+    // operator is killed with that create in flight, between two creations.
+    let gate = env.sim().unwrap().api().gate_creates("pods", 1);
     let d = smollm(json!({"spec": {"replicas": 3, "scaling": {"autoscale": false}}}));
     let created = env.apply(&d).await.unwrap();
-    env.wait("the first replica pod", Duration::from_secs(30), || async {
-        (!env.pods("smollm").await.ok()?.is_empty()).then_some(())
-    })
-    .await
-    .unwrap();
+    tokio::time::timeout(Duration::from_secs(30), gate.held())
+        .await
+        .expect("the operator never tried a second pod");
     env.kill_operator();
+    // The held create completes after its client is gone, as on a real API server.
+    gate.release();
     tokio::time::sleep(Duration::from_millis(500)).await;
     env.start_operator();
     let pods = env
@@ -132,6 +163,14 @@ async fn an_operator_killed_mid_scale_leaves_no_duplicate_or_orphan() {
         .await
         .unwrap();
     assert_eq!(names(&pods), ["smollm-0", "smollm-1", "smollm-2"]);
+    // Every pod in the namespace, with no selector: no copy under another name.
+    let all =
+        Api::<k8s_openapi::api::core::v1::Pod>::namespaced(env.client.clone(), &env.namespace)
+            .list(&Default::default())
+            .await
+            .unwrap()
+            .items;
+    assert_eq!(names(&all), ["smollm-0", "smollm-1", "smollm-2"]);
     for p in &pods {
         let owner = &p.owner_references()[0];
         assert_eq!(Some(&owner.uid), created.metadata.uid.as_ref());
@@ -147,7 +186,18 @@ async fn an_operator_killed_mid_scale_leaves_no_duplicate_or_orphan() {
         Duration::from_secs(90),
         || async {
             let gone = api.get_opt("smollm").await.ok()?.is_none();
-            (gone && env.pods("smollm").await.ok()?.is_empty()).then_some(())
+            let pods = Api::<k8s_openapi::api::core::v1::Pod>::namespaced(
+                env.client.clone(),
+                &env.namespace,
+            )
+            .list(&Default::default())
+            .await
+            .ok()?;
+            let svc = Api::<Service>::namespaced(env.client.clone(), &env.namespace)
+                .get_opt("smollm")
+                .await
+                .ok()?;
+            (gone && pods.items.is_empty() && svc.is_none()).then_some(())
         },
     )
     .await

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use inference_worker::backend::cpu::quant::WeightType;
 use inference_worker::backend::cpu::CpuBackend;
-use inference_worker::backend::KvLayout;
+use inference_worker::backend::{Backend, KvLayout};
 use inference_worker::http::{router, AppState, Loaded};
 use inference_worker::metrics::Metrics;
 use inference_worker::scheduler::{self, EngineConfig, Handle};
@@ -22,6 +22,39 @@ struct Server {
 }
 
 async fn server(queue: usize, load: bool) -> Server {
+    server_with(queue, load, Duration::ZERO).await
+}
+
+/// A backend that takes at least `delay` per forward pass: long generations stay in
+/// flight long enough for a test to act while they run.
+struct Slow {
+    inner: Box<dyn Backend>,
+    delay: Duration,
+}
+
+impl Backend for Slow {
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+    fn config(&self) -> &inference_worker::model::ModelConfig {
+        self.inner.config()
+    }
+    fn kv_layout(&self) -> KvLayout {
+        self.inner.kv_layout()
+    }
+    fn memory_bytes(&self) -> u64 {
+        self.inner.memory_bytes()
+    }
+    fn forward(
+        &mut self,
+        chunks: &[inference_worker::backend::SeqChunk<'_>],
+    ) -> Result<Vec<f32>, inference_worker::backend::BackendError> {
+        std::thread::sleep(self.delay);
+        self.inner.forward(chunks)
+    }
+}
+
+async fn server_with(queue: usize, load: bool, step: Duration) -> Server {
     let m = common::model(WeightType::Q8_0, "llama", 21);
     // A file per server: rewriting a file another test has mapped would be a SIGBUS.
     static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
@@ -44,8 +77,16 @@ async fn server(queue: usize, load: bool) -> Server {
         max_seq_len: 256,
         queue_capacity: queue,
     };
+    let backend: Box<dyn Backend> = if step.is_zero() {
+        Box::new(backend)
+    } else {
+        Box::new(Slow {
+            inner: Box::new(backend),
+            delay: step,
+        })
+    };
     let (engine, _) = scheduler::start(
-        Box::new(backend),
+        backend,
         Arc::clone(&tokenizer),
         config,
         Arc::clone(&metrics),
@@ -348,7 +389,9 @@ async fn probes_follow_loading_and_metrics_are_prometheus_text() {
 
 #[tokio::test]
 async fn a_client_that_disconnects_mid_stream_frees_its_sequence() {
-    let s = server(8, true).await;
+    // 10 ms a step: 250 tokens take 2.5 s, so the sequence is surely running when the
+    // client leaves, and only the disconnect can end it early.
+    let s = server_with(8, true, Duration::from_millis(10)).await;
     let mut r = reqwest::Client::new()
         .post(format!("{}/v1/completions", s.url))
         .json(&json!({"prompt": "abc", "max_tokens": 250, "temperature": 1.0, "stream": true}))
@@ -366,6 +409,10 @@ async fn a_client_that_disconnects_mid_stream_frees_its_sequence() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let m = s.state.metrics.encode();
-    // Either freed mid-generation (499) or it had already finished; never left running.
+    // Freed mid-generation and counted as the client's cancellation (499).
     assert!(m.contains("gpuscale_worker_running_sequences 0"), "{m}");
+    assert!(
+        m.contains("gpuscale_worker_requests_total{status=\"499\"} 1"),
+        "{m}"
+    );
 }

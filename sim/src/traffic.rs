@@ -162,11 +162,15 @@ pub async fn drive(
             });
         }
     }
+    // Every request sent gives one outcome: a request task that panicked is an error
+    // (no status), never silently left out of the count.
     let mut out = Vec::new();
     while let Some(r) = tasks.join_next().await {
-        if let Ok(o) = r {
-            out.push(o);
-        }
+        out.push(r.unwrap_or(Outcome {
+            at: start.elapsed().as_secs_f64(),
+            latency: Duration::ZERO,
+            status: None,
+        }));
     }
     refresher.abort();
     out.sort_by(|a, b| a.at.total_cmp(&b.at));

@@ -42,6 +42,24 @@ impl ApiServer {
         Ok(Self { addr, shared, task })
     }
 
+    /// Lets `through` creates of `plural` through, then holds the next ones until the
+    /// returned gate is released (a test stopping a client between two creates).
+    pub fn gate_creates(&self, plural: &str, through: u32) -> CreateGate {
+        let held = std::sync::Arc::new(tokio::sync::Notify::new());
+        let (open, rx) = tokio::sync::watch::channel(false);
+        *self.shared.gate.lock().expect("gate lock") = Some(server::Gate {
+            plural: plural.to_string(),
+            through,
+            held: held.clone(),
+            open: rx,
+        });
+        CreateGate {
+            held,
+            open,
+            shared: self.shared.clone(),
+        }
+    }
+
     /// The resource requests served so far, by (verb, resource), and a reset.
     pub fn take_request_counts(&self) -> std::collections::BTreeMap<(String, String), u64> {
         std::mem::take(&mut *self.shared.requests.lock().expect("request counts"))
@@ -114,4 +132,24 @@ impl Drop for ApiServer {
 /// ("group", "version") of an apiVersion; the core group is "".
 pub fn split_api_version(v: &str) -> (&str, &str) {
     v.rsplit_once('/').unwrap_or(("", v))
+}
+
+/// A hold on creates (`ApiServer::gate_creates`).
+pub struct CreateGate {
+    held: std::sync::Arc<tokio::sync::Notify>,
+    open: tokio::sync::watch::Sender<bool>,
+    shared: Shared,
+}
+
+impl CreateGate {
+    /// Returns once a create is being held.
+    pub async fn held(&self) {
+        self.held.notified().await;
+    }
+
+    /// Lets the held creates (and all later ones) through.
+    pub fn release(self) {
+        let _ = self.open.send(true);
+        *self.shared.gate.lock().expect("gate lock") = None;
+    }
 }

@@ -27,6 +27,19 @@ pub struct Shared {
     /// Resource requests served, by verb and resource (`list pods`, `patch
     /// inferencedeployments/status`), for measuring what a client costs the API.
     pub requests: Arc<Mutex<std::collections::BTreeMap<(String, String), u64>>>,
+    /// A test's hold on creates of one resource (see `ApiServer::gate_creates`).
+    pub gate: Arc<Mutex<Option<Gate>>>,
+}
+
+/// Lets `through` creates of `plural` pass, then holds every further one until the
+/// test releases it, so a test can stop a client between two creates.
+pub struct Gate {
+    pub plural: String,
+    pub through: u32,
+    /// Told when a create is being held.
+    pub held: Arc<tokio::sync::Notify>,
+    /// Becomes true on release.
+    pub open: tokio::sync::watch::Receiver<bool>,
 }
 
 impl Shared {
@@ -389,7 +402,10 @@ async fn resource(
                 })
             })
         }
-        (Method::POST, None, _) => shared.lock().create(&r, &ns, body, &mut opts).map(created),
+        (Method::POST, None, _) => {
+            hold_if_gated(&shared, &r.plural).await;
+            shared.lock().create(&r, &ns, body, &mut opts).map(created)
+        }
         (Method::POST, Some(name), Some("binding")) if r.group.is_empty() && r.plural == "pods" => {
             bind(&shared, &ns, name, &body, &mut opts).map(created)
         }
@@ -790,4 +806,25 @@ fn watch(shared: Shared, t: Target, q: &Query, table_out: bool) -> Response {
         Body::from_stream(stream),
     )
         .into_response()
+}
+
+/// Waits while a test holds creates of `plural` (none: returns at once). The create
+/// then goes ahead, as a request an API server received does even if its client has
+/// gone meanwhile.
+async fn hold_if_gated(shared: &Shared, plural: &str) {
+    let wait = {
+        let mut gate = shared.gate.lock().expect("gate lock");
+        match gate.as_mut().filter(|g| g.plural == plural) {
+            None => None,
+            Some(g) if g.through > 0 => {
+                g.through -= 1;
+                None
+            }
+            Some(g) => Some((g.held.clone(), g.open.clone())),
+        }
+    };
+    if let Some((held, mut open)) = wait {
+        held.notify_one();
+        let _ = open.wait_for(|o| *o).await;
+    }
 }
