@@ -74,14 +74,18 @@ impl CpuBackend {
             })
             .collect();
         let slots = kv.n_blocks * kv.block_size * config.kv_dim();
+        // Zeroed by the allocator (calloc): pages are mapped when a block is first
+        // written, so a worker holds the memory its sequences use, not its whole
+        // budget. (`vec![f16::ZERO; n]` wrote every page up front: 1 GiB resident per
+        // worker from the start.)
+        let zeroed = || {
+            use half::vec::HalfBitsVecExt;
+            vec![0u16; slots].reinterpret_into::<f16>()
+        };
         let kv = KvCache {
             layout: kv,
-            k: (0..config.n_layers)
-                .map(|_| vec![f16::ZERO; slots])
-                .collect(),
-            v: (0..config.n_layers)
-                .map(|_| vec![f16::ZERO; slots])
-                .collect(),
+            k: (0..config.n_layers).map(|_| zeroed()).collect(),
+            v: (0..config.n_layers).map(|_| zeroed()).collect(),
         };
         Ok(CpuBackend {
             file,
