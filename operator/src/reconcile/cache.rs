@@ -36,6 +36,8 @@ pub struct Cache {
     pub(super) claims: Store<ResourceClaim>,
     /// Pods created by this operator and not yet seen in `pods`, by `namespace/name`.
     created: Arc<Mutex<HashMap<String, (Pod, Instant)>>>,
+    /// Set once every store has had its first full list (see `ready`).
+    ready: Arc<tokio::sync::OnceCell<()>>,
 }
 
 /// The writers behind a `Cache`, consumed by the reflectors in `run`.
@@ -71,6 +73,7 @@ impl Cache {
                 slices,
                 claims,
                 created: Arc::default(),
+                ready: Arc::default(),
             },
             Writers {
                 pods: pod_writer,
@@ -106,6 +109,7 @@ impl Cache {
             slices: filled(Vec::new()),
             claims: filled(Vec::new()),
             created: Arc::default(),
+            ready: Arc::default(),
         }
     }
 
@@ -121,16 +125,24 @@ impl Cache {
         self
     }
 
-    /// Waits until every store has its first full list.
+    /// Waits until every store has its first full list. Every pass calls it, many at
+    /// once at start; only one of them waits on the stores. kube-runtime's
+    /// `Store::wait_until_ready` keeps a single waker (a oneshot receiver shared by all
+    /// callers), so of several passes waiting together only the last to poll was woken:
+    /// the others hung for ever and their deployments were never reconciled.
     pub async fn ready(&self) {
-        let _ = futures::join!(
-            self.pods.wait_until_ready(),
-            self.nodes.wait_until_ready(),
-            self.inventories.wait_until_ready(),
-            self.services.wait_until_ready(),
-            self.slices.wait_until_ready(),
-            self.claims.wait_until_ready()
-        );
+        self.ready
+            .get_or_init(|| async {
+                let _ = futures::join!(
+                    self.pods.wait_until_ready(),
+                    self.nodes.wait_until_ready(),
+                    self.inventories.wait_until_ready(),
+                    self.services.wait_until_ready(),
+                    self.slices.wait_until_ready(),
+                    self.claims.wait_until_ready()
+                );
+            })
+            .await;
     }
 
     /// Every managed pod: the store's, plus those created and not in it yet.
@@ -204,6 +216,37 @@ mod tests {
             "metadata": {"name": name, "namespace": "default"}
         }))
         .unwrap()
+    }
+
+    /// Many passes waiting for the stores together are all woken when they are ready
+    /// (kube-runtime's own wait wakes only the last one to poll).
+    #[tokio::test]
+    async fn every_pass_waiting_for_the_stores_is_woken() {
+        let (cache, mut writers) = Cache::watched();
+        let waiting: Vec<_> = (0..8)
+            .map(|_| {
+                let c = cache.clone();
+                tokio::spawn(async move { c.ready().await })
+            })
+            .collect();
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        writers.without_dra();
+        macro_rules! listed {
+            ($w:expr) => {
+                $w.apply_watcher_event(&watcher::Event::Init);
+                $w.apply_watcher_event(&watcher::Event::InitDone);
+            };
+        }
+        listed!(writers.pods);
+        listed!(writers.nodes);
+        listed!(writers.inventories);
+        listed!(writers.services);
+        for w in waiting {
+            tokio::time::timeout(std::time::Duration::from_secs(5), w)
+                .await
+                .expect("a waiting pass was never woken")
+                .unwrap();
+        }
     }
 
     #[test]

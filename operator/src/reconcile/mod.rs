@@ -590,6 +590,22 @@ pub async fn run(ctx: Arc<Context>, namespaces: Vec<String>) {
     }
 }
 
+/// Whether the deployment's last status shows replicas it could not place (fewer than
+/// desired, or `Unschedulable`), or it has no status yet.
+fn waits_for_capacity(d: &DynamicObject) -> bool {
+    let st = &d.data["status"];
+    if st.is_null() {
+        return true;
+    }
+    let n = |k: &str| st[k].as_u64().unwrap_or(0);
+    let unschedulable = st["conditions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|c| c["type"] == "Unschedulable" && c["status"] == "True");
+    unschedulable || n("replicas") < n("desiredReplicas")
+}
+
 /// Whether the API server serves DRA's resource.k8s.io/v1 (GA in Kubernetes 1.34).
 async fn dra_served(client: &Client) -> bool {
     match client.list_api_group_resources("resource.k8s.io/v1").await {
@@ -623,11 +639,15 @@ async fn controller(
         .filter(move |p| futures::future::ready(namespace.is_none() || p.namespace() == namespace));
     controller
         .owns_shared_stream(pods)
-        // A change of inventory can make any deployment placeable.
+        // A change of inventory can make a deployment that waits for capacity
+        // placeable. Only those are woken: node agents publish often, and waking every
+        // deployment on each publish made the work grow as nodes times deployments.
+        // (Every deployment is requeued each scrape interval anyway.)
         .watches_shared_stream(inventories, move |_| {
             store
                 .state()
                 .into_iter()
+                .filter(|d| waits_for_capacity(d))
                 .map(|d| ObjectRef::from_obj_with(&*d, ar.clone()))
                 .collect::<Vec<_>>()
         })

@@ -1172,3 +1172,25 @@ async fn the_kubelet_s_assignments_from_the_node_agent_correct_a_loading_replica
     );
     assert_eq!(log.status()["placements"][0]["gpus"], json!(["GPU-2"]));
 }
+
+/// Only deployments waiting for capacity are woken by an inventory change.
+#[test]
+fn an_inventory_change_wakes_only_deployments_short_of_replicas() {
+    let obj = |status: Value| -> DynamicObject {
+        serde_json::from_value(json!({"apiVersion": "gpuscale.dev/v1alpha1",
+            "kind": "InferenceDeployment", "metadata": {"name": "x"}, "status": status}))
+        .unwrap()
+    };
+    assert!(super::waits_for_capacity(&obj(Value::Null)));
+    assert!(super::waits_for_capacity(&obj(
+        json!({"replicas": 1, "desiredReplicas": 2})
+    )));
+    assert!(super::waits_for_capacity(&obj(
+        json!({"replicas": 2, "desiredReplicas": 2,
+        "conditions": [{"type": "Unschedulable", "status": "True"}]})
+    )));
+    assert!(!super::waits_for_capacity(&obj(
+        json!({"replicas": 2, "desiredReplicas": 2,
+        "conditions": [{"type": "Unschedulable", "status": "False"}]})
+    )));
+}
