@@ -15,6 +15,20 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// Polls `/readyz` until the worker at `url` is ready (a minute at most).
+async fn wait_ready(client: &reqwest::Client, url: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while client
+        .get(format!("{url}/readyz"))
+        .send()
+        .await
+        .map_or(true, |r| r.status() != 200)
+    {
+        assert!(Instant::now() < deadline, "worker never became ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigterm_finishes_in_flight_requests_and_exits_zero() {
     let Some(model) = gguf::smollm2_fixture() else {
@@ -44,16 +58,7 @@ async fn sigterm_finishes_in_flight_requests_and_exits_zero() {
         .unwrap();
     let url = format!("http://127.0.0.1:{port}");
     let client = reqwest::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Ok(r) = client.get(format!("{url}/readyz")).send().await {
-            if r.status() == 200 {
-                break;
-            }
-        }
-        assert!(Instant::now() < deadline, "worker never became ready");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_ready(&client, &url).await;
     // Four requests in flight: two streamed, two whole; 40 tokens each.
     let mut tasks = Vec::new();
     for i in 0..4 {
@@ -176,16 +181,7 @@ async fn a_drain_past_its_timeout_ends_streams_properly_and_on_time() {
         .unwrap();
     let url = format!("http://127.0.0.1:{port}");
     let client = reqwest::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while client
-        .get(format!("{url}/readyz"))
-        .send()
-        .await
-        .map_or(true, |r| r.status() != 200)
-    {
-        assert!(Instant::now() < deadline, "worker never became ready");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_ready(&client, &url).await;
     // Two streams far longer than the drain timeout (1,900 tokens at tens a second),
     // greedy on a prompt the model goes on counting from, so none ends early by itself.
     let mut tasks = Vec::new();
