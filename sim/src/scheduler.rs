@@ -183,6 +183,16 @@ async fn schedule_loop(client: Client, pods: Store<Pod>, nodes: Store<Node>, dra
             })
             .collect();
         pending.sort_by_key(|p| p.metadata.creation_timestamp.clone().map(|t| t.0));
+        // What the claims hold, built once per round and extended as this round
+        // allocates (an allocation the store does not show yet is in `assumed`).
+        let mut in_use = dra::InUse::of(
+            stored
+                .iter()
+                .map(|c| &**c)
+                .filter(|c| !assumed.contains_key(&claim_key(c)))
+                .chain(assumed.values()),
+        );
+        let slice_refs: Vec<&ResourceSlice> = slices.iter().map(|s| &**s).collect();
         for pod in pending {
             let key = format!("{}/{}", pod.namespace().unwrap_or_default(), pod.name_any());
             let ns = pod.namespace().unwrap_or_default();
@@ -205,14 +215,6 @@ async fn schedule_loop(client: Client, pods: Store<Pod>, nodes: Store<Node>, dra
             if waiting {
                 continue;
             }
-            let in_use = dra::InUse::of(
-                stored
-                    .iter()
-                    .map(|c| &**c)
-                    .filter(|c| !assumed.contains_key(&claim_key(c)))
-                    .chain(assumed.values()),
-            );
-            let slice_refs: Vec<&ResourceSlice> = slices.iter().map(|s| &**s).collect();
             let fit = |node: &str| allocate_claims(&claims, &classes, node, &slice_refs, &in_use);
             let plugins = Plugins {
                 volumes: volumes::prefilter(pod, &pvcs, &pvs, &storage_classes),
@@ -229,8 +231,13 @@ async fn schedule_loop(client: Client, pods: Store<Pod>, nodes: Store<Node>, dra
                     let allocations = fit(&node).unwrap_or_default();
                     let mut written = true;
                     for (claim, allocation) in claims.iter().zip(allocations) {
+                        let new = allocation.is_some();
                         match reserve(&client, claim, allocation, pod).await {
                             Ok(c) => {
+                                // Newly allocated: the next pods of this round see it.
+                                if new {
+                                    in_use.add(&c);
+                                }
                                 assumed.insert(claim_key(&c), c);
                             }
                             Err(e) => {
