@@ -53,8 +53,6 @@ pub struct AppState {
     next_id: AtomicU64,
     /// Request preparations running off the executor (one per core).
     preparing: tokio::sync::Semaphore,
-    /// Cancelled preparations (the client left first), for tests and metrics.
-    pub cancelled_preparations: AtomicU64,
 }
 
 impl AppState {
@@ -69,7 +67,6 @@ impl AppState {
             preparing: tokio::sync::Semaphore::new(
                 std::thread::available_parallelism().map_or(2, |n| n.get()),
             ),
-            cancelled_preparations: AtomicU64::new(0),
         }
     }
 
