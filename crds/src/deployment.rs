@@ -445,6 +445,46 @@ pub struct InferenceDeploymentStatus {
     /// forgets a panic.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub autoscaler: Option<AutoscalerMemory>,
+    /// What the operator learned of the model file and how; reused until
+    /// `model.source` or `model.version` changes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<ModelStatus>,
+}
+
+/// The model as the operator sized it.
+#[derive(JsonSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelStatus {
+    /// The `model.source` this describes.
+    pub source: String,
+    /// The `model.version` this describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// Where the size came from: the file's header, or the declared
+    /// `model.parameters` and `model.dtype` (an estimate) when it could not be read.
+    pub sized_from: SizedFrom,
+    /// How the header was read: `http range request` or `probe pod NAME on NODE`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_by: Option<String>,
+    /// Why the header could not be read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The header's facts (`inference-worker inspect MODEL --json`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub header: Option<gguf::ModelSummary>,
+    /// When it was read (or the read failed).
+    pub observed_at: Time,
+}
+
+/// Where a replica's size came from.
+#[derive(JsonSchema, Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SizedFrom {
+    /// The model file's header.
+    Header,
+    /// The declared `model.parameters` and `model.dtype`.
+    Declared,
+    /// Neither: the header is unreadable and nothing is declared.
+    Unsized,
 }
 
 /// The autoscaler's memory, kept in status.

@@ -233,6 +233,43 @@ pub fn smollm(change: Value) -> Value {
     d
 }
 
+/// Acts as the kubelet for model probe pods where no kubelet runs (tests of the control
+/// plane alone): each probe is finished as `inference-worker inspect` finishes it, with
+/// SmolLM2's header in its termination message. Abort the task to stop.
+pub fn answer_probes(
+    client: Client,
+    namespace: &str,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let model =
+        std::env::var("GPUSCALE_SMOLLM2_GGUF").context("GPUSCALE_SMOLLM2_GGUF is not set")?;
+    let summary = gguf::GgufFile::open(std::path::Path::new(&model))?
+        .header()
+        .summary()?;
+    let message = serde_json::to_string(&summary)?;
+    let api: Api<Pod> = Api::namespaced(client, namespace);
+    Ok(tokio::spawn(async move {
+        let lp = ListParams::default().labels(reconcile::LABEL_PROBE_OF);
+        loop {
+            for p in api.list(&lp).await.map(|l| l.items).unwrap_or_default() {
+                if p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Succeeded") {
+                    continue;
+                }
+                let patch = json!({"status": {"phase": "Succeeded", "containerStatuses": [{
+                    "name": "inspect", "ready": false, "restartCount": 0, "image": "", "imageID": "",
+                    "state": {"terminated": {"exitCode": 0, "reason": "Completed", "message": message}}}]}});
+                let _ = api
+                    .patch_status(
+                        &p.name_any(),
+                        &PatchParams::default(),
+                        &Patch::Merge(&patch),
+                    )
+                    .await;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }))
+}
+
 /// Merges `b` into `a` as a JSON merge patch does (objects key by key, anything else
 /// replaced).
 pub fn merge(a: &mut Value, b: Value) {

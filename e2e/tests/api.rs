@@ -134,6 +134,8 @@ async fn one_unreadable_deployment_does_not_stall_the_others() {
     let mut bad = smollm(json!({"metadata": {"name": "no-model", "namespace": "default"}}));
     bad["spec"].as_object_mut().unwrap().remove("model");
     sim.api().create_unchecked(bad).unwrap();
+    // No node runs the model probe: the test answers it.
+    let probes = gpuscale_e2e::answer_probes(env.client.clone(), "default").unwrap();
     env.apply(&smollm(json!({"metadata": {"name": "good"},
         "spec": {"resources": {"allowCpu": false}}})))
         .await
@@ -158,6 +160,7 @@ async fn one_unreadable_deployment_does_not_stall_the_others() {
     assert_eq!(events[0].reason.as_deref(), Some("Unreadable"));
     assert!(note.contains("missing field `model`"), "{note}");
     assert!(env.pods("no-model").await.unwrap().is_empty());
+    probes.abort();
 }
 
 /// 100 deployments on 100 simulated GPUs (no kubelet: the replicas stay Pending, so the
@@ -192,6 +195,9 @@ async fn a_hundred_deployments_cost_the_api_no_list_per_pass() {
             .unwrap();
     }
     let api: Api<InferenceDeployment> = Api::namespaced(env.client.clone(), "default");
+    // No kubelet runs the model probes: the test answers them (and its requests are
+    // counted only while placing).
+    let probes = gpuscale_e2e::answer_probes(env.client.clone(), "default").unwrap();
     env.sim().unwrap().api().take_request_counts();
     let setup = Instant::now();
     for i in 0..100 {
@@ -230,6 +236,7 @@ async fn a_hundred_deployments_cost_the_api_no_list_per_pass() {
     })
     .await
     .unwrap();
+    probes.abort();
     let sim = env.sim().unwrap();
     let placing = sim.api().take_request_counts();
     println!(

@@ -48,6 +48,36 @@ async fn apply_becomes_available_and_serves() {
     assert_eq!((status.replicas, status.ready_replicas), (1, 1));
     assert_eq!(status.placements.len(), 1);
     assert_eq!(status.observed_generation, d.metadata.generation);
+    // The example declares no size: the operator (which cannot open the nodes' /models)
+    // had a probe pod read the header there, kept it in status, and removed the probe.
+    let model = status.model.expect("status.model");
+    assert_eq!(
+        model.sized_from,
+        gpuscale_crds::SizedFrom::Header,
+        "{model:?}"
+    );
+    let by = model.read_by.clone().unwrap_or_default();
+    assert!(
+        by.starts_with("probe pod smollm-model-probe on sim-l4-"),
+        "{model:?}"
+    );
+    let header = model.header.unwrap();
+    assert_eq!(
+        (header.layers, header.kv_heads, header.vocab),
+        (30, 3, 49_152)
+    );
+    let pods_api: Api<k8s_openapi::api::core::v1::Pod> =
+        Api::namespaced(env.client.clone(), &env.namespace);
+    env.wait("the probe pod gone", Duration::from_secs(30), || async {
+        pods_api
+            .get_opt("smollm-model-probe")
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
+    })
+    .await
+    .unwrap();
     let svc: Api<Service> = Api::namespaced(env.client.clone(), &env.namespace);
     let selector = svc
         .get("smollm")
@@ -250,7 +280,7 @@ async fn a_lost_node_has_its_replica_placed_again() {
 async fn an_invalid_spec_is_reported_as_a_condition_and_an_event() {
     let env = Env::start("invalid", two_l4_nodes()).await.unwrap();
     let d = smollm(json!({"metadata": {"name": "unsized"},
-        "spec": {"model": {"source": "file:///nowhere/model.gguf", "parameters": null, "dtype": null}}}));
+        "spec": {"model": {"source": "file:///models/missing.gguf", "parameters": null, "dtype": null}}}));
     env.apply(&d).await.unwrap();
     let (status, reason, message) = env
         .wait("InvalidSpec", Duration::from_secs(30), || async {
@@ -274,7 +304,9 @@ async fn an_invalid_spec_is_reported_as_a_condition_and_an_event() {
 async fn an_unschedulable_model_is_reported_with_its_reason() {
     let env = Env::start("unschedulable", two_l4_nodes()).await.unwrap();
     let d = smollm(json!({"metadata": {"name": "huge"},
-        "spec": {"model": {"name": "huge", "parameters": 400_000_000_000u64, "dtype": "f16"},
+        // No file to read: the declared size (400B parameters) is what placement uses.
+        "spec": {"model": {"name": "huge", "source": "file:///models/huge-400b.gguf",
+                           "parameters": 400_000_000_000u64, "dtype": "f16"},
                  "resources": {"allowCpu": false}}}));
     env.apply(&d).await.unwrap();
     let (status, reason, message) = env
@@ -563,4 +595,51 @@ async fn status_follows_the_gpus_the_device_plugin_assigned() {
         corrected >= 1,
         "no placement differed from the plugin's choice"
     );
+}
+
+/// An http(s) model is sized from its header, read with range requests by the operator
+/// itself: a bounded prefix of the file, never the weights.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_model_is_sized_from_its_header_by_range_requests() {
+    let mut env = Env::start("http-header", two_l4_nodes()).await.unwrap();
+    let Some(sim) = env.sim() else {
+        return; // needs the simulator's model server
+    };
+    let file = "SmolLM2-135M-Instruct.Q4_1.gguf";
+    let url = format!("{}/{file}", sim.model_server().url());
+    env.apply(&smollm(json!({"spec": {"model": {"source": url}}})))
+        .await
+        .unwrap();
+    let model = env
+        .wait("status.model", Duration::from_secs(30), || async {
+            env.deployment("smollm").await.ok()?.status?.model
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        model.sized_from,
+        gpuscale_crds::SizedFrom::Header,
+        "{model:?}"
+    );
+    assert_eq!(model.read_by.as_deref(), Some("http range requests"));
+    assert_eq!(model.header.unwrap().kv_heads, 3);
+    let sim = env.sim().unwrap();
+    let ranges: Vec<String> = sim
+        .model_server()
+        .requests()
+        .into_iter()
+        .map(|(f, r)| {
+            assert_eq!(f, file);
+            r.expect("every request is a range request")
+        })
+        .collect();
+    let last_byte: u64 = ranges
+        .iter()
+        .filter_map(|r| r.rsplit('-').next()?.parse().ok())
+        .max()
+        .unwrap();
+    let size = std::fs::metadata(std::env::var("GPUSCALE_SMOLLM2_GGUF").unwrap())
+        .unwrap()
+        .len();
+    assert!(last_byte < size / 10, "{ranges:?} of {size} bytes");
 }

@@ -5,12 +5,14 @@
 //! operator can size a model without its weights; [`GgufFile::open`] memory-maps a whole
 //! file for the worker. Every malformed input is an [`Error`] naming what is wrong.
 
+mod summary;
 mod types;
 mod writer;
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
+pub use summary::ModelSummary;
 pub use types::GgmlType;
 pub use writer::Writer;
 

@@ -5,6 +5,7 @@ pub mod backend;
 pub mod budget;
 pub mod device;
 pub mod http;
+pub mod inspect;
 pub mod metrics;
 pub mod model;
 pub mod scheduler;

@@ -21,7 +21,12 @@ use inference_worker::tokenizer::{ChatTemplate, Tokenizer};
 /// Serves a GGUF model (Llama family) over an OpenAI-compatible HTTP API with continuous
 /// batching, a paged KV cache, Prometheus metrics and graceful drain on SIGTERM.
 #[derive(Parser, Debug, Clone)]
-#[command(name = "inference-worker", version)]
+#[command(
+    name = "inference-worker",
+    version,
+    after_help = "Also: `inference-worker inspect MODEL [--json]` prints what sizing a \
+                  replica needs, from the model's header."
+)]
 struct Cli {
     /// Path to the model file (GGUF v2/v3; F32, F16, Q4_0, Q4_1, Q8_0 tensors).
     #[arg(long, env = "GPUSCALE_MODEL")]
@@ -126,6 +131,10 @@ fn parse_bytes(s: &str) -> Result<u64, String> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    if std::env::args_os().nth(1).is_some_and(|a| a == "inspect") {
+        let cli = inference_worker::inspect::InspectCli::parse_from(std::env::args_os().skip(1));
+        return inference_worker::inspect::run(&cli);
+    }
     let cli = Cli::parse();
     // Settings that can never serve are refused before anything starts.
     if cli.model.is_dir() {

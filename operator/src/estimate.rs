@@ -5,7 +5,7 @@
 //! OOM (HAMi #1069, KAI #2212), so the shapes come from the GGUF header when it can be
 //! read, and declared values are only the fallback.
 
-use gguf::{Gguf, ModelShape};
+use gguf::{Gguf, ModelShape, ModelSummary};
 
 /// Bytes per GiB.
 pub const GIB: u64 = 1 << 30;
@@ -77,16 +77,16 @@ pub enum EstimateError {
 impl ModelProfile {
     /// Reads the profile from a GGUF header (no weights needed).
     pub fn from_gguf(g: &Gguf) -> Result<ModelProfile, EstimateError> {
-        let shape = g.shape()?;
-        let vocab = match g.get("tokenizer.ggml.tokens").and_then(|v| v.as_array()) {
-            Some(tokens) => tokens.len() as u64,
-            None => g.get_u64(&format!("{}.vocab_size", shape.architecture))?,
-        };
-        Ok(ModelProfile {
-            shape,
-            vocab,
-            weight_bytes: g.weight_bytes(),
-        })
+        Ok(Self::from_summary(&g.summary()?))
+    }
+
+    /// The profile of a header summary (as `inference-worker inspect` prints it).
+    pub fn from_summary(s: &ModelSummary) -> ModelProfile {
+        ModelProfile {
+            shape: s.shape(),
+            vocab: s.vocab,
+            weight_bytes: s.weight_bytes,
+        }
     }
 
     /// KV cache bytes for one sequence of `tokens` tokens (whole model, all GPUs):
@@ -110,14 +110,17 @@ impl ModelProfile {
         logits + hidden + scores
     }
 
-    /// The per-GPU estimate for a replica configuration.
+    /// The per-GPU estimate for a replica configuration. A replica on N GPUs is
+    /// taken as a layer split (contiguous blocks of layers per GPU, llama.cpp's default
+    /// split mode): the GPU with the most layers, `ceil(layers / N)`, holds that share
+    /// of the weights and of the KV cache. Unlike a split by attention heads, it needs
+    /// no head count divisible by N (SmolLM2 has 3 KV heads).
     pub fn estimate(&self, cfg: &ReplicaConfig) -> Result<VramEstimate, EstimateError> {
         let tp = cfg.tensor_parallel;
-        // Each GPU holds whole KV heads; replicating heads across GPUs is not supported.
-        if tp == 0 || !self.shape.n_kv_heads.is_multiple_of(tp) {
+        let layers = self.shape.n_layers.max(1);
+        if tp == 0 || tp > layers {
             return Err(EstimateError::Config(format!(
-                "tensorParallel {tp} cannot split {} KV heads evenly",
-                self.shape.n_kv_heads
+                "tensorParallel {tp} cannot split {layers} layers over {tp} GPUs"
             )));
         }
         if cfg.max_sequence_length > self.shape.context_length {
@@ -126,9 +129,12 @@ impl ModelProfile {
                 cfg.max_sequence_length, self.shape.context_length
             )));
         }
+        let most = layers.div_ceil(tp);
+        let share =
+            |bytes: u64| (u128::from(bytes) * u128::from(most)).div_ceil(u128::from(layers)) as u64;
         let kv = self.kv_bytes_per_sequence(cfg.max_sequence_length) * cfg.max_batch_size;
-        let weights = self.weight_bytes.div_ceil(tp);
-        let kv_cache = kv.div_ceil(tp);
+        let weights = share(self.weight_bytes);
+        let kv_cache = share(kv);
         let workspace = self.workspace_bytes(cfg).div_ceil(tp);
         let overhead = RUNTIME_OVERHEAD_BYTES;
         let base = weights + kv_cache + workspace + overhead;
@@ -229,7 +235,21 @@ mod tests {
                 .contains("exceeds the model's context length 8192"),
             "{e}"
         );
-        assert!(m.estimate(&cfg(4096, 1, 16, 0)).is_err());
+        // A layer split needs at least one layer per GPU.
+        let mut tiny = m.clone();
+        tiny.shape.n_layers = 8;
+        let e = tiny.estimate(&cfg(4096, 1, 16, 0)).unwrap_err();
+        assert!(
+            e.to_string().contains("cannot split 8 layers over 16 GPUs"),
+            "{e}"
+        );
+        // 30 layers on 4 GPUs: the fullest holds 8, so 8/30 of the weights and KV.
+        tiny.shape.n_layers = 30;
+        let e = tiny.estimate(&cfg(4096, 1, 4, 0)).unwrap();
+        assert_eq!(
+            e.kv_cache,
+            (tiny.kv_bytes_per_sequence(4096) * 8).div_ceil(30)
+        );
     }
 
     /// SmolLM2-135M-Instruct Q4_1 as shipped: the real header, hand-computed numbers.

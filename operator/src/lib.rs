@@ -7,6 +7,7 @@ pub mod estimate;
 pub mod inventory;
 pub mod leader;
 pub mod metrics;
+pub mod model_header;
 pub mod node_agent;
 pub mod placement;
 pub mod pod_resources;

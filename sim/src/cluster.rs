@@ -35,6 +35,7 @@ pub struct SimCluster {
     config: KubeletConfig,
     _scheduler: Scheduler,
     _provisioner: super::volumes::Provisioner,
+    models: super::models::ModelServer,
 }
 
 /// A kube-rs client for the cluster in `kubeconfig`, made as for any cluster.
@@ -49,6 +50,18 @@ impl SimCluster {
     /// Starts the API server, registers the CRDs, writes the kubeconfig and starts the
     /// nodes.
     pub async fn start(config: ClusterConfig) -> anyhow::Result<Self> {
+        // The nodes' filesystems are not the operator's: on a cluster the operator runs
+        // in its own pod and cannot open a file:// model on a node. The simulated nodes'
+        // paths (`/models`) stand for local directories and must not exist here, so an
+        // operator process that tried to open a node path would fail here as there.
+        for (node_path, _) in &config.kubelet.host_paths {
+            anyhow::ensure!(
+                !Path::new(node_path).exists(),
+                "the simulated nodes' {node_path} exists on this machine, where the \
+                 operator could read it as no operator pod can: remove it or simulate \
+                 another node path"
+            );
+        }
         let api = ApiServer::start(config.addr).await?;
         for (file, yaml) in gpuscale_crds::crd_manifests() {
             let crd: serde_json::Value = serde_yaml::from_str(&yaml)?;
@@ -60,7 +73,12 @@ impl SimCluster {
             .map_err(|e| anyhow::anyhow!("creating the DeviceClass: {e}"))?;
         api.write_kubeconfig(&config.kubeconfig)?;
         let client = client_for(&config.kubeconfig).await?;
+        let models = match config.kubelet.host_paths.first() {
+            Some((_, dir)) => super::models::ModelServer::start(dir.clone()).await?,
+            None => anyhow::bail!("the simulated nodes have no model directory"),
+        };
         let mut cluster = Self {
+            models,
             _scheduler: Scheduler::start(client.clone()),
             _provisioner: super::volumes::Provisioner::start(client.clone()),
             api,
@@ -117,6 +135,11 @@ impl SimCluster {
     /// The simulated API server itself (request counts, objects stored unchecked).
     pub fn api(&self) -> &ApiServer {
         &self.api
+    }
+
+    /// The HTTP server of the nodes' model directory (for `http://` model sources).
+    pub fn model_server(&self) -> &super::models::ModelServer {
+        &self.models
     }
 
     /// The kubelets, by node.

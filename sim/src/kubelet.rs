@@ -506,12 +506,23 @@ async fn serve(
     }
 }
 
+/// Where a container's termination message is written ([`KubeletConfig::log_dir`]
+/// stands in for the file the kubelet mounts at its `terminationMessagePath`).
+fn termination_file(config: &KubeletConfig, pod: &str) -> PathBuf {
+    config.log_dir.join(format!("{pod}.termination-log"))
+}
+
 /// Rewrites the container's arguments for a local process: the pod IP to listen on,
-/// the CPU backend (the GPUs are simulated), a thread cap, and node paths mapped to
-/// local directories through the pod's hostPath volumes.
+/// the CPU backend (the GPUs are simulated), a thread cap for a serving worker, node
+/// paths mapped to local directories through the pod's hostPath volumes, and the
+/// termination message path to the file standing in for it.
 fn command_line(pod: &Pod, ip: &str, config: &KubeletConfig) -> Vec<String> {
     let spec = pod.spec.clone().unwrap_or_default();
     let c = spec.containers.first().cloned().unwrap_or_default();
+    let termination = c
+        .termination_message_path
+        .clone()
+        .unwrap_or_else(|| "/dev/termination-log".into());
     let mounts: Vec<(String, String)> = c
         .volume_mounts
         .iter()
@@ -522,6 +533,11 @@ fn command_line(pod: &Pod, ip: &str, config: &KubeletConfig) -> Vec<String> {
         })
         .collect();
     let local = |path: &str| -> String {
+        if path == termination {
+            return termination_file(config, &pod.name_any())
+                .display()
+                .to_string();
+        }
         for (mount, host) in &mounts {
             if let Some(rest) = path.strip_prefix(mount.as_str()) {
                 let host_path = format!("{host}{rest}");
@@ -535,19 +551,23 @@ fn command_line(pod: &Pod, ip: &str, config: &KubeletConfig) -> Vec<String> {
         }
         path.to_string()
     };
-    let mut args: Vec<String> = c
-        .args
-        .unwrap_or_default()
+    let args = c.args.unwrap_or_default();
+    // A subcommand (`inspect`) is a one-shot tool, not the server.
+    let serving = args.first().is_none_or(|a| a.starts_with("--"));
+    let mut args: Vec<String> = args
         .into_iter()
         .filter(|a| !a.starts_with("--threads"))
         .map(|a| match a.split_once('=') {
             Some(("--host", _)) => format!("--host={ip}"),
             Some(("--device", _)) => "--device=cpu".into(),
             Some((k, v)) if v.starts_with('/') => format!("{k}={}", local(v)),
+            _ if a.starts_with('/') => local(&a),
             _ => a,
         })
         .collect();
-    args.push(format!("--threads={}", config.threads));
+    if serving {
+        args.push(format!("--threads={}", config.threads));
+    }
     args
 }
 
@@ -585,6 +605,41 @@ async fn run_pod(
                     .await;
                 return;
             }
+        }
+    }
+    // hostPath volumes of type Directory must be directories on the node, or the
+    // volume does not mount and the container never starts
+    // (<https://kubernetes.io/docs/concepts/storage/volumes/#hostpath-volume-types>).
+    for v in pod.spec.iter().flat_map(|s| s.volumes.iter().flatten()) {
+        let Some(h) = v
+            .host_path
+            .as_ref()
+            .filter(|h| h.type_.as_deref() == Some("Directory"))
+        else {
+            continue;
+        };
+        let local = config
+            .host_paths
+            .iter()
+            .find_map(|(node, dir)| {
+                h.path
+                    .strip_prefix(node.as_str())
+                    .map(|r| format!("{}{r}", dir.display()))
+            })
+            .unwrap_or_else(|| h.path.clone());
+        if !std::path::Path::new(&local).is_dir() {
+            let message = format!(
+                "MountVolume.SetUp failed for volume \"{}\" : hostPath type check failed: {} is not a directory",
+                v.name, h.path
+            );
+            let patch = json!({"status": {"phase": "Pending", "containerStatuses": [{
+                "name": pod.spec.as_ref().and_then(|s| s.containers.first()).map(|c| c.name.clone()),
+                "ready": false, "restartCount": 0, "image": "", "imageID": "",
+                "state": {"waiting": {"reason": "ContainerCreating", "message": message}}}]}});
+            let _ = api
+                .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await;
+            return;
         }
     }
     let args = command_line(&pod, &ip, &config);
@@ -742,8 +797,39 @@ async fn run_pod(
     if stopping {
         return; // stopped on purpose; the deleting side removes the pod
     }
-    // A crash: reported as CrashLoopBackOff (the simulator does not restart workers).
     let code = exit.ok().and_then(|s| s.code()).unwrap_or(-1);
+    let restart = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.restart_policy.clone())
+        .unwrap_or_else(|| "Always".into());
+    if restart == "Never" || (restart == "OnFailure" && code == 0) {
+        // Run to completion: the pod ends Succeeded or Failed, never restarted
+        // (<https://kubernetes.io/docs/concepts/workloads/pods/pod-lifecycle/#pod-phase>),
+        // and the kubelet copies the container's termination message file into its
+        // status, at most 4096 bytes
+        // (<https://kubernetes.io/docs/tasks/debug/debug-application/determine-reason-pod-failure/>).
+        let mut message = std::fs::read(termination_file(&config, &name)).unwrap_or_default();
+        message.truncate(4096);
+        let (phase, reason) = if code == 0 {
+            ("Succeeded", "Completed")
+        } else {
+            ("Failed", "Error")
+        };
+        patch_status(json!({"status": {
+            "phase": phase,
+            "conditions": [{"type": "Ready", "status": "False", "reason": "PodCompleted",
+                            "lastTransitionTime": now()}],
+            "containerStatuses": [{"name": container, "ready": false, "restartCount": 0,
+                "image": "gpuscale/inference-worker (local process)", "imageID": "",
+                "started": false,
+                "state": {"terminated": {"exitCode": code, "reason": reason,
+                    "message": String::from_utf8_lossy(&message), "finishedAt": now()}}}],
+        }}))
+        .await;
+        return;
+    }
+    // A crash: reported as CrashLoopBackOff (the simulator does not restart workers).
     let tail = std::fs::read_to_string(config.log_dir.join(format!("{name}.log")))
         .map(|l| l.lines().rev().take(3).collect::<Vec<_>>().join(" | "))
         .unwrap_or_default();

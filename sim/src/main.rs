@@ -88,9 +88,10 @@ fn main() -> anyhow::Result<()> {
                 })
                 .await?;
                 println!(
-                    "simulated cluster at {}; kubeconfig {}",
+                    "simulated cluster at {}; kubeconfig {}; the nodes' /models over HTTP at {}",
                     cluster.url(),
-                    cluster.kubeconfig().display()
+                    cluster.kubeconfig().display(),
+                    cluster.model_server().url()
                 );
                 tokio::signal::ctrl_c().await?;
                 anyhow::Ok(())

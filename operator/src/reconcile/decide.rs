@@ -12,7 +12,6 @@ use super::observe::{Ledger, World};
 use super::pods::*;
 use super::{key_of, plan, DeploymentState, Replica, Step, AVOID_REFUSED_NODE};
 use crate::autoscale::{self, Observation};
-use crate::estimate::{ModelProfile, GIB, RUNTIME_OVERHEAD_BYTES};
 use crate::placement;
 
 /// What one pass decided.
@@ -181,44 +180,4 @@ fn cpu_placement(
         assigned: false,
         dra: false,
     })
-}
-
-/// Bytes one replica needs on each of its GPUs: from the model file's header when the
-/// operator can read it, else from the declared parameter count and weight type.
-pub fn replica_need(d: &InferenceDeployment) -> Result<u64, String> {
-    let m = &d.spec.model;
-    let cfg = placement::replica_config(&d.spec);
-    if let Some(path) = m.source.strip_prefix("file://") {
-        if let Ok(file) = gguf::GgufFile::open(std::path::Path::new(path)) {
-            let profile = ModelProfile::from_gguf(file.header()).map_err(|e| e.to_string())?;
-            return profile
-                .estimate(&cfg)
-                .map(|e| e.per_gpu())
-                .map_err(|e| e.to_string());
-        }
-    }
-    let (Some(params), Some(dtype)) = (m.parameters, m.dtype) else {
-        return Err(format!(
-            "the operator cannot read the model header at {} and spec.model.parameters and \
-             spec.model.dtype are not both set; mount the model where the operator can read it \
-             or declare them",
-            m.source
-        ));
-    };
-    use gpuscale_crds::WeightType as W;
-    let bits: u64 = match dtype {
-        W::F32 => 32,
-        W::F16 | W::Bf16 => 16,
-        W::Q8_0 => 9,
-        W::Q4_0 => 5,
-        W::Q4_1 => 6,
-    };
-    // Without the shapes, KV bytes per token is bounded from the parameter count:
-    // 2·sqrt(params) is above Llama-3 8B (128 KiB), 70B (320 KiB) and SmolLM2 (23 KiB).
-    let kv_per_token = 2 * (params as f64).sqrt() as u64;
-    let tp = cfg.tensor_parallel.max(1);
-    let kv = kv_per_token * cfg.max_sequence_length * cfg.max_batch_size;
-    let base = (params * bits / 8 + kv).div_ceil(tp) + RUNTIME_OVERHEAD_BYTES;
-    let need = base + base * cfg.headroom_percent / 100;
-    Ok(need.max(GIB / 4))
 }

@@ -21,6 +21,7 @@ mod act;
 mod cache;
 mod decide;
 mod events;
+mod model;
 mod observe;
 mod plan;
 pub mod pods;
@@ -31,7 +32,7 @@ mod tests;
 
 pub use cache::Cache;
 use cache::Writers;
-pub use decide::replica_need;
+pub use model::{declared_need, probe_pod, LABEL_PROBE_OF};
 pub use plan::{plan, Phase, Replica, Step};
 
 use act::{act, cleanup};
@@ -224,6 +225,8 @@ pub struct Context {
     failures: Mutex<HashMap<String, u32>>,
     /// Held while a pass places and creates replicas.
     placing: tokio::sync::Mutex<()>,
+    /// For reading `http(s)://` models' headers.
+    model_http: reqwest::Client,
 }
 
 /// What the controller remembers of one deployment between passes.
@@ -244,6 +247,8 @@ struct DeploymentState {
     /// loop.
     avoid: HashMap<String, Instant>,
     last_requests: Option<(Instant, f64)>,
+    /// What the last pass learned of the model (status may lag it).
+    model: Option<gpuscale_crds::ModelStatus>,
 }
 
 /// How long placement avoids a node where the scheduler refused a replica.
@@ -282,6 +287,7 @@ impl DeploymentState {
             desired: st.map(|s| s.desired_replicas).filter(|&n| n > 0),
             avoid: HashMap::new(),
             last_requests: None,
+            model: None,
         }
     }
 }
@@ -343,6 +349,7 @@ impl Context {
             state: Arc::default(),
             failures: Mutex::new(HashMap::new()),
             placing: tokio::sync::Mutex::new(()),
+            model_http: crate::model_header::client(model::HTTP_TIMEOUT),
         })
     }
 
@@ -667,23 +674,31 @@ async fn apply(d: &InferenceDeployment, ctx: &Context) -> Result<Action, Error> 
     let mut state = slot.lock().await;
     let (now, wall) = ctx.clock.now();
     let world = observe(d, ctx, &mut state, now, wall).await;
-    let need = match replica_need(d).and_then(|n| mountable(d).map(|()| n)) {
-        Ok(n) => n,
-        Err(message) => {
-            // A spec that cannot be sized or mounted is reported, not acted on.
-            publish(
-                ctx,
-                d,
-                EventType::Warning,
-                "InvalidSpec",
-                "Validate",
-                &message,
-            )
-            .await;
-            patch_status(d, ctx, &status::invalid(d, &message)).await?;
-            return Ok(Action::requeue(Duration::from_secs(60)));
+    let sized = model::size(d, ctx, state.model.as_ref(), wall).await?;
+    let (need, d) = match sized {
+        model::Sizing::Sized { need, model } => {
+            state.model = Some(model.clone());
+            (need, with_model(d, ctx, model).await?)
+        }
+        model::Sizing::Probing(message) => {
+            patch_status(d, ctx, &status::progressing(d, "ReadingModel", &message)).await?;
+            return Ok(Action::requeue(Duration::from_secs(5)));
+        }
+        model::Sizing::Unsized { message, model } => {
+            state.model.clone_from(&model);
+            let d = match model {
+                Some(m) => with_model(d, ctx, m).await?,
+                None => std::borrow::Cow::Borrowed(d),
+            };
+            model::remove_probes(&d, ctx).await?;
+            return invalid(&d, ctx, &message).await;
         }
     };
+    model::remove_probes(&d, ctx).await?;
+    if let Err(message) = mountable(&d) {
+        return invalid(&d, ctx, &message).await;
+    }
+    let d = &*d;
     // Placing and creating is one critical section across every deployment's passes
     // (the controller runs them concurrently): the ledger is rebuilt from the cache
     // and the pods created so far, so two passes never choose the same free GPU.
@@ -699,6 +714,45 @@ async fn apply(d: &InferenceDeployment, ctx: &Context) -> Result<Action, Error> 
     acted?;
     reported?;
     Ok(Action::requeue(ctx.config.scrape_interval))
+}
+
+/// `d` with `status.model` set to what sizing found, written to the API when it changed
+/// (every status a pass builds from `d` then keeps it).
+async fn with_model<'a>(
+    d: &'a InferenceDeployment,
+    ctx: &Context,
+    model: gpuscale_crds::ModelStatus,
+) -> Result<std::borrow::Cow<'a, InferenceDeployment>, Error> {
+    if d.status.as_ref().and_then(|s| s.model.as_ref()) == Some(&model) {
+        return Ok(std::borrow::Cow::Borrowed(d));
+    }
+    let api: Api<InferenceDeployment> =
+        Api::namespaced(ctx.client.clone(), &d.namespace().unwrap_or_default());
+    let patch = serde_json::json!({ "status": { "model": &model } });
+    api.patch_status(
+        &d.name_any(),
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(&patch),
+    )
+    .await?;
+    let mut d = d.clone();
+    d.status.get_or_insert_with(Default::default).model = Some(model);
+    Ok(std::borrow::Cow::Owned(d))
+}
+
+/// A spec that cannot be sized or mounted is reported, not acted on.
+async fn invalid(d: &InferenceDeployment, ctx: &Context, message: &str) -> Result<Action, Error> {
+    publish(
+        ctx,
+        d,
+        EventType::Warning,
+        "InvalidSpec",
+        "Validate",
+        message,
+    )
+    .await;
+    patch_status(d, ctx, &status::invalid(d, message)).await?;
+    Ok(Action::requeue(Duration::from_secs(60)))
 }
 
 fn mountable(d: &InferenceDeployment) -> Result<(), String> {

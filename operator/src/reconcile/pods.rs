@@ -232,6 +232,16 @@ pub fn model_volume(source: &str) -> Option<(String, Volume, VolumeMount)> {
     Some((format!("{MODEL_MOUNT}/{claim}/{path}"), volume, mount))
 }
 
+/// The worker image of `d`'s pods: the operator's `--worker-image` replaces the built-in
+/// default, never an image the user chose.
+pub fn worker_image(d: &InferenceDeployment, config: &super::Config) -> String {
+    let w = &d.spec.worker;
+    match config.worker_image.as_deref() {
+        Some(image) if w.image == gpuscale_crds::WorkerSpec::default().image => image.into(),
+        _ => w.image.clone(),
+    }
+}
+
 /// The pod of replica `index` at placement `p`, owned by `d`.
 pub fn replica_pod(
     d: &InferenceDeployment,
@@ -239,7 +249,6 @@ pub fn replica_pod(
     p: &PodPlacement,
     config: &super::Config,
 ) -> Option<Pod> {
-    let default_image = config.worker_image.as_deref();
     let drain_seconds = config.drain_timeout.as_secs();
     let name = d.name_any();
     let (model_path, volume, mount) = model_volume(&d.spec.model.source)?;
@@ -287,13 +296,7 @@ pub fn replica_pod(
         port: IntOrString::String("http".into()),
         ..HTTPGetAction::default()
     };
-    // The operator's --worker-image replaces the built-in default, never an image the
-    // user chose.
-    let image = if w.image == gpuscale_crds::WorkerSpec::default().image {
-        default_image.unwrap_or(&w.image).to_string()
-    } else {
-        w.image.clone()
-    };
+    let image = worker_image(d, config);
     Some(Pod {
         metadata: ObjectMeta {
             name: Some(pod_name(&name, index)),

@@ -75,6 +75,7 @@ pub fn build(d: &InferenceDeployment, o: &Observed) -> InferenceDeploymentStatus
         conditions: prev.conditions.clone(),
         last_scale_time: prev.last_scale_time.clone(),
         last_scale_reason: prev.last_scale_reason.clone(),
+        model: prev.model.clone(),
         ..InferenceDeploymentStatus::default()
     };
     let target = f64::from(d.spec.scaling.target_queue_depth.max(1));
@@ -177,6 +178,27 @@ pub fn invalid(d: &InferenceDeployment, message: &str) -> InferenceDeploymentSta
         "InvalidSpec",
         true,
         "InvalidSpec",
+        message,
+    );
+    st
+}
+
+/// The status while something must finish before the pass can act (the model's header
+/// being read): `Progressing` with `reason` and `message`.
+pub fn progressing(
+    d: &InferenceDeployment,
+    reason: &str,
+    message: &str,
+) -> InferenceDeploymentStatus {
+    let mut st = d.status.clone().unwrap_or_default();
+    st.observed_generation = d.metadata.generation;
+    st.selector = Some(super::selector_string(&d.name_any()));
+    set(
+        &mut st.conditions,
+        d.metadata.generation,
+        "Progressing",
+        true,
+        reason,
         message,
     );
     st

@@ -302,9 +302,22 @@ fn deployment(scaling: Value) -> InferenceDeployment {
                       "parameters": 135_000_000u64, "dtype": "q4_1"},
             "resources": {"maxSequenceLength": 2048, "maxBatchSize": 8},
             "scaling": scaling,
-        }
+        },
+        // Read before, by a probe pod (SmolLM2-135M's header).
+        "status": {"model": {"source": "file:///nowhere/smollm2.gguf", "sizedFrom": "Header",
+            "readBy": "probe pod smollm-model-probe on gpu-a", "observedAt": "2026-11-24T09:00:00Z",
+            "header": smollm2_header()}},
     }))
     .unwrap()
+}
+
+/// SmolLM2-135M-Instruct Q4_1's header, as `inference-worker inspect --json` prints it.
+fn smollm2_header() -> Value {
+    json!({"architecture": "llama", "parameters": 134_515_008u64, "layers": 30,
+        "embedding": 576, "heads": 9, "kvHeads": 3, "headDim": 64, "feedForward": 1536,
+        "contextLength": 8192, "vocab": 49152, "weightBytes": 96_576_768u64,
+        "tensorBytes": {"F32": 140_544, "Q4_1": 66_355_200u64, "Q8_0": 30_081_024u64},
+        "tokenizer": "gpt2", "chatTemplate": true})
 }
 
 /// The deployment as the controller's watch hands it over.
@@ -713,7 +726,16 @@ async fn delete_drains_every_replica_before_the_finalizer_goes() {
 async fn an_unsizeable_model_is_an_invalid_spec_condition_and_nothing_is_touched() {
     let mut d = deployment(json!({"minReplicas": 1, "maxReplicas": 3}));
     d.spec.model.parameters = None;
-    let (client, mock) = Mock::start(vec![write_status(&d)]);
+    // The probe could not read the file (a minute ago), and nothing is declared.
+    let model = d.status.as_mut().unwrap().model.as_mut().unwrap();
+    model.header = None;
+    model.sized_from = gpuscale_crds::SizedFrom::Declared;
+    model.error = Some("inspect exited with 1: cannot read /nowhere/smollm2.gguf".into());
+    model.observed_at = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+        jiff::Timestamp::now() - jiff::SignedDuration::from_secs(60),
+    );
+    // status.model is written (now Unsized), then the InvalidSpec condition.
+    let (client, mock) = Mock::start(vec![write_status(&d), write_status(&d)]);
     let pods = vec![pod(&d, 0, 0, "10.0.0.1", json!({}))];
     let ctx = context(
         client,
@@ -732,6 +754,14 @@ async fn an_unsizeable_model_is_an_invalid_spec_condition_and_nothing_is_touched
             .contains("spec.model.parameters"),
         "{cond}"
     );
+    assert!(
+        cond["message"]
+            .as_str()
+            .unwrap()
+            .contains("cannot read /nowhere/smollm2.gguf"),
+        "{cond}"
+    );
+    assert_eq!(log.status()["model"]["sizedFrom"], "Unsized");
 }
 
 #[tokio::test]
@@ -773,7 +803,7 @@ async fn a_500_on_the_drain_keeps_the_scale_down_window() {
     );
     d.status = Some(gpuscale_crds::InferenceDeploymentStatus {
         desired_replicas: 3,
-        ..Default::default()
+        ..d.status.clone().unwrap()
     });
     let pods: Vec<Value> = (0..3)
         .map(|i| pod(&d, i, i, &format!("10.0.0.{}", i + 1), json!({})))
@@ -838,7 +868,7 @@ async fn a_pass_on_a_stale_object_does_not_repeat_the_last_decision() {
     // Both passes get this object: its status still says 1.
     d.status = Some(gpuscale_crds::InferenceDeploymentStatus {
         desired_replicas: 1,
-        ..Default::default()
+        ..d.status.clone().unwrap()
     });
     let clock = TestClock::new();
     let (unused, _) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
@@ -1193,4 +1223,140 @@ fn an_inventory_change_wakes_only_deployments_short_of_replicas() {
         json!({"replicas": 2, "desiredReplicas": 2,
         "conditions": [{"type": "Unschedulable", "status": "False"}]})
     )));
+}
+
+/// A probe pod of `d`'s model in `phase`, its container terminated with `exit` and
+/// termination message `message`.
+fn probe(d: &InferenceDeployment, phase: &str, exit: i32, message: &str) -> Value {
+    let mut p =
+        serde_json::to_value(probe_pod(d, &Config::default(), &d.spec.model.source).unwrap())
+            .unwrap();
+    p["metadata"]["uid"] = json!("probe-uid");
+    p["metadata"]["creationTimestamp"] = json!("2026-11-24T10:00:00Z");
+    p["spec"]["nodeName"] = json!("gpu-a");
+    p["status"] = json!({"phase": phase, "containerStatuses": [{"name": "inspect", "ready": false,
+        "restartCount": 0, "image": "", "imageID": "",
+        "state": {"terminated": {"exitCode": exit, "message": message}}}]});
+    p
+}
+
+fn delete_probe() -> Expect {
+    expect(
+        Method::DELETE,
+        &format!("{POD_PATH}/smollm-model-probe"),
+        Some(JSON),
+    )
+    .reply(
+        200,
+        json!({"kind": "Status", "apiVersion": "v1", "status": "Success"}),
+    )
+}
+
+/// The operator never opens a file:// model (it lives on the nodes): a probe pod reads
+/// it there, and the deployment waits, touching no replica.
+#[tokio::test]
+async fn a_node_model_is_read_by_a_probe_pod_and_the_deployment_waits() {
+    let mut d = deployment(json!({"minReplicas": 1, "maxReplicas": 3}));
+    d.status = None;
+    let (client, mock) = Mock::start(vec![create_pod(), write_status(&d)]);
+    let ctx = context(client, cache(vec![]), &[], TestClock::new());
+    let action = reconcile(object(&d), ctx.clone()).await.unwrap();
+    assert_eq!(action, Action::requeue(Duration::from_secs(5)));
+    let log = mock.finish(ctx).await;
+    let pod: Pod = serde_json::from_value(log.posts(POD_PATH)[0].clone()).unwrap();
+    assert_eq!(pod.name_any(), "smollm-model-probe");
+    assert!(
+        !pod.labels().contains_key(LABEL_DEPLOYMENT),
+        "no replica selector counts it"
+    );
+    assert_eq!(pod.labels()[LABEL_PROBE_OF], "smollm");
+    assert_eq!(pod.owner_references()[0].uid, "uid-1");
+    let spec = pod.spec.unwrap();
+    assert_eq!(spec.restart_policy.as_deref(), Some("Never"));
+    let c = &spec.containers[0];
+    assert_eq!(
+        c.args.as_deref().unwrap()[..3],
+        ["inspect", "/nowhere/smollm2.gguf", "--json"]
+    );
+    assert_eq!(
+        c.termination_message_path.as_deref(),
+        Some("/dev/termination-log")
+    );
+    let host = spec.volumes.unwrap()[0].host_path.clone().unwrap();
+    assert_eq!(host.path, "/nowhere");
+    let cond = condition(&log.status(), "Progressing");
+    assert_eq!(cond["reason"], "ReadingModel");
+    assert!(
+        cond["message"]
+            .as_str()
+            .unwrap()
+            .contains("smollm-model-probe"),
+        "{cond}"
+    );
+}
+
+/// A finished probe's header sizes the replicas (declared values are not used), is
+/// kept in status with who read it, and the probe pod is deleted.
+#[tokio::test]
+async fn a_finished_probe_is_recorded_deleted_and_sizes_the_replicas() {
+    let mut d = deployment(json!({"minReplicas": 1, "maxReplicas": 3}));
+    d.status = None;
+    // A declared size far from the truth: only the header counts.
+    d.spec.model.parameters = Some(70_000_000_000);
+    let done = probe(&d, "Succeeded", 0, &smollm2_header().to_string());
+    let (client, mock) = Mock::start(vec![
+        write_status(&d),
+        delete_probe(),
+        create_pod(),
+        apply_service(),
+        write_status(&d),
+    ]);
+    let ctx = context(client, cache(vec![done]), &[], TestClock::new());
+    reconcile(object(&d), ctx.clone()).await.unwrap();
+    let log = mock.finish(ctx).await;
+    let model = &log.requests[0].body["status"]["model"];
+    assert_eq!(model["sizedFrom"], "Header");
+    assert_eq!(model["readBy"], "probe pod smollm-model-probe on gpu-a");
+    assert_eq!(model["header"]["kvHeads"], 3);
+    assert_eq!(log.status()["model"], *model, "later status writes keep it");
+    let created = placement_in(log.posts(POD_PATH)[0]);
+    let header: gguf::ModelSummary = serde_json::from_value(smollm2_header()).unwrap();
+    let want = crate::estimate::ModelProfile::from_summary(&header)
+        .estimate(&crate::placement::replica_config(&d.spec))
+        .unwrap()
+        .per_gpu();
+    assert_eq!(created.bytes_per_gpu, want);
+}
+
+/// A probe that fails says why in status; the declared size is the fallback, and
+/// status says the size is declared.
+#[tokio::test]
+async fn a_failed_probe_falls_back_to_the_declared_size_and_says_so() {
+    let mut d = deployment(json!({"minReplicas": 1, "maxReplicas": 3}));
+    d.status = None;
+    let failed = probe(
+        &d,
+        "Failed",
+        1,
+        r#"{"error":"truncated GGUF: needed 8 bytes at offset 24"}"#,
+    );
+    let (client, mock) = Mock::start(vec![
+        write_status(&d),
+        delete_probe(),
+        create_pod(),
+        apply_service(),
+        write_status(&d),
+    ]);
+    let ctx = context(client, cache(vec![failed]), &[], TestClock::new());
+    reconcile(object(&d), ctx.clone()).await.unwrap();
+    let log = mock.finish(ctx).await;
+    let model = &log.requests[0].body["status"]["model"];
+    assert_eq!(model["sizedFrom"], "Declared");
+    assert_eq!(
+        model["error"],
+        "inspect exited with 1: truncated GGUF: needed 8 bytes at offset 24"
+    );
+    assert!(model.get("header").is_none());
+    let created = placement_in(log.posts(POD_PATH)[0]);
+    assert_eq!(Some(created.bytes_per_gpu), declared_need(&d));
 }

@@ -1,0 +1,172 @@
+//! What sizing a replica needs from a model, read from the header alone: the shape,
+//! the vocabulary, and the bytes of the weights by element type. The worker prints it
+//! (`inference-worker inspect MODEL --json`), the operator's probe pods and HTTP range
+//! reads produce it, and the InferenceDeployment's `status.model` stores it, so the one
+//! type is the contract between them (with the `serde` feature, in camelCase).
+
+use std::collections::BTreeMap;
+
+use crate::{Gguf, Result};
+
+/// A model's header facts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize, serde::Deserialize, schemars::JsonSchema),
+    serde(rename_all = "camelCase")
+)]
+pub struct ModelSummary {
+    /// `general.architecture` (llama, qwen2, ...).
+    pub architecture: String,
+    /// Parameters: elements of every tensor.
+    pub parameters: u64,
+    /// Transformer blocks.
+    pub layers: u64,
+    /// Hidden size.
+    pub embedding: u64,
+    /// Query heads.
+    pub heads: u64,
+    /// Key/value heads.
+    pub kv_heads: u64,
+    /// Dimension of one head.
+    pub head_dim: u64,
+    /// MLP inner size.
+    pub feed_forward: u64,
+    /// Context length the model was trained for.
+    pub context_length: u64,
+    /// Vocabulary size (tokens in the tokenizer, else `<arch>.vocab_size`).
+    pub vocab: u64,
+    /// Bytes of all tensor data.
+    pub weight_bytes: u64,
+    /// Bytes of tensor data by ggml element type (`Q4_1`, `F32`, ...).
+    pub tensor_bytes: BTreeMap<String, u64>,
+    /// `tokenizer.ggml.model` (`gpt2`, `llama`), when the file carries a tokenizer.
+    #[cfg_attr(
+        feature = "serde",
+        serde(default, skip_serializing_if = "Option::is_none")
+    )]
+    pub tokenizer: Option<String>,
+    /// Whether the file carries a chat template.
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub chat_template: bool,
+}
+
+impl Gguf {
+    /// The summary of this header; fails when the shape keys are missing or corrupt.
+    pub fn summary(&self) -> Result<ModelSummary> {
+        let shape = self.shape()?;
+        let vocab = match self.get("tokenizer.ggml.tokens").and_then(|v| v.as_array()) {
+            Some(tokens) => tokens.len() as u64,
+            None => self.get_u64(&format!("{}.vocab_size", shape.architecture))?,
+        };
+        let mut tensor_bytes = BTreeMap::new();
+        for t in self.tensors() {
+            *tensor_bytes
+                .entry(format!("{:?}", t.ggml_type))
+                .or_default() += t.n_bytes();
+        }
+        Ok(ModelSummary {
+            parameters: self.parameter_count(),
+            layers: shape.n_layers,
+            embedding: shape.embedding,
+            heads: shape.n_heads,
+            kv_heads: shape.n_kv_heads,
+            head_dim: shape.head_dim,
+            feed_forward: shape.feed_forward,
+            context_length: shape.context_length,
+            vocab,
+            weight_bytes: self.weight_bytes(),
+            tensor_bytes,
+            tokenizer: self
+                .get("tokenizer.ggml.model")
+                .and_then(|v| v.as_str())
+                .map(str::to_string),
+            chat_template: self.get("tokenizer.chat_template").is_some(),
+            architecture: shape.architecture,
+        })
+    }
+}
+
+impl ModelSummary {
+    /// The transformer shape the summary describes.
+    pub fn shape(&self) -> crate::ModelShape {
+        crate::ModelShape {
+            architecture: self.architecture.clone(),
+            n_layers: self.layers,
+            embedding: self.embedding,
+            n_heads: self.heads,
+            n_kv_heads: self.kv_heads,
+            head_dim: self.head_dim,
+            context_length: self.context_length,
+            feed_forward: self.feed_forward,
+        }
+    }
+}
+
+impl crate::Error {
+    /// For a header cut short, how long a prefix would hold what was being read: a
+    /// reader of a remote file fetches at least that much and parses again.
+    pub fn prefix_needed(&self) -> Option<u64> {
+        match self {
+            crate::Error::Truncated { offset, needed, .. } => Some(offset + needed),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn smollm2_summary_matches_its_published_shape() {
+        let Some(path) = crate::smollm2_fixture() else {
+            return;
+        };
+        let f = crate::GgufFile::open(&path).unwrap();
+        let s = f.header().summary().unwrap();
+        assert_eq!(
+            (
+                s.architecture.as_str(),
+                s.layers,
+                s.heads,
+                s.kv_heads,
+                s.head_dim
+            ),
+            ("llama", 30, 9, 3, 64)
+        );
+        assert_eq!((s.embedding, s.feed_forward, s.vocab), (576, 1536, 49_152));
+        assert_eq!(s.parameters, 134_515_008);
+        assert_eq!(s.tensor_bytes.values().sum::<u64>(), s.weight_bytes);
+        assert!(s.tensor_bytes.contains_key("Q4_1"), "{:?}", s.tensor_bytes);
+        assert_eq!(s.tokenizer.as_deref(), Some("gpt2"));
+        assert!(s.chat_template);
+    }
+
+    #[test]
+    fn a_cut_header_says_how_much_more_it_needs() {
+        let Some(path) = crate::smollm2_fixture() else {
+            return;
+        };
+        let bytes = std::fs::read(&path).unwrap();
+        let full = crate::Gguf::parse(&bytes).unwrap().summary().unwrap();
+        // Grow a prefix as a range reader does, from 4 KiB: each error names a longer
+        // prefix, and the parse of the grown prefix gives the same summary.
+        let mut len = 4096usize;
+        let mut rounds = 0;
+        let got = loop {
+            rounds += 1;
+            match crate::Gguf::parse(&bytes[..len]) {
+                Ok(g) => break g.summary().unwrap(),
+                Err(e) => {
+                    let need = e.prefix_needed().expect("only truncation") as usize;
+                    assert!(need > len, "{need} <= {len}");
+                    len = need.max(len * 2).min(bytes.len());
+                }
+            }
+        };
+        assert_eq!(got, full);
+        assert!(
+            rounds > 1 && len < bytes.len() / 10,
+            "{rounds} rounds, {len} bytes"
+        );
+    }
+}
