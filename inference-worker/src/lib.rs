@@ -4,6 +4,7 @@
 pub mod backend;
 pub mod budget;
 pub mod device;
+pub mod fetch;
 pub mod http;
 pub mod inspect;
 pub mod metrics;

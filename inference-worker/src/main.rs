@@ -31,6 +31,18 @@ struct Cli {
     /// Path to the model file (GGUF v2/v3; F32, F16, Q4_0, Q4_1, Q8_0 tensors).
     #[arg(long, env = "GPUSCALE_MODEL")]
     model: PathBuf,
+    /// Fetch the model from this http(s) URL into the node's cache at --model first
+    /// (resumed after an interruption; one download per node; a cached copy is used
+    /// where it lies).
+    #[arg(long, env = "GPUSCALE_MODEL_URL", value_parser = http_url)]
+    model_url: Option<String>,
+    /// The SHA-256 the fetched model must have (64 hex digits); with --model-url only.
+    #[arg(long, requires = "model_url", value_parser = sha256_hex)]
+    model_sha256: Option<String>,
+    /// Evict the least recently used other models from the cache directory beyond this
+    /// size, e.g. 200GiB; with --model-url only.
+    #[arg(long, requires = "model_url", value_parser = parse_bytes)]
+    model_cache_max_bytes: Option<u64>,
     /// Model id served in the API (default: the file name without extension).
     #[arg(long)]
     model_name: Option<String>,
@@ -94,6 +106,25 @@ fn within<const LO: usize, const HI: usize>(s: &str) -> Result<usize, String> {
         return Err(format!("{n} is outside the valid range {LO} to {HI}"));
     }
     Ok(n)
+}
+
+/// An `http://` or `https://` URL.
+fn http_url(s: &str) -> Result<String, String> {
+    if (s.starts_with("http://") || s.starts_with("https://")) && s.len() > "https://".len() {
+        Ok(s.to_string())
+    } else {
+        Err(format!("{s:?} is not an http:// or https:// URL"))
+    }
+}
+
+/// 64 hex digits, lowercased.
+fn sha256_hex(s: &str) -> Result<String, String> {
+    let s = s.trim().to_ascii_lowercase();
+    if s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        Ok(s)
+    } else {
+        Err(format!("{s:?} is not a SHA-256 (64 hex digits)"))
+    }
 }
 
 /// Parses sizes like `512MiB`, `2GiB`, `1.5G`, `1000000`; zero is refused.
@@ -190,6 +221,30 @@ async fn main() -> anyhow::Result<()> {
     let header_timeout = Duration::from_secs(cli.header_read_timeout_seconds);
     let server = tokio::spawn(serve(listener, app, header_timeout, shutdown_rx));
 
+    if let Some(url) = &cli.model_url {
+        // Served meanwhile: /healthz answers and /metrics shows the download's progress.
+        let started = Instant::now();
+        let fetch = inference_worker::fetch::Fetch {
+            url: url.clone(),
+            dest: cli.model.clone(),
+            sha256: cli.model_sha256.clone(),
+            cache_max_bytes: cli.model_cache_max_bytes,
+            retries: 5,
+        };
+        let fetched = inference_worker::fetch::ensure(&fetch, &metrics).await?;
+        metrics.model_cache_hit.set(i64::from(fetched.cached));
+        metrics
+            .download_seconds
+            .set(started.elapsed().as_secs_f64());
+        tracing::info!(
+            cached = fetched.cached,
+            downloaded = fetched.downloaded,
+            resumed_from = fetched.resumed_from,
+            evicted = ?fetched.evicted,
+            seconds = started.elapsed().as_secs_f64(),
+            "model in the node's cache"
+        );
+    }
     let started = Instant::now();
     let loaded = tokio::task::spawn_blocking({
         let cli = cli.clone();
@@ -380,12 +435,14 @@ fn load(cli: &Cli, device: Device, metrics: Arc<Metrics>) -> anyhow::Result<Load
     // fits in the first KV block, whatever the block size.
     let warm_len = 8.min(config.vocab).min(block_size) as u32;
     let warm: Vec<u32> = (0..warm_len).collect();
+    let warming = Instant::now();
     backend.forward(&[SeqChunk {
         tokens: &warm,
         start: 0,
         blocks: &[0],
         logits: Logits::Last,
     }])?;
+    metrics.warmup_seconds.set(warming.elapsed().as_secs_f64());
     tracing::info!(
         model = %config.name,
         layers = config.n_layers,

@@ -93,6 +93,16 @@ pub struct Metrics {
     pub preemptions: Counter,
     /// Seconds the model took to load and warm up.
     pub load_seconds: Gauge<f64, AtomicU64>,
+    /// Seconds of the warm-up pass alone.
+    pub warmup_seconds: Gauge<f64, AtomicU64>,
+    /// Seconds fetching the model into the node's cache (0 on a cache hit).
+    pub download_seconds: Gauge<f64, AtomicU64>,
+    /// Bytes of the model in the cache so far (its size once complete).
+    pub download_bytes: Gauge,
+    /// The model's size, once the server has said it.
+    pub download_total_bytes: Gauge,
+    /// 1 when the model was already in the node's cache.
+    pub model_cache_hit: Gauge,
     /// 1 when ready to serve.
     pub ready: Gauge,
     /// Bytes the backend reserved (device memory on CUDA, measured).
@@ -123,6 +133,11 @@ impl Metrics {
             ttft_seconds: Histogram::new(exponential_buckets(0.005, 2.0, 14)),
             preemptions: Counter::default(),
             load_seconds: Gauge::default(),
+            warmup_seconds: Gauge::default(),
+            download_seconds: Gauge::default(),
+            download_bytes: Gauge::default(),
+            download_total_bytes: Gauge::default(),
+            model_cache_hit: Gauge::default(),
             ready: Gauge::default(),
             memory_reserved_bytes: Gauge::default(),
             gpu_memory_used: Family::default(),
@@ -189,6 +204,31 @@ impl Metrics {
             "model_load_seconds",
             "Model load and warm-up time",
             m.load_seconds.clone(),
+        );
+        registry.register(
+            "model_warmup_seconds",
+            "The warm-up pass, part of model_load_seconds",
+            m.warmup_seconds.clone(),
+        );
+        registry.register(
+            "model_download_seconds",
+            "Fetching an http(s) model into the node's cache (0 on a cache hit)",
+            m.download_seconds.clone(),
+        );
+        registry.register(
+            "model_download_bytes",
+            "Bytes of the model in the node's cache so far",
+            m.download_bytes.clone(),
+        );
+        registry.register(
+            "model_download_total_bytes",
+            "The model's size as its server reports it (0 until known)",
+            m.download_total_bytes.clone(),
+        );
+        registry.register(
+            "model_cache_hit",
+            "1 when the model was already in the node's cache",
+            m.model_cache_hit.clone(),
         );
         registry.register("ready", "1 when the worker serves", m.ready.clone());
         registry.register(
