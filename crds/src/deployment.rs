@@ -117,6 +117,11 @@ pub struct InferenceDeploymentSpec {
     "(has(self.format) ? self.format : (self.source.endsWith('.safetensors') ? 'safetensors' : 'gguf')) != 'safetensors'"
 ).message("model.format safetensors is not supported yet: the worker loads GGUF only; convert the model with llama.cpp's convert_hf_to_gguf.py and point model.source at the .gguf file")
     .field_path(".format"))]
+// Only a download is verified: a file:// or pvc:// model is read where it lies.
+#[x_kube(validation = Rule::new(
+    "!has(self.sha256) || self.source.startsWith('http://') || self.source.startsWith('https://')"
+).message("model.sha256 verifies downloads: it applies to http(s):// sources only")
+    .field_path(".sha256"))]
 #[serde(rename_all = "camelCase")]
 pub struct ModelSpec {
     /// Model name, as served by `/v1/models` and used in requests.
@@ -144,6 +149,12 @@ pub struct ModelSpec {
     /// Declared weight type, the fallback when the file header is unreachable.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dtype: Option<WeightType>,
+    /// SHA-256 of an `http(s)://` model (64 lowercase hex digits): the download into the
+    /// node's cache is verified against it, and a mismatch is an error, never a served
+    /// model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = "^[0-9a-f]{64}$"))]
+    pub sha256: Option<String>,
 }
 
 /// Model file formats the worker loads.

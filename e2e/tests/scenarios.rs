@@ -643,3 +643,162 @@ async fn an_http_model_is_sized_from_its_header_by_range_requests() {
         .len();
     assert!(last_byte < size / 10, "{ranges:?} of {size} bytes");
 }
+
+/// The worker's own metric `name`, scraped from the pod.
+async fn worker_metric(pod: &k8s_openapi::api::core::v1::Pod, name: &str) -> Option<f64> {
+    let ip = pod.status.as_ref()?.pod_ip.clone()?;
+    let text = reqwest::get(format!("http://{ip}:8080/metrics"))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} "))?.trim().parse().ok())
+}
+
+/// An http(s) model is fetched into the node's cache before the worker loads it: the
+/// download is watched (Event, condition, metric), resumes after the connection breaks,
+/// is verified against model.sha256, and a second replica on the node uses the cache;
+/// a model that does not match its sha256 is never served, and says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_model_is_downloaded_once_per_node_resumed_and_verified() {
+    use sha2::Digest;
+    let nodes = vec![SimNode::new("sim-l4", 3, "NVIDIA L4", 24, false)];
+    let mut env = Env::start("download", nodes).await.unwrap();
+    let Some(sim) = env.sim() else {
+        return; // needs the simulator's model server
+    };
+    let file = "SmolLM2-135M-Instruct.Q4_1.gguf";
+    let url = format!("{}/{file}", sim.model_server().url());
+    let model = std::fs::read(std::env::var("GPUSCALE_SMOLLM2_GGUF").unwrap()).unwrap();
+    let sha: String = sha2::Sha256::digest(&model)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    // 40 MB/s: a 97 MB download takes a few seconds, long enough to be watched; the
+    // connection breaks 30 MB in.
+    sim.model_server().pace(40_000_000);
+    sim.model_server().cut_next(30_000_000);
+    env.apply(&smollm(json!({"spec": {
+        "model": {"source": url, "sha256": sha},
+        "replicas": 1, "scaling": {"autoscale": false, "minReplicas": 1, "maxReplicas": 2},
+    }})))
+    .await
+    .unwrap();
+    let note = env
+        .wait(
+            "a DownloadingModel event",
+            Duration::from_secs(60),
+            || async {
+                env.events("smollm")
+                    .await
+                    .ok()?
+                    .into_iter()
+                    .find(|e| e.reason.as_deref() == Some("DownloadingModel"))?
+                    .note
+            },
+        )
+        .await
+        .unwrap();
+    let of = format!("% of {:.1} MB", model.len() as f64 / 1e6);
+    assert!(note.contains("smollm-0: ") && note.contains(&of), "{note}");
+    let pods = env
+        .wait_ready("smollm", 1, Duration::from_secs(120))
+        .await
+        .unwrap();
+    // Resumed from where the break left the partial file, not from the start.
+    let downloads: Vec<Option<String>> = env
+        .sim()
+        .unwrap()
+        .model_server()
+        .requests()
+        .into_iter()
+        .map(|(_, r)| r)
+        .filter(|r| r.as_deref().is_none_or(|r| r.ends_with('-')))
+        .collect();
+    assert_eq!(downloads.len(), 2, "{downloads:?}");
+    assert_eq!(downloads[0], None);
+    let resumed_at: u64 = downloads[1]
+        .as_deref()
+        .and_then(|r| r.strip_prefix("bytes=")?.strip_suffix('-')?.parse().ok())
+        .unwrap();
+    // (What the client had received when the connection broke: the last chunk in
+    // flight may be lost with it.)
+    assert!(
+        (30_000_000 - (1 << 20)..=30_000_000).contains(&resumed_at),
+        "{resumed_at}"
+    );
+    assert_eq!(
+        worker_metric(&pods[0], "gpuscale_worker_model_cache_hit").await,
+        Some(0.0)
+    );
+    let cached = std::env::temp_dir()
+        .join(format!("gpuscale-e2e-download-{}", std::process::id()))
+        .join("nodes/sim-l4/var/cache/gpuscale/models")
+        .join(format!("sha256-{sha}.gguf"));
+    assert_eq!(
+        std::fs::metadata(&cached).unwrap().len(),
+        model.len() as u64
+    );
+
+    // A second replica on the node: the cache, no download.
+    let api: Api<gpuscale_crds::InferenceDeployment> =
+        Api::namespaced(env.client.clone(), &env.namespace);
+    api.patch(
+        "smollm",
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(&json!({"spec": {"replicas": 2}})),
+    )
+    .await
+    .unwrap();
+    let pods = env
+        .wait_ready("smollm", 2, Duration::from_secs(120))
+        .await
+        .unwrap();
+    let second = pods.iter().find(|p| p.name_any() == "smollm-1").unwrap();
+    assert_eq!(
+        worker_metric(second, "gpuscale_worker_model_cache_hit").await,
+        Some(1.0)
+    );
+    let full_gets = env
+        .sim()
+        .unwrap()
+        .model_server()
+        .requests()
+        .iter()
+        .filter(|(_, r)| r.as_deref().is_none_or(|r| r.ends_with('-')))
+        .count();
+    assert_eq!(full_gets, 2, "the second replica downloaded nothing");
+    let d = env.deployment("smollm").await.unwrap();
+    assert!(d.status.unwrap().measured_ready_seconds.is_some());
+
+    // A model that is not what its sha256 says is never served, and the failure says why.
+    env.apply(&smollm(json!({"metadata": {"name": "bad"}, "spec": {
+        "model": {"source": format!("{url}?copy=2"), "format": "gguf", "sha256": "0".repeat(64)},
+        "replicas": 1, "scaling": {"autoscale": false, "minReplicas": 1, "maxReplicas": 1},
+    }})))
+    .await
+    .unwrap();
+    let why = env
+        .wait("a ReplicaFailed event", Duration::from_secs(90), || async {
+            env.events("bad")
+                .await
+                .ok()?
+                .into_iter()
+                .find(|e| e.reason.as_deref() == Some("ReplicaFailed"))?
+                .note
+        })
+        .await
+        .unwrap();
+    assert!(
+        why.contains("SHA-256 mismatch") && why.contains(&sha),
+        "{why}"
+    );
+    assert!(env
+        .pods("bad")
+        .await
+        .unwrap()
+        .iter()
+        .all(|p| !gpuscale_operator::reconcile::is_ready(p)));
+}

@@ -91,6 +91,10 @@ struct Cli {
     /// Longest wait for in-flight requests after SIGTERM before exiting anyway.
     #[arg(long, default_value_t = 120, value_parser = clap::value_parser!(u64).range(0..=86_400))]
     drain_timeout_seconds: u64,
+    /// Where to write why the worker stopped on a fatal error: the container's
+    /// terminationMessagePath (the operator passes /dev/termination-log).
+    #[arg(long)]
+    termination_log: Option<PathBuf>,
     /// Log as JSON lines (default) or human text.
     #[arg(long, default_value = "json", value_parser = ["json", "text"])]
     log_format: String,
@@ -167,6 +171,18 @@ async fn main() -> anyhow::Result<()> {
         return inference_worker::inspect::run(&cli);
     }
     let cli = Cli::parse();
+    let result = serve_model(&cli).await;
+    if let (Err(e), Some(path)) = (&result, &cli.termination_log) {
+        // The kubelet copies this file (at most 4096 bytes) into the container's
+        // lastState, where `kubectl describe` and the operator read why it stopped.
+        let text: String = format!("{e:#}").chars().take(4000).collect();
+        let _ = std::fs::write(path, text);
+    }
+    result
+}
+
+async fn serve_model(cli: &Cli) -> anyhow::Result<()> {
+    let cli = cli.clone();
     // Settings that can never serve are refused before anything starts.
     if cli.model.is_dir() {
         anyhow::bail!(

@@ -11,7 +11,9 @@ use clap::{Parser, Subcommand};
 use gpuscale_operator::leader::{Elector, LeaseConfig};
 use gpuscale_operator::metrics::Metrics;
 use gpuscale_operator::node_agent;
-use gpuscale_operator::reconcile::{self, BindingConfig, Config, DraConfig, Scheduling};
+use gpuscale_operator::reconcile::{
+    self, BindingConfig, CacheVolume, Config, DraConfig, ModelCache, Scheduling,
+};
 use gpuscale_operator::replay;
 use gpuscale_operator::scrape::HttpScraper;
 use std::sync::Arc;
@@ -85,6 +87,21 @@ enum Command {
         /// MPS with renameByDefault). Empty: shared replicas go only to DRA nodes.
         #[arg(long, default_value = "nvidia.com/gpu.shared")]
         gpu_sharing_resource: String,
+        /// The node directory where replicas cache http(s) models (created if
+        /// missing): one download per node, shared by its replicas.
+        #[arg(
+            long,
+            default_value = "/var/cache/gpuscale/models",
+            conflicts_with = "model_cache_claim"
+        )]
+        model_cache_host_path: String,
+        /// Cache http(s) models on this PersistentVolumeClaim (in each deployment's
+        /// namespace) instead of a node directory.
+        #[arg(long)]
+        model_cache_claim: Option<String>,
+        /// Evict the least recently used cached models beyond this many GiB.
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+        model_cache_max_gib: Option<u64>,
     },
     /// Publish this node's GPU inventory (NVML) as a GpuInventory object.
     NodeAgent {
@@ -295,6 +312,9 @@ fn main() -> anyhow::Result<ExitCode> {
             dra_driver,
             dra_device_class,
             gpu_sharing_resource,
+            model_cache_host_path,
+            model_cache_claim,
+            model_cache_max_gib,
         } => {
             init_tracing();
             let election = leader_election.then(|| Election {
@@ -317,6 +337,13 @@ fn main() -> anyhow::Result<ExitCode> {
                         device_class: dra_device_class,
                     }),
                     sharing_resource: Some(gpu_sharing_resource).filter(|s| !s.is_empty()),
+                },
+                model_cache: ModelCache {
+                    volume: match model_cache_claim {
+                        Some(claim) => CacheVolume::Claim(claim),
+                        None => CacheVolume::HostPath(model_cache_host_path),
+                    },
+                    max_bytes: model_cache_max_gib.map(|g| g << 30),
                 },
             };
             tokio::runtime::Runtime::new()?.block_on(operator_main(

@@ -36,6 +36,32 @@ pub enum Outcome {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DeploymentLabel {
+    deployment: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StartLabel {
+    deployment: String,
+    phase: &'static str,
+}
+
+/// How a replica's start was spent, from pod creation to ready.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct ColdStart {
+    /// Creation to the scheduler's binding.
+    pub scheduling: f64,
+    /// Fetching the model into the node's cache (0 on a hit or a node path).
+    pub download: f64,
+    /// Loading the weights and building the backend.
+    pub load: f64,
+    /// The warm-up pass.
+    pub warmup: f64,
+    /// The whole start, creation to ready.
+    pub total: f64,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ScaleLabel {
     deployment: String,
     direction: &'static str,
@@ -49,6 +75,8 @@ pub struct Metrics {
     duration: Histogram,
     scaling: Family<ScaleLabel, Counter>,
     leader: Gauge,
+    download: Family<DeploymentLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    start: Family<StartLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
 }
 
 impl Default for Metrics {
@@ -84,6 +112,19 @@ impl Default for Metrics {
             "1 while this operator replica holds the leader Lease",
             leader.clone(),
         );
+        let download =
+            Family::<DeploymentLabel, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        registry.register(
+            "model_download_ratio",
+            "Share of the model fetched by the deployment's downloading replicas (absent when none is)",
+            download.clone(),
+        );
+        let start = Family::<StartLabel, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        registry.register(
+            "replica_start_seconds",
+            "The latest ready replica's start, by phase (scheduling, download, load, warmup, total)",
+            start.clone(),
+        );
         Metrics {
             registry,
             reconciles,
@@ -91,6 +132,8 @@ impl Default for Metrics {
             duration,
             scaling,
             leader,
+            download,
+            start,
         }
     }
 }
@@ -126,8 +169,49 @@ impl Metrics {
             .inc();
     }
 
+    /// The share of the model fetched by `deployment`'s downloading replicas (`None`:
+    /// none is downloading; the series goes).
+    pub fn downloading(&self, deployment: &str, ratio: Option<f64>) {
+        let label = DeploymentLabel {
+            deployment: deployment.into(),
+        };
+        match ratio {
+            Some(r) => {
+                self.download.get_or_create(&label).set(r);
+            }
+            None => {
+                self.download.remove(&label);
+            }
+        }
+    }
+
+    /// Records how a replica of `deployment` started.
+    pub fn started(&self, deployment: &str, c: &ColdStart) {
+        for (phase, v) in [
+            ("scheduling", c.scheduling),
+            ("download", c.download),
+            ("load", c.load),
+            ("warmup", c.warmup),
+            ("total", c.total),
+        ] {
+            self.start
+                .get_or_create(&StartLabel {
+                    deployment: deployment.into(),
+                    phase,
+                })
+                .set(v);
+        }
+    }
+
     /// Drops the series of a deleted deployment.
     pub fn forget(&self, deployment: &str) {
+        self.downloading(deployment, None);
+        for phase in ["scheduling", "download", "load", "warmup", "total"] {
+            self.start.remove(&StartLabel {
+                deployment: deployment.into(),
+                phase,
+            });
+        }
         for direction in ["up", "down"] {
             self.scaling.remove(&ScaleLabel {
                 deployment: deployment.into(),

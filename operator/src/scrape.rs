@@ -16,6 +16,33 @@ pub struct WorkerLoad {
     /// The GPUs the worker was given (`gpuscale_worker_gpu_info`), by UUID: what the
     /// device plugin assigned, whatever placement chose. Empty on CPU.
     pub gpus: Vec<String>,
+    /// How the worker started (it answers while it fetches and loads the model).
+    pub startup: Startup,
+}
+
+/// A worker's start, from its own metrics (zeros where a phase has not happened).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Startup {
+    /// Bytes of an http(s) model in the node's cache so far.
+    pub download_bytes: f64,
+    /// The model's size (0: not downloading, or not known yet).
+    pub download_total: f64,
+    /// Seconds fetching the model (0 on a cache hit or a node path).
+    pub download_seconds: f64,
+    /// Whether the model was in the node's cache already.
+    pub cache_hit: bool,
+    /// Seconds loading the model, warm-up included.
+    pub load_seconds: f64,
+    /// Seconds of the warm-up pass.
+    pub warmup_seconds: f64,
+}
+
+impl Startup {
+    /// Bytes done and in all, while a download is under way.
+    pub fn downloading(&self) -> Option<(f64, f64)> {
+        (self.download_total > 0.0 && self.download_bytes < self.download_total)
+            .then_some((self.download_bytes, self.download_total))
+    }
 }
 
 impl WorkerLoad {
@@ -86,6 +113,14 @@ pub fn parse(url: &str, text: &str) -> Result<WorkerLoad, ScrapeError> {
         running: need("gpuscale_worker_running_sequences")?,
         requests_total: sum("gpuscale_worker_requests_total").unwrap_or(0.0),
         gpus,
+        startup: Startup {
+            download_bytes: sum("gpuscale_worker_model_download_bytes").unwrap_or(0.0),
+            download_total: sum("gpuscale_worker_model_download_total_bytes").unwrap_or(0.0),
+            download_seconds: sum("gpuscale_worker_model_download_seconds").unwrap_or(0.0),
+            cache_hit: sum("gpuscale_worker_model_cache_hit").unwrap_or(0.0) > 0.0,
+            load_seconds: sum("gpuscale_worker_model_load_seconds").unwrap_or(0.0),
+            warmup_seconds: sum("gpuscale_worker_model_warmup_seconds").unwrap_or(0.0),
+        },
     })
 }
 
@@ -155,9 +190,21 @@ mod tests {
                 running: 5.0,
                 requests_total: 42.0,
                 gpus: Vec::new(),
+                startup: Startup::default(),
             }
         );
         assert_eq!(l.in_flight(), 8.0);
+    }
+
+    #[test]
+    fn reads_a_download_under_way() {
+        let text = "gpuscale_worker_queue_depth 0\ngpuscale_worker_running_sequences 0\n\
+            gpuscale_worker_model_download_bytes 25\n\
+            gpuscale_worker_model_download_total_bytes 100\n\
+            gpuscale_worker_model_cache_hit 0\n";
+        let l = parse("http://w/metrics", text).unwrap();
+        assert_eq!(l.startup.downloading(), Some((25.0, 100.0)));
+        assert!(!l.startup.cache_hit);
     }
 
     #[test]

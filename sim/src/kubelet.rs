@@ -35,6 +35,24 @@ pub struct KubeletConfig {
     pub threads: usize,
     /// Where each pod's worker writes its log.
     pub log_dir: PathBuf,
+    /// Each node's own filesystem: a node path outside `host_paths` is
+    /// `<node_root>/<node>/<path>`, so what one node writes (a model cache) the others
+    /// do not see, and no pod reaches this machine's real paths.
+    pub node_root: PathBuf,
+}
+
+impl KubeletConfig {
+    /// The local path standing for `path` on `node`.
+    pub fn node_path(&self, node: &str, path: &str) -> PathBuf {
+        for (prefix, dir) in &self.host_paths {
+            if let Some(rest) = path.strip_prefix(prefix.as_str()) {
+                if rest.is_empty() || rest.starts_with('/') {
+                    return PathBuf::from(format!("{}{rest}", dir.display()));
+                }
+            }
+        }
+        self.node_root.join(node).join(path.trim_start_matches('/'))
+    }
 }
 
 impl KubeletConfig {
@@ -44,6 +62,7 @@ impl KubeletConfig {
             worker_bin,
             host_paths: vec![("/models".into(), models)],
             threads: 1,
+            node_root: log_dir.with_file_name("nodes"),
             log_dir,
         }
     }
@@ -532,6 +551,7 @@ fn command_line(pod: &Pod, ip: &str, config: &KubeletConfig) -> Vec<String> {
             Some((m.mount_path.clone(), v.host_path.as_ref()?.path.clone()))
         })
         .collect();
+    let node = spec.node_name.clone().unwrap_or_default();
     let local = |path: &str| -> String {
         if path == termination {
             return termination_file(config, &pod.name_any())
@@ -540,13 +560,10 @@ fn command_line(pod: &Pod, ip: &str, config: &KubeletConfig) -> Vec<String> {
         }
         for (mount, host) in &mounts {
             if let Some(rest) = path.strip_prefix(mount.as_str()) {
-                let host_path = format!("{host}{rest}");
-                for (node_prefix, dir) in &config.host_paths {
-                    if let Some(r) = host_path.strip_prefix(node_prefix.as_str()) {
-                        return format!("{}{r}", dir.display());
-                    }
-                }
-                return host_path;
+                return config
+                    .node_path(&node, &format!("{host}{rest}"))
+                    .display()
+                    .to_string();
             }
         }
         path.to_string()
@@ -610,24 +627,22 @@ async fn run_pod(
     // hostPath volumes of type Directory must be directories on the node, or the
     // volume does not mount and the container never starts
     // (<https://kubernetes.io/docs/concepts/storage/volumes/#hostpath-volume-types>).
+    // DirectoryOrCreate makes it (empty, on this node only).
+    let node = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.node_name.clone())
+        .unwrap_or_default();
     for v in pod.spec.iter().flat_map(|s| s.volumes.iter().flatten()) {
-        let Some(h) = v
-            .host_path
-            .as_ref()
-            .filter(|h| h.type_.as_deref() == Some("Directory"))
-        else {
+        let Some(h) = v.host_path.as_ref() else {
             continue;
         };
-        let local = config
-            .host_paths
-            .iter()
-            .find_map(|(node, dir)| {
-                h.path
-                    .strip_prefix(node.as_str())
-                    .map(|r| format!("{}{r}", dir.display()))
-            })
-            .unwrap_or_else(|| h.path.clone());
-        if !std::path::Path::new(&local).is_dir() {
+        let local = config.node_path(&node, &h.path);
+        if h.type_.as_deref() == Some("DirectoryOrCreate") {
+            let _ = std::fs::create_dir_all(&local);
+        }
+        if matches!(h.type_.as_deref(), Some("Directory" | "DirectoryOrCreate")) && !local.is_dir()
+        {
             let message = format!(
                 "MountVolume.SetUp failed for volume \"{}\" : hostPath type check failed: {} is not a directory",
                 v.name, h.path
@@ -829,15 +844,36 @@ async fn run_pod(
         .await;
         return;
     }
-    // A crash: reported as CrashLoopBackOff (the simulator does not restart workers).
-    let tail = std::fs::read_to_string(config.log_dir.join(format!("{name}.log")))
-        .map(|l| l.lines().rev().take(3).collect::<Vec<_>>().join(" | "))
-        .unwrap_or_default();
-    patch_status(status(
-        false,
-        json!({"waiting": {"reason": "CrashLoopBackOff",
-                           "message": format!("worker exited with status {code}: {tail}")}}),
-    ))
+    // A crash: reported as CrashLoopBackOff (the simulator does not restart workers),
+    // with why it stopped in lastState as the kubelet puts it there: the termination
+    // message file, or under FallbackToLogsOnError and an empty file, the log's tail
+    // (<https://kubernetes.io/docs/tasks/debug/debug-application/determine-reason-pod-failure/#customizing-the-termination-message>).
+    let c = pod.spec.as_ref().and_then(|s| s.containers.first());
+    let fallback =
+        c.and_then(|c| c.termination_message_policy.as_deref()) == Some("FallbackToLogsOnError");
+    let mut message = std::fs::read_to_string(termination_file(&config, &name)).unwrap_or_default();
+    if message.trim().is_empty() && fallback {
+        let log =
+            std::fs::read_to_string(config.log_dir.join(format!("{name}.log"))).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().rev().take(80).collect();
+        message = lines.into_iter().rev().collect::<Vec<_>>().join("\n");
+        let cut = message.len().saturating_sub(2048);
+        let cut = (cut..=message.len())
+            .find(|&i| message.is_char_boundary(i))
+            .unwrap_or(0);
+        message = message[cut..].to_string();
+    }
+    message = message.chars().take(4096).collect();
+    patch_status(json!({"status": {
+        "phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}], "hostIP": "127.0.0.1",
+        "conditions": [{"type": "Ready", "status": "False", "lastTransitionTime": now()}],
+        "containerStatuses": [{"name": container, "ready": false, "restartCount": 1,
+            "image": "gpuscale/inference-worker (local process)", "imageID": "", "started": false,
+            "state": {"waiting": {"reason": "CrashLoopBackOff",
+                "message": format!("back-off 10s restarting failed container={container} pod={name}")}},
+            "lastState": {"terminated": {"exitCode": code, "reason": "Error",
+                "message": message, "finishedAt": now()}}}],
+    }}))
     .await;
 }
 

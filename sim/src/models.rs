@@ -25,8 +25,10 @@ pub struct ModelServer {
 
 struct Shared {
     dir: PathBuf,
-    /// Bytes of body after which responses are cut (`u64::MAX`: never).
-    cut_after: AtomicU64,
+    /// Bytes of body after which the next response is cut (`u64::MAX`: never).
+    cut_next: AtomicU64,
+    /// Bodies are sent at this pace (0: as fast as the socket takes them).
+    bytes_per_second: AtomicU64,
     /// Every request's path and `Range` header.
     seen: Mutex<Vec<(String, Option<String>)>>,
 }
@@ -36,7 +38,8 @@ impl ModelServer {
     pub async fn start(dir: PathBuf) -> anyhow::Result<ModelServer> {
         let shared = Arc::new(Shared {
             dir,
-            cut_after: AtomicU64::new(u64::MAX),
+            cut_next: AtomicU64::new(u64::MAX),
+            bytes_per_second: AtomicU64::new(0),
             seen: Mutex::default(),
         });
         let app = axum::Router::new()
@@ -55,11 +58,18 @@ impl ModelServer {
         &self.url
     }
 
-    /// Cuts every later response after `bytes` bytes of body (`None`: serve whole).
-    pub fn cut_after(&self, bytes: Option<u64>) {
+    /// Cuts the next response after `bytes` bytes of body: a connection lost
+    /// mid-file, once.
+    pub fn cut_next(&self, bytes: u64) {
+        self.shared.cut_next.store(bytes, Ordering::Relaxed);
+    }
+
+    /// Sends bodies at `bytes_per_second` (0: unpaced), so a download lasts long
+    /// enough to be watched.
+    pub fn pace(&self, bytes_per_second: u64) {
         self.shared
-            .cut_after
-            .store(bytes.unwrap_or(u64::MAX), Ordering::Relaxed);
+            .bytes_per_second
+            .store(bytes_per_second, Ordering::Relaxed);
     }
 
     /// The path and `Range` header of every request so far.
@@ -135,7 +145,14 @@ async fn serve(
         None => (StatusCode::OK, 0, len.saturating_sub(1)),
     };
     let body = bytes[start as usize..=(end as usize).min(bytes.len().saturating_sub(1))].to_vec();
-    let cut = shared.cut_after.load(Ordering::Relaxed);
+    // The cut is spent on the first response long enough to be cut.
+    let mut cut = shared.cut_next.load(Ordering::Relaxed);
+    if (body.len() as u64) > cut {
+        shared.cut_next.store(u64::MAX, Ordering::Relaxed);
+    } else {
+        cut = u64::MAX;
+    }
+    let pace = shared.bytes_per_second.load(Ordering::Relaxed);
     let mut resp = Response::builder()
         .status(code)
         .header("accept-ranges", "bytes")
@@ -143,16 +160,33 @@ async fn serve(
     if code == StatusCode::PARTIAL_CONTENT {
         resp = resp.header("content-range", format!("bytes {start}-{end}/{len}"));
     }
-    if (body.len() as u64) <= cut {
+    if cut == u64::MAX && pace == 0 {
         return resp.body(Body::from(body)).expect("a response");
     }
-    // The connection is lost after `cut` bytes: the body ends with an error, which
-    // aborts the response short of its Content-Length.
-    let head = body[..cut as usize].to_vec();
-    let stream = futures::stream::iter([
-        Ok::<_, std::io::Error>(head),
-        Err(std::io::Error::other("simulated connection loss")),
-    ]);
+    // In chunks, paced; after `cut` bytes the body ends with an error, which aborts
+    // the response short of its Content-Length (a connection lost mid-file).
+    const CHUNK: usize = 256 << 10;
+    let sendable = body.len().min(usize::try_from(cut).unwrap_or(usize::MAX));
+    let body = axum::body::Bytes::from(body);
+    let stream = futures::stream::unfold(0usize, move |at| {
+        let body = body.clone(); // a reference count, not the bytes
+        async move {
+            if at >= sendable {
+                return (at < body.len()).then(|| {
+                    (
+                        Err(std::io::Error::other("simulated connection loss")),
+                        usize::MAX,
+                    )
+                });
+            }
+            let end = (at + CHUNK).min(sendable);
+            if pace > 0 {
+                let secs = (end - at) as f64 / pace as f64;
+                tokio::time::sleep(std::time::Duration::from_secs_f64(secs)).await;
+            }
+            Some((Ok::<_, std::io::Error>(body.slice(at..end)), end))
+        }
+    });
     resp.body(Body::from_stream(stream)).expect("a response")
 }
 
@@ -188,7 +222,7 @@ mod tests {
             (r.status().as_u16(), r.bytes().await.unwrap()),
             (200, "0123456789".into())
         );
-        server.cut_after(Some(4));
+        server.cut_next(4);
         // Lost before or after the headers went out: an error either way, never a
         // short file taken for a whole one.
         let cut = match get(None).await {
@@ -196,7 +230,9 @@ mod tests {
             Err(_) => true,
         };
         assert!(cut);
-        assert_eq!(server.requests().len(), 5);
+        let r = get(None).await.unwrap();
+        assert_eq!(r.bytes().await.unwrap(), "0123456789", "cut once only");
+        assert_eq!(server.requests().len(), 6);
         assert_eq!(server.requests()[0].1.as_deref(), Some("bytes=2-4"));
         std::fs::remove_dir_all(&dir).unwrap();
     }

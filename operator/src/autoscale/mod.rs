@@ -320,6 +320,11 @@ impl Autoscaler {
         self.ready_time.unwrap_or(DEFAULT_READY_TIME)
     }
 
+    /// The ready time measured so far (`None` before any replica became ready).
+    pub fn measured_ready_time(&self) -> Option<Duration> {
+        self.ready_time
+    }
+
     /// Whether a replica still loading after `age` has failed to become ready.
     pub fn is_stuck(&self, age: Duration) -> bool {
         age > READY_TIMEOUT_FLOOR.max(self.ready_time() * 3)

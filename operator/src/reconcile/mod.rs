@@ -80,6 +80,37 @@ pub struct Config {
     pub scheduling: Scheduling,
     /// How replica pods get the GPUs placement chose.
     pub binding: BindingConfig,
+    /// Where replicas keep http(s) models on their node.
+    pub model_cache: ModelCache,
+}
+
+/// Where replicas keep http(s) models: the worker downloads into it before loading,
+/// once per node (a file lock), and maps the file where it lies.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelCache {
+    /// The cache volume.
+    pub volume: CacheVolume,
+    /// The worker evicts least recently used models beyond this size.
+    pub max_bytes: Option<u64>,
+}
+
+/// The volume of the model cache.
+#[derive(Clone, Debug, PartialEq)]
+pub enum CacheVolume {
+    /// A directory on each node (created if missing): one download per node.
+    HostPath(String),
+    /// A PersistentVolumeClaim of this name in each deployment's namespace (for
+    /// clusters whose Pod Security level forbids hostPath).
+    Claim(String),
+}
+
+impl Default for ModelCache {
+    fn default() -> Self {
+        ModelCache {
+            volume: CacheVolume::HostPath("/var/cache/gpuscale/models".into()),
+            max_bytes: None,
+        }
+    }
 }
 
 impl Default for Config {
@@ -90,6 +121,7 @@ impl Default for Config {
             drain_timeout: Duration::from_secs(120),
             scheduling: Scheduling::default(),
             binding: BindingConfig::default(),
+            model_cache: ModelCache::default(),
         }
     }
 }
@@ -249,6 +281,9 @@ struct DeploymentState {
     last_requests: Option<(Instant, f64)>,
     /// What the last pass learned of the model (status may lag it).
     model: Option<gpuscale_crds::ModelStatus>,
+    /// Replicas downloading the model (by pod UID): bytes so far, and when they last
+    /// grew (a download that advances is not a stuck replica).
+    downloads: HashMap<String, (f64, Instant)>,
 }
 
 /// How long placement avoids a node where the scheduler refused a replica.
@@ -288,6 +323,7 @@ impl DeploymentState {
             avoid: HashMap::new(),
             last_requests: None,
             model: None,
+            downloads: HashMap::new(),
         }
     }
 }
@@ -695,7 +731,7 @@ async fn apply(d: &InferenceDeployment, ctx: &Context) -> Result<Action, Error> 
         }
     };
     model::remove_probes(&d, ctx).await?;
-    if let Err(message) = mountable(&d) {
+    if let Err(message) = mountable(&d, &ctx.config) {
         return invalid(&d, ctx, &message).await;
     }
     let d = &*d;
@@ -755,11 +791,12 @@ async fn invalid(d: &InferenceDeployment, ctx: &Context, message: &str) -> Resul
     Ok(Action::requeue(Duration::from_secs(60)))
 }
 
-fn mountable(d: &InferenceDeployment) -> Result<(), String> {
-    match model_volume(&d.spec.model.source) {
+fn mountable(d: &InferenceDeployment, config: &Config) -> Result<(), String> {
+    match model_mount(&d.spec.model, &config.model_cache) {
         Some(_) => Ok(()),
         None => Err(format!(
-            "model.source {} cannot be mounted into the worker yet: use file:// or pvc://",
+            "model.source {} cannot be mounted into the worker: use file:///path, \
+             pvc://<claim>/<path> or an http(s):// URL",
             d.spec.model.source
         )),
     }

@@ -20,7 +20,7 @@ use kube::api::{Api, DeleteParams, ObjectMeta, PostParams};
 use kube::ResourceExt;
 use tracing::info;
 
-use super::pods::{model_volume, owned_by, worker_image, MANAGED_BY};
+use super::pods::{model_mount, owned_by, worker_image, MANAGED_BY};
 use super::{Context, Error};
 use crate::estimate::ModelProfile;
 use crate::placement;
@@ -319,7 +319,12 @@ fn stuck_reason(pod: &Pod) -> String {
 /// The probe pod of `d`: the worker image running `inspect` on the model as the replicas
 /// mount it, once (`restartPolicy: Never`, a deadline), owned by `d`.
 pub fn probe_pod(d: &InferenceDeployment, config: &super::Config, probed: &str) -> Option<Pod> {
-    let (path, volume, mount) = model_volume(&d.spec.model.source)?;
+    let super::pods::ModelMount {
+        path,
+        volume,
+        mount,
+        ..
+    } = model_mount(&d.spec.model, &config.model_cache)?;
     let name = d.name_any();
     let small = |cpu: &str, mem: &str| {
         BTreeMap::from([

@@ -46,6 +46,39 @@ pub(super) struct World {
     /// creating the pod and its claim): `act` makes them.
     pub(super) missing_claims: Vec<(Arc<Pod>, PodPlacement)>,
     pub(super) request_rate: Option<f64>,
+    /// Replicas fetching the model into their node's cache.
+    pub(super) downloads: Vec<Download>,
+}
+
+/// A replica fetching an http(s) model.
+#[derive(Clone, Debug, PartialEq)]
+pub(super) struct Download {
+    pub(super) pod: String,
+    pub(super) done: f64,
+    pub(super) total: f64,
+    /// First seen by this pass.
+    pub(super) started: bool,
+}
+
+impl Download {
+    /// `smollm-0: 45% of 96.6 MB`.
+    pub(super) fn describe(&self) -> String {
+        format!(
+            "{}: {:.0}% of {:.1} MB",
+            self.pod,
+            100.0 * self.done / self.total,
+            self.total / 1e6
+        )
+    }
+}
+
+/// Whether `pod`'s model download advanced within the ready timeout's floor.
+fn downloading_lately(state: &DeploymentState, pod: &Pod, now: Instant) -> bool {
+    let uid = pod.uid().unwrap_or_else(|| pod.name_any());
+    state
+        .downloads
+        .get(&uid)
+        .is_some_and(|&(_, at)| now.duration_since(at) < crate::autoscale::READY_TIMEOUT_FLOOR)
 }
 
 /// Observe: the deployment's replicas and their phases, the inventory with every
@@ -65,13 +98,14 @@ pub(super) async fn observe(
     let hash = template_hash(d);
     let mut seen: Vec<Seen> = Vec::new();
     let mut refusals: Vec<(String, String)> = Vec::new();
+    let mut maybe_stuck: Vec<(usize, String)> = Vec::new();
     for pod in pods.iter().filter(|p| owned_by(p, d)) {
         let Some(index) = index_of(pod) else { continue };
         let refused = pods::unschedulable(pod);
         if let (Some(message), Some(p)) = (&refused, placement_of(pod)) {
             refusals.push((p.node, format!("{}: {message}", pod.name_any())));
         }
-        let mut failure = lost
+        let failure = lost
             .get(&pod.name_any())
             .cloned()
             .or_else(|| pods::failure(pod))
@@ -94,16 +128,19 @@ pub(super) async fn observe(
                 .creation_timestamp
                 .as_ref()
                 .map_or(Duration::ZERO, |t| elapsed(t.0, wall));
+            // Failed unless its model download advances (known once the workers are
+            // scraped below): a long download is not a stuck replica.
             if state.scaler.is_stuck(age) {
-                failure = Some(format!(
-                    "not ready after {} s (expected about {} s)",
-                    age.as_secs(),
-                    state.scaler.ready_time().as_secs()
+                maybe_stuck.push((
+                    seen.len(),
+                    format!(
+                        "not ready after {} s (expected about {} s)",
+                        age.as_secs(),
+                        state.scaler.ready_time().as_secs()
+                    ),
                 ));
-                Phase::Failed
-            } else {
-                Phase::Loading
             }
+            Phase::Loading
         };
         seen.push(Seen {
             pod: pod.clone(),
@@ -117,19 +154,50 @@ pub(super) async fn observe(
         });
     }
 
-    // Scrape ready and draining workers, all at once.
+    // Scrape ready, draining and loading workers, all at once (a loading worker
+    // answers /metrics while it fetches and loads the model).
     let port = d.spec.worker.port;
     let scrapes = seen.iter().map(|s| async move {
         let url = worker_url(&s.pod, port)?;
         let live = s.pod.metadata.deletion_timestamp.is_none();
         match s.phase {
-            Phase::Ready | Phase::Draining { .. } if live => ctx.scraper.load(&url).await.ok(),
+            Phase::Ready | Phase::Draining { .. } | Phase::Loading if live => {
+                ctx.scraper.load(&url).await.ok()
+            }
             _ => None,
         }
     });
     let loads = futures::future::join_all(scrapes).await;
     for (s, l) in seen.iter_mut().zip(loads) {
         s.load = l;
+    }
+    // Downloads under way, and when each last advanced.
+    let mut downloads = Vec::new();
+    let mut progress = HashMap::new();
+    for s in seen.iter().filter(|s| s.phase == Phase::Loading) {
+        let Some((done, total)) = s.load.as_ref().and_then(|l| l.startup.downloading()) else {
+            continue;
+        };
+        let uid = s.pod.uid().unwrap_or_else(|| s.pod.name_any());
+        let before = state.downloads.get(&uid).copied();
+        let advanced = match before {
+            Some((bytes, at)) if bytes >= done => at,
+            _ => now,
+        };
+        progress.insert(uid, (done, advanced));
+        downloads.push(Download {
+            pod: s.pod.name_any(),
+            done,
+            total,
+            started: before.is_none(),
+        });
+    }
+    state.downloads = progress;
+    for (i, message) in maybe_stuck {
+        if !downloading_lately(state, &seen[i].pod, now) {
+            seen[i].phase = Phase::Failed;
+            seen[i].failure = Some(message);
+        }
     }
 
     // What the device plugin really assigned, where the kubelet (the node agent's
@@ -164,18 +232,19 @@ pub(super) async fn observe(
         s.placement = Some(fixed);
     }
 
-    // Learn load times from replicas that became ready. A state restored with a
-    // measured time does not count the replicas that were ready before it again.
-    let ready_uids = seen
-        .iter()
-        .filter(|s| s.phase == Phase::Ready)
-        .map(|s| (s.pod.uid().unwrap_or_else(|| s.pod.name_any()), &s.pod));
+    // Learn load times from replicas that became ready, and how each start was spent.
+    // A state restored with a measured time does not count the replicas that were
+    // ready before it again.
     let first = state.seen_ready.is_none();
     let known = state.seen_ready.get_or_insert_with(HashSet::new);
-    for (uid, pod) in ready_uids {
+    for s in seen.iter().filter(|s| s.phase == Phase::Ready) {
+        let uid = s.pod.uid().unwrap_or_else(|| s.pod.name_any());
         if known.insert(uid) && !(first && state.restored_ready_time) {
-            if let Some(took) = ready_took(pod) {
+            if let Some(took) = ready_took(&s.pod) {
                 state.scaler.observe_ready(took);
+                let start = cold_start(&s.pod, took, s.load.as_ref());
+                tracing::info!(pod = %s.pod.name_any(), ?start, "replica ready");
+                ctx.metrics.started(&super::key_of(d), &start);
             }
         }
     }
@@ -208,6 +277,7 @@ pub(super) async fn observe(
         corrections,
         refusals,
         missing_claims,
+        downloads,
         ready: ready.count() as u32,
         loading: seen.iter().filter(|s| s.phase == Phase::Loading).count() as u32,
         seen,
@@ -326,6 +396,35 @@ fn tolerates(tol: &Toleration, taint: &Taint) -> bool {
 }
 
 /// Time from pod creation to its Ready condition.
+/// How a replica's start of `took` was spent: the scheduler's binding from the pod's
+/// `PodScheduled` condition, fetching, loading and warming up from the worker's own
+/// metrics (zeros where it could not be scraped).
+fn cold_start(pod: &Pod, took: Duration, load: Option<&WorkerLoad>) -> crate::metrics::ColdStart {
+    let created = pod.metadata.creation_timestamp.as_ref().map(|t| t.0);
+    let scheduled = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|cs| {
+            cs.iter()
+                .find(|c| c.type_ == "PodScheduled" && c.status == "True")
+        })
+        .and_then(|c| c.last_transition_time.as_ref())
+        .map(|t| t.0);
+    let scheduling = match (created, scheduled) {
+        (Some(c), Some(s)) => elapsed(c, s).as_secs_f64(),
+        _ => 0.0,
+    };
+    let st = load.map(|l| l.startup.clone()).unwrap_or_default();
+    crate::metrics::ColdStart {
+        scheduling,
+        download: st.download_seconds,
+        load: (st.load_seconds - st.warmup_seconds).max(0.0),
+        warmup: st.warmup_seconds,
+        total: took.as_secs_f64(),
+    }
+}
+
 fn ready_took(pod: &Pod) -> Option<Duration> {
     let created = pod.metadata.creation_timestamp.as_ref()?.0;
     let ready = pod

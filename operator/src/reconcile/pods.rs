@@ -4,6 +4,8 @@
 use std::collections::BTreeMap;
 
 use gpuscale_crds::InferenceDeployment;
+
+use super::CacheVolume;
 use k8s_openapi::api::core::v1::{
     Affinity, Container, ContainerPort, HTTPGetAction, HostPathVolumeSource, NodeAffinity,
     NodeSelector, NodeSelectorRequirement, NodeSelectorTerm, PersistentVolumeClaimVolumeSource,
@@ -173,11 +175,12 @@ pub fn template_hash(d: &InferenceDeployment) -> String {
 }
 
 /// The worker command line for a placement.
-fn worker_args(d: &InferenceDeployment, model_path: &str, p: &PodPlacement) -> Vec<String> {
+fn worker_args(d: &InferenceDeployment, model: &ModelMount, p: &PodPlacement) -> Vec<String> {
     let s = &d.spec;
     let device = if p.gpus.is_empty() { "cpu" } else { "cuda" };
-    vec![
-        format!("--model={model_path}"),
+    let mut args = vec![format!("--model={}", model.path)];
+    args.extend(model.args.iter().cloned());
+    args.extend([
         format!("--model-name={}", s.model.name),
         "--host=0.0.0.0".into(),
         format!("--port={}", s.worker.port),
@@ -186,12 +189,67 @@ fn worker_args(d: &InferenceDeployment, model_path: &str, p: &PodPlacement) -> V
         format!("--max-seq-len={}", s.resources.max_sequence_length),
         format!("--max-batch={}", s.resources.max_batch_size),
         "--log-format=json".into(),
-    ]
+        "--termination-log=/dev/termination-log".into(),
+    ]);
+    args
 }
 
-/// Where the model file is inside the pod, and the volume that puts it there.
-/// `None` for sources the worker cannot open yet (http(s)).
-pub fn model_volume(source: &str) -> Option<(String, Volume, VolumeMount)> {
+/// Where the model is inside a worker's pod, the volume that puts it there, and the
+/// worker arguments that go with it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelMount {
+    /// The model file's path in the container.
+    pub path: String,
+    /// The volume holding it.
+    pub volume: Volume,
+    /// Its mount.
+    pub mount: VolumeMount,
+    /// Worker arguments beyond `--model` (the URL to fetch from, for http(s)).
+    pub args: Vec<String>,
+}
+
+/// Where http(s) models are cached in the worker's container.
+pub const MODEL_CACHE_MOUNT: &str = "/var/cache/gpuscale/models";
+
+/// The file an http(s) model is cached as: content-addressed by its SHA-256 when given,
+/// else named by a hash of the URL and version, with the URL's file name for people.
+pub fn cache_file_name(url: &str, version: Option<&str>, sha256: Option<&str>) -> String {
+    if let Some(sha) = sha256 {
+        return format!("sha256-{sha}.gguf");
+    }
+    let key = format!("{url}@{}", version.unwrap_or(""));
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in key.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    let base: String = url
+        .rsplit('/')
+        .next()
+        .unwrap_or("model")
+        .split(['?', '#'])
+        .next()
+        .unwrap_or("model")
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || ".-_".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(100)
+        .collect();
+    format!("{h:016x}-{base}")
+}
+
+/// How `model` reaches the worker: a node path or a claim mounted read-only, or (http)
+/// the node's model cache, which the worker fills before loading.
+pub fn model_mount(
+    model: &gpuscale_crds::ModelSpec,
+    cache: &super::ModelCache,
+) -> Option<ModelMount> {
+    let source = model.source.as_str();
     if let Some(path) = source.strip_prefix("file://") {
         let dir = std::path::Path::new(path)
             .parent()?
@@ -211,7 +269,52 @@ pub fn model_volume(source: &str) -> Option<(String, Volume, VolumeMount)> {
             read_only: Some(true),
             ..VolumeMount::default()
         };
-        return Some((path.to_string(), volume, mount));
+        return Some(ModelMount {
+            path: path.to_string(),
+            volume,
+            mount,
+            args: Vec::new(),
+        });
+    }
+    if source.starts_with("http://") || source.starts_with("https://") {
+        let volume = match &cache.volume {
+            CacheVolume::HostPath(dir) => Volume {
+                name: "model-cache".into(),
+                host_path: Some(HostPathVolumeSource {
+                    path: dir.clone(),
+                    type_: Some("DirectoryOrCreate".into()),
+                }),
+                ..Volume::default()
+            },
+            CacheVolume::Claim(claim) => Volume {
+                name: "model-cache".into(),
+                persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                    claim_name: claim.clone(),
+                    read_only: Some(false),
+                }),
+                ..Volume::default()
+            },
+        };
+        let mount = VolumeMount {
+            name: "model-cache".into(),
+            mount_path: MODEL_CACHE_MOUNT.into(),
+            ..VolumeMount::default()
+        };
+        let name = cache_file_name(source, model.version.as_deref(), model.sha256.as_deref());
+        let mut args = vec![format!("--model-url={source}")];
+        args.extend(model.sha256.iter().map(|s| format!("--model-sha256={s}")));
+        args.extend(
+            cache
+                .max_bytes
+                .iter()
+                .map(|b| format!("--model-cache-max-bytes={b}")),
+        );
+        return Some(ModelMount {
+            path: format!("{MODEL_CACHE_MOUNT}/{name}"),
+            volume,
+            mount,
+            args,
+        });
     }
     let rest = source.strip_prefix("pvc://")?;
     let (claim, path) = rest.split_once('/')?;
@@ -229,7 +332,12 @@ pub fn model_volume(source: &str) -> Option<(String, Volume, VolumeMount)> {
         read_only: Some(true),
         ..VolumeMount::default()
     };
-    Some((format!("{MODEL_MOUNT}/{claim}/{path}"), volume, mount))
+    Some(ModelMount {
+        path: format!("{MODEL_MOUNT}/{claim}/{path}"),
+        volume,
+        mount,
+        args: Vec::new(),
+    })
 }
 
 /// The worker image of `d`'s pods: the operator's `--worker-image` replaces the built-in
@@ -251,7 +359,7 @@ pub fn replica_pod(
 ) -> Option<Pod> {
     let drain_seconds = config.drain_timeout.as_secs();
     let name = d.name_any();
-    let (model_path, volume, mount) = model_volume(&d.spec.model.source)?;
+    let model = model_mount(&d.spec.model, &config.model_cache)?;
     let mut labels = selector_labels(&name);
     labels.insert("app.kubernetes.io/name".into(), "inference-worker".into());
     labels.insert(LABEL_REPLICA.into(), index.to_string());
@@ -319,7 +427,7 @@ pub fn replica_pod(
             containers: vec![Container {
                 name: "worker".into(),
                 image: Some(image),
-                args: Some(worker_args(d, &model_path, p)),
+                args: Some(worker_args(d, &model, p)),
                 ports: Some(vec![ContainerPort {
                     name: Some("http".into()),
                     container_port: w.port.into(),
@@ -339,10 +447,14 @@ pub fn replica_pod(
                     failure_threshold: Some(6),
                     ..Probe::default()
                 }),
-                volume_mounts: Some(vec![mount]),
+                volume_mounts: Some(vec![model.mount]),
+                // Why a worker stopped (a failed download, a corrupt model) is its
+                // termination message; the log's tail when it wrote none (a panic).
+                termination_message_path: Some("/dev/termination-log".into()),
+                termination_message_policy: Some("FallbackToLogsOnError".into()),
                 ..Container::default()
             }],
-            volumes: Some(vec![volume]),
+            volumes: Some(vec![model.volume]),
             resource_claims: claims,
             ..PodSpec::default()
         }),
@@ -492,14 +604,28 @@ pub fn failure(pod: &Pod) -> Option<String> {
     status.container_statuses.iter().flatten().find_map(|c| {
         let waiting = c.state.as_ref()?.waiting.as_ref()?;
         let reason = waiting.reason.as_deref()?;
-        [
+        if ![
             "CrashLoopBackOff",
             "ImagePullBackOff",
             "ErrImagePull",
             "CreateContainerConfigError",
         ]
         .contains(&reason)
-        .then(|| format!("{reason}: {}", waiting.message.clone().unwrap_or_default()))
+        {
+            return None;
+        }
+        // The last run's termination message says why it stopped; the waiting
+        // message only says that the kubelet backs off.
+        let last = c
+            .last_state
+            .as_ref()
+            .and_then(|s| s.terminated.as_ref())
+            .and_then(|t| t.message.clone())
+            .filter(|m| !m.trim().is_empty());
+        Some(format!(
+            "{reason}: {}",
+            last.or_else(|| waiting.message.clone()).unwrap_or_default()
+        ))
     })
 }
 

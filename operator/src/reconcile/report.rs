@@ -54,6 +54,20 @@ pub(super) async fn report(
         .await;
     }
 
+    for dl in world.downloads.iter().filter(|dl| dl.started) {
+        let note = format!(
+            "downloading the model into the node's cache: {}",
+            dl.describe()
+        );
+        publish(ctx, d, EventType::Normal, "DownloadingModel", "Load", &note).await;
+    }
+    let (done, total) = world
+        .downloads
+        .iter()
+        .fold((0.0, 0.0), |(a, b), dl| (a + dl.done, b + dl.total));
+    ctx.metrics
+        .downloading(&key, (total > 0.0).then(|| done / total));
+
     let name = d.name_any();
     let mut placements: Vec<ReplicaPlacement> = world
         .seen
@@ -94,7 +108,8 @@ pub(super) async fn report(
         desired: decided.desired,
         demand: world.demand,
         request_rate: world.request_rate,
-        ready_time: state.scaler.ready_time(),
+        ready_time: state.scaler.measured_ready_time(),
+        downloads: world.downloads.iter().map(|dl| dl.describe()).collect(),
         decision: decided.scaling.as_ref(),
         refusal: decided.refusal.as_ref(),
         placements,

@@ -23,6 +23,8 @@ use crate::scrape::{ScrapeError, WorkerLoad};
 struct Loads(
     Mutex<HashMap<String, f64>>,
     Mutex<HashMap<String, Vec<String>>>,
+    /// How each worker reports its start (a download under way).
+    Mutex<HashMap<String, crate::scrape::Startup>>,
 );
 
 impl Loads {
@@ -44,6 +46,13 @@ impl Scrape for Loads {
                 requests_total: 0.0,
                 gpus: self
                     .1
+                    .lock()
+                    .unwrap()
+                    .get(base)
+                    .cloned()
+                    .unwrap_or_default(),
+                startup: self
+                    .2
                     .lock()
                     .unwrap()
                     .get(base)
@@ -1359,4 +1368,59 @@ async fn a_failed_probe_falls_back_to_the_declared_size_and_says_so() {
     assert!(model.get("header").is_none());
     let created = placement_in(log.posts(POD_PATH)[0]);
     assert_eq!(Some(created.bytes_per_gpu), declared_need(&d));
+}
+
+/// A replica fetching its model is reported with its progress (a condition, an Event,
+/// the operator's metric) and, while the download advances, is not taken for a stuck
+/// replica however old it is.
+#[tokio::test]
+async fn a_replica_downloading_its_model_is_reported_and_kept() {
+    let d = deployment(json!({"minReplicas": 1, "maxReplicas": 1}));
+    let mut loading = pod(&d, 0, 0, "10.0.0.1", json!({}));
+    loading["status"]["conditions"] = json!([{"type": "Ready", "status": "False"}]);
+    let (client, mock) = Mock::start(pass(&d, vec![]));
+    let scraper = Loads::default();
+    scraper.set([("http://10.0.0.1:8080", 0.0)]);
+    scraper.2.lock().unwrap().insert(
+        "http://10.0.0.1:8080".into(),
+        crate::scrape::Startup {
+            download_bytes: 50e6,
+            download_total: 200e6,
+            ..Default::default()
+        },
+    );
+    let metrics = Arc::new(Metrics::default());
+    let ctx = Context::with_cache(
+        client,
+        Config::default(),
+        Arc::new(scraper),
+        metrics.clone(),
+        cache(vec![loading]),
+        TestClock::new(),
+    );
+    reconcile(object(&d), ctx.clone()).await.unwrap();
+    let log = mock.finish(ctx).await;
+    let status = log.status();
+    let cond = condition(&status, "Progressing");
+    assert_eq!(cond["reason"], "DownloadingModel", "{cond}");
+    assert_eq!(
+        cond["message"],
+        "downloading the model: smollm-0: 25% of 200.0 MB"
+    );
+    // Created a day before the test's clock: stuck, but for the download.
+    assert_eq!(status["placements"][0]["state"], "Loading", "{status}");
+    let event = log.event("DownloadingModel").expect("an Event");
+    assert!(
+        event["note"].as_str().unwrap().contains("25% of 200.0 MB"),
+        "{event}"
+    );
+    assert!(
+        metrics
+            .encode()
+            .contains("gpuscale_operator_model_download_ratio{deployment=\"default/smollm\"} 0.25"),
+        "{}",
+        metrics.encode()
+    );
+    // Nothing measured yet: no ready time is reported.
+    assert!(status.get("measuredReadySeconds").is_none(), "{status}");
 }
