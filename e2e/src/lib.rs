@@ -226,6 +226,19 @@ impl Drop for Env {
     }
 }
 
+/// The worker's own metric `name` (an unlabelled sample), scraped from the pod.
+pub async fn worker_metric(pod: &Pod, name: &str) -> Option<f64> {
+    let ip = pod.status.as_ref()?.pod_ip.clone()?;
+    let text = reqwest::get(format!("http://{ip}:8080/metrics"))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} "))?.trim().parse().ok())
+}
+
 /// The example deployment with `change` merged into it (a JSON merge patch).
 pub fn smollm(change: Value) -> Value {
     let mut d: Value = serde_yaml::from_str(SMOLLM).expect("the example is valid YAML");

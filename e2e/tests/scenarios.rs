@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use gpuscale_e2e::{condition, names, smollm, Env};
+use gpuscale_e2e::{condition, names, smollm, worker_metric, Env};
 use gpuscale_sim::nodes::SimNode;
 use gpuscale_sim::traffic::{self, Profile};
 use k8s_openapi::api::core::v1::Service;
@@ -642,19 +642,6 @@ async fn an_http_model_is_sized_from_its_header_by_range_requests() {
         .unwrap()
         .len();
     assert!(last_byte < size / 10, "{ranges:?} of {size} bytes");
-}
-
-/// The worker's own metric `name`, scraped from the pod.
-async fn worker_metric(pod: &k8s_openapi::api::core::v1::Pod, name: &str) -> Option<f64> {
-    let ip = pod.status.as_ref()?.pod_ip.clone()?;
-    let text = reqwest::get(format!("http://{ip}:8080/metrics"))
-        .await
-        .ok()?
-        .text()
-        .await
-        .ok()?;
-    text.lines()
-        .find_map(|l| l.strip_prefix(&format!("{name} "))?.trim().parse().ok())
 }
 
 /// An http(s) model is fetched into the node's cache before the worker loads it: the
