@@ -330,7 +330,9 @@ async fn serve(
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(header_timeout);
+        .header_read_timeout(header_timeout)
+        .max_buf_size(inference_worker::http::MAX_HEADER_BUF)
+        .max_headers(inference_worker::http::MAX_HEADER_FIELDS);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     loop {
         tokio::select! {

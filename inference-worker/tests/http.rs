@@ -309,6 +309,21 @@ async fn bad_requests_get_openai_errors_with_the_reason() {
         "invalid_request_error",
         "larger than",
     );
+    // Headers over the limit: 431, also in OpenAI's shape (hyper's own is empty).
+    let r = reqwest::Client::new()
+        .post(&c)
+        .header("content-type", "application/json")
+        .header("x-padding", "p".repeat(80 << 10))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 431);
+    assert_openai_error(
+        &r.json().await.unwrap(),
+        "invalid_request_error",
+        "over the limit of 100 fields and 65536 bytes",
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -123,7 +123,40 @@ pub fn router(state: Arc<AppState>) -> Router {
             )
         })
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn(header_limits))
         .with_state(state)
+}
+
+/// The most header bytes (names and values) and header fields a request may carry.
+/// The connection's own limits (`MAX_HEADER_BUF`, `MAX_HEADER_FIELDS`) are set higher,
+/// so a request over these gets this OpenAI-shaped 431 rather than hyper's empty one.
+pub const MAX_HEADER_BYTES: usize = 64 << 10;
+/// See [`MAX_HEADER_BYTES`].
+pub const MAX_HEADERS: usize = 100;
+/// hyper's read buffer for a request head: above [`MAX_HEADER_BYTES`].
+pub const MAX_HEADER_BUF: usize = 1 << 20;
+/// hyper's header field limit: above [`MAX_HEADERS`].
+pub const MAX_HEADER_FIELDS: usize = 1000;
+
+async fn header_limits(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let headers = req.headers();
+    let bytes: usize = headers
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len())
+        .sum();
+    if bytes > MAX_HEADER_BYTES || headers.len() > MAX_HEADERS {
+        return ApiError::new(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "invalid_request_error",
+            format!(
+                "the request headers ({} fields, {bytes} bytes) are over the limit of \
+                 {MAX_HEADERS} fields and {MAX_HEADER_BYTES} bytes",
+                headers.len()
+            ),
+        )
+        .into_response();
+    }
+    next.run(req).await
 }
 
 /// The largest request body read (2 MiB): far above any prompt a sequence can hold.
