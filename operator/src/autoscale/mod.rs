@@ -43,6 +43,15 @@ pub const STABLE_WINDOW: Duration = Duration::from_secs(60);
 /// whichever is longer) has failed: it stops counting as capacity and is replaced.
 pub const READY_TIMEOUT_FLOOR: Duration = Duration::from_secs(300);
 
+/// An even mix of the last measurement and the history: quick to learn, not thrown by
+/// one slow node.
+fn mix(avg: &mut Option<Duration>, took: Duration) {
+    *avg = Some(match *avg {
+        None => took,
+        Some(prev) => (prev + took) / 2,
+    });
+}
+
 /// The policy's bounds and windows, from `spec.scaling`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Params {
@@ -93,6 +102,10 @@ pub struct Observation {
     pub loading: u32,
     /// The replica count the controller is converging to now.
     pub current: u32,
+    /// Whether the next replica would start on a node that holds the model already
+    /// (an http(s) model in the node's cache); `None` where it makes no difference or
+    /// is not known. Picks the lead time a burst is projected over.
+    pub next_warm: Option<bool>,
 }
 
 /// Which way a decision goes.
@@ -214,6 +227,10 @@ pub struct Autoscaler {
     recs: VecDeque<(Instant, u32)>,
     /// Smoothed time from pod creation to ready.
     ready_time: Option<Duration>,
+    /// The same, of replicas whose node held the model already (warm) and of those
+    /// that fetched it (cold).
+    ready_warm: Option<Duration>,
+    ready_cold: Option<Duration>,
     /// Panic mode lasts until then.
     panic_until: Option<Instant>,
 }
@@ -242,6 +259,8 @@ impl Autoscaler {
             samples: VecDeque::new(),
             recs: VecDeque::new(),
             ready_time: None,
+            ready_warm: None,
+            ready_cold: None,
             panic_until: None,
         }
     }
@@ -307,12 +326,29 @@ impl Autoscaler {
 
     /// Records how long a replica took from creation to ready.
     pub fn observe_ready(&mut self, took: Duration) {
-        // An even mix of the last measurement and the history: quick to learn, not
-        // thrown by one slow node.
-        self.ready_time = Some(match self.ready_time {
-            None => took,
-            Some(prev) => (prev + took) / 2,
-        });
+        mix(&mut self.ready_time, took);
+    }
+
+    /// Records a replica's start and whether its node held the model already
+    /// (`None`: no model to fetch, as for a node path).
+    pub fn observe_start(&mut self, took: Duration, warm: Option<bool>) {
+        self.observe_ready(took);
+        match warm {
+            Some(true) => mix(&mut self.ready_warm, took),
+            Some(false) => mix(&mut self.ready_cold, took),
+            None => {}
+        }
+    }
+
+    /// How long the next replica will take to become ready: the measured start of its
+    /// kind (warm or cold node cache) where known, else the overall one.
+    pub fn lead_time(&self, next_warm: Option<bool>) -> Duration {
+        let by_kind = match next_warm {
+            Some(true) => self.ready_warm,
+            Some(false) => self.ready_cold,
+            None => None,
+        };
+        by_kind.unwrap_or_else(|| self.ready_time())
     }
 
     /// The measured time a replica takes to become ready (a default until measured).
@@ -327,7 +363,9 @@ impl Autoscaler {
 
     /// Whether a replica still loading after `age` has failed to become ready.
     pub fn is_stuck(&self, age: Duration) -> bool {
-        age > READY_TIMEOUT_FLOOR.max(self.ready_time() * 3)
+        // Against the slower kind of start: a cold one is not a stuck warm one.
+        let slowest = self.ready_time().max(self.ready_cold.unwrap_or_default());
+        age > READY_TIMEOUT_FLOOR.max(slowest * 3)
     }
 
     /// One tick: the replica count wanted at `now`.
@@ -354,7 +392,7 @@ impl Autoscaler {
             // Project over the lead time, but no further than the growth was measured:
             // a longer extrapolation of a noisy slope buys replicas for spikes that are
             // gone before they load.
-            let ready_time = self.ready_time();
+            let ready_time = self.lead_time(obs.next_warm);
             let lead = ready_time.min(p.panic_window).as_secs_f64();
             let projected = short + growth * lead;
             let reason = Reason::Panic {

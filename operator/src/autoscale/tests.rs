@@ -67,6 +67,7 @@ impl Sim {
             ready: self.ready,
             loading: self.loading.len() as u32,
             current: self.current(),
+            next_warm: None,
         };
         let d = self.policy.decide(now, &obs);
         while self.current() < d.desired {
@@ -228,6 +229,7 @@ fn the_panic_projection_uses_the_measured_ready_time() {
                 ready: 1,
                 loading: 0,
                 current: 1,
+                next_warm: None,
             };
             last = Some(a.decide(t0 + TICK * i, &obs));
         }
@@ -240,6 +242,41 @@ fn the_panic_projection_uses_the_measured_ready_time() {
     // 18 covered; slow ones 26 (the projection stops at the 6 s panic window).
     assert_eq!(fast.desired, 5);
     assert_eq!(slow.desired, 7);
+}
+
+/// The lead time is the measured start of the kind of start the next replica will
+/// have: from its node's model cache (warm) or fetching the model (cold).
+#[test]
+fn the_panic_projection_uses_the_next_replica_s_cold_or_warm_start() {
+    let burst = |next_warm: Option<bool>| {
+        let mut a = Autoscaler::new(params(1, 100, 0));
+        a.observe_start(Duration::from_secs(2), Some(true));
+        a.observe_start(Duration::from_secs(120), Some(false));
+        let t0 = Instant::now();
+        let mut last = None;
+        for i in 0..4u32 {
+            let obs = Observation {
+                demand: Some(f64::from(8 + 4 * i)),
+                ready: 1,
+                loading: 0,
+                current: 1,
+                next_warm,
+            };
+            last = Some(a.decide(t0 + TICK * i, &obs));
+        }
+        (last.unwrap(), a)
+    };
+    let (warm, a) = burst(Some(true));
+    let (cold, _) = burst(Some(false));
+    // As in the test above: 5 replicas for a 2 s start, 7 for a slow one.
+    assert_eq!((warm.desired, cold.desired), (5, 7));
+    // Unknown: the mix of both (61 s), a slow start too.
+    assert_eq!(burst(None).0.desired, 7);
+    assert_eq!(a.lead_time(Some(true)), Duration::from_secs(2));
+    assert_eq!(a.lead_time(Some(false)), Duration::from_secs(120));
+    // A cold start is not taken for a stuck replica: three cold starts.
+    assert!(!a.is_stuck(Duration::from_secs(359)));
+    assert!(a.is_stuck(Duration::from_secs(361)));
 }
 
 #[test]
@@ -360,6 +397,7 @@ fn a_restored_policy_holds_the_scale_down_window_it_remembers() {
         ready: 8,
         loading: 0,
         current: 8,
+        next_warm: None,
     };
     assert_eq!(fresh.decide(sim.now, &obs).desired, 1);
     sim.policy = restarted(&sim);

@@ -46,7 +46,27 @@ pub(super) fn decide(
     let current = state
         .desired
         .unwrap_or_else(|| active.max(d.spec.scaling.min_replicas));
+    let key = key_of(d);
+    for (node, _) in &world.refusals {
+        state.avoid.insert(node.clone(), now);
+    }
+    state
+        .avoid
+        .retain(|_, at| now.saturating_duration_since(*at) < AVOID_REFUSED_NODE);
+    let mut avoid: Vec<String> = state.avoid.keys().cloned().collect();
+    avoid.sort();
     let (desired, scaling) = if d.spec.scaling.autoscale {
+        // Where the next replica would go decides how soon it could serve: from the
+        // node's model cache, or after fetching the model.
+        let next_warm = super::observe::fetched(d)
+            .then(|| {
+                let mut req = placement::request(&key, u32::MAX, &d.spec, need);
+                req.avoid_nodes = avoid.clone();
+                let node = ledger.engine.place(&req).ok()?.node;
+                ledger.engine.release(&req.replica);
+                Some(world.warm_nodes.contains(&node))
+            })
+            .flatten();
         let dec = state.scaler.decide(
             now,
             &Observation {
@@ -54,6 +74,7 @@ pub(super) fn decide(
                 ready: world.ready,
                 loading: world.loading,
                 current,
+                next_warm,
             },
         );
         (dec.desired, Some(dec))
@@ -71,15 +92,6 @@ pub(super) fn decide(
             in_flight: s.load.as_ref().map(|l| l.in_flight()),
         })
         .collect();
-    let key = key_of(d);
-    for (node, _) in &world.refusals {
-        state.avoid.insert(node.clone(), now);
-    }
-    state
-        .avoid
-        .retain(|_, at| now.saturating_duration_since(*at) < AVOID_REFUSED_NODE);
-    let mut avoid: Vec<String> = state.avoid.keys().cloned().collect();
-    avoid.sort();
     let mut refusal = None;
     let mut todo = Vec::new();
     let mut created: Vec<PodPlacement> = Vec::new();

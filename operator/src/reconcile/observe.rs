@@ -48,6 +48,8 @@ pub(super) struct World {
     pub(super) request_rate: Option<f64>,
     /// Replicas fetching the model into their node's cache.
     pub(super) downloads: Vec<Download>,
+    /// Nodes holding the model (a ready replica of the current spec runs there).
+    pub(super) warm_nodes: HashSet<String>,
 }
 
 /// A replica fetching an http(s) model.
@@ -241,7 +243,12 @@ pub(super) async fn observe(
         let uid = s.pod.uid().unwrap_or_else(|| s.pod.name_any());
         if known.insert(uid) && !(first && state.restored_ready_time) {
             if let Some(took) = ready_took(&s.pod) {
-                state.scaler.observe_ready(took);
+                // Whether the model was in the node's cache: only an http(s) model is
+                // fetched, so only its starts are warm or cold.
+                let warm = fetched(d)
+                    .then(|| s.load.as_ref().map(|l| l.startup.cache_hit))
+                    .flatten();
+                state.scaler.observe_start(took, warm);
                 let start = cold_start(&s.pod, took, s.load.as_ref());
                 tracing::info!(pod = %s.pod.name_any(), ?start, "replica ready");
                 ctx.metrics.started(&super::key_of(d), &start);
@@ -263,6 +270,13 @@ pub(super) async fn observe(
         .filter(|(pod, _)| !ctx.cache.has_claim(&ns, &claim_name(&pod.name_any())))
         .collect();
 
+    // Nodes that hold the model now: those with a ready replica of the current spec
+    // (the cache file outlives the replica, but not necessarily eviction).
+    let warm_nodes = seen
+        .iter()
+        .filter(|s| s.phase == Phase::Ready && !s.outdated)
+        .filter_map(|s| Some(s.placement.as_ref()?.node.clone()))
+        .collect();
     let ready = seen.iter().filter(|s| s.phase == Phase::Ready);
     let scraped: Vec<&WorkerLoad> = ready.clone().filter_map(|s| s.load.as_ref()).collect();
     let demand = (!scraped.is_empty()).then(|| scraped.iter().map(|l| l.in_flight()).sum());
@@ -278,6 +292,7 @@ pub(super) async fn observe(
         refusals,
         missing_claims,
         downloads,
+        warm_nodes,
         ready: ready.count() as u32,
         loading: seen.iter().filter(|s| s.phase == Phase::Loading).count() as u32,
         seen,
@@ -396,6 +411,12 @@ fn tolerates(tol: &Toleration, taint: &Taint) -> bool {
 }
 
 /// Time from pod creation to its Ready condition.
+/// Whether `d`'s replicas fetch the model into their node's cache (an http(s) source).
+pub(super) fn fetched(d: &InferenceDeployment) -> bool {
+    let source = &d.spec.model.source;
+    source.starts_with("http://") || source.starts_with("https://")
+}
+
 /// How a replica's start of `took` was spent: the scheduler's binding from the pod's
 /// `PodScheduled` condition, fetching, loading and warming up from the worker's own
 /// metrics (zeros where it could not be scraped).
