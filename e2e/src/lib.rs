@@ -196,6 +196,24 @@ impl Env {
         }
     }
 
+    /// Waits for an Event about `name` with `reason`, and returns its note.
+    pub async fn wait_event(
+        &self,
+        name: &str,
+        reason: &str,
+        timeout: Duration,
+    ) -> anyhow::Result<String> {
+        self.wait(&format!("a {reason} event"), timeout, || async {
+            self.events(name)
+                .await
+                .ok()?
+                .into_iter()
+                .find(|e| e.reason.as_deref() == Some(reason))?
+                .note
+        })
+        .await
+    }
+
     /// Waits until `name` has `n` ready replicas and no others (nor terminating pods).
     pub async fn wait_ready(
         &self,

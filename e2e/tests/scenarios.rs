@@ -507,14 +507,7 @@ async fn a_scheduler_refusal_is_reported_and_the_replica_placed_elsewhere() {
     // The condition says SchedulerRejected only until the replica is placed elsewhere
     // (a pass or two); the Event is the lasting record.
     let note = env
-        .wait("a ReplicaFailed event", Duration::from_secs(60), || async {
-            env.events("smollm")
-                .await
-                .ok()?
-                .into_iter()
-                .find(|e| e.reason.as_deref() == Some("ReplicaFailed"))?
-                .note
-        })
+        .wait_event("smollm", "ReplicaFailed", Duration::from_secs(60))
         .await
         .unwrap();
     assert!(
@@ -674,18 +667,7 @@ async fn an_http_model_is_downloaded_once_per_node_resumed_and_verified() {
     .await
     .unwrap();
     let note = env
-        .wait(
-            "a DownloadingModel event",
-            Duration::from_secs(60),
-            || async {
-                env.events("smollm")
-                    .await
-                    .ok()?
-                    .into_iter()
-                    .find(|e| e.reason.as_deref() == Some("DownloadingModel"))?
-                    .note
-            },
-        )
+        .wait_event("smollm", "DownloadingModel", Duration::from_secs(60))
         .await
         .unwrap();
     let of = format!("% of {:.1} MB", model.len() as f64 / 1e6);
@@ -768,14 +750,7 @@ async fn an_http_model_is_downloaded_once_per_node_resumed_and_verified() {
     .await
     .unwrap();
     let why = env
-        .wait("a ReplicaFailed event", Duration::from_secs(90), || async {
-            env.events("bad")
-                .await
-                .ok()?
-                .into_iter()
-                .find(|e| e.reason.as_deref() == Some("ReplicaFailed"))?
-                .note
-        })
+        .wait_event("bad", "ReplicaFailed", Duration::from_secs(90))
         .await
         .unwrap();
     assert!(

@@ -188,18 +188,7 @@ pub fn build(d: &InferenceDeployment, o: &Observed) -> InferenceDeploymentStatus
 
 /// The status when the spec cannot be acted on: everything else kept as it was.
 pub fn invalid(d: &InferenceDeployment, message: &str) -> InferenceDeploymentStatus {
-    let mut st = d.status.clone().unwrap_or_default();
-    st.observed_generation = d.metadata.generation;
-    st.selector = Some(super::selector_string(&d.name_any()));
-    set(
-        &mut st.conditions,
-        d.metadata.generation,
-        "InvalidSpec",
-        true,
-        "InvalidSpec",
-        message,
-    );
-    st
+    with_condition(d, "InvalidSpec", "InvalidSpec", message)
 }
 
 /// The status while something must finish before the pass can act (the model's header
@@ -209,13 +198,23 @@ pub fn progressing(
     reason: &str,
     message: &str,
 ) -> InferenceDeploymentStatus {
+    with_condition(d, "Progressing", reason, message)
+}
+
+/// `d`'s status as it is, with condition `type_` true for `reason`.
+fn with_condition(
+    d: &InferenceDeployment,
+    type_: &str,
+    reason: &str,
+    message: &str,
+) -> InferenceDeploymentStatus {
     let mut st = d.status.clone().unwrap_or_default();
     st.observed_generation = d.metadata.generation;
     st.selector = Some(super::selector_string(&d.name_any()));
     set(
         &mut st.conditions,
         d.metadata.generation,
-        "Progressing",
+        type_,
         true,
         reason,
         message,

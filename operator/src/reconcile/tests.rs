@@ -1249,6 +1249,17 @@ fn probe(d: &InferenceDeployment, phase: &str, exit: i32, message: &str) -> Valu
     p
 }
 
+/// A pass that records what the probe read, deletes the probe, then creates the replica.
+fn probe_read_then_create(d: &InferenceDeployment) -> Vec<Expect> {
+    vec![
+        write_status(d),
+        delete_probe(),
+        create_pod(),
+        apply_service(),
+        write_status(d),
+    ]
+}
+
 fn delete_probe() -> Expect {
     expect(
         Method::DELETE,
@@ -1313,13 +1324,7 @@ async fn a_finished_probe_is_recorded_deleted_and_sizes_the_replicas() {
     // A declared size far from the truth: only the header counts.
     d.spec.model.parameters = Some(70_000_000_000);
     let done = probe(&d, "Succeeded", 0, &smollm2_header().to_string());
-    let (client, mock) = Mock::start(vec![
-        write_status(&d),
-        delete_probe(),
-        create_pod(),
-        apply_service(),
-        write_status(&d),
-    ]);
+    let (client, mock) = Mock::start(probe_read_then_create(&d));
     let ctx = context(client, cache(vec![done]), &[], TestClock::new());
     reconcile(object(&d), ctx.clone()).await.unwrap();
     let log = mock.finish(ctx).await;
@@ -1349,13 +1354,7 @@ async fn a_failed_probe_falls_back_to_the_declared_size_and_says_so() {
         1,
         r#"{"error":"truncated GGUF: needed 8 bytes at offset 24"}"#,
     );
-    let (client, mock) = Mock::start(vec![
-        write_status(&d),
-        delete_probe(),
-        create_pod(),
-        apply_service(),
-        write_status(&d),
-    ]);
+    let (client, mock) = Mock::start(probe_read_then_create(&d));
     let ctx = context(client, cache(vec![failed]), &[], TestClock::new());
     reconcile(object(&d), ctx.clone()).await.unwrap();
     let log = mock.finish(ctx).await;
