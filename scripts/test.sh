@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite: installs its tools into ~/.cache/gpuscale (see ensure-tools.sh),
-# then format check, clippy, CRD drift check, every cargo test, and the chart checks.
+# then format check, clippy, CRD drift check, every cargo test, the chart checks, and a
+# short fuzzing pass.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 eval "$(scripts/ensure-tools.sh)"
@@ -14,4 +15,6 @@ step "CRD YAML matches the types" cargo run -q --locked -p gpuscale-crds --bin c
 step "cargo build (operator and worker binaries)" cargo build --locked -p gpuscale-operator -p gpuscale-inference-worker
 step "cargo test" cargo test --workspace --locked
 step "Helm chart" scripts/check-chart.sh
+# A short pass of every fuzz target over its corpus (scripts/fuzz.sh runs them long).
+step "fuzz (${FUZZ_SECONDS:-10} s per target)" scripts/fuzz.sh "${FUZZ_SECONDS:-10}"
 echo; echo "all checks passed in $((SECONDS - start)) s"

@@ -108,7 +108,8 @@ impl crate::Error {
     /// reader of a remote file fetches at least that much and parses again.
     pub fn prefix_needed(&self) -> Option<u64> {
         match self {
-            crate::Error::Truncated { offset, needed, .. } => Some(offset + needed),
+            // A corrupt count can claim any length: saturate, never overflow.
+            crate::Error::Truncated { offset, needed, .. } => Some(offset.saturating_add(*needed)),
             _ => None,
         }
     }
@@ -139,6 +140,24 @@ mod tests {
         assert!(s.tensor_bytes.contains_key("Q4_1"), "{:?}", s.tensor_bytes);
         assert_eq!(s.tokenizer.as_deref(), Some("gpt2"));
         assert!(s.chat_template);
+    }
+
+    /// Found by `scripts/fuzz.sh` (gguf_header): an array claiming u64::MAX elements
+    /// overflowed `prefix_needed`.
+    #[test]
+    fn an_absurd_array_length_saturates_the_prefix_needed() {
+        let mut b = Vec::new();
+        b.extend_from_slice(b"GGUF");
+        b.extend_from_slice(&3u32.to_le_bytes());
+        b.extend_from_slice(&0u64.to_le_bytes()); // tensors
+        b.extend_from_slice(&1u64.to_le_bytes()); // metadata entries
+        b.extend_from_slice(&1u64.to_le_bytes());
+        b.push(b'k');
+        b.extend_from_slice(&9u32.to_le_bytes()); // array
+        b.extend_from_slice(&0u32.to_le_bytes()); // of u8
+        b.extend_from_slice(&u64::MAX.to_le_bytes());
+        let e = crate::Gguf::parse(&b).unwrap_err();
+        assert_eq!(e.prefix_needed(), Some(u64::MAX));
     }
 
     #[test]

@@ -372,6 +372,13 @@ impl Tokenizer {
         }
     }
 
+    /// The token of one byte, where the vocabulary has one. Some have none (SmolLM2 has
+    /// no token for byte 0x04): such a byte is dropped when it is not part of a longer
+    /// token, as llama.cpp's BPE tokenizer drops it.
+    pub fn byte_token(&self, b: u8) -> Option<u32> {
+        self.byte_tokens[b as usize]
+    }
+
     /// The bytes a token stands for; control tokens render as nothing.
     pub fn token_bytes(&self, id: u32) -> &[u8] {
         self.pieces.get(id as usize).map_or(&[], Vec::as_slice)
