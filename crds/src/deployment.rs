@@ -62,9 +62,9 @@ use serde::{Deserialize, Serialize};
 )]
 // Cross-field rules sit on the spec (defaults are applied before CEL runs, so every
 // section is present); fieldPath points the error at the offending field.
-#[x_kube(validation = Rule::new("self.scaling.minReplicas >= 1")
-    .message("scaling.minReplicas 0 (scale to zero) needs the request router that holds requests while a replica loads; it is not available yet, so set minReplicas to 1 or more")
-    .field_path(".scaling.minReplicas"))]
+#[x_kube(validation = Rule::new("!has(self.scaling.scaleToZeroAfterSeconds) || self.scaling.minReplicas == 0")
+    .message("scaling.scaleToZeroAfterSeconds applies only with scaling.minReplicas 0")
+    .field_path(".scaling.scaleToZeroAfterSeconds"))]
 #[x_kube(validation = Rule::new("self.scaling.minReplicas <= self.scaling.maxReplicas")
     .message("scaling.minReplicas must not exceed scaling.maxReplicas")
     .field_path(".scaling.minReplicas"))]
@@ -293,6 +293,12 @@ pub struct ScalingSpec {
     pub panic_window_seconds: u32,
     /// Pre-warm replicas from the recent request-rate history.
     pub predictive: bool,
+    /// With `minReplicas: 0`: how long the deployment must have had no request before
+    /// its last replica goes (default 300). Requests that arrive at zero replicas are
+    /// held by the request router until a replica is ready.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = 86400))]
+    pub scale_to_zero_after_seconds: Option<u32>,
 }
 
 impl Default for ScalingSpec {
@@ -307,6 +313,7 @@ impl Default for ScalingSpec {
             scale_down_window_seconds: 300,
             panic_window_seconds: 6,
             predictive: false,
+            scale_to_zero_after_seconds: None,
         }
     }
 }

@@ -77,6 +77,7 @@ fn main() -> anyhow::Result<()> {
         up_window: Duration::ZERO,
         down_window: Duration::from_secs(300),
         panic_window: Duration::from_secs(6),
+        to_zero_after: None,
     };
     let mut rules: Vec<Box<dyn ScalingRule>> = vec![
         Box::new(GpuscaleRule::new(params(WARM, TARGET), 2.0)),

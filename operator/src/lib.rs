@@ -13,4 +13,5 @@ pub mod placement;
 pub mod pod_resources;
 pub mod reconcile;
 pub mod replay;
+pub mod routers;
 pub mod scrape;

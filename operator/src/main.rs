@@ -102,6 +102,20 @@ enum Command {
         /// Evict the least recently used cached models beyond this many GiB.
         #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
         model_cache_max_gib: Option<u64>,
+        /// A request router's base URL (`http://host:port`), whose held requests count
+        /// as demand; repeat for several. With a router, `minReplicas: 0` scales to zero.
+        #[arg(long = "router-url")]
+        router_urls: Vec<String>,
+        /// Label selector of the router pods (in --router-namespace), scraped at their
+        /// pod IP and --router-port; the chart sets it.
+        #[arg(long)]
+        router_selector: Option<String>,
+        /// Namespace of the router pods (default: the operator's own).
+        #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+        router_namespace: String,
+        /// Port of the router pods' API and /metrics.
+        #[arg(long, default_value_t = 8080)]
+        router_port: u16,
     },
     /// Publish this node's GPU inventory (NVML) as a GpuInventory object.
     NodeAgent {
@@ -315,6 +329,10 @@ fn main() -> anyhow::Result<ExitCode> {
             model_cache_host_path,
             model_cache_claim,
             model_cache_max_gib,
+            router_urls,
+            router_selector,
+            router_namespace,
+            router_port,
         } => {
             init_tracing();
             let election = leader_election.then(|| Election {
@@ -344,6 +362,12 @@ fn main() -> anyhow::Result<ExitCode> {
                         None => CacheVolume::HostPath(model_cache_host_path),
                     },
                     max_bytes: model_cache_max_gib.map(|g| g << 30),
+                },
+                routers: gpuscale_operator::routers::Sources {
+                    urls: router_urls,
+                    pods: router_selector
+                        .filter(|s| !s.is_empty())
+                        .map(|s| (router_namespace, s, router_port)),
                 },
             };
             tokio::runtime::Runtime::new()?.block_on(operator_main(

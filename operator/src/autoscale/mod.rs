@@ -69,7 +69,14 @@ pub struct Params {
     pub down_window: Duration,
     /// Window of the demand mean and of the growth measurement.
     pub panic_window: Duration,
+    /// With `minReplicas: 0`, how long a deployment must have had no request before its
+    /// last replica goes (`None`: it never goes to zero).
+    pub to_zero_after: Option<Duration>,
 }
+
+/// Idleness before the last replica goes, when `scaleToZeroAfterSeconds` is not set
+/// (KEDA's default cooldown period).
+pub const DEFAULT_SCALE_TO_ZERO_AFTER: Duration = Duration::from_secs(300);
 
 impl Params {
     /// The parameters of a deployment's `spec.scaling`.
@@ -82,6 +89,12 @@ impl Params {
             up_window: Duration::from_secs(s.scale_up_window_seconds.into()),
             down_window: Duration::from_secs(s.scale_down_window_seconds.into()),
             panic_window: Duration::from_secs(s.panic_window_seconds.max(1).into()),
+            to_zero_after: (s.min_replicas == 0).then(|| {
+                s.scale_to_zero_after_seconds
+                    .map_or(DEFAULT_SCALE_TO_ZERO_AFTER, |n| {
+                        Duration::from_secs(n.into())
+                    })
+            }),
         }
     }
 
@@ -106,6 +119,10 @@ pub struct Observation {
     /// (an http(s) model in the node's cache); `None` where it makes no difference or
     /// is not known. Picks the lead time a burst is projected over.
     pub next_warm: Option<bool>,
+    /// How long the deployment has had no request at all, counted by the request
+    /// router, which holds requests while a replica starts; `None` without a router
+    /// (then it never goes to zero: nothing would hold the first request).
+    pub idle_for: Option<Duration>,
 }
 
 /// Which way a decision goes.
@@ -171,6 +188,17 @@ pub enum Reason {
     Bounds,
     /// No ready replica could be scraped: holding.
     NoMetrics,
+    /// Going to zero waits for the deployment to be idle long enough (`left`), or for
+    /// a router to count requests (`None`).
+    AwaitingIdle {
+        /// Idleness still needed; `None` when no router reports on the deployment.
+        left: Option<Duration>,
+    },
+    /// No request for the whole `scaleToZeroAfterSeconds`: the last replica goes.
+    Idle {
+        /// How long it was idle.
+        idle: Duration,
+    },
 }
 
 impl fmt::Display for Reason {
@@ -213,6 +241,22 @@ impl fmt::Display for Reason {
             ),
             Reason::Bounds => write!(f, "minReplicas/maxReplicas bound"),
             Reason::NoMetrics => write!(f, "no metrics from ready replicas; holding"),
+            Reason::AwaitingIdle { left: Some(left) } => write!(
+                f,
+                "minReplicas 0: the last replica goes after another {:.0} s without requests",
+                left.as_secs_f64()
+            ),
+            Reason::AwaitingIdle { left: None } => write!(
+                f,
+                "minReplicas 0: keeping one replica, since no request router reports on this \
+                 deployment (a router holds the first request while a replica starts; \
+                 give the operator --router-url or --router-selector)"
+            ),
+            Reason::Idle { idle } => write!(
+                f,
+                "no request for {:.0} s: scaled to zero",
+                idle.as_secs_f64()
+            ),
         }
     }
 }
@@ -370,6 +414,34 @@ impl Autoscaler {
 
     /// One tick: the replica count wanted at `now`.
     pub fn decide(&mut self, now: Instant, obs: &Observation) -> Decision {
+        let dec = self.decide_by_demand(now, obs);
+        if dec.desired > 0 || obs.current == 0 {
+            return dec;
+        }
+        // The last replica goes only after the deployment has been idle long enough,
+        // and only where a router will hold the next request while a replica starts.
+        let left = match (self.params.to_zero_after, obs.idle_for) {
+            (Some(after), Some(idle)) if idle >= after => {
+                return Decision {
+                    reason: Reason::Idle { idle },
+                    ..dec
+                }
+            }
+            (Some(after), Some(idle)) => Some(after - idle),
+            _ => None,
+        };
+        let keep = decision(obs.current, 1, dec.panic, Reason::AwaitingIdle { left });
+        if keep.direction == Direction::Down {
+            Decision {
+                reason: dec.reason,
+                ..keep
+            }
+        } else {
+            keep
+        }
+    }
+
+    fn decide_by_demand(&mut self, now: Instant, obs: &Observation) -> Decision {
         let p = self.params.clone();
         let Some(latest) = obs.demand else {
             let desired = p.bound(obs.current);
@@ -469,7 +541,10 @@ fn decision(current: u32, desired: u32, panic: bool, reason: Reason) -> Decision
         std::cmp::Ordering::Equal => Direction::Hold,
     };
     let reason = match (direction, &reason) {
-        (Direction::Hold, Reason::NoMetrics | Reason::PanicHold { .. }) => reason,
+        (
+            Direction::Hold,
+            Reason::NoMetrics | Reason::PanicHold { .. } | Reason::AwaitingIdle { .. },
+        ) => reason,
         (Direction::Hold, _) => Reason::Steady,
         _ => reason,
     };

@@ -16,6 +16,7 @@ fn params(min: u32, max: u32, warm: u32) -> Params {
         up_window: Duration::ZERO,
         down_window: Duration::from_secs(300),
         panic_window: Duration::from_secs(6),
+        to_zero_after: None,
     }
 }
 
@@ -68,6 +69,7 @@ impl Sim {
             loading: self.loading.len() as u32,
             current: self.current(),
             next_warm: None,
+            idle_for: None,
         };
         let d = self.policy.decide(now, &obs);
         while self.current() < d.desired {
@@ -230,6 +232,7 @@ fn the_panic_projection_uses_the_measured_ready_time() {
                 loading: 0,
                 current: 1,
                 next_warm: None,
+                idle_for: None,
             };
             last = Some(a.decide(t0 + TICK * i, &obs));
         }
@@ -261,6 +264,7 @@ fn the_panic_projection_uses_the_next_replica_s_cold_or_warm_start() {
                 loading: 0,
                 current: 1,
                 next_warm,
+                idle_for: None,
             };
             last = Some(a.decide(t0 + TICK * i, &obs));
         }
@@ -398,6 +402,7 @@ fn a_restored_policy_holds_the_scale_down_window_it_remembers() {
         loading: 0,
         current: 8,
         next_warm: None,
+        idle_for: None,
     };
     assert_eq!(fresh.decide(sim.now, &obs).desired, 1);
     sim.policy = restarted(&sim);
@@ -445,4 +450,64 @@ fn ready_time_is_remembered() {
     let now = Instant::now();
     let b = Autoscaler::restore(a.params().clone(), &a.memory(now), now);
     assert_eq!(b.ready_time(), Duration::from_secs(42));
+}
+
+fn to_zero(current: u32, demand: f64, idle: Option<u64>) -> Observation {
+    Observation {
+        demand: Some(demand),
+        ready: current,
+        loading: 0,
+        current,
+        next_warm: None,
+        idle_for: idle.map(Duration::from_secs),
+    }
+}
+
+#[test]
+fn the_last_replica_goes_only_after_the_idle_period_and_only_with_a_router() {
+    let mut p = params(0, 4, 0);
+    p.down_window = Duration::from_secs(30);
+    p.to_zero_after = Some(Duration::from_secs(120));
+    let mut a = Autoscaler::new(p);
+    let t0 = Instant::now();
+    // Idle, but the scale-down window has not passed: steady.
+    let d = a.decide(t0, &to_zero(1, 0.0, Some(0)));
+    assert_eq!(d.desired, 1, "{d:?}");
+    // Past the scale-down window but idle for only 60 s of 120: kept at one.
+    let d = a.decide(t0 + Duration::from_secs(60), &to_zero(1, 0.0, Some(60)));
+    assert_eq!((d.desired, d.direction), (1, Direction::Hold), "{d:?}");
+    assert!(
+        d.reason.to_string().contains("after another 60 s"),
+        "{}",
+        d.reason
+    );
+    // No router reports on the deployment: never to zero, and status says why.
+    let d = a.decide(t0 + Duration::from_secs(200), &to_zero(1, 0.0, None));
+    assert_eq!(d.desired, 1);
+    assert!(
+        d.reason.to_string().contains("--router-url"),
+        "{}",
+        d.reason
+    );
+    // Idle long enough: zero.
+    let d = a.decide(t0 + Duration::from_secs(201), &to_zero(1, 0.0, Some(121)));
+    assert_eq!((d.desired, d.direction), (0, Direction::Down), "{d:?}");
+    assert_eq!(d.reason.to_string(), "no request for 121 s: scaled to zero");
+    // Two replicas on the way down stop at one until the idle period is over.
+    let mut b = Autoscaler::new(a.params().clone());
+    let d = b.decide(t0 + Duration::from_secs(300), &to_zero(2, 0.0, Some(10)));
+    assert_eq!((d.desired, d.direction), (1, Direction::Down), "{d:?}");
+}
+
+#[test]
+fn a_held_request_at_zero_replicas_brings_the_first_one_at_once() {
+    let mut p = params(0, 4, 0);
+    p.to_zero_after = Some(Duration::from_secs(120));
+    let mut a = Autoscaler::new(p);
+    let t0 = Instant::now();
+    let d = a.decide(t0, &to_zero(0, 0.0, Some(500)));
+    assert_eq!((d.desired, d.direction), (0, Direction::Hold), "{d:?}");
+    // One request held by the router: demand 1, one replica now.
+    let d = a.decide(t0 + TICK, &to_zero(0, 1.0, Some(0)));
+    assert_eq!((d.desired, d.direction), (1, Direction::Up), "{d:?}");
 }

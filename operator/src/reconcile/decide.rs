@@ -75,6 +75,7 @@ pub(super) fn decide(
                 loading: world.loading,
                 current,
                 next_warm,
+                idle_for: world.idle_for,
             },
         );
         (dec.desired, Some(dec))

@@ -82,6 +82,9 @@ pub struct Config {
     pub binding: BindingConfig,
     /// Where replicas keep http(s) models on their node.
     pub model_cache: ModelCache,
+    /// The request routers whose held requests are demand (and whose request counts
+    /// tell an idle deployment, for scale to zero).
+    pub routers: crate::routers::Sources,
 }
 
 /// Where replicas keep http(s) models: the worker downloads into it before loading,
@@ -122,6 +125,7 @@ impl Default for Config {
             scheduling: Scheduling::default(),
             binding: BindingConfig::default(),
             model_cache: ModelCache::default(),
+            routers: crate::routers::Sources::default(),
         }
     }
 }
@@ -259,6 +263,8 @@ pub struct Context {
     placing: tokio::sync::Mutex<()>,
     /// For reading `http(s)://` models' headers.
     model_http: reqwest::Client,
+    /// What the request routers report (filled by `run` when routers are configured).
+    routers: Arc<crate::routers::RouterDemand>,
 }
 
 /// What the controller remembers of one deployment between passes.
@@ -284,6 +290,9 @@ struct DeploymentState {
     /// Replicas downloading the model (by pod UID): bytes so far, and when they last
     /// grew (a download that advances is not a stuck replica).
     downloads: HashMap<String, (f64, Instant)>,
+    /// The routers' request count for the deployment, and since when it has not moved
+    /// with nothing in flight: idleness, for scale to zero (restarts at zero idleness).
+    activity: Option<(f64, Instant)>,
 }
 
 /// How long placement avoids a node where the scheduler refused a replica.
@@ -324,6 +333,7 @@ impl DeploymentState {
             last_requests: None,
             model: None,
             downloads: HashMap::new(),
+            activity: None,
         }
     }
 }
@@ -386,6 +396,7 @@ impl Context {
             failures: Mutex::new(HashMap::new()),
             placing: tokio::sync::Mutex::new(()),
             model_http: crate::model_header::client(model::HTTP_TIMEOUT),
+            routers: Arc::default(),
         })
     }
 
@@ -559,6 +570,15 @@ pub async fn run(ctx: Arc<Context>, namespaces: Vec<String>) {
     };
     if !dra {
         writers.without_dra();
+    }
+    if ctx.config.routers.any() {
+        tokio::spawn(crate::routers::run(
+            ctx.config.routers.clone(),
+            client.clone(),
+            crate::model_header::client(ctx.config.scrape_interval),
+            ctx.config.scrape_interval.min(Duration::from_secs(1)),
+            ctx.routers.clone(),
+        ));
     }
     let scopes: Vec<Option<String>> = if namespaces.is_empty() {
         vec![None]

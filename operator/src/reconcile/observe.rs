@@ -50,6 +50,8 @@ pub(super) struct World {
     pub(super) downloads: Vec<Download>,
     /// Nodes holding the model (a ready replica of the current spec runs there).
     pub(super) warm_nodes: HashSet<String>,
+    /// How long the deployment has had no request (`None`: not known).
+    pub(super) idle_for: Option<Duration>,
 }
 
 /// A replica fetching an http(s) model.
@@ -279,7 +281,16 @@ pub(super) async fn observe(
         .collect();
     let ready = seen.iter().filter(|s| s.phase == Phase::Ready);
     let scraped: Vec<&WorkerLoad> = ready.clone().filter_map(|s| s.load.as_ref()).collect();
-    let demand = (!scraped.is_empty()).then(|| scraped.iter().map(|l| l.in_flight()).sum());
+    let ready_count = ready.clone().count();
+    let on_workers: Option<f64> =
+        (!scraped.is_empty()).then(|| scraped.iter().map(|l| l.in_flight()).sum());
+    let routed = ctx
+        .config
+        .routers
+        .any()
+        .then(|| ctx.routers.get(&ns, &d.name_any(), now))
+        .flatten();
+    let (demand, idle_for) = demand_and_idleness(state, on_workers, ready_count, routed, now);
     let requests_total: f64 = scraped.iter().map(|l| l.requests_total).sum();
     let request_rate = match state.last_requests.replace((now, requests_total)) {
         Some((t, prev)) if requests_total >= prev && now > t => {
@@ -293,12 +304,50 @@ pub(super) async fn observe(
         missing_claims,
         downloads,
         warm_nodes,
-        ready: ready.count() as u32,
+        ready: ready_count as u32,
         loading: seen.iter().filter(|s| s.phase == Phase::Loading).count() as u32,
         seen,
         demand,
         request_rate,
+        idle_for,
     }
+}
+
+/// Demand: what the workers hold plus what the routers hold for want of a replica; and
+/// how long the deployment has had no request (`None` when not known: no router, or a
+/// ready replica that could not be scraped).
+fn demand_and_idleness(
+    state: &mut DeploymentState,
+    on_workers: Option<f64>,
+    ready: usize,
+    routed: Option<crate::routers::Reported>,
+    now: Instant,
+) -> (Option<f64>, Option<Duration>) {
+    let demand = match (on_workers, routed) {
+        (Some(w), r) => Some(w + r.map_or(0.0, |r| r.held)),
+        // No replica to scrape: the routers' count is all the demand there is.
+        (None, Some(r)) if ready == 0 => Some(r.held),
+        (None, _) => None,
+    };
+    let idle_for = routed.and_then(|r| {
+        let workers_busy = match on_workers {
+            Some(w) => w > 0.0,
+            None if ready == 0 => false,
+            // A ready replica that could not be read may be busy.
+            None => return None,
+        };
+        let busy = r.held > 0.0 || workers_busy;
+        match state.activity {
+            Some((count, since)) if count == r.requests && !busy => {
+                Some(now.saturating_duration_since(since))
+            }
+            _ => {
+                state.activity = Some((r.requests, now));
+                Some(Duration::ZERO)
+            }
+        }
+    });
+    (demand, idle_for)
 }
 
 /// `p` with the GPUs the worker reported: their indices from the node's inventory

@@ -59,6 +59,7 @@ impl ScalingRule for GpuscaleRule {
             loading: replicas.len() as u32 - ready,
             current: replicas.len() as u32,
             next_warm: None,
+            idle_for: None,
         };
         let at = self.origin + Duration::from_secs_f64(now);
         self.scaler.decide(at, &obs).desired
