@@ -37,7 +37,13 @@ pub struct Env {
     pub namespace: String,
     sim: Option<SimCluster>,
     operator: Option<tokio::task::JoinHandle<()>>,
+    /// The request router's base URL, once started; the operator reads its demand.
+    router: Option<String>,
 }
+
+/// The environment variable with the base URL of a real cluster's router (reachable
+/// from where the scenarios run, e.g. through `kubectl port-forward`).
+pub const REAL_ROUTER_ENV: &str = "GPUSCALE_E2E_ROUTER_URL";
 
 /// The kubeconfig of a real cluster, when one is given.
 pub fn real_cluster() -> Option<PathBuf> {
@@ -67,6 +73,7 @@ impl Env {
                 namespace,
                 sim: None,
                 operator: None,
+                router: None,
             });
         }
         let model = std::env::var("GPUSCALE_SMOLLM2_GGUF").context(
@@ -90,6 +97,7 @@ impl Env {
             namespace: "default".into(),
             sim: Some(sim),
             operator: None,
+            router: None,
         };
         env.start_operator();
         Ok(env)
@@ -114,6 +122,10 @@ impl Env {
             worker_image: None,
             scrape_interval: Duration::from_secs(1),
             drain_timeout: Duration::from_secs(30),
+            routers: gpuscale_operator::routers::Sources {
+                urls: self.router.iter().cloned().collect(),
+                pods: None,
+            },
             ..Config::default()
         };
         let ctx = reconcile::Context::new(
@@ -123,6 +135,40 @@ impl Env {
             Arc::new(Metrics::default()),
         );
         self.operator = Some(tokio::spawn(reconcile::run(ctx, Vec::new())));
+    }
+
+    /// Starts the request router (on the simulator, in this process, watching the
+    /// cluster through kube-rs as `gpuscale-router` does) and restarts the operator so
+    /// that it reads the router's held requests. Returns the router's base URL.
+    pub async fn start_router(&mut self) -> anyhow::Result<String> {
+        if self.sim.is_none() {
+            return std::env::var(REAL_ROUTER_ENV).with_context(|| {
+                format!("{REAL_ROUTER_ENV} is not set: give the installed router's URL")
+            });
+        }
+        use gpuscale_router::{discovery, proxy, HoldConfig, Router};
+        let router = Router::new(HoldConfig {
+            timeout: Duration::from_secs(300),
+            max_held: 1000,
+        });
+        let http = reqwest::Client::new();
+        tokio::spawn(discovery::watch(
+            self.client.clone(),
+            Vec::new(),
+            router.clone(),
+        ));
+        tokio::spawn(discovery::scrape_workers(
+            router.clone(),
+            http.clone(),
+            Duration::from_millis(500),
+        ));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("http://{}", listener.local_addr()?);
+        tokio::spawn(async move { axum::serve(listener, proxy::app(router, http)).await });
+        self.router = Some(url.clone());
+        self.kill_operator();
+        self.start_operator();
+        Ok(url)
     }
 
     /// Kills the operator at once, mid-pass if it is in one (no cleanup runs).
