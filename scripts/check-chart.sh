@@ -72,7 +72,7 @@ print("binding-mode RBAC: ok")
 PY
 
 # values.schema.json must refuse bad values with a message.
-for bad in "operator.replicas=0" "operator.logFormat=xml" "metrics.serviceMonitor.interval=soon" "nodeAgent.bogus=1" "binding.devicePlugin.sharingResource=no slash" "binding.dra.enabled=maybe"; do
+for bad in "router.holdTimeoutSeconds=0" "router.service.type=Ingress" "operator.replicas=0" "operator.logFormat=xml" "metrics.serviceMonitor.interval=soon" "nodeAgent.bogus=1" "binding.devicePlugin.sharingResource=no slash" "binding.dra.enabled=maybe"; do
   if helm template gpuscale "$CHART" --set "$bad" >/dev/null 2>"$out/err"; then
     fail "values.schema.json accepted --set $bad"
   fi

@@ -72,8 +72,16 @@ async fn main() -> anyhow::Result<()> {
         Duration::from_millis(cli.scrape_interval_ms),
     ));
     let app = proxy::app(router, http);
+    // On SIGTERM (a pod deleted) or SIGINT: stop accepting, let the requests in flight
+    // and held finish (the chart's grace period covers the hold timeout).
     let serve = axum::serve(listener, app).with_graceful_shutdown(async {
-        let _ = tokio::signal::ctrl_c().await;
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        tracing::info!("shutting down: finishing the requests in flight");
     });
     tokio::select! {
         r = serve => r.context("serving")?,

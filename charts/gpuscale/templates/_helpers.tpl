@@ -30,6 +30,20 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/component: node-agent
 {{- end -}}
 
+{{- define "gpuscale.routerSelector" -}}
+app.kubernetes.io/name: {{ include "gpuscale.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: router
+{{- end -}}
+
+{{- define "gpuscale.routerServiceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- printf "%s-router" (include "gpuscale.fullname" .) -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
 {{- define "gpuscale.serviceAccountName" -}}
 {{- if .Values.serviceAccount.create -}}
 {{- default (include "gpuscale.fullname" .) .Values.serviceAccount.name -}}
