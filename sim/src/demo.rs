@@ -59,7 +59,7 @@ fn model_path() -> anyhow::Result<PathBuf> {
 /// The operator and worker binaries. From a checkout they are (re)built in release
 /// first, so the demo never runs a stale operator; `GPUSCALE_OPERATOR_BIN` and
 /// `GPUSCALE_WORKER_BIN` override both.
-fn binaries() -> anyhow::Result<(PathBuf, PathBuf)> {
+fn binaries() -> anyhow::Result<(PathBuf, PathBuf, PathBuf)> {
     let overridden = std::env::var_os("GPUSCALE_OPERATOR_BIN").is_some()
         && std::env::var_os("GPUSCALE_WORKER_BIN").is_some();
     if !overridden && Path::new("Cargo.toml").is_file() {
@@ -72,20 +72,26 @@ fn binaries() -> anyhow::Result<(PathBuf, PathBuf)> {
                 "gpuscale-operator",
                 "-p",
                 "gpuscale-inference-worker",
+                "-p",
+                "gpuscale-router",
             ])
             .status()
             .is_ok_and(|s| s.success());
         if !ok {
-            bail!("could not build them; run cargo build --release -p gpuscale-operator -p gpuscale-inference-worker");
+            bail!("could not build them; run cargo build --release -p gpuscale-operator -p gpuscale-inference-worker -p gpuscale-router");
         }
     }
-    Ok((super::operator_binary()?, super::worker_binary()?))
+    Ok((
+        super::operator_binary()?,
+        super::worker_binary()?,
+        super::router_binary()?,
+    ))
 }
 
 /// Runs the demo. `burst_rps` is the request rate of the burst.
 pub async fn run(burst_rps: f64) -> anyhow::Result<()> {
     let model = model_path()?;
-    let (operator_bin, worker_bin) = binaries()?;
+    let (operator_bin, worker_bin, router_bin) = binaries()?;
     let out = PathBuf::from(OUT);
     let kubeconfig = out.join("kubeconfig");
     let cluster = SimCluster::start(ClusterConfig {
@@ -107,11 +113,20 @@ pub async fn run(burst_rps: f64) -> anyhow::Result<()> {
         "watch it from another terminal:  kubectl --kubeconfig {} get infd -w",
         kubeconfig.display()
     );
+    let (mut router, router_url) = super::start_router(
+        &router_bin,
+        &kubeconfig,
+        std::fs::File::create(out.join("router.log"))?,
+    )
+    .await?;
+    println!(
+        "router: {router_url} (the one OpenAI endpoint; log {OUT}/router.log, a JSON line per request)"
+    );
     let log = std::fs::File::create(out.join("operator.log"))?;
     // The operator logs at info whatever the demo's own level: its log is the record of
     // every decision the run made.
     let mut operator = super::operator_command(&operator_bin, &kubeconfig)
-        .args(["--drain-timeout-seconds", "30"])
+        .args(["--drain-timeout-seconds", "30", "--router-url", &router_url])
         .env("RUST_LOG", "info")
         .stdout(log.try_clone()?)
         .stderr(log)
@@ -123,8 +138,12 @@ pub async fn run(burst_rps: f64) -> anyhow::Result<()> {
         OUT
     );
 
-    // examples/smollm.yaml, with a 30 s scale-down window so the demo ends in minutes.
+    // examples/smollm.yaml from zero: no replica until the first request, back to zero
+    // 20 s after the last; a 30 s scale-down window so the demo ends in minutes.
     let mut d: Value = serde_yaml::from_str(EXAMPLE)?;
+    d["spec"]["scaling"]["minReplicas"] = json!(0);
+    d["spec"]["scaling"]["warmReplicas"] = json!(0);
+    d["spec"]["scaling"]["scaleToZeroAfterSeconds"] = json!(20);
     d["spec"]["scaling"]["scaleDownWindowSeconds"] = json!(30);
     let client = cluster.client();
     let api: Api<InferenceDeployment> = Api::namespaced(client.clone(), "default");
@@ -134,28 +153,37 @@ pub async fn run(burst_rps: f64) -> anyhow::Result<()> {
         &Patch::Apply(&d),
     )
     .await?;
-    println!("applied examples/smollm.yaml (scaleDownWindowSeconds: 30 for the demo)\n");
+    println!(
+        "applied examples/smollm.yaml with minReplicas 0, warmReplicas 0, scaleToZeroAfterSeconds 20, \
+         scaleDownWindowSeconds 30\n"
+    );
 
-    let start = Instant::now();
     let profile = Profile(vec![
         (0.0, 0.3),
         (BURST_START, burst_rps),
         (60.0, 0.3),
         (120.0, 0.0),
     ]);
-    let load = tokio::spawn({
-        let (client, profile) = (client.clone(), profile.clone());
-        async move {
-            traffic::drive(
-                client,
-                "default",
-                "smollm",
-                "smollm2-135m-instruct",
-                48,
-                profile,
-            )
-            .await
+    // Traffic starts once the model is sized (a probe pod reads its header), so the
+    // first request's wait is a replica's start, not the sizing.
+    let sized = Instant::now();
+    while api
+        .get("smollm")
+        .await?
+        .status
+        .and_then(|s| s.model)
+        .and_then(|m| m.header)
+        .is_none()
+    {
+        if sized.elapsed() > Duration::from_secs(60) {
+            bail!("the model was not sized within 60 s; see {OUT}/operator.log");
         }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let start = Instant::now();
+    let load = tokio::spawn({
+        let (url, profile) = (router_url.clone(), profile.clone());
+        async move { traffic::drive_url(&url, "smollm2-135m-instruct", 48, profile).await }
     });
     println!(
         "{:>6}  {:>9}  {:>5}  {:>7}  {:>5}  REASON",
@@ -163,10 +191,6 @@ pub async fn run(burst_rps: f64) -> anyhow::Result<()> {
     );
     let mut samples = Vec::new();
     let mut settled_since: Option<Instant> = None;
-    // The count at light load (minimum plus the warm replicas, or more if the light load
-    // alone asked for more): the demo ends when the scale-down brings it back there.
-    let count = |k: &str| d["spec"]["scaling"][k].as_u64().unwrap_or(0) as u32;
-    let mut baseline = count("minReplicas").max(1) + count("warmReplicas");
     loop {
         tokio::time::sleep(Duration::from_secs(2)).await;
         let t = start.elapsed().as_secs_f64();
@@ -191,12 +215,11 @@ pub async fn run(burst_rps: f64) -> anyhow::Result<()> {
         if let Ok(Some(status)) = operator.try_wait() {
             bail!("the operator exited ({status}); see {OUT}/operator.log");
         }
-        if t < BURST_START {
-            baseline = baseline.max(st.desired_replicas);
+        if let Ok(Some(status)) = router.try_wait() {
+            bail!("the router exited ({status}); see {OUT}/router.log");
         }
-        let done = t > profile.end()
-            && st.desired_replicas <= baseline
-            && st.ready_replicas == st.desired_replicas;
+        // Done when the deployment is back at zero after the traffic.
+        let done = t > profile.end() && st.desired_replicas == 0 && st.replicas == 0;
         settled_since = if done {
             settled_since.or(Some(Instant::now()))
         } else {
@@ -239,11 +262,51 @@ pub async fn run(burst_rps: f64) -> anyhow::Result<()> {
     for e in &scale_events {
         println!("    {e}");
     }
+    if let Some(first) = outcomes.first() {
+        println!(
+            "  first request (sent at zero replicas, held by the router): {} after {:.2} s",
+            first
+                .status
+                .map_or("no answer".to_string(), |c| c.to_string()),
+            first.latency.as_secs_f64()
+        );
+    }
+    let page = reqwest::get(format!("{router_url}/metrics"))
+        .await?
+        .text()
+        .await?;
+    println!("  router picks: {}", picks(&page));
     let plot = out.join("demo.svg");
     std::fs::write(&plot, svg(&samples))?;
     println!("  plot: {}", plot.display());
     operator.kill().await.ok();
+    router.kill().await.ok();
     Ok(())
+}
+
+/// The router's picks by reason, from its exposition: `least-loaded 700, prefix 3`.
+fn picks(page: &str) -> String {
+    let mut by: std::collections::BTreeMap<String, f64> = Default::default();
+    for line in page
+        .lines()
+        .filter(|l| l.starts_with("gpuscale_router_picks_total{"))
+    {
+        let reason = line
+            .split("reason=\"")
+            .nth(1)
+            .and_then(|r| r.split('"').next())
+            .unwrap_or("?");
+        let n: f64 = line
+            .rsplit(' ')
+            .next()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0);
+        *by.entry(reason.to_string()).or_default() += n;
+    }
+    by.iter()
+        .map(|(r, n)| format!("{r} {n:.0}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// A plotted line: name, colour, value.

@@ -42,6 +42,45 @@ pub fn operator_binary() -> anyhow::Result<PathBuf> {
     )
 }
 
+/// The `gpuscale-router` binary built beside the running one, or where
+/// `GPUSCALE_ROUTER_BIN` points.
+pub fn router_binary() -> anyhow::Result<PathBuf> {
+    sibling_binary("gpuscale-router", "GPUSCALE_ROUTER_BIN", "gpuscale-router")
+}
+
+/// `gpuscale-router` against the cluster of `kubeconfig`, on a free loopback port
+/// (it prints `listening on ADDR` first on its standard output), logging JSON to `log`.
+/// Returns the process and its base URL.
+pub async fn start_router(
+    binary: &std::path::Path,
+    kubeconfig: &std::path::Path,
+    log: std::fs::File,
+) -> anyhow::Result<(tokio::process::Child, String)> {
+    use anyhow::Context as _;
+    use tokio::io::AsyncBufReadExt as _;
+    let mut child = tokio::process::Command::new(binary)
+        .args(["--listen", "127.0.0.1:0", "--scrape-interval-ms", "500"])
+        .env("KUBECONFIG", kubeconfig)
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::piped())
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting {}", binary.display()))?;
+    let stdout = child.stdout.take().context("the router's stdout")?;
+    let mut lines = tokio::io::BufReader::new(stdout).lines();
+    let first = tokio::time::timeout(std::time::Duration::from_secs(30), lines.next_line())
+        .await
+        .context("the router did not say where it listens within 30 s")??
+        .context("the router exited before listening")?;
+    let addr = first
+        .strip_prefix("listening on ")
+        .with_context(|| format!("unexpected first line from the router: {first}"))?;
+    // Its later lines (JSON logs go to stderr) are drained so it never blocks.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Ok((child, format!("http://{addr}")))
+}
+
 /// `gpuscale-operator run` (the binary at `binary`) against the cluster of
 /// `kubeconfig`, with the settings every simulated run uses: metrics on any free port,
 /// one pass a second. The caller adds its own flags and environment.

@@ -86,9 +86,9 @@ pub async fn endpoints(client: &Client, ns: &str, service: &str) -> Vec<String> 
         .collect()
 }
 
-/// Sends completions following `profile` (a new request every 1/rate seconds, each on
-/// its own task so that a slow one never holds the next back) and returns every
-/// outcome once all have finished.
+/// Sends completions following `profile` to the ready endpoints of a Service (round
+/// robin, as kube-proxy spreads connections) and returns every outcome once all have
+/// finished.
 pub async fn drive(
     client: Client,
     ns: &str,
@@ -113,6 +113,30 @@ pub async fn drive(
             }
         })
     };
+    let out = send(targets, model, max_tokens, profile).await;
+    refresher.abort();
+    out
+}
+
+/// Sends completions following `profile` to one URL (the request router).
+pub async fn drive_url(url: &str, model: &str, max_tokens: u32, profile: Profile) -> Vec<Outcome> {
+    send(
+        Arc::new(Mutex::new(vec![url.to_string()])),
+        model,
+        max_tokens,
+        profile,
+    )
+    .await
+}
+
+/// Sends completions following `profile` (a new request every 1/rate seconds, each on
+/// its own task so that a slow one never holds the next back) to `targets` in turn.
+async fn send(
+    targets: Arc<Mutex<Vec<String>>>,
+    model: &str,
+    max_tokens: u32,
+    profile: Profile,
+) -> Vec<Outcome> {
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(300))
         .build()
@@ -128,6 +152,7 @@ pub async fn drive(
         while credit >= 1.0 {
             credit -= 1.0;
             let (http, targets, next) = (http.clone(), targets.clone(), next.clone());
+            let model = model.to_string();
             let body = json!({"model": model, "prompt": "Tell me a short story about a GPU.",
                               "max_tokens": max_tokens});
             tasks.spawn(async move {
@@ -172,7 +197,6 @@ pub async fn drive(
             status: None,
         }));
     }
-    refresher.abort();
     out.sort_by(|a, b| a.at.total_cmp(&b.at));
     out
 }
