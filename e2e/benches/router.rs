@@ -149,7 +149,8 @@ fn main() {
     rt.block_on(async {
         let mut env = Env::start(
             "routerbench",
-            vec![SimNode::new("sim-l4", 2, "NVIDIA L4", 24, false)],
+            // Two GPUs for the fixed pair, two for the deployment that starts from zero.
+            vec![SimNode::new("sim-l4", 4, "NVIDIA L4", 24, false)],
         )
         .await
         .unwrap();
@@ -234,6 +235,10 @@ fn main() {
             })
             .collect();
         let (got, _) = run(&via_router, &burst).await;
+        assert!(
+            got.iter().all(|g| g.total < 120.0),
+            "the burst waited for a replica that never came"
+        );
         let pods = env.pods("zero").await.unwrap();
         let ready = pods
             .iter()

@@ -2,8 +2,8 @@
 //! request (`Router::route`), holding the request while none can take it, and account
 //! for the request until it finishes (`Ticket`).
 
-use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -43,7 +43,10 @@ pub struct Router {
     table: RwLock<Arc<Table>>,
     loads: Mutex<HashMap<String, Load>>,
     index: Mutex<prefix::Index>,
-    held: Mutex<HashMap<Key, usize>>,
+    /// Per deployment, the requests held, by arrival, and whether each waits in line
+    /// (a retry does not: see `may_pick`).
+    held: Mutex<HashMap<Key, BTreeMap<u64, bool>>>,
+    next_seq: AtomicU64,
     /// Woken when a replica may have freed up or appeared.
     changed: Notify,
     synced: AtomicBool,
@@ -106,20 +109,24 @@ enum Attempt {
     Unknown,
 }
 
-/// Counts a request as held while it lives.
+/// A request's place in its deployment's hold queue, while it lives.
 struct Held<'a> {
     router: &'a Router,
     key: Key,
+    seq: u64,
     since: Instant,
 }
 
 impl Drop for Held<'_> {
     fn drop(&mut self) {
         let mut held = self.router.held.lock().unwrap();
-        let n = held.get_mut(&self.key).map_or(0, |n| {
-            *n = n.saturating_sub(1);
-            *n
+        let n = held.get_mut(&self.key).map_or(0, |q| {
+            q.remove(&self.seq);
+            q.len()
         });
+        drop(held);
+        // The next in line may go now.
+        self.router.changed.notify_waiters();
         self.router.metrics.set_held(&self.key, n);
         self.router
             .metrics
@@ -135,6 +142,7 @@ impl Router {
             loads: Mutex::new(HashMap::new()),
             index: Mutex::new(prefix::Index::default()),
             held: Mutex::new(HashMap::new()),
+            next_seq: AtomicU64::new(0),
             changed: Notify::new(),
             synced: AtomicBool::new(false),
             hold,
@@ -185,7 +193,27 @@ impl Router {
 
     /// Requests held for `key` now.
     pub fn held(&self, key: &Key) -> usize {
-        self.held.lock().unwrap().get(key).copied().unwrap_or(0)
+        self.held.lock().unwrap().get(key).map_or(0, BTreeMap::len)
+    }
+
+    /// Whether a request may take a replica of `key` now: held requests go in arrival
+    /// order, and a new one does not pass them (Knative's activator queues the same
+    /// way). A request sent again after a failed try is neither held back nor in
+    /// line: it left the line once, and a replica it has already tried is none it can
+    /// take, so at the front it would stall everyone behind it.
+    fn may_pick(&self, key: &Key, held: Option<u64>, retrying: bool) -> bool {
+        if retrying {
+            return true;
+        }
+        let queues = self.held.lock().unwrap();
+        let first = queues
+            .get(key)
+            .and_then(|q| q.iter().find(|(_, in_line)| **in_line).map(|(s, _)| *s));
+        match (held, first) {
+            (_, None) => true,
+            (Some(me), Some(first)) => me == first,
+            (None, Some(_)) => false,
+        }
     }
 
     /// A replica for a request for `model` whose prompt has `blocks`, skipping `tried`
@@ -206,7 +234,9 @@ impl Router {
             tokio::pin!(changed);
             changed.as_mut().enable();
             let now = Instant::now();
-            let (key, retry_after) = match self.attempt(model, blocks, tried, now) {
+            let place = held.as_ref().map(|h| h.seq);
+            let gate = |key: &Key| self.may_pick(key, place, !tried.is_empty());
+            let (key, retry_after) = match self.attempt(model, blocks, tried, now, &gate) {
                 Attempt::Picked(t) => return Ok(t),
                 Attempt::Unknown if self.synced() => return Err(Refusal::UnknownModel),
                 // Not listed yet: a model may exist that this router has not seen.
@@ -214,21 +244,27 @@ impl Router {
                 Attempt::Wait { key, retry_after } => (Some(key), retry_after),
             };
             if let (None, Some(key)) = (&held, &key) {
-                let mut counts = self.held.lock().unwrap();
-                let n = counts.entry(key.clone()).or_default();
-                if *n >= self.hold.max_held {
+                let mut queues = self.held.lock().unwrap();
+                let q = queues.entry(key.clone()).or_default();
+                if q.len() >= self.hold.max_held {
                     return Err(Refusal::QueueFull {
                         key: key.clone(),
                         retry_after,
                     });
                 }
-                *n += 1;
-                self.metrics.set_held(key, *n);
+                let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+                q.insert(seq, tried.is_empty());
+                self.metrics.set_held(key, q.len());
+                drop(queues);
                 held = Some(Held {
                     router: self,
                     key: key.clone(),
+                    seq,
                     since: now,
                 });
+                // It may be first in line already (the queue was empty): look again
+                // at once rather than wait for a change.
+                continue;
             }
             if now >= deadline {
                 return Err(Refusal::Timeout {
@@ -252,11 +288,18 @@ impl Router {
         blocks: &[u64],
         tried: &HashSet<String>,
         now: Instant,
+        may_pick: &dyn Fn(&Key) -> bool,
     ) -> Attempt {
         let table = self.table();
         let Some(pool) = table.pool(model) else {
             return Attempt::Unknown;
         };
+        if !may_pick(&pool.key) {
+            return Attempt::Wait {
+                key: pool.key.clone(),
+                retry_after: pool.retry_after_seconds,
+            };
+        }
         let replicas: Vec<_> = pool
             .replicas
             .iter()

@@ -316,7 +316,7 @@ pub(super) async fn observe(
 /// Demand: what the workers hold plus what the routers hold for want of a replica; and
 /// how long the deployment has had no request (`None` when not known: no router, or a
 /// ready replica that could not be scraped).
-fn demand_and_idleness(
+pub(super) fn demand_and_idleness(
     state: &mut DeploymentState,
     on_workers: Option<f64>,
     ready: usize,

@@ -1423,3 +1423,41 @@ async fn a_replica_downloading_its_model_is_reported_and_kept() {
     // Nothing measured yet: no ready time is reported.
     assert!(status.get("measuredReadySeconds").is_none(), "{status}");
 }
+
+#[test]
+fn held_requests_are_demand_and_idleness_is_known_only_with_a_router() {
+    use crate::routers::Reported;
+    let d = deployment(json!({"minReplicas": 0, "maxReplicas": 2}));
+    let t0 = Instant::now();
+    let mut state = DeploymentState::restore(&d, t0, jiff::Timestamp::now());
+    let held = |held: f64, requests: f64| Some(Reported { held, requests });
+    let f = super::observe::demand_and_idleness;
+    // Zero replicas: the routers' held requests are all the demand; idleness starts at
+    // the first reading.
+    assert_eq!(
+        f(&mut state, None, 0, held(3.0, 0.0), t0),
+        (Some(3.0), Some(Duration::ZERO))
+    );
+    // Answered, nothing held, nothing on the workers: idle since the count last moved.
+    let t1 = t0 + Duration::from_secs(5);
+    assert_eq!(
+        f(&mut state, Some(0.0), 1, held(0.0, 3.0), t1),
+        (Some(0.0), Some(Duration::ZERO))
+    );
+    let t2 = t1 + Duration::from_secs(40);
+    assert_eq!(
+        f(&mut state, Some(0.0), 1, held(0.0, 3.0), t2),
+        (Some(0.0), Some(Duration::from_secs(40)))
+    );
+    // Work on a worker is activity, though the router's count did not move.
+    let t3 = t2 + Duration::from_secs(1);
+    assert_eq!(
+        f(&mut state, Some(2.0), 1, held(0.0, 3.0), t3),
+        (Some(2.0), Some(Duration::ZERO))
+    );
+    // A ready replica that could not be scraped: demand and idleness unknown, never 0.
+    assert_eq!(f(&mut state, None, 1, held(0.0, 3.0), t3), (None, None));
+    // No router: workers' demand only, idleness unknown.
+    assert_eq!(f(&mut state, Some(1.0), 1, None, t3), (Some(1.0), None));
+    assert_eq!(f(&mut state, None, 0, None, t3), (None, None));
+}
