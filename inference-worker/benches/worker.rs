@@ -117,12 +117,11 @@ fn main() {
             id: format!("bench-{i}"),
             prompt: stream_prompt.clone(),
             max_tokens: STREAM_TOKENS,
-            sampling: Sampling {
-                temperature: 0.0,
-                top_p: 1.0,
-            },
+            sampling: Sampling::greedy(),
             seed: 0,
             stop: Vec::new(),
+            logprobs: None,
+            prompt_logprobs: None,
             events: tx,
         };
         engine.submit(req).unwrap();

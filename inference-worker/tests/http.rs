@@ -261,7 +261,7 @@ async fn bad_requests_get_openai_errors_with_the_reason() {
             "temperature 3 is outside",
         ),
         (json!({"prompt": "a", "top_p": 0}), "top_p 0 is outside"),
-        (json!({"prompt": "a", "n": 2}), "only n = 1"),
+        (json!({"prompt": "a", "n": 17}), "n 17 is outside [1, 16]"),
         (json!({"prompt": "a", "max_tokens": 0}), "at least 1"),
         (
             json!({"prompt": "a", "max_tokens": 1000}),
@@ -430,4 +430,327 @@ async fn a_client_that_disconnects_mid_stream_frees_its_sequence() {
         m.contains("gpuscale_worker_requests_total{status=\"499\"} 1"),
         "{m}"
     );
+}
+
+#[tokio::test]
+async fn unserved_fields_are_refused_by_name_never_ignored() {
+    let s = server(8, true).await;
+    let c = format!("{}/v1/completions", s.url);
+    let chat = format!("{}/v1/chat/completions", s.url);
+    let msgs = json!([{"role": "user", "content": "hi"}]);
+    for (url, body, param, needle) in [
+        (
+            &chat,
+            json!({"messages": msgs, "tools": []}),
+            "tools",
+            "tool calling is not implemented",
+        ),
+        (
+            &chat,
+            json!({"messages": msgs, "tool_choice": "auto"}),
+            "tool_choice",
+            "tool calling",
+        ),
+        (
+            &chat,
+            json!({"messages": msgs, "response_format": {"type": "json_object"}}),
+            "response_format",
+            "constrained decoding",
+        ),
+        (
+            &chat,
+            json!({"messages": msgs, "store": true}),
+            "store",
+            "stores nothing",
+        ),
+        (
+            &chat,
+            json!({"messages": msgs, "top_logprobs": 2}),
+            "top_logprobs",
+            "needs logprobs: true",
+        ),
+        (
+            &chat,
+            json!({"messages": msgs, "logprobs": true, "top_logprobs": 21}),
+            "top_logprobs",
+            "more than 20",
+        ),
+        (
+            &chat,
+            json!({"messages": msgs, "echo": true}),
+            "echo",
+            "Unrecognized request argument supplied: echo",
+        ),
+        (
+            &c,
+            json!({"prompt": "a", "suffix": "b"}),
+            "suffix",
+            "fill-in-the-middle",
+        ),
+        (
+            &c,
+            json!({"prompt": "a", "ignore_eos": true}),
+            "ignore_eos",
+            "Unrecognized request argument supplied: ignore_eos",
+        ),
+        (
+            &c,
+            json!({"prompt": "a", "best_of": 3}),
+            "best_of",
+            "best_of must equal n",
+        ),
+        (
+            &c,
+            json!({"prompt": "a", "stream_options": {"include_usage": true}}),
+            "stream_options",
+            "only allowed with stream",
+        ),
+        (
+            &c,
+            json!({"prompt": "a", "logit_bias": {"99999": 1}}),
+            "logit_bias",
+            "not a token id",
+        ),
+        (
+            &c,
+            json!({"prompt": "a", "logit_bias": {"3": 101}}),
+            "logit_bias",
+            "outside [-100, 100]",
+        ),
+        (
+            &c,
+            json!({"prompt": "a", "presence_penalty": 3}),
+            "presence_penalty",
+            "outside [-2, 2]",
+        ),
+        (
+            &c,
+            json!({"prompt": "a", "min_p": 1.5}),
+            "min_p",
+            "outside [0, 1]",
+        ),
+        (
+            &c,
+            json!({"prompt": "a", "repetition_penalty": 0}),
+            "repetition_penalty",
+            "outside (0, 10]",
+        ),
+        (
+            &c,
+            json!({"prompt": "a", "top_k": -2}),
+            "top_k",
+            "must be positive",
+        ),
+        (
+            &c,
+            json!({"prompt": "a", "logprobs": 21}),
+            "logprobs",
+            "more than 20",
+        ),
+        (
+            &chat,
+            json!({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x"}}]}]}),
+            "body",
+            "`image_url` are not supported",
+        ),
+        (
+            &chat,
+            json!({"messages": [{"role": "user", "content": "x", "mood": 1}]}),
+            "body",
+            "unknown field `mood`",
+        ),
+    ] {
+        let (st, _, b) = post(url, body.clone()).await;
+        assert_eq!(st, 400, "{body}: {b}");
+        assert_openai_error(&b, "invalid_request_error", needle);
+        assert_eq!(b["error"]["param"], param, "{body}: {b}");
+    }
+    // The served values of the same fields are taken.
+    for body in [
+        json!({"messages": msgs, "response_format": {"type": "text"}, "store": false, "user": "u-1", "max_tokens": 2}),
+        json!({"messages": [{"role": "system", "content": [{"type": "text", "text": "be brief"}]},
+                            {"role": "assistant", "content": null, "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+                            {"role": "tool", "content": "42", "tool_call_id": "c1"}], "max_tokens": 2}),
+    ] {
+        let (st, _, b) = post(&chat, body.clone()).await;
+        assert_eq!(st, 200, "{body}: {b}");
+    }
+}
+
+/// A completion's `logprobs.tokens` joined, and its per-token log-probabilities.
+fn completion_tokens(choice: &Value) -> (Vec<String>, Vec<Value>) {
+    let lp = &choice["logprobs"];
+    let tokens = lp["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap().to_string())
+        .collect();
+    (tokens, lp["token_logprobs"].as_array().unwrap().clone())
+}
+
+#[tokio::test]
+async fn logprobs_echo_n_and_bias_do_what_openai_says() {
+    let s = server(8, true).await;
+    let c = format!("{}/v1/completions", s.url);
+    let chat = format!("{}/v1/chat/completions", s.url);
+
+    // Greedy: every chosen token is the most likely one, so its log-probability is the
+    // largest of its position's alternatives; the tokens spell the text.
+    let (st, _, b) = post(
+        &c,
+        json!({"prompt": "abc", "max_tokens": 6, "temperature": 0, "logprobs": 3}),
+    )
+    .await;
+    assert_eq!(st, 200, "{b}");
+    let choice = &b["choices"][0];
+    let (tokens, lps) = completion_tokens(choice);
+    let eos = usize::from(choice["finish_reason"] == "stop");
+    assert_eq!(
+        tokens.len() + eos,
+        b["usage"]["completion_tokens"].as_u64().unwrap() as usize,
+        "{b}"
+    );
+    assert_eq!(tokens.concat(), choice["text"].as_str().unwrap());
+    for (j, lp) in lps.iter().enumerate() {
+        let lp = lp.as_f64().unwrap();
+        assert!(lp <= 0.0);
+        let top = choice["logprobs"]["top_logprobs"][j].as_object().unwrap();
+        assert!((3..=4).contains(&top.len()), "{top:?}");
+        let best = top
+            .values()
+            .map(|v| v.as_f64().unwrap())
+            .fold(f64::MIN, f64::max);
+        assert!(
+            (best - lp).abs() < 1e-6,
+            "greedy picked the most likely token"
+        );
+        assert_eq!(
+            choice["logprobs"]["text_offset"][j], j,
+            "one character per token"
+        );
+    }
+    // Streamed, the same tokens with the same log-probabilities.
+    let events = sse(
+        &c,
+        json!({"prompt": "abc", "max_tokens": 6, "temperature": 0, "logprobs": 3, "stream": true}),
+    )
+    .await;
+    let (mut st_tokens, mut st_lps) = (Vec::new(), Vec::new());
+    for e in &events[..events.len() - 1] {
+        let v: Value = serde_json::from_str(e).unwrap();
+        if v["choices"][0]["logprobs"].is_object() {
+            let (t, l) = completion_tokens(&v["choices"][0]);
+            st_tokens.extend(t);
+            st_lps.extend(l);
+        }
+    }
+    assert_eq!(st_tokens, tokens);
+    assert_eq!(st_lps, lps);
+
+    // Echo: the prompt comes first, its first token unscored; the first completion
+    // token's score is the same as without echo.
+    let (st, _, e) = post(
+        &c,
+        json!({"prompt": "abc", "max_tokens": 6, "temperature": 0, "logprobs": 1, "echo": true}),
+    )
+    .await;
+    assert_eq!(st, 200, "{e}");
+    let echoed = &e["choices"][0];
+    assert_eq!(
+        echoed["text"].as_str().unwrap(),
+        format!("abc{}", choice["text"].as_str().unwrap())
+    );
+    let (etokens, elps) = completion_tokens(echoed);
+    assert_eq!(etokens[..3], ["a", "b", "c"]);
+    assert!(
+        elps[0].is_null() && elps[1].is_number() && elps[2].is_number(),
+        "{elps:?}"
+    );
+    assert_eq!(etokens[3..], tokens[..]);
+    if let (Some(x), Some(y)) = (elps.get(3), lps.first()) {
+        assert!(
+            (x.as_f64().unwrap() - y.as_f64().unwrap()).abs() < 1e-4,
+            "{x} vs {y}"
+        );
+    }
+    let (_, _, plain_echo) =
+        post(&c, json!({"prompt": "abc", "max_tokens": 2, "echo": true})).await;
+    assert!(plain_echo["choices"][0]["text"]
+        .as_str()
+        .unwrap()
+        .starts_with("abc"));
+    assert!(plain_echo["choices"][0]["logprobs"].is_null());
+
+    // Chat: OpenAI's content list with bytes and alternatives.
+    let (st, _, b) = post(
+        &chat,
+        json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
+        "temperature": 0, "logprobs": true, "top_logprobs": 2}),
+    )
+    .await;
+    assert_eq!(st, 200, "{b}");
+    let content = b["choices"][0]["logprobs"]["content"].as_array().unwrap();
+    let text: String = content
+        .iter()
+        .map(|t| t["token"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        text,
+        b["choices"][0]["message"]["content"].as_str().unwrap()
+    );
+    for t in content {
+        assert_eq!(
+            t["bytes"].as_array().unwrap().len(),
+            t["token"].as_str().unwrap().len()
+        );
+        assert_eq!(t["top_logprobs"].as_array().unwrap().len(), 2);
+        assert_eq!(t["top_logprobs"][0]["logprob"], t["logprob"]);
+    }
+    let (_, _, none) = post(
+        &chat,
+        json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}),
+    )
+    .await;
+    assert!(none["choices"][0]["logprobs"].is_null());
+
+    // A bias of +100 decides even greedy decoding; a frequency penalty then wears it
+    // down until the runner-up (biased 10 lower) gets its turn.
+    let biased = json!({"prompt": "abc", "max_tokens": 16, "temperature": 0, "logit_bias": {"5": 100, "6": 90}});
+    let (_, _, b) = post(&c, biased.clone()).await;
+    assert_eq!(b["choices"][0]["text"], "f".repeat(16));
+    let mut penalised = biased;
+    penalised["frequency_penalty"] = json!(2.0);
+    let (_, _, b) = post(&c, penalised).await;
+    let text = b["choices"][0]["text"].as_str().unwrap();
+    assert!(text.starts_with("ff") && text.contains('g'), "{text}");
+
+    // n: one response with every choice, reproducible by seed.
+    let three = json!({"prompt": "abc", "max_tokens": 4, "n": 3, "seed": 7, "temperature": 1});
+    let (st, _, b) = post(&c, three.clone()).await;
+    assert_eq!(st, 200, "{b}");
+    let choices = b["choices"].as_array().unwrap();
+    assert_eq!(
+        choices
+            .iter()
+            .map(|c| c["index"].as_u64().unwrap())
+            .collect::<Vec<_>>(),
+        [0, 1, 2]
+    );
+    let completion = b["usage"]["completion_tokens"].as_u64().unwrap();
+    assert!((3..=12).contains(&completion), "{b}");
+    let (_, _, again) = post(&c, three).await;
+    assert_eq!(b["choices"], again["choices"]);
+    // Streamed, each choice finishes under its own index, then one [DONE].
+    let events = sse(&chat, json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "n": 2, "stream": true})).await;
+    assert_eq!(events.iter().filter(|e| *e == "[DONE]").count(), 1);
+    assert_eq!(events.last().unwrap(), "[DONE]");
+    let mut finished: Vec<u64> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str::<Value>(e).unwrap())
+        .filter(|v| v["choices"][0]["finish_reason"].is_string())
+        .map(|v| v["choices"][0]["index"].as_u64().unwrap())
+        .collect();
+    finished.sort_unstable();
+    assert_eq!(finished, [0, 1]);
 }

@@ -23,7 +23,7 @@ use serde_json::json;
 use tokio::sync::mpsc;
 
 use crate::metrics::{Metrics, StatusLabel};
-use crate::scheduler::sampling::Sampling;
+use crate::scheduler::sampling::{Sampling, TokenLogprobs};
 use crate::scheduler::{Event, GenerateRequest, Handle, SubmitError};
 use crate::tokenizer::{ChatTemplate, Tokenizer};
 use openai::{error_body, ChatRequest, CompletionRequest, Envelope, Kind, Params, Usage};
@@ -186,7 +186,7 @@ pub struct ApiError {
     status: StatusCode,
     kind: &'static str,
     message: String,
-    param: Option<&'static str>,
+    param: Option<String>,
 }
 
 impl ApiError {
@@ -198,9 +198,9 @@ impl ApiError {
             param: None,
         }
     }
-    fn invalid(param: &'static str, message: impl Into<String>) -> ApiError {
+    fn invalid(param: impl Into<String>, message: impl Into<String>) -> ApiError {
         ApiError {
-            param: Some(param),
+            param: Some(param.into()),
             ..ApiError::new(StatusCode::BAD_REQUEST, "invalid_request_error", message)
         }
     }
@@ -210,12 +210,19 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let code = match self.status {
             StatusCode::TOO_MANY_REQUESTS => Some("rate_limit_exceeded"),
-            StatusCode::NOT_FOUND if self.param == Some("model") => Some("model_not_found"),
+            StatusCode::NOT_FOUND if self.param.as_deref() == Some("model") => {
+                Some("model_not_found")
+            }
             _ => None,
         };
         let mut r = (
             self.status,
-            Json(error_body(&self.message, self.kind, self.param, code)),
+            Json(error_body(
+                &self.message,
+                self.kind,
+                self.param.as_deref(),
+                code,
+            )),
         )
             .into_response();
         if self.status == StatusCode::TOO_MANY_REQUESTS
@@ -256,10 +263,31 @@ async fn models(State(s): State<Arc<AppState>>) -> Json<serde_json::Value> {
     }]}))
 }
 
-/// Parses JSON ourselves so a malformed body gets an OpenAI error, not axum's text.
-fn parse<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
-    serde_json::from_slice(body)
-        .map_err(|e| ApiError::invalid("body", format!("invalid JSON body: {e}")))
+/// Parses JSON ourselves so a malformed body gets an OpenAI error, not axum's text, and
+/// refuses every field the endpoint does not serve before reading the others.
+fn parse<T: serde::de::DeserializeOwned>(kind: Kind, body: &Bytes) -> Result<T, ApiError> {
+    let v: serde_json::Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::invalid("body", format!("invalid JSON body: {e}")))?;
+    let serde_json::Value::Object(fields) = &v else {
+        return Err(ApiError::invalid("body", "the body must be a JSON object"));
+    };
+    openai::check_fields(kind, fields).map_err(|(param, m)| ApiError::invalid(param, m))?;
+    serde_json::from_value(v)
+        .map_err(|e| ApiError::invalid("body", format!("invalid request: {e}")))
+}
+
+/// The most alternatives per token (`top_logprobs`, completions' `logprobs`), as
+/// OpenAI's chat endpoint allows.
+const MAX_TOP_LOGPROBS: u32 = 20;
+
+fn top_logprobs(param: &'static str, n: u32) -> Result<usize, ApiError> {
+    if n > MAX_TOP_LOGPROBS {
+        return Err(ApiError::invalid(
+            param,
+            format!("{param} {n} is more than {MAX_TOP_LOGPROBS}"),
+        ));
+    }
+    Ok(n as usize)
 }
 
 async fn completions(
@@ -268,8 +296,19 @@ async fn completions(
 ) -> Response {
     let started = Instant::now();
     let result = async {
-        let req: CompletionRequest = parse(&body_of(body)?)?;
+        let req: CompletionRequest = parse(Kind::Completion, &body_of(body)?)?;
         s.loaded()?;
+        let n = req.params.n.unwrap_or(1);
+        if req.best_of.is_some_and(|b| b != n) {
+            return Err(ApiError::invalid(
+                "best_of",
+                "best_of must equal n: every candidate is returned, ranking them is not implemented",
+            ));
+        }
+        let logprobs = req
+            .logprobs
+            .map(|k| top_logprobs("logprobs", k))
+            .transpose()?;
         let prompts = req.prompt.into_vec();
         let [prompt] = prompts.as_slice() else {
             return Err(ApiError::invalid(
@@ -278,8 +317,13 @@ async fn completions(
             ));
         };
         let tokens = tokenize(&s, "prompt", prompt.clone()).await?;
+        let ask = Ask {
+            kind: Kind::Completion,
+            logprobs,
+            echo: req.echo.then(|| prompt.clone()),
+        };
         // OpenAI's default for completions is 16 tokens.
-        run(&s, Kind::Completion, tokens, req.params, 16, started).await
+        run(&s, ask, tokens, req.params, 16, started).await
     }
     .await;
     finish_error(&s, result, started)
@@ -291,10 +335,36 @@ async fn chat_completions(
 ) -> Response {
     let started = Instant::now();
     let result = async {
-        let req: ChatRequest = parse(&body_of(body)?)?;
+        let req: ChatRequest = parse(Kind::Chat, &body_of(body)?)?;
         if req.messages.is_empty() {
             return Err(ApiError::invalid("messages", "messages must not be empty"));
         }
+        if req
+            .response_format
+            .as_ref()
+            .is_some_and(|f| *f != json!({"type": "text"}))
+        {
+            return Err(ApiError::invalid(
+                "response_format",
+                "only {\"type\": \"text\"} is served: constrained decoding (json_object, json_schema) is not implemented yet",
+            ));
+        }
+        if req.store == Some(true) {
+            return Err(ApiError::invalid(
+                "store",
+                "this worker stores nothing: store must be false or absent",
+            ));
+        }
+        let logprobs = match (req.logprobs, req.top_logprobs) {
+            (false, Some(_)) => {
+                return Err(ApiError::invalid(
+                    "top_logprobs",
+                    "top_logprobs needs logprobs: true",
+                ))
+            }
+            (false, None) => None,
+            (true, k) => Some(top_logprobs("top_logprobs", k.unwrap_or(0))?),
+        };
         let l = s.loaded()?;
         // The template adds a little to the messages; their text alone can be too long.
         let text_bytes: usize = req
@@ -315,7 +385,12 @@ async fn chat_completions(
         let tokens = tokenize(&s, "messages", prompt).await?;
         // Chat defaults to "until the context is full", as OpenAI does.
         let room = l.max_seq_len.saturating_sub(tokens.len()).max(1);
-        run(&s, Kind::Chat, tokens, req.params, room, started).await
+        let ask = Ask {
+            kind: Kind::Chat,
+            logprobs,
+            echo: None,
+        };
+        run(&s, ask, tokens, req.params, room, started).await
     }
     .await;
     finish_error(&s, result, started)
@@ -414,14 +489,28 @@ fn finish_error(s: &AppState, result: Result<Response, ApiError>, started: Insta
     }
 }
 
-fn sampling(p: &Params) -> Result<Sampling, ApiError> {
-    let temperature = p.temperature.unwrap_or(1.0);
-    if !(0.0..=2.0).contains(&temperature) {
+/// The most choices one request may ask for (`n`).
+pub const MAX_CHOICES: u32 = 16;
+
+fn range(
+    param: &'static str,
+    v: Option<f32>,
+    lo: f32,
+    hi: f32,
+    default: f32,
+) -> Result<f32, ApiError> {
+    let v = v.unwrap_or(default);
+    if !(lo..=hi).contains(&v) {
         return Err(ApiError::invalid(
-            "temperature",
-            format!("temperature {temperature} is outside [0, 2]"),
+            param,
+            format!("{param} {v} is outside [{lo}, {hi}]"),
         ));
     }
+    Ok(v)
+}
+
+fn sampling(p: &Params, vocab: usize) -> Result<Sampling, ApiError> {
+    let temperature = range("temperature", p.temperature, 0.0, 2.0, 1.0)?;
     let top_p = p.top_p.unwrap_or(1.0);
     if !(top_p > 0.0 && top_p <= 1.0) {
         return Err(ApiError::invalid(
@@ -429,13 +518,63 @@ fn sampling(p: &Params) -> Result<Sampling, ApiError> {
             format!("top_p {top_p} is outside (0, 1]"),
         ));
     }
-    Ok(Sampling { temperature, top_p })
+    let top_k = match p.top_k.unwrap_or(0) {
+        -1 | 0 => 0,
+        k if k > 0 => k as usize,
+        k => {
+            return Err(ApiError::invalid(
+                "top_k",
+                format!("top_k {k} must be positive (0 or -1 keeps every token)"),
+            ))
+        }
+    };
+    let repetition_penalty = p.repetition_penalty.unwrap_or(1.0);
+    if !(repetition_penalty > 0.0 && repetition_penalty <= 10.0) {
+        return Err(ApiError::invalid(
+            "repetition_penalty",
+            format!("repetition_penalty {repetition_penalty} is outside (0, 10]"),
+        ));
+    }
+    let mut logit_bias = Vec::new();
+    for (token, &bias) in p.logit_bias.iter().flatten() {
+        let id = token
+            .parse::<u32>()
+            .ok()
+            .filter(|&id| (id as usize) < vocab)
+            .ok_or_else(|| {
+                ApiError::invalid(
+                    "logit_bias",
+                    format!(
+                        "logit_bias key {token:?} is not a token id of this model (0 to {})",
+                        vocab - 1
+                    ),
+                )
+            })?;
+        if !(-100.0..=100.0).contains(&bias) {
+            return Err(ApiError::invalid(
+                "logit_bias",
+                format!("logit_bias {bias} for token {id} is outside [-100, 100]"),
+            ));
+        }
+        logit_bias.push((id, bias));
+    }
+    Ok(Sampling {
+        temperature,
+        top_p,
+        top_k,
+        min_p: range("min_p", p.min_p, 0.0, 1.0, 0.0)?,
+        presence_penalty: range("presence_penalty", p.presence_penalty, -2.0, 2.0, 0.0)?,
+        frequency_penalty: range("frequency_penalty", p.frequency_penalty, -2.0, 2.0, 0.0)?,
+        repetition_penalty,
+        logit_bias,
+    })
 }
 
 /// One structured log line per request, written when the response ends (or the client
 /// leaves), whatever path it takes.
 struct RequestLog {
     id: String,
+    user: Option<String>,
     started: Instant,
     prompt_tokens: usize,
     completion_tokens: usize,
@@ -446,6 +585,7 @@ impl Drop for RequestLog {
     fn drop(&mut self) {
         tracing::info!(
             request_id = %self.id,
+            user = self.user.as_deref(),
             prompt_tokens = self.prompt_tokens,
             completion_tokens = self.completion_tokens,
             latency_ms = self.started.elapsed().as_millis() as u64,
@@ -455,9 +595,57 @@ impl Drop for RequestLog {
     }
 }
 
+/// What a request wants back beyond text, by endpoint.
+struct Ask {
+    kind: Kind,
+    /// Log-probabilities, with this many alternatives per token.
+    logprobs: Option<usize>,
+    /// Completions' `echo`: the prompt text, returned before each choice.
+    echo: Option<String>,
+}
+
+/// What the response is shaped from, shared by the whole and the streamed forms.
+struct Shape {
+    env: Envelope,
+    ask: Ask,
+    tokenizer: Arc<Tokenizer>,
+    prompt: Vec<u32>,
+    n: usize,
+}
+
+impl Shape {
+    /// The `logprobs` value for a choice's `tokens` (with the prompt's first token
+    /// ahead of them when echoing the prompt's own), or none when not asked for.
+    fn logprobs(
+        &self,
+        lead: bool,
+        tokens: &[TokenLogprobs],
+        offset: &mut usize,
+    ) -> Option<serde_json::Value> {
+        self.ask.logprobs?;
+        Some(match self.ask.kind {
+            Kind::Chat => openai::chat_logprobs(&self.tokenizer, tokens),
+            Kind::Completion => openai::completion_logprobs(
+                &self.tokenizer,
+                lead.then(|| self.prompt[0]),
+                tokens,
+                offset,
+            ),
+        })
+    }
+}
+
+/// Every choice's events, tagged with the choice's index.
+type Choices = futures_util::stream::SelectAll<
+    futures_util::stream::Map<
+        tokio_stream::wrappers::UnboundedReceiverStream<Event>,
+        Box<dyn FnMut(Event) -> (usize, Event) + Send>,
+    >,
+>;
+
 async fn run(
     s: &Arc<AppState>,
-    kind: Kind,
+    ask: Ask,
     prompt: Vec<u32>,
     p: Params,
     default_max: usize,
@@ -465,7 +653,7 @@ async fn run(
 ) -> Result<Response, ApiError> {
     if let Some(m) = p.model.as_deref().filter(|m| *m != s.model_name) {
         return Err(ApiError {
-            param: Some("model"),
+            param: Some("model".into()),
             ..ApiError::new(
                 StatusCode::NOT_FOUND,
                 "invalid_request_error",
@@ -476,10 +664,21 @@ async fn run(
             )
         });
     }
-    if p.n.is_some_and(|n| n != 1) {
-        return Err(ApiError::invalid("n", "only n = 1 is supported"));
+    let n = p.n.unwrap_or(1);
+    if !(1..=MAX_CHOICES).contains(&n) {
+        return Err(ApiError::invalid(
+            "n",
+            format!("n {n} is outside [1, {MAX_CHOICES}]"),
+        ));
     }
-    let sampling = sampling(&p)?;
+    if p.stream_options.is_some() && !p.stream {
+        return Err(ApiError::invalid(
+            "stream_options",
+            "stream_options is only allowed with stream: true",
+        ));
+    }
+    let l = s.loaded()?;
+    let sampling = sampling(&p, l.tokenizer.vocab_size())?;
     let max_tokens = match p.max_completion_tokens.or(p.max_tokens) {
         Some(0) => {
             return Err(ApiError::invalid(
@@ -490,95 +689,130 @@ async fn run(
         Some(n) => n.min(u32::MAX as u64) as usize,
         None => default_max,
     };
-    let l = s.loaded()?;
-    let prompt_param = match kind {
+    let prompt_param = match ask.kind {
         Kind::Completion => "prompt",
         Kind::Chat => "messages",
     };
-    let n = s.next_id.fetch_add(1, Ordering::Relaxed);
-    let prefix = match kind {
+    let serial = s.next_id.fetch_add(1, Ordering::Relaxed);
+    let prefix = match ask.kind {
         Kind::Completion => "cmpl",
         Kind::Chat => "chatcmpl",
     };
     let salt = started.elapsed().as_nanos() as u32 ^ std::process::id();
-    let id = format!("{prefix}-{n:x}-{salt:x}");
-    let (tx, rx) = mpsc::unbounded_channel();
-    let prompt_tokens = prompt.len();
-    let req = GenerateRequest {
-        id: id.clone(),
-        prompt,
-        max_tokens,
-        sampling,
-        seed: p.seed.unwrap_or(n),
-        stop: p
-            .stop
-            .map(|s| s.into_vec())
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|s| !s.is_empty())
-            .collect(),
-        events: tx,
-    };
-    l.engine.submit(req).map_err(|e| match e {
-        SubmitError::QueueFull(_) => ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "rate_limit_error",
-            e.to_string(),
-        ),
-        SubmitError::Draining => ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "server_error",
-            e.to_string(),
-        ),
-        SubmitError::Invalid(m) => ApiError::invalid(prompt_param, m),
-        SubmitError::EmptyPrompt => ApiError::invalid(prompt_param, e.to_string()),
-    })?;
+    let id = format!("{prefix}-{serial:x}-{salt:x}");
+    let stop: Vec<String> = p
+        .stop
+        .map(|s| s.into_vec())
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|s| !s.is_empty())
+        .collect();
+    let seed = p.seed.unwrap_or(serial);
+    // Each choice is a sequence of its own, seeded apart; a refusal of any drops the
+    // receivers of those already queued, which cancels them.
+    let mut choices = Vec::with_capacity(n as usize);
+    for i in 0..n as usize {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let req = GenerateRequest {
+            id: if n == 1 {
+                id.clone()
+            } else {
+                format!("{id}-{i}")
+            },
+            prompt: prompt.clone(),
+            max_tokens,
+            sampling: sampling.clone(),
+            seed: seed.wrapping_add(i as u64),
+            stop: stop.clone(),
+            logprobs: ask.logprobs,
+            prompt_logprobs: ask.logprobs.filter(|_| ask.echo.is_some()),
+            events: tx,
+        };
+        l.engine.submit(req).map_err(|e| match e {
+            SubmitError::QueueFull(_) => ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                e.to_string(),
+            ),
+            SubmitError::Draining => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                e.to_string(),
+            ),
+            SubmitError::Invalid(m) => ApiError::invalid(prompt_param, m),
+            SubmitError::EmptyPrompt => ApiError::invalid(prompt_param, e.to_string()),
+        })?;
+        let tag: Box<dyn FnMut(Event) -> (usize, Event) + Send> = Box::new(move |e| (i, e));
+        choices.push(tokio_stream::wrappers::UnboundedReceiverStream::new(rx).map(tag));
+    }
     let created = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    let env = Envelope {
-        id: id.clone(),
-        created,
-        model: s.model_name.clone(),
-        kind,
+    let shape = Shape {
+        env: Envelope {
+            id: id.clone(),
+            created,
+            model: s.model_name.clone(),
+            kind: ask.kind,
+        },
+        ask,
+        tokenizer: Arc::clone(&l.tokenizer),
+        prompt,
+        n: n as usize,
     };
     let log = RequestLog {
         id,
+        user: p.user,
         started,
-        prompt_tokens,
+        prompt_tokens: shape.prompt.len(),
         completion_tokens: 0,
         status: 499,
     };
+    let events = futures_util::stream::select_all(choices);
     if p.stream {
         let include_usage = p.stream_options.is_some_and(|o| o.include_usage);
-        Ok(stream(env, rx, log, include_usage).into_response())
+        Ok(stream(shape, events, log, include_usage).into_response())
     } else {
-        whole(env, rx, log).await
+        whole(shape, events, log).await
     }
 }
 
+/// One choice while it is generated.
+#[derive(Default)]
+struct Partial {
+    text: String,
+    prompt_logprobs: Vec<TokenLogprobs>,
+    logprobs: Vec<TokenLogprobs>,
+    finish: Option<&'static str>,
+}
+
 async fn whole(
-    env: Envelope,
-    mut rx: mpsc::UnboundedReceiver<Event>,
+    shape: Shape,
+    mut events: Choices,
     mut log: RequestLog,
 ) -> Result<Response, ApiError> {
-    let mut text = String::new();
-    while let Some(ev) = rx.recv().await {
+    let mut parts: Vec<Partial> = (0..shape.n).map(|_| Partial::default()).collect();
+    let mut completion_tokens = 0;
+    let mut done = 0;
+    while let Some((i, ev)) = events.next().await {
+        let part = &mut parts[i];
         match ev {
-            Event::Text(t) => text.push_str(&t),
+            Event::Text { text, logprobs } => {
+                part.text.push_str(&text);
+                part.logprobs.extend(logprobs);
+            }
+            Event::PromptLogprobs(lp) => part.prompt_logprobs = lp,
             Event::Done {
                 reason,
-                prompt_tokens,
-                completion_tokens,
+                completion_tokens: c,
+                ..
             } => {
-                let usage = Usage {
-                    prompt_tokens,
-                    completion_tokens,
-                    total_tokens: prompt_tokens + completion_tokens,
-                };
-                log.completion_tokens = completion_tokens;
-                log.status = 200;
-                return Ok(Json(env.response(&text, reason.as_str(), usage)).into_response());
+                part.finish = Some(reason.as_str());
+                completion_tokens += c;
+                done += 1;
+                if done == shape.n {
+                    break;
+                }
             }
             Event::Failed(m) => {
                 log.status = 500;
@@ -590,62 +824,121 @@ async fn whole(
             }
         }
     }
-    log.status = 500;
-    Err(ApiError::new(
-        StatusCode::INTERNAL_SERVER_ERROR,
-        "server_error",
-        "the engine stopped",
-    ))
+    if done < shape.n {
+        log.status = 500;
+        return Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            "the engine stopped",
+        ));
+    }
+    let choices: Vec<openai::Choice> = parts
+        .into_iter()
+        .enumerate()
+        .map(|(index, mut part)| {
+            let echo = shape.ask.echo.as_deref().unwrap_or("");
+            let mut tokens = std::mem::take(&mut part.prompt_logprobs);
+            let lead = shape.ask.echo.is_some();
+            tokens.append(&mut part.logprobs);
+            openai::Choice {
+                index,
+                text: format!("{echo}{}", part.text),
+                finish: part.finish.unwrap_or("stop"),
+                logprobs: shape.logprobs(lead, &tokens, &mut 0),
+            }
+        })
+        .collect();
+    let usage = Usage {
+        prompt_tokens: shape.prompt.len(),
+        completion_tokens,
+        total_tokens: shape.prompt.len() + completion_tokens,
+    };
+    log.completion_tokens = completion_tokens;
+    log.status = 200;
+    Ok(Json(shape.env.response(&choices, usage)).into_response())
 }
 
 fn stream(
-    env: Envelope,
-    rx: mpsc::UnboundedReceiver<Event>,
+    shape: Shape,
+    events: Choices,
     log: RequestLog,
     include_usage: bool,
 ) -> impl IntoResponse {
-    let data = |v: serde_json::Value| Ok::<_, Infallible>(SseEvent::default().data(v.to_string()));
-    let opener = (env.kind == Kind::Chat).then(|| data(env.chunk(None, None, true)));
+    let data = |v: serde_json::Value| Some(SseEvent::default().data(v.to_string()));
+    let done_marker = || Some(SseEvent::default().data("[DONE]"));
+    // Chat opens each choice with the assistant's role; an echo without log-probabilities
+    // opens with the prompt (with them, it comes with the prompt's scores).
+    let mut opening = Vec::new();
+    for i in 0..shape.n {
+        match (shape.env.kind, &shape.ask.echo) {
+            (Kind::Chat, _) => opening.push(data(shape.env.chunk(i, None, None, true, None))),
+            (Kind::Completion, Some(echo)) if shape.ask.logprobs.is_none() => {
+                opening.push(data(shape.env.chunk(i, Some(echo), None, false, None)))
+            }
+            _ => {}
+        }
+    }
+    let mut offsets = vec![0usize; shape.n];
+    let mut completion_tokens = 0;
+    let mut done = 0;
     let mut log = Some(log);
-    let body = tokio_stream::wrappers::UnboundedReceiverStream::new(rx).flat_map(move |ev| {
-        let items: Vec<Result<SseEvent, Infallible>> = match ev {
-            Event::Text(t) => vec![data(env.chunk(Some(&t), None, false))],
+    // Each event becomes chunks; `None` ends the stream (after [DONE]), which drops the
+    // receivers and so cancels any choice still running.
+    let body = events.flat_map(move |(i, ev)| {
+        let env = &shape.env;
+        let items: Vec<Option<SseEvent>> = match ev {
+            Event::Text { text, logprobs } => {
+                let lp = shape.logprobs(false, &logprobs, &mut offsets[i]);
+                vec![data(env.chunk(i, Some(&text), None, false, lp))]
+            }
+            Event::PromptLogprobs(lp) => {
+                let echo = shape.ask.echo.as_deref().unwrap_or("");
+                let lp = shape.logprobs(true, &lp, &mut offsets[i]);
+                vec![data(env.chunk(i, Some(echo), None, false, lp))]
+            }
             Event::Done {
                 reason,
                 prompt_tokens,
-                completion_tokens,
+                completion_tokens: c,
             } => {
-                if let Some(l) = log.as_mut() {
-                    l.completion_tokens = completion_tokens;
-                    l.status = 200;
+                completion_tokens += c;
+                done += 1;
+                let mut v = vec![data(env.chunk(i, None, Some(reason.as_str()), false, None))];
+                if done == shape.n {
+                    if let Some(mut l) = log.take() {
+                        l.completion_tokens = completion_tokens;
+                        l.status = 200;
+                    }
+                    if include_usage {
+                        v.push(data(env.usage_chunk(Usage {
+                            prompt_tokens,
+                            completion_tokens,
+                            total_tokens: prompt_tokens + completion_tokens,
+                        })));
+                    }
+                    v.extend([done_marker(), None]);
                 }
-                log.take();
-                let mut v = vec![data(env.chunk(None, Some(reason.as_str()), false))];
-                if include_usage {
-                    v.push(data(env.usage_chunk(Usage {
-                        prompt_tokens,
-                        completion_tokens,
-                        total_tokens: prompt_tokens + completion_tokens,
-                    })));
-                }
-                v.push(Ok(SseEvent::default().data("[DONE]")));
                 v
             }
             Event::Failed(m) => {
-                if let Some(l) = log.as_mut() {
+                if let Some(mut l) = log.take() {
                     l.status = 500;
                 }
-                log.take();
                 // The error, then the end of the stream, so clients stop reading.
                 vec![
                     data(error_body(&m, "server_error", None, None)),
-                    Ok(SseEvent::default().data("[DONE]")),
+                    done_marker(),
+                    None,
                 ]
             }
         };
         futures_util::stream::iter(items)
     });
-    Sse::new(futures_util::stream::iter(opener).chain(body))
+    let body = futures_util::stream::iter(opening)
+        .chain(body)
+        .take_while(|e| std::future::ready(e.is_some()))
+        .map(|e| Ok::<_, Infallible>(e.expect("ends before None")));
+    Sse::new(body)
 }
 
 #[cfg(test)]

@@ -1,11 +1,13 @@
-//! OpenAI API wire types: requests as clients send them (unknown fields ignored, as
-//! OpenAI's own server does), responses and stream chunks as clients parse them, and the
+//! OpenAI API wire types: which request fields are served and which are refused (a
+//! field is never accepted and ignored), requests as typed values, responses and stream
+//! chunks as clients parse them, log-probabilities in both endpoints' shapes, and the
 //! error body every 4xx/5xx carries.
 
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
+use serde_json::{json, Map, Value};
 
-use crate::tokenizer::ChatMessage;
+use crate::scheduler::sampling::TokenLogprobs;
+use crate::tokenizer::{ChatMessage, Tokenizer};
 
 /// A string or a list of strings (`prompt`, `stop`).
 #[derive(Clone, Debug, Deserialize)]
@@ -27,6 +29,82 @@ impl OneOrMany {
     }
 }
 
+/// Which endpoint a request or response is for (fields, object names and shapes differ).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// /v1/completions
+    Completion,
+    /// /v1/chat/completions
+    Chat,
+}
+
+/// Fields both endpoints serve.
+const COMMON: &[&str] = &[
+    "model",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "n",
+    "stream",
+    "stream_options",
+    "stop",
+    "seed",
+    "presence_penalty",
+    "frequency_penalty",
+    "logit_bias",
+    "logprobs",
+    "user",
+    // vLLM's and llama.cpp's extensions, served as they define them.
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+];
+const CHAT: &[&str] = &[
+    "messages",
+    "max_completion_tokens",
+    "top_logprobs",
+    "response_format",
+    "store",
+];
+const COMPLETION: &[&str] = &["prompt", "echo", "best_of"];
+
+/// OpenAI fields this worker knows and does not implement, with why: refused by name.
+const REFUSED: &[(&str, &str)] = &[
+    ("tools", "tool calling is not implemented yet"),
+    ("tool_choice", "tool calling is not implemented yet"),
+    ("parallel_tool_calls", "tool calling is not implemented yet"),
+    ("functions", "function calling is not implemented"),
+    ("function_call", "function calling is not implemented"),
+    ("suffix", "fill-in-the-middle (suffix) is not implemented"),
+    ("modalities", "this worker serves text only"),
+    ("audio", "this worker serves text only"),
+    ("prediction", "predicted outputs are not implemented"),
+    ("reasoning_effort", "this worker serves no reasoning model"),
+    ("web_search_options", "this worker has no web search"),
+    ("metadata", "nothing is stored, so there is nothing to tag"),
+    ("service_tier", "this worker has one service tier"),
+];
+
+/// Refuses any field that is not served: a known but unimplemented one with the
+/// reason, anything else with OpenAI's own wording. Returns `(param, message)`.
+pub fn check_fields(kind: Kind, body: &Map<String, Value>) -> Result<(), (String, String)> {
+    let own = match kind {
+        Kind::Chat => CHAT,
+        Kind::Completion => COMPLETION,
+    };
+    for key in body.keys() {
+        if COMMON.contains(&key.as_str()) || own.contains(&key.as_str()) {
+            continue;
+        }
+        let message = match REFUSED.iter().find(|(k, _)| k == key) {
+            Some((_, why)) => format!("`{key}` is not supported by this worker: {why}"),
+            None => format!("Unrecognized request argument supplied: {key}"),
+        };
+        return Err((key.clone(), message));
+    }
+    Ok(())
+}
+
 /// Fields common to completions and chat completions.
 #[derive(Clone, Debug, Default, Deserialize)]
 pub struct Params {
@@ -40,7 +118,7 @@ pub struct Params {
     pub temperature: Option<f32>,
     /// (0, 1].
     pub top_p: Option<f32>,
-    /// Choices per request; only 1 is served.
+    /// Choices per request.
     pub n: Option<u32>,
     /// Server-sent events.
     #[serde(default)]
@@ -51,10 +129,25 @@ pub struct Params {
     pub stop: Option<OneOrMany>,
     /// Seed for sampling.
     pub seed: Option<u64>,
+    /// [-2, 2].
+    pub presence_penalty: Option<f32>,
+    /// [-2, 2].
+    pub frequency_penalty: Option<f32>,
+    /// Token id (as a string) to a bias in [-100, 100].
+    pub logit_bias: Option<std::collections::BTreeMap<String, f32>>,
+    /// Keep the k most likely tokens; 0 or -1 keep all.
+    pub top_k: Option<i64>,
+    /// [0, 1].
+    pub min_p: Option<f32>,
+    /// (0, 10]; 1 is off.
+    pub repetition_penalty: Option<f32>,
+    /// The end user, written to the request's log line.
+    pub user: Option<String>,
 }
 
 /// `stream_options`.
 #[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct StreamOptions {
     /// Send a last chunk with usage.
     #[serde(default)]
@@ -66,6 +159,14 @@ pub struct StreamOptions {
 pub struct CompletionRequest {
     /// The prompt (one string, or a list holding one).
     pub prompt: OneOrMany,
+    /// Log-probabilities of each token with this many alternatives (0..=20).
+    pub logprobs: Option<u32>,
+    /// The prompt is returned before the completion (with its log-probabilities when
+    /// `logprobs` is set).
+    #[serde(default)]
+    pub echo: bool,
+    /// Candidates generated; only `n` (all of them returned) is served.
+    pub best_of: Option<u32>,
     /// The rest.
     #[serde(flatten)]
     pub params: Params,
@@ -76,6 +177,15 @@ pub struct CompletionRequest {
 pub struct ChatRequest {
     /// The conversation.
     pub messages: Vec<ChatMessage>,
+    /// Log-probabilities of each token.
+    #[serde(default)]
+    pub logprobs: bool,
+    /// Alternatives per token (0..=20), with `logprobs`.
+    pub top_logprobs: Option<u32>,
+    /// Only `{"type": "text"}` (the default) is served.
+    pub response_format: Option<Value>,
+    /// Only `false`: nothing is stored.
+    pub store: Option<bool>,
     /// The rest.
     #[serde(flatten)]
     pub params: Params,
@@ -92,13 +202,17 @@ pub struct Usage {
     pub total_tokens: usize,
 }
 
-/// Which endpoint a response is for (object names and shapes differ).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Kind {
-    /// /v1/completions
-    Completion,
-    /// /v1/chat/completions
-    Chat,
+/// One finished choice of a whole (non-streamed) response.
+#[derive(Clone, Debug)]
+pub struct Choice {
+    /// Its index.
+    pub index: usize,
+    /// Its text.
+    pub text: String,
+    /// Why it ended.
+    pub finish: &'static str,
+    /// Its log-probabilities in the endpoint's shape, when asked for.
+    pub logprobs: Option<Value>,
 }
 
 /// Identity of one response, repeated in every chunk.
@@ -115,28 +229,43 @@ pub struct Envelope {
 }
 
 impl Envelope {
-    /// The whole (non-streamed) response.
-    pub fn response(&self, text: &str, finish: &str, usage: Usage) -> Value {
-        let choice = match self.kind {
-            Kind::Completion => {
-                json!({"index": 0, "text": text, "logprobs": null, "finish_reason": finish})
-            }
-            Kind::Chat => {
-                json!({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": null, "finish_reason": finish})
-            }
-        };
-        let object = match self.kind {
-            Kind::Completion => "text_completion",
-            Kind::Chat => "chat.completion",
-        };
-        json!({"id": self.id, "object": object, "created": self.created, "model": self.model, "choices": [choice], "usage": usage})
+    fn object(&self, chunk: bool) -> &'static str {
+        match (self.kind, chunk) {
+            (Kind::Completion, _) => "text_completion",
+            (Kind::Chat, false) => "chat.completion",
+            (Kind::Chat, true) => "chat.completion.chunk",
+        }
     }
 
-    /// One stream chunk: text (or the role opener for chat), or the finish.
-    pub fn chunk(&self, text: Option<&str>, finish: Option<&str>, first: bool) -> Value {
+    /// The whole (non-streamed) response.
+    pub fn response(&self, choices: &[Choice], usage: Usage) -> Value {
+        let choices: Vec<Value> = choices
+            .iter()
+            .map(|c| match self.kind {
+                Kind::Completion => {
+                    json!({"index": c.index, "text": c.text, "logprobs": c.logprobs, "finish_reason": c.finish})
+                }
+                Kind::Chat => {
+                    json!({"index": c.index, "message": {"role": "assistant", "content": c.text}, "logprobs": c.logprobs, "finish_reason": c.finish})
+                }
+            })
+            .collect();
+        json!({"id": self.id, "object": self.object(false), "created": self.created, "model": self.model, "choices": choices, "usage": usage})
+    }
+
+    /// One stream chunk of choice `index`: text (or the role opener for chat, when
+    /// `first`), its log-probabilities, or the finish.
+    pub fn chunk(
+        &self,
+        index: usize,
+        text: Option<&str>,
+        finish: Option<&str>,
+        first: bool,
+        logprobs: Option<Value>,
+    ) -> Value {
         let choice = match self.kind {
             Kind::Completion => {
-                json!({"index": 0, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": finish})
+                json!({"index": index, "text": text.unwrap_or(""), "logprobs": logprobs, "finish_reason": finish})
             }
             Kind::Chat => {
                 let delta = match (first, text) {
@@ -144,26 +273,132 @@ impl Envelope {
                     (false, Some(t)) => json!({"content": t}),
                     (false, None) => json!({}),
                 };
-                json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish})
+                json!({"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish})
             }
         };
-        let object = match self.kind {
-            Kind::Completion => "text_completion",
-            Kind::Chat => "chat.completion.chunk",
-        };
-        json!({"id": self.id, "object": object, "created": self.created, "model": self.model, "choices": [choice]})
+        json!({"id": self.id, "object": self.object(true), "created": self.created, "model": self.model, "choices": [choice]})
     }
 
     /// The usage-only last chunk (`stream_options.include_usage`).
     pub fn usage_chunk(&self, usage: Usage) -> Value {
-        let mut v = self.chunk(None, None, false);
+        let mut v = self.chunk(0, None, None, false, None);
         v["choices"] = json!([]);
         v["usage"] = serde_json::to_value(usage).expect("usage serializes");
         v
     }
 }
 
+/// A token's text as OpenAI shows it (bytes of an incomplete character lossily).
+fn token_text(tok: &Tokenizer, id: u32) -> String {
+    String::from_utf8_lossy(tok.token_bytes(id)).into_owned()
+}
+
+/// Chat's `logprobs` object for `tokens`: `{"content": [{token, logprob, bytes,
+/// top_logprobs}], "refusal": null}`.
+pub fn chat_logprobs(tok: &Tokenizer, tokens: &[TokenLogprobs]) -> Value {
+    let entry = |id: u32, logprob: f32| json!({"token": token_text(tok, id), "logprob": logprob, "bytes": tok.token_bytes(id)});
+    let content: Vec<Value> = tokens
+        .iter()
+        .map(|t| {
+            let mut e = entry(t.token, t.logprob);
+            e["top_logprobs"] = t.top.iter().map(|&(id, lp)| entry(id, lp)).collect();
+            e
+        })
+        .collect();
+    json!({"content": content, "refusal": null})
+}
+
+/// Completions' `logprobs` object: `tokens`, `token_logprobs`, `top_logprobs` (a map
+/// that always holds the chosen token too, as OpenAI's does) and `text_offset`, counted
+/// in characters from `offset`, which it advances. `first` is a leading token with no
+/// log-probability (the prompt's first, when echoed).
+pub fn completion_logprobs(
+    tok: &Tokenizer,
+    first: Option<u32>,
+    tokens: &[TokenLogprobs],
+    offset: &mut usize,
+) -> Value {
+    let mut out =
+        json!({"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []});
+    let mut push = |id: u32, lp: Option<&TokenLogprobs>| {
+        let text = token_text(tok, id);
+        out["tokens"]
+            .as_array_mut()
+            .expect("array")
+            .push(json!(text));
+        out["text_offset"]
+            .as_array_mut()
+            .expect("array")
+            .push(json!(*offset));
+        *offset += text.chars().count();
+        out["token_logprobs"]
+            .as_array_mut()
+            .expect("array")
+            .push(json!(lp.map(|l| l.logprob)));
+        let top = lp.map(|l| {
+            let mut m: Map<String, Value> = l
+                .top
+                .iter()
+                .map(|&(id, p)| (token_text(tok, id), json!(p)))
+                .collect();
+            m.entry(token_text(tok, l.token))
+                .or_insert(json!(l.logprob));
+            Value::Object(m)
+        });
+        out["top_logprobs"]
+            .as_array_mut()
+            .expect("array")
+            .push(json!(top));
+    };
+    if let Some(id) = first {
+        push(id, None);
+    }
+    for t in tokens {
+        push(t.token, Some(t));
+    }
+    out
+}
+
 /// OpenAI's error body.
 pub fn error_body(message: &str, kind: &str, param: Option<&str>, code: Option<&str>) -> Value {
     json!({"error": {"message": message, "type": kind, "param": param, "code": code}})
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_field_is_served_or_refused_by_name() {
+        let body = |v: Value| v.as_object().unwrap().clone();
+        assert!(check_fields(
+            Kind::Chat,
+            &body(json!({"messages": [], "top_logprobs": 2, "top_k": 5}))
+        )
+        .is_ok());
+        let (param, msg) =
+            check_fields(Kind::Chat, &body(json!({"messages": [], "tools": []}))).unwrap_err();
+        assert_eq!(param, "tools");
+        assert!(msg.contains("tool calling is not implemented"), "{msg}");
+        let (param, msg) =
+            check_fields(Kind::Chat, &body(json!({"messages": [], "frobnicate": 1}))).unwrap_err();
+        assert_eq!(param, "frobnicate");
+        assert_eq!(msg, "Unrecognized request argument supplied: frobnicate");
+        // Each endpoint's own fields are refused on the other.
+        assert_eq!(
+            check_fields(
+                Kind::Completion,
+                &body(json!({"prompt": "a", "top_logprobs": 1}))
+            )
+            .unwrap_err()
+            .0,
+            "top_logprobs"
+        );
+        assert_eq!(
+            check_fields(Kind::Chat, &body(json!({"messages": [], "echo": true})))
+                .unwrap_err()
+                .0,
+            "echo"
+        );
+    }
 }

@@ -20,7 +20,7 @@ use crate::backend::{Backend, Logits, SeqChunk};
 use crate::metrics::Metrics;
 use crate::tokenizer::Tokenizer;
 use kv::BlockAllocator;
-use sampling::{Sampler, Sampling};
+use sampling::{Sampler, Sampling, TokenLogprobs};
 
 /// Limits of the engine.
 #[derive(Clone, Debug)]
@@ -49,6 +49,11 @@ pub struct GenerateRequest {
     pub seed: u64,
     /// Strings that end the completion (not included in it).
     pub stop: Vec<String>,
+    /// Log-probabilities of each completion token, with this many alternatives.
+    pub logprobs: Option<usize>,
+    /// Log-probabilities of the prompt's tokens (after the first), with this many
+    /// alternatives: the whole prompt's logits are computed, so only on request.
+    pub prompt_logprobs: Option<usize>,
     /// Where the engine sends text and the end; dropping the receiver cancels.
     pub events: mpsc::UnboundedSender<Event>,
 }
@@ -75,8 +80,17 @@ impl FinishReason {
 /// Something the engine tells a request.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Event {
-    /// More completion text.
-    Text(String),
+    /// More completion text, with the log-probabilities of the tokens it completes
+    /// (when asked for; a token whose text ends in a later event is listed there).
+    Text {
+        /// The text.
+        text: String,
+        /// One entry per token.
+        logprobs: Vec<TokenLogprobs>,
+    },
+    /// The prompt's log-probabilities (asked for with `prompt_logprobs`), one per prompt
+    /// token after the first, before any text.
+    PromptLogprobs(Vec<TokenLogprobs>),
     /// The end.
     Done {
         /// Why it ended.
@@ -151,6 +165,14 @@ struct Seq {
     partial: Vec<u8>,
     /// Text decoded but held back because it may begin a stop string.
     held: String,
+    /// Log-probabilities of tokens whose text is not sent yet, each with the offset in
+    /// `held` where its text begins.
+    pending_logprobs: Vec<(usize, TokenLogprobs)>,
+    /// The prompt's log-probabilities, while they are being computed.
+    prompt_logprobs: Vec<TokenLogprobs>,
+    /// Whether the prompt's log-probabilities were sent (a preempted sequence does
+    /// not compute them again).
+    prompt_logprobs_sent: bool,
     finished: Option<FinishReason>,
 }
 
@@ -236,11 +258,14 @@ impl Handle {
             n_prompt: req.prompt.len(),
             computed: 0,
             blocks: Vec::new(),
-            sampler: Sampler::new(req.sampling, req.seed),
+            sampler: Sampler::new(req.sampling.clone(), req.seed, &req.prompt),
             started: Instant::now(),
             first_token: None,
             partial: Vec::new(),
             held: String::new(),
+            pending_logprobs: Vec::new(),
+            prompt_logprobs: Vec::new(),
+            prompt_logprobs_sent: req.prompt_logprobs.is_none(),
             finished: None,
             req,
         };
@@ -423,15 +448,22 @@ impl Engine {
             .map(|&(i, n)| {
                 let s = &self.running[i];
                 let last = s.computed + n == s.tokens.len();
+                let logits = if !s.prompt_logprobs_sent {
+                    Logits::All
+                } else if last {
+                    Logits::Last
+                } else {
+                    Logits::None
+                };
                 SeqChunk {
                     tokens: &s.tokens[s.computed..s.computed + n],
                     start: s.computed,
                     blocks: &s.blocks,
-                    logits: if last { Logits::Last } else { Logits::None },
+                    logits,
                 }
             })
             .collect();
-        let wants: Vec<bool> = chunks.iter().map(|c| c.logits == Logits::Last).collect();
+        let wants: Vec<Logits> = chunks.iter().map(|c| c.logits).collect();
         let result = self.backend.forward(&chunks);
         drop(chunks);
         let logits = match result {
@@ -453,18 +485,49 @@ impl Engine {
         let mut row = 0;
         for (&(i, n), want) in plan.iter().zip(wants) {
             let s = &mut self.running[i];
+            let start = s.computed;
             s.computed += n;
-            if !want {
-                continue;
+            let last = s.computed == s.tokens.len();
+            if want == Logits::All {
+                // Row j predicts position start + j + 1: score the prompt's tokens.
+                let top = s.req.prompt_logprobs.unwrap_or(0);
+                for j in 0..n {
+                    let next = start + j + 1;
+                    if next < s.n_prompt {
+                        let r = &logits[(row + j) * vocab..(row + j + 1) * vocab];
+                        s.prompt_logprobs
+                            .push(sampling::logprobs(r, s.tokens[next], top));
+                    }
+                }
+                row += n;
+                if s.computed >= s.n_prompt {
+                    s.prompt_logprobs_sent = true;
+                    let lp = std::mem::take(&mut s.prompt_logprobs);
+                    let _ = s.req.events.send(Event::PromptLogprobs(lp));
+                }
+                if last {
+                    self.sample(i, &logits[(row - 1) * vocab..row * vocab]);
+                }
+            } else if want == Logits::Last {
+                self.sample(i, &logits[row * vocab..(row + 1) * vocab]);
+                row += 1;
             }
-            let next = s.sampler.sample(&logits[row * vocab..(row + 1) * vocab]);
-            row += 1;
-            self.accept(i, next);
         }
     }
 
+    /// Samples sequence `i`'s next token from its last row of logits.
+    fn sample(&mut self, i: usize, logits: &[f32]) {
+        let s = &mut self.running[i];
+        let next = s.sampler.sample(logits);
+        let lp = s
+            .req
+            .logprobs
+            .map(|top| sampling::logprobs(logits, next, top));
+        self.accept(i, next, lp);
+    }
+
     /// Appends a sampled token, streams its text, and decides whether the sequence ends.
-    fn accept(&mut self, i: usize, token: u32) {
+    fn accept(&mut self, i: usize, token: u32, logprobs: Option<TokenLogprobs>) {
         let tok = &self.tokenizer;
         let s = &mut self.running[i];
         if s.first_token.is_none() {
@@ -480,6 +543,10 @@ impl Engine {
         if tok.is_eos(token) {
             s.finished = Some(FinishReason::Stop);
         } else {
+            if let Some(lp) = logprobs {
+                // Its text begins after what is held, including an incomplete character.
+                s.pending_logprobs.push((s.held.len(), lp));
+            }
             s.partial.extend_from_slice(tok.token_bytes(token));
             let valid = match std::str::from_utf8(&s.partial) {
                 Ok(v) => v.len(),
@@ -496,6 +563,8 @@ impl Engine {
                 .min()
             {
                 s.held.truncate(at);
+                // Tokens of the stop string are not part of the completion.
+                s.pending_logprobs.retain(|(from, _)| *from < at);
                 s.finished = Some(FinishReason::Stop);
             }
         }
@@ -518,9 +587,27 @@ impl Engine {
         while !s.held.is_char_boundary(cut) {
             cut -= 1;
         }
-        if cut > 0 {
+        let ending = s.finished.is_some();
+        if cut > 0 || (ending && !s.pending_logprobs.is_empty()) {
             let out: String = s.held.drain(..cut).collect();
-            if s.req.events.send(Event::Text(out)).is_err() {
+            // A token goes with the text where its own text begins.
+            let n = if ending {
+                s.pending_logprobs.len()
+            } else {
+                s.pending_logprobs.partition_point(|(from, _)| *from < cut)
+            };
+            let logprobs = s.pending_logprobs.drain(..n).map(|(_, lp)| lp).collect();
+            s.pending_logprobs
+                .iter_mut()
+                .for_each(|(from, _)| *from -= cut);
+            if s.req
+                .events
+                .send(Event::Text {
+                    text: out,
+                    logprobs,
+                })
+                .is_err()
+            {
                 // Client disconnected: free the sequence now.
                 s.finished = Some(FinishReason::Stop);
             }
@@ -531,6 +618,8 @@ impl Engine {
         let mut s = self.running.remove(v);
         self.alloc.release(&mut s.blocks);
         s.computed = 0;
+        // Recomputed from the start: a partial prompt score is scored again.
+        s.prompt_logprobs.clear();
         self.shared.metrics.preemptions.inc();
         tracing::debug!(request_id = %s.req.id, "preempted for KV space; will recompute");
         let mut st = self.shared.state.lock().expect("engine state");

@@ -122,12 +122,11 @@ fn request(
         id: prompt.into(),
         prompt: tok.encode(prompt),
         max_tokens,
-        sampling: Sampling {
-            temperature: 0.0,
-            top_p: 1.0,
-        },
+        sampling: Sampling::greedy(),
         seed: 0,
         stop: stop.iter().map(|s| s.to_string()).collect(),
+        logprobs: None,
+        prompt_logprobs: None,
         events: tx,
     };
     (req, rx)
@@ -141,13 +140,14 @@ fn collect(rx: &mut mpsc::UnboundedReceiver<Event>) -> (String, FinishReason, us
             .blocking_recv()
             .expect("engine ended the stream without Done")
         {
-            Event::Text(t) => text.push_str(&t),
+            Event::Text { text: t, .. } => text.push_str(&t),
             Event::Done {
                 reason,
                 completion_tokens,
                 ..
             } => return (text, reason, completion_tokens),
             Event::Failed(e) => panic!("failed: {e}"),
+            Event::PromptLogprobs(_) => panic!("prompt logprobs were not asked for"),
         }
     }
 }
@@ -184,7 +184,7 @@ fn a_request_joins_a_running_batch_and_leaves_before_it() {
     // Wait for A's third token, then add B: it must run alongside A, not after it.
     let mut got = 0;
     while got < 3 {
-        if let Some(Event::Text(_)) = ra.blocking_recv() {
+        if let Some(Event::Text { .. }) = ra.blocking_recv() {
             got += 1;
         }
     }
@@ -288,7 +288,7 @@ fn a_client_that_disconnects_frees_its_sequence_and_blocks() {
     let (h, _, metrics) = engine(32, config(), 2);
     let (r, mut rx) = request("a", 30, &[]);
     h.submit(r).unwrap();
-    assert!(matches!(rx.blocking_recv(), Some(Event::Text(_))));
+    assert!(matches!(rx.blocking_recv(), Some(Event::Text { .. })));
     drop(rx);
     let deadline = Instant::now() + Duration::from_secs(5);
     while h.in_flight() > 0 {

@@ -140,6 +140,7 @@ fn chat_template_renders_with_python_methods_and_errors() {
     let msgs = [ChatMessage {
         role: "user".into(),
         content: "  hi  ".into(),
+        ..ChatMessage::default()
     }];
     assert_eq!(t.render(&msgs).unwrap(), "USER: hi\nASSISTANT:");
     let raising = ChatTemplate::new(
@@ -225,4 +226,40 @@ fn adversarial_runs_tokenize_as_their_pieces() {
     assert_eq!(s.decode(&s.encode(&text)), text);
     let ids = s.encode(&"hi".repeat(3000));
     assert_eq!(ids.len(), 1 + 3000, "BOS, then ▁hi and hi: {:?}", &ids[..4]);
+}
+
+#[test]
+fn chat_messages_take_every_content_shape_openai_sends_and_refuse_the_rest() {
+    let parse = |v: serde_json::Value| serde_json::from_value::<ChatMessage>(v);
+    let parts = parse(serde_json::json!({"role": "user", "content": [
+        {"type": "text", "text": "one"}, {"type": "text", "text": "two"}]}))
+    .unwrap();
+    assert_eq!(parts.content, "one\ntwo");
+    let call = parse(serde_json::json!({"role": "assistant", "content": null,
+        "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}))
+    .unwrap();
+    assert_eq!(call.content, "");
+    assert!(call.tool_calls.is_some());
+    let tool =
+        parse(serde_json::json!({"role": "tool", "content": "42", "tool_call_id": "c1"})).unwrap();
+    assert_eq!(tool.tool_call_id.as_deref(), Some("c1"));
+    let image = parse(serde_json::json!({"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "http://x"}}]}))
+    .unwrap_err()
+    .to_string();
+    assert!(image.contains("`image_url` are not supported"), "{image}");
+    let unknown = parse(serde_json::json!({"role": "user", "content": "x", "mood": "happy"}))
+        .unwrap_err()
+        .to_string();
+    assert!(unknown.contains("unknown field `mood`"), "{unknown}");
+    // The template sees tool messages with their call id.
+    let t = ChatTemplate::new(
+        Some(
+            "{% for m in messages %}{{ m.role }}:{{ m.content }}:{{ m.tool_call_id }};{% endfor %}",
+        ),
+        "",
+        "",
+    )
+    .unwrap();
+    assert_eq!(t.render(&[tool]).unwrap(), "tool:42:c1;");
 }
