@@ -102,6 +102,8 @@ fn main() {
         max_batch_tokens: 512,
         max_seq_len: 1024,
         queue_capacity: 64,
+        // llama.cpp computes each stream's prompt: so do we, for a like comparison.
+        prefix_caching: false,
     };
     let (engine, _t) = scheduler::start(
         Box::new(backend),

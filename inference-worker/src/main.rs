@@ -82,6 +82,10 @@ struct Cli {
     /// Longest sequence, prompt plus completion (default: the model's context, at most 4096).
     #[arg(long, value_parser = within::<2, 1_048_576>)]
     max_seq_len: Option<usize>,
+    /// Keep full KV-cache blocks after their request ends and reuse them for later
+    /// requests whose prompts begin with the same tokens (off: every prompt is computed).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    prefix_caching: bool,
     /// Tokens per KV-cache block.
     #[arg(long, default_value_t = 16, value_parser = within::<1, 1024>)]
     block_size: usize,
@@ -477,6 +481,7 @@ fn load(cli: &Cli, device: Device, metrics: Arc<Metrics>) -> anyhow::Result<Load
         max_batch_tokens: cli.max_batch_tokens,
         max_seq_len,
         queue_capacity: cli.queue_size,
+        prefix_caching: cli.prefix_caching,
     };
     let (engine, _thread) =
         scheduler::start(backend, Arc::clone(&tokenizer), engine_config, metrics);

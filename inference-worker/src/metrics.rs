@@ -91,6 +91,12 @@ pub struct Metrics {
     pub ttft_seconds: Histogram,
     /// Sequences preempted for KV space (recomputed later).
     pub preemptions: Counter,
+    /// Prompt tokens looked up in the prefix cache.
+    pub prefix_cache_queries: Counter,
+    /// Prompt tokens found there (not computed again); hits / queries is the hit ratio.
+    pub prefix_cache_hits: Counter,
+    /// Full KV blocks kept for reuse (held by sequences or idle).
+    pub prefix_cache_blocks: Gauge,
     /// Seconds the model took to load and warm up.
     pub load_seconds: Gauge<f64, AtomicU64>,
     /// Seconds of the warm-up pass alone.
@@ -132,6 +138,9 @@ impl Metrics {
             request_seconds: Histogram::new(exponential_buckets(0.01, 2.0, 14)),
             ttft_seconds: Histogram::new(exponential_buckets(0.005, 2.0, 14)),
             preemptions: Counter::default(),
+            prefix_cache_queries: Counter::default(),
+            prefix_cache_hits: Counter::default(),
+            prefix_cache_blocks: Gauge::default(),
             load_seconds: Gauge::default(),
             warmup_seconds: Gauge::default(),
             download_seconds: Gauge::default(),
@@ -194,6 +203,21 @@ impl Metrics {
             "time_to_first_token_seconds",
             "Time to first token",
             m.ttft_seconds.clone(),
+        );
+        registry.register(
+            "prefix_cache_queries",
+            "Prompt tokens looked up in the prefix cache",
+            m.prefix_cache_queries.clone(),
+        );
+        registry.register(
+            "prefix_cache_hits",
+            "Prompt tokens found in the prefix cache (hit ratio: hits / queries)",
+            m.prefix_cache_hits.clone(),
+        );
+        registry.register(
+            "prefix_cache_blocks",
+            "Full KV blocks kept for reuse",
+            m.prefix_cache_blocks.clone(),
         );
         registry.register(
             "preemptions",

@@ -76,6 +76,7 @@ async fn server_with(queue: usize, load: bool, step: Duration) -> Server {
         max_batch_tokens: 64,
         max_seq_len: 256,
         queue_capacity: queue,
+        prefix_caching: true,
     };
     let backend: Box<dyn Backend> = if step.is_zero() {
         Box::new(backend)
@@ -741,6 +742,16 @@ async fn logprobs_echo_n_and_bias_do_what_openai_says() {
     assert!((3..=12).contains(&completion), "{b}");
     let (_, _, again) = post(&c, three).await;
     assert_eq!(b["choices"], again["choices"]);
+    // The choices of a long prompt compute it once: the others share its full blocks.
+    let long = "the quick brown fox jumps over the lazy dog, again and again";
+    let before = s.state.metrics.prefix_cache_hits.get();
+    let (st, _, b) = post(&c, json!({"prompt": long, "max_tokens": 2, "n": 3})).await;
+    assert_eq!(st, 200, "{b}");
+    let shared = s.state.metrics.prefix_cache_hits.get() - before;
+    assert!(
+        shared >= 2 * 48,
+        "3 blocks of 16 for each later choice: {shared}"
+    );
     // Streamed, each choice finishes under its own index, then one [DONE].
     let events = sse(&chat, json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "n": 2, "stream": true})).await;
     assert_eq!(events.iter().filter(|e| *e == "[DONE]").count(), 1);

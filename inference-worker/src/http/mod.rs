@@ -636,12 +636,8 @@ impl Shape {
 }
 
 /// Every choice's events, tagged with the choice's index.
-type Choices = futures_util::stream::SelectAll<
-    futures_util::stream::Map<
-        tokio_stream::wrappers::UnboundedReceiverStream<Event>,
-        Box<dyn FnMut(Event) -> (usize, Event) + Send>,
-    >,
->;
+type Choices =
+    futures_util::stream::SelectAll<futures_util::stream::BoxStream<'static, (usize, Event)>>;
 
 async fn run(
     s: &Arc<AppState>,
@@ -742,8 +738,20 @@ async fn run(
             SubmitError::Invalid(m) => ApiError::invalid(prompt_param, m),
             SubmitError::EmptyPrompt => ApiError::invalid(prompt_param, e.to_string()),
         })?;
-        let tag: Box<dyn FnMut(Event) -> (usize, Event) + Send> = Box::new(move |e| (i, e));
-        choices.push(tokio_stream::wrappers::UnboundedReceiverStream::new(rx).map(tag));
+        let mut rx = tokio_stream::wrappers::UnboundedReceiverStream::new(rx);
+        // The other choices are queued once the first has its first event: its prompt's
+        // full blocks are cached by then, and they share them instead of computing them.
+        let first = if i == 0 && n > 1 {
+            rx.next().await
+        } else {
+            None
+        };
+        choices.push(
+            futures_util::stream::iter(first)
+                .chain(rx)
+                .map(move |e| (i, e))
+                .boxed(),
+        );
     }
     let created = SystemTime::now()
         .duration_since(UNIX_EPOCH)

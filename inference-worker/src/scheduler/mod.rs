@@ -4,7 +4,10 @@
 //! Sequences join when a batch slot and KV blocks are free and leave the moment they
 //! finish, so a long request never holds a short one back. KV memory is paged in
 //! fixed-size blocks; when the pool runs dry the youngest sequence is preempted and later
-//! recomputed, as vLLM does. Admission is a bounded queue: full means 429, draining 503.
+//! recomputed, as vLLM does. Full blocks are kept after their sequence ends and reused
+//! by any later sequence whose tokens begin the same way (automatic prefix caching, see
+//! `kv`), so a thousand chats that share a system prompt compute it once. Admission is a
+//! bounded queue: full means 429, draining 503.
 
 pub mod kv;
 pub mod sampling;
@@ -33,6 +36,8 @@ pub struct EngineConfig {
     pub max_seq_len: usize,
     /// Requests that may wait for a batch slot before new ones get 429.
     pub queue_capacity: usize,
+    /// Keep full KV blocks for reuse by later sequences with the same leading tokens.
+    pub prefix_caching: bool,
 }
 
 /// What a request asks the engine to do.
@@ -158,6 +163,8 @@ struct Seq {
     /// Positions whose K/V are in the cache.
     computed: usize,
     blocks: Vec<u32>,
+    /// Chained hashes of the leading full blocks, as far as they are computed.
+    hashes: Vec<u64>,
     sampler: Sampler,
     started: Instant,
     first_token: Option<Instant>,
@@ -201,14 +208,17 @@ pub fn start(
         wake: Condvar::new(),
         draining: AtomicBool::new(false),
         kv_capacity_tokens: layout.n_blocks * layout.block_size,
-        config,
+        config: config.clone(),
         metrics,
     });
+    let model = backend.config();
+    let root = kv::root(&format!("{}/{}", model.architecture, model.name));
     let engine = Engine {
         shared: Arc::clone(&shared),
         backend,
         tokenizer,
-        alloc: BlockAllocator::new(layout.block_size, layout.n_blocks),
+        alloc: BlockAllocator::new(layout.block_size, layout.n_blocks, config.prefix_caching),
+        root,
         running: Vec::new(),
     };
     let thread = std::thread::Builder::new()
@@ -258,6 +268,7 @@ impl Handle {
             n_prompt: req.prompt.len(),
             computed: 0,
             blocks: Vec::new(),
+            hashes: Vec::new(),
             sampler: Sampler::new(req.sampling.clone(), req.seed, &req.prompt),
             started: Instant::now(),
             first_token: None,
@@ -334,6 +345,8 @@ struct Engine {
     backend: Box<dyn Backend>,
     tokenizer: Arc<Tokenizer>,
     alloc: BlockAllocator,
+    /// Where every block hash chain starts (the model).
+    root: u64,
     running: Vec<Seq>,
 }
 
@@ -372,14 +385,24 @@ impl Engine {
                     .inc();
                 continue;
             }
-            // Room for the whole prompt (or recomputed sequence) plus one token.
-            let need = self.alloc.blocks_for(front.seq.tokens.len() + 1);
-            if need > self.alloc.free() {
+            // Leading blocks already cached, then room for the rest of the prompt (or
+            // recomputed sequence) plus one token.
+            let (found, hashes) = self.cached_prefix(&front.seq);
+            let need = self.alloc.blocks_for(front.seq.tokens.len() + 1) - found.len();
+            if need > self.alloc.free() - self.alloc.idle_among(&found) {
                 break;
             }
-            let w = st.waiting.pop_front().expect("front exists");
+            let mut w = st.waiting.pop_front().expect("front exists");
+            let s = &mut w.seq;
+            self.alloc.share(&found, &mut s.blocks);
+            s.computed = found.len() * self.alloc.block_size();
+            s.hashes = hashes;
+            s.hashes.truncate(found.len());
             if !w.preempted {
-                tracing::debug!(request_id = %w.seq.req.id, prompt_tokens = w.seq.n_prompt, "admitted");
+                let m = &self.shared.metrics;
+                m.prefix_cache_queries.inc_by(s.n_prompt as u64);
+                m.prefix_cache_hits.inc_by(s.computed as u64);
+                tracing::debug!(request_id = %s.req.id, prompt_tokens = s.n_prompt, cached_tokens = s.computed, "admitted");
             }
             self.running.push(w.seq);
         }
@@ -387,6 +410,31 @@ impl Engine {
         self.shared.metrics.queue_depth.set(st.waiting.len() as i64);
         self.shared.metrics.running.set(self.running.len() as i64);
         true
+    }
+
+    /// The cached blocks that hold `seq`'s leading tokens, and the hashes of the full
+    /// blocks looked up. The last token is always left to compute (its logits are
+    /// needed), and a prompt scored in full (`prompt_logprobs`) reuses nothing.
+    fn cached_prefix(&self, seq: &Seq) -> (Vec<u32>, Vec<u64>) {
+        let bs = self.alloc.block_size();
+        let reusable = if seq.prompt_logprobs_sent {
+            (seq.tokens.len() - 1) / bs
+        } else {
+            0
+        };
+        let blocks: Vec<&[u32]> = seq.tokens[..reusable * bs].chunks_exact(bs).collect();
+        let mut parent = self.root;
+        let hashes: Vec<u64> = blocks
+            .iter()
+            .map(|b| {
+                parent = kv::chain(parent, b);
+                parent
+            })
+            .collect();
+        let found = self
+            .alloc
+            .lookup(self.root, hashes.iter().copied().zip(blocks));
+        (found, hashes)
     }
 
     /// Plans and runs one forward pass, then samples.
@@ -488,6 +536,16 @@ impl Engine {
             let start = s.computed;
             s.computed += n;
             let last = s.computed == s.tokens.len();
+            // Blocks this pass filled can now be shared.
+            let bs = self.alloc.block_size();
+            while s.hashes.len() < s.computed / bs {
+                let k = s.hashes.len();
+                let parent = s.hashes.last().copied().unwrap_or(self.root);
+                let hash =
+                    self.alloc
+                        .register(s.blocks[k], parent, &s.tokens[k * bs..(k + 1) * bs]);
+                s.hashes.push(hash);
+            }
             if want == Logits::All {
                 // Row j predicts position start + j + 1: score the prompt's tokens.
                 let top = s.req.prompt_logprobs.unwrap_or(0);
@@ -618,6 +676,7 @@ impl Engine {
         let mut s = self.running.remove(v);
         self.alloc.release(&mut s.blocks);
         s.computed = 0;
+        s.hashes.clear();
         // Recomputed from the start: a partial prompt score is scored again.
         s.prompt_logprobs.clear();
         self.shared.metrics.preemptions.inc();
@@ -677,10 +736,10 @@ impl Engine {
             tracing::debug!(request_id = %s.req.id, completion_tokens = completion, status, "sequence left the batch");
         }
         let used = self.alloc.total() - self.alloc.free();
-        self.shared
-            .metrics
-            .kv_usage
+        let m = &self.shared.metrics;
+        m.kv_usage
             .set(used as f64 / self.alloc.total().max(1) as f64);
+        m.prefix_cache_blocks.set(self.alloc.cached() as i64);
         let mut st = self.shared.state.lock().expect("engine state");
         st.running = self.running.len();
         self.shared.metrics.running.set(self.running.len() as i64);

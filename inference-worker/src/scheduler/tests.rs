@@ -108,6 +108,7 @@ fn config() -> EngineConfig {
         max_batch_tokens: 8,
         max_seq_len: 40,
         queue_capacity: 2,
+        prefix_caching: true,
     }
 }
 
@@ -208,6 +209,7 @@ fn requests_for_free_batch_slots_are_never_refused_as_queued() {
     let cfg = EngineConfig {
         max_batch: 2,
         queue_capacity: 0,
+        prefix_caching: true,
         ..config()
     };
     let (h, _, _) = engine(32, cfg, 20);
