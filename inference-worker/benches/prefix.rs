@@ -77,6 +77,7 @@ fn run(
                         stop: Vec::new(),
                         logprobs: None,
                         prompt_logprobs: None,
+                        constraint: None,
                         events: tx,
                     })
                     .unwrap();

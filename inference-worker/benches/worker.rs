@@ -124,6 +124,7 @@ fn main() {
             stop: Vec::new(),
             logprobs: None,
             prompt_logprobs: None,
+            constraint: None,
             events: tx,
         };
         engine.submit(req).unwrap();

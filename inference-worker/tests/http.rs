@@ -454,9 +454,9 @@ async fn unserved_fields_are_refused_by_name_never_ignored() {
         ),
         (
             &chat,
-            json!({"messages": msgs, "response_format": {"type": "json_object"}}),
+            json!({"messages": msgs, "response_format": {"type": "regex"}}),
             "response_format",
-            "constrained decoding",
+            "must be text, json_object or json_schema",
         ),
         (
             &chat,

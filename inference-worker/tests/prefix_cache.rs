@@ -74,6 +74,7 @@ fn wave(e: &Engine, prompts: &[(&str, Sampling)]) -> Vec<Output> {
                     stop: Vec::new(),
                     logprobs: Some(2),
                     prompt_logprobs: None,
+                    constraint: None,
                     events: tx,
                 })
                 .unwrap();

@@ -23,6 +23,7 @@ use serde_json::json;
 use tokio::sync::mpsc;
 
 use crate::metrics::{Metrics, StatusLabel};
+use crate::scheduler::grammar::Grammars;
 use crate::scheduler::sampling::{Sampling, TokenLogprobs};
 use crate::scheduler::{Event, GenerateRequest, Handle, SubmitError};
 use crate::tokenizer::{ChatTemplate, Tokenizer};
@@ -53,6 +54,8 @@ pub struct AppState {
     next_id: AtomicU64,
     /// Request preparations running off the executor (one per core).
     preparing: tokio::sync::Semaphore,
+    /// The model's vocabulary indexed for structured output, built on first use.
+    grammars: tokio::sync::OnceCell<Result<Arc<Grammars>, String>>,
 }
 
 impl AppState {
@@ -67,6 +70,7 @@ impl AppState {
             preparing: tokio::sync::Semaphore::new(
                 std::thread::available_parallelism().map_or(2, |n| n.get()),
             ),
+            grammars: tokio::sync::OnceCell::new(),
         }
     }
 
@@ -321,6 +325,7 @@ async fn completions(
             kind: Kind::Completion,
             logprobs,
             echo: req.echo.then(|| prompt.clone()),
+            schema: None,
         };
         // OpenAI's default for completions is 16 tokens.
         run(&s, ask, tokens, req.params, 16, started).await
@@ -339,16 +344,12 @@ async fn chat_completions(
         if req.messages.is_empty() {
             return Err(ApiError::invalid("messages", "messages must not be empty"));
         }
-        if req
+        let schema = req
             .response_format
             .as_ref()
-            .is_some_and(|f| *f != json!({"type": "text"}))
-        {
-            return Err(ApiError::invalid(
-                "response_format",
-                "only {\"type\": \"text\"} is served: constrained decoding (json_object, json_schema) is not implemented yet",
-            ));
-        }
+            .map(response_schema)
+            .transpose()?
+            .flatten();
         if req.store == Some(true) {
             return Err(ApiError::invalid(
                 "store",
@@ -389,6 +390,7 @@ async fn chat_completions(
             kind: Kind::Chat,
             logprobs,
             echo: None,
+            schema,
         };
         run(&s, ask, tokens, req.params, room, started).await
     }
@@ -602,6 +604,74 @@ struct Ask {
     logprobs: Option<usize>,
     /// Completions' `echo`: the prompt text, returned before each choice.
     echo: Option<String>,
+    /// Chat's `response_format`: the JSON schema every choice must match.
+    schema: Option<serde_json::Value>,
+}
+
+/// The JSON schema a chat's `response_format` asks for: none for `text`, any object for
+/// `json_object` (as OpenAI's JSON mode), the given schema for `json_schema` (`strict`
+/// or not, it is enforced).
+fn response_schema(f: &serde_json::Value) -> Result<Option<serde_json::Value>, ApiError> {
+    let bad = |m: String| ApiError::invalid("response_format", m);
+    let fields = f
+        .as_object()
+        .ok_or_else(|| bad("response_format must be an object".into()))?;
+    let only = |allowed: &[&str]| match fields.keys().find(|k| !allowed.contains(&k.as_str())) {
+        Some(k) => Err(bad(format!("unknown field response_format.{k}"))),
+        None => Ok(()),
+    };
+    match fields.get("type").and_then(|t| t.as_str()) {
+        Some("text") => only(&["type"]).map(|()| None),
+        Some("json_object") => only(&["type"]).map(|()| Some(json!({"type": "object"}))),
+        Some("json_schema") => {
+            only(&["type", "json_schema"])?;
+            let spec = fields
+                .get("json_schema")
+                .and_then(|v| v.as_object())
+                .ok_or_else(
+                    || bad("json_schema needs an object with `name` and `schema`".into()),
+                )?;
+            if let Some(k) = spec
+                .keys()
+                .find(|k| !["name", "schema", "strict", "description"].contains(&k.as_str()))
+            {
+                return Err(bad(format!(
+                    "unknown field response_format.json_schema.{k}"
+                )));
+            }
+            if !spec.get("name").is_some_and(|n| n.is_string()) {
+                return Err(bad("response_format.json_schema.name is required".into()));
+            }
+            // OpenAI makes `schema` optional: without one, any JSON value.
+            Ok(Some(spec.get("schema").cloned().unwrap_or(json!({}))))
+        }
+        _ => Err(bad(
+            "response_format.type must be text, json_object or json_schema".into(),
+        )),
+    }
+}
+
+/// The model's vocabulary indexed for structured output, built once off the executor.
+async fn grammars(s: &Arc<AppState>) -> Result<Arc<Grammars>, ApiError> {
+    let built = s
+        .grammars
+        .get_or_init(|| async {
+            let state = Arc::clone(s);
+            off_executor(s, move |_| {
+                let tokenizer = Arc::clone(&state.loaded()?.tokenizer);
+                Ok(Grammars::new(&tokenizer).map(Arc::new))
+            })
+            .await
+            .unwrap_or_else(|e| Err(e.message))
+        })
+        .await;
+    built.clone().map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            format!("structured output is unavailable for this model: {e}"),
+        )
+    })
 }
 
 /// What the response is shaped from, shared by the whole and the streamed forms.
@@ -704,6 +774,27 @@ async fn run(
         .filter(|s| !s.is_empty())
         .collect();
     let seed = p.seed.unwrap_or(serial);
+    // One grammar state per choice; a schema llguidance cannot compile is the client's.
+    let mut constraints = match ask.schema.clone() {
+        None => Vec::new(),
+        Some(schema) => {
+            let grammars = grammars(s).await?;
+            off_executor(s, move |_| {
+                (0..n)
+                    .map(|_| {
+                        grammars.json_schema(schema.clone()).map_err(|e| {
+                            ApiError::invalid(
+                                "response_format",
+                                format!("the JSON schema cannot be used: {e}"),
+                            )
+                        })
+                    })
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .await?
+        }
+    }
+    .into_iter();
     // Each choice is a sequence of its own, seeded apart; a refusal of any drops the
     // receivers of those already queued, which cancels them.
     let mut choices = Vec::with_capacity(n as usize);
@@ -722,6 +813,7 @@ async fn run(
             stop: stop.clone(),
             logprobs: ask.logprobs,
             prompt_logprobs: ask.logprobs.filter(|_| ask.echo.is_some()),
+            constraint: constraints.next(),
             events: tx,
         };
         l.engine.submit(req).map_err(|e| match e {

@@ -9,6 +9,7 @@
 //! `kv`), so a thousand chats that share a system prompt compute it once. Admission is a
 //! bounded queue: full means 429, draining 503.
 
+pub mod grammar;
 pub mod kv;
 pub mod sampling;
 
@@ -59,6 +60,9 @@ pub struct GenerateRequest {
     /// Log-probabilities of the prompt's tokens (after the first), with this many
     /// alternatives: the whole prompt's logits are computed, so only on request.
     pub prompt_logprobs: Option<usize>,
+    /// A grammar the completion must follow (structured output); it ends the completion
+    /// when complete.
+    pub constraint: Option<grammar::Constraint>,
     /// Where the engine sends text and the end; dropping the receiver cancels.
     pub events: mpsc::UnboundedSender<Event>,
 }
@@ -219,6 +223,7 @@ pub fn start(
         tokenizer,
         alloc: BlockAllocator::new(layout.block_size, layout.n_blocks, config.prefix_caching),
         root,
+        masked: Vec::new(),
         running: Vec::new(),
     };
     let thread = std::thread::Builder::new()
@@ -347,6 +352,8 @@ struct Engine {
     alloc: BlockAllocator,
     /// Where every block hash chain starts (the model).
     root: u64,
+    /// Logits masked by a grammar (reused between tokens).
+    masked: Vec<f32>,
     running: Vec<Seq>,
 }
 
@@ -573,19 +580,41 @@ impl Engine {
         }
     }
 
-    /// Samples sequence `i`'s next token from its last row of logits.
+    /// Samples sequence `i`'s next token from its last row of logits, among the tokens
+    /// its grammar allows when it has one.
     fn sample(&mut self, i: usize, logits: &[f32]) {
         let s = &mut self.running[i];
-        let next = s.sampler.sample(logits);
+        let (next, complete) = match s.req.constraint.as_mut() {
+            None => (s.sampler.sample(logits), false),
+            Some(c) => {
+                self.masked.clear();
+                self.masked.extend_from_slice(logits);
+                let chosen = c.mask(&mut self.masked).and_then(|()| {
+                    let next = s.sampler.sample(&self.masked);
+                    c.advance(next).map(|complete| (next, complete))
+                });
+                match chosen {
+                    Ok(chosen) => chosen,
+                    Err(e) => {
+                        let _ = s
+                            .req
+                            .events
+                            .send(Event::Failed(format!("structured output failed: {e}")));
+                        s.finished = Some(FinishReason::Stop);
+                        return;
+                    }
+                }
+            }
+        };
         let lp = s
             .req
             .logprobs
             .map(|top| sampling::logprobs(logits, next, top));
-        self.accept(i, next, lp);
+        self.accept(i, next, lp, complete);
     }
 
     /// Appends a sampled token, streams its text, and decides whether the sequence ends.
-    fn accept(&mut self, i: usize, token: u32, logprobs: Option<TokenLogprobs>) {
+    fn accept(&mut self, i: usize, token: u32, logprobs: Option<TokenLogprobs>, complete: bool) {
         let tok = &self.tokenizer;
         let s = &mut self.running[i];
         if s.first_token.is_none() {
@@ -625,6 +654,10 @@ impl Engine {
                 s.pending_logprobs.retain(|(from, _)| *from < at);
                 s.finished = Some(FinishReason::Stop);
             }
+        }
+        if s.finished.is_none() && complete {
+            // The grammar allows nothing more: the structured answer is whole.
+            s.finished = Some(FinishReason::Stop);
         }
         if s.finished.is_none() && (s.generated() >= s.req.max_tokens || s.tokens.len() >= max_len)
         {

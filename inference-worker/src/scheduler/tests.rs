@@ -128,6 +128,7 @@ fn request(
         stop: stop.iter().map(|s| s.to_string()).collect(),
         logprobs: None,
         prompt_logprobs: None,
+        constraint: None,
         events: tx,
     };
     (req, rx)

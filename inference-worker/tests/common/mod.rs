@@ -1,6 +1,8 @@
 //! Synthetic Llama models for tests: random weights written as GGUF in any tensor type.
 #![allow(dead_code)]
 
+pub mod process;
+
 use gguf::{GgmlType, Value, Writer};
 use inference_worker::backend::cpu::quant::{dequantize_row, quantize_row, WeightType};
 use rand::{Rng, SeedableRng};
