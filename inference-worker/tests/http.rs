@@ -566,8 +566,12 @@ async fn unserved_fields_are_refused_by_name_never_ignored() {
         assert_openai_error(&b, "invalid_request_error", needle);
         assert_eq!(b["error"]["param"], param, "{body}: {b}");
     }
-    // The served values of the same fields are taken.
+    // The served values of the same fields are taken; nulls ask for nothing.
     for body in [
+        json!({"messages": [{"role": "user", "content": "hi"},
+                            {"role": "assistant", "content": "hello", "refusal": null, "annotations": [], "audio": null, "function_call": null, "tool_calls": null},
+                            {"role": "user", "content": "again"}],
+               "max_tokens": 2, "tools": null, "logprobs": null, "stream": null, "stop": null}),
         json!({"messages": msgs, "response_format": {"type": "text"}, "store": false, "user": "u-1", "max_tokens": 2}),
         json!({"messages": [{"role": "system", "content": [{"type": "text", "text": "be brief"}]},
                             {"role": "assistant", "content": null, "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},

@@ -270,11 +270,21 @@ async fn models(State(s): State<Arc<AppState>>) -> Json<serde_json::Value> {
 /// Parses JSON ourselves so a malformed body gets an OpenAI error, not axum's text, and
 /// refuses every field the endpoint does not serve before reading the others.
 fn parse<T: serde::de::DeserializeOwned>(kind: Kind, body: &Bytes) -> Result<T, ApiError> {
-    let v: serde_json::Value = serde_json::from_slice(body)
+    let mut v: serde_json::Value = serde_json::from_slice(body)
         .map_err(|e| ApiError::invalid("body", format!("invalid JSON body: {e}")))?;
-    let serde_json::Value::Object(fields) = &v else {
+    let serde_json::Value::Object(fields) = &mut v else {
         return Err(ApiError::invalid("body", "the body must be a JSON object"));
     };
+    // A null asks for nothing: clients send unset fields as null, and an assistant
+    // message sent back as the client library returned it has `refusal: null`,
+    // `annotations: []` and the like.
+    fields.retain(|_, v| !v.is_null());
+    if let Some(serde_json::Value::Array(messages)) = fields.get_mut("messages") {
+        for m in messages.iter_mut().filter_map(|m| m.as_object_mut()) {
+            m.retain(|k, v| !v.is_null() && !(k == "annotations" && v == &json!([])));
+        }
+    }
+    let fields = &*fields;
     openai::check_fields(kind, fields).map_err(|(param, m)| ApiError::invalid(param, m))?;
     serde_json::from_value(v)
         .map_err(|e| ApiError::invalid("body", format!("invalid request: {e}")))
