@@ -9,6 +9,8 @@
 //!
 //! Environment: GPUSCALE_SMOLLM2_GGUF (model), BENCH_THREADS (2).
 
+mod common;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -115,18 +117,9 @@ fn pct(mut v: Vec<Duration>, p: f64) -> f64 {
 }
 
 fn main() {
-    let model = std::env::var("GPUSCALE_SMOLLM2_GGUF")
-        .expect("set GPUSCALE_SMOLLM2_GGUF (scripts/ensure-tools.sh prints it)");
-    let threads: usize = std::env::var("BENCH_THREADS")
-        .ok()
-        .and_then(|t| t.parse().ok())
-        .unwrap_or(2);
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build_global()
-        .unwrap();
-    let file = Arc::new(gguf::GgufFile::open(std::path::Path::new(&model)).unwrap());
-    let tok = Arc::new(Tokenizer::from_gguf(file.header()).unwrap());
+    let common::Setup {
+        threads, file, tok, ..
+    } = common::setup();
     // Two products' support bots: long system prompts, then each user's question,
     // rendered through the model's chat template as the HTTP API would.
     let chat = inference_worker::tokenizer::ChatTemplate::new(

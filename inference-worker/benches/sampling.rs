@@ -9,6 +9,8 @@
 //!
 //! Environment: GPUSCALE_SMOLLM2_GGUF (model), BENCH_THREADS (2).
 
+mod common;
+
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -85,18 +87,9 @@ fn decode(engine: &Handle, tok: &Tokenizer, grammars: &Grammars, setting: Settin
 }
 
 fn main() {
-    let model = std::env::var("GPUSCALE_SMOLLM2_GGUF")
-        .expect("set GPUSCALE_SMOLLM2_GGUF (scripts/ensure-tools.sh prints it)");
-    let threads: usize = std::env::var("BENCH_THREADS")
-        .ok()
-        .and_then(|t| t.parse().ok())
-        .unwrap_or(2);
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build_global()
-        .unwrap();
-    let file = Arc::new(gguf::GgufFile::open(std::path::Path::new(&model)).unwrap());
-    let tok = Arc::new(Tokenizer::from_gguf(file.header()).unwrap());
+    let common::Setup {
+        threads, file, tok, ..
+    } = common::setup();
     let t0 = Instant::now();
     let grammars = Grammars::new(&tok).unwrap();
     println!(

@@ -9,6 +9,8 @@
 //! Environment: GPUSCALE_SMOLLM2_GGUF (model), GPUSCALE_LLAMA_PYTHON (python with
 //! llama_cpp; default ~/.cache/gpuscale/llama-venv/bin/python), BENCH_THREADS (2).
 
+mod common;
+
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -18,29 +20,22 @@ use inference_worker::metrics::Metrics;
 use inference_worker::scheduler::sampling::argmax;
 use inference_worker::scheduler::sampling::Sampling;
 use inference_worker::scheduler::{self, EngineConfig, Event, GenerateRequest};
-use inference_worker::tokenizer::Tokenizer;
 
 const DECODE: usize = 128;
 const STREAMS: usize = 8;
 const STREAM_TOKENS: usize = 64;
 
 fn main() {
-    let model = std::env::var("GPUSCALE_SMOLLM2_GGUF")
-        .expect("set GPUSCALE_SMOLLM2_GGUF (scripts/ensure-tools.sh prints it)");
-    let threads: usize = std::env::var("BENCH_THREADS")
-        .ok()
-        .and_then(|t| t.parse().ok())
-        .unwrap_or(2);
+    let common::Setup {
+        model,
+        threads,
+        file,
+        tok,
+    } = common::setup();
     let home = std::env::var("HOME").unwrap_or_default();
     let python = std::env::var("GPUSCALE_LLAMA_PYTHON")
         .unwrap_or(format!("{home}/.cache/gpuscale/llama-venv/bin/python"));
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build_global()
-        .unwrap();
 
-    let file = Arc::new(gguf::GgufFile::open(std::path::Path::new(&model)).unwrap());
-    let tok = Arc::new(Tokenizer::from_gguf(file.header()).unwrap());
     let text = "The history of the city begins with a small settlement on the river, where farmers and traders met every week to exchange grain, wool and tools. ".repeat(8);
     let mut prompt = tok.encode(&text);
     prompt.truncate(256);

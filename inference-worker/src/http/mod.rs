@@ -281,7 +281,7 @@ fn parse<T: serde::de::DeserializeOwned>(kind: Kind, body: &Bytes) -> Result<T, 
     fields.retain(|_, v| !v.is_null());
     if let Some(serde_json::Value::Array(messages)) = fields.get_mut("messages") {
         for m in messages.iter_mut().filter_map(|m| m.as_object_mut()) {
-            m.retain(|k, v| !v.is_null() && !(k == "annotations" && v == &json!([])));
+            m.retain(|k, v| !(v.is_null() || k == "annotations" && v == &json!([])));
         }
     }
     let fields = &*fields;
