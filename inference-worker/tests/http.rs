@@ -442,15 +442,15 @@ async fn unserved_fields_are_refused_by_name_never_ignored() {
     for (url, body, param, needle) in [
         (
             &chat,
-            json!({"messages": msgs, "tools": []}),
-            "tools",
-            "tool calling is not implemented",
+            json!({"messages": msgs, "functions": []}),
+            "functions",
+            "deprecated",
         ),
         (
             &chat,
             json!({"messages": msgs, "tool_choice": "auto"}),
             "tool_choice",
-            "tool calling",
+            "tool_choice needs tools",
         ),
         (
             &chat,

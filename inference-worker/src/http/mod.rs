@@ -5,6 +5,7 @@
 //! the engine learns to free the sequence.
 
 pub mod openai;
+pub mod tools;
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -335,6 +336,7 @@ async fn completions(
             kind: Kind::Completion,
             logprobs,
             echo: req.echo.then(|| prompt.clone()),
+            tools: false,
             schema: None,
         };
         // OpenAI's default for completions is 16 tokens.
@@ -366,6 +368,37 @@ async fn chat_completions(
                 "this worker stores nothing: store must be false or absent",
             ));
         }
+        let choice = tools::ToolChoice::parse(req.tool_choice.as_ref())
+            .map_err(|m| ApiError::invalid("tool_choice", m))?;
+        let plan = match &req.tools {
+            None if req.tool_choice.is_some() => {
+                return Err(ApiError::invalid("tool_choice", "tool_choice needs tools"))
+            }
+            None if req.parallel_tool_calls.is_some() => {
+                return Err(ApiError::invalid(
+                    "parallel_tool_calls",
+                    "parallel_tool_calls needs tools",
+                ))
+            }
+            Some(_) if choice == tools::ToolChoice::None => None,
+            None => None,
+            Some(t) => Some(
+                tools::plan(t, &choice, req.parallel_tool_calls.unwrap_or(true))
+                    .map_err(|m| ApiError::invalid("tools", m))?,
+            ),
+        };
+        if plan.is_some() && schema.is_some() {
+            return Err(ApiError::invalid(
+                "response_format",
+                "response_format cannot be combined with tools: the answer's format is the tools'",
+            ));
+        }
+        if plan.is_some() && req.logprobs {
+            return Err(ApiError::invalid(
+                "logprobs",
+                "logprobs cannot be combined with tools yet",
+            ));
+        }
         let logprobs = match (req.logprobs, req.top_logprobs) {
             (false, Some(_)) => {
                 return Err(ApiError::invalid(
@@ -385,7 +418,10 @@ async fn chat_completions(
             .sum();
         too_long(l, "messages", text_bytes)?;
         let state = Arc::clone(&s);
-        let messages = req.messages;
+        let messages = match &plan {
+            Some(p) => tools::messages(req.messages, p),
+            None => req.messages,
+        };
         let prompt = off_executor(&s, move |_| {
             let l = state.loaded()?;
             l.chat
@@ -400,7 +436,8 @@ async fn chat_completions(
             kind: Kind::Chat,
             logprobs,
             echo: None,
-            schema,
+            tools: plan.is_some(),
+            schema: plan.map(|p| p.schema).or(schema),
         };
         run(&s, ask, tokens, req.params, room, started).await
     }
@@ -614,8 +651,11 @@ struct Ask {
     logprobs: Option<usize>,
     /// Completions' `echo`: the prompt text, returned before each choice.
     echo: Option<String>,
-    /// Chat's `response_format`: the JSON schema every choice must match.
+    /// Chat's `response_format`, or the tools' format: the JSON schema every choice
+    /// must match.
     schema: Option<serde_json::Value>,
+    /// The answer is the tools' JSON (`tools::read`), returned as tool calls or text.
+    tools: bool,
 }
 
 /// The JSON schema a chat's `response_format` asks for: none for `text`, any object for
@@ -693,7 +733,42 @@ struct Shape {
     n: usize,
 }
 
+/// A finished tool-mode answer as OpenAI returns it: tool calls (finish `tool_calls`) or
+/// the reply text. An answer cut by `max_tokens` is returned as it is, with `length`.
+struct ToolAnswer {
+    text: String,
+    calls: Option<serde_json::Value>,
+    finish: &'static str,
+}
+
 impl Shape {
+    fn tool_answer(
+        &self,
+        index: usize,
+        text: String,
+        finish: &'static str,
+    ) -> Result<ToolAnswer, String> {
+        if finish != "stop" {
+            return Ok(ToolAnswer {
+                text,
+                calls: None,
+                finish,
+            });
+        }
+        Ok(match tools::read(&text)? {
+            tools::Answer::Calls(calls) => ToolAnswer {
+                text: String::new(),
+                calls: Some(tools::openai_calls(&self.env.id, index, &calls)),
+                finish: "tool_calls",
+            },
+            tools::Answer::Text(text) => ToolAnswer {
+                text,
+                calls: None,
+                finish,
+            },
+        })
+    }
+
     /// The `logprobs` value for a choice's `tokens` (with the prompt's first token
     /// ahead of them when echoing the prompt's own), or none when not asked for.
     fn logprobs(
@@ -942,22 +1017,34 @@ async fn whole(
             "the engine stopped",
         ));
     }
-    let choices: Vec<openai::Choice> = parts
-        .into_iter()
-        .enumerate()
-        .map(|(index, mut part)| {
-            let echo = shape.ask.echo.as_deref().unwrap_or("");
-            let mut tokens = std::mem::take(&mut part.prompt_logprobs);
-            let lead = shape.ask.echo.is_some();
-            tokens.append(&mut part.logprobs);
-            openai::Choice {
-                index,
-                text: format!("{echo}{}", part.text),
-                finish: part.finish.unwrap_or("stop"),
-                logprobs: shape.logprobs(lead, &tokens, &mut 0),
-            }
-        })
-        .collect();
+    let mut choices: Vec<openai::Choice> = Vec::with_capacity(parts.len());
+    for (index, mut part) in parts.into_iter().enumerate() {
+        let echo = shape.ask.echo.as_deref().unwrap_or("");
+        let mut tokens = std::mem::take(&mut part.prompt_logprobs);
+        let lead = shape.ask.echo.is_some();
+        tokens.append(&mut part.logprobs);
+        let mut choice = openai::Choice {
+            index,
+            text: format!("{echo}{}", part.text),
+            finish: part.finish.unwrap_or("stop"),
+            logprobs: shape.logprobs(lead, &tokens, &mut 0),
+            tool_calls: None,
+        };
+        if shape.ask.tools {
+            let a = shape
+                .tool_answer(index, std::mem::take(&mut choice.text), choice.finish)
+                .map_err(|e| {
+                    log.status = 500;
+                    ApiError::new(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "server_error",
+                        format!("the tool answer could not be read: {e}"),
+                    )
+                })?;
+            (choice.text, choice.tool_calls, choice.finish) = (a.text, a.calls, a.finish);
+        }
+        choices.push(choice);
+    }
     let usage = Usage {
         prompt_tokens: shape.prompt.len(),
         completion_tokens,
@@ -989,6 +1076,9 @@ fn stream(
         }
     }
     let mut offsets = vec![0usize; shape.n];
+    // In tool mode the answer is JSON until it is whole: held, then sent as tool calls
+    // or as the reply's text.
+    let mut held = vec![String::new(); shape.n];
     let mut completion_tokens = 0;
     let mut done = 0;
     let mut log = Some(log);
@@ -997,6 +1087,10 @@ fn stream(
     let body = events.flat_map(move |(i, ev)| {
         let env = &shape.env;
         let items: Vec<Option<SseEvent>> = match ev {
+            Event::Text { text, .. } if shape.ask.tools => {
+                held[i].push_str(&text);
+                Vec::new()
+            }
             Event::Text { text, logprobs } => {
                 let lp = shape.logprobs(false, &logprobs, &mut offsets[i]);
                 vec![data(env.chunk(i, Some(&text), None, false, lp))]
@@ -1013,7 +1107,29 @@ fn stream(
             } => {
                 completion_tokens += c;
                 done += 1;
-                let mut v = vec![data(env.chunk(i, None, Some(reason.as_str()), false, None))];
+                let mut v = Vec::new();
+                let mut finish = reason.as_str();
+                if shape.ask.tools {
+                    match shape.tool_answer(i, std::mem::take(&mut held[i]), finish) {
+                        Ok(a) => {
+                            finish = a.finish;
+                            match &a.calls {
+                                Some(calls) => v.push(data(env.tool_calls_chunk(i, calls))),
+                                None => {
+                                    v.push(data(env.chunk(i, Some(&a.text), None, false, None)))
+                                }
+                            }
+                        }
+                        Err(e) => {
+                            return futures_util::stream::iter(vec![
+                                data(error_body(&e, "server_error", None, None)),
+                                done_marker(),
+                                None,
+                            ]);
+                        }
+                    }
+                }
+                v.push(data(env.chunk(i, None, Some(finish), false, None)));
                 if done == shape.n {
                     if let Some(mut l) = log.take() {
                         l.completion_tokens = completion_tokens;

@@ -61,6 +61,9 @@ const COMMON: &[&str] = &[
 ];
 const CHAT: &[&str] = &[
     "messages",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
     "max_completion_tokens",
     "top_logprobs",
     "response_format",
@@ -70,11 +73,8 @@ const COMPLETION: &[&str] = &["prompt", "echo", "best_of"];
 
 /// OpenAI fields this worker knows and does not implement, with why: refused by name.
 const REFUSED: &[(&str, &str)] = &[
-    ("tools", "tool calling is not implemented yet"),
-    ("tool_choice", "tool calling is not implemented yet"),
-    ("parallel_tool_calls", "tool calling is not implemented yet"),
-    ("functions", "function calling is not implemented"),
-    ("function_call", "function calling is not implemented"),
+    ("functions", "it is deprecated: send `tools`"),
+    ("function_call", "it is deprecated: send `tool_choice`"),
     ("suffix", "fill-in-the-middle (suffix) is not implemented"),
     ("modalities", "this worker serves text only"),
     ("audio", "this worker serves text only"),
@@ -186,6 +186,12 @@ pub struct ChatRequest {
     pub response_format: Option<Value>,
     /// Only `false`: nothing is stored.
     pub store: Option<bool>,
+    /// Functions the model may call.
+    pub tools: Option<Vec<super::tools::Tool>>,
+    /// `none`, `auto`, `required`, or a function by name.
+    pub tool_choice: Option<Value>,
+    /// Several calls in one answer (the default), or one.
+    pub parallel_tool_calls: Option<bool>,
     /// The rest.
     #[serde(flatten)]
     pub params: Params,
@@ -213,6 +219,8 @@ pub struct Choice {
     pub finish: &'static str,
     /// Its log-probabilities in the endpoint's shape, when asked for.
     pub logprobs: Option<Value>,
+    /// Its tool calls (chat), in place of text.
+    pub tool_calls: Option<Value>,
 }
 
 /// Identity of one response, repeated in every chunk.
@@ -246,7 +254,13 @@ impl Envelope {
                     json!({"index": c.index, "text": c.text, "logprobs": c.logprobs, "finish_reason": c.finish})
                 }
                 Kind::Chat => {
-                    json!({"index": c.index, "message": {"role": "assistant", "content": c.text}, "logprobs": c.logprobs, "finish_reason": c.finish})
+                    let message = match &c.tool_calls {
+                        Some(calls) => {
+                            json!({"role": "assistant", "content": null, "tool_calls": calls})
+                        }
+                        None => json!({"role": "assistant", "content": c.text}),
+                    };
+                    json!({"index": c.index, "message": message, "logprobs": c.logprobs, "finish_reason": c.finish})
                 }
             })
             .collect();
@@ -277,6 +291,24 @@ impl Envelope {
             }
         };
         json!({"id": self.id, "object": self.object(true), "created": self.created, "model": self.model, "choices": [choice]})
+    }
+
+    /// A chat stream chunk of choice `index` that carries whole tool `calls`.
+    pub fn tool_calls_chunk(&self, index: usize, calls: &Value) -> Value {
+        let deltas: Vec<Value> = calls
+            .as_array()
+            .into_iter()
+            .flatten()
+            .enumerate()
+            .map(|(j, c)| {
+                let mut c = c.clone();
+                c["index"] = json!(j);
+                c
+            })
+            .collect();
+        let mut v = self.chunk(index, None, None, false, None);
+        v["choices"][0]["delta"] = json!({"tool_calls": deltas});
+        v
     }
 
     /// The usage-only last chunk (`stream_options.include_usage`).
@@ -377,9 +409,9 @@ mod tests {
         )
         .is_ok());
         let (param, msg) =
-            check_fields(Kind::Chat, &body(json!({"messages": [], "tools": []}))).unwrap_err();
-        assert_eq!(param, "tools");
-        assert!(msg.contains("tool calling is not implemented"), "{msg}");
+            check_fields(Kind::Chat, &body(json!({"messages": [], "functions": []}))).unwrap_err();
+        assert_eq!(param, "functions");
+        assert!(msg.contains("deprecated: send `tools`"), "{msg}");
         let (param, msg) =
             check_fields(Kind::Chat, &body(json!({"messages": [], "frobnicate": 1}))).unwrap_err();
         assert_eq!(param, "frobnicate");
