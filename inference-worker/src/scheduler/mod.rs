@@ -191,6 +191,12 @@ impl Seq {
     fn generated(&self) -> usize {
         self.tokens.len() - self.n_prompt
     }
+
+    /// Ends the sequence with an error its client is told.
+    fn fail(&mut self, message: String) {
+        let _ = self.req.events.send(Event::Failed(message));
+        self.finished = Some(FinishReason::Stop);
+    }
 }
 
 /// Starts the engine thread on `backend`. Returns the handle and the thread.
@@ -526,12 +532,7 @@ impl Engine {
             Err(e) => {
                 tracing::error!(error = %e, "forward pass failed");
                 for &(i, _) in &plan {
-                    let s = &mut self.running[i];
-                    let _ = s
-                        .req
-                        .events
-                        .send(Event::Failed(format!("inference failed: {e}")));
-                    s.finished = Some(FinishReason::Stop);
+                    self.running[i].fail(format!("inference failed: {e}"));
                 }
                 return;
             }
@@ -596,11 +597,7 @@ impl Engine {
                 match chosen {
                     Ok(chosen) => chosen,
                     Err(e) => {
-                        let _ = s
-                            .req
-                            .events
-                            .send(Event::Failed(format!("structured output failed: {e}")));
-                        s.finished = Some(FinishReason::Stop);
+                        s.fail(format!("structured output failed: {e}"));
                         return;
                     }
                 }
