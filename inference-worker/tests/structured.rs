@@ -140,6 +140,14 @@ async fn structured_output_always_matches_its_schema() {
         ),
         (json!({"type": "json_schema"}), "needs an object"),
         (
+            json!({"type": "json_schema", "json_schema": {"name": "x", "schema": {}, "description": "a person"}}),
+            "put the instructions in the messages",
+        ),
+        (
+            json!({"type": "json_schema", "json_schema": {"name": "x", "schema": {}, "strict": "yes"}}),
+            "strict must be true or false",
+        ),
+        (
             json!({"type": "yaml"}),
             "must be text, json_object or json_schema",
         ),

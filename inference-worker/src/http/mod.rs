@@ -683,14 +683,22 @@ fn response_schema(f: &serde_json::Value) -> Result<Option<serde_json::Value>, A
                 )?;
             if let Some(k) = spec
                 .keys()
-                .find(|k| !["name", "schema", "strict", "description"].contains(&k.as_str()))
+                .find(|k| !["name", "schema", "strict"].contains(&k.as_str()))
             {
-                return Err(bad(format!(
-                    "unknown field response_format.json_schema.{k}"
-                )));
+                // OpenAI shows `description` to the model; nothing here would, so it is
+                // refused rather than dropped.
+                return Err(bad(match k.as_str() {
+                    "description" => "response_format.json_schema.description is not shown to the model by this worker: put the instructions in the messages".into(),
+                    _ => format!("unknown field response_format.json_schema.{k}"),
+                }));
             }
             if !spec.get("name").is_some_and(|n| n.is_string()) {
                 return Err(bad("response_format.json_schema.name is required".into()));
+            }
+            if spec.get("strict").is_some_and(|s| !s.is_boolean()) {
+                return Err(bad(
+                    "response_format.json_schema.strict must be true or false".into(),
+                ));
             }
             // OpenAI makes `schema` optional: without one, any JSON value.
             Ok(Some(spec.get("schema").cloned().unwrap_or(json!({}))))
