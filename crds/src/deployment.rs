@@ -43,6 +43,16 @@ use serde::{Deserialize, Serialize};
     printcolumn(name = "Queue", type_ = "integer", json_path = ".status.queueDepth"),
     printcolumn(name = "GPUs", type_ = "string", json_path = ".status.gpuSummary"),
     printcolumn(
+        name = "Rollout",
+        type_ = "string",
+        json_path = ".status.rollout.phase"
+    ),
+    printcolumn(
+        name = "Canary%",
+        type_ = "integer",
+        json_path = ".status.rollout.canaryWeight"
+    ),
+    printcolumn(
         name = "Placements",
         type_ = "string",
         json_path = ".status.placementSummary",
@@ -80,6 +90,14 @@ use serde::{Deserialize, Serialize};
 #[x_kube(validation = Rule::new("!self.resources.allowCpu || self.resources.tensorParallel == 1")
     .message("resources.allowCpu cannot be combined with resources.tensorParallel > 1")
     .field_path(".resources.allowCpu"))]
+#[x_kube(validation = Rule::new("self.rollout.steps[self.rollout.steps.size() - 1] == 100")
+    .message("rollout.steps must end at 100 (the new version takes all traffic before it is promoted)")
+    .field_path(".rollout.steps"))]
+// Real Kubernetes has isSorted() in its list library; an index walk is portable CEL
+// and bounded by the list's maxItems.
+#[x_kube(validation = Rule::new("[0, 1, 2, 3, 4, 5, 6, 7, 8].all(i, i + 1 >= self.rollout.steps.size() || self.rollout.steps[i] < self.rollout.steps[i + 1])")
+    .message("rollout.steps must rise (for example [10, 50, 100])")
+    .field_path(".rollout.steps"))]
 #[serde(rename_all = "camelCase")]
 pub struct InferenceDeploymentSpec {
     /// The model to serve.
@@ -382,28 +400,54 @@ impl Default for WorkerSpec {
     }
 }
 
-/// How a new model version replaces the old one.
+/// How a new version replaces the old one: a canary that takes a rising share of the
+/// traffic through the request router, step by step, each step gated on what the
+/// routers measure for the new version against the stable one over the same window.
 #[derive(JsonSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase", default)]
 pub struct RolloutSpec {
-    /// Extra replicas of the new version started before old ones are drained.
+    /// Replicas started above the desired count while the old version still serves.
+    /// 0 replaces in place: an old replica is drained before each new one starts, so
+    /// capacity dips by one replica at a time.
     #[schemars(range(max = 100))]
     pub max_surge: u32,
-    /// Share of traffic the new version gets before it is promoted, in percent
-    /// (0: no canary phase).
-    #[schemars(range(max = 100))]
-    pub canary_percent: u32,
-    /// Roll back when the new version's error ratio exceeds this, in percent.
+    /// The new version's share of traffic at each step, in percent: rising, ending at
+    /// 100. After the last step's hold, the new version is promoted.
+    #[schemars(length(min = 1, max = 10), inner(range(min = 1, max = 100)))]
+    pub steps: Vec<u32>,
+    /// How long each step holds once the new version's replicas for it are ready,
+    /// before the next step (its observation window).
+    #[schemars(range(min = 1, max = 86400))]
+    pub step_seconds: u32,
+    /// New-version replicas that are not ready this long after the rollout (or its
+    /// step) asked for them roll it back.
+    #[schemars(range(min = 10, max = 86400))]
+    pub ready_timeout_seconds: u32,
+    /// Roll back when the new version's error ratio (5xx answers and answers cut
+    /// short) over the step's window exceeds this, in percent.
     #[schemars(range(max = 100))]
     pub rollback_error_percent: u32,
+    /// Roll back when the new version's p95 time to first token or p95 inter-token
+    /// latency over the step's window exceeds the stable version's by more than this,
+    /// in percent (50: 1.5 times as slow).
+    #[schemars(range(max = 10000))]
+    pub rollback_latency_percent: u32,
+    /// New-version answers a step needs before its latency is compared and before an
+    /// error ratio rolls back early (with fewer, the ratio is judged when the hold ends).
+    #[schemars(range(min = 1, max = 100000))]
+    pub min_requests: u32,
 }
 
 impl Default for RolloutSpec {
     fn default() -> Self {
         Self {
             max_surge: 1,
-            canary_percent: 0,
+            steps: vec![10, 50, 100],
+            step_seconds: 60,
+            ready_timeout_seconds: 600,
             rollback_error_percent: 5,
+            rollback_latency_percent: 50,
+            min_requests: 20,
         }
     }
 }
@@ -467,6 +511,69 @@ pub struct InferenceDeploymentStatus {
     /// `model.source` or `model.version` changes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model: Option<ModelStatus>,
+    /// The serving version and the rollout of a new one, kept here so that a
+    /// restarted operator resumes at the same step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<RolloutStatus>,
+}
+
+/// Where a rollout stands.
+#[derive(JsonSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutStatus {
+    /// `Stable` (one version serves), `Progressing` (a canary takes a share) or
+    /// `RolledBack` (the new version failed its gate; the stable one stays until the
+    /// spec changes again).
+    pub phase: RolloutPhase,
+    /// The version that serves all traffic but the canary's share.
+    pub stable: Revision,
+    /// The new version: in progress, or the one rolled back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary: Option<Revision>,
+    /// Index in `rollout.steps` of the step in progress.
+    #[serde(default)]
+    pub step: u32,
+    /// The canary's share of traffic now, in percent: 0 until its replicas for the step
+    /// are ready.
+    #[serde(default)]
+    pub canary_weight: u32,
+    /// When the step asked for its replicas (the ready timeout runs from here).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step_asked_at: Option<Time>,
+    /// When the step's window began: its replicas ready and its share routed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step_started_at: Option<Time>,
+    /// The last promotion, step or rollback, with its numbers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// A rollout's phase.
+#[derive(JsonSchema, Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RolloutPhase {
+    /// One version serves.
+    Stable,
+    /// A canary takes a share of the traffic.
+    Progressing,
+    /// The canary failed its gate and was removed; the stable version stays pinned
+    /// until the spec changes again.
+    RolledBack,
+}
+
+/// One version of the pods: what they are built from, by its template hash.
+#[derive(JsonSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Revision {
+    /// The pod-template hash (each pod's `gpuscale.dev/template` label).
+    pub name: String,
+    /// The model it serves.
+    pub model: ModelSpec,
+    /// What one replica needs.
+    pub resources: ResourcesSpec,
+    /// The worker pod.
+    pub worker: WorkerSpec,
+    /// Bytes one replica reserves (weights, KV cache, workspace), as sized.
+    pub need_bytes: u64,
 }
 
 /// The model as the operator sized it.

@@ -99,6 +99,11 @@ struct Cli {
     /// terminationMessagePath (the operator passes /dev/termination-log).
     #[arg(long)]
     termination_log: Option<PathBuf>,
+    /// Answer this share of completion requests with a 500 before any work, in
+    /// percent: fault injection, to test what routers and rollouts do with a failing
+    /// replica (0, the default: none).
+    #[arg(long, default_value_t = 0, value_parser = within::<0, 100>, env = "GPUSCALE_FAIL_PERCENT")]
+    fail_percent: usize,
     /// Log as JSON lines (default) or human text.
     #[arg(long, default_value = "json", value_parser = ["json", "text"])]
     log_format: String,
@@ -227,7 +232,16 @@ async fn serve_model(cli: &Cli) -> anyhow::Result<()> {
         tracing::info!(?gpus, "GPUs assigned to this worker");
     }
     metrics.set_gpus(&gpus);
-    let state = Arc::new(AppState::new(Arc::clone(&metrics), model_name.clone()));
+    if cli.fail_percent > 0 {
+        tracing::warn!(
+            percent = cli.fail_percent,
+            "fault injection: failing this share of completion requests"
+        );
+    }
+    let state = Arc::new(
+        AppState::new(Arc::clone(&metrics), model_name.clone())
+            .with_fail_percent(cli.fail_percent as u32),
+    );
     let addr: SocketAddr = format!("{}:{}", cli.host, cli.port)
         .parse()
         .context("--host/--port")?;

@@ -13,5 +13,6 @@ pub mod placement;
 pub mod pod_resources;
 pub mod reconcile;
 pub mod replay;
+pub mod rollout;
 pub mod routers;
 pub mod scrape;

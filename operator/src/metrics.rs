@@ -62,6 +62,12 @@ pub struct ColdStart {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RolloutLabel {
+    deployment: String,
+    event: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ScaleLabel {
     deployment: String,
     direction: &'static str,
@@ -74,6 +80,7 @@ pub struct Metrics {
     errors: Family<KindLabel, Counter>,
     duration: Histogram,
     scaling: Family<ScaleLabel, Counter>,
+    rollouts: Family<RolloutLabel, Counter>,
     leader: Gauge,
     download: Family<DeploymentLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
     start: Family<StartLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
@@ -106,6 +113,12 @@ impl Default for Metrics {
             "Autoscaler decisions that changed the replica count, by deployment and direction",
             scaling.clone(),
         );
+        let rollouts = Family::<RolloutLabel, Counter>::default();
+        registry.register(
+            "rollout_events",
+            "Rollout events by deployment (RolloutStarted, RolloutStep, RolloutPromoted, RolledBack, RolloutAbandoned)",
+            rollouts.clone(),
+        );
         let leader = Gauge::default();
         registry.register(
             "leader",
@@ -131,6 +144,7 @@ impl Default for Metrics {
             errors,
             duration,
             scaling,
+            rollouts,
             leader,
             download,
             start,
@@ -152,6 +166,16 @@ impl Metrics {
         };
         self.reconciles.get_or_create(&ResultLabel { result }).inc();
         self.duration.observe(took.as_secs_f64());
+    }
+
+    /// Records a rollout event of `deployment` (`namespace/name`).
+    pub fn rollout(&self, deployment: &str, event: &'static str) {
+        self.rollouts
+            .get_or_create(&RolloutLabel {
+                deployment: deployment.into(),
+                event,
+            })
+            .inc();
     }
 
     /// Records a scaling decision of `deployment` (`namespace/name`).

@@ -42,11 +42,122 @@ pub struct Reported {
     pub requests: f64,
 }
 
+/// What the routers saw of one version of a deployment (pod-template hash), since
+/// each router started, summed over routers: a rollout's gate reads the change of it
+/// over a step's window.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct VersionCounts {
+    /// Answers relayed whole.
+    pub ok: f64,
+    /// 5xx answers and answers cut short.
+    pub errors: f64,
+    /// Time to first byte: cumulative bucket counts by upper bound (seconds).
+    pub ttft: Vec<(f64, f64)>,
+    /// Time between streamed chunks, the same way.
+    pub itl: Vec<(f64, f64)>,
+}
+
+impl VersionCounts {
+    /// What happened between `base` and now; `None` when a count went back (a router
+    /// restarted): the window must start again.
+    pub fn since(&self, base: &VersionCounts) -> Option<crate::rollout::Measured> {
+        let ok = self.ok - base.ok;
+        let errors = self.errors - base.errors;
+        if ok < 0.0 || errors < 0.0 {
+            return None;
+        }
+        Some(crate::rollout::Measured {
+            requests: ok + errors,
+            errors,
+            ttft_p95: quantile(0.95, &delta(&self.ttft, &base.ttft)?),
+            itl_p95: quantile(0.95, &delta(&self.itl, &base.itl)?),
+        })
+    }
+}
+
+/// Bucket counts of `now` less `base`, by bound; `None` if any went back.
+fn delta(now: &[(f64, f64)], base: &[(f64, f64)]) -> Option<Vec<(f64, f64)>> {
+    now.iter()
+        .map(|&(le, c)| {
+            let b = base.iter().find(|(l, _)| *l == le).map_or(0.0, |(_, c)| *c);
+            (c >= b).then_some((le, c - b))
+        })
+        .collect()
+}
+
+/// The `q` quantile of cumulative buckets, interpolated linearly inside its bucket as
+/// Prometheus' `histogram_quantile` does; `None` with no observation. A quantile in the
+/// `+Inf` bucket is the highest finite bound.
+pub fn quantile(q: f64, buckets: &[(f64, f64)]) -> Option<f64> {
+    let mut b: Vec<(f64, f64)> = buckets.to_vec();
+    b.sort_by(|x, y| x.0.total_cmp(&y.0));
+    let total = b.last()?.1;
+    if total <= 0.0 {
+        return None;
+    }
+    let rank = q * total;
+    let (mut lo, mut below) = (0.0, 0.0);
+    for &(le, c) in &b {
+        if c >= rank {
+            if le.is_infinite() {
+                return Some(lo);
+            }
+            let inside = c - below;
+            let frac = if inside > 0.0 {
+                (rank - below) / inside
+            } else {
+                1.0
+            };
+            return Some(lo + (le - lo) * frac);
+        }
+        (lo, below) = (le, c);
+    }
+    Some(lo)
+}
+
+/// One router's page, or several summed.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Page {
+    /// Per deployment.
+    pub per: HashMap<(String, String), Reported>,
+    /// Per deployment, per version.
+    pub versions: HashMap<(String, String), HashMap<String, VersionCounts>>,
+}
+
+impl Page {
+    fn add(&mut self, other: Page) {
+        for (k, v) in other.per {
+            let e = self.per.entry(k).or_default();
+            e.held += v.held;
+            e.requests += v.requests;
+        }
+        for (k, vs) in other.versions {
+            let mine = self.versions.entry(k).or_default();
+            for (rev, v) in vs {
+                let e = mine.entry(rev).or_default();
+                e.ok += v.ok;
+                e.errors += v.errors;
+                add_buckets(&mut e.ttft, &v.ttft);
+                add_buckets(&mut e.itl, &v.itl);
+            }
+        }
+    }
+}
+
+fn add_buckets(into: &mut Vec<(f64, f64)>, from: &[(f64, f64)]) {
+    for &(le, c) in from {
+        match into.iter_mut().find(|(l, _)| *l == le) {
+            Some((_, have)) => *have += c,
+            None => into.push((le, c)),
+        }
+    }
+}
+
 /// The latest complete reading of every router.
 #[derive(Clone, Debug, PartialEq)]
 struct Reading {
     at: Instant,
-    per: HashMap<(String, String), Reported>,
+    page: Page,
 }
 
 /// The routers' demand, shared with reconcile passes.
@@ -67,9 +178,31 @@ impl RouterDemand {
             .as_ref()
             .filter(|r| now.saturating_duration_since(r.at) < STALE_AFTER)?;
         Some(
-            r.per
+            r.page
+                .per
                 .get(&(namespace.to_string(), name.to_string()))
                 .copied()
+                .unwrap_or_default(),
+        )
+    }
+
+    /// What the routers saw of each version of `namespace/name` (empty when nothing);
+    /// `None` when there is no recent complete reading.
+    pub fn versions(
+        &self,
+        namespace: &str,
+        name: &str,
+        now: Instant,
+    ) -> Option<HashMap<String, VersionCounts>> {
+        let latest = self.latest.read().unwrap();
+        let r = latest
+            .as_ref()
+            .filter(|r| now.saturating_duration_since(r.at) < STALE_AFTER)?;
+        Some(
+            r.page
+                .versions
+                .get(&(namespace.to_string(), name.to_string()))
+                .cloned()
                 .unwrap_or_default(),
         )
     }
@@ -80,12 +213,52 @@ impl RouterDemand {
 }
 
 /// One router's per-deployment numbers, from its text exposition.
-pub fn parse(text: &str) -> Result<HashMap<(String, String), Reported>, String> {
+pub fn parse(text: &str) -> Result<Page, String> {
     let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string())))
         .map_err(|e| format!("not a Prometheus exposition: {e}"))?;
     let mut seen_any = false;
     let mut per: HashMap<(String, String), Reported> = HashMap::new();
+    let mut versions: HashMap<(String, String), HashMap<String, VersionCounts>> = HashMap::new();
     for s in &scrape.samples {
+        if let Some(what) = s.metric.strip_prefix("gpuscale_router_version_") {
+            seen_any = true;
+            let (Some(ns), Some(d), Some(rev)) = (
+                s.labels.get("namespace"),
+                s.labels.get("deployment"),
+                s.labels.get("revision"),
+            ) else {
+                continue;
+            };
+            let v = versions
+                .entry((ns.to_string(), d.to_string()))
+                .or_default()
+                .entry(rev.to_string())
+                .or_default();
+            match (what, &s.value) {
+                ("answers_total" | "answers", prometheus_parse::Value::Counter(n))
+                | ("answers_total" | "answers", prometheus_parse::Value::Untyped(n)) => {
+                    match s.labels.get("outcome") {
+                        Some("ok") => v.ok += n,
+                        Some("error") => v.errors += n,
+                        _ => {}
+                    }
+                }
+                ("ttft_seconds", prometheus_parse::Value::Histogram(h)) => {
+                    add_buckets(
+                        &mut v.ttft,
+                        &h.iter().map(|b| (b.less_than, b.count)).collect::<Vec<_>>(),
+                    );
+                }
+                ("itl_seconds", prometheus_parse::Value::Histogram(h)) => {
+                    add_buckets(
+                        &mut v.itl,
+                        &h.iter().map(|b| (b.less_than, b.count)).collect::<Vec<_>>(),
+                    );
+                }
+                _ => {}
+            }
+            continue;
+        }
         let field: fn(&mut Reported) -> &mut f64 = match s.metric.as_str() {
             "gpuscale_router_held_requests" => |r| &mut r.held,
             "gpuscale_router_requests_total" | "gpuscale_router_requests" => |r| &mut r.requests,
@@ -116,7 +289,7 @@ pub fn parse(text: &str) -> Result<HashMap<(String, String), Reported>, String> 
     {
         return Err("the page has no gpuscale_router_* metrics".into());
     }
-    Ok(per)
+    Ok(Page { per, versions })
 }
 
 /// Scrapes the routers every `interval` into `demand`, forever.
@@ -186,17 +359,13 @@ async fn read_all(
             .map_err(|e| format!("{u}: {e}"))?;
         parse(&text).map_err(|e| format!("{u}: {e}"))
     });
-    let mut per: HashMap<(String, String), Reported> = HashMap::new();
+    let mut page = Page::default();
     for r in futures::future::join_all(reads).await {
-        for (k, v) in r? {
-            let e = per.entry(k).or_default();
-            e.held += v.held;
-            e.requests += v.requests;
-        }
+        page.add(r?);
     }
     Ok(Reading {
         at: Instant::now(),
-        per,
+        page,
     })
 }
 
@@ -216,7 +385,7 @@ gpuscale_router_requests_total{namespace=\"ml\",deployment=\"qwen\",code=\"200\"
 gpuscale_router_held_requests{namespace=\"ml\",deployment=\"llama\"} 3
 # EOF
 ";
-        let per = parse(page).unwrap();
+        let per = parse(page).unwrap().per;
         let llama = per[&("ml".to_string(), "llama".to_string())];
         assert_eq!(
             llama,
@@ -227,7 +396,7 @@ gpuscale_router_held_requests{namespace=\"ml\",deployment=\"llama\"} 3
         );
         assert_eq!(per[&("ml".to_string(), "qwen".to_string())].held, 0.0);
         assert!(
-            parse("# EOF\n").unwrap().is_empty(),
+            parse("# EOF\n").unwrap().per.is_empty(),
             "a router that served nothing"
         );
         assert!(parse("up 1\n").is_err(), "not a router");
@@ -240,7 +409,7 @@ gpuscale_router_held_requests{namespace=\"ml\",deployment=\"llama\"} 3
         assert_eq!(d.get("ml", "llama", now), None);
         d.set(Some(Reading {
             at: now,
-            per: HashMap::new(),
+            page: Page::default(),
         }));
         assert_eq!(d.get("ml", "llama", now), Some(Reported::default()));
         assert_eq!(d.get("ml", "llama", now + STALE_AFTER), None);

@@ -34,6 +34,21 @@ struct CodeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VersionLabels {
+    namespace: String,
+    deployment: String,
+    revision: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    namespace: String,
+    deployment: String,
+    revision: String,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PickLabels {
     namespace: String,
     deployment: String,
@@ -60,12 +75,20 @@ pub struct Metrics {
     retries: Family<RetryLabels, Counter>,
     ttft: Family<DeploymentLabels, Histogram>,
     hold_seconds: Family<DeploymentLabels, Histogram>,
+    version_answers: Family<OutcomeLabels, Counter>,
+    version_ttft: Family<VersionLabels, Histogram>,
+    version_itl: Family<VersionLabels, Histogram>,
 }
 
 impl Default for Metrics {
     fn default() -> Self {
         Metrics::new()
     }
+}
+
+fn gaps() -> Histogram {
+    // 1 ms to about 33 s between streamed chunks.
+    Histogram::new(exponential_buckets(0.001, 2.0, 16))
 }
 
 fn seconds() -> Histogram {
@@ -88,6 +111,9 @@ impl Metrics {
             retries: Family::default(),
             ttft: Family::new_with_constructor(seconds),
             hold_seconds: Family::new_with_constructor(seconds),
+            version_answers: Family::default(),
+            version_ttft: Family::new_with_constructor(seconds),
+            version_itl: Family::new_with_constructor(gaps),
         };
         registry.register(
             "requests",
@@ -133,6 +159,23 @@ impl Metrics {
             "hold_seconds",
             "Time requests were held waiting for a replica",
             m.hold_seconds.clone(),
+        );
+        // Per version (pod-template hash), what a rollout's gate compares: the operator
+        // reads the change of each over a step's window.
+        registry.register(
+            "version_answers",
+            "Answers relayed, by version and outcome (ok, error: 5xx or cut short, cancelled by the client)",
+            m.version_answers.clone(),
+        );
+        registry.register(
+            "version_ttft_seconds",
+            "Arrival at the router to the first response byte, by version",
+            m.version_ttft.clone(),
+        );
+        registry.register(
+            "version_itl_seconds",
+            "Time between streamed chunks (tokens) after the first, by version",
+            m.version_itl.clone(),
         );
         Metrics { registry, ..m }
     }
@@ -187,6 +230,37 @@ impl Metrics {
 
     pub(crate) fn first_byte(&self, key: &Key, secs: f64) {
         self.ttft.get_or_create(&key.into()).observe(secs);
+    }
+
+    fn version(key: &Key, revision: &str) -> VersionLabels {
+        VersionLabels {
+            namespace: key.namespace.clone(),
+            deployment: key.name.clone(),
+            revision: revision.to_string(),
+        }
+    }
+
+    pub(crate) fn version_answer(&self, key: &Key, revision: &str, outcome: &'static str) {
+        self.version_answers
+            .get_or_create(&OutcomeLabels {
+                namespace: key.namespace.clone(),
+                deployment: key.name.clone(),
+                revision: revision.to_string(),
+                outcome,
+            })
+            .inc();
+    }
+
+    pub(crate) fn version_first_byte(&self, key: &Key, revision: &str, secs: f64) {
+        self.version_ttft
+            .get_or_create(&Self::version(key, revision))
+            .observe(secs);
+    }
+
+    pub(crate) fn version_gap(&self, key: &Key, revision: &str, secs: f64) {
+        self.version_itl
+            .get_or_create(&Self::version(key, revision))
+            .observe(secs);
     }
 
     pub(crate) fn held_for(&self, key: &Key, secs: f64) {

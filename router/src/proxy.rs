@@ -276,8 +276,15 @@ fn answer(
         ticket.pod, ticket.reason, ticket.matched, ticket.blocks, ticket.load
     );
     out = out.header(ROUTE_HEADER, route);
+    let streaming = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"));
     let relay = Relay {
         upstream: Box::pin(resp.bytes_stream()),
+        streaming,
+        last_chunk: None,
         log: RequestLog {
             id: id.to_string(),
             model: model.to_string(),
@@ -316,6 +323,9 @@ struct RequestLog {
 /// replica until this is dropped (finished, failed or abandoned by the client).
 struct Relay {
     upstream: Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>,
+    /// An SSE stream: the gaps between its chunks are inter-token latency.
+    streaming: bool,
+    last_chunk: Option<Instant>,
     ticket: Ticket,
     log: RequestLog,
 }
@@ -327,11 +337,18 @@ impl Stream for Relay {
         let this = &mut *self;
         match this.upstream.as_mut().poll_next(cx) {
             Poll::Ready(Some(Ok(chunk))) => {
+                let (key, revision) = (&this.ticket.key, &this.ticket.revision);
+                let metrics = &this.ticket.router().metrics;
+                let now = Instant::now();
                 if this.log.first_byte.is_none() {
                     let t = this.log.arrived.elapsed().as_secs_f64();
                     this.log.first_byte = Some(t);
-                    this.ticket.router().metrics.first_byte(&this.ticket.key, t);
+                    metrics.first_byte(key, t);
+                    metrics.version_first_byte(key, revision, t);
+                } else if let (true, Some(last)) = (this.streaming, this.last_chunk) {
+                    metrics.version_gap(key, revision, (now - last).as_secs_f64());
                 }
+                this.last_chunk = Some(now);
                 this.log.bytes += chunk.len();
                 Poll::Ready(Some(Ok(chunk)))
             }
@@ -353,6 +370,17 @@ impl Stream for Relay {
 impl Drop for Relay {
     fn drop(&mut self) {
         let l = &self.log;
+        let outcome = match l.outcome {
+            _ if l.status >= 500 => "error",
+            "replica failed mid-answer" => "error",
+            "done" => "ok",
+            _ => "cancelled",
+        };
+        self.ticket.router().metrics.version_answer(
+            &self.ticket.key,
+            &self.ticket.revision,
+            outcome,
+        );
         tracing::info!(
             target: "gpuscale_router::request",
             request_id = %l.id,

@@ -46,6 +46,9 @@ pub struct Router {
     /// Per deployment, the requests held, by arrival, and whether each waits in line
     /// (a retry does not: see `may_pick`).
     held: Mutex<HashMap<Key, BTreeMap<u64, bool>>>,
+    /// Per deployment in a rollout, requests routed so far: the next one goes to the
+    /// canary when it carries the count across a whole share (`canary_turn`).
+    splits: Mutex<HashMap<Key, u64>>,
     next_seq: AtomicU64,
     /// Woken when a replica may have freed up or appeared.
     changed: Notify,
@@ -60,6 +63,8 @@ pub struct Ticket {
     pub key: Key,
     pub pod: String,
     pub url: String,
+    /// The version the replica runs.
+    pub revision: String,
     pub reason: Reason,
     /// Leading prompt blocks the replica had, of `blocks`.
     pub matched: usize,
@@ -142,6 +147,7 @@ impl Router {
             loads: Mutex::new(HashMap::new()),
             index: Mutex::new(prefix::Index::default()),
             held: Mutex::new(HashMap::new()),
+            splits: Mutex::new(HashMap::new()),
             next_seq: AtomicU64::new(0),
             changed: Notify::new(),
             synced: AtomicBool::new(false),
@@ -300,11 +306,34 @@ impl Router {
                 retry_after: pool.retry_after_seconds,
             };
         }
-        let replicas: Vec<_> = pool
+        let mut replicas: Vec<_> = pool
             .replicas
             .iter()
             .filter(|r| !tried.contains(&r.pod))
             .collect();
+        // A rollout: this request's version by the exact share (a retry goes anywhere:
+        // the client has seen nothing yet, and stable replicas are the safe place).
+        let split = pool.split.as_ref().filter(|_| tried.is_empty());
+        if let Some(split) = split {
+            let n = self
+                .splits
+                .lock()
+                .unwrap()
+                .get(&pool.key)
+                .copied()
+                .unwrap_or(0);
+            let canary = canary_turn(n, split.percent);
+            let group: Vec<_> = replicas
+                .iter()
+                .copied()
+                .filter(|r| (r.revision == split.canary) == canary)
+                .collect();
+            // A version with no ready replica takes nothing (the operator routes a share
+            // only once its replicas are ready; this covers the moment after).
+            if !group.is_empty() {
+                replicas = group;
+            }
+        }
         let mut loads = self.loads.lock().unwrap();
         let index = self.index.lock().unwrap();
         let candidates: Vec<Candidate> = replicas
@@ -328,6 +357,14 @@ impl Router {
             };
         };
         let r = replicas[i];
+        if split.is_some() {
+            *self
+                .splits
+                .lock()
+                .unwrap()
+                .entry(pool.key.clone())
+                .or_default() += 1;
+        }
         loads.entry(r.pod.clone()).or_default().own += 1;
         drop(loads);
         self.index.lock().unwrap().record(&r.pod, blocks);
@@ -340,10 +377,35 @@ impl Router {
             key: pool.key.clone(),
             pod: r.pod.clone(),
             url: r.url.clone(),
+            revision: r.revision.clone(),
             reason,
             matched: candidates[i].matched,
             blocks: blocks.len(),
             load: candidates[i].load,
         })
+    }
+}
+
+/// Whether request `n` (from 0) of a rollout goes to the canary at `percent`: when
+/// `(n + 1) · percent / 100` passes a whole number, so any 100 consecutive requests give
+/// the canary exactly `percent` of them, spread evenly.
+pub fn canary_turn(n: u64, percent: u32) -> bool {
+    let p = u64::from(percent.min(100));
+    (n + 1) * p / 100 > n * p / 100
+}
+
+#[cfg(test)]
+mod tests {
+    use super::canary_turn;
+
+    #[test]
+    fn the_canary_gets_its_exact_share_spread_evenly() {
+        for p in [0, 1, 10, 33, 50, 100] {
+            let turns: Vec<bool> = (0..100).map(|n| canary_turn(n, p)).collect();
+            assert_eq!(turns.iter().filter(|t| **t).count() as u32, p);
+        }
+        // 10%: one in each ten, not ten in a row.
+        let ten: Vec<u64> = (0..100).filter(|n| canary_turn(*n, 10)).collect();
+        assert_eq!(ten, vec![9, 19, 29, 39, 49, 59, 69, 79, 89, 99]);
     }
 }

@@ -6,7 +6,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use gpuscale_crds::InferenceDeployment;
-use gpuscale_operator::reconcile::{is_ready, LABEL_DEPLOYMENT, LABEL_SERVING};
+use gpuscale_crds::RolloutPhase;
+use gpuscale_operator::reconcile::{is_ready, LABEL_DEPLOYMENT, LABEL_SERVING, LABEL_TEMPLATE};
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
 
@@ -30,6 +31,15 @@ pub struct Replica {
     pub pod: String,
     /// `http://ip:port`.
     pub url: String,
+    /// The version it runs (its pod-template hash).
+    pub revision: String,
+}
+
+/// A rollout's traffic split: the canary version's share, in percent.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Split {
+    pub canary: String,
+    pub percent: u32,
 }
 
 /// The deployment serving one model name.
@@ -48,6 +58,8 @@ pub struct Pool {
     pub retry_after_seconds: u64,
     /// When the deployment was created (RFC 3339), for `/v1/models`.
     pub created: i64,
+    /// A rollout in progress: the canary's share (`status.rollout`).
+    pub split: Option<Split>,
 }
 
 /// Every model the router serves.
@@ -95,6 +107,17 @@ impl Table {
                 .filter(|p| p.labels().get(LABEL_DEPLOYMENT) == Some(&key.name))
                 .filter_map(|p| replica(p, d.spec.worker.port))
                 .collect();
+            let split = d
+                .status
+                .as_ref()
+                .and_then(|s| s.rollout.as_ref())
+                .filter(|r| r.phase == RolloutPhase::Progressing && r.canary_weight > 0)
+                .and_then(|r| {
+                    Some(Split {
+                        canary: r.canary.as_ref()?.name.clone(),
+                        percent: r.canary_weight.min(100),
+                    })
+                });
             let ready_seconds = d
                 .status
                 .as_ref()
@@ -112,6 +135,7 @@ impl Table {
                         .creation_timestamp
                         .as_ref()
                         .map_or(0, |t| t.0.as_second()),
+                    split,
                 },
             );
         }
@@ -130,7 +154,8 @@ impl Table {
 }
 
 /// `pod` as a replica, if it may take requests: Ready, labelled serving (a drain flips
-/// the label first), not being deleted, with an IP.
+/// the label first), not being deleted, with an IP. Its port is the one its worker
+/// container declares (versions may differ), else the deployment's.
 fn replica(pod: &Pod, port: u16) -> Option<Replica> {
     if pod.metadata.deletion_timestamp.is_some()
         || pod.labels().get(LABEL_SERVING).map(String::as_str) != Some("true")
@@ -139,9 +164,21 @@ fn replica(pod: &Pod, port: u16) -> Option<Replica> {
         return None;
     }
     let ip = pod.status.as_ref()?.pod_ip.as_ref()?;
+    let port = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.containers.first())
+        .and_then(|c| c.ports.as_ref()?.first())
+        .and_then(|p| u16::try_from(p.container_port).ok())
+        .unwrap_or(port);
     Some(Replica {
         pod: pod.name_any(),
         url: format!("http://{ip}:{port}"),
+        revision: pod
+            .labels()
+            .get(LABEL_TEMPLATE)
+            .cloned()
+            .unwrap_or_default(),
     })
 }
 
@@ -195,7 +232,8 @@ mod tests {
             p.replicas,
             vec![Replica {
                 pod: "llama-0".into(),
-                url: "http://10.0.0.7:9000".into()
+                url: "http://10.0.0.7:9000".into(),
+                revision: String::new(),
             }]
         );
         assert_eq!(p.capacity, 8.0);

@@ -57,6 +57,10 @@ pub struct AppState {
     preparing: tokio::sync::Semaphore,
     /// The model's vocabulary indexed for structured output, built on first use.
     grammars: tokio::sync::OnceCell<Result<Arc<Grammars>, String>>,
+    /// Share of completion requests answered with an injected 500 (`--fail-percent`),
+    /// and the completion requests seen, which spread the failures evenly.
+    fail_percent: u32,
+    completions_seen: AtomicU64,
 }
 
 impl AppState {
@@ -72,6 +76,8 @@ impl AppState {
                 std::thread::available_parallelism().map_or(2, |n| n.get()),
             ),
             grammars: tokio::sync::OnceCell::new(),
+            fail_percent: 0,
+            completions_seen: AtomicU64::new(0),
         }
     }
 
@@ -102,11 +108,47 @@ impl AppState {
     }
 }
 
+/// Fault injection for rollout and reliability tests, as Istio's HTTP fault injection
+/// does it: this share of completion requests gets a 500 before any work.
+impl AppState {
+    /// Answers `percent` of completion requests with an injected 500.
+    pub fn with_fail_percent(mut self, percent: u32) -> AppState {
+        self.fail_percent = percent.min(100);
+        self
+    }
+}
+
+/// Whether the next completion request fails by injection: request k of every 100
+/// fails when k·p/100 crosses a whole number, so the share is exact over any 100.
+async fn inject_faults(
+    State(s): State<Arc<AppState>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if s.fail_percent > 0 {
+        let k = s.completions_seen.fetch_add(1, Ordering::Relaxed);
+        let p = u64::from(s.fail_percent);
+        if (k + 1) * p / 100 > k * p / 100 {
+            return ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                format!(
+                    "injected fault: this worker runs with --fail-percent {}",
+                    s.fail_percent
+                ),
+            )
+            .into_response();
+        }
+    }
+    next.run(req).await
+}
+
 /// The router.
 pub fn router(state: Arc<AppState>) -> Router {
+    let faults = axum::middleware::from_fn_with_state(Arc::clone(&state), inject_faults);
     Router::new()
-        .route("/v1/completions", post(completions))
-        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/completions", post(completions).layer(faults.clone()))
+        .route("/v1/chat/completions", post(chat_completions).layer(faults))
         .route("/v1/models", get(models))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))

@@ -52,8 +52,8 @@ pub(super) async fn act(
     }
     for step in &decided.todo {
         let result: Result<(), kube::Error> = match step {
-            Todo::Create(index, p) => {
-                let Some(pod) = replica_pod(d, *index, p, &ctx.config) else {
+            Todo::Create(index, p, version) => {
+                let Some(pod) = replica_pod(decided.view(*version), *index, p, &ctx.config) else {
                     continue; // unmountable sources were refused before
                 };
                 match pods_api.create(&PostParams::default(), &pod).await {

@@ -5,14 +5,17 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
 
-use gpuscale_crds::InferenceDeployment;
+use gpuscale_crds::{InferenceDeployment, Revision, RolloutPhase, RolloutStatus};
 use k8s_openapi::api::core::v1::Pod;
+use kube::ResourceExt;
 
 use super::observe::{Ledger, World};
 use super::pods::*;
-use super::{key_of, plan, DeploymentState, Replica, Step, AVOID_REFUSED_NODE};
+use super::AVOID_REFUSED_NODE;
+use super::{key_of, plan, DeploymentState, Phase, Replica, Step, Targets, Version};
 use crate::autoscale::{self, Observation};
-use crate::placement;
+use crate::routers::VersionCounts;
+use crate::{placement, rollout};
 
 /// What one pass decided.
 pub(super) struct Decided {
@@ -23,11 +26,33 @@ pub(super) struct Decided {
     pub(super) current: u32,
     pub(super) todo: Vec<Todo>,
     pub(super) refusal: Option<placement::Refusal>,
+    /// The rollout's status after this pass, and the event it calls for.
+    pub(super) rollout: rollout::Outcome,
+    /// The deployment as each version's pods are built: the stable one, and the canary.
+    pub(super) views: (InferenceDeployment, Option<InferenceDeployment>),
+}
+
+impl Decided {
+    /// The deployment as `version`'s pods are built.
+    pub(super) fn view(&self, version: Version) -> &InferenceDeployment {
+        match (version, &self.views.1) {
+            (Version::Canary, Some(c)) => c,
+            _ => &self.views.0,
+        }
+    }
+}
+
+/// Where a rollout step's window began: the routers' counts per version then.
+pub(super) struct WindowStart {
+    /// The canary, step and share the window is for.
+    step: (String, u32, u32),
+    since: jiff::Timestamp,
+    counts: HashMap<String, VersionCounts>,
 }
 
 /// One API step of a pass.
 pub(super) enum Todo {
-    Create(u32, PodPlacement),
+    Create(u32, PodPlacement, Version),
     Drain(u32),
     Delete(u32, Option<String>),
 }
@@ -41,6 +66,7 @@ pub(super) fn decide(
     pods: &[Arc<Pod>],
     need: u64,
     now: Instant,
+    wall: jiff::Timestamp,
 ) -> Decided {
     let active = world.ready + world.loading;
     let current = state
@@ -83,26 +109,102 @@ pub(super) fn decide(
         (d.spec.replicas.unwrap_or(d.spec.scaling.min_replicas), None)
     };
 
+    // The rollout: which versions, how many of each.
+    let spec_rev = Revision {
+        name: template_hash(d),
+        model: d.spec.model.clone(),
+        resources: d.spec.resources.clone(),
+        worker: d.spec.worker.clone(),
+        need_bytes: need,
+    };
+    let prev = state.rollout.clone();
+    let canary = prev
+        .as_ref()
+        .filter(|r| r.phase == RolloutPhase::Progressing)
+        .and_then(|r| r.canary.as_ref())
+        .map(|c| c.name.clone());
+    let of_canary: Vec<_> = world
+        .seen
+        .iter()
+        .filter(|s| canary.is_some() && s.revision == canary)
+        .collect();
+    let observed = rollout::Observed {
+        revision: &spec_rev,
+        desired,
+        canary_ready: of_canary.iter().filter(|s| s.phase == Phase::Ready).count() as u32,
+        canary_failure: of_canary.iter().find_map(|s| {
+            let f = failure(&s.pod).filter(|f| own_failure(f))?;
+            Some(format!("{}: {f}", s.pod.name_any()))
+        }),
+        window: window(state, prev.as_ref(), world.versions.as_ref(), wall),
+        routed: world.routed,
+        now: wall,
+    };
+    let outcome = rollout::advance(&d.spec.rollout, prev.as_ref(), &observed);
+    state.rollout = Some(outcome.status.clone());
+    let st = &outcome.status;
+    let surge = d.spec.rollout.max_surge;
+    let canary = st
+        .canary
+        .as_ref()
+        .filter(|_| st.phase == RolloutPhase::Progressing);
+    let targets = match canary {
+        Some(_) => {
+            // Without routers the canary takes all traffic it can get: a plain surge.
+            let percent = if world.routed {
+                rollout::step_percent(&d.spec.rollout, st)
+            } else {
+                100
+            };
+            let (stable, canary) = rollout::split(desired, percent, surge);
+            Targets {
+                desired,
+                stable,
+                canary,
+                surge,
+            }
+        }
+        None => Targets::stable(desired, surge),
+    };
+    let views = (view(d, &st.stable), canary.map(|c| view(d, c)));
+    let version_of = |rev: &Option<String>| match rev {
+        Some(r) if *r == st.stable.name => Version::Stable,
+        Some(r) if canary.is_some_and(|c| c.name == *r) => Version::Canary,
+        Some(r)
+            if st.phase == RolloutPhase::RolledBack
+                && st.canary.as_ref().is_some_and(|c| c.name == *r) =>
+        {
+            Version::RolledBack
+        }
+        _ => Version::Outdated,
+    };
+
     let replicas: Vec<Replica> = world
         .seen
         .iter()
         .map(|s| Replica {
             index: s.index,
             phase: s.phase,
-            outdated: s.outdated,
+            version: version_of(&s.revision),
             in_flight: s.load.as_ref().map(|l| l.in_flight()),
         })
         .collect();
     let mut refusal = None;
     let mut todo = Vec::new();
     let mut created: Vec<PodPlacement> = Vec::new();
-    for step in plan(&replicas, desired, d.spec.rollout.max_surge) {
+    for step in plan(&replicas, &targets) {
         match step {
-            Step::Create(index) => {
+            Step::Create(index, version) => {
                 if refusal.is_some() {
                     continue;
                 }
-                let mut req = placement::request(&key, index, &d.spec, need);
+                let (v, need) = match (version, canary) {
+                    (Version::Canary, Some(c)) => {
+                        (views.1.as_ref().unwrap_or(&views.0), c.need_bytes)
+                    }
+                    _ => (&views.0, st.stable.need_bytes),
+                };
+                let mut req = placement::request(&key, index, &v.spec, need);
                 req.avoid_nodes = avoid.clone();
                 let p = match ledger.engine.place(&req) {
                     Ok(p) => PodPlacement {
@@ -114,7 +216,7 @@ pub(super) fn decide(
                         assigned: false,
                         dra: p.dra,
                     },
-                    Err(r) => match cpu_placement(d, &ledger.cpu_nodes, pods, &created, need) {
+                    Err(r) => match cpu_placement(v, &ledger.cpu_nodes, pods, &created, need) {
                         Some(p) => p,
                         None => {
                             refusal = Some(r);
@@ -123,7 +225,7 @@ pub(super) fn decide(
                     },
                 };
                 created.push(p.clone());
-                todo.push(Todo::Create(index, p));
+                todo.push(Todo::Create(index, p, version));
             }
             Step::Drain(index) => todo.push(Todo::Drain(index)),
             Step::Delete(index) => {
@@ -155,7 +257,71 @@ pub(super) fn decide(
         current,
         todo,
         refusal,
+        rollout: outcome,
+        views,
     }
+}
+
+/// `d` as the pods of `rev` are built: its model, resources and worker.
+fn view(d: &InferenceDeployment, rev: &Revision) -> InferenceDeployment {
+    let mut v = d.clone();
+    v.spec.model = rev.model.clone();
+    v.spec.resources = rev.resources.clone();
+    v.spec.worker = rev.worker.clone();
+    v
+}
+
+/// A failure the version itself causes (its container cannot start or keeps
+/// crashing), not one that happens to it (eviction, a lost node).
+fn own_failure(f: &str) -> bool {
+    [
+        "CrashLoopBackOff",
+        "ImagePullBackOff",
+        "ErrImagePull",
+        "CreateContainerConfigError",
+    ]
+    .iter()
+    .any(|r| f.starts_with(r))
+}
+
+/// What the routers measured for both versions since the step's window began; starts
+/// the window when the step (or its share) is new, or when a router restarted.
+fn window(
+    state: &mut DeploymentState,
+    prev: Option<&RolloutStatus>,
+    counts: Option<&HashMap<String, VersionCounts>>,
+    wall: jiff::Timestamp,
+) -> Option<rollout::Window> {
+    let r = prev.filter(|r| r.phase == RolloutPhase::Progressing && r.canary_weight > 0)?;
+    let canary = r.canary.as_ref()?.name.clone();
+    let counts = counts?;
+    let step = (canary.clone(), r.step, r.canary_weight);
+    let measured = |w: &WindowStart, rev: &str| -> Option<rollout::Measured> {
+        let zero = VersionCounts::default();
+        counts
+            .get(rev)
+            .unwrap_or(&zero)
+            .since(w.counts.get(rev).unwrap_or(&zero))
+    };
+    if let Some(w) = state.window.as_ref().filter(|w| w.step == step) {
+        if let (Some(stable), Some(canary)) = (measured(w, &r.stable.name), measured(w, &canary)) {
+            return Some(rollout::Window {
+                stable,
+                canary,
+                since: w.since,
+            });
+        }
+    }
+    state.window = Some(WindowStart {
+        step,
+        since: wall,
+        counts: counts.clone(),
+    });
+    Some(rollout::Window {
+        stable: rollout::Measured::default(),
+        canary: rollout::Measured::default(),
+        since: wall,
+    })
 }
 
 /// Where a replica may run on the CPU backend (`resources.allowCpu`): the CPU node

@@ -33,7 +33,7 @@ mod tests;
 pub use cache::Cache;
 use cache::Writers;
 pub use model::{declared_need, probe_pod, LABEL_PROBE_OF};
-pub use plan::{plan, Phase, Replica, Step};
+pub use plan::{plan, Phase, Replica, Step, Targets, Version};
 
 use act::{act, cleanup};
 use decide::decide;
@@ -293,6 +293,13 @@ struct DeploymentState {
     /// The routers' request count for the deployment, and since when it has not moved
     /// with nothing in flight: idleness, for scale to zero (restarts at zero idleness).
     activity: Option<(f64, Instant)>,
+    /// The rollout as the last pass left it (authoritative, as `desired`); seeded from
+    /// status, so a restarted operator resumes at the same step.
+    rollout: Option<gpuscale_crds::RolloutStatus>,
+    /// Where the current rollout step's window began: the routers' counts per version
+    /// then. Lost with the process: a restarted operator starts the step's window
+    /// again (the step itself is kept).
+    window: Option<decide::WindowStart>,
 }
 
 /// How long placement avoids a node where the scheduler refused a replica.
@@ -334,6 +341,8 @@ impl DeploymentState {
             model: None,
             downloads: HashMap::new(),
             activity: None,
+            rollout: st.and_then(|s| s.rollout.clone()),
+            window: None,
         }
     }
 }
@@ -761,7 +770,7 @@ async fn apply(d: &InferenceDeployment, ctx: &Context) -> Result<Action, Error> 
     let placing = ctx.placing.lock().await;
     let pods = ctx.cache.pods();
     let mut ledger = observe::ledger(ctx, &pods, &world.corrections);
-    let decided = decide(d, &mut state, &world, &mut ledger, &pods, need, now);
+    let decided = decide(d, &mut state, &world, &mut ledger, &pods, need, now, wall);
     let (created, acted) = act(d, ctx, &world, &decided, wall).await;
     drop(placing);
     // Report even after a failed step: status then says what was decided and done, and

@@ -24,6 +24,8 @@ pub(super) struct Seen {
     pub(super) index: u32,
     pub(super) phase: Phase,
     pub(super) outdated: bool,
+    /// The version it runs (its pod-template hash label).
+    pub(super) revision: Option<String>,
     pub(super) placement: Option<PodPlacement>,
     pub(super) load: Option<WorkerLoad>,
     pub(super) failure: Option<String>,
@@ -52,6 +54,10 @@ pub(super) struct World {
     pub(super) warm_nodes: HashSet<String>,
     /// How long the deployment has had no request (`None`: not known).
     pub(super) idle_for: Option<Duration>,
+    /// Whether request routers carry the traffic.
+    pub(super) routed: bool,
+    /// What the routers saw of each version, cumulative (`None`: no complete reading).
+    pub(super) versions: Option<HashMap<String, crate::routers::VersionCounts>>,
 }
 
 /// A replica fetching an http(s) model.
@@ -152,6 +158,7 @@ pub(super) async fn observe(
             phase,
             outdated: pod.metadata.deletion_timestamp.is_some()
                 || pod.labels().get(LABEL_TEMPLATE) != Some(&hash),
+            revision: pod.labels().get(LABEL_TEMPLATE).cloned(),
             placement: placement_of(pod),
             load: None,
             failure,
@@ -310,6 +317,13 @@ pub(super) async fn observe(
         demand,
         request_rate,
         idle_for,
+        routed: ctx.config.routers.any(),
+        versions: ctx
+            .config
+            .routers
+            .any()
+            .then(|| ctx.routers.versions(&ns, &d.name_any(), now))
+            .flatten(),
     }
 }
 

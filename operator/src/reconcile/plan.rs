@@ -1,16 +1,20 @@
-//! From the replicas that exist and the count wanted to the steps that converge them.
-//! Pure. Rules:
+//! From the replicas that exist and the count wanted of each version to the steps that
+//! converge them. Pure. Rules:
 //! - failed replicas are deleted (their replacement is a new replica);
 //! - a draining replica is deleted once it holds nothing in flight, or its drain timed out;
-//! - replicas of the current template are created up to the desired count, with at
-//!   most `surge` extra replicas while outdated ones still serve (a rollout);
-//! - excess replicas are removed outdated first, loading before ready, then the one
-//!   with the least in flight; a loading one is deleted at once, a ready one drained;
-//! - a ready replica is never drained while that would leave fewer ready replicas than
-//!   desired (a rollout waits for its new replicas to be ready).
+//! - replicas of each version (the stable one, and a rollout's canary) are created up
+//!   to that version's target, canary first, with at most `surge` replicas above the
+//!   desired count in all;
+//! - excess replicas are removed rolled back first (drained at once), then outdated
+//!   (neither stable nor canary), then the stable version's, then the canary's; loading
+//!   before ready, then the one with the least in flight; a loading one is deleted at
+//!   once, a ready one drained;
+//! - any other ready replica is never drained while that would leave fewer ready
+//!   replicas than desired (one fewer with `surge` 0: replace in place), so a rollout
+//!   waits for its new replicas to be ready.
 
 /// Lifecycle of a replica as the pod shows it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Phase {
     /// Created, not ready yet.
     Loading,
@@ -25,6 +29,20 @@ pub enum Phase {
     Failed,
 }
 
+/// Which version a replica runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Version {
+    /// A canary rolled back: drained at once, whatever the capacity.
+    RolledBack,
+    /// Neither stable nor canary: an abandoned canary, or a version older than both
+    /// (pods made before the operator kept versions). Replaced like a surge rollout.
+    Outdated,
+    /// The version that serves (`status.rollout.stable`).
+    Stable,
+    /// A rollout's new version.
+    Canary,
+}
+
 /// One replica.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Replica {
@@ -32,8 +50,8 @@ pub struct Replica {
     pub index: u32,
     /// Phase.
     pub phase: Phase,
-    /// Built from an older template.
-    pub outdated: bool,
+    /// Its version.
+    pub version: Version,
     /// Requests waiting or running, when scraped.
     pub in_flight: Option<f64>,
 }
@@ -41,16 +59,49 @@ pub struct Replica {
 /// One step.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Step {
-    /// Create replica `index` (place it first).
-    Create(u32),
+    /// Create replica `index` of a version (place it first).
+    Create(u32, Version),
     /// Stop sending it traffic and let it finish.
     Drain(u32),
     /// Delete its pod.
     Delete(u32),
 }
 
-/// The steps from `replicas` towards `desired` replicas of the current template.
-pub fn plan(replicas: &[Replica], desired: u32, surge: u32) -> Vec<Step> {
+/// What to converge to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Targets {
+    /// Replicas the autoscaler wants, both versions together.
+    pub desired: u32,
+    /// Replicas of the stable version.
+    pub stable: u32,
+    /// Replicas of the canary.
+    pub canary: u32,
+    /// Replicas allowed above `desired` while versions change (`rollout.maxSurge`).
+    pub surge: u32,
+}
+
+impl Targets {
+    /// One version, `desired` replicas of it.
+    pub fn stable(desired: u32, surge: u32) -> Targets {
+        Targets {
+            desired,
+            stable: desired,
+            canary: 0,
+            surge,
+        }
+    }
+
+    fn of(&self, v: Version) -> u32 {
+        match v {
+            Version::RolledBack | Version::Outdated => 0,
+            Version::Stable => self.stable,
+            Version::Canary => self.canary,
+        }
+    }
+}
+
+/// The steps from `replicas` towards `t`.
+pub fn plan(replicas: &[Replica], t: &Targets) -> Vec<Step> {
     let mut steps = Vec::new();
     for r in replicas {
         match r.phase {
@@ -65,34 +116,39 @@ pub fn plan(replicas: &[Replica], desired: u32, surge: u32) -> Vec<Step> {
         .iter()
         .filter(|r| matches!(r.phase, Phase::Loading | Phase::Ready))
         .collect();
-    let mut current = active.iter().filter(|r| !r.outdated).count() as u32;
+    let count = |v: Version| active.iter().filter(|r| r.version == v).count() as u32;
+    let mut have = [
+        count(Version::RolledBack),
+        count(Version::Outdated),
+        count(Version::Stable),
+        count(Version::Canary),
+    ];
     let mut active_n = active.len() as u32;
     let mut ready_n = active.iter().filter(|r| r.phase == Phase::Ready).count() as u32;
 
     // Create: the smallest indices no pod uses (draining and failed pods still hold
     // theirs until they are gone, so names never collide).
-    let limit = desired + surge.max(1);
+    let limit = t.desired + t.surge;
     let mut used: Vec<u32> = replicas.iter().map(|r| r.index).collect();
-    let mut to_create = desired.saturating_sub(current);
-    let any_outdated = active.iter().any(|r| r.outdated);
-    if any_outdated {
-        to_create = to_create.min(limit.saturating_sub(active_n));
-    }
     let mut next = 0;
-    for _ in 0..to_create {
-        while used.contains(&next) {
-            next += 1;
+    for v in [Version::Canary, Version::Stable] {
+        let want = t.of(v).saturating_sub(have[v as usize]);
+        let room = limit.max(t.stable + t.canary).saturating_sub(active_n);
+        for _ in 0..want.min(room) {
+            while used.contains(&next) {
+                next += 1;
+            }
+            used.push(next);
+            steps.push(Step::Create(next, v));
+            active_n += 1;
+            have[v as usize] += 1;
         }
-        used.push(next);
-        steps.push(Step::Create(next));
-        active_n += 1;
-        current += 1;
     }
 
-    // Remove the excess.
+    // Remove the excess of each version.
     let mut victims = active.clone();
     victims.sort_by(|a, b| {
-        let key = |r: &Replica| (!r.outdated, r.phase == Phase::Ready);
+        let key = |r: &Replica| (r.version, r.phase == Phase::Ready);
         key(a)
             .cmp(&key(b))
             .then(
@@ -102,21 +158,18 @@ pub fn plan(replicas: &[Replica], desired: u32, surge: u32) -> Vec<Step> {
             )
             .then(b.index.cmp(&a.index))
     });
-    let mut excess = active_n.saturating_sub(desired);
+    let floor = if t.surge == 0 {
+        t.desired.saturating_sub(1)
+    } else {
+        t.desired
+    };
     for v in victims {
-        if excess == 0 {
-            break;
-        }
-        // A replica of the current template goes only when there are more of them
-        // than wanted: during a rollout the excess is the old ones.
-        if !v.outdated {
-            if current <= desired {
-                continue;
-            }
-            current -= 1;
+        let slot = v.version as usize;
+        if have[slot] <= t.of(v.version) {
+            continue;
         }
         if v.phase == Phase::Ready {
-            if ready_n <= desired {
+            if v.version != Version::RolledBack && ready_n <= floor {
                 continue;
             }
             ready_n -= 1;
@@ -124,7 +177,7 @@ pub fn plan(replicas: &[Replica], desired: u32, surge: u32) -> Vec<Step> {
         } else {
             steps.push(Step::Delete(v.index));
         }
-        excess -= 1;
+        have[slot] -= 1;
     }
     steps
 }
@@ -133,11 +186,15 @@ pub fn plan(replicas: &[Replica], desired: u32, surge: u32) -> Vec<Step> {
 mod tests {
     use super::*;
 
-    fn r(index: u32, phase: Phase, outdated: bool, in_flight: f64) -> Replica {
+    fn r(index: u32, phase: Phase, old: bool, in_flight: f64) -> Replica {
         Replica {
             index,
             phase,
-            outdated,
+            version: if old {
+                Version::Outdated
+            } else {
+                Version::Stable
+            },
             in_flight: Some(in_flight),
         }
     }
@@ -145,8 +202,14 @@ mod tests {
     #[test]
     fn creates_missing_replicas_at_the_smallest_free_indices() {
         let have = [r(1, Phase::Ready, false, 0.0)];
-        assert_eq!(plan(&have, 3, 1), vec![Step::Create(0), Step::Create(2)]);
-        assert_eq!(plan(&have, 1, 1), vec![]);
+        assert_eq!(
+            plan(&have, &Targets::stable(3, 1)),
+            vec![
+                Step::Create(0, Version::Stable),
+                Step::Create(2, Version::Stable)
+            ]
+        );
+        assert_eq!(plan(&have, &Targets::stable(1, 1)), vec![]);
     }
 
     #[test]
@@ -156,12 +219,12 @@ mod tests {
             r(1, Phase::Ready, false, 1.0),
             r(2, Phase::Ready, false, 3.0),
         ];
-        assert_eq!(plan(&have, 2, 1), vec![Step::Drain(1)]);
+        assert_eq!(plan(&have, &Targets::stable(2, 1)), vec![Step::Drain(1)]);
         let have = [
             r(0, Phase::Ready, false, 5.0),
             r(1, Phase::Loading, false, 0.0),
         ];
-        assert_eq!(plan(&have, 1, 1), vec![Step::Delete(1)]);
+        assert_eq!(plan(&have, &Targets::stable(1, 1)), vec![Step::Delete(1)]);
     }
 
     #[test]
@@ -175,7 +238,7 @@ mod tests {
         };
         let ready = r(0, Phase::Ready, false, 0.0);
         assert_eq!(
-            plan(&[ready, busy, idle, late, unknown], 1, 1),
+            plan(&[ready, busy, idle, late, unknown], &Targets::stable(1, 1)),
             vec![Step::Delete(4), Step::Delete(5)]
         );
     }
@@ -186,31 +249,91 @@ mod tests {
             r(0, Phase::Failed, false, 0.0),
             r(1, Phase::Ready, false, 0.0),
         ];
-        assert_eq!(plan(&have, 2, 1), vec![Step::Delete(0), Step::Create(2)]);
+        assert_eq!(
+            plan(&have, &Targets::stable(2, 1)),
+            vec![Step::Delete(0), Step::Create(2, Version::Stable)]
+        );
+    }
+
+    fn canary(index: u32, phase: Phase) -> Replica {
+        Replica {
+            version: Version::Canary,
+            ..r(index, phase, false, 0.0)
+        }
     }
 
     #[test]
-    fn a_rollout_surges_then_drains_old_replicas_only_as_new_ones_are_ready() {
-        let old = |i| r(i, Phase::Ready, true, 1.0);
-        // Start: two old replicas; one new one is created (surge 1), nothing drained.
-        assert_eq!(plan(&[old(0), old(1)], 2, 1), vec![Step::Create(2)]);
-        // The new one loads: wait.
-        let loading = r(2, Phase::Loading, false, 0.0);
-        assert_eq!(plan(&[old(0), old(1), loading], 2, 1), vec![]);
-        // It is ready: drain one old.
-        let new2 = r(2, Phase::Ready, false, 0.0);
+    fn a_canary_step_surges_then_drains_stable_replicas_only_as_canaries_are_ready() {
+        let stable = |i| r(i, Phase::Ready, false, 1.0);
+        // 2 desired, canary at 50%: one canary, the stable version keeps 2 (surge 1).
+        let t = Targets {
+            desired: 2,
+            stable: 1,
+            canary: 1,
+            surge: 1,
+        };
         assert_eq!(
-            plan(&[old(0), old(1), new2.clone()], 2, 1),
+            plan(&[stable(0), stable(1)], &t),
+            vec![Step::Create(2, Version::Canary)]
+        );
+        // The canary loads: the stable ones stay (capacity never below desired).
+        let loading = canary(2, Phase::Loading);
+        assert_eq!(plan(&[stable(0), stable(1), loading], &t), vec![]);
+        // It is ready: the stable excess drains.
+        let ready = canary(2, Phase::Ready);
+        assert_eq!(
+            plan(&[stable(0), stable(1), ready.clone()], &t),
             vec![Step::Drain(1)]
         );
-        // The old one drains: the next new one is created.
-        let draining = r(1, Phase::Draining { timed_out: false }, true, 1.0);
+    }
+
+    #[test]
+    fn outdated_replicas_are_replaced_with_a_surge_never_below_capacity() {
+        let old = |i| r(i, Phase::Ready, true, 1.0);
+        let t = Targets::stable(2, 1);
         assert_eq!(
-            plan(&[old(0), draining, new2.clone()], 2, 1),
-            vec![Step::Create(3)]
+            plan(&[old(0), old(1)], &t),
+            vec![Step::Create(2, Version::Stable)]
         );
-        // Both new ready: the last old one drains.
-        let new3 = r(3, Phase::Ready, false, 0.0);
-        assert_eq!(plan(&[old(0), new2, new3], 2, 1), vec![Step::Drain(0)]);
+        let new = r(2, Phase::Ready, false, 0.0);
+        assert_eq!(plan(&[old(0), old(1), new], &t), vec![Step::Drain(1)]);
+    }
+
+    #[test]
+    fn max_surge_zero_replaces_in_place() {
+        let stable = |i| r(i, Phase::Ready, false, 1.0);
+        let t = Targets {
+            desired: 2,
+            stable: 1,
+            canary: 1,
+            surge: 0,
+        };
+        // No room above desired: a stable replica drains first, then the canary starts.
+        assert_eq!(plan(&[stable(0), stable(1)], &t), vec![Step::Drain(1)]);
+        let draining = r(1, Phase::Draining { timed_out: false }, false, 1.0);
+        assert_eq!(
+            plan(&[stable(0), draining], &t),
+            vec![Step::Create(2, Version::Canary)]
+        );
+    }
+
+    #[test]
+    fn a_rolled_back_version_is_drained_at_once_and_the_stable_one_restored() {
+        let old = |i, phase| Replica {
+            version: Version::RolledBack,
+            ..r(i, phase, false, 1.0)
+        };
+        let t = Targets::stable(2, 0);
+        assert_eq!(
+            plan(
+                &[
+                    r(0, Phase::Ready, false, 0.0),
+                    old(1, Phase::Ready),
+                    old(2, Phase::Loading)
+                ],
+                &t
+            ),
+            vec![Step::Delete(2), Step::Drain(1)]
+        );
     }
 }

@@ -42,6 +42,16 @@ pub(super) async fn report(
             publish(ctx, d, EventType::Normal, reason, "Scale", &note).await;
         }
     }
+    if let Some(e) = &decided.rollout.event {
+        info!(reason = e.reason, message = %e.message, "rollout");
+        ctx.metrics.rollout(&key, e.reason);
+        let type_ = if e.warning {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        };
+        publish(ctx, d, type_, e.reason, "Rollout", &e.message).await;
+    }
     if let Some(r) = &decided.refusal {
         publish(
             ctx,
@@ -114,6 +124,7 @@ pub(super) async fn report(
         refusal: decided.refusal.as_ref(),
         placements,
         memory: status::memory(&state.scaler.memory(now), wall),
+        rollout: Some(&decided.rollout.status),
         now: wall,
     };
     patch_status(d, ctx, &status::build(d, &observed)).await

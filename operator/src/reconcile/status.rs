@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use gpuscale_crds::{
     AutoscalerMemory, InferenceDeployment, InferenceDeploymentStatus, Recommendation,
-    ReplicaPlacement,
+    ReplicaPlacement, RolloutPhase, RolloutStatus,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::ResourceExt;
@@ -29,6 +29,8 @@ pub struct Observed<'a> {
     pub placements: Vec<ReplicaPlacement>,
     /// The autoscaler's memory, as status keeps it.
     pub memory: Option<AutoscalerMemory>,
+    /// The rollout after the pass.
+    pub rollout: Option<&'a RolloutStatus>,
     /// The wall time of the pass.
     pub now: jiff::Timestamp,
 }
@@ -84,6 +86,7 @@ pub fn build(d: &InferenceDeployment, o: &Observed) -> InferenceDeploymentStatus
         last_scale_time: prev.last_scale_time.clone(),
         last_scale_reason: prev.last_scale_reason.clone(),
         model: prev.model.clone(),
+        rollout: o.rollout.cloned().or(prev.rollout.clone()),
         ..InferenceDeploymentStatus::default()
     };
     let target = f64::from(d.spec.scaling.target_queue_depth.max(1));
@@ -183,6 +186,27 @@ pub fn build(d: &InferenceDeployment, o: &Observed) -> InferenceDeploymentStatus
         "Valid",
         "the spec is valid",
     );
+    // Promoted: the spec's version serves all traffic. Its reason and message say where
+    // a rollout stands, with the numbers its last verdict was made on.
+    if let Some(r) = o.rollout {
+        let (on, reason) = match r.phase {
+            RolloutPhase::Stable => (true, "Promoted"),
+            RolloutPhase::Progressing => (false, "CanaryStep"),
+            RolloutPhase::RolledBack => (false, "RolledBack"),
+        };
+        let message = r
+            .message
+            .clone()
+            .unwrap_or_else(|| format!("version {} serves", r.stable.name));
+        set(
+            &mut st.conditions,
+            generation,
+            "Promoted",
+            on,
+            reason,
+            &message,
+        );
+    }
     st
 }
 
