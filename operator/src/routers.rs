@@ -414,4 +414,57 @@ gpuscale_router_held_requests{namespace=\"ml\",deployment=\"llama\"} 3
         assert_eq!(d.get("ml", "llama", now), Some(Reported::default()));
         assert_eq!(d.get("ml", "llama", now + STALE_AFTER), None);
     }
+
+    #[test]
+    fn reads_each_version_and_measures_a_window_as_the_change_since_its_start() {
+        let page = |ok: u32, err: u32, fast: u32, slow: u32| {
+            format!(
+                "\
+# TYPE gpuscale_router_version_answers counter
+gpuscale_router_version_answers_total{{namespace=\"ml\",deployment=\"llama\",revision=\"aaa\",outcome=\"ok\"}} {ok}
+gpuscale_router_version_answers_total{{namespace=\"ml\",deployment=\"llama\",revision=\"aaa\",outcome=\"error\"}} {err}
+gpuscale_router_version_answers_total{{namespace=\"ml\",deployment=\"llama\",revision=\"aaa\",outcome=\"cancelled\"}} 9
+# TYPE gpuscale_router_version_ttft_seconds histogram
+gpuscale_router_version_ttft_seconds_bucket{{namespace=\"ml\",deployment=\"llama\",revision=\"aaa\",le=\"0.1\"}} {fast}
+gpuscale_router_version_ttft_seconds_bucket{{namespace=\"ml\",deployment=\"llama\",revision=\"aaa\",le=\"0.2\"}} {}
+gpuscale_router_version_ttft_seconds_bucket{{namespace=\"ml\",deployment=\"llama\",revision=\"aaa\",le=\"+Inf\"}} {}
+gpuscale_router_version_ttft_seconds_sum{{namespace=\"ml\",deployment=\"llama\",revision=\"aaa\"}} 1
+gpuscale_router_version_ttft_seconds_count{{namespace=\"ml\",deployment=\"llama\",revision=\"aaa\"}} {}
+# EOF
+",
+                fast + slow,
+                fast + slow,
+                fast + slow
+            )
+        };
+        let key = ("ml".to_string(), "llama".to_string());
+        let base = parse(&page(10, 0, 10, 0)).unwrap().versions[&key]["aaa"].clone();
+        assert_eq!((base.ok, base.errors), (10.0, 0.0));
+        // Two routers add up.
+        let mut two = parse(&page(10, 0, 10, 0)).unwrap();
+        two.add(parse(&page(10, 0, 10, 0)).unwrap());
+        assert_eq!(two.versions[&key]["aaa"].ok, 20.0);
+        // Since the base: 10 more answers, 2 of them errors, all of them slow.
+        let now = parse(&page(18, 2, 10, 10)).unwrap().versions[&key]["aaa"].clone();
+        let w = now.since(&base).unwrap();
+        assert_eq!((w.requests, w.errors), (10.0, 2.0));
+        let p95 = w.ttft_p95.unwrap();
+        assert!((0.19..=0.2).contains(&p95), "{p95}");
+        assert_eq!(w.itl_p95, None);
+        // A router restarted: its counts went back, the window must start again.
+        assert_eq!(base.since(&now), None);
+    }
+
+    #[test]
+    fn quantiles_interpolate_inside_their_bucket() {
+        let b = [(0.1, 50.0), (0.2, 100.0), (f64::INFINITY, 100.0)];
+        assert!((quantile(0.5, &b).unwrap() - 0.1).abs() < 1e-9);
+        assert!((quantile(0.75, &b).unwrap() - 0.15).abs() < 1e-9);
+        assert_eq!(quantile(0.95, &[(0.1, 0.0), (f64::INFINITY, 0.0)]), None);
+        // Beyond the last finite bound: that bound.
+        assert_eq!(
+            quantile(0.99, &[(0.1, 1.0), (f64::INFINITY, 10.0)]),
+            Some(0.1)
+        );
+    }
 }

@@ -254,4 +254,52 @@ mod tests {
         // A deployment at zero replicas is still served: requests for it are held.
         assert!(t.pool("m").unwrap().replicas.is_empty());
     }
+
+    #[test]
+    fn a_rollout_in_progress_splits_by_the_canary_s_version() {
+        let mut d = (*deployment("ml", "llama", "llama-3", "2026-01-01T00:00:00Z")).clone();
+        let rev = |name: &str| -> gpuscale_crds::Revision {
+            serde_json::from_value(json!({"name": name,
+                "model": {"name": "llama-3", "source": "file:///models/m.gguf"},
+                "resources": {}, "worker": {}, "needBytes": 1}))
+            .unwrap()
+        };
+        let mut status = d.status.clone().unwrap();
+        status.rollout = Some(gpuscale_crds::RolloutStatus {
+            phase: RolloutPhase::Progressing,
+            stable: rev("aaa"),
+            canary: Some(rev("bbb")),
+            step: 0,
+            canary_weight: 10,
+            step_asked_at: None,
+            step_started_at: None,
+            message: None,
+        });
+        d.status = Some(status.clone());
+        let mut p = (*pod("llama-4", "llama", "true", "True", false)).clone();
+        p.metadata
+            .labels
+            .get_or_insert_default()
+            .insert(LABEL_TEMPLATE.into(), "bbb".into());
+        let t = Table::build(&[Arc::new(d.clone())], &[Arc::new(p)]);
+        let pool = t.pool("llama-3").unwrap();
+        assert_eq!(
+            pool.split,
+            Some(Split {
+                canary: "bbb".into(),
+                percent: 10
+            })
+        );
+        assert_eq!(pool.replicas[0].revision, "bbb");
+        // Rolled back, or not routed yet: no split.
+        status.rollout.as_mut().unwrap().phase = RolloutPhase::RolledBack;
+        d.status = Some(status);
+        assert_eq!(
+            Table::build(&[Arc::new(d)], &[])
+                .pool("llama-3")
+                .unwrap()
+                .split,
+            None
+        );
+    }
 }

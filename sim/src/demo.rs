@@ -1,13 +1,13 @@
 //! `gpuscale-sim demo`: a simulated cluster, the real operator binary, SmolLM2 workers,
-//! and a traffic burst, with a live table, a summary and an SVG plot.
+//! a traffic burst and a broken canary, with a live table, a summary and an SVG plot.
 
-use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use gpuscale_crds::InferenceDeployment;
+use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{ListParams, Patch, PatchParams};
 use kube::Api;
@@ -16,6 +16,7 @@ use serde_json::{json, Value};
 use super::cluster::{ClusterConfig, SimCluster};
 use super::kubelet::KubeletConfig;
 use super::nodes::default_fleet;
+use super::plot::{self, Mark, Sample};
 use super::traffic::{self, Profile};
 
 const EXAMPLE: &str = include_str!("../../examples/smollm.yaml");
@@ -26,14 +27,18 @@ pub const OUT: &str = "target/gpuscale-sim";
 /// Seconds of light load before the burst.
 const BURST_START: f64 = 15.0;
 
-/// One row of the live table, kept for the plot.
-struct Sample {
-    t: f64,
-    sent_per_s: f64,
-    queue: u32,
-    ready: u32,
-    desired: u32,
-}
+/// When, in the burst, the broken version is applied.
+const ROLLOUT_AT: f64 = 28.0;
+
+/// The events the plot marks.
+const MARKED: [&str; 6] = [
+    "ScaledUp",
+    "ScaledDown",
+    "RolloutStarted",
+    "RolloutStep",
+    "RolloutPromoted",
+    "RolledBack",
+];
 
 /// The model file: `GPUSCALE_SMOLLM2_GGUF`, else fetched by `scripts/ensure-tools.sh`.
 fn model_path() -> anyhow::Result<PathBuf> {
@@ -145,6 +150,7 @@ pub async fn run(burst_rps: f64) -> anyhow::Result<()> {
     d["spec"]["scaling"]["warmReplicas"] = json!(0);
     d["spec"]["scaling"]["scaleToZeroAfterSeconds"] = json!(20);
     d["spec"]["scaling"]["scaleDownWindowSeconds"] = json!(30);
+    d["spec"]["rollout"] = json!({"stepSeconds": 30, "minRequests": 10});
     let client = cluster.client();
     let api: Api<InferenceDeployment> = Api::namespaced(client.clone(), "default");
     api.patch(
@@ -155,7 +161,11 @@ pub async fn run(burst_rps: f64) -> anyhow::Result<()> {
     .await?;
     println!(
         "applied examples/smollm.yaml with minReplicas 0, warmReplicas 0, scaleToZeroAfterSeconds 20, \
-         scaleDownWindowSeconds 30\n"
+         scaleDownWindowSeconds 30, rollout stepSeconds 30 and minRequests 10"
+    );
+    println!(
+        "at {ROLLOUT_AT:.0} s a new version whose workers fail half their requests \
+         (--fail-percent 50) is rolled out: a canary the router gives 10% of the traffic\n"
     );
 
     let profile = Profile(vec![
@@ -181,36 +191,59 @@ pub async fn run(burst_rps: f64) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let start = Instant::now();
+    let start_wall = jiff::Timestamp::now();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let mut broken_applied = false;
     let load = tokio::spawn({
         let (url, profile) = (router_url.clone(), profile.clone());
         async move { traffic::drive_url(&url, "smollm2-135m-instruct", 48, profile).await }
     });
     println!(
-        "{:>6}  {:>9}  {:>5}  {:>7}  {:>5}  REASON",
-        "TIME", "LOAD", "READY", "DESIRED", "QUEUE"
+        "{:>6}  {:>9}  {:>9}  {:>7}  {:>5}  {:<16}  REASON",
+        "TIME", "LOAD", "READY", "DESIRED", "QUEUE", "ROLLOUT"
     );
     let mut samples = Vec::new();
     let mut settled_since: Option<Instant> = None;
     loop {
         tokio::time::sleep(Duration::from_secs(2)).await;
         let t = start.elapsed().as_secs_f64();
+        if t >= ROLLOUT_AT && !broken_applied {
+            let mut broken = d.clone();
+            broken["spec"]["model"]["version"] = json!("2-broken");
+            broken["spec"]["worker"] =
+                json!({"env": [{"name": "GPUSCALE_FAIL_PERCENT", "value": "50"}]});
+            api.patch(
+                "smollm",
+                &PatchParams::apply("gpuscale-demo").force(),
+                &Patch::Apply(&broken),
+            )
+            .await?;
+            broken_applied = true;
+        }
         let st = api.get("smollm").await?.status.unwrap_or_default();
         let sent = profile.rate_at(t);
+        let (stable_ready, canary_ready) = ready_by_version(&pods, &st).await?;
+        let rollout = st.rollout.as_ref().map_or(String::new(), |r| {
+            format!("{:?} {}%", r.phase, r.canary_weight)
+        });
         println!(
-            "{:>5.0}s  {:>6.1}/s  {:>5}  {:>7}  {:>5}  {}",
+            "{:>5.0}s  {:>6.1}/s  {:>4}+{:<4}  {:>7}  {:>5}  {:<16}  {}",
             t,
             sent,
-            st.ready_replicas,
+            stable_ready,
+            canary_ready,
             st.desired_replicas,
             st.queue_depth,
+            rollout,
             st.last_scale_reason.clone().unwrap_or_default()
         );
         samples.push(Sample {
             t,
             sent_per_s: sent,
             queue: st.queue_depth,
-            ready: st.ready_replicas,
             desired: st.desired_replicas,
+            stable: stable_ready,
+            canary: canary_ready,
         });
         if let Ok(Some(status)) = operator.try_wait() {
             bail!("the operator exited ({status}); see {OUT}/operator.log");
@@ -232,18 +265,41 @@ pub async fn run(burst_rps: f64) -> anyhow::Result<()> {
     let outcomes = load.await?;
     let s = traffic::summary(&outcomes);
     let events: Api<Event> = Api::namespaced(client.clone(), "default");
-    let scale_events: Vec<String> = events
+    let mut marked: Vec<Event> = events
         .list(&ListParams::default())
         .await?
         .items
         .into_iter()
-        .filter(|e| matches!(e.reason.as_deref(), Some("ScaledUp" | "ScaledDown")))
-        .map(|e| {
-            format!(
-                "{}: {}",
-                e.reason.unwrap_or_default(),
-                e.note.unwrap_or_default()
-            )
+        .filter(|e| MARKED.contains(&e.reason.as_deref().unwrap_or("")))
+        .collect();
+    let at = |e: &Event| {
+        e.event_time
+            .as_ref()
+            .map(|t| t.0)
+            .or(e.deprecated_first_timestamp.as_ref().map(|t| t.0))
+            .map_or(0.0, |t| t.duration_since(start_wall).as_secs_f64())
+    };
+    marked.sort_by(|a, b| at(a).total_cmp(&at(b)));
+    let describe = |e: &Event| {
+        format!(
+            "{:>5.0}s {}: {}",
+            at(e),
+            e.reason.clone().unwrap_or_default(),
+            e.note.clone().unwrap_or_default()
+        )
+    };
+    let is_scale = |e: &&Event| matches!(e.reason.as_deref(), Some("ScaledUp" | "ScaledDown"));
+    let scale_events: Vec<String> = marked.iter().filter(is_scale).map(describe).collect();
+    let rollout_events: Vec<String> = marked
+        .iter()
+        .filter(|e| !is_scale(e))
+        .map(describe)
+        .collect();
+    let marks: Vec<Mark> = marked
+        .iter()
+        .map(|e| Mark {
+            t: at(e),
+            reason: e.reason.clone().unwrap_or_default(),
         })
         .collect();
     println!("\nsummary");
@@ -256,10 +312,21 @@ pub async fn run(burst_rps: f64) -> anyhow::Result<()> {
     );
     println!(
         "  peak replicas {}",
-        samples.iter().map(|x| x.ready).max().unwrap_or(0)
+        samples
+            .iter()
+            .map(|x| x.stable + x.canary)
+            .max()
+            .unwrap_or(0)
     );
     println!("  scale events ({}):", scale_events.len());
     for e in &scale_events {
+        println!("    {e}");
+    }
+    println!(
+        "  rollout events ({}); the errors above are the broken canary's answers while its gate watched it:",
+        rollout_events.len()
+    );
+    for e in &rollout_events {
         println!("    {e}");
     }
     if let Some(first) = outcomes.first() {
@@ -277,7 +344,7 @@ pub async fn run(burst_rps: f64) -> anyhow::Result<()> {
         .await?;
     println!("  router picks: {}", picks(&page));
     let plot = out.join("demo.svg");
-    std::fs::write(&plot, svg(&samples))?;
+    plot::draw(&plot, &samples, &marks)?;
     println!("  plot: {}", plot.display());
     operator.kill().await.ok();
     router.kill().await.ok();
@@ -309,58 +376,30 @@ fn picks(page: &str) -> String {
         .join(", ")
 }
 
-/// A plotted line: name, colour, value.
-type Series<'a> = (&'a str, &'a str, &'a dyn Fn(&Sample) -> f64);
-
-/// Load, queue depth and replicas over time, as an SVG line chart.
-fn svg(samples: &[Sample]) -> String {
-    let (w, h, pad) = (900.0, 360.0, 50.0);
-    let t_max = samples.last().map_or(1.0, |s| s.t).max(1.0);
-    let y_max = samples
-        .iter()
-        .map(|s| {
-            s.sent_per_s
-                .max(f64::from(s.queue))
-                .max(f64::from(s.desired))
-        })
-        .fold(1.0, f64::max)
-        .ceil();
-    let x = |t: f64| pad + t / t_max * (w - 2.0 * pad);
-    let y = |v: f64| h - pad - v / y_max * (h - 2.0 * pad);
-    let line = |f: &dyn Fn(&Sample) -> f64| {
-        samples
-            .iter()
-            .map(|s| format!("{:.1},{:.1}", x(s.t), y(f(s))))
-            .collect::<Vec<_>>()
-            .join(" ")
-    };
-    let mut out = format!(
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n\
-         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
-         <text x=\"{pad}\" y=\"20\" font-size=\"14\">gpuscale demo: SmolLM2 on the simulated cluster</text>\n\
-         <line x1=\"{pad}\" y1=\"{b}\" x2=\"{r}\" y2=\"{b}\" stroke=\"black\"/>\n\
-         <line x1=\"{pad}\" y1=\"{pad}\" x2=\"{pad}\" y2=\"{b}\" stroke=\"black\"/>\n\
-         <text x=\"{r}\" y=\"{bl}\" text-anchor=\"end\">{t_max:.0} s</text>\n\
-         <text x=\"5\" y=\"{pad}\">{y_max}</text><text x=\"5\" y=\"{b}\">0</text>\n",
-        b = h - pad,
-        r = w - pad,
-        bl = h - pad + 20.0,
-    );
-    let series: [Series; 4] = [
-        ("load (requests/s)", "#1f77b4", &|s| s.sent_per_s),
-        ("queue depth", "#ff7f0e", &|s| f64::from(s.queue)),
-        ("ready replicas", "#2ca02c", &|s| f64::from(s.ready)),
-        ("desired replicas", "#d62728", &|s| f64::from(s.desired)),
-    ];
-    for (i, (name, color, f)) in series.iter().enumerate() {
-        let _ = writeln!(
-            out,
-            "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"2\" points=\"{}\"/>\n\
-             <text x=\"{}\" y=\"40\" fill=\"{color}\">{name}</text>",
-            line(*f),
-            pad + 170.0 * i as f64
-        );
+/// Ready replicas of the stable version and of a rollout's canary, from the pods'
+/// template labels.
+async fn ready_by_version(
+    pods: &Api<Pod>,
+    st: &gpuscale_crds::InferenceDeploymentStatus,
+) -> anyhow::Result<(u32, u32)> {
+    let list = pods
+        .list(&ListParams::default().labels("gpuscale.dev/deployment=smollm"))
+        .await?;
+    let stable = st.rollout.as_ref().map(|r| r.stable.name.clone());
+    let (mut s, mut c) = (0, 0);
+    for p in list.items.iter().filter(|p| {
+        p.metadata.deletion_timestamp.is_none() && gpuscale_operator::reconcile::is_ready(p)
+    }) {
+        let template = p
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(gpuscale_operator::reconcile::LABEL_TEMPLATE));
+        if stable.is_none() || template == stable.as_ref() {
+            s += 1;
+        } else {
+            c += 1;
+        }
     }
-    out.push_str("</svg>\n");
-    out
+    Ok((s, c))
 }

@@ -11,6 +11,7 @@ pub mod dra;
 pub mod kubelet;
 pub mod models;
 pub mod nodes;
+pub mod plot;
 pub mod scheduler;
 pub mod volumes;
 
