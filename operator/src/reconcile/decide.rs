@@ -65,8 +65,7 @@ pub(super) fn decide(
     ledger: &mut Ledger,
     pods: &[Arc<Pod>],
     need: u64,
-    now: Instant,
-    wall: jiff::Timestamp,
+    (now, wall): (Instant, jiff::Timestamp),
 ) -> Decided {
     let active = world.ready + world.loading;
     let current = state

@@ -770,7 +770,7 @@ async fn apply(d: &InferenceDeployment, ctx: &Context) -> Result<Action, Error> 
     let placing = ctx.placing.lock().await;
     let pods = ctx.cache.pods();
     let mut ledger = observe::ledger(ctx, &pods, &world.corrections);
-    let decided = decide(d, &mut state, &world, &mut ledger, &pods, need, now, wall);
+    let decided = decide(d, &mut state, &world, &mut ledger, &pods, need, (now, wall));
     let (created, acted) = act(d, ctx, &world, &decided, wall).await;
     drop(placing);
     // Report even after a failed step: status then says what was decided and done, and
