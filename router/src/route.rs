@@ -311,9 +311,10 @@ impl Router {
             .iter()
             .filter(|r| !tried.contains(&r.pod))
             .collect();
-        // A rollout: this request's version by the exact share (a retry goes anywhere:
-        // the client has seen nothing yet, and stable replicas are the safe place).
-        let split = pool.split.as_ref().filter(|_| tried.is_empty());
+        // A rollout: this request's version by the exact share. A retry (the client has
+        // seen nothing yet) goes to the stable version only: a stable replica that is
+        // full or refused must not spill traffic onto the canary past its share.
+        let split = pool.split.as_ref();
         if let Some(split) = split {
             let n = self
                 .splits
@@ -322,7 +323,7 @@ impl Router {
                 .get(&pool.key)
                 .copied()
                 .unwrap_or(0);
-            let canary = canary_turn(n, split.percent);
+            let canary = tried.is_empty() && canary_turn(n, split.percent);
             let group: Vec<_> = replicas
                 .iter()
                 .copied()
@@ -357,7 +358,7 @@ impl Router {
             };
         };
         let r = replicas[i];
-        if split.is_some() {
+        if split.is_some() && tried.is_empty() {
             *self
                 .splits
                 .lock()

@@ -35,22 +35,24 @@ fn mark_colour(reason: &str) -> RGBColor {
     }
 }
 
-/// Draws `samples` and `marks` into an SVG at `path`.
+/// Draws `samples` and `marks` into an SVG at `path`: load and queue depth on the left
+/// axis, replicas on the right (so a handful of replicas is not flattened under a queue
+/// of a hundred).
 pub fn draw(path: &Path, samples: &[Sample], marks: &[Mark]) -> anyhow::Result<()> {
-    let root = SVGBackend::new(path, (1000, 480)).into_drawing_area();
+    let root = SVGBackend::new(path, (1000, 500)).into_drawing_area();
     root.fill(&WHITE)?;
     let t_max = samples.last().map_or(1.0, |s| s.t).max(1.0);
-    let y_max = samples
+    let load_max = samples
         .iter()
-        .map(|s| {
-            s.sent_per_s
-                .max(f64::from(s.queue))
-                .max(f64::from(s.desired))
-                .max(f64::from(s.stable + s.canary))
-        })
+        .map(|s| s.sent_per_s.max(f64::from(s.queue)))
         .fold(1.0, f64::max)
-        .ceil()
-        + 1.0;
+        * 1.25;
+    let replicas_max = samples
+        .iter()
+        .map(|s| s.desired.max(s.stable + s.canary))
+        .max()
+        .unwrap_or(1)
+        + 2;
     let mut chart = ChartBuilder::on(&root)
         .caption(
             "gpuscale demo: SmolLM2 from zero, a burst, a broken canary rolled back",
@@ -58,35 +60,33 @@ pub fn draw(path: &Path, samples: &[Sample], marks: &[Mark]) -> anyhow::Result<(
         )
         .margin(12)
         .x_label_area_size(40)
-        .y_label_area_size(50)
-        .build_cartesian_2d(0.0..t_max, 0.0..y_max)?;
+        .y_label_area_size(55)
+        .right_y_label_area_size(55)
+        .build_cartesian_2d(0.0..t_max, 0.0..load_max)?
+        .set_secondary_coord(0.0..t_max, 0..replicas_max);
     chart
         .configure_mesh()
         .x_desc("seconds since the first request")
-        .y_desc("requests/s, requests, replicas")
-        .light_line_style(RGBColor(235, 235, 235))
+        .y_desc("requests/s sent, requests queued")
+        .x_label_formatter(&|x| format!("{x:.0}"))
+        .y_label_formatter(&|y| format!("{y:.0}"))
+        .light_line_style(RGBColor(238, 238, 238))
         .draw()?;
-    type Series = (&'static str, RGBColor, fn(&Sample) -> f64);
-    let series: [Series; 5] = [
+    chart
+        .configure_secondary_axes()
+        .y_desc("replicas")
+        .y_labels(replicas_max as usize + 1)
+        .draw()?;
+    type Load = (&'static str, RGBColor, fn(&Sample) -> f64);
+    let load: [Load; 2] = [
         ("load (requests/s sent)", RGBColor(31, 119, 180), |s| {
             s.sent_per_s
         }),
         ("queue depth", RGBColor(255, 127, 14), |s| {
             f64::from(s.queue)
         }),
-        ("desired replicas", RGBColor(214, 39, 40), |s| {
-            f64::from(s.desired)
-        }),
-        (
-            "ready replicas, stable version",
-            RGBColor(44, 160, 44),
-            |s| f64::from(s.stable),
-        ),
-        ("ready replicas, canary", RGBColor(148, 103, 189), |s| {
-            f64::from(s.canary)
-        }),
     ];
-    for (name, colour, f) in series {
+    for (name, colour, f) in load {
         chart
             .draw_series(LineSeries::new(
                 samples.iter().map(|s| (s.t, f(s))),
@@ -97,25 +97,55 @@ pub fn draw(path: &Path, samples: &[Sample], marks: &[Mark]) -> anyhow::Result<(
                 PathElement::new(vec![(x, y), (x + 16, y)], colour.stroke_width(2))
             });
     }
-    // Each event: a dashed-looking thin line at its time, its reason at the top
-    // (staggered, so neighbours stay readable).
+    type Count = (&'static str, RGBColor, u32, fn(&Sample) -> u32);
+    let counts: [Count; 3] = [
+        (
+            "desired replicas (right axis)",
+            RGBColor(214, 39, 40),
+            1,
+            |s| s.desired,
+        ),
+        (
+            "ready, stable version (right)",
+            RGBColor(44, 160, 44),
+            3,
+            |s| s.stable,
+        ),
+        ("ready, canary (right)", RGBColor(148, 103, 189), 3, |s| {
+            s.canary
+        }),
+    ];
+    for (name, colour, width, f) in counts {
+        chart
+            .draw_secondary_series(LineSeries::new(
+                samples.iter().map(|s| (s.t, f(s))),
+                colour.stroke_width(width),
+            ))?
+            .label(name)
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 16, y)], colour.stroke_width(width))
+            });
+    }
+    // Each event: a thin line at its time, its reason near the top, staggered so that
+    // neighbours stay readable, and kept inside the plot near the right edge.
     for (i, m) in marks.iter().enumerate() {
         let c = mark_colour(&m.reason);
         chart.draw_series(std::iter::once(PathElement::new(
-            vec![(m.t, 0.0), (m.t, y_max)],
+            vec![(m.t, 0.0), (m.t, load_max)],
             c.stroke_width(1),
         )))?;
-        let y = y_max * (0.97 - 0.06 * (i % 4) as f64);
+        let y = load_max * (0.97 - 0.05 * (i % 4) as f64);
+        let x = m.t.min(t_max * 0.93);
         chart.draw_series(std::iter::once(Text::new(
-            m.reason.clone(),
-            (m.t, y),
+            format!(" {}", m.reason),
+            (x, y),
             ("sans-serif", 11).into_font().color(&c),
         )))?;
     }
     chart
         .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
-        .background_style(WHITE.mix(0.85))
+        .position(SeriesLabelPosition::MiddleRight)
+        .background_style(WHITE.mix(0.9))
         .border_style(BLACK)
         .draw()?;
     root.present()?;
@@ -154,7 +184,8 @@ mod tests {
         draw(&path, &samples, &marks).unwrap();
         let svg = std::fs::read_to_string(&path).unwrap();
         for text in [
-            "ready replicas, canary",
+            "ready, canary (right)",
+            "replicas",
             "queue depth",
             "RolledBack",
             "ScaledUp",

@@ -140,7 +140,18 @@ pub(super) async fn patch_status(
     }
     let api: Api<InferenceDeployment> =
         Api::namespaced(ctx.client.clone(), &d.namespace().unwrap_or_default());
-    let patch = serde_json::json!({ "status": st });
+    let mut patch = serde_json::json!({ "status": st });
+    // A merge patch keeps every key it does not name: the rollout's versions are
+    // written with a null for each key the stored ones have and the new ones lack, so
+    // a promoted version never keeps a field of the one it replaced.
+    if let (Some(old), Some(new)) = (
+        d.status.as_ref().and_then(|s| s.rollout.as_ref()),
+        st.rollout.as_ref(),
+    ) {
+        let old = serde_json::to_value(old).unwrap_or_default();
+        let new = serde_json::to_value(new).unwrap_or_default();
+        patch["status"]["rollout"] = replacing(&old, &new);
+    }
     api.patch_status(
         &d.name_any(),
         &PatchParams::default(),
@@ -148,6 +159,26 @@ pub(super) async fn patch_status(
     )
     .await?;
     Ok(())
+}
+
+/// The merge patch (RFC 7386) that turns `old` into `new`: `new`, with a null for each
+/// object key only `old` has.
+fn replacing(old: &serde_json::Value, new: &serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    match (old, new) {
+        (Value::Object(o), Value::Object(n)) => {
+            let mut out = serde_json::Map::new();
+            for (k, v) in n {
+                let v = o.get(k).map_or_else(|| v.clone(), |ov| replacing(ov, v));
+                out.insert(k.clone(), v);
+            }
+            for k in o.keys().filter(|k| !n.contains_key(*k)) {
+                out.insert(k.clone(), Value::Null);
+            }
+            Value::Object(out)
+        }
+        _ => new.clone(),
+    }
 }
 
 pub(super) async fn publish(
@@ -196,5 +227,43 @@ fn replica_placement(pod: String, p: &PodPlacement, state: ReplicaState) -> Repl
         vram_reserved_bytes: p.bytes_per_gpu,
         state,
         binding,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::replacing;
+    use serde_json::json;
+
+    #[test]
+    fn a_merge_patch_that_replaces_drops_the_keys_only_the_old_value_had() {
+        let old = json!({"phase": "Progressing", "canary": {"name": "b", "model": {"version": "2"}},
+            "stable": {"name": "a", "model": {"version": "1", "parameters": 7}}});
+        let new = json!({"phase": "Stable", "stable": {"name": "b", "model": {"version": "2"}}});
+        let patch = replacing(&old, &new);
+        assert_eq!(
+            patch,
+            json!({"phase": "Stable", "canary": null,
+                "stable": {"name": "b", "model": {"version": "2", "parameters": null}}})
+        );
+        let mut merged = old.clone();
+        json_merge(&mut merged, &patch);
+        assert_eq!(merged, new);
+    }
+
+    /// RFC 7386, as the API server applies it.
+    fn json_merge(target: &mut serde_json::Value, patch: &serde_json::Value) {
+        match (target.as_object_mut(), patch.as_object()) {
+            (Some(t), Some(p)) => {
+                for (k, v) in p {
+                    if v.is_null() {
+                        t.remove(k);
+                    } else {
+                        json_merge(t.entry(k.clone()).or_insert(serde_json::Value::Null), v);
+                    }
+                }
+            }
+            _ => *target = patch.clone(),
+        }
     }
 }
