@@ -120,20 +120,27 @@ async fn rollout(env: &Env) -> Option<gpuscale_crds::RolloutStatus> {
     env.deployment("smollm").await.ok()?.status?.rollout
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_good_version_is_promoted_step_by_step_across_an_operator_restart_losing_nothing() {
-    let mut env = Env::start("rollout-good", node()).await.unwrap();
+/// A cluster with the router, `smollm` serving two ready replicas with `steps`, and
+/// three clients sending through the router; returns the stable version's name.
+async fn serving(scenario: &str, steps: &Value) -> (Env, String, Load) {
+    let mut env = Env::start(scenario, node()).await.unwrap();
     let url = env.start_router().await.unwrap();
-    let steps = json!({"steps": [10, 50, 100], "stepSeconds": 4, "minRequests": 5,
-        "readyTimeoutSeconds": 120});
     env.apply(&deployment(steps.clone(), json!({})))
         .await
         .unwrap();
     env.wait_ready("smollm", 2, Duration::from_secs(120))
         .await
         .unwrap();
-    let old = rollout(&env).await.expect("status.rollout").stable.name;
+    let stable = rollout(&env).await.expect("status.rollout").stable.name;
     let load = Load::start(&url, 3);
+    (env, stable, load)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_good_version_is_promoted_step_by_step_across_an_operator_restart_losing_nothing() {
+    let steps = json!({"steps": [10, 50, 100], "stepSeconds": 4, "minRequests": 5,
+        "readyTimeoutSeconds": 120});
+    let (mut env, old, load) = serving("rollout-good", &steps).await;
 
     env.apply(&deployment(
         steps,
@@ -198,20 +205,11 @@ async fn a_good_version_is_promoted_step_by_step_across_an_operator_restart_losi
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failing_and_never_ready_versions_are_rolled_back_touching_only_the_canary_share() {
-    let mut env = Env::start("rollout-bad", node()).await.unwrap();
-    let url = env.start_router().await.unwrap();
     // A long hold: a verdict must come from the error ratio as soon as the canary has
     // minRequests answers, not from the hold ending.
     let steps = json!({"steps": [10, 50, 100], "stepSeconds": 120, "minRequests": 5,
         "rollbackErrorPercent": 5, "readyTimeoutSeconds": 60});
-    env.apply(&deployment(steps.clone(), json!({})))
-        .await
-        .unwrap();
-    env.wait_ready("smollm", 2, Duration::from_secs(120))
-        .await
-        .unwrap();
-    let stable = rollout(&env).await.expect("status.rollout").stable.name;
-    let load = Load::start(&url, 3);
+    let (env, stable, load) = serving("rollout-bad", &steps).await;
 
     // (b) A version whose worker fails 40% of requests.
     let failing = json!({"spec": {"model": {"version": "2-bad"},

@@ -170,20 +170,20 @@ pub struct RouterDemand {
 const STALE_AFTER: Duration = Duration::from_secs(10);
 
 impl RouterDemand {
-    /// What the routers report on `namespace/name` (zeros when they know nothing of
-    /// it); `None` when there is no recent complete reading.
-    pub fn get(&self, namespace: &str, name: &str, now: Instant) -> Option<Reported> {
+    /// `read` of the latest page, if it is recent and complete.
+    fn recent<T>(&self, now: Instant, read: impl FnOnce(&Page) -> T) -> Option<T> {
         let latest = self.latest.read().unwrap();
         let r = latest
             .as_ref()
             .filter(|r| now.saturating_duration_since(r.at) < STALE_AFTER)?;
-        Some(
-            r.page
-                .per
-                .get(&(namespace.to_string(), name.to_string()))
-                .copied()
-                .unwrap_or_default(),
-        )
+        Some(read(&r.page))
+    }
+
+    /// What the routers report on `namespace/name` (zeros when they know nothing of
+    /// it); `None` when there is no recent complete reading.
+    pub fn get(&self, namespace: &str, name: &str, now: Instant) -> Option<Reported> {
+        let key = (namespace.to_string(), name.to_string());
+        self.recent(now, |p| p.per.get(&key).copied().unwrap_or_default())
     }
 
     /// What the routers saw of each version of `namespace/name` (empty when nothing);
@@ -194,17 +194,8 @@ impl RouterDemand {
         name: &str,
         now: Instant,
     ) -> Option<HashMap<String, VersionCounts>> {
-        let latest = self.latest.read().unwrap();
-        let r = latest
-            .as_ref()
-            .filter(|r| now.saturating_duration_since(r.at) < STALE_AFTER)?;
-        Some(
-            r.page
-                .versions
-                .get(&(namespace.to_string(), name.to_string()))
-                .cloned()
-                .unwrap_or_default(),
-        )
+        let key = (namespace.to_string(), name.to_string());
+        self.recent(now, |p| p.versions.get(&key).cloned().unwrap_or_default())
     }
 
     fn set(&self, reading: Option<Reading>) {
