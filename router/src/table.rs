@@ -101,16 +101,8 @@ impl Table {
                 }
                 continue;
             }
-            let replicas = pods
-                .iter()
-                .filter(|p| p.namespace().as_deref() == Some(key.namespace.as_str()))
-                .filter(|p| p.labels().get(LABEL_DEPLOYMENT) == Some(&key.name))
-                .filter_map(|p| replica(p, d.spec.worker.port))
-                .collect();
-            let split = d
-                .status
-                .as_ref()
-                .and_then(|s| s.rollout.as_ref())
+            let rollout = d.status.as_ref().and_then(|s| s.rollout.as_ref());
+            let split = rollout
                 .filter(|r| r.phase == RolloutPhase::Progressing && r.canary_weight > 0)
                 .and_then(|r| {
                     Some(Split {
@@ -118,6 +110,20 @@ impl Table {
                         percent: r.canary_weight.min(100),
                     })
                 });
+            // A canary takes requests only through its share: none before the operator
+            // routes it (its replicas ready, idle and first in line would otherwise take
+            // a burst), none once it is rolled back.
+            let withheld = rollout
+                .and_then(|r| r.canary.as_ref())
+                .map(|c| c.name.as_str())
+                .filter(|c| split.as_ref().is_none_or(|s| s.canary != *c));
+            let replicas = pods
+                .iter()
+                .filter(|p| p.namespace().as_deref() == Some(key.namespace.as_str()))
+                .filter(|p| p.labels().get(LABEL_DEPLOYMENT) == Some(&key.name))
+                .filter_map(|p| replica(p, d.spec.worker.port))
+                .filter(|r| Some(r.revision.as_str()) != withheld)
+                .collect();
             let ready_seconds = d
                 .status
                 .as_ref()
@@ -281,7 +287,8 @@ mod tests {
             .labels
             .get_or_insert_default()
             .insert(LABEL_TEMPLATE.into(), "bbb".into());
-        let t = Table::build(&[Arc::new(d.clone())], &[Arc::new(p)]);
+        let canary = Arc::new(p);
+        let t = Table::build(&[Arc::new(d.clone())], &[canary.clone()]);
         let pool = t.pool("llama-3").unwrap();
         assert_eq!(
             pool.split,
