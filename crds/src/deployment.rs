@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
     plural = "inferencedeployments",
     shortname = "infd",
     category = "gpuscale",
+    category = "all",
     namespaced,
     status = "InferenceDeploymentStatus",
     derive = "PartialEq",
@@ -28,6 +29,11 @@ use serde::{Deserialize, Serialize};
         label_selector_path = ".status.selector"
     ),
     printcolumn(name = "Model", type_ = "string", json_path = ".spec.model.name"),
+    printcolumn(
+        name = "Status",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].reason"
+    ),
     printcolumn(name = "Ready", type_ = "integer", json_path = ".status.readyReplicas"),
     printcolumn(
         name = "Desired",
@@ -487,8 +493,10 @@ pub struct InferenceDeploymentStatus {
     /// Where each replica runs.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub placements: Vec<ReplicaPlacement>,
-    /// Available, Progressing, Unschedulable, InvalidSpec.
+    /// Ready (what `kubectl wait --for=condition=Ready` and GitOps health checks read),
+    /// Available, Progressing, Unschedulable, InvalidSpec, Promoted; one of each type.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
     /// The `metadata.generation` this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]

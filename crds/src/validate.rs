@@ -187,6 +187,9 @@ impl Validator {
             .map(|e| field_error(&e))
             .collect();
         if causes.is_empty() {
+            list_errors(&self.schema, obj, "", &mut causes);
+        }
+        if causes.is_empty() {
             cel_errors(&self.schema, obj, old, "", &mut causes);
         }
         if causes.is_empty() {
@@ -525,6 +528,59 @@ pub fn to_cel(v: &Value) -> cel::Value {
 /// Evaluates every CEL rule whose schema node has a value. A rule that fails, or that
 /// cannot be evaluated on this value, is a field error (the API server reports an
 /// evaluation error as Invalid too).
+/// Lists declared `x-kubernetes-list-type: map` (unique by their
+/// `x-kubernetes-list-map-keys`) or `set` (unique items), as the API server checks
+/// them: a repeat is `Duplicate value` at the repeat's index
+/// ([CRD docs](https://kubernetes.io/docs/reference/using-api/server-side-apply/#merge-strategy)).
+fn list_errors(schema: &Value, value: &Value, path: &str, out: &mut Vec<FieldError>) {
+    if let Some(arr) = value.as_array() {
+        let keys: Vec<&str> = schema["x-kubernetes-list-map-keys"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect();
+        let key_of = |v: &Value| -> Value {
+            match schema["x-kubernetes-list-type"].as_str() {
+                Some("map") => Value::Object(
+                    keys.iter()
+                        .map(|k| (k.to_string(), v.get(*k).cloned().unwrap_or(Value::Null)))
+                        .collect(),
+                ),
+                _ => v.clone(),
+            }
+        };
+        if matches!(
+            schema["x-kubernetes-list-type"].as_str(),
+            Some("map" | "set")
+        ) {
+            let mut seen: Vec<Value> = Vec::new();
+            for (i, v) in arr.iter().enumerate() {
+                let k = key_of(v);
+                if seen.contains(&k) {
+                    out.push(FieldError {
+                        reason: "FieldValueDuplicate",
+                        field: format!("{path}[{i}]").trim_start_matches('.').to_string(),
+                        message: format!("Duplicate value: {k}"),
+                    });
+                } else {
+                    seen.push(k);
+                }
+            }
+        }
+        for (i, v) in arr.iter().enumerate() {
+            list_errors(&schema["items"], v, &format!("{path}[{i}]"), out);
+        }
+    }
+    if let (Some(props), Some(obj)) = (schema["properties"].as_object(), value.as_object()) {
+        for (name, sub) in props {
+            if let Some(v) = obj.get(name) {
+                list_errors(sub, v, &format!("{path}.{name}"), out);
+            }
+        }
+    }
+}
+
 fn cel_errors(
     schema: &Value,
     value: &Value,
@@ -666,6 +722,23 @@ mod tests {
             .admit(&mut o, None, FieldValidation::Strict)
             .unwrap();
         assert!(o["spec"]["model"]["dtype"].is_null());
+    }
+
+    #[test]
+    fn a_condition_type_twice_is_a_duplicate_value_as_the_api_server_says() {
+        let v = validator();
+        let mut o = obj(json!({"model": {"name": "m", "source": "file:///m.gguf"}}));
+        let c = |t: &str| {
+            json!({"type": t, "status": "True", "reason": "R", "message": "",
+            "lastTransitionTime": "2026-01-01T00:00:00Z"})
+        };
+        o["status"] = json!({"conditions": [c("Ready"), c("Available"), c("Ready")]});
+        let Err(Refusal::Invalid { causes, .. }) = v.admit(&mut o, None, FieldValidation::Strict)
+        else {
+            panic!("a repeated condition type was admitted");
+        };
+        assert_eq!(causes[0].field, "status.conditions[2]");
+        assert_eq!(causes[0].message, "Duplicate value: {\"type\":\"Ready\"}");
     }
 
     #[test]

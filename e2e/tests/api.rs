@@ -55,6 +55,64 @@ fn yaml_files(dir: &Path) -> Vec<PathBuf> {
     files
 }
 
+/// `kubectl wait --for=condition=Ready` and `kubectl get all` work on an
+/// InferenceDeployment (the operator's status is written here by hand, as it writes
+/// it); one condition of each type, as the API server enforces for `listType: map`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_waits_for_ready_and_lists_deployments_under_all() {
+    let cluster = bare_cluster("kubectl-ready").await;
+    let kc = cluster.kubeconfig().to_path_buf();
+    let example = repo().join("examples/smollm.yaml");
+    let (ok, out, err) = kubectl(&kc, &["apply", "-f", example.to_str().unwrap()]);
+    assert!(ok, "{out}{err}");
+    let api: Api<InferenceDeployment> = Api::namespaced(cluster.client(), "default");
+    let cond = |status: &str, reason: &str| {
+        json!({"type": "Ready", "status": status, "reason": reason, "message": "",
+            "lastTransitionTime": "2026-01-01T00:00:00Z"})
+    };
+    let set = |conditions: serde_json::Value| {
+        let api = api.clone();
+        async move {
+            api.patch_status(
+                "smollm",
+                &PatchParams::default(),
+                &Patch::Merge(&json!({"status": {"conditions": conditions}})),
+            )
+            .await
+        }
+    };
+    set(json!([cond("False", "ReplicasStarting")]))
+        .await
+        .unwrap();
+    let wait = [
+        "wait",
+        "--for=condition=Ready",
+        "infd/smollm",
+        "--timeout=2s",
+    ];
+    let (ok, _, err) = kubectl(&kc, &wait);
+    assert!(!ok, "Ready=False satisfied kubectl wait: {err}");
+    set(json!([cond("True", "ReplicasReady")])).await.unwrap();
+    let (ok, out, err) = kubectl(&kc, &wait);
+    assert!(ok && out.contains("condition met"), "{out}{err}");
+    let (ok, out, err) = kubectl(&kc, &["get", "infd"]);
+    assert!(
+        ok && out.contains("STATUS") && out.contains("ReplicasReady"),
+        "{out}{err}"
+    );
+    // The only kind in this namespace, so kubectl prints its table without a prefix.
+    let (ok, out, err) = kubectl(&kc, &["get", "all"]);
+    assert!(ok && out.contains("smollm2-135m-instruct"), "{out}{err}");
+    let twice = set(json!([cond("True", "ReplicasReady"), cond("False", "X")])).await;
+    let Err(kube::Error::Api(e)) = twice else {
+        panic!("two Ready conditions were admitted: {twice:?}");
+    };
+    assert!(
+        e.code == 422 && e.message.contains("status.conditions[1]: Duplicate value"),
+        "{e:?}"
+    );
+}
+
 /// `kubectl apply` of every example: the valid ones are created (no `--validate=false`),
 /// every file in `examples/invalid/` is refused with its `# expect:` message, as a real
 /// API server words it.

@@ -44,6 +44,9 @@ async fn apply_becomes_available_and_serves() {
         })
         .await
         .unwrap();
+    // What `kubectl wait --for=condition=Ready` and GitOps health checks read.
+    let (ready, reason, _) = condition(&d, "Ready").expect("a Ready condition");
+    assert_eq!((ready.as_str(), reason.as_str()), ("True", "ReplicasReady"));
     let status = d.status.unwrap();
     assert_eq!((status.replicas, status.ready_replicas), (1, 1));
     assert_eq!(status.placements.len(), 1);
@@ -290,6 +293,9 @@ async fn an_invalid_spec_is_reported_as_a_condition_and_an_event() {
         .unwrap();
     assert_eq!((status.as_str(), reason.as_str()), ("True", "InvalidSpec"));
     assert!(message.contains("spec.model.parameters"), "{message}");
+    let d = env.deployment("unsized").await.unwrap();
+    let (ready, reason, _) = condition(&d, "Ready").expect("a Ready condition");
+    assert_eq!((ready.as_str(), reason.as_str()), ("False", "InvalidSpec"));
     let events = env.events("unsized").await.unwrap();
     assert!(
         events

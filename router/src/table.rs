@@ -287,8 +287,8 @@ mod tests {
             .labels
             .get_or_insert_default()
             .insert(LABEL_TEMPLATE.into(), "bbb".into());
-        let canary = Arc::new(p);
-        let t = Table::build(&[Arc::new(d.clone())], &[canary.clone()]);
+        let canary = [Arc::new(p)];
+        let t = Table::build(&[Arc::new(d.clone())], &canary);
         let pool = t.pool("llama-3").unwrap();
         assert_eq!(
             pool.split,

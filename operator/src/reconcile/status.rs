@@ -186,6 +186,15 @@ pub fn build(d: &InferenceDeployment, o: &Observed) -> InferenceDeploymentStatus
         "Valid",
         "the spec is valid",
     );
+    let (ready, reason, message) = ready(o);
+    set(
+        &mut st.conditions,
+        generation,
+        "Ready",
+        ready,
+        reason,
+        &message,
+    );
     // Promoted: the spec's version serves all traffic. Its reason and message say where
     // a rollout stands, with the numbers its last verdict was made on.
     if let Some(r) = o.rollout {
@@ -210,9 +219,44 @@ pub fn build(d: &InferenceDeployment, o: &Observed) -> InferenceDeploymentStatus
     st
 }
 
+/// `Ready`: the spec is carried out (every desired replica ready, of the spec's version,
+/// or none wanted), as `kubectl wait --for=condition=Ready` and GitOps health checks
+/// (Flux's kstatus, Argo CD) read it; otherwise why not.
+fn ready(o: &Observed) -> (bool, &'static str, String) {
+    let counts = format!("{} of {} replicas ready", o.ready, o.desired);
+    let rollout = o.rollout.filter(|r| r.phase != RolloutPhase::Stable);
+    match (o.refusal, rollout) {
+        (Some(r), _) if o.ready < o.desired => (false, "Unschedulable", r.message.clone()),
+        (_, Some(r)) => (
+            false,
+            match r.phase {
+                RolloutPhase::RolledBack => "RolledBack",
+                _ => "RolloutProgressing",
+            },
+            r.message.clone().unwrap_or(counts),
+        ),
+        _ if o.desired == 0 => (
+            true,
+            "ScaledToZero",
+            "no replica is wanted now; a request starts one".into(),
+        ),
+        _ if o.ready < o.desired => (false, "ReplicasStarting", counts),
+        _ => (true, "ReplicasReady", counts),
+    }
+}
+
 /// The status when the spec cannot be acted on: everything else kept as it was.
 pub fn invalid(d: &InferenceDeployment, message: &str) -> InferenceDeploymentStatus {
-    with_condition(d, "InvalidSpec", "InvalidSpec", message)
+    let mut st = with_condition(d, "InvalidSpec", "InvalidSpec", message);
+    set(
+        &mut st.conditions,
+        d.metadata.generation,
+        "Ready",
+        false,
+        "InvalidSpec",
+        message,
+    );
+    st
 }
 
 /// The status while something must finish before the pass can act (the model's header
@@ -222,7 +266,19 @@ pub fn progressing(
     reason: &str,
     message: &str,
 ) -> InferenceDeploymentStatus {
-    with_condition(d, "Progressing", reason, message)
+    let mut st = with_condition(d, "Progressing", reason, message);
+    // Replicas already serving stay ready while the model's header is read again.
+    if st.ready_replicas == 0 {
+        set(
+            &mut st.conditions,
+            d.metadata.generation,
+            "Ready",
+            false,
+            reason,
+            message,
+        );
+    }
+    st
 }
 
 /// `d`'s status as it is, with condition `type_` true for `reason`.
