@@ -90,17 +90,33 @@ pub struct Outcome {
 }
 
 /// How many replicas of each version: `(stable, canary)` for `desired` replicas with
-/// the canary at `percent` of the traffic. The canary gets its share rounded up (at
-/// least one while it has any share); the stable version keeps capacity for the rest
-/// and, within `max_surge`, more, so capacity never falls below `desired` while the
-/// canary's replicas start. With `max_surge` 0 the two add up to `desired`: the stable
-/// version gives up a replica before the canary gets one (replace in place).
+/// the canary at `percent` of the traffic. Each version gets replicas in proportion to
+/// its share, rounded up (the canary at least one while it has any share), and the
+/// canary more where rounding would make its replicas busier than the stable ones: up
+/// to an even split a canary replica never carries more than a stable one, so their
+/// latencies are compared under like load. The two together stay within
+/// `desired + max_surge`, the stable version giving way. With `max_surge` 0 they add up to `desired`: the stable version gives up
+/// a replica before the canary gets one (replace in place). While a canary starts, the
+/// plan keeps the stable replicas it is to lose until the canary is ready, so capacity
+/// does not fall below `desired`.
 pub fn split(desired: u32, percent: u32, max_surge: u32) -> (u32, u32) {
     if desired == 0 {
         return (0, 0);
     }
-    let canary = (desired * percent).div_ceil(100).clamp(1, desired);
-    let stable = desired.min(desired - canary + max_surge);
+    let percent = percent.min(100);
+    let stable_share = (desired * (100 - percent)).div_ceil(100);
+    // Enough canaries that none carries more than a stable replica: percent / canary
+    // ≤ (100 - percent) / stable.
+    let fair = if percent < 100 {
+        (percent * stable_share).div_ceil(100 - percent)
+    } else {
+        desired
+    };
+    let canary = (desired * percent)
+        .div_ceil(100)
+        .max(fair)
+        .clamp(1, desired);
+    let stable = stable_share.min(desired + max_surge - canary);
     (stable, canary)
 }
 

@@ -56,17 +56,41 @@ fn window(since: i64, stable: Measured, canary: Measured) -> Option<Window> {
 }
 
 #[test]
-fn split_keeps_capacity_within_the_surge_and_replaces_in_place_without_one() {
-    // 10% of 4 rounds up to one canary; the stable version keeps all 4 (surge 1).
+fn split_gives_each_version_replicas_in_proportion_within_the_surge() {
+    // 10% of 4 rounds up to one canary; the stable version keeps its 4 (surge 1).
     assert_eq!(split(4, 10, 1), (4, 1));
-    assert_eq!(split(4, 50, 1), (3, 2));
-    assert_eq!(split(4, 100, 1), (1, 4));
+    // Half and half: no canary replica is busier than a stable one.
+    assert_eq!(split(4, 50, 1), (2, 2));
+    assert_eq!(split(2, 50, 1), (1, 1));
+    assert_eq!(split(3, 50, 1), (2, 2));
+    // Two replicas at 40%: one canary would carry 40 to a stable replica's 30.
+    assert_eq!(split(2, 40, 1), (1, 2));
+    assert_eq!(split(4, 100, 1), (0, 4));
     // maxSurge 0: the two add up to the desired count.
     assert_eq!(split(4, 10, 0), (3, 1));
     assert_eq!(split(1, 10, 0), (0, 1));
     assert_eq!(split(0, 50, 1), (0, 0));
     // Scaling during a rollout scales both versions in proportion.
-    assert_eq!(split(10, 50, 1), (6, 5));
+    assert_eq!(split(10, 50, 1), (5, 5));
+    assert_eq!(split(20, 10, 1), (18, 2));
+    // Within the surge always; and up to an even split, no canary replica carries more
+    // than a stable one, so its latency is never judged under more load than the
+    // version it is compared with.
+    for surge in [0, 1, 3] {
+        for desired in 1..=40 {
+            for percent in 1..=100 {
+                let (s, c) = split(desired, percent, surge);
+                let at = format!("{desired} at {percent}% (surge {surge}): {s} stable, {c} canary");
+                assert!(
+                    s + c <= desired + surge && (1..=desired).contains(&c),
+                    "{at}"
+                );
+                if s > 0 && percent <= 50 {
+                    assert!(percent * s <= (100 - percent) * c, "{at}");
+                }
+            }
+        }
+    }
 }
 
 #[test]
