@@ -116,6 +116,16 @@ async fn versions(env: &Env) -> HashMap<String, String> {
         .collect()
 }
 
+/// Waits until `smollm` has its two replicas, both of version `stable`.
+async fn only_stable_pods(env: &Env, stable: &str, what: &str) {
+    env.wait(what, Duration::from_secs(60), || async {
+        let v = versions(env).await;
+        (v.len() == 2 && v.values().all(|t| t == stable)).then_some(())
+    })
+    .await
+    .unwrap();
+}
+
 async fn rollout(env: &Env) -> Option<gpuscale_crds::RolloutStatus> {
     env.deployment("smollm").await.ok()?.status?.rollout
 }
@@ -254,12 +264,7 @@ async fn failing_and_never_ready_versions_are_rolled_back_touching_only_the_cana
     );
     assert_eq!(r.stable.name, stable);
     // The failing version's pods go; the stable version is pinned.
-    env.wait("only stable pods", Duration::from_secs(60), || async {
-        let v = versions(&env).await;
-        (v.len() == 2 && v.values().all(|t| *t == stable)).then_some(())
-    })
-    .await
-    .unwrap();
+    only_stable_pods(&env, &stable, "only stable pods").await;
     let at_rollback = load.answers();
     let failed: Vec<&Answer> = at_rollback.iter().filter(|a| a.status != 200).collect();
     let on_canary = at_rollback
@@ -308,16 +313,7 @@ async fn failing_and_never_ready_versions_are_rolled_back_touching_only_the_cana
         note.contains("failed") || note.contains("ready after"),
         "{note}"
     );
-    env.wait(
-        "only stable pods again",
-        Duration::from_secs(60),
-        || async {
-            let v = versions(&env).await;
-            (v.len() == 2 && v.values().all(|t| *t == stable)).then_some(())
-        },
-    )
-    .await
-    .unwrap();
+    only_stable_pods(&env, &stable, "only stable pods again").await;
     let answers = load.stop().await;
     let after: Vec<&Answer> = answers[before..].iter().collect();
     assert!(!after.is_empty());

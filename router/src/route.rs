@@ -314,15 +314,12 @@ impl Router {
         // A rollout: this request's version by the exact share. A retry (the client has
         // seen nothing yet) goes to the stable version only: a stable replica that is
         // full or refused must not spill traffic onto the canary past its share.
+        // The count is read and advanced under one lock, so concurrent requests never
+        // take the same turn (taken before `loads` and `index`, as nowhere else).
         let split = pool.split.as_ref();
-        if let Some(split) = split {
-            let n = self
-                .splits
-                .lock()
-                .unwrap()
-                .get(&pool.key)
-                .copied()
-                .unwrap_or(0);
+        let mut turns = split.map(|_| self.splits.lock().unwrap());
+        if let (Some(split), Some(turns)) = (split, &turns) {
+            let n = turns.get(&pool.key).copied().unwrap_or(0);
             let canary = tried.is_empty() && canary_turn(n, split.percent);
             let group: Vec<_> = replicas
                 .iter()
@@ -358,14 +355,10 @@ impl Router {
             };
         };
         let r = replicas[i];
-        if split.is_some() && tried.is_empty() {
-            *self
-                .splits
-                .lock()
-                .unwrap()
-                .entry(pool.key.clone())
-                .or_default() += 1;
+        if let Some(turns) = turns.as_mut().filter(|_| tried.is_empty()) {
+            *turns.entry(pool.key.clone()).or_default() += 1;
         }
+        drop(turns);
         loads.entry(r.pod.clone()).or_default().own += 1;
         drop(loads);
         self.index.lock().unwrap().record(&r.pod, blocks);
