@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the test suite and the demo need into a cache outside the clone
 # ($GPUSCALE_CACHE, default ~/.cache/gpuscale), downloading only what is missing.
-# Everything comes from package registries (PyPI), since nothing else is reachable.
+# Everything comes from package registries (PyPI, npm), since nothing else is reachable.
 # Prints nothing but progress on stderr; safe to run repeatedly.
 set -euo pipefail
 
@@ -81,9 +81,18 @@ os.rename(dest + ".part", dest)
 PY
 fi
 
+# readme-generator-for-helm (npm): the chart README's parameter table from values.yaml.
+NODE_TOOLS="$CACHE/node"
+if [[ ! -x "$NODE_TOOLS/node_modules/.bin/readme-generator" ]]; then
+  log "installing readme-generator-for-helm (npm)"
+  npm install --silent --no-audit --no-fund --prefix "$NODE_TOOLS" \
+    '@bitnami/readme-generator-for-helm@2.7.2' >&2
+fi
+
 # Variables for the caller (eval "$(scripts/ensure-tools.sh)").
 echo "export PATH=\"$BIN:\$PATH\""
 echo "export GPUSCALE_SMOLLM2_GGUF=\"$SMOLLM\""
 echo "export GPUSCALE_NVRTC_LIB_DIR=\"$NVRTC/lib\""
 echo "export LD_LIBRARY_PATH=\"$NVRTC/lib\${LD_LIBRARY_PATH:+:\$LD_LIBRARY_PATH}\""
 echo "export GPUSCALE_KUBERNETES_VALIDATE=\"$VENV/bin/kubernetes-validate\""
+echo "export GPUSCALE_README_GENERATOR=\"$NODE_TOOLS/node_modules/.bin/readme-generator\""

@@ -2,7 +2,7 @@
 // kube-derive's repeated `printcolumn(...)` arguments trip this lint; they are distinct columns.
 #![allow(clippy::duplicated_attributes)]
 
-use k8s_openapi::api::core::v1::{EnvVar, ResourceRequirements};
+use k8s_openapi::api::core::v1::{EnvVar, LocalObjectReference, ResourceRequirements};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
@@ -381,9 +381,17 @@ pub enum SpreadDomain {
 #[derive(JsonSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase", default)]
 pub struct WorkerSpec {
-    /// Worker image.
+    /// Worker image. Unset (the usual case): the image released with the operator, so
+    /// an upgrade of the operator rolls the workers to its version (as a canary). Set
+    /// it to pin a version or to use your own build.
+    #[serde(skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 512))]
-    pub image: String,
+    pub image: Option<String>,
+    /// Secrets in the deployment's namespace for pulling `image`, in addition to the
+    /// ones the operator is installed with (chart value `imagePullSecrets`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub image_pull_secrets: Vec<LocalObjectReference>,
     /// HTTP port of the OpenAI-compatible API and `/metrics`.
     #[schemars(range(min = 1, max = 65535))]
     pub port: u16,
@@ -398,7 +406,8 @@ pub struct WorkerSpec {
 impl Default for WorkerSpec {
     fn default() -> Self {
         Self {
-            image: "ghcr.io/gpuscale/inference-worker:0.1.0".into(),
+            image: None,
+            image_pull_secrets: Vec::new(),
             port: 8080,
             env: Vec::new(),
             resources: None,

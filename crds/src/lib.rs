@@ -33,6 +33,22 @@ pub fn crd_manifests() -> Vec<(&'static str, String)> {
     ]
 }
 
+/// The chart's template of a CRD manifest: Helm never upgrades a chart's `crds/` folder
+/// (<https://helm.sh/docs/chart_best_practices/custom_resource_definitions/>), so the
+/// chart installs and upgrades CRDs as templates, behind `crds.enabled`, and keeps them
+/// on uninstall with `crds.keep` (deleting a CRD deletes every object of it), as
+/// cert-manager's chart does.
+pub fn chart_template(yaml: &str) -> String {
+    let body = yaml.replacen(
+        "\nmetadata:\n",
+        "\nmetadata:\n  labels:\n    {{- include \"gpuscale.labels\" . | nindent 4 }}\n  \
+         {{- if .Values.crds.keep }}\n  annotations:\n    helm.sh/resource-policy: keep\n  \
+         {{- end }}\n",
+        1,
+    );
+    format!("{{{{- if .Values.crds.enabled }}}}\n{body}{{{{- end }}}}\n")
+}
+
 /// `v` with every object's keys in sorted order.
 fn sorted(v: serde_json::Value) -> serde_json::Value {
     match v {

@@ -7,12 +7,16 @@ use std::path::Path;
 fn committed_crd_yaml_matches_the_types() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     for (file, generated) in gpuscale_crds::crd_manifests() {
-        for dir in ["crds", "charts/gpuscale/crds"] {
+        let template = gpuscale_crds::chart_template(&generated);
+        for (dir, generated) in [
+            ("crds", &generated),
+            ("charts/gpuscale/templates/crds", &template),
+        ] {
             let path = root.join(dir).join(file);
             let committed = std::fs::read_to_string(&path)
                 .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
             assert!(
-                committed == generated,
+                committed == *generated,
                 "{} differs from the types; run `cargo run -p gpuscale-crds --bin crdgen`",
                 path.display()
             );

@@ -115,19 +115,34 @@ impl Env {
 
     /// Starts the operator's controller (simulator only; a real cluster runs its own).
     pub fn start_operator(&mut self) {
+        self.start_operator_with(|_| {});
+    }
+
+    /// Starts the operator's controller with `change` made to the settings the
+    /// simulated runs use.
+    pub fn start_operator_with(&mut self, change: impl FnOnce(&mut Config)) {
         if self.sim.is_none() {
             return;
         }
-        let config = Config {
-            worker_image: None,
+        let mut config = Config {
             scrape_interval: Duration::from_secs(1),
             drain_timeout: Duration::from_secs(30),
             routers: gpuscale_operator::routers::Sources {
                 urls: self.router.iter().cloned().collect(),
                 pods: None,
             },
+            // As `gpuscale_sim::operator_command` runs it: node models allowed, a
+            // model cache per node.
+            model_cache: gpuscale_operator::reconcile::ModelCache {
+                volume: gpuscale_operator::reconcile::CacheVolume::HostPath(
+                    "/var/cache/gpuscale/models".into(),
+                ),
+                max_bytes: None,
+                host_path_models: true,
+            },
             ..Config::default()
         };
+        change(&mut config);
         let ctx = reconcile::Context::new(
             self.client.clone(),
             config,

@@ -4,6 +4,7 @@
 
 pub mod autoscale;
 pub mod estimate;
+pub mod health;
 pub mod inventory;
 pub mod leader;
 pub mod metrics;

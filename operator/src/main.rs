@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use gpuscale_operator::health;
 use gpuscale_operator::leader::{Elector, LeaseConfig};
 use gpuscale_operator::metrics::Metrics;
 use gpuscale_operator::node_agent;
@@ -38,9 +39,14 @@ enum Command {
         /// Address of /metrics, /healthz and /readyz.
         #[arg(long, default_value = "0.0.0.0:9090")]
         metrics_addr: SocketAddr,
-        /// Worker image for deployments that keep the built-in default.
-        #[arg(long)]
-        worker_image: Option<String>,
+        /// Worker image of deployments that name none (the chart sets its own version).
+        #[arg(long, default_value = gpuscale_operator::reconcile::pods::DEFAULT_WORKER_IMAGE,
+              value_parser = non_empty)]
+        worker_image: String,
+        /// A Secret (in each deployment's namespace) for pulling worker images; repeat
+        /// for several.
+        #[arg(long = "image-pull-secret", value_parser = non_empty)]
+        image_pull_secrets: Vec<String>,
         /// Watch only this namespace; repeat for several (default: all).
         #[arg(long)]
         namespace: Vec<String>,
@@ -50,6 +56,10 @@ enum Command {
         /// Namespace of the leader Lease (the operator's own).
         #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
         lease_namespace: String,
+        /// Name of the leader Lease: one per installation, so that two releases in one
+        /// namespace do not elect one leader between them (the chart sets its own).
+        #[arg(long, default_value = "gpuscale-operator", value_parser = non_empty)]
+        lease_name: String,
         /// This replica's identity in the Lease (default: POD_NAME, else host and pid).
         #[arg(long, env = "POD_NAME")]
         identity: Option<String>,
@@ -87,18 +97,21 @@ enum Command {
         /// MPS with renameByDefault). Empty: shared replicas go only to DRA nodes.
         #[arg(long, default_value = "nvidia.com/gpu.shared")]
         gpu_sharing_resource: String,
-        /// The node directory where replicas cache http(s) models (created if
-        /// missing): one download per node, shared by its replicas.
-        #[arg(
-            long,
-            default_value = "/var/cache/gpuscale/models",
-            conflicts_with = "model_cache_claim"
-        )]
-        model_cache_host_path: String,
+        /// Cache http(s) models in this node directory (a hostPath volume, created if
+        /// missing): one download per node, shared by its replicas. Unset (and no
+        /// claim): each replica downloads into its own emptyDir, which namespaces that
+        /// enforce the restricted Pod Security level admit.
+        #[arg(long, conflicts_with = "model_cache_claim", value_parser = non_empty)]
+        model_cache_host_path: Option<String>,
         /// Cache http(s) models on this PersistentVolumeClaim (in each deployment's
         /// namespace) instead of a node directory.
-        #[arg(long)]
+        #[arg(long, value_parser = non_empty)]
         model_cache_claim: Option<String>,
+        /// Allow `file://` model sources: directories of the node, mounted as hostPath
+        /// volumes. Anyone who may create an InferenceDeployment could then read any
+        /// directory of any node; off, such deployments are refused with a message.
+        #[arg(long)]
+        allow_host_path_models: bool,
         /// Evict the least recently used cached models beyond this many GiB.
         #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
         model_cache_max_gib: Option<u64>,
@@ -198,6 +211,7 @@ async fn node_agent_main(
 /// How `run` elects its leader; `None` runs unelected (a single replica).
 struct Election {
     namespace: String,
+    name: String,
     identity: String,
     lease_duration: Duration,
 }
@@ -215,10 +229,16 @@ async fn operator_main(
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding the metrics endpoint on {addr}"))?;
-    let m = metrics.clone();
+    let (m, h, r) = (metrics.clone(), metrics.clone(), metrics.clone());
     let app = axum::Router::new()
-        .route("/healthz", axum::routing::get(|| async { "ok" }))
-        .route("/readyz", axum::routing::get(|| async { "ok" }))
+        .route(
+            "/healthz",
+            axum::routing::get(move || async move { live(&h) }),
+        )
+        .route(
+            "/readyz",
+            axum::routing::get(move || async move { ready(&r) }),
+        )
         .route(
             "/metrics",
             axum::routing::get(move || {
@@ -253,7 +273,7 @@ async fn operator_main(
             Some(e) => {
                 let config = LeaseConfig::with_duration(
                     &e.namespace,
-                    "gpuscale-operator",
+                    &e.name,
                     &e.identity,
                     e.lease_duration,
                 );
@@ -283,6 +303,25 @@ async fn operator_main(
     }
 }
 
+/// `/healthz`: 503 with the reason while a watch has failed for minutes.
+fn live(m: &Metrics) -> (axum::http::StatusCode, String) {
+    match m
+        .health()
+        .live(std::time::Instant::now(), health::WATCH_FAILING_LIMIT)
+    {
+        Ok(()) => (axum::http::StatusCode::OK, "ok".into()),
+        Err(why) => (axum::http::StatusCode::SERVICE_UNAVAILABLE, why),
+    }
+}
+
+/// `/readyz`: 503 while this replica leads with caches that have not listed yet.
+fn ready(m: &Metrics) -> (axum::http::StatusCode, String) {
+    match m.health().ready() {
+        Ok(what) => (axum::http::StatusCode::OK, what.into()),
+        Err(why) => (axum::http::StatusCode::SERVICE_UNAVAILABLE, why),
+    }
+}
+
 /// How long in-flight passes get after SIGTERM.
 const STOP_GRACE: Duration = Duration::from_secs(5);
 
@@ -296,6 +335,15 @@ async fn terminated() {
     tokio::select! {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+/// A flag value that must not be empty.
+fn non_empty(s: &str) -> Result<String, String> {
+    if s.trim().is_empty() {
+        Err("must not be empty".into())
+    } else {
+        Ok(s.to_string())
     }
 }
 
@@ -313,9 +361,11 @@ fn main() -> anyhow::Result<ExitCode> {
         Command::Run {
             metrics_addr,
             worker_image,
+            image_pull_secrets,
             namespace,
             leader_election,
             lease_namespace,
+            lease_name,
             identity,
             lease_duration_seconds,
             scrape_interval_seconds,
@@ -328,6 +378,7 @@ fn main() -> anyhow::Result<ExitCode> {
             gpu_sharing_resource,
             model_cache_host_path,
             model_cache_claim,
+            allow_host_path_models,
             model_cache_max_gib,
             router_urls,
             router_selector,
@@ -337,11 +388,13 @@ fn main() -> anyhow::Result<ExitCode> {
             init_tracing();
             let election = leader_election.then(|| Election {
                 namespace: lease_namespace,
+                name: lease_name,
                 identity: identity.unwrap_or_else(default_identity),
                 lease_duration: Duration::from_secs(lease_duration_seconds),
             });
             let config = Config {
                 worker_image,
+                image_pull_secrets,
                 scrape_interval: Duration::from_secs(scrape_interval_seconds),
                 drain_timeout: Duration::from_secs(drain_timeout_seconds),
                 scheduling: Scheduling {
@@ -357,11 +410,13 @@ fn main() -> anyhow::Result<ExitCode> {
                     sharing_resource: Some(gpu_sharing_resource).filter(|s| !s.is_empty()),
                 },
                 model_cache: ModelCache {
-                    volume: match model_cache_claim {
-                        Some(claim) => CacheVolume::Claim(claim),
-                        None => CacheVolume::HostPath(model_cache_host_path),
+                    volume: match (model_cache_claim, model_cache_host_path) {
+                        (Some(claim), _) => CacheVolume::Claim(claim),
+                        (None, Some(dir)) => CacheVolume::HostPath(dir),
+                        (None, None) => CacheVolume::EmptyDir,
                     },
                     max_bytes: model_cache_max_gib.map(|g| g << 30),
+                    host_path_models: allow_host_path_models,
                 },
                 routers: gpuscale_operator::routers::Sources {
                     urls: router_urls,
@@ -441,7 +496,7 @@ fn main() -> anyhow::Result<ExitCode> {
             let spec = node_agent::Probe::new().collect(&node_name, None);
             println!(
                 "{}",
-                serde_json::to_string_pretty(&node_agent::inventory_object(spec))?
+                serde_json::to_string_pretty(&node_agent::inventory_object(spec, None))?
             );
             Ok(ExitCode::SUCCESS)
         }

@@ -73,6 +73,33 @@ struct ScaleLabel {
     direction: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReplicasLabel {
+    deployment: String,
+    state: &'static str,
+}
+
+/// A deployment's replica counts as one pass saw them.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Replicas {
+    /// What the autoscaler (or `spec.replicas`) asks for.
+    pub desired: u32,
+    /// Ready replicas.
+    pub ready: u32,
+    /// `spec.scaling.maxReplicas`.
+    pub max: u32,
+    /// Desired replicas that fit on no node (what a cluster autoscaler would add for).
+    pub unschedulable: u32,
+}
+
+impl Replicas {
+    const STATES: [&'static str; 4] = ["desired", "ready", "max", "unschedulable"];
+
+    fn values(&self) -> [u32; 4] {
+        [self.desired, self.ready, self.max, self.unschedulable]
+    }
+}
+
 /// The operator's metrics and their registry.
 pub struct Metrics {
     registry: Registry,
@@ -84,6 +111,8 @@ pub struct Metrics {
     leader: Gauge,
     download: Family<DeploymentLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
     start: Family<StartLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    replicas: Family<ReplicasLabel, Gauge>,
+    health: crate::health::Health,
 }
 
 impl Default for Metrics {
@@ -138,8 +167,16 @@ impl Default for Metrics {
             "The latest ready replica's start, by phase (scheduling, download, load, warmup, total)",
             start.clone(),
         );
+        let replicas = Family::<ReplicasLabel, Gauge>::default();
+        registry.register(
+            "deployment_replicas",
+            "Replicas of each deployment by state: desired (the autoscaler's), ready, max (spec.scaling.maxReplicas), unschedulable (desired replicas that fit on no node)",
+            replicas.clone(),
+        );
         Metrics {
             registry,
+            replicas,
+            health: crate::health::Health::default(),
             reconciles,
             errors,
             duration,
@@ -227,8 +264,26 @@ impl Metrics {
         }
     }
 
+    /// Records `deployment`'s replica counts.
+    pub fn replicas(&self, deployment: &str, r: Replicas) {
+        for (state, v) in Replicas::STATES.into_iter().zip(r.values()) {
+            self.replicas
+                .get_or_create(&ReplicasLabel {
+                    deployment: deployment.into(),
+                    state,
+                })
+                .set(i64::from(v));
+        }
+    }
+
     /// Drops the series of a deleted deployment.
     pub fn forget(&self, deployment: &str) {
+        for state in Replicas::STATES {
+            self.replicas.remove(&ReplicasLabel {
+                deployment: deployment.into(),
+                state,
+            });
+        }
         self.downloading(deployment, None);
         for phase in ["scheduling", "download", "load", "warmup", "total"] {
             self.start.remove(&StartLabel {
@@ -247,6 +302,12 @@ impl Metrics {
     /// Records whether this replica leads.
     pub fn set_leader(&self, leading: bool) {
         self.leader.set(i64::from(leading));
+        self.health.set_leading(leading);
+    }
+
+    /// What the watches and the election say of the operator's health.
+    pub fn health(&self) -> &crate::health::Health {
+        &self.health
     }
 
     /// The exposition text.

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use gpuscale_crds::{GpuDevice, GpuHealth, GpuInventory, GpuInventorySpec};
 use k8s_openapi::api::core::v1::Node;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{OwnerReference, Time};
 use kube::api::{Patch, PatchParams};
 use kube::{Api, Client};
 use nvml_wrapper::bitmasks::device::ThrottleReasons;
@@ -195,16 +195,35 @@ fn read_devices(
     Ok(out)
 }
 
-/// The object the agent applies for `spec` (named after the node).
-pub fn inventory_object(spec: GpuInventorySpec) -> GpuInventory {
-    GpuInventory::new(&spec.node.clone(), spec)
+/// The object the agent applies for `spec` (named after the node), owned by the Node
+/// when its uid is known, so that the garbage collector deletes it with the node
+/// (<https://kubernetes.io/docs/concepts/architecture/garbage-collection/#owners-dependents>:
+/// a cluster-scoped dependent may have a cluster-scoped owner).
+pub fn inventory_object(spec: GpuInventorySpec, node_uid: Option<&str>) -> GpuInventory {
+    let mut obj = GpuInventory::new(&spec.node.clone(), spec);
+    obj.metadata.owner_references = node_uid.map(|uid| {
+        vec![OwnerReference {
+            api_version: "v1".into(),
+            kind: "Node".into(),
+            name: obj.spec.node.clone(),
+            uid: uid.into(),
+            // Neither controller nor blockOwnerDeletion: nothing waits on it, and
+            // blocking would need update on nodes/finalizers.
+            ..OwnerReference::default()
+        }]
+    });
+    obj
 }
 
 /// Server-side applies the node's inventory.
-pub async fn publish(client: &Client, spec: GpuInventorySpec) -> Result<GpuInventory, kube::Error> {
+pub async fn publish(
+    client: &Client,
+    spec: GpuInventorySpec,
+    node_uid: Option<&str>,
+) -> Result<GpuInventory, kube::Error> {
     let api: Api<GpuInventory> = Api::all(client.clone());
     let name = spec.node.clone();
-    let obj = inventory_object(spec);
+    let obj = inventory_object(spec, node_uid);
     api.patch(
         &name,
         &PatchParams::apply(FIELD_MANAGER).force(),
@@ -213,18 +232,20 @@ pub async fn publish(client: &Client, spec: GpuInventorySpec) -> Result<GpuInven
     .await
 }
 
-/// The node's zone label, if the node can be read.
-pub async fn node_zone(client: &Client, node: &str) -> Option<String> {
+/// What the agent reads of its Node: the zone label and the uid (its inventory's
+/// owner). Nothing when the node cannot be read (logged).
+pub async fn node_facts(client: &Client, node: &str) -> (Option<String>, Option<String>) {
     let nodes: Api<Node> = Api::all(client.clone());
     match nodes.get(node).await {
-        Ok(n) => n
-            .metadata
-            .labels?
-            .get("topology.kubernetes.io/zone")
-            .cloned(),
+        Ok(n) => (
+            n.metadata
+                .labels
+                .and_then(|l| l.get("topology.kubernetes.io/zone").cloned()),
+            n.metadata.uid,
+        ),
         Err(e) => {
-            warn!(node, error = %e, "cannot read the node's zone label");
-            None
+            warn!(node, error = %e, "cannot read the node (zone label, uid)");
+            (None, None)
         }
     }
 }
@@ -248,7 +269,7 @@ pub async fn run(
     assignments: Option<Assignments>,
 ) {
     let mut probe = Probe::new();
-    let zone = node_zone(&client, &node).await;
+    let (zone, uid) = node_facts(&client, &node).await;
     let mut tick = tokio::time::interval(interval);
     loop {
         tick.tick().await;
@@ -265,7 +286,7 @@ pub async fn run(
             }
         }
         let gpus = spec.gpu_count;
-        match publish(&client, spec).await {
+        match publish(&client, spec, uid.as_deref()).await {
             Ok(_) => info!(node, gpus, "published GPU inventory"),
             Err(e) => {
                 warn!(node, error = %e, "publishing GPU inventory failed; retrying next interval")
@@ -349,9 +370,14 @@ mod tests {
             let body = req.into_body().collect().await.unwrap().to_bytes();
             let obj: GpuInventory = serde_json::from_slice(&body).unwrap();
             assert_eq!(obj.spec.gpus[0].uuid, "GPU-1");
+            let owner = &obj.metadata.owner_references.as_ref().unwrap()[0];
+            assert_eq!(
+                (owner.kind.as_str(), owner.name.as_str(), owner.uid.as_str()),
+                ("Node", "gpu-a", "node-uid")
+            );
             send.send_response(Response::builder().body(Body::from(body.to_vec())).unwrap());
         });
-        let got = publish(&client, spec()).await.unwrap();
+        let got = publish(&client, spec(), Some("node-uid")).await.unwrap();
         assert_eq!(got.spec.gpu_count, 1);
         server.await.unwrap();
     }
@@ -370,7 +396,7 @@ mod tests {
                     .unwrap(),
             );
         });
-        let err = publish(&client, spec()).await.unwrap_err();
+        let err = publish(&client, spec(), None).await.unwrap_err();
         assert!(
             err.to_string().contains("etcdserver: request timed out"),
             "{err}"

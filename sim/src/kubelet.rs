@@ -199,14 +199,14 @@ fn pod_key(pod: &Pod) -> String {
 /// The node agent of a simulated node: publishes the GpuInventory again whenever the
 /// device plugin's assignments change, with them (as the real agent lists them from
 /// the kubelet's PodResources API; see `gpuscale_operator::pod_resources`).
-async fn node_agent(client: Client, node: SimNode, devices: Devices) {
+async fn node_agent(client: Client, node: SimNode, uid: String, devices: Devices) {
     let mut last: Option<Vec<GpuAssignment>> = None;
     loop {
         let now = devices.lock().expect("devices lock").listed(false);
         if last.as_ref() != Some(&now) {
             let mut spec = inventory(&node);
             spec.assignments = now.clone();
-            match gpuscale_operator::node_agent::publish(&client, spec).await {
+            match gpuscale_operator::node_agent::publish(&client, spec, Some(&uid)).await {
                 Ok(_) => last = Some(now),
                 Err(e) => tracing::debug!(node = %node.name, error = %e, "inventory not published"),
             }
@@ -232,7 +232,7 @@ impl Kubelet {
     ) -> anyhow::Result<Self> {
         let uid = register(&client, &node).await?;
         if node.agent {
-            gpuscale_operator::node_agent::publish(&client, inventory(&node)).await?;
+            gpuscale_operator::node_agent::publish(&client, inventory(&node), Some(&uid)).await?;
         }
         let replicas = match node.binding {
             SimBinding::Dra { shareable } => {
@@ -262,7 +262,7 @@ impl Kubelet {
         let name = node.name.clone();
         let agent = node
             .agent
-            .then(|| node_agent(client.clone(), node.clone(), devices.clone()));
+            .then(|| node_agent(client.clone(), node.clone(), uid.clone(), devices.clone()));
         let kubelet = serve(
             client,
             name.clone(),
@@ -602,11 +602,24 @@ async fn run_pod(
     let mut pod = pod;
     let client = api.clone().into_client();
     let ns = pod.namespace().unwrap_or_default();
+    let uid = pod.metadata.uid.clone().unwrap_or_default();
     for v in pod
         .spec
         .iter_mut()
         .flat_map(|s| s.volumes.iter_mut().flatten())
     {
+        // An emptyDir is a directory the kubelet makes for the pod, where it keeps it
+        // (<https://kubernetes.io/docs/concepts/storage/volumes/#emptydir>).
+        if v.empty_dir.take().is_some() {
+            v.host_path = Some(k8s_openapi::api::core::v1::HostPathVolumeSource {
+                path: format!(
+                    "/var/lib/kubelet/pods/{uid}/volumes/kubernetes.io~empty-dir/{}",
+                    v.name
+                ),
+                type_: Some("DirectoryOrCreate".into()),
+            });
+            continue;
+        }
         let Some(claim) = v.persistent_volume_claim.take() else {
             continue;
         };

@@ -84,7 +84,9 @@ pub async fn start_router(
 
 /// `gpuscale-operator run` (the binary at `binary`) against the cluster of
 /// `kubeconfig`, with the settings every simulated run uses: metrics on any free port,
-/// one pass a second. The caller adds its own flags and environment.
+/// one pass a second, and the models of the simulated nodes' `/models` directory
+/// allowed (`file://`, which an administrator enables; the examples use it) with a
+/// model cache per node. The caller adds its own flags and environment.
 pub fn operator_command(
     binary: &std::path::Path,
     kubeconfig: &std::path::Path,
@@ -96,6 +98,9 @@ pub fn operator_command(
         "127.0.0.1:0",
         "--scrape-interval-seconds",
         "1",
+        "--allow-host-path-models",
+        "--model-cache-host-path",
+        "/var/cache/gpuscale/models",
     ])
     .env("KUBECONFIG", kubeconfig)
     .kill_on_drop(true);

@@ -52,8 +52,33 @@ app.kubernetes.io/component: router
 {{- end -}}
 {{- end -}}
 
+{{/*
+An image reference: global.imageRegistry (a mirror) or the image's registry, its
+repository, and its digest when set, else its tag (default: the chart's appVersion).
+Called with (dict "image" .Values.x.image "root" $).
+*/}}
 {{- define "gpuscale.image" -}}
-{{- printf "%s:%s" .image.repository (default .chart.AppVersion .image.tag) -}}
+{{- $registry := .root.Values.global.imageRegistry | default .image.registry -}}
+{{- $name := ternary (printf "%s/%s" $registry .image.repository) .image.repository (ne $registry "") -}}
+{{- if .image.digest -}}
+{{- printf "%s@%s" $name .image.digest -}}
+{{- else -}}
+{{- printf "%s:%s" $name (default .root.Chart.AppVersion .image.tag) -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "gpuscale.imagePullSecrets" -}}
+{{- with .Values.global.imagePullSecrets }}
+imagePullSecrets:
+{{- range . }}
+  - name: {{ . }}
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{/* The Lease the operator replicas of this release elect their leader on. */}}
+{{- define "gpuscale.leaseName" -}}
+{{- printf "%s-operator" (include "gpuscale.fullname" .) | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
 
 {{- define "gpuscale.securityContext" -}}

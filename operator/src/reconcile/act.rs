@@ -66,6 +66,14 @@ pub(super) async fn act(
                     }
                     // Someone (a stale pass, another operator) already made it.
                     Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+                    // Refused by admission (Pod Security, a quota, a policy): said on
+                    // the deployment as the ReplicaSet controller says it, since the
+                    // pass's error alone reaches only the operator's log.
+                    Err(kube::Error::Api(e)) if matches!(e.code, 403 | 422) => {
+                        let note = format!("creating {}: {}", pod.name_any(), e.message);
+                        publish(ctx, d, EventType::Warning, "FailedCreate", "Create", &note).await;
+                        Err(kube::Error::Api(e))
+                    }
                     Err(e) => Err(e),
                 }
             }

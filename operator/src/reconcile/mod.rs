@@ -70,8 +70,10 @@ pub const FIELD_MANAGER: &str = "gpuscale-operator";
 /// Operator settings.
 #[derive(Clone, Debug)]
 pub struct Config {
-    /// Image for deployments that keep the default worker image.
-    pub worker_image: Option<String>,
+    /// Image for deployments that name no worker image.
+    pub worker_image: String,
+    /// Pull secrets of every worker pod (in its namespace), besides its deployment's.
+    pub image_pull_secrets: Vec<String>,
     /// Seconds between passes (and metric scrapes) of each deployment.
     pub scrape_interval: Duration,
     /// How long a draining replica may take before it is deleted anyway.
@@ -95,11 +97,20 @@ pub struct ModelCache {
     pub volume: CacheVolume,
     /// The worker evicts least recently used models beyond this size.
     pub max_bytes: Option<u64>,
+    /// Whether `file://` sources (a directory of the node, mounted as a hostPath
+    /// volume) are allowed. Off by default: whoever may create an InferenceDeployment
+    /// could otherwise mount any directory of any node, and namespaces enforcing the
+    /// baseline or restricted Pod Security level refuse such pods anyway. An
+    /// administrator turns it on (chart `models.allowHostPath`).
+    pub host_path_models: bool,
 }
 
 /// The volume of the model cache.
 #[derive(Clone, Debug, PartialEq)]
 pub enum CacheVolume {
+    /// The pod's own scratch space: a download per replica, and pods that pass the
+    /// restricted Pod Security level (the default, as KServe's storage initializer).
+    EmptyDir,
     /// A directory on each node (created if missing): one download per node.
     HostPath(String),
     /// A PersistentVolumeClaim of this name in each deployment's namespace (for
@@ -110,8 +121,9 @@ pub enum CacheVolume {
 impl Default for ModelCache {
     fn default() -> Self {
         ModelCache {
-            volume: CacheVolume::HostPath("/var/cache/gpuscale/models".into()),
+            volume: CacheVolume::EmptyDir,
             max_bytes: None,
+            host_path_models: false,
         }
     }
 }
@@ -119,7 +131,8 @@ impl Default for ModelCache {
 impl Default for Config {
     fn default() -> Self {
         Config {
-            worker_image: None,
+            worker_image: pods::DEFAULT_WORKER_IMAGE.into(),
+            image_pull_secrets: Vec::new(),
             scrape_interval: Duration::from_secs(2),
             drain_timeout: Duration::from_secs(120),
             scheduling: Scheduling::default(),
@@ -482,7 +495,7 @@ pub async fn reconcile(obj: Arc<DynamicObject>, ctx: Arc<Context>) -> Result<Act
         ctx.cache.ready().await;
         let started = Instant::now();
         let d = match read(&obj) {
-            Ok(d) => Arc::new(d),
+            Ok(d) => Arc::new(pods::with_image(d, &ctx.config)),
             Err(why) => {
                 unreadable(&obj, &why, &ctx).await;
                 ctx.metrics
@@ -626,6 +639,7 @@ pub async fn run(ctx: Arc<Context>, namespaces: Vec<String>) {
             watcher::Config::default(),
         ),
     );
+    let health = ctx.metrics.clone();
     let (slice_writer, claim_writer) = (writers.slices, writers.claims);
     let dra_feed = async {
         if !dra {
@@ -643,22 +657,50 @@ pub async fn run(ctx: Arc<Context>, namespaces: Vec<String>) {
             watcher::watcher(Api::<ResourceClaim>::all(client.clone()), managed.clone()),
         );
         futures::join!(
-            slices.default_backoff().for_each(|_| async {}),
-            claims.default_backoff().for_each(|_| async {}),
+            slices
+                .default_backoff()
+                .for_each(watched(health.clone(), "resourceslices")),
+            claims
+                .default_backoff()
+                .for_each(watched(health.clone(), "resourceclaims")),
         );
     };
     let feed = async {
         futures::join!(
-            pods.default_backoff().for_each(|_| async {}),
-            nodes.default_backoff().for_each(|_| async {}),
-            inventories.default_backoff().for_each(|_| async {}),
-            services.default_backoff().for_each(|_| async {}),
+            pods.default_backoff()
+                .for_each(watched(health.clone(), "pods")),
+            nodes
+                .default_backoff()
+                .for_each(watched(health.clone(), "nodes")),
+            inventories
+                .default_backoff()
+                .for_each(watched(health.clone(), "gpuinventories")),
+            services
+                .default_backoff()
+                .for_each(watched(health.clone(), "services")),
             dra_feed,
         );
+    };
+    let synced = async {
+        ctx.cache.ready().await;
+        health.health().set_synced();
+        futures::future::pending::<()>().await;
     };
     tokio::select! {
         _ = futures::future::join_all(controllers) => {}
         () = feed => {}
+        () = synced => {}
+    }
+}
+
+/// Feeds each event of the watch `name` to the operator's health (`/healthz`).
+fn watched<T>(
+    metrics: Arc<Metrics>,
+    name: &'static str,
+) -> impl FnMut(Result<T, watcher::Error>) -> std::future::Ready<()> {
+    move |e| {
+        metrics.health().watched(name, e.is_ok(), Instant::now());
+        std::future::ready(())
     }
 }
 
@@ -821,6 +863,14 @@ async fn invalid(d: &InferenceDeployment, ctx: &Context, message: &str) -> Resul
 }
 
 fn mountable(d: &InferenceDeployment, config: &Config) -> Result<(), String> {
+    if d.spec.model.source.starts_with("file://") && !config.model_cache.host_path_models {
+        return Err(format!(
+            "model.source {} is a directory of the node, and this operator does not mount \
+             node directories (an administrator allows it with the chart value \
+             models.allowHostPath=true): use pvc://<claim>/<path> or an http(s):// URL",
+            d.spec.model.source
+        ));
+    }
     match model_mount(&d.spec.model, &config.model_cache) {
         Some(_) => Ok(()),
         None => Err(format!(

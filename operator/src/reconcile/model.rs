@@ -355,6 +355,8 @@ pub fn probe_pod(d: &InferenceDeployment, config: &super::Config, probed: &str) 
             active_deadline_seconds: Some(PROBE_DEADLINE.as_secs() as i64),
             tolerations: Some(config.scheduling.tolerations.clone()).filter(|t| !t.is_empty()),
             scheduler_name: config.scheduling.scheduler_name.clone(),
+            image_pull_secrets: super::pods::pull_secrets(d, config),
+            security_context: Some(super::pods::pod_security()),
             containers: vec![Container {
                 name: "inspect".into(),
                 image: Some(worker_image(d, config)),
@@ -366,6 +368,7 @@ pub fn probe_pod(d: &InferenceDeployment, config: &super::Config, probed: &str) 
                 ]),
                 termination_message_path: Some("/dev/termination-log".into()),
                 termination_message_policy: Some("File".into()),
+                security_context: Some(super::pods::container_security()),
                 resources: Some(ResourceRequirements {
                     requests: Some(small("50m", "64Mi")),
                     limits: Some(small("1", "256Mi")),

@@ -7,10 +7,12 @@ use gpuscale_crds::InferenceDeployment;
 
 use super::CacheVolume;
 use k8s_openapi::api::core::v1::{
-    Affinity, Container, ContainerPort, HTTPGetAction, HostPathVolumeSource, NodeAffinity,
-    NodeSelector, NodeSelectorRequirement, NodeSelectorTerm, PersistentVolumeClaimVolumeSource,
-    Pod, PodResourceClaim, PodSpec, Probe, ResourceClaim as ContainerClaim, ResourceRequirements,
-    Service, ServicePort, ServiceSpec, Volume, VolumeMount,
+    Affinity, Capabilities, Container, ContainerPort, EmptyDirVolumeSource, HTTPGetAction,
+    HostPathVolumeSource, LocalObjectReference, NodeAffinity, NodeSelector,
+    NodeSelectorRequirement, NodeSelectorTerm, PersistentVolumeClaimVolumeSource, Pod,
+    PodResourceClaim, PodSecurityContext, PodSpec, Probe, ResourceClaim as ContainerClaim,
+    ResourceRequirements, SeccompProfile, SecurityContext, Service, ServicePort, ServiceSpec,
+    Volume, VolumeMount,
 };
 use k8s_openapi::api::resource::v1::{
     CELDeviceSelector, CapacityRequirements, DeviceClaim, DeviceRequest, DeviceSelector,
@@ -251,6 +253,9 @@ pub fn model_mount(
 ) -> Option<ModelMount> {
     let source = model.source.as_str();
     if let Some(path) = source.strip_prefix("file://") {
+        if !cache.host_path_models {
+            return None;
+        }
         let dir = std::path::Path::new(path)
             .parent()?
             .to_string_lossy()
@@ -278,6 +283,11 @@ pub fn model_mount(
     }
     if source.starts_with("http://") || source.starts_with("https://") {
         let volume = match &cache.volume {
+            CacheVolume::EmptyDir => Volume {
+                name: "model-cache".into(),
+                empty_dir: Some(EmptyDirVolumeSource::default()),
+                ..Volume::default()
+            },
             CacheVolume::HostPath(dir) => Volume {
                 name: "model-cache".into(),
                 host_path: Some(HostPathVolumeSource {
@@ -340,13 +350,87 @@ pub fn model_mount(
     })
 }
 
-/// The worker image of `d`'s pods: the operator's `--worker-image` replaces the built-in
-/// default, never an image the user chose.
+/// The worker image released with this operator: what a deployment that names no image
+/// runs, so that upgrading the operator rolls its workers to the same version.
+pub const DEFAULT_WORKER_IMAGE: &str = concat!(
+    "ghcr.io/gpuscale/inference-worker:",
+    env!("CARGO_PKG_VERSION")
+);
+
+/// What the 0.1.0 CRD stored in every object as `spec.worker.image`'s default (a schema
+/// default is written into the object when it is created). Read as "no image named", or
+/// every deployment created then would stay on 0.1.0 forever.
+const STORED_DEFAULT_0_1_0: &str = "ghcr.io/gpuscale/inference-worker:0.1.0";
+
+/// The worker image of `d`'s pods: the one the deployment names, else the operator's
+/// (`--worker-image`, which the chart sets to its own version).
 pub fn worker_image(d: &InferenceDeployment, config: &super::Config) -> String {
-    let w = &d.spec.worker;
-    match config.worker_image.as_deref() {
-        Some(image) if w.image == gpuscale_crds::WorkerSpec::default().image => image.into(),
-        _ => w.image.clone(),
+    match d.spec.worker.image.as_deref() {
+        Some(image) if image != STORED_DEFAULT_0_1_0 => image.into(),
+        _ => config.worker_image.clone(),
+    }
+}
+
+/// `d` with its worker image resolved, so that the pod template hash, the rollout's
+/// stable record and every pod agree on it: a new operator image is a new version,
+/// rolled out as a canary like any other template change.
+pub fn with_image(mut d: InferenceDeployment, config: &super::Config) -> InferenceDeployment {
+    d.spec.worker.image = Some(worker_image(&d, config));
+    d
+}
+
+/// The pull secrets of `d`'s pods: the operator's (chart `imagePullSecrets`) and the
+/// deployment's own, each once.
+pub fn pull_secrets(
+    d: &InferenceDeployment,
+    config: &super::Config,
+) -> Option<Vec<LocalObjectReference>> {
+    let mut names: Vec<String> = config.image_pull_secrets.clone();
+    for s in &d.spec.worker.image_pull_secrets {
+        if !names.contains(&s.name) {
+            names.push(s.name.clone());
+        }
+    }
+    (!names.is_empty()).then(|| {
+        names
+            .into_iter()
+            .map(|name| LocalObjectReference { name })
+            .collect()
+    })
+}
+
+/// The user worker containers run as (the image's own `USER`, distroless's nonroot).
+const WORKER_UID: i64 = 65532;
+
+/// Worker pods as the `restricted` Pod Security Standard asks
+/// (<https://kubernetes.io/docs/concepts/security/pod-security-standards/#restricted>):
+/// a non-root user, the runtime's seccomp profile; `fsGroup` makes the model cache
+/// volume writable to that user. The NVIDIA container toolkit exposes GPUs to non-root
+/// processes, so nothing here costs a GPU pod anything.
+pub fn pod_security() -> PodSecurityContext {
+    PodSecurityContext {
+        run_as_non_root: Some(true),
+        run_as_user: Some(WORKER_UID),
+        run_as_group: Some(WORKER_UID),
+        fs_group: Some(WORKER_UID),
+        seccomp_profile: Some(SeccompProfile {
+            type_: "RuntimeDefault".into(),
+            localhost_profile: None,
+        }),
+        ..PodSecurityContext::default()
+    }
+}
+
+/// The worker container's part of the restricted level: no privilege escalation, every
+/// capability dropped.
+pub fn container_security() -> SecurityContext {
+    SecurityContext {
+        allow_privilege_escalation: Some(false),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".into()]),
+            add: None,
+        }),
+        ..SecurityContext::default()
     }
 }
 
@@ -452,10 +536,13 @@ pub fn replica_pod(
                 // termination message; the log's tail when it wrote none (a panic).
                 termination_message_path: Some("/dev/termination-log".into()),
                 termination_message_policy: Some("FallbackToLogsOnError".into()),
+                security_context: Some(container_security()),
                 ..Container::default()
             }],
             volumes: Some(vec![model.volume]),
             resource_claims: claims,
+            image_pull_secrets: pull_secrets(d, config),
+            security_context: Some(pod_security()),
             ..PodSpec::default()
         }),
         status: None,

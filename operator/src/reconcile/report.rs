@@ -112,9 +112,23 @@ pub(super) async fn report(
         .iter()
         .filter(|(i, _)| !world.seen.iter().any(|s| s.index == *i))
         .count();
+    let active = (live + fresh) as u32;
+    ctx.metrics.replicas(
+        &key,
+        crate::metrics::Replicas {
+            desired: decided.desired,
+            ready: world.ready,
+            max: d.spec.scaling.max_replicas,
+            unschedulable: if decided.refusal.is_some() {
+                decided.desired.saturating_sub(active)
+            } else {
+                0
+            },
+        },
+    );
     let observed = status::Observed {
         ready: world.ready,
-        active: (live + fresh) as u32,
+        active,
         desired: decided.desired,
         demand: world.demand,
         request_rate: world.request_rate,

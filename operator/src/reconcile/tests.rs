@@ -14,8 +14,10 @@ use http_body_util::BodyExt;
 use kube::client::Body;
 use serde_json::{json, Value};
 
+use super::pods::with_image;
 use super::*;
 use crate::scrape::{ScrapeError, WorkerLoad};
+use k8s_openapi::api::core::v1::LocalObjectReference;
 
 /// Loads by worker URL, and the GPUs each worker reports; a worker not listed fails to
 /// scrape.
@@ -282,6 +284,13 @@ fn cache(pods: Vec<Value>) -> Cache {
     Cache::of(pods, vec![node()], vec![inventory()])
 }
 
+/// The defaults, with `file://` models allowed (the tests' models are node files).
+fn node_models() -> Config {
+    let mut c = Config::default();
+    c.model_cache.host_path_models = true;
+    c
+}
+
 /// A context over `client` and `cache`, with workers loaded as `loads`.
 fn context(
     client: Client,
@@ -293,7 +302,7 @@ fn context(
     scraper.set(loads.iter().copied());
     Context::with_cache(
         client,
-        Config::default(),
+        node_models(),
         Arc::new(scraper),
         Arc::new(Metrics::default()),
         cache,
@@ -360,7 +369,7 @@ fn node() -> Node {
 fn pod(d: &InferenceDeployment, index: u32, gpu: u32, ip: &str, extra_labels: Value) -> Value {
     let mut labels = json!({
         "app.kubernetes.io/managed-by": "gpuscale", LABEL_DEPLOYMENT: "smollm",
-        LABEL_REPLICA: index.to_string(), LABEL_TEMPLATE: template_hash(d), LABEL_SERVING: "true",
+        LABEL_REPLICA: index.to_string(), LABEL_TEMPLATE: template_hash(&with_image(d.clone(), &node_models())), LABEL_SERVING: "true",
     });
     for (k, v) in extra_labels.as_object().unwrap() {
         labels[k] = v.clone();
@@ -827,7 +836,7 @@ async fn a_500_on_the_drain_keeps_the_scale_down_window() {
     let (unused, _) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let base = Context::with_cache(
         Client::new(unused, "default"),
-        Config::default(),
+        node_models(),
         loads.clone(),
         Arc::new(Metrics::default()),
         cache(pods),
@@ -1156,7 +1165,7 @@ async fn the_ledger_and_status_follow_what_the_device_plugin_assigned() {
     // The placement patch is a merge patch on the pod, like a drain.
     let ctx = Context::with_cache(
         client,
-        Config::default(),
+        node_models(),
         scraper,
         Arc::new(Metrics::default()),
         cache(vec![pod(&d, 0, 0, "10.0.0.1", json!({}))]),
@@ -1238,8 +1247,7 @@ fn an_inventory_change_wakes_only_deployments_short_of_replicas() {
 /// termination message `message`.
 fn probe(d: &InferenceDeployment, phase: &str, exit: i32, message: &str) -> Value {
     let mut p =
-        serde_json::to_value(probe_pod(d, &Config::default(), &d.spec.model.source).unwrap())
-            .unwrap();
+        serde_json::to_value(probe_pod(d, &node_models(), &d.spec.model.source).unwrap()).unwrap();
     p["metadata"]["uid"] = json!("probe-uid");
     p["metadata"]["creationTimestamp"] = json!("2026-11-24T10:00:00Z");
     p["spec"]["nodeName"] = json!("gpu-a");
@@ -1391,7 +1399,7 @@ async fn a_replica_downloading_its_model_is_reported_and_kept() {
     let metrics = Arc::new(Metrics::default());
     let ctx = Context::with_cache(
         client,
-        Config::default(),
+        node_models(),
         Arc::new(scraper),
         metrics.clone(),
         cache(vec![loading]),
@@ -1460,4 +1468,85 @@ fn held_requests_are_demand_and_idleness_is_known_only_with_a_router() {
     // No router: workers' demand only, idleness unknown.
     assert_eq!(f(&mut state, Some(1.0), 1, None, t3), (Some(1.0), None));
     assert_eq!(f(&mut state, None, 0, None, t3), (None, None));
+}
+
+/// Issue #24 item 1: a deployment that names no image runs the operator's, including
+/// one the 0.1.0 CRD stored its default in; an image it names wins; a new operator
+/// image changes the template hash, so the workers roll to it as a canary.
+#[test]
+fn the_worker_image_follows_the_operator_unless_the_deployment_names_one() {
+    let mut config = node_models();
+    config.worker_image = "registry.local/gpuscale/inference-worker:0.2.0".into();
+    let mut d = deployment(json!({"minReplicas": 1}));
+    assert_eq!(d.spec.worker.image, None);
+    assert_eq!(
+        pods::worker_image(&d, &config),
+        "registry.local/gpuscale/inference-worker:0.2.0"
+    );
+    d.spec.worker.image = Some("ghcr.io/gpuscale/inference-worker:0.1.0".into());
+    assert_eq!(
+        pods::worker_image(&d, &config),
+        "registry.local/gpuscale/inference-worker:0.2.0",
+        "the 0.1.0 CRD's stored default must not pin the workers"
+    );
+    d.spec.worker.image = Some("mine/worker@sha256:abc".into());
+    assert_eq!(pods::worker_image(&d, &config), "mine/worker@sha256:abc");
+
+    let unnamed = deployment(json!({"minReplicas": 1}));
+    let old = template_hash(&with_image(unnamed.clone(), &node_models()));
+    let new = template_hash(&with_image(unnamed, &config));
+    assert_ne!(old, new, "an operator upgrade must be a new version");
+}
+
+/// Issue #24 items 1 and 5: worker pods pull with the operator's and the deployment's
+/// secrets (each once) and carry what the restricted Pod Security level asks.
+#[test]
+fn worker_pods_have_pull_secrets_and_pass_the_restricted_level() {
+    let mut config = node_models();
+    config.image_pull_secrets = vec!["mirror".into(), "shared".into()];
+    let mut d = with_image(deployment(json!({"minReplicas": 1})), &config);
+    d.spec.worker.image_pull_secrets = vec![
+        LocalObjectReference {
+            name: "shared".into(),
+        },
+        LocalObjectReference {
+            name: "team".into(),
+        },
+    ];
+    let p: PodPlacement =
+        serde_json::from_value(json!({"node": "gpu-a", "gpus": [0], "bytesPerGpu": 1u64 << 30}))
+            .unwrap();
+    let pod = serde_json::to_value(pods::replica_pod(&d, 0, &p, &config).unwrap()).unwrap();
+    assert_eq!(
+        pod["spec"]["imagePullSecrets"],
+        json!([{"name": "mirror"}, {"name": "shared"}, {"name": "team"}])
+    );
+    let probe = serde_json::to_value(probe_pod(&d, &config, "x").unwrap()).unwrap();
+    assert_eq!(
+        probe["spec"]["imagePullSecrets"],
+        pod["spec"]["imagePullSecrets"]
+    );
+    for pod in [&pod, &probe] {
+        let s = &pod["spec"]["securityContext"];
+        assert_eq!(s["runAsNonRoot"], true);
+        assert_eq!(s["seccompProfile"]["type"], "RuntimeDefault");
+        let c = &pod["spec"]["containers"][0]["securityContext"];
+        assert_eq!(c["allowPrivilegeEscalation"], false);
+        assert_eq!(c["capabilities"]["drop"], json!(["ALL"]));
+    }
+}
+
+/// Issue #24 item 5: `file://` models (hostPath volumes) only where an administrator
+/// allowed them; http models go to an emptyDir cache unless a node cache is configured.
+#[test]
+fn node_directories_are_mounted_only_when_allowed() {
+    let d = deployment(json!({"minReplicas": 1}));
+    let refused = mountable(&d, &Config::default()).unwrap_err();
+    assert!(refused.contains("models.allowHostPath=true"), "{refused}");
+    assert!(mountable(&d, &node_models()).is_ok());
+
+    let mut web = d.clone();
+    web.spec.model.source = "https://models.example/smollm2.gguf".into();
+    let m = pods::model_mount(&web.spec.model, &Config::default().model_cache).unwrap();
+    assert!(m.volume.empty_dir.is_some() && m.volume.host_path.is_none());
 }

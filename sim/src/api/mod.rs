@@ -3,6 +3,7 @@
 
 mod openapi;
 mod patch;
+mod pod_security;
 mod resources;
 mod selector;
 mod server;

@@ -366,9 +366,22 @@ impl Store {
                 }
             }
             let nsr = self.resource("", "namespaces").expect("built in");
-            self.get(&nsr, "", ns).map_err(|_| {
+            let namespace = self.get(&nsr, "", ns).map_err(|_| {
                 ApiError::new(404, "NotFound", format!("namespaces \"{ns}\" not found"))
             })?;
+            if (r.group.as_str(), r.plural.as_str()) == ("", "pods") {
+                if let Some(level) = super::pod_security::enforced(&namespace) {
+                    let broken = super::pod_security::violations(&obj, level);
+                    if !broken.is_empty() {
+                        let name = meta_str(&obj, "name").unwrap_or_default();
+                        return Err(ApiError::new(
+                            403,
+                            "Forbidden",
+                            super::pod_security::refusal(name, level, &broken),
+                        ));
+                    }
+                }
+            }
         }
         self.uid += 1;
         let name = match (meta_str(&obj, "name"), meta_str(&obj, "generateName")) {
