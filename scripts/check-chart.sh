@@ -127,6 +127,30 @@ crds = [d for d in default if d["kind"] == "CustomResourceDefinition"]
 assert len(crds) == 2 and all(d["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep" for d in crds)
 print("images, node agent, HA, RBAC and CRDs: ok")
 PY
+# Namespaced mode: no cluster-wide access to pods, Services, claims or deployments;
+# a Role for the operator and the router in each served namespace.
+helm template gpuscale "$CHART" --namespace gpuscale --set 'operator.watchNamespaces={team-a,team-b}' >"$out/namespaced.yaml"
+"$GPUSCALE_KUBERNETES_VALIDATE" --strict --quiet "$out/namespaced.yaml" || fail "the namespaced chart does not validate"
+"$(dirname "$GPUSCALE_KUBERNETES_VALIDATE")/python" - "$out/namespaced.yaml" <<'PY' || fail "namespaced RBAC"
+import sys, yaml
+ds = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+for d in ds:
+    if d["kind"] == "ClusterRole" and not d["metadata"].get("labels", {}).get("rbac.authorization.k8s.io/aggregate-to-view") \
+            and not d["metadata"].get("labels", {}).get("rbac.authorization.k8s.io/aggregate-to-edit"):
+        for r in d["rules"]:
+            for res in r["resources"]:
+                assert res in ("gpuinventories", "nodes", "resourceslices"), (d["metadata"]["name"], res)
+    if d["kind"] == "ClusterRoleBinding":
+        assert not d["metadata"]["name"].endswith("-router"), "the router needs no ClusterRole here"
+roles = {(d["metadata"]["namespace"], d["metadata"]["name"].rsplit("-", 1)[1]) for d in ds if d["kind"] == "Role"}
+for ns in ("team-a", "team-b"):
+    assert (ns, "operator") in roles and (ns, "router") in roles, roles
+args = next(d for d in ds if d["kind"] == "Deployment" and d["metadata"]["name"].endswith("-operator"))["spec"]["template"]["spec"]["containers"][0]["args"]
+assert "--namespace=team-a" in args and "--namespace=team-b" in args, args
+own = next(d for d in ds if d["kind"] == "Role" and d["metadata"]["name"].endswith("-leader-election"))
+assert any(r["resources"] == ["pods"] and r["verbs"] == ["list"] for r in own["rules"]), "router pods in the operator's namespace"
+print("namespaced RBAC: ok")
+PY
 helm template gpuscale "$CHART" --namespace gpuscale --set crds.enabled=false | grep -q "kind: CustomResourceDefinition" \
   && fail "crds.enabled=false still renders the CRDs"
 # The monitoring objects (Prometheus Operator kinds, which kubernetes-validate does not

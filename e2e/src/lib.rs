@@ -16,7 +16,7 @@ use gpuscale_crds::InferenceDeployment;
 use gpuscale_operator::metrics::Metrics;
 use gpuscale_operator::reconcile::{self, Config};
 use gpuscale_operator::scrape::HttpScraper;
-use gpuscale_sim::cluster::{client_for, ClusterConfig, SimCluster};
+use gpuscale_sim::cluster::{client_as, client_for, ClusterConfig, SimCluster};
 use gpuscale_sim::kubelet::KubeletConfig;
 use gpuscale_sim::nodes::SimNode;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
@@ -39,7 +39,16 @@ pub struct Env {
     operator: Option<tokio::task::JoinHandle<()>>,
     /// The request router's base URL, once started; the operator reads its demand.
     router: Option<String>,
+    /// The namespaces the operator serves (empty: all).
+    operator_namespaces: Vec<String>,
+    /// The operator's client: on the simulator it impersonates the chart's service
+    /// account, so the simulator's request log tells the operator's requests apart.
+    operator_client: Client,
 }
+
+/// Whom the operator's requests come from on the simulator (the chart's service
+/// account for a release `gpuscale` in namespace `gpuscale`).
+pub const OPERATOR_USER: &str = "system:serviceaccount:gpuscale:gpuscale";
 
 /// The environment variable with the base URL of a real cluster's router (reachable
 /// from where the scenarios run, e.g. through `kubectl port-forward`).
@@ -69,11 +78,13 @@ impl Env {
                 .create(&PostParams::default(), &ns)
                 .await?;
             return Ok(Env {
+                operator_client: client.clone(),
                 client,
                 namespace,
                 sim: None,
                 operator: None,
                 router: None,
+                operator_namespaces: Vec::new(),
             });
         }
         let model = std::env::var("GPUSCALE_SMOLLM2_GGUF").context(
@@ -92,12 +103,15 @@ impl Env {
             kubelet: KubeletConfig::new(gpuscale_sim::worker_binary()?, models, dir.join("logs")),
         })
         .await?;
+        let operator_client = client_as(sim.kubeconfig(), Some(OPERATOR_USER)).await?;
         let mut env = Env {
+            operator_client,
             client: sim.client(),
             namespace: "default".into(),
             sim: Some(sim),
             operator: None,
             router: None,
+            operator_namespaces: Vec::new(),
         };
         env.start_operator();
         Ok(env)
@@ -116,6 +130,13 @@ impl Env {
     /// Starts the operator's controller (simulator only; a real cluster runs its own).
     pub fn start_operator(&mut self) {
         self.start_operator_with(|_| {});
+    }
+
+    /// Restarts the operator serving only `namespaces` (`--namespace`).
+    pub fn serve_only(&mut self, namespaces: &[&str]) {
+        self.operator_namespaces = namespaces.iter().map(|s| s.to_string()).collect();
+        self.kill_operator();
+        self.start_operator();
     }
 
     /// Starts the operator's controller with `change` made to the settings the
@@ -144,12 +165,13 @@ impl Env {
         };
         change(&mut config);
         let ctx = reconcile::Context::new(
-            self.client.clone(),
+            self.operator_client.clone(),
             config,
             Arc::new(HttpScraper::new(Duration::from_secs(1))),
             Arc::new(Metrics::default()),
         );
-        self.operator = Some(tokio::spawn(reconcile::run(ctx, Vec::new())));
+        let namespaces = self.operator_namespaces.clone();
+        self.operator = Some(tokio::spawn(reconcile::run(ctx, namespaces)));
     }
 
     /// Starts the request router (on the simulator, in this process, watching the

@@ -1,14 +1,15 @@
 //! Installing and operating gpuscale as a platform engineer would (issue #24): worker
-//! pods under the namespace's Pod Security level.
+//! pods under the namespace's Pod Security level, and a cluster autoscaler adding the
+//! GPU node a replica needs.
 
 use std::time::Duration;
 
-use gpuscale_e2e::{smollm, Env};
+use gpuscale_e2e::{smollm, Env, OPERATOR_USER};
 use gpuscale_operator::reconcile::CacheVolume;
 use gpuscale_sim::nodes::SimNode;
 use gpuscale_sim::traffic::{self, Profile};
-use k8s_openapi::api::core::v1::Namespace;
-use kube::api::{Patch, PatchParams};
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use kube::api::{ListParams, Patch, PatchParams};
 use kube::Api;
 use serde_json::json;
 
@@ -87,4 +88,247 @@ async fn worker_pods_pass_the_restricted_pod_security_level() {
     .await;
     let s = traffic::summary(&outcomes);
     assert!(s.requests >= 3 && s.errors == 0, "{s:?}");
+
+    // The chart's alerts and dashboard name only series the components export: the
+    // worker's from this live pod, the operator's and the router's from their
+    // registries.
+    let ip = pods[0].status.as_ref().unwrap().pod_ip.clone().unwrap();
+    let worker = reqwest::get(format!("http://{ip}:8080/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let operator = gpuscale_operator::metrics::Metrics::default().encode();
+    let router = gpuscale_router::metrics::Metrics::new().encode();
+    let exported = exported_names(&[&worker, &operator, &router]);
+    let chart = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/gpuscale");
+    for file in ["templates/prometheusrule.yaml", "files/dashboard.json"] {
+        let text = std::fs::read_to_string(chart.join(file)).unwrap();
+        let used = referenced_names(&text);
+        assert!(used.len() >= 4, "{file}: {used:?}");
+        for name in used {
+            assert!(
+                exported.contains(&name),
+                "{file} uses {name}, which nothing exports"
+            );
+        }
+    }
+}
+
+/// Every series name an exposition text declares (`# TYPE`), with the suffixes its
+/// type adds to samples.
+fn exported_names(texts: &[&str]) -> std::collections::HashSet<String> {
+    let mut names = std::collections::HashSet::new();
+    for line in texts.iter().flat_map(|t| t.lines()) {
+        let mut words = line.split_whitespace();
+        if (words.next(), words.next()) != (Some("#"), Some("TYPE")) {
+            continue;
+        }
+        let (Some(name), Some(kind)) = (words.next(), words.next()) else {
+            continue;
+        };
+        let suffixes: &[&str] = match kind {
+            "counter" => &["_total", "_created"],
+            "histogram" => &["_bucket", "_sum", "_count", "_created"],
+            "summary" => &["_sum", "_count"],
+            _ => &[""],
+        };
+        for s in suffixes {
+            names.insert(format!("{name}{s}"));
+        }
+        names.insert(name.to_string());
+    }
+    names
+}
+
+/// The `gpuscale_*` series names a PromQL-bearing file refers to.
+fn referenced_names(text: &str) -> std::collections::BTreeSet<String> {
+    let mut out = std::collections::BTreeSet::new();
+    let mut rest = text;
+    while let Some(at) = rest.find("gpuscale_") {
+        let tail = &rest[at..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_lowercase() || c == '_'))
+            .unwrap_or(tail.len());
+        let before = rest[..at].chars().last();
+        if !before.is_some_and(|c| c.is_ascii_alphanumeric() || c == '_') {
+            out.insert(tail[..end].to_string());
+        }
+        rest = &tail[end..];
+    }
+    out
+}
+
+/// Issue #24 item 9: a replica that fits on no node becomes a pending pod asking for
+/// `nvidia.com/gpu`, which is what Cluster Autoscaler and Karpenter add nodes for. The
+/// test plays the cluster autoscaler (a node like the others, once the request pod is
+/// unschedulable); the operator then places the replica on the new node's GPU and
+/// removes the request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_fits_nowhere_asks_for_a_node_and_lands_on_it() {
+    let nodes = vec![SimNode::new("sim-l4-a", 1, "NVIDIA L4", 24, false)];
+    let mut env = Env::start("capacity", nodes).await.unwrap();
+    if !env.simulated() {
+        eprintln!("skipped: adds a node (simulator only)");
+        return;
+    }
+    // Whole GPUs (the default sharing): the one GPU takes one replica.
+    env.apply(&smollm(json!({"spec": {
+        "replicas": 2, "scaling": {"autoscale": false, "minReplicas": 1, "maxReplicas": 2},
+    }})))
+    .await
+    .unwrap();
+    let note = env
+        .wait_event("smollm", "CapacityRequested", Duration::from_secs(90))
+        .await
+        .unwrap();
+    assert!(
+        note.contains("smollm-capacity-") && note.contains("1 nvidia.com/gpu"),
+        "{note}"
+    );
+    let pods: Api<Pod> = Api::namespaced(env.client.clone(), &env.namespace);
+    let pending = env
+        .wait(
+            "an unschedulable capacity request",
+            Duration::from_secs(30),
+            || async {
+                let list = pods
+                    .list(&ListParams::default().labels("gpuscale.dev/capacity-for=smollm"))
+                    .await
+                    .ok()?;
+                list.items.into_iter().find(|p| {
+                    p.status
+                        .as_ref()
+                        .and_then(|s| s.conditions.as_ref())
+                        .into_iter()
+                        .flatten()
+                        .any(|c| {
+                            c.type_ == "PodScheduled"
+                                && c.reason.as_deref() == Some("Unschedulable")
+                        })
+                })
+            },
+        )
+        .await
+        .unwrap();
+    let limits = pending.spec.as_ref().unwrap().containers[0]
+        .resources
+        .as_ref()
+        .and_then(|r| r.limits.clone())
+        .unwrap();
+    assert_eq!(limits["nvidia.com/gpu"].0, "1");
+    assert!(
+        env.pods("smollm").await.unwrap().len() == 1,
+        "the request is not a replica"
+    );
+
+    // The cluster autoscaler's answer: a node of the same kind.
+    env.sim()
+        .unwrap()
+        .add_node(SimNode::new("sim-l4-b", 1, "NVIDIA L4", 24, false))
+        .await
+        .unwrap();
+    let ready = env
+        .wait_ready("smollm", 2, Duration::from_secs(120))
+        .await
+        .unwrap();
+    let mut on: Vec<String> = ready
+        .iter()
+        .map(|p| p.spec.as_ref().unwrap().node_name.clone().unwrap())
+        .collect();
+    on.sort();
+    assert_eq!(on, ["sim-l4-a", "sim-l4-b"]);
+    env.wait(
+        "the capacity request removed",
+        Duration::from_secs(30),
+        || async {
+            let list = pods
+                .list(&ListParams::default().labels("gpuscale.dev/capacity-for=smollm"))
+                .await
+                .ok()?;
+            list.items.is_empty().then_some(())
+        },
+    )
+    .await
+    .unwrap();
+}
+
+/// Issue #24 item 4: an operator that serves only some namespaces (the chart's
+/// `watchNamespaces`, which then grants it Roles there and no cluster-wide access to
+/// namespaced kinds) watches pods, Services and claims in those namespaces only: the
+/// simulator saw no cluster-wide request to a namespaced kind. A deployment there is
+/// served; one in another namespace is left alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_serving_some_namespaces_makes_no_cluster_wide_request() {
+    let nodes = vec![SimNode::new("sim-l4", 2, "NVIDIA L4", 24, false)];
+    let mut env = Env::start("namespaced", nodes).await.unwrap();
+    if !env.simulated() {
+        eprintln!("skipped: reads the simulator's request log");
+        return;
+    }
+    let other: Namespace = serde_json::from_value(json!({"metadata": {"name": "team-b"}})).unwrap();
+    Api::<Namespace>::all(env.client.clone())
+        .create(&Default::default(), &other)
+        .await
+        .unwrap();
+    env.serve_only(&["default"]);
+    env.sim().unwrap().api().take_cluster_wide_requests();
+    env.apply(&smollm(json!({}))).await.unwrap();
+    let mut elsewhere = smollm(json!({}));
+    elsewhere["metadata"]["namespace"] = json!("team-b");
+    Api::<gpuscale_crds::InferenceDeployment>::namespaced(env.client.clone(), "team-b")
+        .create(
+            &Default::default(),
+            &serde_json::from_value(elsewhere).unwrap(),
+        )
+        .await
+        .unwrap();
+    env.wait_ready("smollm", 1, Duration::from_secs(120))
+        .await
+        .unwrap();
+    let ignored =
+        Api::<gpuscale_crds::InferenceDeployment>::namespaced(env.client.clone(), "team-b")
+            .get("smollm")
+            .await
+            .unwrap();
+    assert!(ignored.status.is_none(), "{:?}", ignored.status);
+    assert!(
+        ignored.metadata.finalizers.is_none(),
+        "{:?}",
+        ignored.metadata.finalizers
+    );
+    let pods: Api<Pod> = Api::namespaced(env.client.clone(), "team-b");
+    assert!(pods
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .items
+        .is_empty());
+    let wide = env.sim().unwrap().api().take_cluster_wide_requests();
+    let operator: Vec<_> = wide
+        .iter()
+        .filter(|(user, ..)| user == OPERATOR_USER)
+        .collect();
+    assert!(
+        operator.is_empty(),
+        "the operator's cluster-wide requests to namespaced kinds: {operator:?}"
+    );
+    // It was seen at all: with every namespace served, it does list pods cluster-wide.
+    env.serve_only(&[]);
+    let mut seen = false;
+    for _ in 0..100 {
+        let wide = env.sim().unwrap().api().take_cluster_wide_requests();
+        seen |= wide
+            .iter()
+            .any(|(user, _, what)| user == OPERATOR_USER && what == "pods");
+        if seen {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        seen,
+        "no cluster-wide pod watch seen from the operator serving all namespaces"
+    );
 }

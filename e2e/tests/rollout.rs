@@ -327,3 +327,104 @@ async fn failing_and_never_ready_versions_are_rolled_back_touching_only_the_cana
         after.len()
     );
 }
+
+/// Replaces the InferenceDeployment CRD with `yaml`, as `helm upgrade` does with the
+/// chart's CRD template.
+async fn replace_crd(env: &Env, yaml: &str) {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    let api: kube::Api<CustomResourceDefinition> = kube::Api::all(env.client.clone());
+    let mut crd: CustomResourceDefinition = serde_yaml::from_str(yaml).unwrap();
+    let name = crd.name_any();
+    crd.metadata.resource_version = api.get(&name).await.unwrap().metadata.resource_version;
+    api.replace(&name, &Default::default(), &crd).await.unwrap();
+}
+
+/// Issue #24 item 3: an upgrade from chart 0.1.0 on a cluster with a deployment
+/// serving. Chart 0.1.0's CRD stored its worker image default (`:0.1.0`) in every
+/// object; the upgrade replaces the CRD (the chart now templates it) and restarts the
+/// operator with the new chart's worker image. The stored default is read as "no image
+/// named", so the workers roll to the new image as a canary, through the router, and
+/// no request is lost on the way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_from_chart_0_1_0_rolls_the_workers_to_the_new_image_losing_nothing() {
+    const OLD: &str = "ghcr.io/gpuscale/inference-worker:0.1.0";
+    const NEW: &str = "ghcr.io/gpuscale/inference-worker:0.2.0";
+    let mut env = Env::start("upgrade", node()).await.unwrap();
+    if !env.simulated() {
+        eprintln!("skipped: replaces the CRD and restarts the operator (simulator only)");
+        return;
+    }
+    let url = env.start_router().await.unwrap();
+    // The cluster as chart 0.1.0 left it: its CRD, its operator's worker image.
+    replace_crd(
+        &env,
+        include_str!("../fixtures/chart-0.1.0-inferencedeployments.gpuscale.dev.yaml"),
+    )
+    .await;
+    env.kill_operator();
+    env.start_operator_with(|c| c.worker_image = OLD.into());
+    let steps = json!({"steps": [50, 100], "stepSeconds": 4, "minRequests": 5,
+        "readyTimeoutSeconds": 120, "rollbackLatencyPercent": 300});
+    env.apply(&deployment(steps, json!({}))).await.unwrap();
+    let stored = env.deployment("smollm").await.unwrap();
+    assert_eq!(
+        stored.spec.worker.image.as_deref(),
+        Some(OLD),
+        "the 0.1.0 CRD stores its default"
+    );
+    let pods = env
+        .wait_ready("smollm", 2, Duration::from_secs(120))
+        .await
+        .unwrap();
+    let image = |p: &k8s_openapi::api::core::v1::Pod| {
+        p.spec.as_ref().unwrap().containers[0]
+            .image
+            .clone()
+            .unwrap()
+    };
+    assert!(pods.iter().all(|p| image(p) == OLD));
+    let old = rollout(&env).await.expect("status.rollout").stable.name;
+    let load = Load::start(&url, 3);
+
+    // helm upgrade: the new CRD, the new operator.
+    let (_, crd) = gpuscale_crds::crd_manifests()
+        .into_iter()
+        .find(|(f, _)| f.starts_with("inferencedeployments"))
+        .unwrap();
+    replace_crd(&env, &crd).await;
+    env.kill_operator();
+    env.start_operator_with(|c| c.worker_image = NEW.into());
+    let started = env
+        .wait_event("smollm", "RolloutStarted", Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert!(started.contains("50% → 100%"), "{started}");
+    let promoted = env
+        .wait("promotion", Duration::from_secs(240), || async {
+            let r = rollout(&env).await?;
+            (r.phase == RolloutPhase::Stable && r.stable.name != old).then_some(r)
+        })
+        .await
+        .unwrap();
+    assert_eq!(promoted.stable.worker.image.as_deref(), Some(NEW));
+    only_stable_pods(&env, &promoted.stable.name, "only new pods").await;
+    let pods = env.pods("smollm").await.unwrap();
+    assert!(
+        pods.iter().all(|p| image(p) == NEW),
+        "{:?}",
+        pods.iter().map(image).collect::<Vec<_>>()
+    );
+    let answers = load.stop().await;
+    let failed: Vec<&Answer> = answers.iter().filter(|a| a.status != 200).collect();
+    assert!(answers.len() >= 20, "{} requests", answers.len());
+    assert!(
+        failed.is_empty(),
+        "{} of {} failed: {failed:?}",
+        failed.len(),
+        answers.len()
+    );
+    // The object still names no image of its own beyond the old default: a later
+    // operator upgrade rolls it again.
+    let d = env.deployment("smollm").await.unwrap();
+    assert_eq!(d.spec.worker.image.as_deref(), Some(OLD));
+}

@@ -606,9 +606,14 @@ async fn an_http_model_is_sized_from_its_header_by_range_requests() {
     };
     let file = "SmolLM2-135M-Instruct.Q4_1.gguf";
     let url = format!("{}/{file}", sim.model_server().url());
-    env.apply(&smollm(json!({"spec": {"model": {"source": url}}})))
-        .await
-        .unwrap();
+    // No replica: a worker would download the whole file, and this is about what the
+    // operator reads (it sizes the model whatever the replica count).
+    env.apply(&smollm(
+        json!({"spec": {"model": {"source": url}, "replicas": 0,
+        "scaling": {"autoscale": false, "minReplicas": 0}}}),
+    ))
+    .await
+    .unwrap();
     let model = env
         .wait("status.model", Duration::from_secs(30), || async {
             env.deployment("smollm").await.ok()?.status?.model

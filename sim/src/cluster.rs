@@ -40,9 +40,17 @@ pub struct SimCluster {
 
 /// A kube-rs client for the cluster in `kubeconfig`, made as for any cluster.
 pub async fn client_for(kubeconfig: &Path) -> anyhow::Result<Client> {
+    client_as(kubeconfig, None).await
+}
+
+/// A client of the cluster of `kubeconfig` that impersonates `user` (as `kubectl
+/// --as`), so that the simulator's request log tells its requests apart.
+pub async fn client_as(kubeconfig: &Path, user: Option<&str>) -> anyhow::Result<Client> {
     let kc = Kubeconfig::read_from(kubeconfig)
         .with_context(|| format!("reading {}", kubeconfig.display()))?;
-    let config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?;
+    let mut config =
+        kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?;
+    config.auth_info.impersonate = user.map(str::to_string);
     Ok(Client::try_from(config)?)
 }
 

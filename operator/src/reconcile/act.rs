@@ -113,6 +113,9 @@ pub(super) async fn act(
             return (created, Err(e.into()));
         }
     }
+    if let Err(e) = ask_for_capacity(d, ctx, &pods_api, &decided.capacity).await {
+        return (created, Err(e.into()));
+    }
     let svc = service(d);
     // Applied when missing or different, not every pass: a steady deployment costs the
     // API no write.
@@ -131,6 +134,66 @@ pub(super) async fn act(
         )
         .await;
     (created, applied.map(|_| ()).map_err(Error::from))
+}
+
+/// Keeps one capacity request pod (see [`capacity_pod`]) for each replica in `wanted`
+/// (index, whole GPUs) and none for any other: created when missing (with an Event),
+/// deleted once its replica is placed or no longer wanted.
+async fn ask_for_capacity(
+    d: &InferenceDeployment,
+    ctx: &Context,
+    pods_api: &Api<Pod>,
+    wanted: &[(u32, u32)],
+) -> Result<(), kube::Error> {
+    let name = d.name_any();
+    let have: Vec<_> = ctx
+        .cache
+        .pods()
+        .into_iter()
+        .filter(|p| owned_by(p, d) && p.labels().contains_key(LABEL_CAPACITY_FOR))
+        .collect();
+    for pod in &have {
+        let still = capacity_index(pod).is_some_and(|i| wanted.iter().any(|(w, _)| *w == i));
+        if !still && pod.metadata.deletion_timestamp.is_none() {
+            match pods_api
+                .delete(&pod.name_any(), &DeleteParams::default())
+                .await
+            {
+                Ok(_) => info!(pod = %pod.name_any(), "deleted capacity request"),
+                Err(kube::Error::Api(e)) if e.code == 404 => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    for (index, gpus) in wanted {
+        let pod_name = capacity_pod_name(&name, *index);
+        if have.iter().any(|p| p.name_any() == pod_name) {
+            continue;
+        }
+        let pod = capacity_pod(d, *index, *gpus, &ctx.config);
+        match pods_api.create(&PostParams::default(), &pod).await {
+            Ok(_) => {
+                let note = format!(
+                    "replica {index} fits on no node: {pod_name} asks a cluster autoscaler \
+                     for a node with {gpus} nvidia.com/gpu; the replica is placed when its \
+                     GPUs appear"
+                );
+                info!(pod = %pod_name, gpus, "created capacity request");
+                publish(
+                    ctx,
+                    d,
+                    EventType::Normal,
+                    "CapacityRequested",
+                    "Place",
+                    &note,
+                )
+                .await;
+            }
+            Err(kube::Error::Api(e)) if e.code == 409 => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// Creates the ResourceClaim of a DRA replica (nothing for other placements). The

@@ -23,30 +23,85 @@ use kube::ResourceExt;
 /// How long a created pod is expected before the store must have shown it.
 const EXPECTATION_TTL: Duration = Duration::from_secs(60);
 
+/// Stores of a namespaced kind, one per watched namespace (or one for all): the
+/// operator watches only the namespaces it serves, so that it needs no cluster-wide
+/// access to pods, Services or claims (`--namespace`, the chart's `watchNamespaces`).
+/// Reads see the union.
+pub(super) struct Scoped<K: kube::Resource<DynamicType = ()> + Clone + 'static>(
+    Arc<std::sync::RwLock<Vec<Store<K>>>>,
+);
+
+impl<K: kube::Resource<DynamicType = ()> + Clone + 'static> Clone for Scoped<K> {
+    fn clone(&self) -> Self {
+        Scoped(self.0.clone())
+    }
+}
+
+impl<K: kube::Resource<DynamicType = ()> + Clone + 'static> Scoped<K> {
+    fn new() -> Self {
+        Scoped(Arc::default())
+    }
+
+    fn of(store: Store<K>) -> Self {
+        let s = Self::new();
+        s.add(store);
+        s
+    }
+
+    /// Adds the store of one more namespace (before the first pass waits on them).
+    pub(super) fn add(&self, store: Store<K>) {
+        self.0.write().expect("scoped lock").push(store);
+    }
+
+    fn stores(&self) -> Vec<Store<K>> {
+        self.0.read().expect("scoped lock").clone()
+    }
+
+    /// Every object of every namespace's store.
+    pub(super) fn state(&self) -> Vec<Arc<K>> {
+        self.stores().iter().flat_map(Store::state).collect()
+    }
+
+    /// `namespace/name`, from whichever store holds it.
+    pub(super) fn get(&self, namespace: &str, name: &str) -> Option<Arc<K>> {
+        let key = reflector::ObjectRef::new(name).within(namespace);
+        self.stores().iter().find_map(|s| s.get(&key))
+    }
+
+    async fn wait_until_ready(&self) {
+        futures::future::join_all(self.stores().iter().map(Store::wait_until_ready)).await;
+    }
+}
+
 /// The stores a pass reads.
 #[derive(Clone)]
 pub struct Cache {
-    pub(super) pods: Store<Pod>,
+    pub(super) pods: Scoped<Pod>,
     pub(super) nodes: Store<Node>,
     pub(super) inventories: Store<GpuInventory>,
-    pub(super) services: Store<Service>,
+    pub(super) services: Scoped<Service>,
     /// The DRA drivers' ResourceSlices (empty where DRA is off or not served).
     pub(super) slices: Store<ResourceSlice>,
     /// The ResourceClaims of managed replicas.
-    pub(super) claims: Store<ResourceClaim>,
+    pub(super) claims: Scoped<ResourceClaim>,
     /// Pods created by this operator and not yet seen in `pods`, by `namespace/name`.
     created: Arc<Mutex<HashMap<String, (Pod, Instant)>>>,
     /// Set once every store has had its first full list (see `ready`).
     ready: Arc<tokio::sync::OnceCell<()>>,
 }
 
-/// The writers behind a `Cache`, consumed by the reflectors in `run`.
+/// The writers behind a `Cache`'s cluster-wide stores, consumed by the reflectors in
+/// `run` (which makes the namespaced stores, one per watched namespace).
 pub struct Writers {
-    pub(super) pods: Writer<Pod>,
     pub(super) nodes: Writer<Node>,
     pub(super) inventories: Writer<GpuInventory>,
-    pub(super) services: Writer<Service>,
     pub(super) slices: Writer<ResourceSlice>,
+}
+
+/// The writers of one namespace's (or all namespaces') stores.
+pub(super) struct ScopeWriters {
+    pub(super) pods: Writer<Pod>,
+    pub(super) services: Writer<Service>,
     pub(super) claims: Writer<ResourceClaim>,
 }
 
@@ -55,35 +110,45 @@ fn key(pod: &Pod) -> String {
 }
 
 impl Cache {
-    /// Empty stores fed by watches (`run` starts them), and their writers. The pod
-    /// store is shared: the controller's trigger on pod changes reads the same watch.
+    /// Empty stores fed by watches (`run` starts them), and the writers of the
+    /// cluster-wide ones; `run` adds each namespace's with [`Cache::scope`].
     pub fn watched() -> (Cache, Writers) {
-        let (pods, pod_writer) = reflector::store_shared(1024);
         let (nodes, node_writer) = reflector::store();
         let (inventories, inv_writer) = reflector::store_shared(256);
-        let (services, svc_writer) = reflector::store();
         let (slices, slice_writer) = reflector::store();
-        let (claims, claim_writer) = reflector::store();
         (
             Cache {
-                pods,
+                pods: Scoped::new(),
                 nodes,
                 inventories,
-                services,
+                services: Scoped::new(),
                 slices,
-                claims,
+                claims: Scoped::new(),
                 created: Arc::default(),
                 ready: Arc::default(),
             },
             Writers {
-                pods: pod_writer,
                 nodes: node_writer,
                 inventories: inv_writer,
-                services: svc_writer,
                 slices: slice_writer,
-                claims: claim_writer,
             },
         )
+    }
+
+    /// The stores of one more namespace (or of all), and their writers. The pod store
+    /// is shared: the controller's trigger on pod changes reads the same watch.
+    pub(super) fn scope(&self) -> ScopeWriters {
+        let (pods, pod_writer) = reflector::store_shared(1024);
+        let (services, svc_writer) = reflector::store();
+        let (claims, claim_writer) = reflector::store();
+        self.pods.add(pods);
+        self.services.add(services);
+        self.claims.add(claims);
+        ScopeWriters {
+            pods: pod_writer,
+            services: svc_writer,
+            claims: claim_writer,
+        }
     }
 
     /// Stores holding exactly these objects, and no Service (tests and benchmarks).
@@ -102,12 +167,12 @@ impl Cache {
             w.as_reader()
         }
         Cache {
-            pods: filled(pods),
+            pods: Scoped::of(filled(pods)),
             nodes: filled(nodes),
             inventories: filled(inventories),
-            services: filled(Vec::new()),
+            services: Scoped::of(filled(Vec::new())),
             slices: filled(Vec::new()),
-            claims: filled(Vec::new()),
+            claims: Scoped::of(filled(Vec::new())),
             created: Arc::default(),
             ready: Arc::default(),
         }
@@ -172,8 +237,7 @@ impl Cache {
 
     /// The managed Service `namespace/name`, as last seen.
     pub fn service(&self, namespace: &str, name: &str) -> Option<Arc<Service>> {
-        self.services
-            .get(&reflector::ObjectRef::new(name).within(namespace))
+        self.services.get(namespace, name)
     }
 
     /// The GpuInventories.
@@ -188,22 +252,33 @@ impl Cache {
 
     /// Whether the ResourceClaim `namespace/name` exists, as last seen.
     pub fn has_claim(&self, namespace: &str, name: &str) -> bool {
-        self.claims
-            .get(&reflector::ObjectRef::new(name).within(namespace))
-            .is_some()
+        self.claims.get(namespace, name).is_some()
+    }
+}
+
+/// Marks a store complete and empty: no watch will ever fill it.
+fn never_watched<K>(w: &mut Writer<K>)
+where
+    K: kube::Resource + Clone + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
+{
+    for e in [watcher::Event::Init, watcher::Event::InitDone] {
+        w.apply_watcher_event(&e);
     }
 }
 
 impl Writers {
-    /// Marks the DRA stores complete and empty: the cluster does not serve DRA, or it is
-    /// off, so no watch will ever fill them.
+    /// Marks the ResourceSlice store complete and empty: the cluster does not serve
+    /// DRA, or it is off.
     pub(super) fn without_dra(&mut self) {
-        for e in [watcher::Event::Init, watcher::Event::InitDone] {
-            self.slices.apply_watcher_event(&e);
-        }
-        for e in [watcher::Event::Init, watcher::Event::InitDone] {
-            self.claims.apply_watcher_event(&e);
-        }
+        never_watched(&mut self.slices);
+    }
+}
+
+impl ScopeWriters {
+    /// Marks this scope's ResourceClaim store complete and empty (DRA off).
+    pub(super) fn without_dra(&mut self) {
+        never_watched(&mut self.claims);
     }
 }
 
@@ -223,6 +298,7 @@ mod tests {
     #[tokio::test]
     async fn every_pass_waiting_for_the_stores_is_woken() {
         let (cache, mut writers) = Cache::watched();
+        let mut scope = cache.scope();
         let waiting: Vec<_> = (0..8)
             .map(|_| {
                 let c = cache.clone();
@@ -231,16 +307,17 @@ mod tests {
             .collect();
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         writers.without_dra();
+        scope.without_dra();
         macro_rules! listed {
             ($w:expr) => {
                 $w.apply_watcher_event(&watcher::Event::Init);
                 $w.apply_watcher_event(&watcher::Event::InitDone);
             };
         }
-        listed!(writers.pods);
+        listed!(scope.pods);
         listed!(writers.nodes);
         listed!(writers.inventories);
-        listed!(writers.services);
+        listed!(scope.services);
         for w in waiting {
             tokio::time::timeout(std::time::Duration::from_secs(5), w)
                 .await

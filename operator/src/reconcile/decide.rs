@@ -26,6 +26,9 @@ pub(super) struct Decided {
     pub(super) current: u32,
     pub(super) todo: Vec<Todo>,
     pub(super) refusal: Option<placement::Refusal>,
+    /// Replicas that fit on no node as the cluster is, but would on a new GPU node:
+    /// (index, whole GPUs), each asked of a cluster autoscaler by a pending pod.
+    pub(super) capacity: Vec<(u32, u32)>,
     /// The rollout's status after this pass, and the event it calls for.
     pub(super) rollout: rollout::Outcome,
     /// The deployment as each version's pods are built: the stable one, and the canary.
@@ -189,14 +192,12 @@ pub(super) fn decide(
         })
         .collect();
     let mut refusal = None;
+    let mut capacity = Vec::new();
     let mut todo = Vec::new();
     let mut created: Vec<PodPlacement> = Vec::new();
     for step in plan(&replicas, &targets) {
         match step {
             Step::Create(index, version) => {
-                if refusal.is_some() {
-                    continue;
-                }
                 let (v, need) = match (version, canary) {
                     (Version::Canary, Some(c)) => {
                         (views.1.as_ref().unwrap_or(&views.0), c.need_bytes)
@@ -205,6 +206,12 @@ pub(super) fn decide(
                 };
                 let mut req = placement::request(&key, index, &v.spec, need);
                 req.avoid_nodes = avoid.clone();
+                if let Some(r) = &refusal {
+                    if more_gpus_would_do(r, &ledger.engine, &req) {
+                        capacity.push((index, req.gpus));
+                    }
+                    continue;
+                }
                 let p = match ledger.engine.place(&req) {
                     Ok(p) => PodPlacement {
                         node: p.node,
@@ -218,6 +225,9 @@ pub(super) fn decide(
                     Err(r) => match cpu_placement(v, &ledger.cpu_nodes, pods, &created, need) {
                         Some(p) => p,
                         None => {
+                            if more_gpus_would_do(&r, &ledger.engine, &req) {
+                                capacity.push((index, req.gpus));
+                            }
                             refusal = Some(r);
                             continue;
                         }
@@ -256,9 +266,34 @@ pub(super) fn decide(
         current,
         todo,
         refusal,
+        capacity,
         rollout: outcome,
         views,
     }
+}
+
+/// Whether a new GPU node would take replica `req`, which placement refused with `r`:
+/// not when the scheduler or the binding refused it (those are about nodes that
+/// exist), nor when it needs more memory per GPU than any GPU of the fleet has when
+/// empty (a node like those would not hold it either; a cluster with no GPU yet
+/// always asks).
+fn more_gpus_would_do(
+    r: &placement::Refusal,
+    engine: &placement::Engine,
+    req: &placement::Request,
+) -> bool {
+    use placement::RefusalReason::*;
+    let capacity_reason = matches!(
+        r.reason,
+        NoGpus
+            | NoMatchingGpu
+            | UnhealthyGpus
+            | InsufficientVram
+            | InsufficientGpusOnNode
+            | NvlinkUnavailable
+    );
+    let largest = engine.gpu_usage().map(|g| g.3).max();
+    capacity_reason && largest.is_none_or(|usable| req.need_per_gpu <= usable)
 }
 
 /// `d` as the pods of `rev` are built: its model, resources and worker.

@@ -47,8 +47,8 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use gpuscale_crds::{GpuInventory, InferenceDeployment};
-use k8s_openapi::api::core::v1::{Node, Pod, Service};
-use k8s_openapi::api::resource::v1::{ResourceClaim, ResourceSlice};
+use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::resource::v1::ResourceSlice;
 use kube::api::{Api, ApiResource, DynamicObject};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::EventType;
@@ -576,8 +576,10 @@ pub fn error_policy(obj: Arc<DynamicObject>, err: &Error, ctx: Arc<Context>) -> 
     Action::requeue(wait)
 }
 
-/// Runs the controller until SIGTERM, over `namespaces` (empty: all of them). The
-/// caches are fed by one watch per kind, shared by every namespace's controller.
+/// Runs the controller until SIGTERM, over `namespaces` (empty: all of them). Pods,
+/// Services and claims are watched in those namespaces only, nodes, inventories and
+/// ResourceSlices cluster-wide; every namespace's controller reads all the stores, so
+/// placement counts the GPUs of every replica it manages.
 pub async fn run(ctx: Arc<Context>, namespaces: Vec<String>) {
     let Some(mut writers) = ctx.writers.lock().expect("writers lock").take() else {
         tracing::error!("the controller is already running on this context");
@@ -607,30 +609,61 @@ pub async fn run(ctx: Arc<Context>, namespaces: Vec<String>) {
     } else {
         namespaces.into_iter().map(Some).collect()
     };
-    let controllers: Vec<_> = scopes
-        .into_iter()
-        .map(|ns| {
-            let pods = writers.pods.subscribe().expect("the pod store is shared");
-            let inventories = writers
-                .inventories
-                .subscribe()
-                .expect("the inventory store is shared");
-            controller(ctx.clone(), ns, pods, inventories)
-        })
-        .collect();
+    let health = ctx.metrics.clone();
     let managed =
         watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGED_BY}"));
-    let pods = reflector::reflector(
-        writers.pods,
-        watcher::watcher(Api::<Pod>::all(client.clone()), managed.clone()),
-    );
+    // Per namespace (or one for all): its controller, and the watches of the
+    // namespaced kinds, each feeding that namespace's stores in the cache.
+    let mut controllers = Vec::new();
+    let mut scoped_feeds = Vec::new();
+    for ns in scopes {
+        let mut w = ctx.cache.scope();
+        let inventories = writers
+            .inventories
+            .subscribe()
+            .expect("the inventory store is shared");
+        let pod_events = w.pods.subscribe().expect("the pod store is shared");
+        controllers.push(controller(ctx.clone(), ns.clone(), pod_events, inventories));
+        if !dra {
+            w.without_dra();
+        }
+        let client = client.clone();
+        let (managed, health) = (managed.clone(), health.clone());
+        scoped_feeds.push(async move {
+            let cache::ScopeWriters {
+                pods,
+                services,
+                claims,
+            } = w;
+            let pods = reflector::reflector(
+                pods,
+                watcher::watcher(scoped(&client, &ns), managed.clone()),
+            );
+            let services = reflector::reflector(
+                services,
+                watcher::watcher(scoped(&client, &ns), managed.clone()),
+            );
+            let claims = async {
+                if dra {
+                    reflector::reflector(claims, watcher::watcher(scoped(&client, &ns), managed))
+                        .default_backoff()
+                        .for_each(watched(health.clone(), "resourceclaims"))
+                        .await;
+                }
+            };
+            futures::join!(
+                pods.default_backoff()
+                    .for_each(watched(health.clone(), "pods")),
+                services
+                    .default_backoff()
+                    .for_each(watched(health.clone(), "services")),
+                claims,
+            );
+        });
+    }
     let nodes = reflector::reflector(
         writers.nodes,
         watcher::watcher(Api::<Node>::all(client.clone()), watcher::Config::default()),
-    );
-    let services = reflector::reflector(
-        writers.services,
-        watcher::watcher(Api::<Service>::all(client.clone()), managed.clone()),
     );
     let inventories = reflector::reflector(
         writers.inventories,
@@ -639,46 +672,31 @@ pub async fn run(ctx: Arc<Context>, namespaces: Vec<String>) {
             watcher::Config::default(),
         ),
     );
-    let health = ctx.metrics.clone();
-    let (slice_writer, claim_writer) = (writers.slices, writers.claims);
-    let dra_feed = async {
-        if !dra {
-            return;
+    let slice_writer = writers.slices;
+    let slices = async {
+        if dra {
+            reflector::reflector(
+                slice_writer,
+                watcher::watcher(
+                    Api::<ResourceSlice>::all(client.clone()),
+                    Default::default(),
+                ),
+            )
+            .default_backoff()
+            .for_each(watched(health.clone(), "resourceslices"))
+            .await;
         }
-        let slices = reflector::reflector(
-            slice_writer,
-            watcher::watcher(
-                Api::<ResourceSlice>::all(client.clone()),
-                Default::default(),
-            ),
-        );
-        let claims = reflector::reflector(
-            claim_writer,
-            watcher::watcher(Api::<ResourceClaim>::all(client.clone()), managed.clone()),
-        );
-        futures::join!(
-            slices
-                .default_backoff()
-                .for_each(watched(health.clone(), "resourceslices")),
-            claims
-                .default_backoff()
-                .for_each(watched(health.clone(), "resourceclaims")),
-        );
     };
     let feed = async {
         futures::join!(
-            pods.default_backoff()
-                .for_each(watched(health.clone(), "pods")),
+            futures::future::join_all(scoped_feeds),
             nodes
                 .default_backoff()
                 .for_each(watched(health.clone(), "nodes")),
             inventories
                 .default_backoff()
                 .for_each(watched(health.clone(), "gpuinventories")),
-            services
-                .default_backoff()
-                .for_each(watched(health.clone(), "services")),
-            dra_feed,
+            slices,
         );
     };
     let synced = async {
@@ -690,6 +708,17 @@ pub async fn run(ctx: Arc<Context>, namespaces: Vec<String>) {
         _ = futures::future::join_all(controllers) => {}
         () = feed => {}
         () = synced => {}
+    }
+}
+
+/// The API of a namespaced kind in namespace `ns`, or in all of them.
+fn scoped<K>(client: &Client, ns: &Option<String>) -> Api<K>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+{
+    match ns {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
     }
 }
 

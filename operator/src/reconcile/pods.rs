@@ -36,6 +36,9 @@ pub const LABEL_TEMPLATE: &str = "gpuscale.dev/template";
 /// Label: `"true"` while the replica takes traffic; the Service selects on it, so
 /// flipping it to `"false"` is the first step of a drain.
 pub const LABEL_SERVING: &str = "gpuscale.dev/serving";
+/// Label: the deployment a capacity request pod asks a GPU node for
+/// ([`capacity_pod`]); never on a replica.
+pub const LABEL_CAPACITY_FOR: &str = "gpuscale.dev/capacity-for";
 /// Annotation: the replica's placement, as JSON.
 pub const ANNOTATION_PLACEMENT: &str = "gpuscale.dev/placement";
 /// Annotation: when the drain began (RFC 3339).
@@ -547,6 +550,71 @@ pub fn replica_pod(
         }),
         status: None,
     })
+}
+
+/// The name of the pod that asks a cluster autoscaler for a node for replica `index`.
+pub fn capacity_pod_name(deployment: &str, index: u32) -> String {
+    format!("{deployment}-capacity-{index}")
+}
+
+/// A pod that asks a cluster autoscaler for a GPU node for replica `index` of `d`,
+/// which fits on no node there is. Cluster Autoscaler and Karpenter add nodes for
+/// pending pods the scheduler cannot place
+/// (<https://github.com/kubernetes/autoscaler/blob/master/cluster-autoscaler/FAQ.md#how-does-scale-up-work>),
+/// and they read GPUs as the `nvidia.com/gpu` extended resource: so this pod asks for
+/// `gpus` whole GPUs and the worker's CPU and memory, tolerates what replicas tolerate,
+/// and runs nothing (`--version`, `restartPolicy: Never`), so that if the scheduler
+/// binds it to the new node it ends at once and frees the GPU. The operator deletes it
+/// as soon as the replica is placed (on the new node, when its GPUs appear), or is no
+/// longer wanted. It has no deployment label: no Service, router or replica count
+/// sees it.
+pub fn capacity_pod(d: &InferenceDeployment, index: u32, gpus: u32, config: &super::Config) -> Pod {
+    let name = d.name_any();
+    let mut resources = d.spec.worker.resources.clone().unwrap_or_default();
+    resources
+        .limits
+        .get_or_insert_with(BTreeMap::new)
+        .insert("nvidia.com/gpu".into(), Quantity(gpus.to_string()));
+    Pod {
+        metadata: ObjectMeta {
+            name: Some(capacity_pod_name(&name, index)),
+            namespace: d.namespace(),
+            labels: Some(BTreeMap::from([
+                (
+                    "app.kubernetes.io/managed-by".to_string(),
+                    MANAGED_BY.to_string(),
+                ),
+                (LABEL_CAPACITY_FOR.to_string(), name.clone()),
+            ])),
+            owner_references: d.controller_owner_ref(&()).map(|o| vec![o]),
+            ..ObjectMeta::default()
+        },
+        spec: Some(PodSpec {
+            restart_policy: Some("Never".into()),
+            tolerations: Some(config.scheduling.tolerations.clone()).filter(|t| !t.is_empty()),
+            runtime_class_name: config.scheduling.runtime_class.clone(),
+            scheduler_name: config.scheduling.scheduler_name.clone(),
+            termination_grace_period_seconds: Some(0),
+            image_pull_secrets: pull_secrets(d, config),
+            security_context: Some(pod_security()),
+            containers: vec![Container {
+                name: "capacity".into(),
+                image: Some(worker_image(d, config)),
+                args: Some(vec!["--version".into()]),
+                resources: Some(resources),
+                security_context: Some(container_security()),
+                ..Container::default()
+            }],
+            ..PodSpec::default()
+        }),
+        status: None,
+    }
+}
+
+/// The index of the replica capacity pod `pod` asks a node for.
+pub fn capacity_index(pod: &Pod) -> Option<u32> {
+    let name = pod.metadata.name.as_deref()?;
+    name.rsplit_once("-capacity-")?.1.parse().ok()
 }
 
 /// A required node affinity to `node` by name, as the DaemonSet controller pins its

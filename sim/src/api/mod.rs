@@ -61,6 +61,21 @@ impl ApiServer {
         }
     }
 
+    /// (user, verb, resource) of every request so far to a namespaced kind across all
+    /// namespaces (a list or watch only a ClusterRole allows), and a reset. The user is
+    /// what the client impersonates (`Impersonate-User`, as `kubectl --as` sends it).
+    pub fn take_cluster_wide_requests(
+        &self,
+    ) -> std::collections::BTreeSet<(String, String, String)> {
+        std::mem::take(
+            &mut *self
+                .shared
+                .cluster_wide
+                .lock()
+                .expect("cluster-wide requests"),
+        )
+    }
+
     /// The resource requests served so far, by (verb, resource), and a reset.
     pub fn take_request_counts(&self) -> std::collections::BTreeMap<(String, String), u64> {
         std::mem::take(&mut *self.shared.requests.lock().expect("request counts"))

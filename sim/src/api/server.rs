@@ -27,6 +27,9 @@ pub struct Shared {
     /// Resource requests served, by verb and resource (`list pods`, `patch
     /// inferencedeployments/status`), for measuring what a client costs the API.
     pub requests: Arc<Mutex<std::collections::BTreeMap<(String, String), u64>>>,
+    /// (user, verb, resource) of requests to a namespaced kind across all namespaces:
+    /// what only a ClusterRole grants. The user is the `Impersonate-User` header.
+    pub cluster_wide: Arc<Mutex<std::collections::BTreeSet<(String, String, String)>>>,
     /// A test's hold on creates of one resource (see `ApiServer::gate_creates`).
     pub gate: Arc<Mutex<Option<Gate>>>,
 }
@@ -171,8 +174,16 @@ async fn handle(
                 [_, g, v, rest @ ..] => (*g, *v, rest),
                 _ => unreachable!("matched above"),
             };
+            // No authentication here: a client says who it is the way `kubectl --as`
+            // does, and the request log keeps it.
+            let user = headers
+                .get("impersonate-user")
+                .and_then(|u| u.to_str().ok())
+                .unwrap_or_default()
+                .to_string();
             resource(
                 shared,
+                &user,
                 g,
                 v,
                 rest,
@@ -321,6 +332,7 @@ fn parse_body(content_type: &str, body: &Bytes) -> Result<Value, ApiError> {
 #[allow(clippy::too_many_arguments)]
 async fn resource(
     shared: Shared,
+    user: &str,
     g: &str,
     v: &str,
     rest: &[&str],
@@ -351,6 +363,13 @@ async fn resource(
         Some(sub) => format!("{}/{sub}", t.resource.plural),
         None => t.resource.plural.clone(),
     };
+    if t.resource.namespaced && t.namespace.is_none() {
+        shared
+            .cluster_wide
+            .lock()
+            .expect("cluster-wide requests")
+            .insert((user.to_string(), verb.to_string(), what.clone()));
+    }
     *shared
         .requests
         .lock()
