@@ -132,6 +132,11 @@ impl Env {
         self.start_operator_with(|_| {});
     }
 
+    /// The client the operator uses (on the simulator: as [`OPERATOR_USER`]).
+    pub fn operator_client(&self) -> Client {
+        self.operator_client.clone()
+    }
+
     /// Restarts the operator serving only `namespaces` (`--namespace`).
     pub fn serve_only(&mut self, namespaces: &[&str]) {
         self.operator_namespaces = namespaces.iter().map(|s| s.to_string()).collect();

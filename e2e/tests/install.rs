@@ -273,7 +273,7 @@ async fn an_operator_serving_some_namespaces_makes_no_cluster_wide_request() {
         .await
         .unwrap();
     env.serve_only(&["default"]);
-    env.sim().unwrap().api().take_cluster_wide_requests();
+    env.sim().unwrap().api().take_audit();
     env.apply(&smollm(json!({}))).await.unwrap();
     let mut elsewhere = smollm(json!({}));
     elsewhere["metadata"]["namespace"] = json!("team-b");
@@ -305,10 +305,10 @@ async fn an_operator_serving_some_namespaces_makes_no_cluster_wide_request() {
         .unwrap()
         .items
         .is_empty());
-    let wide = env.sim().unwrap().api().take_cluster_wide_requests();
-    let operator: Vec<_> = wide
+    let audit = env.sim().unwrap().api().take_audit();
+    let operator: Vec<_> = audit
         .iter()
-        .filter(|(user, ..)| user == OPERATOR_USER)
+        .filter(|a| a.user == OPERATOR_USER && a.cluster_wide)
         .collect();
     assert!(
         operator.is_empty(),
@@ -318,10 +318,13 @@ async fn an_operator_serving_some_namespaces_makes_no_cluster_wide_request() {
     env.serve_only(&[]);
     let mut seen = false;
     for _ in 0..100 {
-        let wide = env.sim().unwrap().api().take_cluster_wide_requests();
-        seen |= wide
+        seen |= env
+            .sim()
+            .unwrap()
+            .api()
+            .take_audit()
             .iter()
-            .any(|(user, _, what)| user == OPERATOR_USER && what == "pods");
+            .any(|a| a.user == OPERATOR_USER && a.cluster_wide && a.resource == "pods");
         if seen {
             break;
         }
@@ -331,4 +334,160 @@ async fn an_operator_serving_some_namespaces_makes_no_cluster_wide_request() {
         seen,
         "no cluster-wide pod watch seen from the operator serving all namespaces"
     );
+}
+
+/// (API group, resource, verb) as RBAC rules grant them.
+type Grant = (String, String, String);
+
+/// What the chart grants the operator's service account, rendered by `helm template`
+/// (the release `gpuscale` in namespace `gpuscale`, whose service account the
+/// operator impersonates here): its ClusterRole and its Role.
+fn chart_grants() -> std::collections::BTreeSet<Grant> {
+    let chart = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/gpuscale");
+    let out = std::process::Command::new("helm")
+        .args(["template", "gpuscale"])
+        .arg(&chart)
+        .args(["--namespace", "gpuscale"])
+        .output()
+        .expect("helm on PATH (scripts/test.sh puts it there)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let mut grants = std::collections::BTreeSet::new();
+    for doc in text.split("\n---") {
+        let Ok(d) = serde_yaml::from_str::<serde_json::Value>(doc) else {
+            continue;
+        };
+        let name = d["metadata"]["name"].as_str().unwrap_or_default();
+        let ours = matches!(
+            (d["kind"].as_str(), name),
+            (Some("ClusterRole"), "gpuscale-operator") | (Some("Role"), "gpuscale-leader-election")
+        );
+        if !ours {
+            continue;
+        }
+        let strings = |v: &serde_json::Value| -> Vec<String> {
+            v.as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|s| s.as_str().map(str::to_string))
+                .collect()
+        };
+        for rule in d["rules"].as_array().unwrap() {
+            for g in strings(&rule["apiGroups"]) {
+                for r in strings(&rule["resources"]) {
+                    for v in strings(&rule["verbs"]) {
+                        grants.insert((g.clone(), r.clone(), v));
+                    }
+                }
+            }
+        }
+    }
+    grants
+}
+
+/// Issue #24 item 4: the chart grants the operator exactly the verbs it uses, derived
+/// from the simulator's audit of the operator's requests over a deployment's life:
+/// placed on device-plugin and DRA nodes (claims), scaled past the GPUs (a capacity
+/// request, a repeated Unschedulable Event), scaled down (drain, delete), deleted
+/// (the finalizer), and a leader election (the Lease). Every request must be granted,
+/// and every grant used, but for two the API server checks without a request of that
+/// verb (named below, with the reason).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_chart_grants_the_operator_exactly_what_it_uses() {
+    use gpuscale_operator::leader::{Elector, LeaseConfig};
+    use gpuscale_sim::nodes::SimBinding;
+    let nodes = vec![
+        SimNode::new("sim-l4", 2, "NVIDIA L4", 24, false),
+        SimNode::new("sim-dra", 2, "NVIDIA L4", 24, false)
+            .bound(SimBinding::Dra { shareable: false }),
+    ];
+    let mut env = Env::start("rbac", nodes).await.unwrap();
+    if !env.simulated() {
+        eprintln!("skipped: reads the simulator's audit");
+        return;
+    }
+    let replicas = |n: u32| {
+        smollm(json!({"spec": {"replicas": n,
+            "scaling": {"autoscale": false, "minReplicas": 1, "maxReplicas": 8}}}))
+    };
+    env.apply(&replicas(4)).await.unwrap();
+    env.wait_ready("smollm", 4, Duration::from_secs(180))
+        .await
+        .unwrap();
+    env.apply(&replicas(5)).await.unwrap();
+    env.wait_event("smollm", "CapacityRequested", Duration::from_secs(60))
+        .await
+        .unwrap();
+    // A few passes repeat the Unschedulable Event (a series: a patch).
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    env.apply(&replicas(1)).await.unwrap();
+    env.wait("one replica left", Duration::from_secs(120), || async {
+        (env.pods("smollm").await.ok()?.len() == 1).then_some(())
+    })
+    .await
+    .unwrap();
+    let api: Api<gpuscale_crds::InferenceDeployment> =
+        Api::namespaced(env.client.clone(), &env.namespace);
+    api.delete("smollm", &Default::default()).await.unwrap();
+    env.wait("the deployment gone", Duration::from_secs(120), || async {
+        api.get_opt("smollm").await.ok()?.is_none().then_some(())
+    })
+    .await
+    .unwrap();
+    // Leader election, as the operator's replicas hold it, in the release namespace.
+    let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": "gpuscale"}})).unwrap();
+    Api::<Namespace>::all(env.client.clone())
+        .create(&Default::default(), &ns)
+        .await
+        .unwrap();
+    let metrics = gpuscale_operator::metrics::Metrics::default();
+    let lease = LeaseConfig::with_duration(
+        "gpuscale",
+        "gpuscale-operator",
+        "test",
+        Duration::from_secs(3),
+    );
+    Elector::new(env.operator_client(), lease)
+        .lead(&metrics, tokio::time::sleep(Duration::from_secs(2)))
+        .await
+        .unwrap();
+
+    let used: std::collections::BTreeSet<Grant> = env
+        .sim()
+        .unwrap()
+        .api()
+        .take_audit()
+        .into_iter()
+        .filter(|a| a.user == OPERATOR_USER)
+        .map(|a| (a.group, a.resource, a.verb))
+        .collect();
+    let granted = chart_grants();
+    let g = |group: &str, resource: &str, verb: &str| -> Grant {
+        (group.into(), resource.into(), verb.into())
+    };
+    // Checked by the API server with no request of that verb:
+    let implied = [
+        // Server-side apply that creates a missing object is authorized as create.
+        g("", "services", "create"),
+        // blockOwnerDeletion in the replicas' owner references needs update on the
+        // owner's finalizers (OwnerReferencesPermissionEnforcement).
+        g("gpuscale.dev", "inferencedeployments/finalizers", "update"),
+    ];
+    let missing: Vec<&Grant> = used.difference(&granted).collect();
+    assert!(missing.is_empty(), "used but not granted: {missing:?}");
+    let extra: Vec<&Grant> = granted
+        .difference(&used)
+        .filter(|x| !implied.contains(x))
+        .collect();
+    assert!(
+        extra.is_empty(),
+        "granted but never used: {extra:?}; used: {used:?}"
+    );
+    for i in &implied {
+        assert!(granted.contains(i), "{i:?} must stay granted");
+    }
 }

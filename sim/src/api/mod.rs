@@ -16,7 +16,7 @@ use std::path::Path;
 use anyhow::Context;
 use serde_json::Value;
 
-pub use server::Shared;
+pub use server::{Audited, Shared};
 pub use store::{ApiError, DeleteOptions, Part, WriteOptions};
 
 /// A running simulated API server.
@@ -61,19 +61,9 @@ impl ApiServer {
         }
     }
 
-    /// (user, verb, resource) of every request so far to a namespaced kind across all
-    /// namespaces (a list or watch only a ClusterRole allows), and a reset. The user is
-    /// what the client impersonates (`Impersonate-User`, as `kubectl --as` sends it).
-    pub fn take_cluster_wide_requests(
-        &self,
-    ) -> std::collections::BTreeSet<(String, String, String)> {
-        std::mem::take(
-            &mut *self
-                .shared
-                .cluster_wide
-                .lock()
-                .expect("cluster-wide requests"),
-        )
+    /// Every kind of request served so far, by whom (see [`Audited`]), and a reset.
+    pub fn take_audit(&self) -> std::collections::BTreeSet<Audited> {
+        std::mem::take(&mut *self.shared.audit.lock().expect("audit"))
     }
 
     /// The resource requests served so far, by (verb, resource), and a reset.

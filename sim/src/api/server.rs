@@ -27,11 +27,24 @@ pub struct Shared {
     /// Resource requests served, by verb and resource (`list pods`, `patch
     /// inferencedeployments/status`), for measuring what a client costs the API.
     pub requests: Arc<Mutex<std::collections::BTreeMap<(String, String), u64>>>,
-    /// (user, verb, resource) of requests to a namespaced kind across all namespaces:
-    /// what only a ClusterRole grants. The user is the `Impersonate-User` header.
-    pub cluster_wide: Arc<Mutex<std::collections::BTreeSet<(String, String, String)>>>,
+    /// Who asked for what, as an audit log would say it (see [`Audited`]).
+    pub audit: Arc<Mutex<std::collections::BTreeSet<Audited>>>,
     /// A test's hold on creates of one resource (see `ApiServer::gate_creates`).
     pub gate: Arc<Mutex<Option<Gate>>>,
+}
+
+/// One kind of request in the simulator's audit log: who (the `Impersonate-User`
+/// header: there is no authentication here, so a client says who it is as `kubectl
+/// --as` does), the RBAC verb, the API group and the resource (`pods`,
+/// `inferencedeployments/status`), and whether it spanned every namespace of a
+/// namespaced kind (which only a ClusterRole grants).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Audited {
+    pub user: String,
+    pub verb: String,
+    pub group: String,
+    pub resource: String,
+    pub cluster_wide: bool,
 }
 
 /// Lets `through` creates of `plural` pass, then holds every further one until the
@@ -363,13 +376,13 @@ async fn resource(
         Some(sub) => format!("{}/{sub}", t.resource.plural),
         None => t.resource.plural.clone(),
     };
-    if t.resource.namespaced && t.namespace.is_none() {
-        shared
-            .cluster_wide
-            .lock()
-            .expect("cluster-wide requests")
-            .insert((user.to_string(), verb.to_string(), what.clone()));
-    }
+    shared.audit.lock().expect("audit").insert(Audited {
+        user: user.to_string(),
+        verb: verb.to_string(),
+        group: t.resource.group.clone(),
+        resource: what.clone(),
+        cluster_wide: t.resource.namespaced && t.namespace.is_none(),
+    });
     *shared
         .requests
         .lock()
