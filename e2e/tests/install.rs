@@ -160,6 +160,12 @@ fn referenced_names(text: &str) -> std::collections::BTreeSet<String> {
     out
 }
 
+/// The capacity request pods of `smollm`.
+async fn capacity_requests(pods: &Api<Pod>) -> Option<Vec<Pod>> {
+    let lp = ListParams::default().labels("gpuscale.dev/capacity-for=smollm");
+    Some(pods.list(&lp).await.ok()?.items)
+}
+
 /// Issue #24 item 9: a replica that fits on no node becomes a pending pod asking for
 /// `nvidia.com/gpu`, which is what Cluster Autoscaler and Karpenter add nodes for. The
 /// test plays the cluster autoscaler (a node like the others, once the request pod is
@@ -193,11 +199,7 @@ async fn a_replica_that_fits_nowhere_asks_for_a_node_and_lands_on_it() {
             "an unschedulable capacity request",
             Duration::from_secs(30),
             || async {
-                let list = pods
-                    .list(&ListParams::default().labels("gpuscale.dev/capacity-for=smollm"))
-                    .await
-                    .ok()?;
-                list.items.into_iter().find(|p| {
+                capacity_requests(&pods).await?.into_iter().find(|p| {
                     p.status
                         .as_ref()
                         .and_then(|s| s.conditions.as_ref())
@@ -218,6 +220,13 @@ async fn a_replica_that_fits_nowhere_asks_for_a_node_and_lands_on_it() {
         .and_then(|r| r.limits.clone())
         .unwrap();
     assert_eq!(limits["nvidia.com/gpu"].0, "1");
+    // Never on a node there is, where it would take a GPU meant for a replica.
+    let affinity = serde_json::to_value(&pending.spec.as_ref().unwrap().affinity).unwrap();
+    assert_eq!(
+        affinity["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+            ["nodeSelectorTerms"][0]["matchExpressions"][0],
+        json!({"key": "kubernetes.io/hostname", "operator": "NotIn", "values": ["sim-l4-a"]})
+    );
     assert!(
         env.pods("smollm").await.unwrap().len() == 1,
         "the request is not a replica"
@@ -242,13 +251,7 @@ async fn a_replica_that_fits_nowhere_asks_for_a_node_and_lands_on_it() {
     env.wait(
         "the capacity request removed",
         Duration::from_secs(30),
-        || async {
-            let list = pods
-                .list(&ListParams::default().labels("gpuscale.dev/capacity-for=smollm"))
-                .await
-                .ok()?;
-            list.items.is_empty().then_some(())
-        },
+        || async { capacity_requests(&pods).await?.is_empty().then_some(()) },
     )
     .await
     .unwrap();

@@ -152,8 +152,17 @@ async fn ask_for_capacity(
         .into_iter()
         .filter(|p| owned_by(p, d) && p.labels().contains_key(LABEL_CAPACITY_FOR))
         .collect();
+    // A request that ended (bound to a node that came, which still did not take the
+    // replica) is made again, naming the nodes there are now.
+    let ended = |p: &Pod| {
+        matches!(
+            p.status.as_ref().and_then(|s| s.phase.as_deref()),
+            Some("Succeeded" | "Failed")
+        )
+    };
     for pod in &have {
-        let still = capacity_index(pod).is_some_and(|i| wanted.iter().any(|(w, _)| *w == i));
+        let still =
+            !ended(pod) && capacity_index(pod).is_some_and(|i| wanted.iter().any(|(w, _)| *w == i));
         if !still && pod.metadata.deletion_timestamp.is_none() {
             match pods_api
                 .delete(&pod.name_any(), &DeleteParams::default())
@@ -170,7 +179,18 @@ async fn ask_for_capacity(
         if have.iter().any(|p| p.name_any() == pod_name) {
             continue;
         }
-        let pod = capacity_pod(d, *index, *gpus, &ctx.config);
+        let existing = ctx
+            .cache
+            .nodes()
+            .iter()
+            .map(|n| {
+                n.labels()
+                    .get("kubernetes.io/hostname")
+                    .cloned()
+                    .unwrap_or_else(|| n.name_any())
+            })
+            .collect();
+        let pod = capacity_pod(d, *index, *gpus, existing, &ctx.config);
         match pods_api.create(&PostParams::default(), &pod).await {
             Ok(_) => {
                 let note = format!(

@@ -233,6 +233,16 @@ pub(super) fn decide(
                         }
                     },
                 };
+                // Its capacity request still holds (or may be bound to) the GPU this
+                // placement found, maybe on the node added for it: the request goes
+                // this pass (`act`), the replica the pass after, once it is gone.
+                if pods
+                    .iter()
+                    .any(|c| owned_by(c, d) && capacity_index(c) == Some(index))
+                {
+                    ledger.engine.release(&req.replica);
+                    continue;
+                }
                 created.push(p.clone());
                 todo.push(Todo::Create(index, p, version));
             }

@@ -563,12 +563,21 @@ pub fn capacity_pod_name(deployment: &str, index: u32) -> String {
 /// (<https://github.com/kubernetes/autoscaler/blob/master/cluster-autoscaler/FAQ.md#how-does-scale-up-work>),
 /// and they read GPUs as the `nvidia.com/gpu` extended resource: so this pod asks for
 /// `gpus` whole GPUs and the worker's CPU and memory, tolerates what replicas tolerate,
-/// and runs nothing (`--version`, `restartPolicy: Never`), so that if the scheduler
-/// binds it to the new node it ends at once and frees the GPU. The operator deletes it
-/// as soon as the replica is placed (on the new node, when its GPUs appear), or is no
-/// longer wanted. It has no deployment label: no Service, router or replica count
-/// sees it.
-pub fn capacity_pod(d: &InferenceDeployment, index: u32, gpus: u32, config: &super::Config) -> Pod {
+/// and runs nothing (`--version`, `restartPolicy: Never`), so that when the scheduler
+/// binds it to the new node it ends at once and frees the GPU. It requires a node
+/// whose `kubernetes.io/hostname` is none of `existing` (the nodes there are): on one
+/// of those it would take a GPU placement meant for a replica, and a cluster
+/// autoscaler would see it scheduled and add nothing. The operator deletes it as soon
+/// as the replica can be placed (on the new node, when its GPUs appear) or is no
+/// longer wanted, and places the replica once it is gone. It has no deployment label:
+/// no Service, router or replica count sees it.
+pub fn capacity_pod(
+    d: &InferenceDeployment,
+    index: u32,
+    gpus: u32,
+    existing: Vec<String>,
+    config: &super::Config,
+) -> Pod {
     let name = d.name_any();
     let mut resources = d.spec.worker.resources.clone().unwrap_or_default();
     resources
@@ -591,6 +600,22 @@ pub fn capacity_pod(d: &InferenceDeployment, index: u32, gpus: u32, config: &sup
         },
         spec: Some(PodSpec {
             restart_policy: Some("Never".into()),
+            affinity: (!existing.is_empty()).then(|| Affinity {
+                node_affinity: Some(NodeAffinity {
+                    required_during_scheduling_ignored_during_execution: Some(NodeSelector {
+                        node_selector_terms: vec![NodeSelectorTerm {
+                            match_expressions: Some(vec![NodeSelectorRequirement {
+                                key: "kubernetes.io/hostname".into(),
+                                operator: "NotIn".into(),
+                                values: Some(existing),
+                            }]),
+                            match_fields: None,
+                        }],
+                    }),
+                    ..NodeAffinity::default()
+                }),
+                ..Affinity::default()
+            }),
             tolerations: Some(config.scheduling.tolerations.clone()).filter(|t| !t.is_empty()),
             runtime_class_name: config.scheduling.runtime_class.clone(),
             scheduler_name: config.scheduling.scheduler_name.clone(),
@@ -611,8 +636,10 @@ pub fn capacity_pod(d: &InferenceDeployment, index: u32, gpus: u32, config: &sup
     }
 }
 
-/// The index of the replica capacity pod `pod` asks a node for.
+/// The index of the replica capacity pod `pod` asks a node for (`None` for any other
+/// pod).
 pub fn capacity_index(pod: &Pod) -> Option<u32> {
+    pod.labels().get(LABEL_CAPACITY_FOR)?;
     let name = pod.metadata.name.as_deref()?;
     name.rsplit_once("-capacity-")?.1.parse().ok()
 }
