@@ -332,15 +332,20 @@ impl Drop for Env {
     }
 }
 
-/// The worker's own metric `name` (an unlabelled sample), scraped from the pod.
-pub async fn worker_metric(pod: &Pod, name: &str) -> Option<f64> {
+/// The worker's `/metrics` text, scraped from the pod.
+pub async fn worker_metrics(pod: &Pod) -> Option<String> {
     let ip = pod.status.as_ref()?.pod_ip.clone()?;
-    let text = reqwest::get(format!("http://{ip}:8080/metrics"))
+    reqwest::get(format!("http://{ip}:8080/metrics"))
         .await
         .ok()?
         .text()
         .await
-        .ok()?;
+        .ok()
+}
+
+/// The worker's own metric `name` (an unlabelled sample), scraped from the pod.
+pub async fn worker_metric(pod: &Pod, name: &str) -> Option<f64> {
+    let text = worker_metrics(pod).await?;
     text.lines()
         .find_map(|l| l.strip_prefix(&format!("{name} "))?.trim().parse().ok())
 }

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use gpuscale_e2e::{smollm, Env, OPERATOR_USER};
+use gpuscale_e2e::{smollm, worker_metrics, Env, OPERATOR_USER};
 use gpuscale_operator::reconcile::CacheVolume;
 use gpuscale_sim::nodes::SimNode;
 use gpuscale_sim::traffic::{self, Profile};
@@ -92,13 +92,7 @@ async fn worker_pods_pass_the_restricted_pod_security_level() {
     // The chart's alerts and dashboard name only series the components export: the
     // worker's from this live pod, the operator's and the router's from their
     // registries.
-    let ip = pods[0].status.as_ref().unwrap().pod_ip.clone().unwrap();
-    let worker = reqwest::get(format!("http://{ip}:8080/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let worker = worker_metrics(&pods[0]).await.unwrap();
     let operator = gpuscale_operator::metrics::Metrics::default().encode();
     let router = gpuscale_router::metrics::Metrics::new().encode();
     let exported = exported_names(&[&worker, &operator, &router]);

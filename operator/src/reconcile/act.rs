@@ -174,23 +174,31 @@ async fn ask_for_capacity(
             }
         }
     }
-    for (index, gpus) in wanted {
+    let missing = wanted
+        .iter()
+        .filter(|(index, _)| {
+            let pod_name = capacity_pod_name(&name, *index);
+            !have.iter().any(|p| p.name_any() == pod_name)
+        })
+        .collect::<Vec<_>>();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    // The nodes there are, which a request must not land on.
+    let existing: Vec<String> = ctx
+        .cache
+        .nodes()
+        .iter()
+        .map(|n| {
+            n.labels()
+                .get("kubernetes.io/hostname")
+                .cloned()
+                .unwrap_or_else(|| n.name_any())
+        })
+        .collect();
+    for (index, gpus) in missing {
         let pod_name = capacity_pod_name(&name, *index);
-        if have.iter().any(|p| p.name_any() == pod_name) {
-            continue;
-        }
-        let existing = ctx
-            .cache
-            .nodes()
-            .iter()
-            .map(|n| {
-                n.labels()
-                    .get("kubernetes.io/hostname")
-                    .cloned()
-                    .unwrap_or_else(|| n.name_any())
-            })
-            .collect();
-        let pod = capacity_pod(d, *index, *gpus, existing, &ctx.config);
+        let pod = capacity_pod(d, *index, *gpus, existing.clone(), &ctx.config);
         match pods_api.create(&PostParams::default(), &pod).await {
             Ok(_) => {
                 let note = format!(

@@ -193,6 +193,8 @@ pub(super) fn decide(
         .collect();
     let mut refusal = None;
     let mut capacity = Vec::new();
+    // The most memory any one GPU of the fleet offers when empty (`None`: no GPU).
+    let largest_gpu = ledger.engine.gpu_usage().map(|g| g.3).max();
     let mut todo = Vec::new();
     let mut created: Vec<PodPlacement> = Vec::new();
     for step in plan(&replicas, &targets) {
@@ -207,7 +209,7 @@ pub(super) fn decide(
                 let mut req = placement::request(&key, index, &v.spec, need);
                 req.avoid_nodes = avoid.clone();
                 if let Some(r) = &refusal {
-                    if more_gpus_would_do(r, &ledger.engine, &req) {
+                    if more_gpus_would_do(r, largest_gpu, &req) {
                         capacity.push((index, req.gpus));
                     }
                     continue;
@@ -225,7 +227,7 @@ pub(super) fn decide(
                     Err(r) => match cpu_placement(v, &ledger.cpu_nodes, pods, &created, need) {
                         Some(p) => p,
                         None => {
-                            if more_gpus_would_do(&r, &ledger.engine, &req) {
+                            if more_gpus_would_do(&r, largest_gpu, &req) {
                                 capacity.push((index, req.gpus));
                             }
                             refusal = Some(r);
@@ -284,12 +286,12 @@ pub(super) fn decide(
 
 /// Whether a new GPU node would take replica `req`, which placement refused with `r`:
 /// not when the scheduler or the binding refused it (those are about nodes that
-/// exist), nor when it needs more memory per GPU than any GPU of the fleet has when
-/// empty (a node like those would not hold it either; a cluster with no GPU yet
-/// always asks).
+/// exist), nor when it needs more memory per GPU than `largest_gpu`, the most any GPU
+/// of the fleet has when empty (a node like those would not hold it either; a cluster
+/// with no GPU yet always asks).
 fn more_gpus_would_do(
     r: &placement::Refusal,
-    engine: &placement::Engine,
+    largest_gpu: Option<u64>,
     req: &placement::Request,
 ) -> bool {
     use placement::RefusalReason::*;
@@ -302,8 +304,7 @@ fn more_gpus_would_do(
             | InsufficientGpusOnNode
             | NvlinkUnavailable
     );
-    let largest = engine.gpu_usage().map(|g| g.3).max();
-    capacity_reason && largest.is_none_or(|usable| req.need_per_gpu <= usable)
+    capacity_reason && largest_gpu.is_none_or(|usable| req.need_per_gpu <= usable)
 }
 
 /// `d` as the pods of `rev` are built: its model, resources and worker.

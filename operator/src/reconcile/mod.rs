@@ -609,7 +609,7 @@ pub async fn run(ctx: Arc<Context>, namespaces: Vec<String>) {
     } else {
         namespaces.into_iter().map(Some).collect()
     };
-    let health = ctx.metrics.clone();
+    let metrics = ctx.metrics.clone();
     let managed =
         watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGED_BY}"));
     // Per namespace (or one for all): its controller, and the watches of the
@@ -628,7 +628,7 @@ pub async fn run(ctx: Arc<Context>, namespaces: Vec<String>) {
             w.without_dra();
         }
         let client = client.clone();
-        let (managed, health) = (managed.clone(), health.clone());
+        let (managed, metrics) = (managed.clone(), metrics.clone());
         scoped_feeds.push(async move {
             let cache::ScopeWriters {
                 pods,
@@ -647,16 +647,16 @@ pub async fn run(ctx: Arc<Context>, namespaces: Vec<String>) {
                 if dra {
                     reflector::reflector(claims, watcher::watcher(scoped(&client, &ns), managed))
                         .default_backoff()
-                        .for_each(watched(health.clone(), "resourceclaims"))
+                        .for_each(watched(metrics.clone(), "resourceclaims"))
                         .await;
                 }
             };
             futures::join!(
                 pods.default_backoff()
-                    .for_each(watched(health.clone(), "pods")),
+                    .for_each(watched(metrics.clone(), "pods")),
                 services
                     .default_backoff()
-                    .for_each(watched(health.clone(), "services")),
+                    .for_each(watched(metrics.clone(), "services")),
                 claims,
             );
         });
@@ -683,7 +683,7 @@ pub async fn run(ctx: Arc<Context>, namespaces: Vec<String>) {
                 ),
             )
             .default_backoff()
-            .for_each(watched(health.clone(), "resourceslices"))
+            .for_each(watched(metrics.clone(), "resourceslices"))
             .await;
         }
     };
@@ -692,16 +692,16 @@ pub async fn run(ctx: Arc<Context>, namespaces: Vec<String>) {
             futures::future::join_all(scoped_feeds),
             nodes
                 .default_backoff()
-                .for_each(watched(health.clone(), "nodes")),
+                .for_each(watched(metrics.clone(), "nodes")),
             inventories
                 .default_backoff()
-                .for_each(watched(health.clone(), "gpuinventories")),
+                .for_each(watched(metrics.clone(), "gpuinventories")),
             slices,
         );
     };
     let synced = async {
         ctx.cache.ready().await;
-        health.health().set_synced();
+        metrics.health().set_synced();
         futures::future::pending::<()>().await;
     };
     tokio::select! {

@@ -600,22 +600,7 @@ pub fn capacity_pod(
         },
         spec: Some(PodSpec {
             restart_policy: Some("Never".into()),
-            affinity: (!existing.is_empty()).then(|| Affinity {
-                node_affinity: Some(NodeAffinity {
-                    required_during_scheduling_ignored_during_execution: Some(NodeSelector {
-                        node_selector_terms: vec![NodeSelectorTerm {
-                            match_expressions: Some(vec![NodeSelectorRequirement {
-                                key: "kubernetes.io/hostname".into(),
-                                operator: "NotIn".into(),
-                                values: Some(existing),
-                            }]),
-                            match_fields: None,
-                        }],
-                    }),
-                    ..NodeAffinity::default()
-                }),
-                ..Affinity::default()
-            }),
+            affinity: (!existing.is_empty()).then(|| on_none_of(existing)),
             tolerations: Some(config.scheduling.tolerations.clone()).filter(|t| !t.is_empty()),
             runtime_class_name: config.scheduling.runtime_class.clone(),
             scheduler_name: config.scheduling.scheduler_name.clone(),
@@ -647,17 +632,35 @@ pub fn capacity_index(pod: &Pod) -> Option<u32> {
 /// A required node affinity to `node` by name, as the DaemonSet controller pins its
 /// pods: the scheduler still checks taints, resources, volumes and claims.
 pub fn on_node(node: &str) -> Affinity {
+    required(NodeSelectorTerm {
+        match_fields: Some(vec![NodeSelectorRequirement {
+            key: "metadata.name".into(),
+            operator: "In".into(),
+            values: Some(vec![node.into()]),
+        }]),
+        match_expressions: None,
+    })
+}
+
+/// A required node affinity to a node other than `existing` (by
+/// `kubernetes.io/hostname`): a node yet to come.
+fn on_none_of(existing: Vec<String>) -> Affinity {
+    required(NodeSelectorTerm {
+        match_expressions: Some(vec![NodeSelectorRequirement {
+            key: "kubernetes.io/hostname".into(),
+            operator: "NotIn".into(),
+            values: Some(existing),
+        }]),
+        match_fields: None,
+    })
+}
+
+/// A pod affinity that requires a node matching `term`.
+fn required(term: NodeSelectorTerm) -> Affinity {
     Affinity {
         node_affinity: Some(NodeAffinity {
             required_during_scheduling_ignored_during_execution: Some(NodeSelector {
-                node_selector_terms: vec![NodeSelectorTerm {
-                    match_fields: Some(vec![NodeSelectorRequirement {
-                        key: "metadata.name".into(),
-                        operator: "In".into(),
-                        values: Some(vec![node.into()]),
-                    }]),
-                    match_expressions: None,
-                }],
+                node_selector_terms: vec![term],
             }),
             ..NodeAffinity::default()
         }),

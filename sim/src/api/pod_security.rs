@@ -24,19 +24,26 @@ pub fn violations(pod: &Value, level: &str) -> Vec<String> {
         .iter()
         .flat_map(|k| spec[*k].as_array().into_iter().flatten())
         .collect();
-    let name = |c: &Value| c["name"].as_str().unwrap_or_default().to_string();
-    let names = |cs: &[&Value]| {
-        cs.iter()
-            .map(|c| format!("\"{}\"", name(c)))
+    // The containers that break a control.
+    let matching = |broken: &dyn Fn(&Value) -> bool| {
+        containers
+            .iter()
+            .copied()
+            .filter(|c| broken(c))
             .collect::<Vec<_>>()
-            .join(", ")
     };
-    let plural = |cs: &[&Value]| {
-        if cs.len() == 1 {
+    // `container "a"` or `containers "a", "b"`, as the plugin names them.
+    let which = |cs: &[&Value]| {
+        let names: Vec<String> = cs
+            .iter()
+            .map(|c| format!("\"{}\"", c["name"].as_str().unwrap_or_default()))
+            .collect();
+        let noun = if cs.len() == 1 {
             "container"
         } else {
             "containers"
-        }
+        };
+        format!("{noun} {}", names.join(", "))
     };
     let mut out = Vec::new();
 
@@ -54,16 +61,11 @@ pub fn violations(pod: &Value, level: &str) -> Vec<String> {
                 .join(", ")
         ));
     }
-    let privileged: Vec<&Value> = containers
-        .iter()
-        .copied()
-        .filter(|c| c["securityContext"]["privileged"] == true)
-        .collect();
+    let privileged = matching(&|c| c["securityContext"]["privileged"] == true);
     if !privileged.is_empty() {
         out.push(format!(
-            "privileged ({} {} must not set securityContext.privileged=true)",
-            plural(&privileged),
-            names(&privileged)
+            "privileged ({} must not set securityContext.privileged=true)",
+            which(&privileged)
         ));
     }
     const BASELINE_CAPS: [&str; 13] = [
@@ -96,17 +98,12 @@ pub fn violations(pod: &Value, level: &str) -> Vec<String> {
             .map(|cap| format!("\"{cap}\""))
             .collect()
     };
-    let adding: Vec<&Value> = containers
-        .iter()
-        .copied()
-        .filter(|c| !added(c).is_empty())
-        .collect();
+    let adding = matching(&|c| !added(c).is_empty());
     if !adding.is_empty() {
         let caps: Vec<String> = adding.iter().flat_map(|c| added(c)).collect();
         out.push(format!(
-            "non-default capabilities ({} {} must not include {} in securityContext.capabilities.add)",
-            plural(&adding),
-            names(&adding),
+            "non-default capabilities ({} must not include {} in securityContext.capabilities.add)",
+            which(&adding),
             caps.join(", ")
         ));
     }
@@ -145,20 +142,15 @@ pub fn violations(pod: &Value, level: &str) -> Vec<String> {
                 .into(),
         );
     }
-    let proc_mount: Vec<&Value> = containers
-        .iter()
-        .copied()
-        .filter(|c| {
-            c["securityContext"]["procMount"]
-                .as_str()
-                .is_some_and(|m| m != "Default")
-        })
-        .collect();
+    let proc_mount = matching(&|c| {
+        c["securityContext"]["procMount"]
+            .as_str()
+            .is_some_and(|m| m != "Default")
+    });
     if !proc_mount.is_empty() {
         out.push(format!(
-            "procMount ({} {} must not set securityContext.procMount to \"Unmasked\")",
-            plural(&proc_mount),
-            names(&proc_mount)
+            "procMount ({} must not set securityContext.procMount to \"Unmasked\")",
+            which(&proc_mount)
         ));
     }
     if level != "restricted" {
@@ -193,53 +185,30 @@ pub fn violations(pod: &Value, level: &str) -> Vec<String> {
             restricted_volumes.join(", ")
         ));
     }
-    let escalating: Vec<&Value> = containers
-        .iter()
-        .copied()
-        .filter(|c| c["securityContext"]["allowPrivilegeEscalation"] != false)
-        .collect();
+    let escalating = matching(&|c| c["securityContext"]["allowPrivilegeEscalation"] != false);
     if !escalating.is_empty() {
         out.push(format!(
-            "allowPrivilegeEscalation != false ({} {} must set securityContext.allowPrivilegeEscalation=false)",
-            plural(&escalating),
-            names(&escalating)
+            "allowPrivilegeEscalation != false ({} must set securityContext.allowPrivilegeEscalation=false)",
+            which(&escalating)
         ));
     }
-    let undropped: Vec<&Value> = containers
-        .iter()
-        .copied()
-        .filter(|c| {
-            !c["securityContext"]["capabilities"]["drop"]
-                .as_array()
-                .is_some_and(|d| d.iter().any(|x| x == "ALL"))
-        })
-        .collect();
+    let undropped = matching(&|c| {
+        !c["securityContext"]["capabilities"]["drop"]
+            .as_array()
+            .is_some_and(|d| d.iter().any(|x| x == "ALL"))
+    });
     if !undropped.is_empty() {
         out.push(format!(
-            "unrestricted capabilities ({} {} must set securityContext.capabilities.drop=[\"ALL\"])",
-            plural(&undropped),
-            names(&undropped)
+            "unrestricted capabilities ({} must set securityContext.capabilities.drop=[\"ALL\"])",
+            which(&undropped)
         ));
     }
-    // A container inherits the pod's setting unless it sets its own.
     let pod_sc = &spec["securityContext"];
-    let root_allowed: Vec<&Value> = containers
-        .iter()
-        .copied()
-        .filter(|c| {
-            let own = &c["securityContext"]["runAsNonRoot"];
-            if own.is_null() {
-                pod_sc["runAsNonRoot"] != true
-            } else {
-                *own != true
-            }
-        })
-        .collect();
+    let root_allowed = matching(&|c| effective(c, pod_sc, "runAsNonRoot") != true);
     if !root_allowed.is_empty() {
         out.push(format!(
-            "runAsNonRoot != true (pod or {} {} must set securityContext.runAsNonRoot=true)",
-            plural(&root_allowed),
-            names(&root_allowed)
+            "runAsNonRoot != true (pod or {} must set securityContext.runAsNonRoot=true)",
+            which(&root_allowed)
         ));
     }
     let root_user = pod_sc["runAsUser"] == 0
@@ -249,32 +218,30 @@ pub fn violations(pod: &Value, level: &str) -> Vec<String> {
     if root_user {
         out.push("runAsUser=0 (pod and containers must not set runAsUser=0)".into());
     }
-    let confined = |sc: &Value| {
-        matches!(
-            sc["seccompProfile"]["type"].as_str(),
+    let unprofiled = matching(&|c| {
+        !matches!(
+            effective(c, pod_sc, "seccompProfile")["type"].as_str(),
             Some("RuntimeDefault" | "Localhost")
         )
-    };
-    let unprofiled: Vec<&Value> = containers
-        .iter()
-        .copied()
-        .filter(|c| {
-            let own = &c["securityContext"]["seccompProfile"];
-            if own.is_null() {
-                !confined(pod_sc)
-            } else {
-                !confined(&c["securityContext"])
-            }
-        })
-        .collect();
+    });
     if !unprofiled.is_empty() {
         out.push(format!(
-            "seccompProfile (pod or {} {} must set securityContext.seccompProfile.type to \"RuntimeDefault\" or \"Localhost\")",
-            plural(&unprofiled),
-            names(&unprofiled)
+            "seccompProfile (pod or {} must set securityContext.seccompProfile.type to \"RuntimeDefault\" or \"Localhost\")",
+            which(&unprofiled)
         ));
     }
     out
+}
+
+/// Container `c`'s own security setting `key`, else the pod's (`pod_sc`), which it
+/// inherits.
+fn effective<'a>(c: &'a Value, pod_sc: &'a Value, key: &str) -> &'a Value {
+    let own = &c["securityContext"][key];
+    if own.is_null() {
+        &pod_sc[key]
+    } else {
+        own
+    }
 }
 
 /// The plugin's refusal of pod `name` in a namespace enforcing `level`.

@@ -24,11 +24,10 @@ use gpuscale_crds::validate::FieldValidation;
 #[derive(Clone, Default)]
 pub struct Shared {
     pub store: Arc<Mutex<Store>>,
-    /// Resource requests served, by verb and resource (`list pods`, `patch
-    /// inferencedeployments/status`), for measuring what a client costs the API.
-    pub requests: Arc<Mutex<std::collections::BTreeMap<(String, String), u64>>>,
-    /// Who asked for what, as an audit log would say it (see [`Audited`]).
-    pub audit: Arc<Mutex<std::collections::BTreeSet<Audited>>>,
+    /// Resource requests served, counted by who asked for what, as an audit log would
+    /// say it (see [`Audited`]): for what a client costs the API, and what it needs
+    /// to be granted.
+    pub requests: Arc<Mutex<std::collections::BTreeMap<Audited, u64>>>,
     /// A test's hold on creates of one resource (see `ApiServer::gate_creates`).
     pub gate: Arc<Mutex<Option<Gate>>>,
 }
@@ -376,18 +375,17 @@ async fn resource(
         Some(sub) => format!("{}/{sub}", t.resource.plural),
         None => t.resource.plural.clone(),
     };
-    shared.audit.lock().expect("audit").insert(Audited {
-        user: user.to_string(),
-        verb: verb.to_string(),
-        group: t.resource.group.clone(),
-        resource: what.clone(),
-        cluster_wide: t.resource.namespaced && t.namespace.is_none(),
-    });
     *shared
         .requests
         .lock()
-        .expect("request counts")
-        .entry((verb.to_string(), what))
+        .expect("request log")
+        .entry(Audited {
+            user: user.to_string(),
+            verb: verb.to_string(),
+            group: t.resource.group.clone(),
+            resource: what,
+            cluster_wide: t.resource.namespaced && t.namespace.is_none(),
+        })
         .or_default() += 1;
     let body = match parse_body(content_type, &body) {
         Ok(b) => b,
