@@ -32,6 +32,8 @@ pub struct SimCluster {
     client: Client,
     kubeconfig: PathBuf,
     kubelets: Vec<Kubelet>,
+    /// Nodes cut off from the API (see `partition_node`), to bring back.
+    partitioned: Vec<(SimNode, tokio::task::JoinHandle<()>)>,
     config: KubeletConfig,
     _scheduler: Scheduler,
     _provisioner: super::volumes::Provisioner,
@@ -93,6 +95,7 @@ impl SimCluster {
             client,
             kubeconfig: config.kubeconfig,
             kubelets: Vec::new(),
+            partitioned: Vec::new(),
             config: config.kubelet,
         };
         for node in config.nodes {
@@ -123,6 +126,63 @@ impl SimCluster {
         let nodes: Api<Node> = Api::all(self.client.clone());
         nodes.delete(name, &DeleteParams::default()).await?;
         Ok(())
+    }
+
+    /// A worker is killed (SIGKILL, as the OOM killer or a crashed process ends it):
+    /// the kubelet reports the container's exit. Returns whether `pod` ran a worker.
+    pub fn kill_worker(&self, pod: &str) -> bool {
+        self.kubelets.iter().any(|k| k.kill_worker(pod))
+    }
+
+    /// A node is cut off: its kubelet stops posting status (its workers die with it, so
+    /// nothing reaches them either), and after `grace` the node lifecycle controller
+    /// marks it as the kube-controller-manager does once `--node-monitor-grace-period`
+    /// passes (40 s by default; 50 s since Kubernetes 1.32): the Ready condition
+    /// `Unknown`, the `node.kubernetes.io/unreachable` taints (NoSchedule and
+    /// NoExecute), and every pod on it not Ready
+    /// (<https://kubernetes.io/docs/concepts/architecture/nodes/#condition>,
+    /// <https://kubernetes.io/docs/concepts/scheduling-eviction/taint-and-toleration/#taint-based-evictions>).
+    /// Pods deleted meanwhile stay Terminating: no kubelet confirms their end.
+    /// Taint-based eviction (after the pods' 300 s default toleration) is not
+    /// simulated.
+    pub async fn partition_node(
+        &mut self,
+        name: &str,
+        grace: std::time::Duration,
+    ) -> anyhow::Result<()> {
+        let i = self
+            .kubelets
+            .iter()
+            .position(|k| k.node() == name)
+            .with_context(|| format!("no simulated node {name}"))?;
+        let kubelet = self.kubelets.remove(i);
+        let spec = kubelet.spec().clone();
+        kubelet.kill();
+        let client = self.client.clone();
+        let node = name.to_string();
+        let marking = tokio::spawn(async move {
+            tokio::time::sleep(grace).await;
+            if let Err(e) = super::lifecycle::mark_unreachable(&client, &node).await {
+                tracing::warn!(%node, error = %e, "marking the node unreachable");
+            }
+        });
+        self.partitioned.push((spec, marking));
+        Ok(())
+    }
+
+    /// A partitioned node comes back: its kubelet posts Ready again, the node lifecycle
+    /// controller lifts the unreachable taints, and the kubelet finishes the pods
+    /// deleted meanwhile and starts the others again (their processes died).
+    pub async fn heal_node(&mut self, name: &str) -> anyhow::Result<()> {
+        let i = self
+            .partitioned
+            .iter()
+            .position(|(n, _)| n.name == name)
+            .with_context(|| format!("no partitioned node {name}"))?;
+        let (spec, marking) = self.partitioned.remove(i);
+        marking.abort();
+        super::lifecycle::mark_reachable(&self.client, name).await?;
+        self.add_node(spec).await
     }
 
     /// The API server's URL.

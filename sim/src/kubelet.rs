@@ -218,6 +218,7 @@ async fn node_agent(client: Client, node: SimNode, uid: String, devices: Devices
 /// A running simulated kubelet.
 pub struct Kubelet {
     node: String,
+    spec: SimNode,
     task: tokio::task::JoinHandle<()>,
     running: Running,
     devices: Devices,
@@ -260,6 +261,7 @@ impl Kubelet {
             ..DevicePlugin::default()
         }));
         let name = node.name.clone();
+        let spec = node.clone();
         let agent = node
             .agent
             .then(|| node_agent(client.clone(), node.clone(), uid.clone(), devices.clone()));
@@ -281,6 +283,7 @@ impl Kubelet {
         });
         Ok(Self {
             node: name,
+            spec,
             task,
             running,
             devices,
@@ -301,6 +304,25 @@ impl Kubelet {
     /// The node's name.
     pub fn node(&self) -> &str {
         &self.node
+    }
+
+    /// The node as it was simulated.
+    pub fn spec(&self) -> &SimNode {
+        &self.spec
+    }
+
+    /// SIGKILLs the worker of `pod`, if this kubelet runs it.
+    pub fn kill_worker(&self, pod: &str) -> bool {
+        let pid = self
+            .running
+            .lock()
+            .expect("running lock")
+            .get(pod)
+            .map(|w| w.pid);
+        if let Some(pid) = pid {
+            signal(pid, "KILL");
+        }
+        pid.is_some()
     }
 
     /// Pids of the workers this kubelet runs, by pod name.

@@ -9,6 +9,7 @@ pub mod cluster;
 pub mod demo;
 pub mod dra;
 pub mod kubelet;
+pub mod lifecycle;
 pub mod models;
 pub mod nodes;
 pub mod plot;

@@ -20,6 +20,11 @@ pub struct Outcome {
     pub latency: Duration,
     /// HTTP status, or None when no connection was made.
     pub status: Option<u16>,
+    /// Whether the request asked for an SSE stream.
+    pub stream: bool,
+    /// Whether the whole answer arrived (a stream ends with `data: [DONE]`); false
+    /// for an answer cut short after its status, as when the worker dies mid-stream.
+    pub complete: bool,
 }
 
 /// Requests per second over time: `(seconds from start, rate)` steps.
@@ -113,7 +118,7 @@ pub async fn drive(
             }
         })
     };
-    let out = send(targets, model, max_tokens, profile).await;
+    let out = send(targets, model, max_tokens, profile, false).await;
     refresher.abort();
     out
 }
@@ -125,17 +130,37 @@ pub async fn drive_url(url: &str, model: &str, max_tokens: u32, profile: Profile
         model,
         max_tokens,
         profile,
+        false,
+    )
+    .await
+}
+
+/// As [`drive_url`], with every other request streamed (SSE).
+pub async fn drive_url_streaming(
+    url: &str,
+    model: &str,
+    max_tokens: u32,
+    profile: Profile,
+) -> Vec<Outcome> {
+    send(
+        Arc::new(Mutex::new(vec![url.to_string()])),
+        model,
+        max_tokens,
+        profile,
+        true,
     )
     .await
 }
 
 /// Sends completions following `profile` (a new request every 1/rate seconds, each on
-/// its own task so that a slow one never holds the next back) to `targets` in turn.
+/// its own task so that a slow one never holds the next back) to `targets` in turn,
+/// every other one streamed when `streams`. Each answer is read to its end.
 async fn send(
     targets: Arc<Mutex<Vec<String>>>,
     model: &str,
     max_tokens: u32,
     profile: Profile,
+    streams: bool,
 ) -> Vec<Outcome> {
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(300))
@@ -145,6 +170,7 @@ async fn send(
     let start = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     let mut credit = 0.0;
+    let mut sent_count = 0usize;
     let tick = Duration::from_millis(50);
     while start.elapsed().as_secs_f64() < profile.end() {
         tokio::time::sleep(tick).await;
@@ -153,8 +179,10 @@ async fn send(
             credit -= 1.0;
             let (http, targets, next) = (http.clone(), targets.clone(), next.clone());
             let model = model.to_string();
+            let stream = streams && sent_count % 2 == 1;
+            sent_count += 1;
             let body = json!({"model": model, "prompt": "Tell me a short story about a GPU.",
-                              "max_tokens": max_tokens});
+                              "max_tokens": max_tokens, "stream": stream});
             tasks.spawn(async move {
                 let sent = Instant::now();
                 let at = sent.duration_since(start).as_secs_f64();
@@ -168,21 +196,33 @@ async fn send(
                     }
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
-                let status = match url {
-                    Some(u) => http
+                let (status, complete) = match url {
+                    Some(u) => match http
                         .post(format!("{u}/v1/completions"))
                         .header("content-type", "application/json")
                         .body(body.to_string())
                         .send()
                         .await
-                        .ok()
-                        .map(|r| r.status().as_u16()),
-                    None => None,
+                    {
+                        Ok(r) => {
+                            let status = r.status().as_u16();
+                            let complete = match r.bytes().await {
+                                Ok(b) if stream => b.trim_ascii_end().ends_with(b"data: [DONE]"),
+                                Ok(_) => true,
+                                Err(_) => false,
+                            };
+                            (Some(status), complete)
+                        }
+                        Err(_) => (None, false),
+                    },
+                    None => (None, false),
                 };
                 Outcome {
                     at,
                     latency: sent.elapsed(),
                     status,
+                    stream,
+                    complete,
                 }
             });
         }
@@ -195,6 +235,8 @@ async fn send(
             at: start.elapsed().as_secs_f64(),
             latency: Duration::ZERO,
             status: None,
+            stream: false,
+            complete: false,
         }));
     }
     out.sort_by(|a, b| a.at.total_cmp(&b.at));
@@ -205,12 +247,16 @@ async fn send(
 #[derive(Debug)]
 pub struct Summary {
     pub requests: usize,
+    /// Not answered 200 in full (refused, failed, or cut short).
     pub errors: usize,
+    /// Of the errors, answers cut short after a 200 (a worker that died mid-answer:
+    /// nothing a retry by the router could save, as part was with the client).
+    pub cut: usize,
     pub p50: Duration,
     pub p99: Duration,
 }
 
-/// Summarises outcomes (an error is anything but a 200).
+/// Summarises outcomes (an error is anything but a whole 200).
 pub fn summary(outcomes: &[Outcome]) -> Summary {
     let mut lat: Vec<Duration> = outcomes.iter().map(|o| o.latency).collect();
     lat.sort();
@@ -221,7 +267,14 @@ pub fn summary(outcomes: &[Outcome]) -> Summary {
     };
     Summary {
         requests: outcomes.len(),
-        errors: outcomes.iter().filter(|o| o.status != Some(200)).count(),
+        errors: outcomes
+            .iter()
+            .filter(|o| o.status != Some(200) || !o.complete)
+            .count(),
+        cut: outcomes
+            .iter()
+            .filter(|o| o.status == Some(200) && !o.complete)
+            .count(),
         p50: pick(0.5),
         p99: pick(0.99),
     }

@@ -1,6 +1,7 @@
 //! The simulated API server: the subset of the Kubernetes API that the operator, the
 //! simulated kubelet and kubectl use, served over plain HTTP on loopback.
 
+mod faults;
 mod openapi;
 mod patch;
 mod pod_security;
@@ -16,6 +17,7 @@ use std::path::Path;
 use anyhow::Context;
 use serde_json::Value;
 
+pub use faults::{FaultCounts, Faults};
 pub use server::{Audited, Shared};
 pub use store::{ApiError, DeleteOptions, Part, WriteOptions};
 
@@ -59,6 +61,16 @@ impl ApiServer {
             open,
             shared: self.shared.clone(),
         }
+    }
+
+    /// Injects `faults` into one client's requests from now on (`None`: stops).
+    pub fn inject_faults(&self, faults: Option<Faults>) {
+        self.shared.faults.set(faults);
+    }
+
+    /// The faults injected so far.
+    pub fn fault_counts(&self) -> FaultCounts {
+        self.shared.faults.counts()
     }
 
     /// Every kind of request served so far, by whom (see [`Audited`]), and a reset

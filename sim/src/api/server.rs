@@ -2,7 +2,6 @@
 //! watches (resourceVersion, bookmarks, 410 on expired versions) and Table output.
 
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -12,6 +11,7 @@ use axum::response::{IntoResponse, Response};
 use http::{header, HeaderMap, Method, StatusCode, Uri};
 use serde_json::{json, Value};
 
+use super::faults::{self, Injector, WatchEnd, WriteFault};
 use super::openapi;
 use super::patch;
 use super::resources::Resource;
@@ -30,6 +30,8 @@ pub struct Shared {
     pub requests: Arc<Mutex<std::collections::BTreeMap<Audited, u64>>>,
     /// A test's hold on creates of one resource (see `ApiServer::gate_creates`).
     pub gate: Arc<Mutex<Option<Gate>>>,
+    /// Faults injected into one client's requests (see `ApiServer::inject_faults`).
+    pub(crate) faults: Arc<Injector>,
 }
 
 /// One kind of request in the simulator's audit log: who (the `Impersonate-User`
@@ -387,6 +389,20 @@ async fn resource(
             cluster_wide: t.resource.namespaced && t.namespace.is_none(),
         })
         .or_default() += 1;
+    let fault = match verb {
+        "create" | "update" | "patch" | "delete" | "deletecollection" => {
+            shared.faults.write(user, verb)
+        }
+        _ => WriteFault::None,
+    };
+    match fault {
+        WriteFault::ErrorBefore => return error(&faults::internal_error(false)),
+        WriteFault::Conflict => {
+            let name = t.name.as_deref().unwrap_or_default();
+            return error(&faults::conflict(&t.resource.plural, name));
+        }
+        WriteFault::None | WriteFault::ErrorAfter => {}
+    }
     let body = match parse_body(content_type, &body) {
         Ok(b) => b,
         Err(e) => return error(&e),
@@ -414,7 +430,7 @@ async fn resource(
     let created = |v: Value| (201u16, v);
     let result = match (method.clone(), t.name.as_deref(), t.sub.as_deref()) {
         (Method::GET, None, _) if query.get("watch").is_some_and(|w| w == "true" || w == "1") => {
-            return watch(shared, t, &query, table_out);
+            return watch(shared, t, &query, table_out, user.to_string());
         }
         (Method::GET, None, _) => list(&shared.lock(), &t, &query, table_out).map(ok),
         (Method::GET, Some(name), Some("scale")) => shared
@@ -488,6 +504,8 @@ async fn resource(
         )),
     };
     match result {
+        // Applied, and the answer lost.
+        Ok(_) if fault == WriteFault::ErrorAfter => error(&faults::internal_error(true)),
         Ok((code, v)) => {
             let mut resp = json_response(code, &v);
             // As the API server sends them: `299 - "<text>"`, one header each.
@@ -693,15 +711,19 @@ fn visible(
     }
 }
 
-fn line(kind: &str, object: Value) -> Result<Bytes, Infallible> {
+fn line(kind: &str, object: Value) -> Result<Bytes, std::io::Error> {
     let mut v = serde_json::to_vec(&json!({"type": kind, "object": object})).unwrap_or_default();
     v.push(b'\n');
     Ok(Bytes::from(v))
 }
 
+/// How often a watch asks whether an injected fault ends it.
+const FAULT_CHECK: Duration = Duration::from_millis(250);
+
 /// A watch: past changes from the requested resourceVersion (or the current objects as
 /// ADDED), then live ones, bookmarks when asked, until the timeout.
-fn watch(shared: Shared, t: Target, q: &Query, table_out: bool) -> Response {
+/// A watch of `user`'s may be cut short by an injected fault (see `faults`).
+fn watch(shared: Shared, t: Target, q: &Query, table_out: bool, user: String) -> Response {
     let (labels, fields) = match checked_selector(q) {
         Ok(s) => s,
         Err(e) => return error(&e),
@@ -756,7 +778,8 @@ fn watch(shared: Shared, t: Target, q: &Query, table_out: bool) -> Response {
             }
         }
     };
-    let (tx, out) = tokio::sync::mpsc::channel::<Result<Bytes, Infallible>>(1024);
+    let (tx, out) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(1024);
+    let faults = shared.faults.clone();
     let r = t.resource.clone();
     let render = move |o: Value, rv: u64| if table_out { table(&r, &[o], rv) } else { o };
     let bookmark_of = {
@@ -771,6 +794,7 @@ fn watch(shared: Shared, t: Target, q: &Query, table_out: bool) -> Response {
     };
     tokio::spawn(async move {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(timeout);
+        let mut fault_check = tokio::time::interval(FAULT_CHECK);
         let mut last = start_rv;
         for o in initial {
             if tx.send(line("ADDED", render(o, start_rv))).await.is_err() {
@@ -823,6 +847,19 @@ fn watch(shared: Shared, t: Target, q: &Query, table_out: bool) -> Response {
                     }
                 }
                 () = tokio::time::sleep_until(deadline) => return,
+                _ = fault_check.tick() => {
+                    let Some(end) = faults.watch_ends(&user, FAULT_CHECK) else { continue };
+                    faults.ended(end);
+                    let _ = match end {
+                        // The connection breaks: the chunked body ends in an error.
+                        WatchEnd::Close => tx.send(Err(std::io::Error::other("watch connection dropped (injected fault)"))).await,
+                        WatchEnd::Expire => {
+                            let gone = ApiError::new(410, "Expired", "too old resource version (injected fault)");
+                            tx.send(line("ERROR", gone.status())).await
+                        }
+                    };
+                    return;
+                }
             }
         }
     });
