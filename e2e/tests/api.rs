@@ -336,6 +336,40 @@ async fn a_hundred_deployments_cost_the_api_no_list_per_pass() {
     );
 }
 
+/// Fleet scale in small (`gpuscale-sim fleet` runs the same code at 1,000 nodes and
+/// 10,000 pods; its figures are in the README): hollow nodes and pods, the operator
+/// as its own process, every replica placed and Ready, every spec change followed by
+/// its pod, and no LIST in steady state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hollow_fleet_is_placed_and_costs_no_list_in_steady_state() {
+    if gpuscale_e2e::real_cluster().is_some() {
+        eprintln!("skipped: hollow nodes exist on the simulator only");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("gpuscale-e2e-fleet-{}", std::process::id()));
+    let report = gpuscale_sim::fleet::run(gpuscale_sim::fleet::FleetConfig {
+        nodes: 20,
+        gpus_per_node: 8,
+        deployments: 20,
+        replicas: 5,
+        changes: 10,
+        window: Duration::from_secs(10),
+        scrape_interval_seconds: 2,
+        operator: gpuscale_sim::operator_binary().unwrap(),
+        dir,
+    })
+    .await
+    .unwrap();
+    print!("{report}");
+    assert_eq!(report.pods, 100);
+    assert_eq!(report.lists(), 0.0, "a LIST in steady state: {report}");
+    // The operator's own requests were counted (the lease is renewed every few s).
+    assert!(
+        report.per_minute.keys().any(|(_, r)| r == "leases"),
+        "{report}"
+    );
+}
+
 /// Requests a real API server refuses are refused with a Status: a watch from a
 /// resourceVersion that is not one (400), a body over the 3 MiB request limit (413).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -352,12 +352,8 @@ fn signal(pid: u32, sig: &str) {
         .status();
 }
 
-/// Registers the Node: its allocatable GPU resources as its binding makes them (the
-/// device plugin's `nvidia.com/gpu`, or only `nvidia.com/gpu.shared` under
-/// time-slicing, or none where the DRA driver binds them), and GPU Feature Discovery
-/// labels where no node agent runs. Returns the Node's UID.
-async fn register(client: &Client, node: &SimNode) -> anyhow::Result<String> {
-    let api: Api<Node> = Api::all(client.clone());
+/// The Node object a simulated node registers (see `register`).
+pub fn node_object(node: &SimNode) -> serde_json::Value {
     let mut labels = json!({"kubernetes.io/hostname": node.name, "gpuscale.dev/simulated": "true"});
     if let Some(zone) = &node.zone {
         labels["topology.kubernetes.io/zone"] = json!(zone);
@@ -379,7 +375,7 @@ async fn register(client: &Client, node: &SimNode) -> anyhow::Result<String> {
         }
         SimBinding::Dra { .. } => {}
     }
-    let obj: Node = serde_json::from_value(json!({
+    json!({
         "apiVersion": "v1", "kind": "Node",
         "metadata": {"name": node.name, "labels": labels},
         "spec": {},
@@ -393,7 +389,16 @@ async fn register(client: &Client, node: &SimNode) -> anyhow::Result<String> {
                          "containerRuntimeVersion": "process://", "kernelVersion": "",
                          "kubeProxyVersion": "", "machineID": "", "systemUUID": "", "bootID": ""},
         },
-    }))?;
+    })
+}
+
+/// Registers the Node: its allocatable GPU resources as its binding makes them (the
+/// device plugin's `nvidia.com/gpu`, or only `nvidia.com/gpu.shared` under
+/// time-slicing, or none where the DRA driver binds them), and GPU Feature Discovery
+/// labels where no node agent runs. Returns the Node's UID.
+async fn register(client: &Client, node: &SimNode) -> anyhow::Result<String> {
+    let api: Api<Node> = Api::all(client.clone());
+    let obj: Node = serde_json::from_value(node_object(node))?;
     let made = match api.create(&PostParams::default(), &obj).await {
         Ok(n) => n,
         Err(kube::Error::Api(e)) if e.code == 409 => api.get(&node.name).await?,

@@ -8,6 +8,7 @@ pub mod api;
 pub mod cluster;
 pub mod demo;
 pub mod dra;
+pub mod fleet;
 pub mod kubelet;
 pub mod lifecycle;
 pub mod models;

@@ -46,6 +46,28 @@ enum Command {
         #[arg(long, env = "GPUSCALE_MODEL_DIR", default_value = "models")]
         models: PathBuf,
     },
+    /// Fleet scale: hollow GPU nodes and pods (no worker processes; metrics from a
+    /// model of load) and the operator as its own process; prints its memory, CPU per
+    /// pass, spec-change latency and API requests per minute.
+    Fleet {
+        #[arg(long, default_value_t = 1000)]
+        nodes: usize,
+        #[arg(long, default_value_t = 16)]
+        gpus_per_node: usize,
+        #[arg(long, default_value_t = 1000)]
+        deployments: usize,
+        #[arg(long, default_value_t = 10)]
+        replicas: u32,
+        /// Spec changes whose latency is measured.
+        #[arg(long, default_value_t = 200)]
+        changes: usize,
+        /// Seconds of steady state over which CPU and requests are counted.
+        #[arg(long, default_value_t = 60)]
+        window_seconds: u64,
+        /// The operator's --scrape-interval-seconds (its default: 2).
+        #[arg(long, default_value_t = 2)]
+        scrape_interval_seconds: u64,
+    },
 }
 
 fn init_tracing(default: &str) {
@@ -64,6 +86,45 @@ fn main() -> anyhow::Result<()> {
             }
             init_tracing("warn");
             rt.block_on(gpuscale_sim::demo::run(burst_rps))
+        }
+        Command::Fleet {
+            nodes,
+            gpus_per_node,
+            deployments,
+            replicas,
+            changes,
+            window_seconds,
+            scrape_interval_seconds,
+        } => {
+            anyhow::ensure!(
+                nodes > 0 && gpus_per_node > 0 && deployments > 0 && replicas > 0,
+                "--nodes, --gpus-per-node, --deployments and --replicas must be at least 1"
+            );
+            anyhow::ensure!(
+                deployments * replicas as usize <= nodes * gpus_per_node,
+                "{deployments} deployments of {replicas} replicas need more than the {} GPUs of \
+                 {nodes} nodes of {gpus_per_node}",
+                nodes * gpus_per_node
+            );
+            anyhow::ensure!(
+                window_seconds > 0 && scrape_interval_seconds > 0,
+                "--window-seconds and --scrape-interval-seconds must be at least 1"
+            );
+            init_tracing("warn");
+            let report =
+                rt.block_on(gpuscale_sim::fleet::run(gpuscale_sim::fleet::FleetConfig {
+                    nodes,
+                    gpus_per_node,
+                    deployments,
+                    replicas,
+                    changes,
+                    window: std::time::Duration::from_secs(window_seconds),
+                    scrape_interval_seconds,
+                    operator: gpuscale_sim::operator_binary()?,
+                    dir: "target/gpuscale-sim/fleet".into(),
+                }))?;
+            print!("{report}");
+            Ok(())
         }
         Command::Serve {
             addr,

@@ -423,12 +423,18 @@ pub fn choose(
     };
     let mut why: BTreeMap<String, usize> = BTreeMap::new();
     let mut fits: Vec<(i64, String)> = Vec::new();
+    // The bound pods by node, once: a scan of every bound pod for every node made a
+    // fleet of 1,000 nodes and 10,000 pods schedule a few pods a second.
+    let mut by_node: HashMap<&str, Vec<&Pod>> = HashMap::new();
+    for p in bound {
+        if let Some(n) = node_of(p) {
+            by_node.entry(n).or_default().push(p);
+        }
+    }
     for node in nodes {
-        let on_node: Vec<&Pod> = bound
-            .iter()
-            .filter(|p| node_of(p) == Some(node.name_any().as_str()))
-            .collect();
-        let fit = filter(pod, node, &on_node)
+        let name = node.name_any();
+        let on_node = by_node.get(name.as_str()).map_or(&[][..], Vec::as_slice);
+        let fit = filter(pod, node, on_node)
             .and_then(|free| volumes::filter(volumes, node).map(|()| free))
             .and_then(|free| (plugins.claims)(&node.name_any()).map(|_| free));
         match fit {
@@ -457,12 +463,14 @@ pub fn choose(
 /// Whether `pod` may go to `node` (with `on_node` already bound there): the node's free
 /// `nvidia.com/gpu` count after it, or the reason in the scheduler's words.
 pub fn filter(pod: &Pod, node: &Node, on_node: &[&Pod]) -> Result<i64, String> {
-    let spec = pod.spec.clone().unwrap_or_default();
-    let tolerations = spec.tolerations.clone().unwrap_or_default();
+    let default = k8s_openapi::api::core::v1::PodSpec::default();
+    let spec = pod.spec.as_ref().unwrap_or(&default);
+    let no_tolerations = Vec::new();
+    let tolerations = spec.tolerations.as_ref().unwrap_or(&no_tolerations);
     // NodeUnschedulable
     if node.spec.as_ref().and_then(|s| s.unschedulable) == Some(true)
         && !tolerated(
-            &tolerations,
+            tolerations,
             "node.kubernetes.io/unschedulable",
             None,
             "NoSchedule",
@@ -490,7 +498,7 @@ pub fn filter(pod: &Pod, node: &Node, on_node: &[&Pod]) -> Result<i64, String> {
     }
     for t in &taints {
         if matches!(t.effect.as_str(), "NoSchedule" | "NoExecute")
-            && !tolerated(&tolerations, &t.key, t.value.as_deref(), &t.effect)
+            && !tolerated(tolerations, &t.key, t.value.as_deref(), &t.effect)
         {
             return Err(format!(
                 "node(s) had untolerated taint {{{}: {}}}",

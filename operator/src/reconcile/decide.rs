@@ -9,7 +9,7 @@ use gpuscale_crds::{InferenceDeployment, Revision, RolloutPhase, RolloutStatus};
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
 
-use super::observe::{Ledger, World};
+use super::observe::{LazyLedger, World};
 use super::pods::*;
 use super::AVOID_REFUSED_NODE;
 use super::{key_of, plan, DeploymentState, Phase, Replica, Step, Targets, Version};
@@ -65,7 +65,7 @@ pub(super) fn decide(
     d: &InferenceDeployment,
     state: &mut DeploymentState,
     world: &World,
-    ledger: &mut Ledger,
+    ledger: &mut LazyLedger,
     pods: &[Arc<Pod>],
     need: u64,
     (now, wall): (Instant, jiff::Timestamp),
@@ -90,8 +90,9 @@ pub(super) fn decide(
             .then(|| {
                 let mut req = placement::request(&key, u32::MAX, &d.spec, need);
                 req.avoid_nodes = avoid.clone();
-                let node = ledger.engine.place(&req).ok()?.node;
-                ledger.engine.release(&req.replica);
+                let engine = &mut ledger.get().engine;
+                let node = engine.place(&req).ok()?.node;
+                engine.release(&req.replica);
                 Some(world.warm_nodes.contains(&node))
             })
             .flatten();
@@ -194,7 +195,7 @@ pub(super) fn decide(
     let mut refusal = None;
     let mut capacity = Vec::new();
     // The most memory any one GPU of the fleet offers when empty (`None`: no GPU).
-    let largest_gpu = ledger.engine.gpu_usage().map(|g| g.3).max();
+    let largest_gpu = |ledger: &mut LazyLedger| ledger.get().engine.gpu_usage().map(|g| g.3).max();
     let mut todo = Vec::new();
     let mut created: Vec<PodPlacement> = Vec::new();
     for step in plan(&replicas, &targets) {
@@ -209,12 +210,12 @@ pub(super) fn decide(
                 let mut req = placement::request(&key, index, &v.spec, need);
                 req.avoid_nodes = avoid.clone();
                 if let Some(r) = &refusal {
-                    if more_gpus_would_do(r, largest_gpu, &req) {
+                    if more_gpus_would_do(r, largest_gpu(ledger), &req) {
                         capacity.push((index, req.gpus));
                     }
                     continue;
                 }
-                let p = match ledger.engine.place(&req) {
+                let p = match ledger.get().engine.place(&req) {
                     Ok(p) => PodPlacement {
                         node: p.node,
                         gpus: p.gpus,
@@ -224,10 +225,11 @@ pub(super) fn decide(
                         assigned: false,
                         dra: p.dra,
                     },
-                    Err(r) => match cpu_placement(v, &ledger.cpu_nodes, pods, &created, need) {
+                    Err(r) => match cpu_placement(v, &ledger.get().cpu_nodes, pods, &created, need)
+                    {
                         Some(p) => p,
                         None => {
-                            if more_gpus_would_do(&r, largest_gpu, &req) {
+                            if more_gpus_would_do(&r, largest_gpu(ledger), &req) {
                                 capacity.push((index, req.gpus));
                             }
                             refusal = Some(r);
@@ -242,7 +244,7 @@ pub(super) fn decide(
                     .iter()
                     .any(|c| owned_by(c, d) && capacity_index(c) == Some(index))
                 {
-                    ledger.engine.release(&req.replica);
+                    ledger.get().engine.release(&req.replica);
                     continue;
                 }
                 created.push(p.clone());

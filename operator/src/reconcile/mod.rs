@@ -274,6 +274,9 @@ pub struct Context {
     failures: Mutex<HashMap<String, u32>>,
     /// Held while a pass places and creates replicas.
     placing: tokio::sync::Mutex<()>,
+    /// Which replicas lost their node or GPU (by pod), and when that was worked out:
+    /// shared by every pass for `LOST_TTL` (see `Context::lost`).
+    lost: Mutex<Option<(Instant, Lost)>>,
     /// For reading `http(s)://` models' headers.
     model_http: reqwest::Client,
     /// What the request routers report (filled by `run` when routers are configured).
@@ -300,6 +303,8 @@ struct DeploymentState {
     last_requests: Option<(Instant, f64)>,
     /// What the last pass learned of the model (status may lag it).
     model: Option<gpuscale_crds::ModelStatus>,
+    /// When status's load figures were last written (see `report`).
+    load_written: Option<Instant>,
     /// Replicas downloading the model (by pod UID): bytes so far, and when they last
     /// grew (a download that advances is not a stuck replica).
     downloads: HashMap<String, (f64, Instant)>,
@@ -352,6 +357,7 @@ impl DeploymentState {
             avoid: HashMap::new(),
             last_requests: None,
             model: None,
+            load_written: None,
             downloads: HashMap::new(),
             activity: None,
             rollout: st.and_then(|s| s.rollout.clone()),
@@ -360,7 +366,30 @@ impl DeploymentState {
     }
 }
 
+/// Replicas that lost their node or GPU: why, by pod name.
+type Lost = Arc<HashMap<String, String>>;
+
+/// How long one reckoning of lost replicas serves every pass: a lost node is acted on
+/// at most this much later, and the reckoning (every pod's placement against the
+/// inventory) is made about once a second instead of once per pass of every
+/// deployment.
+const LOST_TTL: Duration = Duration::from_secs(1);
+
 impl Context {
+    /// Which replicas lost their node or GPU: `reckon`'s answer, shared by every pass
+    /// for `LOST_TTL`.
+    fn lost(&self, now: Instant, reckon: impl FnOnce() -> HashMap<String, String>) -> Lost {
+        let mut cached = self.lost.lock().expect("lost lock");
+        match cached.as_ref() {
+            Some((at, lost)) if now.saturating_duration_since(*at) < LOST_TTL => lost.clone(),
+            _ => {
+                let lost = Arc::new(reckon());
+                *cached = Some((now, lost.clone()));
+                lost
+            }
+        }
+    }
+
     /// A context over `client`, reading through caches that `run` fills from watches.
     pub fn new(
         client: Client,
@@ -417,6 +446,7 @@ impl Context {
             state: Arc::default(),
             failures: Mutex::new(HashMap::new()),
             placing: tokio::sync::Mutex::new(()),
+            lost: Mutex::new(None),
             model_http: crate::model_header::client(model::HTTP_TIMEOUT),
             routers: Arc::default(),
         })
@@ -637,7 +667,7 @@ pub async fn run(ctx: Arc<Context>, namespaces: Vec<String>) {
             } = w;
             let pods = reflector::reflector(
                 pods,
-                watcher::watcher(scoped(&client, &ns), managed.clone()),
+                watcher::watcher(scoped(&client, &ns), managed.clone()).modify(slim_pod),
             );
             let services = reflector::reflector(
                 services,
@@ -663,7 +693,8 @@ pub async fn run(ctx: Arc<Context>, namespaces: Vec<String>) {
     }
     let nodes = reflector::reflector(
         writers.nodes,
-        watcher::watcher(Api::<Node>::all(client.clone()), watcher::Config::default()),
+        watcher::watcher(Api::<Node>::all(client.clone()), watcher::Config::default())
+            .modify(slim_node),
     );
     let inventories = reflector::reflector(
         writers.inventories,
@@ -747,6 +778,29 @@ fn waits_for_capacity(d: &DynamicObject) -> bool {
         .flatten()
         .any(|c| c["type"] == "Unschedulable" && c["status"] == "True");
     unschedulable || n("replicas") < n("desiredReplicas")
+}
+
+/// What the pod store keeps of a pod: a pass reads its metadata, status and node,
+/// never the rest of its spec nor its managed fields, which are most of its bytes (at
+/// 10,000 pods, the difference between the operator's memory fitting 64 MiB or not;
+/// kube-rs's `WatchStreamExt::modify` exists for this).
+fn slim_pod(pod: &mut Pod) {
+    pod.managed_fields_mut().clear();
+    if let Some(spec) = pod.spec.as_mut() {
+        *spec = k8s_openapi::api::core::v1::PodSpec {
+            node_name: spec.node_name.take(),
+            ..Default::default()
+        };
+    }
+}
+
+/// What the node store keeps of a node: no managed fields and no list of images
+/// (on a real node, up to 50 image names and digests that nothing here reads).
+fn slim_node(node: &mut Node) {
+    node.managed_fields_mut().clear();
+    if let Some(status) = node.status.as_mut() {
+        status.images = None;
+    }
 }
 
 /// Whether the API server serves DRA's resource.k8s.io/v1 (GA in Kubernetes 1.34).
@@ -840,13 +894,14 @@ async fn apply(d: &InferenceDeployment, ctx: &Context) -> Result<Action, Error> 
     // and the pods created so far, so two passes never choose the same free GPU.
     let placing = ctx.placing.lock().await;
     let pods = ctx.cache.pods();
-    let mut ledger = observe::ledger(ctx, &pods, &world.corrections);
+    let mut ledger = observe::LazyLedger::new(|| observe::ledger(ctx, &pods, &world.corrections));
     let decided = decide(d, &mut state, &world, &mut ledger, &pods, need, (now, wall));
+    drop(ledger);
     let (created, acted) = act(d, ctx, &world, &decided, wall).await;
     drop(placing);
     // Report even after a failed step: status then says what was decided and done, and
     // the autoscaler's memory is saved whatever happened.
-    let reported = report(d, ctx, &state, &world, &decided, &created, now, wall).await;
+    let reported = report(d, ctx, &mut state, &world, &decided, &created, now, wall).await;
     acted?;
     reported?;
     Ok(Action::requeue(ctx.config.scrape_interval))

@@ -21,7 +21,7 @@ use crate::autoscale::Direction;
 pub(super) async fn report(
     d: &InferenceDeployment,
     ctx: &Context,
-    state: &DeploymentState,
+    state: &mut DeploymentState,
     world: &World,
     decided: &Decided,
     created: &[(u32, PodPlacement)],
@@ -141,8 +141,40 @@ pub(super) async fn report(
         rollout: Some(&decided.rollout.status),
         now: wall,
     };
-    patch_status(d, ctx, &status::build(d, &observed)).await
+    let mut st = status::build(d, &observed);
+    // The load figures change with every scrape; written each pass they made a status
+    // write (and the watch event it causes, and another pass) per deployment per
+    // scrape interval: 2,200 writes a minute for 50 deployments in `gpuscale-sim
+    // fleet`. They are refreshed at most every `LOAD_STATUS_PERIOD`, the HPA's
+    // sync period, unless something else in status changes anyway.
+    if let Some(old) = d.status.as_ref() {
+        let recent = state
+            .load_written
+            .is_some_and(|at| now.duration_since(at) < LOAD_STATUS_PERIOD);
+        let (depth, rate) = (st.queue_depth, st.request_rate);
+        st.queue_depth = old.queue_depth;
+        st.request_rate = old.request_rate;
+        let only_load = &st == old;
+        if !(recent && only_load) {
+            st.queue_depth = depth;
+            st.request_rate = rate;
+        }
+    }
+    let load_changed = d
+        .status
+        .as_ref()
+        .is_none_or(|old| (old.queue_depth, old.request_rate) != (st.queue_depth, st.request_rate));
+    patch_status(d, ctx, &st).await?;
+    if load_changed {
+        state.load_written = Some(now);
+    }
+    Ok(())
 }
+
+/// How often status's load figures (`queueDepth`, `requestRate`) are refreshed when
+/// nothing else in status changes: the HPA's default sync period
+/// (<https://kubernetes.io/docs/concepts/workloads/autoscaling/horizontal-pod-autoscale/#how-does-a-horizontalpodautoscaler-work>).
+pub(super) const LOAD_STATUS_PERIOD: std::time::Duration = std::time::Duration::from_secs(15);
 
 pub(super) async fn patch_status(
     d: &InferenceDeployment,

@@ -76,20 +76,22 @@ impl ApiServer {
     /// Every kind of request served so far, by whom (see [`Audited`]), and a reset
     /// of the request log (which `take_request_counts` also reads).
     pub fn take_audit(&self) -> std::collections::BTreeSet<Audited> {
-        self.take_requests().into_keys().collect()
+        self.take_audit_counts().into_keys().collect()
     }
 
     /// The resource requests served so far, by (verb, resource), and a reset of the
     /// request log (which `take_audit` also reads).
     pub fn take_request_counts(&self) -> std::collections::BTreeMap<(String, String), u64> {
         let mut counts = std::collections::BTreeMap::new();
-        for (a, n) in self.take_requests() {
+        for (a, n) in self.take_audit_counts() {
             *counts.entry((a.verb, a.resource)).or_default() += n;
         }
         counts
     }
 
-    fn take_requests(&self) -> std::collections::BTreeMap<Audited, u64> {
+    /// The requests served so far, counted by kind (see [`Audited`]), and a reset
+    /// of the request log.
+    pub fn take_audit_counts(&self) -> std::collections::BTreeMap<Audited, u64> {
         std::mem::take(&mut *self.shared.requests.lock().expect("request log"))
     }
 
