@@ -36,6 +36,28 @@ fn load_through(url: &str, profile: Profile) -> tokio::task::JoinHandle<Vec<traf
     tokio::spawn(async move { traffic::drive_url_streaming(&url, MODEL, 24, profile).await })
 }
 
+/// Three nodes of one L4 each: with whole GPUs, one replica per node.
+fn three_single_l4_nodes() -> Vec<SimNode> {
+    ["sim-l4-a", "sim-l4-b", "sim-l4-c"]
+        .iter()
+        .map(|n| SimNode::new(n, 1, "NVIDIA L4", 24, false))
+        .collect()
+}
+
+/// The example at a fixed count of `n` replicas.
+fn fixed(n: u32) -> serde_json::Value {
+    smollm(json!({"spec": {"replicas": n, "scaling": {"autoscale": false}}}))
+}
+
+/// Non-streamed requests not answered in full: the router could have retried each
+/// (their status comes with the whole answer, so nothing had reached the client).
+fn lost_plain(outcomes: &[traffic::Outcome]) -> usize {
+    outcomes
+        .iter()
+        .filter(|o| !o.stream && (o.status != Some(200) || !o.complete))
+        .count()
+}
+
 /// Waits until the namespace holds exactly `n` pods (no selector: any copy under
 /// another name counts), all replicas of `name` owned by the live deployment, ready
 /// and not terminating, with distinct indices; `status.replicas` says `n`; and every
@@ -194,11 +216,7 @@ async fn api_errors_and_dropped_watches_while_scaling_leave_no_duplicate_or_orph
         "the faults did not span a scale-up and a scale-down: {seen_counts:?}"
     );
     // Faults over: a fixed count of two, which must be reached exactly.
-    env.apply(&smollm(
-        json!({"spec": {"replicas": 2, "scaling": {"autoscale": false}}}),
-    ))
-    .await
-    .unwrap();
+    env.apply(&fixed(2)).await.unwrap();
     converged(&env, "smollm", 2, Duration::from_secs(180)).await;
     // API faults touch the control plane only: every request was answered in full.
     let s = report("through API faults", &outcomes);
@@ -211,22 +229,14 @@ async fn api_errors_and_dropped_watches_while_scaling_leave_no_duplicate_or_orph
 /// answering is retried by the router; the replica is replaced.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_killed_mid_stream_loses_only_what_it_was_sending() {
-    let nodes = vec![
-        SimNode::new("sim-l4-a", 1, "NVIDIA L4", 24, false),
-        SimNode::new("sim-l4-b", 1, "NVIDIA L4", 24, false),
-        SimNode::new("sim-l4-c", 1, "NVIDIA L4", 24, false),
-    ];
+    let nodes = three_single_l4_nodes();
     let mut env = Env::start("faults-kill", nodes).await.unwrap();
     if !env.simulated() {
         eprintln!("skipped: kills a simulated worker");
         return;
     }
     let url = env.start_router().await.unwrap();
-    env.apply(&smollm(
-        json!({"spec": {"replicas": 2, "scaling": {"autoscale": false}}}),
-    ))
-    .await
-    .unwrap();
+    env.apply(&fixed(2)).await.unwrap();
     env.wait_ready("smollm", 2, Duration::from_secs(120))
         .await
         .unwrap();
@@ -253,10 +263,7 @@ async fn a_worker_killed_mid_stream_loses_only_what_it_was_sending() {
     converged(&env, "smollm", 2, Duration::from_secs(180)).await;
     // Only answers already under way were lost: non-streamed requests (whose status
     // comes with the whole answer) were all retried on the other replica.
-    let lost_plain = outcomes
-        .iter()
-        .filter(|o| !o.stream && (o.status != Some(200) || !o.complete))
-        .count();
+    let lost_plain = lost_plain(&outcomes);
     assert_eq!(
         lost_plain, 0,
         "a request that a retry could save failed: {s:?}"
@@ -274,22 +281,14 @@ async fn a_worker_killed_mid_stream_loses_only_what_it_was_sending() {
 /// finished and exactly the spec's replicas remain.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_not_ready_has_its_replica_replaced_and_leaves_nothing_behind() {
-    let nodes = vec![
-        SimNode::new("sim-l4-a", 1, "NVIDIA L4", 24, false),
-        SimNode::new("sim-l4-b", 1, "NVIDIA L4", 24, false),
-        SimNode::new("sim-l4-c", 1, "NVIDIA L4", 24, false),
-    ];
+    let nodes = three_single_l4_nodes();
     let mut env = Env::start("faults-node", nodes).await.unwrap();
     if !env.simulated() {
         eprintln!("skipped: cuts off a simulated node");
         return;
     }
     let url = env.start_router().await.unwrap();
-    env.apply(&smollm(
-        json!({"spec": {"replicas": 2, "scaling": {"autoscale": false}}}),
-    ))
-    .await
-    .unwrap();
+    env.apply(&fixed(2)).await.unwrap();
     let pods = env
         .wait_ready("smollm", 2, Duration::from_secs(120))
         .await
@@ -330,10 +329,7 @@ async fn a_node_not_ready_has_its_replica_replaced_and_leaves_nothing_behind() {
     let pods = converged(&env, "smollm", 2, Duration::from_secs(120)).await;
     eprintln!("after {cut} came back: {:?}", names(&pods));
     let s = report("through a node cut off", &outcomes);
-    let lost_plain = outcomes
-        .iter()
-        .filter(|o| !o.stream && (o.status != Some(200) || !o.complete))
-        .count();
+    let lost_plain = lost_plain(&outcomes);
     assert_eq!(
         lost_plain, 0,
         "a request that a retry could save failed: {s:?}"
@@ -357,7 +353,6 @@ async fn an_operator_killed_every_few_seconds_converges_and_loses_no_request() {
         return;
     }
     let url = env.start_router().await.unwrap();
-    let fixed = |n: u32| smollm(json!({"spec": {"replicas": n, "scaling": {"autoscale": false}}}));
     env.apply(&fixed(1)).await.unwrap();
     env.wait_ready("smollm", 1, Duration::from_secs(120))
         .await

@@ -71,6 +71,7 @@ pub struct GpuSample {
 /// All metrics, cheap to update from any thread.
 pub struct Metrics {
     registry: Registry,
+    tokio_tasks: Gauge,
     /// Requests admitted but not yet running.
     pub queue_depth: Gauge,
     /// Sequences in the running batch.
@@ -128,6 +129,7 @@ impl Metrics {
     pub fn new() -> Metrics {
         let mut registry = Registry::with_prefix("gpuscale_worker");
         let m = Metrics {
+            tokio_tasks: Gauge::default(),
             queue_depth: Gauge::default(),
             running: Gauge::default(),
             kv_usage: Gauge::default(),
@@ -297,6 +299,12 @@ impl Metrics {
             "Critical XID errors reported by the driver",
             m.gpu_xids.clone(),
         );
+        let tokio_tasks = m.tokio_tasks.clone();
+        registry.register(
+            "tokio_alive_tasks",
+            "Tasks alive in this process's tokio runtime, read at each scrape (a count that grows under steady load is a leak)",
+            tokio_tasks.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -340,6 +348,9 @@ impl Metrics {
 
     /// The text exposition.
     pub fn encode(&self) -> String {
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            self.tokio_tasks.set(rt.metrics().num_alive_tasks() as i64);
+        }
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String");

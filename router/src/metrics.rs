@@ -66,6 +66,7 @@ struct RetryLabels {
 /// Every metric of the router.
 pub struct Metrics {
     registry: Registry,
+    tokio_tasks: Gauge,
     requests: Family<CodeLabels, Counter>,
     held: Family<DeploymentLabels, Gauge>,
     in_flight: Family<DeploymentLabels, Gauge>,
@@ -102,6 +103,7 @@ impl Metrics {
         let mut registry = Registry::with_prefix("gpuscale_router");
         let m = Metrics {
             registry: Registry::default(),
+            tokio_tasks: Gauge::default(),
             requests: Family::default(),
             held: Family::default(),
             in_flight: Family::default(),
@@ -176,6 +178,12 @@ impl Metrics {
             "version_itl_seconds",
             "Time between streamed chunks (tokens) after the first, by version",
             m.version_itl.clone(),
+        );
+        let tokio_tasks = m.tokio_tasks.clone();
+        registry.register(
+            "tokio_alive_tasks",
+            "Tasks alive in this process's tokio runtime, read at each scrape (a count that grows under steady load is a leak)",
+            tokio_tasks.clone(),
         );
         Metrics { registry, ..m }
     }
@@ -269,6 +277,9 @@ impl Metrics {
 
     /// The text exposition.
     pub fn encode(&self) -> String {
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            self.tokio_tasks.set(rt.metrics().num_alive_tasks() as i64);
+        }
         let mut out = String::new();
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);

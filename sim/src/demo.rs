@@ -41,7 +41,7 @@ const MARKED: [&str; 6] = [
 ];
 
 /// The model file: `GPUSCALE_SMOLLM2_GGUF`, else fetched by `scripts/ensure-tools.sh`.
-fn model_path() -> anyhow::Result<PathBuf> {
+pub(crate) fn model_path() -> anyhow::Result<PathBuf> {
     if let Ok(p) = std::env::var("GPUSCALE_SMOLLM2_GGUF") {
         return Ok(p.into());
     }
@@ -64,7 +64,7 @@ fn model_path() -> anyhow::Result<PathBuf> {
 /// The operator and worker binaries. From a checkout they are (re)built in release
 /// first, so the demo never runs a stale operator; `GPUSCALE_OPERATOR_BIN` and
 /// `GPUSCALE_WORKER_BIN` override both.
-fn binaries() -> anyhow::Result<(PathBuf, PathBuf, PathBuf)> {
+pub(crate) fn binaries() -> anyhow::Result<(PathBuf, PathBuf, PathBuf)> {
     let overridden = std::env::var_os("GPUSCALE_OPERATOR_BIN").is_some()
         && std::env::var_os("GPUSCALE_WORKER_BIN").is_some();
     if !overridden && Path::new("Cargo.toml").is_file() {

@@ -15,6 +15,7 @@ pub mod models;
 pub mod nodes;
 pub mod plot;
 pub mod scheduler;
+pub mod soak;
 pub mod volumes;
 
 use std::path::PathBuf;
@@ -93,11 +94,20 @@ pub fn operator_command(
     binary: &std::path::Path,
     kubeconfig: &std::path::Path,
 ) -> tokio::process::Command {
+    operator_command_at(binary, kubeconfig, "127.0.0.1:0")
+}
+
+/// [`operator_command`] with its metrics served at `metrics_addr`.
+pub fn operator_command_at(
+    binary: &std::path::Path,
+    kubeconfig: &std::path::Path,
+    metrics_addr: &str,
+) -> tokio::process::Command {
     let mut cmd = tokio::process::Command::new(binary);
     cmd.args([
         "run",
         "--metrics-addr",
-        "127.0.0.1:0",
+        metrics_addr,
         "--scrape-interval-seconds",
         "1",
         "--allow-host-path-models",

@@ -12,13 +12,28 @@ use serde_json::json;
 /// The taint key the controller puts on a node whose kubelet stopped posting status.
 pub const UNREACHABLE: &str = "node.kubernetes.io/unreachable";
 
-fn ready_condition(status: &str, reason: &str, message: &str) -> serde_json::Value {
-    json!({"type": "Ready", "status": status, "reason": reason, "message": message,
-           "lastHeartbeatTime": super::now_rfc3339(),
-           "lastTransitionTime": super::now_rfc3339()})
+/// Sets the node's Ready condition (the only condition the simulated kubelet posts).
+async fn set_ready(
+    nodes: &Api<Node>,
+    name: &str,
+    status: &str,
+    reason: &str,
+    message: &str,
+) -> kube::Result<()> {
+    let now = super::now_rfc3339();
+    let ready = json!({"type": "Ready", "status": status, "reason": reason, "message": message,
+                       "lastHeartbeatTime": now, "lastTransitionTime": now});
+    nodes
+        .patch_status(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"conditions": [ready]}})),
+        )
+        .await?;
+    Ok(())
 }
 
-/// Replaces the node's taints with `keep` plus `add`.
+/// Replaces the node's unreachable taints with `add`, keeping the others.
 async fn set_taints(nodes: &Api<Node>, name: &str, add: &[Taint]) -> kube::Result<()> {
     let node = nodes.get(name).await?;
     let mut taints: Vec<Taint> = node
@@ -43,17 +58,14 @@ async fn set_taints(nodes: &Api<Node>, name: &str, add: &[Taint]) -> kube::Resul
 /// every pod bound to it is marked not Ready (the controller's `MarkPodsNotReady`).
 pub async fn mark_unreachable(client: &Client, name: &str) -> kube::Result<()> {
     let nodes: Api<Node> = Api::all(client.clone());
-    nodes
-        .patch_status(
-            name,
-            &PatchParams::default(),
-            &Patch::Merge(json!({"status": {"conditions": [ready_condition(
-                "Unknown",
-                "NodeStatusUnknown",
-                "Kubelet stopped posting node status.",
-            )]}})),
-        )
-        .await?;
+    set_ready(
+        &nodes,
+        name,
+        "Unknown",
+        "NodeStatusUnknown",
+        "Kubelet stopped posting node status.",
+    )
+    .await?;
     let now = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff::Timestamp::now());
     let taint = |effect: &str| Taint {
         key: UNREACHABLE.into(),
@@ -84,16 +96,13 @@ pub async fn mark_unreachable(client: &Client, name: &str) -> kube::Result<()> {
 /// taints.
 pub async fn mark_reachable(client: &Client, name: &str) -> kube::Result<()> {
     let nodes: Api<Node> = Api::all(client.clone());
-    nodes
-        .patch_status(
-            name,
-            &PatchParams::default(),
-            &Patch::Merge(json!({"status": {"conditions": [ready_condition(
-                "True",
-                "KubeletReady",
-                "simulated kubelet is posting ready status",
-            )]}})),
-        )
-        .await?;
+    set_ready(
+        &nodes,
+        name,
+        "True",
+        "KubeletReady",
+        "simulated kubelet is posting ready status",
+    )
+    .await?;
     set_taints(&nodes, name, &[]).await
 }

@@ -46,6 +46,13 @@ enum Command {
         #[arg(long, env = "GPUSCALE_MODEL_DIR", default_value = "models")]
         models: PathBuf,
     },
+    /// The soak: steady load with a burst every five minutes through the router for
+    /// MINUTES; prints every process's memory, open files and tokio tasks at the start
+    /// and the end, and fails if any request was not answered in full.
+    Soak {
+        #[arg(long, default_value_t = 30.0)]
+        minutes: f64,
+    },
     /// Fleet scale: hollow GPU nodes and pods (no worker processes; metrics from a
     /// model of load) and the operator as its own process; prints its memory, CPU per
     /// pass, spec-change latency and API requests per minute.
@@ -86,6 +93,22 @@ fn main() -> anyhow::Result<()> {
             }
             init_tracing("warn");
             rt.block_on(gpuscale_sim::demo::run(burst_rps))
+        }
+        Command::Soak { minutes } => {
+            anyhow::ensure!(
+                minutes.is_finite() && minutes >= 1.0,
+                "--minutes must be at least 1"
+            );
+            init_tracing("warn");
+            let report = rt.block_on(gpuscale_sim::soak::run(minutes))?;
+            print!("{report}");
+            anyhow::ensure!(
+                report.summary.errors == 0,
+                "{} of {} requests were not answered in full",
+                report.summary.errors,
+                report.summary.requests
+            );
+            Ok(())
         }
         Command::Fleet {
             nodes,
