@@ -41,7 +41,7 @@ const MARKED: [&str; 6] = [
 ];
 
 /// The model file: `GPUSCALE_SMOLLM2_GGUF`, else fetched by `scripts/ensure-tools.sh`.
-pub(crate) fn model_path() -> anyhow::Result<PathBuf> {
+fn model_path() -> anyhow::Result<PathBuf> {
     if let Ok(p) = std::env::var("GPUSCALE_SMOLLM2_GGUF") {
         return Ok(p.into());
     }
@@ -64,7 +64,7 @@ pub(crate) fn model_path() -> anyhow::Result<PathBuf> {
 /// The operator and worker binaries. From a checkout they are (re)built in release
 /// first, so the demo never runs a stale operator; `GPUSCALE_OPERATOR_BIN` and
 /// `GPUSCALE_WORKER_BIN` override both.
-pub(crate) fn binaries() -> anyhow::Result<(PathBuf, PathBuf, PathBuf)> {
+fn binaries() -> anyhow::Result<(PathBuf, PathBuf, PathBuf)> {
     let overridden = std::env::var_os("GPUSCALE_OPERATOR_BIN").is_some()
         && std::env::var_os("GPUSCALE_WORKER_BIN").is_some();
     if !overridden && Path::new("Cargo.toml").is_file() {
@@ -93,15 +93,15 @@ pub(crate) fn binaries() -> anyhow::Result<(PathBuf, PathBuf, PathBuf)> {
     ))
 }
 
-/// Runs the demo. `burst_rps` is the request rate of the burst.
-pub async fn run(burst_rps: f64) -> anyhow::Result<()> {
+/// The demo's cluster (the default fleet, SmolLM2's directory as the nodes' `/models`,
+/// kubeconfig and logs under `out`), with the operator and router binaries to run
+/// against it.
+pub(crate) async fn default_cluster(out: &Path) -> anyhow::Result<(SimCluster, PathBuf, PathBuf)> {
     let model = model_path()?;
     let (operator_bin, worker_bin, router_bin) = binaries()?;
-    let out = PathBuf::from(OUT);
-    let kubeconfig = out.join("kubeconfig");
     let cluster = SimCluster::start(ClusterConfig {
         addr: "127.0.0.1:0".parse()?,
-        kubeconfig: kubeconfig.clone(),
+        kubeconfig: out.join("kubeconfig"),
         nodes: default_fleet(),
         kubelet: KubeletConfig::new(
             worker_bin,
@@ -110,6 +110,14 @@ pub async fn run(burst_rps: f64) -> anyhow::Result<()> {
         ),
     })
     .await?;
+    Ok((cluster, operator_bin, router_bin))
+}
+
+/// Runs the demo. `burst_rps` is the request rate of the burst.
+pub async fn run(burst_rps: f64) -> anyhow::Result<()> {
+    let out = PathBuf::from(OUT);
+    let (cluster, operator_bin, router_bin) = default_cluster(&out).await?;
+    let kubeconfig = cluster.kubeconfig().to_path_buf();
     println!(
         "simulated cluster: {} (nodes: 2×L4, 2×L4, 4×A100 NVLink; simulated GPUs, workers on CPU)",
         cluster.url()

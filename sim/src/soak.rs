@@ -13,9 +13,7 @@ use kube::api::{Patch, PatchParams};
 use kube::Api;
 use serde_json::{json, Value};
 
-use super::cluster::{ClusterConfig, SimCluster};
-use super::kubelet::KubeletConfig;
-use super::nodes::default_fleet;
+use super::cluster::SimCluster;
 use super::traffic::{self, Profile};
 
 const EXAMPLE: &str = include_str!("../../examples/smollm.yaml");
@@ -192,21 +190,9 @@ pub fn profile(minutes: f64) -> Profile {
 
 /// Runs the soak for `minutes`.
 pub async fn run(minutes: f64) -> anyhow::Result<SoakReport> {
-    let model = super::demo::model_path()?;
-    let (operator_bin, worker_bin, router_bin) = super::demo::binaries()?;
     let out = PathBuf::from(super::demo::OUT).join("soak");
-    let kubeconfig = out.join("kubeconfig");
-    let cluster = SimCluster::start(ClusterConfig {
-        addr: "127.0.0.1:0".parse()?,
-        kubeconfig: kubeconfig.clone(),
-        nodes: default_fleet(),
-        kubelet: KubeletConfig::new(
-            worker_bin,
-            model.parent().context("model path")?.into(),
-            out.join("logs"),
-        ),
-    })
-    .await?;
+    let (cluster, operator_bin, router_bin) = super::demo::default_cluster(&out).await?;
+    let kubeconfig = cluster.kubeconfig().to_path_buf();
     let (router, router_url) = super::start_router(
         &router_bin,
         &kubeconfig,
