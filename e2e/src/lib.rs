@@ -46,9 +46,8 @@ pub struct Env {
     operator_client: Client,
 }
 
-/// Whom the operator's requests come from on the simulator (the chart's service
-/// account for a release `gpuscale` in namespace `gpuscale`).
-pub const OPERATOR_USER: &str = "system:serviceaccount:gpuscale:gpuscale";
+/// Whom the operator's requests come from on the simulator.
+pub use gpuscale_sim::OPERATOR_USER;
 
 /// The environment variable with the base URL of a real cluster's router (reachable
 /// from where the scenarios run, e.g. through `kubectl port-forward`).

@@ -23,10 +23,15 @@ const MODEL: &str = "smollm2-135m-instruct";
 
 /// How long each faulty stretch lasts.
 fn fault_seconds() -> f64 {
-    std::env::var("GPUSCALE_FAULT_SECONDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(40.0)
+    match std::env::var("GPUSCALE_FAULT_SECONDS") {
+        Err(_) => 40.0,
+        Ok(s) => match s.parse::<f64>() {
+            Ok(t) if t.is_finite() && t >= 10.0 => t,
+            _ => {
+                panic!("GPUSCALE_FAULT_SECONDS must be a number of seconds, at least 10, not {s:?}")
+            }
+        },
+    }
 }
 
 /// Requests through the router at the rates of `profile` (every other one streamed),

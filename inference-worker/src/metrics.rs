@@ -299,11 +299,10 @@ impl Metrics {
             "Critical XID errors reported by the driver",
             m.gpu_xids.clone(),
         );
-        let tokio_tasks = m.tokio_tasks.clone();
         registry.register(
             "tokio_alive_tasks",
             "Tasks alive in this process's tokio runtime, read at each scrape (a count that grows under steady load is a leak)",
-            tokio_tasks.clone(),
+            m.tokio_tasks.clone(),
         );
         Metrics { registry, ..m }
     }

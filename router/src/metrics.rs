@@ -179,11 +179,10 @@ impl Metrics {
             "Time between streamed chunks (tokens) after the first, by version",
             m.version_itl.clone(),
         );
-        let tokio_tasks = m.tokio_tasks.clone();
         registry.register(
             "tokio_alive_tasks",
             "Tasks alive in this process's tokio runtime, read at each scrape (a count that grows under steady load is a leak)",
-            tokio_tasks.clone(),
+            m.tokio_tasks.clone(),
         );
         Metrics { registry, ..m }
     }

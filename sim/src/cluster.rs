@@ -73,11 +73,7 @@ impl SimCluster {
             );
         }
         let api = ApiServer::start(config.addr).await?;
-        for (file, yaml) in gpuscale_crds::crd_manifests() {
-            let crd: serde_json::Value = serde_yaml::from_str(&yaml)?;
-            api.create(crd)
-                .map_err(|e| anyhow::anyhow!("registering {file}: {e}"))?;
-        }
+        api.register_crds()?;
         // The DeviceClass the NVIDIA DRA driver's chart installs, for the DRA nodes.
         api.create(super::dra::device_class())
             .map_err(|e| anyhow::anyhow!("creating the DeviceClass: {e}"))?;

@@ -26,9 +26,7 @@ use serde_json::json;
 
 use super::api::ApiServer;
 use super::nodes::SimNode;
-
-/// The user the operator's requests come from (the chart's service account).
-pub const OPERATOR_USER: &str = "system:serviceaccount:gpuscale:gpuscale";
+use super::OPERATOR_USER;
 
 /// How big a fleet, and how long to measure.
 #[derive(Clone, Debug)]
@@ -301,44 +299,6 @@ fn deployment(name: &str, replicas: u32, port: u16) -> serde_json::Value {
             "worker": {"port": port}}})
 }
 
-/// A kubeconfig for `url` whose user impersonates `user` (kubeconfig's `as`).
-fn kubeconfig(url: &str, user: Option<&str>) -> String {
-    let auth = match user {
-        Some(u) => format!("{{as: \"{u}\"}}"),
-        None => "{}".into(),
-    };
-    format!(
-        "apiVersion: v1\nkind: Config\nclusters:\n- name: fleet\n  cluster:\n    server: {url}\n\
-         contexts:\n- name: fleet\n  context:\n    cluster: fleet\n    user: fleet\n    namespace: default\n\
-         current-context: fleet\nusers:\n- name: fleet\n  user: {auth}\n"
-    )
-}
-
-/// (resident, peak resident) bytes and CPU seconds (user + system) of process `pid`.
-fn process_usage(pid: u32) -> anyhow::Result<(u64, u64, f64)> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let kib = |key: &str| -> u64 {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(key))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .unwrap_or(0)
-            * 1024
-    };
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // Fields after the command (which may hold spaces) closed by ')': utime and
-    // stime are the 14th and 15th fields of the line, in clock ticks (100 a second
-    // on Linux, `getconf CLK_TCK`).
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    Ok((
-        kib("VmRSS:"),
-        kib("VmHWM:"),
-        (ticks(11) + ticks(12)) / 100.0,
-    ))
-}
-
 /// The sum of the operator's reconcile pass counter, from its metrics.
 async fn passes(metrics: &str) -> anyhow::Result<f64> {
     let text = reqwest::get(format!("http://{metrics}/metrics"))
@@ -352,26 +312,21 @@ async fn passes(metrics: &str) -> anyhow::Result<f64> {
         .sum())
 }
 
-fn percentile(sorted: &[Duration], q: f64) -> Duration {
-    sorted
-        .get(((sorted.len() as f64 - 1.0) * q).round() as usize)
-        .copied()
-        .unwrap_or_default()
-}
-
 /// Runs the fleet and measures the operator.
 pub async fn run(cfg: FleetConfig) -> anyhow::Result<FleetReport> {
+    anyhow::ensure!(
+        cfg.changes <= cfg.deployments,
+        "{} changes for {} deployments: each change adds a replica to a different deployment",
+        cfg.changes,
+        cfg.deployments
+    );
     std::fs::create_dir_all(&cfg.dir)?;
     let api = ApiServer::start("127.0.0.1:0".parse()?).await?;
-    for (file, yaml) in gpuscale_crds::crd_manifests() {
-        let crd: serde_json::Value = serde_yaml::from_str(&yaml)?;
-        api.create(crd)
-            .map_err(|e| anyhow::anyhow!("registering {file}: {e}"))?;
-    }
+    api.register_crds()?;
     let admin = cfg.dir.join("kubeconfig");
     let operator_kc = cfg.dir.join("kubeconfig-operator");
-    std::fs::write(&admin, kubeconfig(&api.url(), None))?;
-    std::fs::write(&operator_kc, kubeconfig(&api.url(), Some(OPERATOR_USER)))?;
+    api.write_kubeconfig(&admin)?;
+    api.write_kubeconfig_as(&operator_kc, Some(OPERATOR_USER))?;
     let client = super::cluster::client_for(&admin).await?;
     // Hollow nodes: Node objects and inventories straight into the store.
     for n in 0..cfg.nodes {
@@ -503,11 +458,13 @@ pub async fn run(cfg: FleetConfig) -> anyhow::Result<FleetReport> {
 
     // Steady state: requests, CPU and passes over the window.
     api.take_request_counts();
-    let (_, _, cpu0) = process_usage(pid)?;
+    let gone = || anyhow::anyhow!("the operator (pid {pid}) is gone");
+    let cpu0 = super::process::usage(pid).ok_or_else(gone)?.cpu_seconds;
     let p0 = passes(&metrics_addr.to_string()).await?;
     let w0 = Instant::now();
     tokio::time::sleep(cfg.window).await;
-    let (rss, peak, cpu1) = process_usage(pid)?;
+    let end = super::process::usage(pid).ok_or_else(gone)?;
+    let (rss, peak, cpu1) = (end.rss_bytes, end.peak_rss_bytes, end.cpu_seconds);
     let p1 = passes(&metrics_addr.to_string()).await?;
     let elapsed = w0.elapsed().as_secs_f64();
     let per_minute = api
@@ -522,7 +479,7 @@ pub async fn run(cfg: FleetConfig) -> anyhow::Result<FleetReport> {
 
     // Spec changes, one deployment at a time: one more replica each.
     let mut latencies = Vec::new();
-    for i in 0..cfg.changes.min(cfg.deployments) {
+    for i in 0..cfg.changes {
         let name = format!("m{i:04}");
         let new_pod = format!("{name}-{}", cfg.replicas);
         let at = Instant::now();
@@ -559,8 +516,8 @@ pub async fn run(cfg: FleetConfig) -> anyhow::Result<FleetReport> {
         cpu_per_pass: Duration::from_secs_f64((cpu1 - cpu0) / pass_count),
         passes_per_second: pass_count / elapsed,
         cores: (cpu1 - cpu0) / elapsed,
-        latency_p50: percentile(&latencies, 0.5),
-        latency_p99: percentile(&latencies, 0.99),
+        latency_p50: super::traffic::percentile(&latencies, 0.5),
+        latency_p99: super::traffic::percentile(&latencies, 0.99),
         per_minute,
     })
 }

@@ -14,11 +14,17 @@ pub mod lifecycle;
 pub mod models;
 pub mod nodes;
 pub mod plot;
+pub mod process;
 pub mod scheduler;
 pub mod soak;
 pub mod volumes;
 
 use std::path::PathBuf;
+
+/// Whom the operator's requests come from, where the simulator's request log must
+/// tell them apart (the chart's service account for a release `gpuscale` in namespace
+/// `gpuscale`).
+pub const OPERATOR_USER: &str = "system:serviceaccount:gpuscale:gpuscale";
 
 /// Now, to the second, as Kubernetes writes timestamps (`2026-01-01T12:00:00Z`).
 pub(crate) fn now_rfc3339() -> String {

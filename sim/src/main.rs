@@ -130,6 +130,11 @@ fn main() -> anyhow::Result<()> {
                 nodes * gpus_per_node
             );
             anyhow::ensure!(
+                changes <= deployments,
+                "--changes {changes} is more than the {deployments} deployments: each change \
+                 adds a replica to a different deployment"
+            );
+            anyhow::ensure!(
                 window_seconds > 0 && scrape_interval_seconds > 0,
                 "--window-seconds and --scrape-interval-seconds must be at least 1"
             );

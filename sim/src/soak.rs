@@ -78,21 +78,6 @@ impl std::fmt::Display for SoakReport {
     }
 }
 
-/// Resident bytes and open file descriptors of `pid`, from /proc.
-fn proc_usage(pid: u32) -> Option<(u64, usize)> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let rss = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))?
-        .split_whitespace()
-        .next()?
-        .parse::<u64>()
-        .ok()?
-        * 1024;
-    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count();
-    Some((rss, fds))
-}
-
 /// The `*_tokio_alive_tasks` sample of the metrics at `url`.
 async fn tasks_at(http: &reqwest::Client, url: &str) -> Option<u64> {
     let text = http.get(url).send().await.ok()?.text().await.ok()?;
@@ -105,14 +90,14 @@ async fn tasks_at(http: &reqwest::Client, url: &str) -> Option<u64> {
 }
 
 async fn usage(http: &reqwest::Client, pid: u32, metrics: Option<&str>) -> Option<Usage> {
-    let (rss_bytes, fds) = proc_usage(pid)?;
+    let u = super::process::usage(pid)?;
     let tasks = match metrics {
         Some(url) => tasks_at(http, url).await,
         None => None,
     };
     Some(Usage {
-        rss_bytes,
-        fds,
+        rss_bytes: u.rss_bytes,
+        fds: u.open_fds,
         tasks,
     })
 }

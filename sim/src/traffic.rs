@@ -256,15 +256,19 @@ pub struct Summary {
     pub p99: Duration,
 }
 
+/// The `q` quantile (0 to 1) of `sorted` (nearest rank; zero when empty).
+pub fn percentile(sorted: &[Duration], q: f64) -> Duration {
+    sorted
+        .get(((sorted.len() as f64 - 1.0) * q).round() as usize)
+        .copied()
+        .unwrap_or_default()
+}
+
 /// Summarises outcomes (an error is anything but a whole 200).
 pub fn summary(outcomes: &[Outcome]) -> Summary {
     let mut lat: Vec<Duration> = outcomes.iter().map(|o| o.latency).collect();
     lat.sort();
-    let pick = |q: f64| {
-        lat.get(((lat.len() as f64 - 1.0) * q).round() as usize)
-            .copied()
-            .unwrap_or_default()
-    };
+    let pick = |q: f64| percentile(&lat, q);
     Summary {
         requests: outcomes.len(),
         errors: outcomes

@@ -194,8 +194,12 @@ pub(super) fn decide(
         .collect();
     let mut refusal = None;
     let mut capacity = Vec::new();
-    // The most memory any one GPU of the fleet offers when empty (`None`: no GPU).
-    let largest_gpu = |ledger: &mut LazyLedger| ledger.get().engine.gpu_usage().map(|g| g.3).max();
+    // The most memory any one GPU of the fleet offers when empty (`None`: no GPU),
+    // read once per pass and only if a replica is refused.
+    let mut largest: Option<Option<u64>> = None;
+    let mut largest_gpu = |ledger: &mut LazyLedger| {
+        *largest.get_or_insert_with(|| ledger.get().engine.gpu_usage().map(|g| g.3).max())
+    };
     let mut todo = Vec::new();
     let mut created: Vec<PodPlacement> = Vec::new();
     for step in plan(&replicas, &targets) {

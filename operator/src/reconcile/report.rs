@@ -147,17 +147,18 @@ pub(super) async fn report(
     // scrape interval: 2,200 writes a minute for 50 deployments in `gpuscale-sim
     // fleet`. They are refreshed at most every `LOAD_STATUS_PERIOD`, the HPA's
     // sync period, unless something else in status changes anyway.
-    if let Some(old) = d.status.as_ref() {
-        let recent = state
-            .load_written
-            .is_some_and(|at| now.duration_since(at) < LOAD_STATUS_PERIOD);
-        let (depth, rate) = (st.queue_depth, st.request_rate);
-        st.queue_depth = old.queue_depth;
-        st.request_rate = old.request_rate;
-        let only_load = &st == old;
-        if !(recent && only_load) {
-            st.queue_depth = depth;
-            st.request_rate = rate;
+    let recent = state
+        .load_written
+        .is_some_and(|at| now.saturating_duration_since(at) < LOAD_STATUS_PERIOD);
+    if let Some(old) = d.status.as_ref().filter(|_| recent) {
+        // Only the load changed: the stored figures stay.
+        let held = gpuscale_crds::InferenceDeploymentStatus {
+            queue_depth: old.queue_depth,
+            request_rate: old.request_rate,
+            ..st.clone()
+        };
+        if &held == old {
+            st = held;
         }
     }
     let load_changed = d
@@ -174,7 +175,7 @@ pub(super) async fn report(
 /// How often status's load figures (`queueDepth`, `requestRate`) are refreshed when
 /// nothing else in status changes: the HPA's default sync period
 /// (<https://kubernetes.io/docs/concepts/workloads/autoscaling/horizontal-pod-autoscale/#how-does-a-horizontalpodautoscaler-work>).
-pub(super) const LOAD_STATUS_PERIOD: std::time::Duration = std::time::Duration::from_secs(15);
+const LOAD_STATUS_PERIOD: std::time::Duration = std::time::Duration::from_secs(15);
 
 pub(super) async fn patch_status(
     d: &InferenceDeployment,

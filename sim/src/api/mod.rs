@@ -138,12 +138,32 @@ impl ApiServer {
         store.create(&r, &ns, obj, opts)
     }
 
+    /// Registers gpuscale's CRDs, as `helm install` does.
+    pub fn register_crds(&self) -> anyhow::Result<()> {
+        for (file, yaml) in gpuscale_crds::crd_manifests() {
+            let crd: Value = serde_yaml::from_str(&yaml)?;
+            self.create(crd)
+                .map_err(|e| anyhow::anyhow!("registering {file}: {e}"))?;
+        }
+        Ok(())
+    }
+
     /// Writes a kubeconfig that points at this server.
     pub fn write_kubeconfig(&self, path: &Path) -> anyhow::Result<()> {
+        self.write_kubeconfig_as(path, None)
+    }
+
+    /// Writes a kubeconfig that points at this server, whose user impersonates `user`
+    /// (kubeconfig's `as`, as `kubectl --as`) when one is given.
+    pub fn write_kubeconfig_as(&self, path: &Path, user: Option<&str>) -> anyhow::Result<()> {
+        let auth = match user {
+            Some(u) => format!("{{as: {u:?}}}"),
+            None => "{}".into(),
+        };
         let text = format!(
             "apiVersion: v1\nkind: Config\nclusters:\n- name: gpuscale-sim\n  cluster:\n    server: {}\n\
              contexts:\n- name: gpuscale-sim\n  context:\n    cluster: gpuscale-sim\n    user: gpuscale-sim\n    namespace: default\n\
-             current-context: gpuscale-sim\nusers:\n- name: gpuscale-sim\n  user: {{}}\n",
+             current-context: gpuscale-sim\nusers:\n- name: gpuscale-sim\n  user: {auth}\n",
             self.url()
         );
         if let Some(dir) = path.parent() {
