@@ -87,15 +87,18 @@ use serde::{Deserialize, Serialize};
 #[x_kube(validation = Rule::new("self.scaling.warmReplicas <= self.scaling.maxReplicas")
     .message("scaling.warmReplicas must not exceed scaling.maxReplicas")
     .field_path(".scaling.warmReplicas"))]
-#[x_kube(validation = Rule::new("self.resources.tensorParallel in [1, 2, 4, 8, 16]")
-    .message("resources.tensorParallel must be 1, 2, 4, 8 or 16 (GPUs of one node per replica)")
-    .field_path(".resources.tensorParallel"))]
-#[x_kube(validation = Rule::new("self.resources.tensorParallel == 1 || self.resources.sharing == 'Exclusive'")
-    .message("resources.tensorParallel > 1 needs whole GPUs: set resources.sharing to Exclusive")
+#[x_kube(validation = Rule::new("self.resources.gpusPerReplica in [1, 2, 4, 8, 16]")
+    .message("resources.gpusPerReplica must be 1, 2, 4, 8 or 16 (GPUs of one node per replica)")
+    .field_path(".resources.gpusPerReplica"))]
+#[x_kube(validation = Rule::new("self.resources.gpusPerReplica == 1 || self.resources.sharing == 'Exclusive'")
+    .message("resources.gpusPerReplica > 1 needs whole GPUs: set resources.sharing to Exclusive")
     .field_path(".resources.sharing"))]
-#[x_kube(validation = Rule::new("!self.resources.allowCpu || self.resources.tensorParallel == 1")
-    .message("resources.allowCpu cannot be combined with resources.tensorParallel > 1")
+#[x_kube(validation = Rule::new("!self.resources.allowCpu || self.resources.gpusPerReplica == 1")
+    .message("resources.allowCpu cannot be combined with resources.gpusPerReplica > 1")
     .field_path(".resources.allowCpu"))]
+#[x_kube(validation = Rule::new("!has(self.resources.tensorParallel)")
+    .message("resources.tensorParallel was renamed resources.gpusPerReplica: a replica's GPUs split the model by layers, not tensors; set gpusPerReplica instead")
+    .field_path(".resources.tensorParallel"))]
 #[x_kube(validation = Rule::new("self.rollout.steps[self.rollout.steps.size() - 1] == 100")
     .message("rollout.steps must end at 100 (the new version takes all traffic before it is promoted)")
     .field_path(".rollout.steps"))]
@@ -109,7 +112,7 @@ pub struct InferenceDeploymentSpec {
     /// The model to serve.
     pub model: ModelSpec,
     /// What one replica needs: sequence length and batch (which size the KV cache),
-    /// tensor parallelism, GPU selection and sharing.
+    /// GPUs per replica, GPU selection and sharing.
     #[serde(default)]
     pub resources: ResourcesSpec,
     /// Queue-depth autoscaling bounds and windows.
@@ -225,9 +228,16 @@ pub struct ResourcesSpec {
     /// Sequences decoded together; the KV cache is budgeted for this many.
     #[schemars(range(min = 1, max = 1024))]
     pub max_batch_size: u32,
-    /// GPUs per replica (one node, NVLink-connected where possible).
+    /// GPUs per replica, all on one node (NVLink-connected where possible). The model
+    /// is split by layers, a contiguous block per GPU (llama.cpp's `--split-mode
+    /// layer`): a replica holds a model larger than one GPU and runs its blocks one GPU
+    /// after another. Tensor parallelism (splitting each layer) is not implemented.
     #[schemars(range(min = 1, max = 16))]
-    pub tensor_parallel: u32,
+    pub gpus_per_replica: u32,
+    /// Renamed `gpusPerReplica` (the GPUs split the model by layers, not tensors); kept
+    /// in the schema only to refuse it with that message.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tensor_parallel: Option<u32>,
     /// Extra VRAM kept free on top of the computed need, in percent of it.
     #[schemars(range(max = 100))]
     pub vram_headroom_percent: u32,
@@ -244,7 +254,8 @@ impl Default for ResourcesSpec {
         Self {
             max_sequence_length: 4096,
             max_batch_size: 8,
-            tensor_parallel: 1,
+            gpus_per_replica: 1,
+            tensor_parallel: None,
             vram_headroom_percent: 10,
             gpu: GpuSelector::default(),
             sharing: SharingMode::Exclusive,
@@ -350,7 +361,7 @@ pub struct PlacementSpec {
     pub strategy: PlacementStrategy,
     /// Failure domain this deployment's replicas are spread across.
     pub spread_across: SpreadDomain,
-    /// For tensorParallel > 1: refuse GPU sets that are not one NVLink domain
+    /// For gpusPerReplica > 1: refuse GPU sets that are not one NVLink domain
     /// (otherwise NVLink is only preferred).
     pub require_nvlink: bool,
 }

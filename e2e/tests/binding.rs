@@ -191,7 +191,7 @@ async fn churn(env: &mut Env, names: &[&str], exact: bool) {
 }
 
 /// (a) A DRA cluster: every replica's claim names its GPUs, the scheduler allocates
-/// exactly those, tensor-parallel pairs stay on the NVLink node, no GPU is held twice.
+/// exactly those, two-GPU replicas stay on the NVLink node, no GPU is held twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dra_replicas_hold_exactly_their_claimed_gpus_through_200_scale_events() {
     let nodes = vec![
@@ -209,7 +209,7 @@ async fn dra_replicas_hold_exactly_their_claimed_gpus_through_200_scale_events()
     env.apply(&deployment(
         "tp",
         1,
-        json!({"resources": {"tensorParallel": 2}, "placement": {"requireNvlink": true}}),
+        json!({"resources": {"gpusPerReplica": 2}, "placement": {"requireNvlink": true}}),
     ))
     .await
     .unwrap();

@@ -5,6 +5,7 @@
 //! operator can size a model without its weights; [`GgufFile::open`] memory-maps a whole
 //! file for the worker. Every malformed input is an [`Error`] naming what is wrong.
 
+pub mod split;
 mod summary;
 mod types;
 mod writer;

@@ -40,6 +40,18 @@ pub struct ModelSummary {
     pub weight_bytes: u64,
     /// Bytes of tensor data by ggml element type (`Q4_1`, `F32`, ...).
     pub tensor_bytes: BTreeMap<String, u64>,
+    /// Bytes of the token embedding (`token_embd.weight`): what the first device of a
+    /// split replica holds beyond its layers.
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub embedding_bytes: u64,
+    /// Bytes of the output head and final norm (the embedding again when the model ties
+    /// them): what the last device holds beyond its layers.
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub head_bytes: u64,
+    /// Bytes of the largest transformer block (blocks differ only when a quantisation
+    /// mixes types by layer).
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub largest_layer_bytes: u64,
     /// `tokenizer.ggml.model` (`gpt2`, `llama`), when the file carries a tokenizer.
     #[cfg_attr(
         feature = "serde",
@@ -77,6 +89,12 @@ impl Gguf {
             vocab,
             weight_bytes: self.weight_bytes(),
             tensor_bytes,
+            embedding_bytes: self.tensor("token_embd.weight").map_or(0, |t| t.n_bytes()),
+            head_bytes: crate::split::head_bytes(self),
+            largest_layer_bytes: (0..shape.n_layers as usize)
+                .map(|l| crate::split::layer_bytes(self, l))
+                .max()
+                .unwrap_or(0),
             tokenizer: self
                 .get("tokenizer.ggml.model")
                 .and_then(|v| v.as_str())
@@ -88,6 +106,17 @@ impl Gguf {
 }
 
 impl ModelSummary {
+    /// Where the weights are, for sizing each part of a split replica.
+    pub fn part_sizes(&self) -> crate::split::PartSizes {
+        crate::split::PartSizes {
+            layers: self.layers,
+            weight_bytes: self.weight_bytes,
+            embedding_bytes: self.embedding_bytes,
+            head_bytes: self.head_bytes,
+            largest_layer_bytes: self.largest_layer_bytes,
+        }
+    }
+
     /// The transformer shape the summary describes.
     pub fn shape(&self) -> crate::ModelShape {
         crate::ModelShape {
@@ -140,6 +169,15 @@ mod tests {
         assert!(s.tensor_bytes.contains_key("Q4_1"), "{:?}", s.tensor_bytes);
         assert_eq!(s.tokenizer.as_deref(), Some("gpt2"));
         assert!(s.chat_template);
+        // Tied embeddings: the last device of a split holds the embedding again as its
+        // head, with the f32 final norm.
+        assert_eq!(s.head_bytes, s.embedding_bytes + 576 * 4);
+        let exact = |r: std::ops::Range<usize>| crate::split::part_weight_bytes(f.header(), r, 30);
+        assert_eq!(exact(0..30), s.weight_bytes + s.embedding_bytes);
+        for parts in crate::split::layer_ranges(30, &[1.0; 4]) {
+            assert!(s.part_sizes().part_weight_bytes(parts.clone()) >= exact(parts.clone()));
+        }
+        assert_eq!(exact(0..15) + exact(15..30), exact(0..30));
     }
 
     /// Found by `scripts/fuzz.sh` (gguf_header): an array claiming u64::MAX elements

@@ -46,6 +46,7 @@ fn main() {
             max_seq_len: PROMPT + STEPS,
             kernel_cache: None,
             graphs: true,
+            layers: None,
         },
     )
     .unwrap();

@@ -80,37 +80,98 @@ pub fn plan(
     block_size: usize,
     min_tokens: usize,
 ) -> Result<Plan, BudgetError> {
-    let (limit, usable) = match free {
-        Some((device, f)) if f < budget => (format!("free memory on {device}"), f),
-        _ => ("--memory-budget".to_string(), budget),
+    let part = Part {
+        device: free.map_or("", |f| f.0),
+        layers: c.n_layers,
+        weights,
+        overhead,
+        budget,
+        free: free.map(|f| f.1),
     };
-    let Some(kv_budget) = usable.checked_sub(weights + overhead) else {
-        return Err(BudgetError::WeightsDoNotFit {
-            limit,
-            budget: usable,
-            weights,
-            overhead,
-        });
+    plan_parts(c, &[part], block_size, min_tokens).map(|mut p| p.remove(0))
+}
+
+/// One device's part of a replica split by layers, as the budget sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Part<'a> {
+    /// The device, for messages ("cuda:1 (H100)", "cpu").
+    pub device: &'a str,
+    /// Transformer blocks it holds (its KV cache holds these layers only).
+    pub layers: usize,
+    /// Bytes of weights it holds.
+    pub weights: u64,
+    /// Bytes of activations and scratch it holds.
+    pub overhead: u64,
+    /// Its `--memory-budget`.
+    pub budget: u64,
+    /// Its free memory, when it has its own (CUDA).
+    pub free: Option<u64>,
+}
+
+/// Plans every part of a split replica. Every part holds the same KV blocks (the
+/// scheduler's block ids name one slot on every device, for that device's layers), so
+/// the pool is as many blocks as the tightest part affords; each part is then told what
+/// it holds. A single part is the whole model on one device.
+pub fn plan_parts(
+    c: &ModelConfig,
+    parts: &[Part<'_>],
+    block_size: usize,
+    min_tokens: usize,
+) -> Result<Vec<Plan>, BudgetError> {
+    let single = parts.len() == 1;
+    let limit_of = |p: &Part<'_>| {
+        let (limit, usable) = match p.free {
+            Some(f) if f < p.budget => (format!("free memory on {}", p.device), f),
+            _ if single => ("--memory-budget".to_string(), p.budget),
+            _ => (format!("--memory-budget on {}", p.device), p.budget),
+        };
+        (limit, usable)
     };
-    let layout = KvLayout::for_budget(c, block_size, kv_budget);
+    let mut tightest: Option<(usize, KvLayout)> = None;
+    for (i, p) in parts.iter().enumerate() {
+        let (limit, usable) = limit_of(p);
+        let Some(kv_budget) = usable.checked_sub(p.weights + p.overhead) else {
+            return Err(BudgetError::WeightsDoNotFit {
+                limit,
+                budget: usable,
+                weights: p.weights,
+                overhead: p.overhead,
+            });
+        };
+        let per_block = (KvLayout::bytes_per_token_in(c, p.layers) * block_size) as u64;
+        let n_blocks = (kv_budget / per_block.max(1)) as usize;
+        if tightest.is_none_or(|(_, t)| n_blocks < t.n_blocks) {
+            tightest = Some((
+                i,
+                KvLayout {
+                    block_size,
+                    n_blocks,
+                },
+            ));
+        }
+    }
+    let (at, layout) = tightest.expect("a replica has at least one part");
     let tokens = layout.n_blocks * block_size;
     if tokens < min_tokens {
+        let p = &parts[at];
         return Err(BudgetError::KvTooSmall {
-            limit,
+            limit: limit_of(p).0,
             tokens,
             needed: min_tokens,
-            per_token: KvLayout::bytes_per_token(c),
-            weights,
-            overhead,
+            per_token: KvLayout::bytes_per_token_in(c, p.layers),
+            weights: p.weights,
+            overhead: p.overhead,
         });
     }
-    let kv = (KvLayout::bytes_per_token(c) * tokens) as u64;
-    Ok(Plan {
-        layout,
-        weights,
-        kv,
-        overhead,
-    })
+    Ok(parts
+        .iter()
+        .map(|p| Plan {
+            layout,
+            weights: p.weights,
+            kv: (KvLayout::bytes_per_token_in(c, p.layers) * tokens) as u64,
+            overhead: p.overhead,
+        })
+        .collect())
 }
 
 #[cfg(test)]
@@ -223,5 +284,38 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(e.to_string().contains("lower --max-seq-len"));
+    }
+
+    #[test]
+    fn a_split_replica_gets_the_blocks_its_tightest_device_affords() {
+        let c = smollm();
+        let part = |device, layers, weights, budget| Part {
+            device,
+            layers,
+            weights,
+            overhead: 10 * MIB,
+            budget,
+            free: None,
+        };
+        // 15 layers each: half the KV bytes per token of the whole model.
+        let parts = [
+            part("cpu#0", 15, 40 * MIB, 200 * MIB),
+            part("cpu#1", 15, 60 * MIB, 200 * MIB),
+        ];
+        let plans = plan_parts(&c, &parts, 16, 256).unwrap();
+        let per_block = 23_040 / 2 * 16;
+        assert_eq!(plans[0].layout, plans[1].layout);
+        assert_eq!(plans[0].layout.n_blocks as u64, (130 * MIB) / per_block);
+        for (p, part) in plans.iter().zip(&parts) {
+            assert!(p.total() <= part.budget, "{p:?}");
+            assert_eq!(p.kv, plans[0].layout.n_blocks as u64 * per_block);
+        }
+        // Too little on the second device: the message names it.
+        let short = [parts[0], part("cpu#1", 15, 60 * MIB, 71 * MIB)];
+        let e = plan_parts(&c, &short, 16, 256).unwrap_err().to_string();
+        assert!(
+            e.starts_with("--memory-budget on cpu#1 leaves room for 80 KV tokens"),
+            "{e}"
+        );
     }
 }

@@ -106,6 +106,22 @@ pub fn select(req: DeviceRequest, p: Probe) -> Result<(Device, String), String> 
     }
 }
 
+/// The devices of `--device a,b,...`, in order (a layer split when more than one), each
+/// with why. `auto` stands alone: which devices a split uses is the user's choice. A
+/// device may appear twice (two parts on one GPU, as the split's GPU test runs).
+pub fn select_all(reqs: &[DeviceRequest], p: Probe) -> Result<Vec<(Device, String)>, String> {
+    if reqs.len() > 1 && reqs.contains(&DeviceRequest::Auto) {
+        return Err(
+            "--device: auto cannot be part of a list; name each device of a split (cuda:0,cuda:1)"
+                .into(),
+        );
+    }
+    if reqs.is_empty() {
+        return Err("--device: no device given".into());
+    }
+    reqs.iter().map(|r| select(*r, p)).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -174,5 +190,19 @@ mod tests {
         let (d, why) = select(DeviceRequest::Auto, p).unwrap();
         eprintln!("this node: {p:?} -> {d} ({why})");
         assert_eq!(d == Device::Cpu, !(p.driver && p.gpus > 0 && p.nvrtc));
+    }
+
+    #[test]
+    fn a_list_is_a_split_in_order_and_auto_stands_alone() {
+        use DeviceRequest::{Auto, Cpu, Cuda};
+        let got = select_all(&[Cuda(1), Cuda(0), Cpu], GPU).unwrap();
+        let devices: Vec<Device> = got.into_iter().map(|d| d.0).collect();
+        assert_eq!(devices, [Device::Cuda(1), Device::Cuda(0), Device::Cpu]);
+        assert_eq!(select_all(&[Cpu, Cpu], NONE).unwrap().len(), 2);
+        let e = select_all(&[Auto, Cpu], GPU).unwrap_err();
+        assert!(e.contains("auto cannot be part of a list"), "{e}");
+        let e = select_all(&[Cuda(0), Cuda(2)], GPU).unwrap_err();
+        assert!(e.contains("--device cuda:2: this node has 2 GPU(s)"), "{e}");
+        assert!(select_all(&[Cuda(0)], NONE).is_err());
     }
 }

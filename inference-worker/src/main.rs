@@ -9,6 +9,7 @@ use anyhow::Context;
 use clap::Parser;
 use inference_worker::backend::cpu::CpuBackend;
 use inference_worker::backend::cuda::{self, CudaBackend, CudaOptions};
+use inference_worker::backend::split::{Part, Split};
 use inference_worker::backend::{Backend, Logits, SeqChunk};
 use inference_worker::budget;
 use inference_worker::device::{self, Device, DeviceRequest, Probe};
@@ -56,19 +57,27 @@ struct Cli {
     #[arg(long, value_parser = within::<1, 1024>)]
     threads: Option<usize>,
     /// Device to run on: auto (CUDA when a driver, a GPU and NVRTC are present, else
-    /// CPU), cpu, or cuda:N.
-    #[arg(long, default_value = "auto", env = "GPUSCALE_DEVICE")]
-    device: DeviceRequest,
+    /// CPU), cpu, or cuda:N. A comma-separated list (cuda:0,cuda:1 or cuda:0,cpu) splits
+    /// the model by layers over those devices, in order, each device's share of the
+    /// layers in proportion to its --memory-budget (llama.cpp's --split-mode layer).
+    #[arg(
+        long,
+        default_value = "auto",
+        env = "GPUSCALE_DEVICE",
+        value_delimiter = ','
+    )]
+    device: Vec<DeviceRequest>,
     /// Where compiled CUDA kernels are cached (default ~/.cache/gpuscale/kernels).
     #[arg(long, env = "GPUSCALE_KERNEL_CACHE")]
     kernel_cache: Option<PathBuf>,
     /// Replay decode steps as CUDA graphs (off: launch every kernel, for debugging).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     cuda_graphs: bool,
-    /// Memory (or VRAM) budget for weights plus KV cache, e.g. 1GiB, 512MiB or bytes.
-    /// What remains after the weights becomes KV-cache blocks.
-    #[arg(long, default_value = "1GiB", value_parser = parse_bytes, env = "GPUSCALE_MEMORY_BUDGET")]
-    memory_budget: u64,
+    /// Memory (or VRAM) budget for weights plus KV cache, e.g. 1GiB, 512MiB or bytes,
+    /// per device: one size for every device of --device, or one per device
+    /// (20GiB,60GiB). What remains after the weights becomes KV-cache blocks.
+    #[arg(long, default_value = "1GiB", value_parser = parse_bytes, env = "GPUSCALE_MEMORY_BUDGET", value_delimiter = ',')]
+    memory_budget: Vec<u64>,
     /// Requests that may wait for a batch slot; beyond it the API answers 429.
     /// 0 takes only what free batch slots can take at once.
     #[arg(long, default_value_t = 64, value_parser = within::<0, 1_000_000>)]
@@ -210,8 +219,12 @@ async fn serve_model(cli: &Cli) -> anyhow::Result<()> {
         tracing_subscriber::fmt().with_env_filter(filter).init();
     }
     let probe = Probe::detect();
-    let (device, why) = device::select(cli.device, probe).map_err(anyhow::Error::msg)?;
-    tracing::info!(%device, reason = %why, ?probe, "device selected");
+    let devices = device::select_all(&cli.device, probe).map_err(anyhow::Error::msg)?;
+    let budgets = budgets(&cli.memory_budget, devices.len()).map_err(anyhow::Error::msg)?;
+    for (device, why) in &devices {
+        tracing::info!(%device, reason = %why, ?probe, "device selected");
+    }
+    let devices: Vec<(Device, u64)> = devices.into_iter().map(|d| d.0).zip(budgets).collect();
     let threads = cli
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
@@ -283,7 +296,7 @@ async fn serve_model(cli: &Cli) -> anyhow::Result<()> {
     let loaded = tokio::task::spawn_blocking({
         let cli = cli.clone();
         let metrics = Arc::clone(&metrics);
-        move || load(&cli, device, metrics)
+        move || load(&cli, &devices, metrics)
     })
     .await??;
     metrics.load_seconds.set(started.elapsed().as_secs_f64());
@@ -386,10 +399,145 @@ async fn wait_for_signal() {
     }
 }
 
+/// One `--memory-budget` for every device, or one per device.
+fn budgets(given: &[u64], devices: usize) -> Result<Vec<u64>, String> {
+    match given.len() {
+        1 => Ok(vec![given[0]; devices]),
+        n if n == devices => Ok(given.to_vec()),
+        n => Err(format!(
+            "--memory-budget: {n} sizes for {devices} device(s) in --device; give one size for every device or one per device"
+        )),
+    }
+}
+
+/// The backend on `devices`: the whole model on one, or a layer split over several,
+/// each part within its device's budget and all with the KV blocks the tightest affords.
+fn backend(
+    cli: &Cli,
+    file: &Arc<gguf::GgufFile>,
+    config: &ModelConfig,
+    devices: &[(Device, u64)],
+    max_seq_len: usize,
+    metrics: &Arc<Metrics>,
+) -> anyhow::Result<Box<dyn Backend>> {
+    let n = config.n_layers;
+    let shares: Vec<f64> = devices.iter().map(|d| d.1 as f64).collect();
+    let ranges = gguf::split::layer_ranges(n, &shares);
+    if let Some(at) = ranges.iter().position(|r| r.is_empty()) {
+        anyhow::bail!(
+            "--device: {} gets no layer of the model's {n} ({} devices; layers go in proportion to --memory-budget); list fewer devices or give it a larger budget",
+            devices[at].0,
+            devices.len()
+        );
+    }
+    let whole = devices.len() == 1;
+    let header = file.header();
+    // What each device is, holds, may use and has free.
+    let mut names = Vec::new();
+    let mut needs = Vec::new();
+    for ((device, budget), range) in devices.iter().zip(&ranges) {
+        let (name, overhead, free) = match *device {
+            Device::Cpu => (format!("{device}"), 0, None),
+            Device::Cuda(ordinal) => {
+                let info = cuda::device_info(ordinal)?;
+                let scratch =
+                    cuda::scratch_bytes(config, cli.max_batch_tokens, max_seq_len, cli.block_size);
+                (
+                    format!("cuda:{ordinal} ({})", info.name),
+                    scratch,
+                    Some(info.free),
+                )
+            }
+        };
+        let weights = match (device, whole) {
+            // One map: a tied head reads the embedding's pages.
+            (Device::Cpu, true) => header.weight_bytes(),
+            _ => gguf::split::part_weight_bytes(header, range.clone(), n),
+        };
+        names.push(name);
+        needs.push((range.len(), weights, overhead, *budget, free));
+    }
+    let parts: Vec<budget::Part<'_>> = names
+        .iter()
+        .zip(&needs)
+        .map(
+            |(name, &(layers, weights, overhead, budget, free))| budget::Part {
+                device: name,
+                layers,
+                weights,
+                overhead,
+                budget,
+                free,
+            },
+        )
+        .collect();
+    // A GPU's KV pool must hold at least one whole sequence; the CPU's a useful prefix.
+    let any_gpu = devices.iter().any(|d| matches!(d.0, Device::Cuda(_)));
+    let min_tokens = if any_gpu {
+        max_seq_len
+    } else {
+        max_seq_len.min(256)
+    };
+    let plans = budget::plan_parts(config, &parts, cli.block_size, min_tokens)?;
+    let layout = plans[0].layout;
+    let mut loaded: Vec<Box<dyn Part>> = Vec::new();
+    let mut sampled = std::collections::HashSet::new();
+    for (((device, _), range), plan) in devices.iter().zip(&ranges).zip(&plans) {
+        let part: Box<dyn Part> = match *device {
+            Device::Cpu => Box::new(CpuBackend::load_part(
+                Arc::clone(file),
+                layout,
+                range.clone(),
+            )?),
+            Device::Cuda(ordinal) => {
+                let cache = cli.kernel_cache.clone().or_else(|| {
+                    std::env::var_os("HOME")
+                        .map(|h| PathBuf::from(h).join(".cache/gpuscale/kernels"))
+                });
+                let opts = CudaOptions {
+                    ordinal,
+                    max_tokens: cli.max_batch_tokens,
+                    max_seq_len,
+                    kernel_cache: cache,
+                    graphs: cli.cuda_graphs,
+                    layers: Some(range.clone()),
+                };
+                let b = CudaBackend::load(Arc::clone(file), layout, opts)?;
+                tracing::info!(
+                    device = %Part::device(&b),
+                    planned_bytes = plan.total(),
+                    reserved_bytes = b.reserved_bytes(),
+                    "VRAM reserved"
+                );
+                // One sampler per GPU, however many parts it holds.
+                if sampled.insert(ordinal)
+                    && !inference_worker::telemetry::spawn(
+                        Arc::clone(metrics),
+                        ordinal as u32,
+                        Duration::from_secs(5),
+                    )
+                {
+                    tracing::info!("no NVML: GPU metrics are not exported");
+                }
+                Box::new(b)
+            }
+        };
+        tracing::info!(
+            device = %part.device(),
+            layers = ?range,
+            planned_bytes = plan.total(),
+            "model part loaded"
+        );
+        loaded.push(part);
+    }
+    // One part is the whole model; the split then hands nothing on.
+    Ok(Box::new(Split::new(loaded)?))
+}
+
 /// Opens the file, builds tokenizer and backend within the budget, runs a warm-up pass
 /// and starts the engine.
-fn load(cli: &Cli, device: Device, metrics: Arc<Metrics>) -> anyhow::Result<Loaded> {
-    let (path, block_size, budget) = (cli.model.as_path(), cli.block_size, cli.memory_budget);
+fn load(cli: &Cli, devices: &[(Device, u64)], metrics: Arc<Metrics>) -> anyhow::Result<Loaded> {
+    let (path, block_size) = (cli.model.as_path(), cli.block_size);
     let file = Arc::new(
         gguf::GgufFile::open(path).with_context(|| format!("loading {}", path.display()))?,
     );
@@ -411,61 +559,7 @@ fn load(cli: &Cli, device: Device, metrics: Arc<Metrics>) -> anyhow::Result<Load
         &tok_text(tokenizer.eos.first().copied()),
     )?;
     let max_seq_len = cli.max_seq_len.unwrap_or(config.context_length.min(4096));
-    let weights = header.weight_bytes();
-    let mut backend: Box<dyn Backend> = match device {
-        Device::Cpu => {
-            let plan = budget::plan(
-                &config,
-                weights,
-                0,
-                budget,
-                None,
-                block_size,
-                max_seq_len.min(256),
-            )?;
-            Box::new(CpuBackend::load(Arc::clone(&file), plan.layout)?)
-        }
-        Device::Cuda(ordinal) => {
-            let info = cuda::device_info(ordinal)?;
-            let scratch =
-                cuda::scratch_bytes(&config, cli.max_batch_tokens, max_seq_len, block_size);
-            let name = format!("cuda:{ordinal} ({})", info.name);
-            // The KV pool must hold at least one whole sequence on a GPU.
-            let plan = budget::plan(
-                &config,
-                weights,
-                scratch,
-                budget,
-                Some((&name, info.free)),
-                block_size,
-                max_seq_len,
-            )?;
-            let cache = cli.kernel_cache.clone().or_else(|| {
-                std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/gpuscale/kernels"))
-            });
-            let opts = CudaOptions {
-                ordinal,
-                max_tokens: cli.max_batch_tokens,
-                max_seq_len,
-                kernel_cache: cache,
-                graphs: cli.cuda_graphs,
-            };
-            let b = CudaBackend::load(Arc::clone(&file), plan.layout, opts)?;
-            tracing::info!(
-                planned_bytes = plan.total(),
-                reserved_bytes = b.reserved_bytes(),
-                "VRAM reserved"
-            );
-            if !inference_worker::telemetry::spawn(
-                Arc::clone(&metrics),
-                ordinal as u32,
-                Duration::from_secs(5),
-            ) {
-                tracing::info!("no NVML: GPU metrics are not exported");
-            }
-            Box::new(b)
-        }
-    };
+    let mut backend = backend(cli, &file, &config, devices, max_seq_len, &metrics)?;
     let layout = backend.kv_layout();
     // Warm-up: one real pass touches every weight page and primes the thread pool. It
     // fits in the first KV block, whatever the block size.

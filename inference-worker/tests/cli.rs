@@ -131,6 +131,38 @@ fn meaningless_settings_are_refused_naming_the_flag_and_range() {
     assert!(!ok && out.contains("is a directory"), "{out}");
 }
 
+/// A layer split's settings that cannot work are refused before loading.
+#[test]
+fn a_split_that_cannot_work_is_refused_naming_the_flag() {
+    let m = common::model(WeightType::Q8_0, "llama", 9);
+    let path = common::write_tmp("cli-split.gguf", &m.bytes);
+    let model = path.to_str().unwrap();
+    for (args, want) in [
+        (
+            vec!["--device", "auto,cpu"],
+            "auto cannot be part of a list",
+        ),
+        (
+            vec!["--device", "cpu,cpu", "--memory-budget", "1GiB,1GiB,1GiB"],
+            "--memory-budget: 3 sizes for 2 device(s)",
+        ),
+        // The synthetic model has 2 layers.
+        (
+            vec!["--device", "cpu,cpu,cpu"],
+            "--device: cpu gets no layer of the model's 2",
+        ),
+        (
+            vec!["--device", "cpu,cpu", "--memory-budget", "2KiB"],
+            "--memory-budget on cpu (2048 bytes) is less than the weights",
+        ),
+    ] {
+        let mut all = vec!["--model", model];
+        all.extend(args.iter().copied());
+        let (ok, out) = worker(&all);
+        assert!(!ok && out.contains(want), "{args:?}: {out}");
+    }
+}
+
 /// A block smaller than the warm-up pass (3 tokens) loads and reports ready.
 #[test]
 fn a_small_kv_block_still_loads() {

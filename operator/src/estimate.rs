@@ -1,10 +1,12 @@
 //! How much GPU memory one replica needs, computed from the model itself.
 //!
-//! need per GPU = (weights + KV cache + workspace) / tensorParallel + runtime overhead,
-//! then the spec's headroom on top. Trusting a user-declared number is how schedulers
+//! need per GPU = the weights, KV cache and workspace of the fullest GPU's part of the
+//! layer split (gguf::split, the rule the worker loads by) + runtime overhead, then the
+//! spec's headroom on top. Trusting a user-declared number is how schedulers
 //! OOM (HAMi #1069, KAI #2212), so the shapes come from the GGUF header when it can be
 //! read, and declared values are only the fallback.
 
+use gguf::split::{layer_ranges, PartSizes};
 use gguf::{Gguf, ModelShape, ModelSummary};
 
 /// Bytes per GiB.
@@ -24,8 +26,8 @@ pub struct ModelProfile {
     pub shape: ModelShape,
     /// Vocabulary size (the logits buffer).
     pub vocab: u64,
-    /// Bytes of all weights as stored.
-    pub weight_bytes: u64,
+    /// Bytes of all weights as stored, and where they are (embedding, head, blocks).
+    pub sizes: PartSizes,
 }
 
 /// What a replica is configured to admit.
@@ -35,8 +37,8 @@ pub struct ReplicaConfig {
     pub max_sequence_length: u64,
     /// Concurrent sequences.
     pub max_batch_size: u64,
-    /// GPUs the replica is split across.
-    pub tensor_parallel: u64,
+    /// GPUs the replica's layers are split across.
+    pub gpus: u64,
     /// Headroom in percent of the computed need.
     pub headroom_percent: u64,
 }
@@ -85,7 +87,7 @@ impl ModelProfile {
         ModelProfile {
             shape: s.shape(),
             vocab: s.vocab,
-            weight_bytes: s.weight_bytes,
+            sizes: s.part_sizes(),
         }
     }
 
@@ -99,28 +101,35 @@ impl ModelProfile {
             * KV_BYTES_PER_ELEMENT
     }
 
+    /// The f32 logits of every batch slot (held by the GPU with the output head).
+    fn logits_bytes(&self, cfg: &ReplicaConfig) -> u64 {
+        cfg.max_batch_size.max(1) * self.vocab * 4
+    }
+
     /// Activation and scratch bytes (whole model): f32 logits for every batch slot,
     /// hidden/MLP activations and attention scores for one prefill chunk.
     pub fn workspace_bytes(&self, cfg: &ReplicaConfig) -> u64 {
         let s = &self.shape;
         let chunk = PREFILL_CHUNK.min(cfg.max_sequence_length);
-        let logits = cfg.max_batch_size.max(1) * self.vocab * 4;
+        let logits = self.logits_bytes(cfg);
         let hidden = chunk * (4 * s.embedding + 2 * s.feed_forward) * 4;
         let scores = s.n_heads * chunk * cfg.max_sequence_length * 4;
         logits + hidden + scores
     }
 
-    /// The per-GPU estimate for a replica configuration. A replica on N GPUs is
-    /// taken as a layer split (contiguous blocks of layers per GPU, llama.cpp's default
-    /// split mode): the GPU with the most layers, `ceil(layers / N)`, holds that share
-    /// of the weights and of the KV cache. Unlike a split by attention heads, it needs
-    /// no head count divisible by N (SmolLM2 has 3 KV heads).
+    /// The per-GPU estimate for a replica configuration. A replica on N GPUs is a
+    /// layer split (contiguous blocks of layers per GPU, llama.cpp's default split
+    /// mode, by the rule the worker loads with): each GPU holds its blocks' weights and
+    /// KV cache, the first the embedding, the last the output head; every GPU holds a
+    /// prompt chunk's activations and the last also the logits. The estimate is the
+    /// fullest GPU's. Unlike a split by attention heads, it needs no head count
+    /// divisible by N (SmolLM2 has 3 KV heads).
     pub fn estimate(&self, cfg: &ReplicaConfig) -> Result<VramEstimate, EstimateError> {
-        let tp = cfg.tensor_parallel;
+        let gpus = cfg.gpus;
         let layers = self.shape.n_layers.max(1);
-        if tp == 0 || tp > layers {
+        if gpus == 0 || gpus > layers {
             return Err(EstimateError::Config(format!(
-                "tensorParallel {tp} cannot split {layers} layers over {tp} GPUs"
+                "gpusPerReplica {gpus} cannot split {layers} layers over {gpus} GPUs"
             )));
         }
         if cfg.max_sequence_length > self.shape.context_length {
@@ -129,14 +138,24 @@ impl ModelProfile {
                 cfg.max_sequence_length, self.shape.context_length
             )));
         }
-        let most = layers.div_ceil(tp);
-        let share =
-            |bytes: u64| (u128::from(bytes) * u128::from(most)).div_ceil(u128::from(layers)) as u64;
+        // The operator gives every GPU of a replica the same budget, so the worker's
+        // shares are equal.
+        let ranges = layer_ranges(layers as usize, &vec![1.0; gpus as usize]);
         let kv = self.kv_bytes_per_sequence(cfg.max_sequence_length) * cfg.max_batch_size;
-        let weights = share(self.weight_bytes);
-        let kv_cache = share(kv);
-        let workspace = self.workspace_bytes(cfg).div_ceil(tp);
+        let logits = self.logits_bytes(cfg);
         let overhead = RUNTIME_OVERHEAD_BYTES;
+        let (weights, kv_cache, workspace) = ranges
+            .iter()
+            .map(|r| {
+                let last = r.end as u64 == layers;
+                (
+                    self.sizes.part_weight_bytes(r.clone()),
+                    (u128::from(kv) * r.len() as u128).div_ceil(u128::from(layers)) as u64,
+                    self.workspace_bytes(cfg) - if last { 0 } else { logits },
+                )
+            })
+            .max_by_key(|(w, k, a)| w + k + a)
+            .expect("at least one GPU");
         let base = weights + kv_cache + workspace + overhead;
         Ok(VramEstimate {
             weights,
@@ -170,8 +189,13 @@ mod tests {
                 feed_forward: ff,
             },
             vocab: 128_256,
-            // f16 weights: 2 bytes per parameter.
-            weight_bytes: params * 2,
+            // f16 weights: 2 bytes per parameter; where they are is not known (as in
+            // a status.model stored before the per-part figures existed).
+            sizes: PartSizes {
+                layers: n_layers,
+                weight_bytes: params * 2,
+                ..PartSizes::default()
+            },
         }
     }
 
@@ -179,7 +203,7 @@ mod tests {
         ReplicaConfig {
             max_sequence_length: seq,
             max_batch_size: batch,
-            tensor_parallel: tp,
+            gpus: tp,
             headroom_percent: headroom,
         }
     }
@@ -205,23 +229,35 @@ mod tests {
     }
 
     #[test]
-    fn llama3_70b_tensor_parallel_4_splits_everything_but_overhead() {
+    fn llama3_70b_on_4_gpus_is_sized_by_its_fullest_part_the_last() {
         // Published shape: 80 layers, 64 heads, 8 KV heads x 128 dims, 70.55B params.
-        let m = llama3(80, 8192, 64, 28672, 70_553_706_496);
+        let mut m = llama3(80, 8192, 64, 28672, 70_553_706_496);
+        // In f16: a block is q, o 8192² + k, v 8192x1024 + the MLP 3 x 8192 x 28672 +
+        // two norms (855,654,400 parameters); embedding and head 128256 x 8192 each.
+        let (layer, embd, norm) = (855_654_400 * 2, 128_256 * 8192 * 2, 8192 * 4);
+        m.sizes = PartSizes {
+            layers: 80,
+            weight_bytes: 80 * layer + 2 * embd + norm,
+            embedding_bytes: embd,
+            head_bytes: embd + norm,
+            largest_layer_bytes: layer,
+        };
         // 2 x 80 x 8 x 128 x 2 = 327680 bytes (320 KiB) per token.
         assert_eq!(m.kv_bytes_per_sequence(1), 327_680);
         let e = m.estimate(&cfg(8192, 32, 4, 10)).unwrap();
+        // 20 layers per GPU. The last GPU holds the head (and the logits), which weighs
+        // a little more than the first GPU's embedding.
+        assert_eq!(e.weights, 20 * layer + embd + norm);
         // KV: 320 KiB x 8192 x 32 = 80 GiB in all, 20 GiB per GPU.
         assert_eq!(e.kv_cache, 20 * GIB);
-        assert_eq!(e.weights, 70_553_706_496 * 2 / 4);
         assert_eq!(e.overhead, 512 << 20);
         // workspace: logits 32 x 128256 x 4 + hidden 512 x (4x8192 + 2x28672) x 4
-        // + scores 64 x 512 x 8192 x 4 = 1,274,707,968, a quarter per GPU.
-        assert_eq!(e.workspace, 318_676_992);
-        // 35,276,853,248 + 21,474,836,480 + 318,676,992 + 536,870,912 = 57,607,237,632
-        // plus 10% headroom: 63,367,961,395 bytes, 59.0 GiB per GPU: fits 80 GB GPUs.
-        assert_eq!(e.headroom, 5_760_723_763);
-        assert_eq!(e.per_gpu(), 63_367_961_395);
+        // + scores 64 x 512 x 8192 x 4 = 1,274,707,968: every GPU runs a whole prompt
+        // chunk through its layers, so none of it divides by the GPU count.
+        assert_eq!(e.workspace, 1_274_707_968);
+        // 36,327,555,072 + 21,474,836,480 + 1,274,707,968 + 536,870,912 = 59,613,970,432
+        // plus 10% headroom: 65,575,367,475 bytes, 61.1 GiB per GPU: fits 80 GB GPUs.
+        assert_eq!(e.per_gpu(), 65_575_367_475);
         // On two GPUs the weights alone take 65.7 GiB each: it does not fit 80 GB.
         assert!(m.estimate(&cfg(8192, 32, 2, 10)).unwrap().per_gpu() > 80 * GIB);
     }
@@ -266,12 +302,17 @@ mod tests {
         let e = m.estimate(&cfg(2048, 8, 1, 10)).unwrap();
         // 23040 x 2048 x 8 = 377,487,360 bytes (360 MiB).
         assert_eq!(e.kv_cache, 377_487_360);
-        // Weights as stored: Q4_1 blocks plus f32 norms, about 98 MB like the file.
-        assert!(
-            (90_000_000..98_362_432).contains(&e.weights),
-            "{}",
-            e.weights
-        );
+        // Weights as a GPU holds them, the worker's own count (gguf::split): Q4_1
+        // blocks plus f32 norms, and the tied embedding twice (embedding and head).
+        let exact = |r| gguf::split::part_weight_bytes(f.header(), r, 30);
+        assert_eq!(e.weights, exact(0..30));
+        let embd = f.header().tensor("token_embd.weight").unwrap().n_bytes();
+        assert_eq!(e.weights, f.header().weight_bytes() + embd);
+        // On two GPUs each holds 15 blocks; the last one the head: the estimate is what
+        // the worker loads there, to the byte.
+        let two = m.estimate(&cfg(2048, 8, 2, 10)).unwrap();
+        assert_eq!(two.weights, exact(15..30));
+        assert_eq!(two.kv_cache, 377_487_360 / 2);
         // logits 8 x 49152 x 4 + hidden 512 x (4x576 + 2x1536) x 4 + scores 9 x 512 x 2048 x 4
         assert_eq!(e.workspace, 1_572_864 + 11_010_048 + 37_748_736);
         let total = e.per_gpu() as f64 / GIB as f64;

@@ -457,7 +457,7 @@ fn main() -> anyhow::Result<ExitCode> {
                     prefill_tokens_per_second,
                     decode_tokens_per_second,
                     load_seconds,
-                    gpus: d.spec.resources.tensor_parallel.max(1),
+                    gpus: d.spec.resources.gpus_per_replica.max(1),
                 },
                 slo: replay::Slo {
                     ttft_seconds: ttft_slo_seconds,

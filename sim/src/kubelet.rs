@@ -603,7 +603,11 @@ fn command_line(pod: &Pod, ip: &str, config: &KubeletConfig) -> Vec<String> {
         .filter(|a| !a.starts_with("--threads"))
         .map(|a| match a.split_once('=') {
             Some(("--host", _)) => format!("--host={ip}"),
-            Some(("--device", _)) => "--device=cpu".into(),
+            // Each GPU becomes a CPU part, so a multi-GPU replica runs the same layer
+            // split on the simulated node as on the real one.
+            Some(("--device", v)) => {
+                format!("--device={}", vec!["cpu"; v.split(',').count()].join(","))
+            }
             Some((k, v)) if v.starts_with('/') => format!("{k}={}", local(v)),
             _ if a.starts_with('/') => local(&a),
             _ => a,

@@ -5,6 +5,7 @@
 
 pub mod cpu;
 pub mod cuda;
+pub mod split;
 
 use crate::model::{LoadError, ModelConfig};
 
@@ -51,6 +52,9 @@ pub enum BackendError {
     /// A device error (CUDA).
     #[error("device error: {0}")]
     Device(String),
+    /// Parts of a split model that do not fit together (a bug, not bad input).
+    #[error("layer split: {0}")]
+    Handoff(String),
 }
 
 /// Size of the paged KV cache.
@@ -65,7 +69,12 @@ pub struct KvLayout {
 impl KvLayout {
     /// Bytes one token's K and V take across all layers (f16 storage).
     pub fn bytes_per_token(c: &ModelConfig) -> usize {
-        c.n_layers * 2 * c.kv_dim() * 2
+        Self::bytes_per_token_in(c, c.n_layers)
+    }
+
+    /// Bytes one token's K and V take in `layers` layers (one part of a split model).
+    pub fn bytes_per_token_in(c: &ModelConfig, layers: usize) -> usize {
+        layers * 2 * c.kv_dim() * 2
     }
 
     /// As many blocks as fit in `budget_bytes`.

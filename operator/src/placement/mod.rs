@@ -127,7 +127,7 @@ pub enum RefusalReason {
     UnhealthyGpus,
     /// No GPU has enough free VRAM.
     InsufficientVram,
-    /// No node has enough fitting GPUs for the tensor-parallel set.
+    /// No node has enough fitting GPUs for the multi-GPU set.
     InsufficientGpusOnNode,
     /// Enough GPUs exist on a node but not in one NVLink island, and NVLink is required.
     NvlinkUnavailable,

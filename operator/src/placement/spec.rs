@@ -14,7 +14,7 @@ pub fn replica_config(spec: &InferenceDeploymentSpec) -> ReplicaConfig {
     ReplicaConfig {
         max_sequence_length: r.max_sequence_length.into(),
         max_batch_size: r.max_batch_size.into(),
-        tensor_parallel: r.tensor_parallel.into(),
+        gpus: r.gpus_per_replica.into(),
         headroom_percent: r.vram_headroom_percent.into(),
     }
 }
@@ -33,7 +33,7 @@ pub fn request(
             index,
         },
         need_per_gpu,
-        gpus: r.tensor_parallel,
+        gpus: r.gpus_per_replica,
         sharing: match r.sharing {
             SharingMode::Exclusive => Sharing::Exclusive,
             SharingMode::Shared => Sharing::Shared,
@@ -74,8 +74,8 @@ mod tests {
     }
 
     #[test]
-    fn the_tensor_parallel_example_becomes_an_nvlink_set_request() {
-        let d = example("llama-70b-tp4.yaml");
+    fn the_four_gpu_example_becomes_an_nvlink_set_request() {
+        let d = example("llama-70b-4gpu.yaml");
         let r = request("default/llama-70b", 2, &d.spec, 40 * GIB);
         assert_eq!(r.gpus, 4);
         assert_eq!(r.sharing, Sharing::Exclusive);
@@ -89,7 +89,7 @@ mod tests {
             (
                 c.max_sequence_length,
                 c.max_batch_size,
-                c.tensor_parallel,
+                c.gpus,
                 c.headroom_percent
             ),
             (8192, 32, 4, 10)

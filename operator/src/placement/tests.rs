@@ -148,7 +148,7 @@ fn refusals_for_selector_health_and_topology_say_why() {
 }
 
 #[test]
-fn tensor_parallel_pairs_use_one_nvlink_bridge() {
+fn gpu_pairs_use_one_nvlink_bridge() {
     let mut e = Engine::new(&inv(vec![paired_node("n1", 8, "A100", 80)]));
     // Take GPU 0 so the first pair is broken.
     e.place(&req("ns/small", 0, 10.0, 1, Sharing::Exclusive))
@@ -466,7 +466,7 @@ proptest! {
 }
 
 #[test]
-fn tensor_parallel_sets_take_the_smallest_gpus_that_fit() {
+fn multi_gpu_sets_take_the_smallest_gpus_that_fit() {
     let l4 = NodeGpus {
         name: "b-l4".into(),
         zone: None,

@@ -1,4 +1,4 @@
-//! GPU topology within a node: NVLink islands and the choice of a tensor-parallel set.
+//! GPU topology within a node: NVLink islands and the choice of a multi-GPU set.
 //!
 //! An island is a connected component of the NVLink graph. On NVSwitch systems (DGX/HGX)
 //! that is all GPUs, all-to-all; on PCIe cards with bridges it is the bridged pair. A

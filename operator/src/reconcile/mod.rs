@@ -859,6 +859,13 @@ async fn controller(
 }
 
 async fn apply(d: &InferenceDeployment, ctx: &Context) -> Result<Action, Error> {
+    if let Some(n) = d.spec.resources.tensor_parallel {
+        // Stored before the rename; the API server refuses it on any new write.
+        let message = format!(
+            "resources.tensorParallel was renamed resources.gpusPerReplica: a replica's GPUs split the model by layers, not tensors; set gpusPerReplica: {n} and remove tensorParallel"
+        );
+        return invalid(d, ctx, &message).await;
+    }
     let slot = ctx.slot(d);
     // Held for the whole pass, mutated in place: an error anywhere leaves it as it is.
     let mut state = slot.lock().await;

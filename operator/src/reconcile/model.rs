@@ -402,7 +402,7 @@ pub fn declared_need(d: &InferenceDeployment) -> Option<u64> {
     // Without the shapes, KV bytes per token is bounded from the parameter count:
     // 2·sqrt(params) is above Llama-3 8B (128 KiB), 70B (320 KiB) and SmolLM2 (23 KiB).
     let kv_per_token = 2 * (params as f64).sqrt() as u64;
-    let tp = cfg.tensor_parallel.max(1);
+    let tp = cfg.gpus.max(1);
     let kv = kv_per_token * cfg.max_sequence_length * cfg.max_batch_size;
     let base = (params * bits / 8 + kv).div_ceil(tp) + RUNTIME_OVERHEAD_BYTES;
     let need = base + base * cfg.headroom_percent / 100;

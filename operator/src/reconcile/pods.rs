@@ -180,9 +180,21 @@ pub fn template_hash(d: &InferenceDeployment) -> String {
 }
 
 /// The worker command line for a placement.
-fn worker_args(d: &InferenceDeployment, model: &ModelMount, p: &PodPlacement) -> Vec<String> {
+pub(super) fn worker_args(
+    d: &InferenceDeployment,
+    model: &ModelMount,
+    p: &PodPlacement,
+) -> Vec<String> {
     let s = &d.spec;
-    let device = if p.gpus.is_empty() { "cpu" } else { "cuda" };
+    // The container sees exactly its GPUs, as cuda:0..N (device plugin and DRA both):
+    // several split the model by layers, with --memory-budget on each.
+    let device = match p.gpus.len() {
+        0 => "cpu".to_string(),
+        n => (0..n)
+            .map(|i| format!("cuda:{i}"))
+            .collect::<Vec<_>>()
+            .join(","),
+    };
     let mut args = vec![format!("--model={}", model.path)];
     args.extend(model.args.iter().cloned());
     args.extend([

@@ -757,6 +757,49 @@ async fn delete_drains_every_replica_before_the_finalizer_goes() {
     );
 }
 
+#[test]
+fn a_replica_on_four_gpus_splits_its_model_over_all_four() {
+    let mut d = deployment(json!({"minReplicas": 1, "maxReplicas": 1}));
+    d.spec.model.source = "https://models.example/llama.gguf".into();
+    d.spec.resources.gpus_per_replica = 4;
+    let mount = super::pods::model_mount(&d.spec.model, &ModelCache::default()).unwrap();
+    let p = PodPlacement {
+        node: "dgx-1".into(),
+        gpus: vec![4, 5, 6, 7],
+        uuids: (4..8).map(|i| format!("GPU-{i}")).collect(),
+        bytes_per_gpu: 42 << 30,
+        exclusive: true,
+        assigned: false,
+        dra: true,
+    };
+    let args = super::pods::worker_args(&d, &mount, &p).join(" ");
+    // The container sees its four GPUs as cuda:0..3, whichever they are on the node;
+    // the budget is per device.
+    assert!(
+        args.contains("--device=cuda:0,cuda:1,cuda:2,cuda:3 ")
+            && args.contains(&format!("--memory-budget={}", 42u64 << 30)),
+        "{args}"
+    );
+}
+
+#[tokio::test]
+async fn a_stored_tensor_parallel_is_refused_with_its_new_name() {
+    let mut d = deployment(json!({"minReplicas": 1, "maxReplicas": 3}));
+    // Stored before the rename (the API server's CEL rule refuses it on new writes).
+    d.spec.resources.tensor_parallel = Some(4);
+    let (client, mock) = Mock::start(vec![write_status(&d)]);
+    let ctx = context(client, cache(vec![]), &[], TestClock::new());
+    reconcile(object(&d), ctx.clone()).await.unwrap();
+    let log = mock.finish(ctx).await;
+    let cond = condition(&log.status(), "InvalidSpec");
+    assert_eq!(cond["status"], "True");
+    let message = cond["message"].as_str().unwrap();
+    assert!(
+        message.contains("set gpusPerReplica: 4 and remove tensorParallel"),
+        "{message}"
+    );
+}
+
 #[tokio::test]
 async fn an_unsizeable_model_is_an_invalid_spec_condition_and_nothing_is_touched() {
     let mut d = deployment(json!({"minReplicas": 1, "maxReplicas": 3}));

@@ -5,6 +5,7 @@
 
 pub mod quant;
 
+use std::ops::Range;
 use std::sync::Arc;
 
 use gguf::GgufFile;
@@ -12,6 +13,7 @@ use half::f16;
 use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
+use super::split::Part;
 use super::{Backend, BackendError, Flat, KvLayout, LayerWeights, SeqChunk, TensorLoader};
 use crate::model::{LoadError, ModelConfig, RopeStyle};
 use quant::{Q8Row, WeightType};
@@ -41,13 +43,17 @@ struct KvCache {
     v: Vec<Vec<f16>>,
 }
 
-/// The CPU backend. Create with [`CpuBackend::load`].
+/// The CPU backend: the whole model ([`CpuBackend::load`]) or one part of a model
+/// split by layers ([`CpuBackend::load_part`], run through [`super::split::Split`]).
 pub struct CpuBackend {
     file: Arc<GgufFile>,
     config: ModelConfig,
-    embed: Matrix,
-    output: Matrix,
-    output_norm: Vec<f32>,
+    /// The blocks this instance holds; `layers[i]` is block `range.start + i`.
+    range: Range<usize>,
+    /// With layer 0: the token embedding.
+    embed: Option<Matrix>,
+    /// With the last layer: the output head and the final norm.
+    head: Option<(Matrix, Vec<f32>)>,
     layers: Vec<Layer>,
     kv: KvCache,
     inv_freq: Vec<f32>,
@@ -57,15 +63,36 @@ impl CpuBackend {
     /// Checks every tensor against the metadata and allocates the KV pool. Weights are
     /// not copied: they are read from the map as the forward pass needs them.
     pub fn load(file: Arc<GgufFile>, kv: KvLayout) -> Result<CpuBackend, LoadError> {
+        let n = ModelConfig::from_gguf(file.header())?.n_layers;
+        Self::load_part(file, kv, 0..n)
+    }
+
+    /// Loads blocks `range` only (with the embedding when it starts at 0 and the output
+    /// head when it ends at the last block), with a KV pool for those layers.
+    pub fn load_part(
+        file: Arc<GgufFile>,
+        kv: KvLayout,
+        range: Range<usize>,
+    ) -> Result<CpuBackend, LoadError> {
         let config = ModelConfig::from_gguf(file.header())?;
         check_tensors(&file, &config)?;
+        check_range(&config, &range)?;
         let mut loader = Loader { file: &file };
-        let layers = (0..config.n_layers)
+        let layers = range
+            .clone()
             .map(|l| Layer::load(&mut loader, l))
             .collect::<Result<Vec<_>, _>>()?;
-        let embed = loader.matrix("token_embd.weight")?;
-        let output = Layer::output(&mut loader)?;
-        let output_norm = loader.vector("output_norm.weight")?;
+        let embed = match range.start == 0 {
+            true => Some(loader.matrix("token_embd.weight")?),
+            false => None,
+        };
+        let head = match range.end == config.n_layers {
+            true => Some((
+                Layer::output(&mut loader)?,
+                loader.vector("output_norm.weight")?,
+            )),
+            false => None,
+        };
         let inv_freq = (0..config.rope_dims / 2)
             .map(|i| {
                 config
@@ -84,20 +111,31 @@ impl CpuBackend {
         };
         let kv = KvCache {
             layout: kv,
-            k: (0..config.n_layers).map(|_| zeroed()).collect(),
-            v: (0..config.n_layers).map(|_| zeroed()).collect(),
+            k: range.clone().map(|_| zeroed()).collect(),
+            v: range.clone().map(|_| zeroed()).collect(),
         };
         Ok(CpuBackend {
             file,
             config,
+            range,
             embed,
-            output,
-            output_norm,
+            head,
             layers,
             kv,
             inv_freq,
         })
     }
+}
+
+/// A part must hold at least one block, within the model.
+pub(crate) fn check_range(c: &ModelConfig, range: &Range<usize>) -> Result<(), LoadError> {
+    if range.is_empty() || range.end > c.n_layers {
+        return Err(LoadError::Invalid(format!(
+            "layers {}..{} are not a part of a model with {} layers",
+            range.start, range.end, c.n_layers
+        )));
+    }
+    Ok(())
 }
 
 struct Loader<'a> {
@@ -284,10 +322,59 @@ impl Backend for CpuBackend {
             .chain(&self.kv.v)
             .map(|l| l.len() * 2)
             .sum();
-        self.file.header().weight_bytes() + kv as u64
+        let weights = match self.range == (0..self.config.n_layers) {
+            // One map: a tied head reads the embedding's pages.
+            true => self.file.header().weight_bytes(),
+            false => gguf::split::part_weight_bytes(
+                self.file.header(),
+                self.range.clone(),
+                self.config.n_layers,
+            ),
+        };
+        weights + kv as u64
     }
 
     fn forward(&mut self, chunks: &[SeqChunk<'_>]) -> Result<Vec<f32>, BackendError> {
+        if self.range != (0..self.config.n_layers) {
+            return Err(BackendError::Handoff(format!(
+                "this CPU backend holds layers {:?} only; run it as a part of a split",
+                self.range
+            )));
+        }
+        self.forward_part(chunks, None)
+    }
+}
+
+impl Part for CpuBackend {
+    fn kind(&self) -> &'static str {
+        "cpu"
+    }
+
+    fn device(&self) -> String {
+        "cpu".into()
+    }
+
+    fn layers(&self) -> Range<usize> {
+        self.range.clone()
+    }
+
+    fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    fn kv_layout(&self) -> KvLayout {
+        self.kv.layout
+    }
+
+    fn memory_bytes(&self) -> u64 {
+        Backend::memory_bytes(self)
+    }
+
+    fn forward_part(
+        &mut self,
+        chunks: &[SeqChunk<'_>],
+        hidden: Option<Vec<f32>>,
+    ) -> Result<Vec<f32>, BackendError> {
         let c = &self.config;
         let (dim, qd, kvd, hd, ffd) = (c.dim, c.q_dim(), c.kv_dim(), c.head_dim, c.ffn_dim);
         let bs = self.kv.layout.block_size;
@@ -300,10 +387,24 @@ impl Backend for CpuBackend {
         let n = tokens.len();
         let file = Arc::clone(&self.file);
         let data = file.bytes();
-        let mut x = vec![0f32; n * dim];
-        for (row, t) in x.chunks_mut(dim).zip(&tokens) {
-            quant::dequantize_row(self.embed.ty, self.embed.row(data, *t as usize), row);
-        }
+        // 1. The residual stream: the tokens' embeddings, or the previous part's output.
+        let mut x = match (&self.embed, hidden) {
+            (Some(embed), None) => {
+                let mut x = vec![0f32; n * dim];
+                for (row, t) in x.chunks_mut(dim).zip(&tokens) {
+                    quant::dequantize_row(embed.ty, embed.row(data, *t as usize), row);
+                }
+                x
+            }
+            (None, Some(h)) if h.len() == n * dim => h,
+            (_, h) => {
+                return Err(BackendError::Handoff(format!(
+                    "layers {:?} got {} hidden values for {n} tokens of {dim}",
+                    self.range,
+                    h.map_or(0, |h| h.len())
+                )))
+            }
+        };
         let mut xb = vec![0f32; n * dim];
         let mut q = vec![0f32; n * qd];
         let mut k = vec![0f32; n * kvd];
@@ -388,14 +489,18 @@ impl Backend for CpuBackend {
             matmul(data, &layer.w_down, &gate, n, &mut xb);
             x.iter_mut().zip(&xb).for_each(|(a, b)| *a += b);
         }
+        // A part before the last hands its residual stream on.
+        let Some((output, output_norm)) = &self.head else {
+            return Ok(x);
+        };
         // Only the rows whose logits were asked for go through the (large) output head.
         let mut normed = vec![0f32; wanted.len() * dim];
         for (o, t) in normed.chunks_mut(dim).zip(&wanted) {
-            rmsnorm(&x[t * dim..(t + 1) * dim], &self.output_norm, c.norm_eps, o);
+            rmsnorm(&x[t * dim..(t + 1) * dim], output_norm, c.norm_eps, o);
         }
         let mut logits = vec![0f32; wanted.len() * c.vocab];
         if !wanted.is_empty() {
-            matmul(data, &self.output, &normed, wanted.len(), &mut logits);
+            matmul(data, output, &normed, wanted.len(), &mut logits);
         }
         Ok(logits)
     }

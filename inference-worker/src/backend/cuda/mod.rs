@@ -10,6 +10,7 @@
 pub mod kernels;
 
 use std::collections::HashMap;
+use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -22,6 +23,7 @@ use cudarc::nvrtc::Ptx;
 use gguf::GgufFile;
 
 use super::cpu::quant::{self, WeightType};
+use super::split::Part;
 use super::{Backend, BackendError, Flat, KvLayout, LayerWeights, SeqChunk, TensorLoader};
 use crate::model::{LoadError, ModelConfig, RopeStyle};
 
@@ -46,6 +48,9 @@ pub struct CudaOptions {
     pub kernel_cache: Option<PathBuf>,
     /// Capture and replay decode steps as CUDA graphs.
     pub graphs: bool,
+    /// The blocks to hold, for one part of a model split by layers (see
+    /// [`super::split`]); `None`: the whole model.
+    pub layers: Option<Range<usize>>,
 }
 
 /// What the device is: for logs, metrics and the budget.
@@ -194,9 +199,12 @@ pub struct CudaBackend {
     layout: KvLayout,
     info: DeviceInfo,
     opts: CudaOptions,
-    embed: DMatrix,
-    output: DMatrix,
-    output_norm: CudaSlice<f32>,
+    /// The blocks held; `layers[i]` is block `range.start + i`.
+    range: Range<usize>,
+    /// With layer 0: the token embedding.
+    embed: Option<DMatrix>,
+    /// With the last layer: the output head and the final norm.
+    head: Option<(DMatrix, CudaSlice<f32>)>,
     layers: Vec<DLayer>,
     k_cache: Vec<CudaSlice<u16>>,
     v_cache: Vec<CudaSlice<u16>>,
@@ -234,6 +242,8 @@ impl CudaBackend {
     ) -> Result<CudaBackend, LoadError> {
         let config = ModelConfig::from_gguf(file.header())?;
         super::cpu::check_tensors(&file, &config)?;
+        let range = opts.layers.clone().unwrap_or(0..config.n_layers);
+        super::cpu::check_range(&config, &range)?;
         let ctx = CudaContext::new(opts.ordinal).map_err(load_dev("opening the device"))?;
         // One stream, no cross-stream events: nothing to track, and graph capture needs a
         // stream other than the legacy default one.
@@ -241,8 +251,12 @@ impl CudaBackend {
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.new_stream().map_err(load_dev("creating a stream"))?;
         let info = describe(&ctx)?;
-        let weights = file.header().weight_bytes();
-        let kv_bytes = (KvLayout::bytes_per_token(&config) * kv.block_size * kv.n_blocks) as u64;
+        // What this part uploads: its blocks, the embedding with layer 0 and the head
+        // (a second copy of a tied embedding) with the last.
+        let weights = gguf::split::part_weight_bytes(file.header(), range.clone(), config.n_layers);
+        let kv_bytes = (KvLayout::bytes_per_token_in(&config, range.len())
+            * kv.block_size
+            * kv.n_blocks) as u64;
         let scratch = scratch_bytes(&config, opts.max_tokens, opts.max_seq_len, kv.block_size);
         let need = weights + kv_bytes + scratch;
         if need > info.free {
@@ -271,12 +285,18 @@ impl CudaBackend {
             file: &file,
             stream: &stream,
         };
-        let layers = (0..config.n_layers)
+        let layers = range
+            .clone()
             .map(|l| DLayer::load(&mut up, l))
             .collect::<Result<Vec<_>, _>>()?;
-        let embed = up.matrix("token_embd.weight")?;
-        let output = DLayer::output(&mut up)?;
-        let output_norm = up.vector("output_norm.weight")?;
+        let embed = match range.start == 0 {
+            true => Some(up.matrix("token_embd.weight")?),
+            false => None,
+        };
+        let head = match range.end == config.n_layers {
+            true => Some((DLayer::output(&mut up)?, up.vector("output_norm.weight")?)),
+            false => None,
+        };
         let inv: Vec<f32> = (0..config.rope_dims / 2)
             .map(|i| {
                 config
@@ -289,7 +309,7 @@ impl CudaBackend {
         let alloc = |what: &'static str| move |e| load_dev(what)(e);
         let mut k_cache = Vec::new();
         let mut v_cache = Vec::new();
-        for _ in 0..config.n_layers {
+        for _ in range.clone() {
             k_cache.push(
                 stream
                     .alloc_zeros::<u16>(slots)
@@ -348,9 +368,9 @@ impl CudaBackend {
             layout: kv,
             info,
             opts,
+            range,
             embed,
-            output,
-            output_norm,
+            head,
             layers,
             k_cache,
             v_cache,
@@ -381,7 +401,10 @@ impl CudaBackend {
         let k = &self.k;
         let s = &mut self.s;
         let ni = n as i32;
-        embed(st, k, &self.embed, &s.tokens, n, &mut s.x)?;
+        // A part after the first finds the previous part's output in `s.x` (window).
+        if let Some(e) = &self.embed {
+            embed(st, k, e, &s.tokens, n, &mut s.x)?;
+        }
         for (l, layer) in self.layers.iter().enumerate() {
             rmsnorm(st, k, &s.x, &layer.attn_norm, n, dim, c.norm_eps, &mut s.xb)?;
             quantize(st, k, &s.xb, dim, n, &mut s.qd, &mut s.qs, &mut s.qq)?;
@@ -500,8 +523,8 @@ impl CudaBackend {
             )?;
             add_inplace(st, k, &mut s.x, &s.xb, n * dim)?;
         }
-        if w > 0 {
-            head(st, k, s, &self.output_norm, &self.output, c, w)?;
+        if let (true, Some((output, norm))) = (w > 0, &self.head) {
+            head(st, k, s, norm, output, c, w)?;
         }
         Ok(())
     }
@@ -513,6 +536,7 @@ impl CudaBackend {
         flat: &Flat,
         rows: std::ops::Range<usize>,
         chunks: &[SeqChunk<'_>],
+        hidden: Option<&[f32]>,
         out: &mut Vec<f32>,
     ) -> Result<(), DriverError> {
         let n = rows.len();
@@ -534,17 +558,26 @@ impl CudaBackend {
             .map(|t| *t as i32)
             .collect();
         let pos: Vec<i32> = flat.pos[rows.clone()].iter().map(|p| *p as i32).collect();
-        let wanted: Vec<usize> = flat
-            .wanted
-            .iter()
-            .filter(|w| rows.contains(w))
-            .map(|w| w - rows.start)
-            .collect();
+        // Only the part with the head computes logits.
+        let wanted: Vec<usize> = match self.head {
+            Some(_) => flat
+                .wanted
+                .iter()
+                .filter(|w| rows.contains(w))
+                .map(|w| w - rows.start)
+                .collect(),
+            None => Vec::new(),
+        };
         let st = Arc::clone(&self.stream);
         st.memcpy_htod(&tokens, &mut self.s.tokens)?;
         st.memcpy_htod(&pos, &mut self.s.pos)?;
         st.memcpy_htod(&table, &mut self.s.table)?;
         st.memcpy_htod(&tables, &mut self.s.tables)?;
+        let dim = self.config.dim;
+        if let Some(h) = hidden {
+            // Outside any captured graph: the graph reads `s.x` where this leaves it.
+            st.memcpy_htod(&h[rows.start * dim..rows.end * dim], &mut self.s.x)?;
+        }
         // The output head runs over LOGIT_ROWS rows at a time.
         let groups: Vec<&[usize]> = if wanted.is_empty() {
             vec![&[]]
@@ -566,6 +599,9 @@ impl CudaBackend {
                     st.clone_dtoh(&self.s.logits.slice(..idx.len() * self.config.vocab))?;
                 out.extend_from_slice(&logits);
             }
+        }
+        if self.head.is_none() {
+            out.extend_from_slice(&st.clone_dtoh(&self.s.x.slice(..n * dim))?);
         }
         Ok(())
     }
@@ -597,7 +633,10 @@ impl CudaBackend {
     /// The output head alone, for wanted rows beyond the first LOGIT_ROWS.
     fn head_only(&mut self, w: usize) -> Result<(), DriverError> {
         let (st, k, c) = (&self.stream, &self.k, &self.config);
-        head(st, k, &mut self.s, &self.output_norm, &self.output, c, w)
+        match &self.head {
+            Some((output, norm)) => head(st, k, &mut self.s, norm, output, c, w),
+            None => Ok(()),
+        }
     }
 
     /// Picks each row's next token on the device from logits the caller supplies:
@@ -872,7 +911,60 @@ impl Backend for CudaBackend {
     }
 
     fn forward(&mut self, chunks: &[SeqChunk<'_>]) -> Result<Vec<f32>, BackendError> {
+        if self.range != (0..self.config.n_layers) {
+            return Err(BackendError::Handoff(format!(
+                "this CUDA backend holds layers {:?} only; run it as a part of a split",
+                self.range
+            )));
+        }
+        self.forward_part(chunks, None)
+    }
+}
+
+impl Part for CudaBackend {
+    fn kind(&self) -> &'static str {
+        "cuda"
+    }
+
+    fn device(&self) -> String {
+        format!("cuda:{} ({})", self.info.ordinal, self.info.name)
+    }
+
+    fn layers(&self) -> Range<usize> {
+        self.range.clone()
+    }
+
+    fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    fn kv_layout(&self) -> KvLayout {
+        self.layout
+    }
+
+    fn memory_bytes(&self) -> u64 {
+        self.reserved
+    }
+
+    fn forward_part(
+        &mut self,
+        chunks: &[SeqChunk<'_>],
+        hidden: Option<Vec<f32>>,
+    ) -> Result<Vec<f32>, BackendError> {
         let flat = Flat::new(chunks, self.layout, self.config.vocab)?;
+        let n = flat.tokens.len();
+        let dim = self.config.dim;
+        match (&self.embed, &hidden) {
+            (Some(_), None) => {}
+            (None, Some(h)) if h.len() == n * dim => {}
+            (_, h) => {
+                return Err(BackendError::Handoff(format!(
+                    "layers {:?} got {} hidden values for {n} tokens of {dim}",
+                    self.range,
+                    h.as_ref().map_or(0, |h| h.len())
+                )))
+            }
+        }
         if let Some(ch) = chunks.iter().find(|c| c.blocks.len() > self.max_blocks) {
             return Err(BackendError::KvOutOfRange {
                 position: ch.start + ch.tokens.len(),
@@ -881,11 +973,10 @@ impl Backend for CudaBackend {
             });
         }
         let mut out = Vec::with_capacity(flat.wanted.len() * self.config.vocab);
-        let n = flat.tokens.len();
         let mut start = 0;
         while start < n {
             let end = (start + self.opts.max_tokens).min(n);
-            self.window(&flat, start..end, chunks, &mut out)
+            self.window(&flat, start..end, chunks, hidden.as_deref(), &mut out)
                 .map_err(dev)?;
             start = end;
         }
