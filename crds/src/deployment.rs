@@ -96,8 +96,8 @@ use serde::{Deserialize, Serialize};
 #[x_kube(validation = Rule::new("!self.resources.allowCpu || self.resources.gpusPerReplica == 1")
     .message("resources.allowCpu cannot be combined with resources.gpusPerReplica > 1")
     .field_path(".resources.allowCpu"))]
-#[x_kube(validation = Rule::new("!has(self.resources.tensorParallel)")
-    .message("resources.tensorParallel was renamed resources.gpusPerReplica: a replica's GPUs split the model by layers, not tensors; set gpusPerReplica instead")
+#[x_kube(validation = Rule::new("!has(self.resources.tensorParallel) || self.resources.tensorParallel == 1")
+    .message("resources.tensorParallel was renamed resources.gpusPerReplica: a replica's GPUs split the model by layers, not tensors; set gpusPerReplica instead (tensorParallel: 1, which earlier versions filled in by default, is allowed and means nothing)")
     .field_path(".resources.tensorParallel"))]
 #[x_kube(validation = Rule::new("self.rollout.steps[self.rollout.steps.size() - 1] == 100")
     .message("rollout.steps must end at 100 (the new version takes all traffic before it is promoted)")
@@ -235,7 +235,9 @@ pub struct ResourcesSpec {
     #[schemars(range(min = 1, max = 16))]
     pub gpus_per_replica: u32,
     /// Renamed `gpusPerReplica` (the GPUs split the model by layers, not tensors); kept
-    /// in the schema only to refuse it with that message.
+    /// in the schema only to refuse it with that message. Objects stored by earlier
+    /// versions carry `tensorParallel: 1` (a schema default then): that value is allowed
+    /// and ignored, so they keep working after an upgrade.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tensor_parallel: Option<u32>,
     /// Extra VRAM kept free on top of the computed need, in percent of it.
@@ -326,7 +328,8 @@ pub struct ScalingSpec {
     /// immediate scale-up (panic mode).
     #[schemars(range(min = 1, max = 600))]
     pub panic_window_seconds: u32,
-    /// Pre-warm replicas from the recent request-rate history.
+    /// Pre-warm: also scale for the demand forecast one measured cold start ahead
+    /// (Holt's linear trend over the recent demand), never below the reactive rule.
     pub predictive: bool,
     /// With `minReplicas: 0`: how long the deployment must have had no request before
     /// its last replica goes (default 300). Requests that arrive at zero replicas are

@@ -165,18 +165,46 @@ enum Command {
         #[arg(long, default_value = "examples/smollm.yaml")]
         deployment: std::path::PathBuf,
         /// Prompt tokens one replica processes per second.
-        #[arg(long, default_value_t = 8000.0)]
+        #[arg(long, default_value_t = 8000.0, value_parser = positive)]
         prefill_tokens_per_second: f64,
         /// Tokens one sequence generates per second.
-        #[arg(long, default_value_t = 40.0)]
+        #[arg(long, default_value_t = 40.0, value_parser = positive)]
         decode_tokens_per_second: f64,
         /// Seconds from pod creation to ready.
-        #[arg(long, default_value_t = 45.0)]
+        #[arg(long, default_value_t = 45.0, value_parser = non_negative)]
         load_seconds: f64,
         /// Time-to-first-token objective in seconds.
-        #[arg(long, default_value_t = 2.0)]
+        #[arg(long, default_value_t = 2.0, value_parser = positive)]
         ttft_slo_seconds: f64,
+        /// Share of requests, in percent, that must get their first token within the
+        /// objective: the planner reports the fewest maxReplicas that achieve it.
+        #[arg(long, default_value_t = 99.0, value_parser = percent)]
+        slo_attainment_percent: f64,
     },
+}
+
+/// A finite number above 0 (a rate or a time the replay divides by or waits for).
+fn positive(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if v > 0.0 && v.is_finite() => Ok(v),
+        _ => Err(format!("{s:?} is not a number above 0")),
+    }
+}
+
+/// A finite number of seconds, 0 or more.
+fn non_negative(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if v >= 0.0 && v.is_finite() => Ok(v),
+        _ => Err(format!("{s:?} is not a number of seconds, 0 or more")),
+    }
+}
+
+/// A share in percent, above 0 and at most 100.
+fn percent(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(p) if p > 0.0 && p <= 100.0 => Ok(p),
+        _ => Err(format!("{s:?} is not a percentage above 0 and at most 100")),
+    }
 }
 
 fn init_tracing() {
@@ -440,6 +468,7 @@ fn main() -> anyhow::Result<ExitCode> {
             decode_tokens_per_second,
             load_seconds,
             ttft_slo_seconds,
+            slo_attainment_percent,
         } => {
             let d: gpuscale_crds::InferenceDeployment = serde_yaml::from_str(
                 &std::fs::read_to_string(&deployment)
@@ -476,6 +505,8 @@ fn main() -> anyhow::Result<ExitCode> {
                 params.target
             );
             let (min, max, target) = (params.min.max(1), params.max, params.target);
+            let attainment = slo_attainment_percent / 100.0;
+            let found = replay::capacity(&trace, &setup, &params, 2.0, attainment, 1024);
             let mut rules: Vec<Box<dyn replay::ScalingRule>> = vec![
                 Box::new(replay::GpuscaleRule::new(params, 2.0)),
                 Box::new(replay::HpaRule::new(min, max, 0.7)),
@@ -486,6 +517,10 @@ fn main() -> anyhow::Result<ExitCode> {
                 .map(|r| replay::replay(&trace, &setup, r.as_mut()))
                 .collect();
             println!("\n{}", replay::report::table(&outcomes));
+            println!(
+                "{}",
+                replay::report::capacity_summary(max, &outcomes[0], &found, attainment)
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::NodeAgent {

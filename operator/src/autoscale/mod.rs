@@ -27,6 +27,8 @@
 #[cfg(test)]
 mod tests;
 
+pub mod forecast;
+
 use std::collections::VecDeque;
 use std::fmt;
 use std::time::{Duration, Instant};
@@ -72,6 +74,9 @@ pub struct Params {
     /// With `minReplicas: 0`, how long a deployment must have had no request before its
     /// last replica goes (`None`: it never goes to zero).
     pub to_zero_after: Option<Duration>,
+    /// `scaling.predictive`: also scale for the demand forecast over the cold start
+    /// ([`forecast`]), never below what the reactive rule asks.
+    pub predictive: bool,
 }
 
 /// Idleness before the last replica goes, when `scaleToZeroAfterSeconds` is not set
@@ -89,6 +94,7 @@ impl Params {
             up_window: Duration::from_secs(s.scale_up_window_seconds.into()),
             down_window: Duration::from_secs(s.scale_down_window_seconds.into()),
             panic_window: Duration::from_secs(s.panic_window_seconds.max(1).into()),
+            predictive: s.predictive,
             to_zero_after: (s.min_replicas == 0).then(|| {
                 s.scale_to_zero_after_seconds
                     .map_or(DEFAULT_SCALE_TO_ZERO_AFTER, |n| {
@@ -172,6 +178,18 @@ pub enum Reason {
         /// The lead time used.
         ready_time: Duration,
     },
+    /// `scaling.predictive`: the demand forecast over the cold start needs more than
+    /// the demand now.
+    Predicted {
+        /// Mean demand now.
+        demand: f64,
+        /// Its trend, per second.
+        trend: f64,
+        /// The demand expected when a replica started now is ready.
+        forecast: f64,
+        /// The cold start it looks ahead.
+        lead: Duration,
+    },
     /// Lower demand held for the whole scale-down window.
     Stabilised {
         /// The scale-down window.
@@ -228,6 +246,16 @@ impl fmt::Display for Reason {
                  {projected:.0} expected in the {:.0} s a replica takes to load",
                 ready_time.as_secs_f64()
             ),
+            Reason::Predicted {
+                demand,
+                trend,
+                forecast,
+                lead,
+            } => write!(
+                f,
+                "predictive: queue depth {demand:.1} rising {trend:.2}/s, {forecast:.1} expected in the {:.0} s a replica takes to load",
+                lead.as_secs_f64()
+            ),
             Reason::Stabilised { window } => write!(
                 f,
                 "lower demand held for the {} s scale-down window",
@@ -277,6 +305,8 @@ pub struct Autoscaler {
     ready_cold: Option<Duration>,
     /// Panic mode lasts until then.
     panic_until: Option<Instant>,
+    /// The demand forecast (`scaling.predictive`).
+    holt: forecast::Holt,
 }
 
 /// What the policy must not forget when the operator restarts or the leader changes:
@@ -306,6 +336,7 @@ impl Autoscaler {
             ready_warm: None,
             ready_cold: None,
             panic_until: None,
+            holt: forecast::Holt::default(),
         }
     }
 
@@ -477,12 +508,30 @@ impl Autoscaler {
         } else {
             (mean, None)
         };
-        let needed = (demand / p.target).ceil().min(f64::from(u32::MAX)) as u32;
-        let reason = panic_reason.unwrap_or(Reason::Demand {
+        let mut needed = (demand / p.target).ceil().min(f64::from(u32::MAX)) as u32;
+        let mut reason = panic_reason.unwrap_or(Reason::Demand {
             demand: mean,
             needed,
             warm: p.warm,
         });
+        if p.predictive {
+            // Replicas for the demand expected once one started now is ready, when that
+            // is more than the reactive rule asks (and only then: never fewer).
+            self.holt.observe(now, mean);
+            let lead = self.lead_time(obs.next_warm);
+            if let Some((forecast, trend)) = self.holt.forecast(lead) {
+                let ahead = (forecast / p.target).ceil().min(f64::from(u32::MAX)) as u32;
+                if ahead > needed {
+                    needed = ahead;
+                    reason = Reason::Predicted {
+                        demand: mean,
+                        trend,
+                        forecast,
+                        lead,
+                    };
+                }
+            }
+        }
         let rec = p.bound(needed.saturating_add(p.warm));
 
         // One signal for both directions, so the two never disagree and flap. After a

@@ -17,6 +17,7 @@ fn params(min: u32, max: u32, warm: u32) -> Params {
         down_window: Duration::from_secs(300),
         panic_window: Duration::from_secs(6),
         to_zero_after: None,
+        predictive: false,
     }
 }
 
@@ -510,4 +511,46 @@ fn a_held_request_at_zero_replicas_brings_the_first_one_at_once() {
     // One request held by the router: demand 1, one replica now.
     let d = a.decide(t0 + TICK, &to_zero(0, 1.0, Some(0)));
     assert_eq!((d.desired, d.direction), (1, Direction::Up), "{d:?}");
+}
+
+#[test]
+fn predictive_starts_replicas_for_the_demand_a_cold_start_ahead_and_never_fewer() {
+    let predictive = Params {
+        predictive: true,
+        ..params(1, 40, 0)
+    };
+    // A ramp of 0.1/s: reactive scaling has the replicas for now; predictive for the
+    // demand 20 s (the cold start) ahead.
+    let ramp = |t: f64| 0.1 * t;
+    let mut ahead = Sim::new(predictive.clone());
+    ahead.run(600, ramp);
+    let mut reactive = Sim::new(params(1, 40, 0));
+    reactive.run(600, ramp);
+    let mut earlier = 0;
+    for ((t, p), (_, r)) in ahead.log.iter().zip(&reactive.log).skip(30) {
+        let later = (ramp(t + 20.0) * 0.9 / 4.0).ceil() as u32;
+        assert!(p.desired >= later, "at {t} s: {} for {later}", p.desired);
+        assert!(
+            p.desired >= r.desired,
+            "at {t} s: {} < reactive {}",
+            p.desired,
+            r.desired
+        );
+        earlier += usize::from(p.desired > r.desired);
+    }
+    assert!(
+        earlier > 100,
+        "ahead of the reactive rule on {earlier} ticks"
+    );
+    assert!(ahead
+        .log
+        .iter()
+        .any(|(_, d)| d.reason.to_string().starts_with("predictive: queue depth")));
+    // Flat demand: nothing to forecast, the same decisions as without.
+    let mut flat = Sim::new(predictive);
+    flat.run(600, |_| 12.0);
+    let mut plain = Sim::new(params(1, 40, 0));
+    plain.run(600, |_| 12.0);
+    let desired = |s: &Sim| s.log.iter().map(|(_, d)| d.desired).collect::<Vec<_>>();
+    assert_eq!(desired(&flat), desired(&plain));
 }

@@ -859,8 +859,9 @@ async fn controller(
 }
 
 async fn apply(d: &InferenceDeployment, ctx: &Context) -> Result<Action, Error> {
-    if let Some(n) = d.spec.resources.tensor_parallel {
-        // Stored before the rename; the API server refuses it on any new write.
+    if let Some(n) = d.spec.resources.tensor_parallel.filter(|n| *n > 1) {
+        // Stored before the rename; the API server refuses it on any new write. (1 was
+        // the old schema's default, in every object stored then: it asks for nothing.)
         let message = format!(
             "resources.tensorParallel was renamed resources.gpusPerReplica: a replica's GPUs split the model by layers, not tensors; set gpusPerReplica: {n} and remove tensorParallel"
         );

@@ -8,10 +8,14 @@
 //! and beyond that are refused (429). Requests go to the ready replica with the fewest
 //! in flight. A replica chosen for scale-down takes no new requests, finishes what it
 //! holds (drain) and only then goes. GPU-seconds count every replica from creation to
-//! removal, loading and draining included.
+//! removal, loading and draining included. A replica started during the replay and
+//! removed within [`FLAP_SECONDS`] of its creation is a flap: a cold start that bought
+//! almost nothing.
 
+pub mod frontier;
 pub mod report;
 mod rules;
+pub mod synthetic;
 mod trace;
 
 pub use rules::{GpuscaleRule, HpaRule, KedaRule};
@@ -19,6 +23,11 @@ pub use trace::{Trace, TraceError, TraceRequest};
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
+
+/// A replica started and removed within this many seconds is a flap. Five minutes:
+/// the scale-down stabilisation window of the HorizontalPodAutoscaler's default
+/// behaviour, so a flap is a replica that did not outlive one window.
+pub const FLAP_SECONDS: f64 = 300.0;
 
 /// How one replica performs.
 #[derive(Clone, Debug, PartialEq)]
@@ -107,10 +116,21 @@ pub struct Outcome {
     pub cold_starts: usize,
     /// Scale-down decisions.
     pub scale_downs: usize,
+    /// Replicas started during the replay and removed within [`FLAP_SECONDS`].
+    pub flaps: usize,
+    /// Seconds replayed (until the last request finished).
+    pub duration: f64,
     /// Most replicas at once.
     pub peak_replicas: u32,
     /// The timeline, one sample per `sample_every` seconds.
     pub timeline: Vec<Sample>,
+}
+
+impl Outcome {
+    /// Flaps per hour replayed.
+    pub fn flaps_per_hour(&self) -> f64 {
+        self.flaps as f64 * 3600.0 / self.duration.max(1.0)
+    }
 }
 
 /// Replay settings.
@@ -264,6 +284,7 @@ pub fn replay(trace: &Trace, setup: &Setup, rule: &mut dyn ScalingRule) -> Outco
     }
     let mut out = run.out;
     out.gpu_seconds = run.gpu_seconds;
+    out.duration = run.now;
     let mut t = run.ttft;
     t.sort_by(f64::total_cmp);
     // Nearest-rank percentiles.
@@ -274,6 +295,71 @@ pub fn replay(trace: &Trace, setup: &Setup, rule: &mut dyn ScalingRule) -> Outco
     out.ttft_p50 = pct(0.5);
     out.ttft_p99 = pct(0.99);
     out
+}
+
+/// What a trace needs under gpuscale's policy: the capacity planner's answer.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Capacity {
+    /// The fewest `maxReplicas` with which the policy meets the objective.
+    pub max_replicas: u32,
+    /// The replay with that bound.
+    pub outcome: Outcome,
+}
+
+/// Why no `maxReplicas` meets the objective.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Unreachable {
+    /// The bound tried.
+    pub max_replicas: u32,
+    /// The replay with it: the misses no number of replicas removes (a prompt that
+    /// takes longer than the SLO to prefill, or a cold start at the very beginning).
+    pub outcome: Box<Outcome>,
+}
+
+/// The fewest `maxReplicas` (at most `ceiling`) with which gpuscale's policy (`params`,
+/// deciding every `interval` seconds) serves at least `attainment` (0..=1) of the
+/// trace's requests within the SLO. Found by bisection between `params.min` and the
+/// peak the policy reaches when bounded only by `ceiling`, which takes the misses to
+/// be non-increasing in the bound (more room never makes the policy scale later).
+pub fn capacity(
+    trace: &Trace,
+    setup: &Setup,
+    params: &crate::autoscale::Params,
+    interval: f64,
+    attainment: f64,
+    ceiling: u32,
+) -> Result<Capacity, Unreachable> {
+    let allowed = ((1.0 - attainment) * trace.requests.len() as f64).floor() as usize;
+    let run = |max: u32| {
+        let p = crate::autoscale::Params {
+            max,
+            ..params.clone()
+        };
+        replay(trace, setup, &mut GpuscaleRule::new(p, interval))
+    };
+    let open = run(ceiling);
+    if open.slo_misses > allowed {
+        return Err(Unreachable {
+            max_replicas: ceiling,
+            outcome: Box::new(open),
+        });
+    }
+    // Bounded by its own unbounded peak, the policy decides exactly as without a bound.
+    let (mut lo, mut hi) = (params.min.max(1), open.peak_replicas.clamp(1, ceiling));
+    let mut best = open;
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        let o = run(mid);
+        if o.slo_misses <= allowed {
+            (hi, best) = (mid, o);
+        } else {
+            lo = mid + 1;
+        }
+    }
+    Ok(Capacity {
+        max_replicas: hi,
+        outcome: best,
+    })
 }
 
 impl Run<'_> {
@@ -304,6 +390,10 @@ impl Run<'_> {
 
     fn remove(&mut self, i: usize) {
         let r = self.replicas.remove(i);
+        let started_here = r.id >= u64::from(self.setup.initial_replicas);
+        if started_here && self.now - r.created < FLAP_SECONDS {
+            self.out.flaps += 1;
+        }
         self.gpu_seconds += (self.now - r.created) * f64::from(self.setup.model.gpus);
     }
 

@@ -31,8 +31,11 @@ impl ScalingRule for GpuscaleRule {
     fn name(&self) -> String {
         let p = self.scaler.params();
         format!(
-            "gpuscale (queue {} per replica, {} warm, {} s scrape)",
-            p.target, p.warm, self.interval
+            "gpuscale{} (queue {} per replica, {} warm, {} s scrape)",
+            if p.predictive { " predictive" } else { "" },
+            p.target,
+            p.warm,
+            self.interval
         )
     }
 
@@ -95,6 +98,14 @@ impl HpaRule {
     }
 }
 
+impl HpaRule {
+    /// The same rule with another scale-down stabilisation window (the frontier sweep).
+    pub fn with_window(mut self, seconds: f64) -> HpaRule {
+        self.window = seconds;
+        self
+    }
+}
+
 impl ScalingRule for HpaRule {
     fn name(&self) -> String {
         format!(
@@ -138,14 +149,24 @@ impl ScalingRule for HpaRule {
     }
 }
 
-/// KEDA's Prometheus scaler on queue depth: polls every 30 s, `desired =
-/// ceil(total queue / threshold)`, scale-down after a 300 s cooldown.
+/// KEDA's Prometheus scaler on queue depth, as KEDA runs it with one or more replicas:
+/// KEDA serves the metric, and the HorizontalPodAutoscaler it creates (an External
+/// metric with target type AverageValue = the threshold) reads it at every HPA sync,
+/// 15 s: `desired = ceil(total queue / threshold)`, with the HPA's 10% tolerance, its
+/// default scale-up limit (the larger of doubling and +4 pods per sync) and its 300 s
+/// scale-down stabilisation. KEDA's own `pollingInterval` (30 s) decides only
+/// activation between 0 and 1 replica, and `cooldownPeriod` (300 s) only the step to
+/// 0; the replays keep at least one replica, so neither arises. Sources: KEDA,
+/// "Scaling Deployments, StatefulSets & Custom Resources" (pollingInterval,
+/// cooldownPeriod; <https://keda.sh/docs/2.16/reference/scaledobject-spec/>);
+/// Kubernetes, "Horizontal Pod Autoscaling", algorithm details and default behavior
+/// (<https://kubernetes.io/docs/tasks/run-application/horizontal-pod-autoscale/>).
 pub struct KedaRule {
     min: u32,
     max: u32,
     threshold: f64,
-    polling: f64,
-    cooldown: f64,
+    sync: f64,
+    window: f64,
     recs: VecDeque<(f64, u32)>,
 }
 
@@ -156,35 +177,44 @@ impl KedaRule {
             min,
             max,
             threshold,
-            polling: 30.0,
-            cooldown: 300.0,
+            sync: 15.0,
+            window: 300.0,
             recs: VecDeque::new(),
         }
+    }
+
+    /// The same rule with another scale-down stabilisation window (the frontier sweep).
+    pub fn with_window(mut self, seconds: f64) -> KedaRule {
+        self.window = seconds;
+        self
     }
 }
 
 impl ScalingRule for KedaRule {
     fn name(&self) -> String {
         format!(
-            "KEDA-style (queue {} per replica, {} s polling, {} s cooldown)",
-            self.threshold, self.polling, self.cooldown
+            "KEDA-style (queue {} per replica, {} s HPA sync, {} s scale-down)",
+            self.threshold, self.sync, self.window
         )
     }
 
     fn interval(&self) -> f64 {
-        self.polling
+        self.sync
     }
 
     fn desired(&mut self, now: f64, replicas: &[ReplicaView]) -> u32 {
+        let current = replicas.len() as u32;
         let queue: u32 = replicas.iter().map(|r| r.waiting + r.running).sum();
-        let rec = ((f64::from(queue) / self.threshold).ceil() as u32).clamp(self.min, self.max);
-        stabilised(
-            &mut self.recs,
-            now,
-            self.cooldown,
-            rec,
-            replicas.len() as u32,
-        )
+        // AverageValue: the usage ratio is the per-replica average over the target.
+        let ratio = f64::from(queue) / f64::from(current.max(1)) / self.threshold;
+        let rec = if current > 0 && (ratio - 1.0).abs() <= 0.1 {
+            current
+        } else {
+            let n = (f64::from(queue) / self.threshold).ceil() as u32;
+            n.min(current.saturating_mul(2).max(current + 4))
+        }
+        .clamp(self.min, self.max);
+        stabilised(&mut self.recs, now, self.window, rec, current)
     }
 }
 

@@ -116,3 +116,83 @@ fn the_timeline_records_load_and_replicas() {
     );
     assert!(o.timeline.iter().all(|s| s.replicas == 1 && s.ready == 1));
 }
+
+#[test]
+fn a_replica_removed_within_five_minutes_of_its_start_is_a_flap() {
+    // Requests every 10 s for 20 minutes keep the replay going.
+    let rows: Vec<(f64, u32, u32)> = (0..120).map(|i| (f64::from(i) * 10.0, 100, 5)).collect();
+    let t = trace(&rows);
+    // Two extra replicas from 10 s to 100 s: two flaps. The initial one never counts.
+    let o = replay(&t, &setup(4, 4), &mut Schedule(vec![(10.0, 3), (100.0, 1)]));
+    assert_eq!((o.cold_starts, o.flaps), (2, 2), "{o:?}");
+    assert!((o.flaps_per_hour() - 2.0 * 3600.0 / o.duration).abs() < 1e-9);
+    // Kept 400 s: cold starts, but not flaps.
+    let o = replay(&t, &setup(4, 4), &mut Schedule(vec![(10.0, 3), (410.0, 1)]));
+    assert_eq!((o.cold_starts, o.flaps), (2, 0), "{o:?}");
+}
+
+#[test]
+fn the_keda_rule_is_the_hpa_on_an_average_value_every_15_seconds() {
+    let view = |id: u64, waiting: u32| ReplicaView {
+        id,
+        created: 0.0,
+        ready_since: Some(0.0),
+        waiting,
+        running: 0,
+        busy_seconds: 0.0,
+    };
+    let mut k = KedaRule::new(1, 20, 8.0);
+    assert_eq!(k.interval(), 15.0);
+    // 17 over 2 replicas at 8 each: a ratio of 1.06, inside the 10% tolerance.
+    assert_eq!(k.desired(0.0, &[view(0, 9), view(1, 8)]), 2);
+    // 40: ceil(40 / 8) = 5, within the scale-up limit max(2 x 2, 2 + 4).
+    assert_eq!(k.desired(15.0, &[view(0, 20), view(1, 20)]), 5);
+    // 100 on one replica: 13 wanted, at most max(2, 1 + 4) = 5 in one sync.
+    let mut k = KedaRule::new(1, 20, 8.0);
+    assert_eq!(k.desired(0.0, &[view(0, 100)]), 5);
+    // Lower demand waits out the 300 s stabilisation window.
+    let five: Vec<ReplicaView> = (0..5).map(|i| view(i, 0)).collect();
+    assert_eq!(k.desired(15.0, &five), 5);
+    assert_eq!(k.desired(316.0, &five), 1);
+}
+
+#[test]
+fn the_planner_finds_the_fewest_max_replicas_that_meet_the_objective() {
+    use crate::autoscale::Params;
+    use std::time::Duration;
+    // Ten minutes at 6 requests/s of 4 s each (24 in flight on average); batch 4.
+    let rows: Vec<(f64, u32, u32)> = (0..3600).map(|i| (f64::from(i) / 6.0, 100, 40)).collect();
+    let t = trace(&rows);
+    let s = setup(4, 64);
+    let params = Params {
+        min: 1,
+        max: 2,
+        warm: 0,
+        target: 4.0,
+        up_window: Duration::ZERO,
+        down_window: Duration::from_secs(300),
+        panic_window: Duration::from_secs(6),
+        to_zero_after: None,
+        predictive: false,
+    };
+    let c = capacity(&t, &s, &params, 2.0, 0.9, 256).unwrap();
+    assert!(c.outcome.slo_misses <= 360, "{:?}", c.outcome.slo_misses);
+    // One replica fewer misses the objective: the bound is the fewest that works.
+    let fewer = Params {
+        max: c.max_replicas - 1,
+        ..params.clone()
+    };
+    let o = replay(&t, &s, &mut GpuscaleRule::new(fewer, 2.0));
+    assert!(
+        o.slo_misses > 360,
+        "{} replicas: {} misses",
+        c.max_replicas - 1,
+        o.slo_misses
+    );
+    // At least 24 / 4 replicas are busy on average.
+    assert!(c.max_replicas >= 6, "{}", c.max_replicas);
+    // A prompt that takes longer than the SLO to prefill cannot be helped by replicas.
+    let slow = trace(&[(0.0, 5000, 1), (1.0, 5000, 1)]);
+    let e = capacity(&slow, &s, &params, 2.0, 0.9, 64).unwrap_err();
+    assert_eq!((e.max_replicas, e.outcome.slo_misses), (64, 2));
+}

@@ -1,0 +1,325 @@
+//! Frontiers of SLO misses against GPU-seconds (#22): each rule replayed over a sweep of
+//! its main knob and its scale-down window, on the Azure code trace and on a synthetic
+//! bursty trace (`replay::synthetic`, MMPP-2, seeded). Prints each rule's Pareto
+//! frontier, says at which budgets gpuscale's frontier does not dominate a peer's, and
+//! draws the frontiers into `target/gpuscale-bench/autoscale-frontier.svg` (the README
+//! shows a copy, `docs/autoscale-frontier.svg`).
+//!
+//! The peers, and how each is modelled (`operator/src/replay/rules.rs`):
+//! - HPA-style: the HorizontalPodAutoscaler on the GPU-busy fraction (DCGM), 15 s sync,
+//!   10% tolerance, scale-up limit max(double, +4) per sync, scale-down stabilisation.
+//! - KEDA-style: KEDA's Prometheus scaler on queue depth as it runs with one or more
+//!   replicas, i.e. the HPA KEDA creates reading the metric every 15 s (AverageValue =
+//!   the threshold), with the same tolerance, limit and stabilisation.
+//! - gpuscale: its own policy at a 2 s scrape.
+//!
+//! Deterministic: the replays are pure, so run-to-run noise is zero; what varies is the
+//! wall time, printed per sweep.
+//!
+//! `cargo bench -p gpuscale-operator --bench frontier [-- path/to/trace.csv]`
+
+use std::time::{Duration, Instant};
+
+use gpuscale_operator::autoscale::Params;
+use gpuscale_operator::replay::frontier::{frontier, undominated, Point};
+use gpuscale_operator::replay::synthetic::Bursty;
+use gpuscale_operator::replay::{
+    replay, GpuscaleRule, HpaRule, KedaRule, ReplicaModel, Setup, Slo, Trace,
+};
+use plotters::prelude::*;
+
+const MIN: u32 = 1;
+/// Room enough that no rule is held by the bound (each rule's peak is printed).
+const MAX: u32 = 24;
+/// Scale-down windows swept, the same for every rule.
+const WINDOWS: [f64; 5] = [30.0, 60.0, 120.0, 300.0, 600.0];
+/// Queue depth per replica swept (gpuscale's target, KEDA's threshold).
+const QUEUES: [u32; 11] = [2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64];
+
+fn setup() -> Setup {
+    // As the autoscale bench: an 8B-class model on one GPU, 45 s cold start.
+    Setup {
+        model: ReplicaModel {
+            max_batch: 8,
+            queue_capacity: 64,
+            prefill_tokens_per_second: 8000.0,
+            decode_tokens_per_second: 40.0,
+            load_seconds: 45.0,
+            gpus: 1,
+        },
+        slo: Slo { ttft_seconds: 2.0 },
+        initial_replicas: MIN,
+        sample_every: 5.0,
+    }
+}
+
+struct Rule {
+    name: &'static str,
+    points: Vec<Point>,
+    peak: u32,
+}
+
+fn sweep(trace: &Trace, setup: &Setup) -> Vec<Rule> {
+    let mut ours = Rule {
+        name: "gpuscale",
+        points: vec![],
+        peak: 0,
+    };
+    let mut hpa = Rule {
+        name: "HPA-style",
+        points: vec![],
+        peak: 0,
+    };
+    let mut keda = Rule {
+        name: "KEDA-style",
+        points: vec![],
+        peak: 0,
+    };
+    let mut predictive = Rule {
+        name: "gpuscale predictive",
+        points: vec![],
+        peak: 0,
+    };
+    for window in WINDOWS {
+        for target in QUEUES {
+            for (warm, forecast) in [0u32, 1, 2]
+                .into_iter()
+                .flat_map(|w| [(w, false), (w, true)])
+            {
+                let p = Params {
+                    min: MIN,
+                    max: MAX,
+                    warm,
+                    target: f64::from(target),
+                    up_window: Duration::ZERO,
+                    down_window: Duration::from_secs_f64(window),
+                    panic_window: Duration::from_secs(6),
+                    to_zero_after: None,
+                    predictive: forecast,
+                };
+                let o = replay(trace, setup, &mut GpuscaleRule::new(p, 2.0));
+                let rule = if forecast { &mut predictive } else { &mut ours };
+                rule.peak = rule.peak.max(o.peak_replicas);
+                let s = format!("queue {target}, {warm} warm, {window} s");
+                rule.points.push(Point::of(s, &o));
+            }
+            let o = replay(
+                trace,
+                setup,
+                &mut KedaRule::new(MIN, MAX, f64::from(target)).with_window(window),
+            );
+            keda.peak = keda.peak.max(o.peak_replicas);
+            keda.points
+                .push(Point::of(format!("queue {target}, {window} s"), &o));
+        }
+        for util in [0.5, 0.6, 0.7, 0.8, 0.9, 0.95] {
+            let o = replay(
+                trace,
+                setup,
+                &mut HpaRule::new(MIN, MAX, util).with_window(window),
+            );
+            hpa.peak = hpa.peak.max(o.peak_replicas);
+            hpa.points.push(Point::of(
+                format!("{:.0}% busy, {window} s", util * 100.0),
+                &o,
+            ));
+        }
+    }
+    vec![ours, hpa, keda, predictive]
+}
+
+fn report(title: &str, requests: usize, rules: &[Rule]) -> bool {
+    println!("\n== {title}");
+    for r in rules {
+        println!(
+            "{} frontier ({} settings swept, peak {} replicas of {MAX}):",
+            r.name,
+            r.points.len(),
+            r.peak
+        );
+        println!(
+            "  {:>11} {:>9} {:>6} {:>8}  setting",
+            "GPU-seconds", "over SLO", "cold", "flaps/h"
+        );
+        for p in frontier(&r.points) {
+            println!(
+                "  {:>11.0} {:>9} {:>6} {:>8.1}  {}",
+                p.gpu_seconds, p.slo_misses, p.cold_starts, p.flaps_per_hour, p.setting
+            );
+        }
+    }
+    let mut dominates = true;
+    for peer in &rules[1..3] {
+        let gaps = undominated(&rules[0].points, &peer.points);
+        if gaps.is_empty() {
+            println!(
+                "gpuscale dominates {}: at every budget its frontier reaches, gpuscale misses fewer",
+                peer.name
+            );
+            continue;
+        }
+        dominates = false;
+        // Operating points a user would choose: at least 90% of requests within the SLO.
+        let useful = gaps
+            .iter()
+            .filter(|(p, _)| p.slo_misses * 10 <= requests)
+            .count();
+        println!(
+            "gpuscale does NOT dominate {} at {} of its frontier points ({useful} of them with at most 10% of requests over the SLO):",
+            peer.name,
+            gaps.len()
+        );
+        for (p, ours) in gaps {
+            match ours {
+                Some(o) => println!(
+                    "  {} at {:.0} GPU-s misses {}; gpuscale's best within that budget misses {} ({})",
+                    p.setting, p.gpu_seconds, p.slo_misses, o.slo_misses, o.setting
+                ),
+                None => println!(
+                    "  {} at {:.0} GPU-s misses {}; gpuscale has no setting that cheap",
+                    p.setting, p.gpu_seconds, p.slo_misses
+                ),
+            }
+        }
+    }
+    // scaling.predictive against the same policy without it.
+    let gaps = undominated(&rules[3].points, &rules[0].points).len();
+    let back = undominated(&rules[0].points, &rules[3].points).len();
+    println!(
+        "scaling.predictive: the reactive frontier has {gaps} points the predictive one does not beat; the predictive frontier has {back} the reactive one does not beat"
+    );
+    dominates
+}
+
+fn plot(path: &std::path::Path, panels: &[(&str, Vec<Rule>)]) -> anyhow::Result<()> {
+    let root = SVGBackend::new(path, (1100, 460)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let areas = root.split_evenly((1, panels.len()));
+    let colours = [
+        RGBColor(31, 119, 180),
+        RGBColor(214, 39, 40),
+        RGBColor(44, 160, 44),
+        RGBColor(255, 127, 14),
+    ];
+    for ((title, rules), area) in panels.iter().zip(areas) {
+        let fronts: Vec<Vec<Point>> = rules.iter().map(|r| frontier(&r.points)).collect();
+        let all = fronts.iter().flatten();
+        let x_max = all.clone().map(|p| p.gpu_seconds).fold(0.0, f64::max) / 3600.0 * 1.05;
+        let x_min = all.clone().map(|p| p.gpu_seconds).fold(f64::MAX, f64::min) / 3600.0 * 0.95;
+        let y_max = all.map(|p| p.slo_misses).max().unwrap_or(1) as f64 * 1.05 + 1.0;
+        let mut chart = ChartBuilder::on(&area)
+            .caption(*title, ("sans-serif", 16))
+            .margin(10)
+            .x_label_area_size(40)
+            .y_label_area_size(55)
+            .build_cartesian_2d(x_min..x_max, 0.0..y_max)?;
+        chart
+            .configure_mesh()
+            .x_desc("GPU-hours")
+            .y_desc("requests over the TTFT SLO")
+            .x_label_formatter(&|x| format!("{x:.1}"))
+            .y_label_formatter(&|y| format!("{y:.0}"))
+            .light_line_style(RGBColor(238, 238, 238))
+            .draw()?;
+        for ((rule, front), colour) in rules.iter().zip(&fronts).zip(colours) {
+            // A frontier is a staircase: a budget buys the misses of the last point
+            // within it.
+            let mut steps = Vec::new();
+            for (i, p) in front.iter().enumerate() {
+                let x = p.gpu_seconds / 3600.0;
+                if i > 0 {
+                    steps.push((x, front[i - 1].slo_misses as f64));
+                }
+                steps.push((x, p.slo_misses as f64));
+            }
+            if let Some(last) = front.last() {
+                steps.push((x_max, last.slo_misses as f64));
+            }
+            chart
+                .draw_series(LineSeries::new(steps, colour.stroke_width(2)))?
+                .label(rule.name)
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], colour));
+            chart.draw_series(front.iter().map(|p| {
+                Circle::new(
+                    (p.gpu_seconds / 3600.0, p.slo_misses as f64),
+                    3,
+                    colour.filled(),
+                )
+            }))?;
+        }
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()?;
+    }
+    root.present()?;
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    let path = std::env::args()
+        .skip(1)
+        .find(|a| !a.starts_with('-'))
+        .unwrap_or_else(|| {
+            concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../../shared/traces/azure-llm-inference-2023-code.csv"
+            )
+            .to_string()
+        });
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| anyhow::anyhow!("reading the trace {path}: {e}"))?;
+    let azure = Trace::parse_csv(&text)?;
+    let bursty_params = Bursty::default();
+    let bursty = bursty_params.trace();
+    let setup = setup();
+    println!(
+        "replica: batch 8, 8000 prompt tok/s, 40 tok/s per sequence, 45 s cold start, {MIN}..{MAX} replicas; SLO: TTFT <= 2 s"
+    );
+    let mut panels = Vec::new();
+    let mut all = true;
+    for (title, trace) in [
+        (
+            format!("Azure code trace ({} requests)", azure.requests.len()),
+            &azure,
+        ),
+        (
+            format!(
+                "synthetic bursty trace, MMPP-2 seed {} ({} requests)",
+                bursty_params.seed,
+                bursty.requests.len()
+            ),
+            &bursty,
+        ),
+    ] {
+        let started = Instant::now();
+        let rules = sweep(trace, &setup);
+        let n: usize = rules.iter().map(|r| r.points.len()).sum();
+        println!(
+            "\nswept {n} settings in {:.2} s",
+            started.elapsed().as_secs_f64()
+        );
+        all &= report(&title, trace.requests.len(), &rules);
+        panels.push((title, rules));
+    }
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/gpuscale-bench");
+    std::fs::create_dir_all(&dir)?;
+    let svg = dir.join("autoscale-frontier.svg");
+    let refs: Vec<(&str, Vec<Rule>)> = panels.into_iter().map(|(t, r)| (leak(t), r)).collect();
+    plot(&svg, &refs)?;
+    println!("\nplot: {}", svg.display());
+    println!(
+        "gpuscale's frontier {} both peers' on both traces",
+        if all {
+            "dominates"
+        } else {
+            "does not dominate"
+        }
+    );
+    Ok(())
+}
+
+fn leak(s: String) -> &'static str {
+    Box::leak(s.into_boxed_str())
+}
