@@ -4,7 +4,8 @@
 //! Journal of Forecasting 20(1), 2004; R. J. Hyndman and G. Athanasopoulos,
 //! "Forecasting: Principles and Practice", 3rd ed., section 8.2). A level and a trend
 //! per second are smoothed from the demand the policy sees each tick (its mean over the
-//! stable window: the raw queue depth of one scrape is too noisy a slope), and the
+//! panic window, a few seconds: one scrape's queue depth is a noisier slope, and the
+//! minute-long stable mean lags a ramp by half a minute), and the
 //! forecast at the measured cold-start horizon is `level + trend x horizon`: replicas
 //! can start while the queue is still forming. The samples arrive at irregular
 //! intervals, so the trend is per second and the level is carried over the gap before

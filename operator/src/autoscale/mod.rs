@@ -517,7 +517,7 @@ impl Autoscaler {
         if p.predictive {
             // Replicas for the demand expected once one started now is ready, when that
             // is more than the reactive rule asks (and only then: never fewer).
-            self.holt.observe(now, mean);
+            self.holt.observe(now, short);
             let lead = self.lead_time(obs.next_warm);
             if let Some((forecast, trend)) = self.holt.forecast(lead) {
                 let ahead = (forecast / p.target).ceil().min(f64::from(u32::MAX)) as u32;
