@@ -199,8 +199,13 @@ assert "--dra-driver=gpu.nvidia.com" in on_args and "--dra-driver=" in off_args,
 print("binding-mode RBAC: ok")
 PY
 
+# A price table becomes the operator's --gpu-price flags.
+helm template gpuscale "$CHART" --namespace gpuscale --set pricing.gpuHourlyUSD.H100=2.49 \
+  --set pricing.gpuHourlyUSD.L4=0.8 | grep -q -- "- --gpu-price=L4=0.8" \
+  || fail "pricing.gpuHourlyUSD did not become --gpu-price flags"
+
 # values.schema.json must refuse bad values with a message.
-for bad in "modelCache.hostPath=/var/cache/m,modelCache.claim=models" "operator.image.digest=latest" "global.imagePullSecrets[0]=Not_A_Name" "router.holdTimeoutSeconds=0" "router.service.type=Ingress" "operator.replicas=0" "operator.logFormat=xml" "monitoring.interval=soon" "nodeAgent.bogus=1" "binding.devicePlugin.sharingResource=no slash" "binding.dra.enabled=maybe"; do
+for bad in "modelCache.hostPath=/var/cache/m,modelCache.claim=models" "operator.image.digest=latest" "global.imagePullSecrets[0]=Not_A_Name" "router.holdTimeoutSeconds=0" "router.service.type=Ingress" "operator.replicas=0" "operator.logFormat=xml" "monitoring.interval=soon" "nodeAgent.bogus=1" "binding.devicePlugin.sharingResource=no slash" "binding.dra.enabled=maybe" "pricing.gpuHourlyUSD.H100=-1" "pricing.gpuHourlyUSD.H100=cheap"; do
   if helm template gpuscale "$CHART" --set "$bad" >/dev/null 2>"$out/err"; then
     fail "values.schema.json accepted --set $bad"
   fi

@@ -65,6 +65,18 @@ use serde::{Deserialize, Serialize};
         priority = 1
     ),
     printcolumn(
+        name = "USD/h",
+        type_ = "number",
+        json_path = ".status.cost.dollarsPerHour",
+        priority = 1
+    ),
+    printcolumn(
+        name = "USD/1M-tokens",
+        type_ = "number",
+        json_path = ".status.cost.dollarsPerMillionTokens",
+        priority = 1
+    ),
+    printcolumn(
         name = "Reason",
         type_ = "string",
         json_path = ".status.lastScaleReason",
@@ -481,6 +493,28 @@ impl Default for RolloutSpec {
     }
 }
 
+/// What a deployment costs, at the operator's GPU price table.
+#[derive(JsonSchema, Deserialize, Serialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct CostStatus {
+    /// US dollars per hour for the GPUs its replicas hold now (loading and draining
+    /// replicas included: their GPUs are held), at the price of each GPU's product.
+    pub dollars_per_hour: f64,
+    /// US dollars per million generated tokens over the last window (`window_seconds`):
+    /// the hourly cost over the tokens per hour; absent while nothing was generated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dollars_per_million_tokens: Option<f64>,
+    /// Generated tokens per second over the window.
+    #[serde(default)]
+    pub tokens_per_second: f64,
+    /// The window the token rate is measured over, in seconds.
+    #[serde(default)]
+    pub window_seconds: u32,
+    /// GPUs whose product has no price in the table (not counted in the cost).
+    #[serde(default)]
+    pub unpriced_gpus: u32,
+}
+
 /// Observed state, written by the operator.
 #[derive(JsonSchema, Deserialize, Serialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
@@ -503,6 +537,10 @@ pub struct InferenceDeploymentStatus {
     /// Requests per second across replicas at the last scrape.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_rate: Option<f64>,
+    /// What the replicas cost at the operator's GPU price table (chart value
+    /// `pricing.gpuHourlyUSD`); absent without a price table.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost: Option<CostStatus>,
     /// Measured time from pod creation to ready, the latest replica's, in seconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub measured_ready_seconds: Option<f64>,
@@ -692,6 +730,9 @@ pub struct ReplicaPlacement {
     /// The ResourceClaim that holds its GPUs, when bound through DRA.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub claim: Option<String>,
+    /// The GPUs' product name, as placement saw it (absent on the CPU backend).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub product: Option<String>,
 }
 
 /// How a replica's GPUs were bound to its pod.

@@ -3,6 +3,7 @@
 //! them; the node agent that publishes a node's GPUs; and trace replay.
 
 pub mod autoscale;
+pub mod cost;
 pub mod estimate;
 pub mod health;
 pub mod inventory;

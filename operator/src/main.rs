@@ -129,6 +129,12 @@ enum Command {
         /// Port of the router pods' API and /metrics.
         #[arg(long, default_value_t = 8080)]
         router_port: u16,
+        /// The hourly price of one GPU, `PRODUCT=USD` (`H100=2.49`), the product matched
+        /// as a case-insensitive substring of the GPU's product name, the longest first;
+        /// repeat for several. With any, status and metrics carry each deployment's
+        /// $/hour and $/1M tokens.
+        #[arg(long = "gpu-price")]
+        gpu_prices: Vec<String>,
     },
     /// Publish this node's GPU inventory (NVML) as a GpuInventory object.
     NodeAgent {
@@ -412,7 +418,10 @@ fn main() -> anyhow::Result<ExitCode> {
             router_selector,
             router_namespace,
             router_port,
+            gpu_prices,
         } => {
+            let prices = gpuscale_operator::cost::PriceTable::parse(&gpu_prices)
+                .map_err(anyhow::Error::msg)?;
             init_tracing();
             let election = leader_election.then(|| Election {
                 namespace: lease_namespace,
@@ -452,6 +461,7 @@ fn main() -> anyhow::Result<ExitCode> {
                         .filter(|s| !s.is_empty())
                         .map(|s| (router_namespace, s, router_port)),
                 },
+                prices,
             };
             tokio::runtime::Runtime::new()?.block_on(operator_main(
                 metrics_addr,

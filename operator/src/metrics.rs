@@ -110,6 +110,8 @@ pub struct Metrics {
     rollouts: Family<RolloutLabel, Counter>,
     leader: Gauge,
     download: Family<DeploymentLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    cost_hourly: Family<DeploymentLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    cost_tokens: Family<DeploymentLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
     start: Family<StartLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
     replicas: Family<ReplicasLabel, Gauge>,
     health: crate::health::Health,
@@ -162,6 +164,20 @@ impl Default for Metrics {
             "Share of the model fetched by the deployment's downloading replicas (absent when none is)",
             download.clone(),
         );
+        let cost_hourly =
+            Family::<DeploymentLabel, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        registry.register(
+            "deployment_cost_dollars_per_hour",
+            "What the deployment's GPUs cost per hour at the operator's price table (absent without one)",
+            cost_hourly.clone(),
+        );
+        let cost_tokens =
+            Family::<DeploymentLabel, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        registry.register(
+            "deployment_cost_dollars_per_million_tokens",
+            "The hourly cost over the tokens generated in the last 5 minutes, per million (absent while none were)",
+            cost_tokens.clone(),
+        );
         let start = Family::<StartLabel, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
         registry.register(
             "replica_start_seconds",
@@ -192,6 +208,8 @@ impl Default for Metrics {
             rollouts,
             leader,
             download,
+            cost_hourly,
+            cost_tokens,
             start,
         }
     }
@@ -284,8 +302,35 @@ impl Metrics {
         }
     }
 
+    /// Exports `deployment`'s cost (`None`: no price table; the series go).
+    pub fn cost(&self, deployment: &str, cost: Option<&gpuscale_crds::CostStatus>) {
+        let label = DeploymentLabel {
+            deployment: deployment.into(),
+        };
+        match cost {
+            Some(c) => {
+                self.cost_hourly
+                    .get_or_create(&label)
+                    .set(c.dollars_per_hour);
+                match c.dollars_per_million_tokens {
+                    Some(v) => {
+                        self.cost_tokens.get_or_create(&label).set(v);
+                    }
+                    None => {
+                        self.cost_tokens.remove(&label);
+                    }
+                }
+            }
+            None => {
+                self.cost_hourly.remove(&label);
+                self.cost_tokens.remove(&label);
+            }
+        }
+    }
+
     /// Drops the series of a deleted deployment.
     pub fn forget(&self, deployment: &str) {
+        self.cost(deployment, None);
         for state in Replicas::STATES {
             self.replicas.remove(&ReplicasLabel {
                 deployment: deployment.into(),

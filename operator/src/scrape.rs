@@ -13,6 +13,8 @@ pub struct WorkerLoad {
     pub running: f64,
     /// Requests finished since the worker started, any status (a counter).
     pub requests_total: f64,
+    /// Tokens generated since the worker started (a counter).
+    pub generated_tokens_total: f64,
     /// The GPUs the worker was given (`gpuscale_worker_gpu_info`), by UUID: what the
     /// device plugin assigned, whatever placement chose. Empty on CPU.
     pub gpus: Vec<String>,
@@ -112,6 +114,7 @@ pub fn parse(url: &str, text: &str) -> Result<WorkerLoad, ScrapeError> {
         waiting: need("gpuscale_worker_queue_depth")?,
         running: need("gpuscale_worker_running_sequences")?,
         requests_total: sum("gpuscale_worker_requests_total").unwrap_or(0.0),
+        generated_tokens_total: sum("gpuscale_worker_generation_tokens_total").unwrap_or(0.0),
         gpus,
         startup: Startup {
             download_bytes: sum("gpuscale_worker_model_download_bytes").unwrap_or(0.0),
@@ -181,6 +184,8 @@ mod tests {
             # TYPE gpuscale_worker_requests_total counter\n\
             gpuscale_worker_requests_total{status=\"ok\"} 40\n\
             gpuscale_worker_requests_total{status=\"error\"} 2\n\
+            # TYPE gpuscale_worker_generation_tokens_total counter\n\
+            gpuscale_worker_generation_tokens_total 1234\n\
             # EOF\n";
         let l = parse("http://w/metrics", text).unwrap();
         assert_eq!(
@@ -189,6 +194,7 @@ mod tests {
                 waiting: 3.0,
                 running: 5.0,
                 requests_total: 42.0,
+                generated_tokens_total: 1234.0,
                 gpus: Vec::new(),
                 startup: Startup::default(),
             }

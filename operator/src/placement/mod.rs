@@ -114,6 +114,8 @@ pub struct Placement {
     /// The GPUs are claimed through DRA (a ResourceClaim naming them), not counted
     /// out by a device plugin.
     pub dra: bool,
+    /// The GPUs' product name (what a price table is keyed by).
+    pub product: String,
 }
 
 /// Why a replica could not be placed.
@@ -414,6 +416,7 @@ impl Engine {
             exclusive: req.sharing == Sharing::Exclusive,
             nvlink,
             dra: matches!(node.binding, Binding::Dra { .. }),
+            product: self.products[node.gpus[order[0]].product].clone(),
         };
         self.commit(ni, &order, p.clone());
         Ok(p)

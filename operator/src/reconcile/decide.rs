@@ -228,6 +228,7 @@ pub(super) fn decide(
                         exclusive: p.exclusive,
                         assigned: false,
                         dra: p.dra,
+                        product: Some(p.product),
                     },
                     Err(r) => match cpu_placement(v, &ledger.get().cpu_nodes, pods, &created, need)
                     {
@@ -409,5 +410,6 @@ fn cpu_placement(
         exclusive: false,
         assigned: false,
         dra: false,
+        product: None,
     })
 }

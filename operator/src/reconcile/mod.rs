@@ -87,6 +87,8 @@ pub struct Config {
     /// The request routers whose held requests are demand (and whose request counts
     /// tell an idle deployment, for scale to zero).
     pub routers: crate::routers::Sources,
+    /// GPU prices by product, for the cost in status and metrics (empty: no cost).
+    pub prices: crate::cost::PriceTable,
 }
 
 /// Where replicas keep http(s) models: the worker downloads into it before loading,
@@ -139,6 +141,7 @@ impl Default for Config {
             binding: BindingConfig::default(),
             model_cache: ModelCache::default(),
             routers: crate::routers::Sources::default(),
+            prices: crate::cost::PriceTable::default(),
         }
     }
 }
@@ -301,6 +304,8 @@ struct DeploymentState {
     /// loop.
     avoid: HashMap<String, Instant>,
     last_requests: Option<(Instant, f64)>,
+    /// Generated tokens per second over the cost window.
+    tokens: crate::cost::TokenRate,
     /// What the last pass learned of the model (status may lag it).
     model: Option<gpuscale_crds::ModelStatus>,
     /// When status's load figures were last written (see `report`).
@@ -356,6 +361,7 @@ impl DeploymentState {
             desired: st.map(|s| s.desired_replicas).filter(|&n| n > 0),
             avoid: HashMap::new(),
             last_requests: None,
+            tokens: crate::cost::TokenRate::default(),
             model: None,
             load_written: None,
             downloads: HashMap::new(),

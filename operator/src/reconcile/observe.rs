@@ -48,6 +48,8 @@ pub(super) struct World {
     /// creating the pod and its claim): `act` makes them.
     pub(super) missing_claims: Vec<(Arc<Pod>, PodPlacement)>,
     pub(super) request_rate: Option<f64>,
+    /// Generated tokens per second over the cost window.
+    pub(super) tokens_per_second: Option<f64>,
     /// Replicas fetching the model into their node's cache.
     pub(super) downloads: Vec<Download>,
     /// Nodes holding the model (a ready replica of the current spec runs there).
@@ -305,7 +307,10 @@ pub(super) async fn observe(
         }
         _ => None,
     };
+    let generated: f64 = scraped.iter().map(|l| l.generated_tokens_total).sum();
+    let tokens_per_second = state.tokens.observe(now, generated);
     World {
+        tokens_per_second,
         corrections,
         refusals,
         missing_claims,
@@ -470,6 +475,7 @@ pub(super) fn ledger(
             exclusive: p.exclusive,
             nvlink: true,
             dra: p.dra,
+            product: p.product.clone().unwrap_or_default(),
         };
         if let Err(e) = engine.adopt(placed) {
             lost.insert(pod.name_any(), e.to_string());

@@ -71,6 +71,10 @@ pub struct PodPlacement {
     /// counted out by a device plugin.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub dra: bool,
+    /// The GPUs' product, as placement saw it (absent on CPU, and on pods placed by
+    /// earlier versions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub product: Option<String>,
 }
 
 /// The name of the ResourceClaim that holds the GPUs of pod `pod`.

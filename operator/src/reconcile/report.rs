@@ -126,7 +126,10 @@ pub(super) async fn report(
             },
         },
     );
+    let cost = crate::cost::cost(&placements, &ctx.config.prices, world.tokens_per_second);
+    ctx.metrics.cost(&key, cost.as_ref());
     let observed = status::Observed {
+        cost,
         ready: world.ready,
         active,
         desired: decided.desired,
@@ -155,16 +158,17 @@ pub(super) async fn report(
         let held = gpuscale_crds::InferenceDeploymentStatus {
             queue_depth: old.queue_depth,
             request_rate: old.request_rate,
+            cost: old.cost.clone(),
             ..st.clone()
         };
         if &held == old {
             st = held;
         }
     }
-    let load_changed = d
-        .status
-        .as_ref()
-        .is_none_or(|old| (old.queue_depth, old.request_rate) != (st.queue_depth, st.request_rate));
+    let load_changed = d.status.as_ref().is_none_or(|old| {
+        (old.queue_depth, old.request_rate, &old.cost)
+            != (st.queue_depth, st.request_rate, &st.cost)
+    });
     patch_status(d, ctx, &st).await?;
     if load_changed {
         state.load_written = Some(now);
@@ -274,6 +278,7 @@ fn replica_placement(pod: String, p: &PodPlacement, state: ReplicaState) -> Repl
         vram_reserved_bytes: p.bytes_per_gpu,
         state,
         binding,
+        product: p.product.clone(),
     }
 }
 

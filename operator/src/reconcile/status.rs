@@ -20,6 +20,8 @@ pub struct Observed<'a> {
     pub desired: u32,
     pub demand: Option<f64>,
     pub request_rate: Option<f64>,
+    /// What the replicas cost (`None`: no price table).
+    pub cost: Option<gpuscale_crds::CostStatus>,
     /// The measured ready time (`None` until a replica became ready).
     pub ready_time: Option<Duration>,
     /// Replicas fetching the model, described (`smollm-0: 45% of 96.6 MB`).
@@ -73,6 +75,7 @@ pub fn build(d: &InferenceDeployment, o: &Observed) -> InferenceDeploymentStatus
         desired_replicas: o.desired,
         queue_depth: o.demand.unwrap_or(0.0).round() as u32,
         request_rate: o.request_rate.map(|r| (r * 100.0).round() / 100.0),
+        cost: o.cost.clone(),
         // What was measured, never the default the autoscaler assumes before that
         // (a measurement restored after a restart stays until a new one).
         measured_ready_seconds: o

@@ -46,6 +46,7 @@ impl Scrape for Loads {
                 waiting: 0.0,
                 running: v,
                 requests_total: 0.0,
+                generated_tokens_total: 0.0,
                 gpus: self
                     .1
                     .lock()
@@ -518,6 +519,43 @@ async fn create_places_a_pinned_owned_pod_and_a_service() {
 }
 
 #[tokio::test]
+async fn with_a_price_table_status_and_metrics_say_what_the_replicas_cost() {
+    let d = deployment(json!({"minReplicas": 1, "maxReplicas": 4}));
+    let (client, mock) = Mock::start(pass(&d, vec![create_pod()]));
+    let mut config = node_models();
+    config.prices = crate::cost::PriceTable::parse(&["H100=2.49", "L4=0.8"]).unwrap();
+    let ctx = Context::with_cache(
+        client,
+        config,
+        Arc::new(Loads::default()),
+        Arc::new(Metrics::default()),
+        cache(vec![]),
+        TestClock::new(),
+    );
+    reconcile(object(&d), ctx.clone()).await.unwrap();
+    let text = ctx.metrics.encode();
+    let log = mock.finish(ctx).await;
+    // The placement records the product it priced, on the pod and in status.
+    let pod = &log.posts(POD_PATH)[0];
+    assert_eq!(placement_in(pod).product.as_deref(), Some("NVIDIA L4"));
+    let status = log.status();
+    assert_eq!(status["placements"][0]["product"], "NVIDIA L4");
+    let cost = &status["cost"];
+    assert_eq!(cost["dollarsPerHour"], 0.8, "{status}");
+    assert_eq!(cost["unpricedGpus"], 0);
+    assert!(
+        cost.get("dollarsPerMillionTokens").is_none(),
+        "no tokens yet: {cost}"
+    );
+    assert!(
+        text.contains(
+            "gpuscale_operator_deployment_cost_dollars_per_hour{deployment=\"default/smollm\"} 0.8"
+        ),
+        "{text}"
+    );
+}
+
+#[tokio::test]
 async fn the_mock_fails_a_pass_whose_request_differs_in_query_or_content_type() {
     let d = deployment(json!({"minReplicas": 1, "maxReplicas": 4}));
     // The script wants a server-side apply without `force`; the pass sends `force=true`.
@@ -771,6 +809,7 @@ fn a_replica_on_four_gpus_splits_its_model_over_all_four() {
         exclusive: true,
         assigned: false,
         dra: true,
+        product: Some("NVIDIA H100 80GB HBM3".into()),
     };
     let args = super::pods::worker_args(&d, &mount, &p).join(" ");
     // The container sees its four GPUs as cuda:0..3, whichever they are on the node;
