@@ -446,6 +446,30 @@ impl Engine {
         Some(p)
     }
 
+    /// What removing `replica` would give back to the fleet: the largest free block
+    /// its exit leaves on one of its GPUs (the whole usable memory of a GPU it leaves
+    /// empty). Scale-down removes the replica that frees most first, so the fleet's
+    /// free memory gathers into blocks a larger model can use; `None` for a replica
+    /// placed on no GPU.
+    pub fn freed_by(&self, replica: &ReplicaId) -> Option<u64> {
+        let p = self.placed.get(replica)?;
+        let node = &self.nodes[self.node_index(&p.node)?];
+        p.gpus
+            .iter()
+            .filter_map(|&g| node.gpus.iter().find(|s| s.index == g))
+            .filter(|s| s.unhealthy.is_none())
+            .map(|s| {
+                if s.owners <= 1 {
+                    s.usable
+                } else if p.exclusive || s.exclusive {
+                    0
+                } else {
+                    s.usable.saturating_sub(s.reserved - p.bytes_per_gpu)
+                }
+            })
+            .max()
+    }
+
     /// Every placement, in replica order.
     pub fn placements(&self) -> Vec<&Placement> {
         let mut v: Vec<&Placement> = self.placed.values().collect();

@@ -182,7 +182,7 @@ pub(super) fn decide(
         _ => Version::Outdated,
     };
 
-    let replicas: Vec<Replica> = world
+    let mut replicas: Vec<Replica> = world
         .seen
         .iter()
         .map(|s| Replica {
@@ -190,8 +190,25 @@ pub(super) fn decide(
             phase: s.phase,
             version: version_of(&s.revision),
             in_flight: s.load.as_ref().map(|l| l.in_flight()),
+            frees: 0,
         })
         .collect();
+    // Which replica a scale-down removes depends on what its exit frees for the
+    // fleet: read from the ledger, built only when some replica is in excess.
+    let active = replicas
+        .iter()
+        .filter(|r| matches!(r.phase, Phase::Loading | Phase::Ready))
+        .count() as u32;
+    if active > targets.desired.max(targets.stable + targets.canary) {
+        let engine = &ledger.get().engine;
+        for r in &mut replicas {
+            let id = placement::ReplicaId {
+                deployment: key.clone(),
+                index: r.index,
+            };
+            r.frees = engine.freed_by(&id).unwrap_or(0);
+        }
+    }
     let mut refusal = None;
     let mut capacity = Vec::new();
     // The most memory any one GPU of the fleet offers when empty (`None`: no GPU),

@@ -7,8 +7,10 @@
 //!   desired count in all;
 //! - excess replicas are removed rolled back first (drained at once), then outdated
 //!   (neither stable nor canary), then the stable version's, then the canary's; loading
-//!   before ready, then the one with the least in flight; a loading one is deleted at
-//!   once, a ready one drained;
+//!   before ready, then the one whose exit frees the largest block of GPU memory for
+//!   the fleet (defragmenting: free memory gathers where a larger model fits), then the
+//!   one with the least in flight; a loading one is deleted at once, a ready one
+//!   drained;
 //! - any other ready replica is never drained while that would leave fewer ready
 //!   replicas than desired (one fewer with `surge` 0: replace in place), so a rollout
 //!   waits for its new replicas to be ready.
@@ -54,6 +56,9 @@ pub struct Replica {
     pub version: Version,
     /// Requests waiting or running, when scraped.
     pub in_flight: Option<f64>,
+    /// The largest block of GPU memory its exit would free for the fleet
+    /// (`Engine::freed_by`; 0 on the CPU, or where not computed).
+    pub frees: u64,
 }
 
 /// One step.
@@ -151,6 +156,7 @@ pub fn plan(replicas: &[Replica], t: &Targets) -> Vec<Step> {
         let key = |r: &Replica| (r.version, r.phase == Phase::Ready);
         key(a)
             .cmp(&key(b))
+            .then(b.frees.cmp(&a.frees))
             .then(
                 a.in_flight
                     .unwrap_or(f64::MAX)
@@ -196,7 +202,144 @@ mod tests {
                 Version::Stable
             },
             in_flight: Some(in_flight),
+            frees: 0,
         }
+    }
+
+    /// A fragmented fleet: 4 nodes x 2 L4 (24 GiB), 14 replicas of 8 GiB shared, two
+    /// alone on a GPU and the rest paired so that the highest indices sit on different
+    /// GPUs. No GPU has 20 GiB free. A wave of three removals: by the old order
+    /// (highest index first) every freed block is 16 GiB and a 20 GiB model still does
+    /// not fit; by what each exit frees, the two lone replicas go first and it fits.
+    #[test]
+    fn a_scale_down_wave_that_defragments_makes_room_for_a_model_that_did_not_fit() {
+        use crate::estimate::GIB;
+        use crate::inventory::{Binding, Gpu, Health, Inventory, NodeGpus};
+        use crate::placement::{
+            Engine, Placement, ReplicaId, Request, Selector, Sharing, SpreadDomain, Strategy,
+        };
+        let node = |n: u32| NodeGpus {
+            name: format!("node-{n}"),
+            zone: None,
+            gpus: (0..2)
+                .map(|i| Gpu {
+                    index: i,
+                    uuid: Some(format!("GPU-{n}-{i}")),
+                    product: "NVIDIA L4".into(),
+                    total_bytes: 24 * GIB,
+                    used_outside_bytes: 0,
+                    compute_capability: Some((8, 9)),
+                    nvlink_peers: Vec::new(),
+                    numa_node: None,
+                    health: Health::Healthy,
+                })
+                .collect(),
+            binding: Binding::Dra { shareable: true },
+        };
+        let mut engine = Engine::new(&Inventory {
+            nodes: (0..4).map(node).collect(),
+        });
+        // GPU slot k (node k / 2, GPU k % 2) holds these replicas.
+        let slots: [&[u32]; 8] = [
+            &[0],
+            &[1],
+            &[2, 8],
+            &[3, 9],
+            &[4, 10],
+            &[5, 11],
+            &[6, 12],
+            &[7, 13],
+        ];
+        let id = |index| ReplicaId {
+            deployment: "ns/small".into(),
+            index,
+        };
+        for (k, replicas) in slots.iter().enumerate() {
+            for &index in *replicas {
+                engine
+                    .adopt(Placement {
+                        replica: id(index),
+                        node: format!("node-{}", k / 2),
+                        gpus: vec![(k % 2) as u32],
+                        gpu_uuids: vec![format!("GPU-{}-{}", k / 2, k % 2)],
+                        bytes_per_gpu: 8 * GIB,
+                        exclusive: false,
+                        nvlink: true,
+                        dra: true,
+                        product: "NVIDIA L4".into(),
+                    })
+                    .unwrap();
+            }
+        }
+        let big = Request {
+            replica: ReplicaId {
+                deployment: "ns/big".into(),
+                index: 0,
+            },
+            need_per_gpu: 20 * GIB,
+            gpus: 1,
+            sharing: Sharing::Shared,
+            selector: Selector::default(),
+            strategy: Strategy::BinPack,
+            spread: SpreadDomain::Node,
+            require_nvlink: false,
+            avoid_nodes: Vec::new(),
+        };
+        assert!(
+            engine.clone().place(&big).is_err(),
+            "fragmented: 20 GiB fits nowhere"
+        );
+        let wave = |defragment: bool| {
+            let replicas: Vec<Replica> = (0..14)
+                .map(|index| Replica {
+                    frees: if defragment {
+                        engine.freed_by(&id(index)).unwrap()
+                    } else {
+                        0
+                    },
+                    ..r(index, Phase::Ready, false, 1.0)
+                })
+                .collect();
+            let mut after = engine.clone();
+            let steps = plan(&replicas, &Targets::stable(11, 1));
+            for step in &steps {
+                let Step::Drain(index) = step else {
+                    panic!("{step:?}")
+                };
+                after.release(&id(*index)).unwrap();
+            }
+            (steps, after.place(&big).is_ok())
+        };
+        let (steps, fits) = wave(false);
+        assert_eq!(steps, [Step::Drain(13), Step::Drain(12), Step::Drain(11)]);
+        assert!(!fits, "highest index first leaves three 16 GiB blocks");
+        let (steps, fits) = wave(true);
+        assert_eq!(steps[..2], [Step::Drain(1), Step::Drain(0)]);
+        assert!(fits, "the two lone replicas go first: whole GPUs free");
+    }
+
+    #[test]
+    fn scale_down_removes_the_replica_whose_exit_frees_the_largest_block_first() {
+        let frees = |mut r: Replica, gib: u64| {
+            r.frees = gib << 30;
+            r
+        };
+        // The least busy frees a 10 GiB block; another leaves a whole 80 GiB GPU empty.
+        let have = [
+            frees(r(0, Phase::Ready, false, 1.0), 10),
+            frees(r(1, Phase::Ready, false, 4.0), 80),
+            frees(r(2, Phase::Ready, false, 2.0), 30),
+        ];
+        assert_eq!(
+            plan(&have, &Targets::stable(1, 1)),
+            vec![Step::Drain(1), Step::Drain(2)]
+        );
+        // Equal blocks: the least busy, as before.
+        let have = [
+            frees(r(0, Phase::Ready, false, 3.0), 80),
+            frees(r(1, Phase::Ready, false, 1.0), 80),
+        ];
+        assert_eq!(plan(&have, &Targets::stable(1, 1)), vec![Step::Drain(1)]);
     }
 
     #[test]
