@@ -100,6 +100,26 @@ async fn kubectl_waits_for_ready_and_lists_deployments_under_all() {
         ok && out.contains("STATUS") && out.contains("ReplicasReady"),
         "{out}{err}"
     );
+    // The cost, as the operator writes it with a price table, in `-o wide`.
+    api.patch_status(
+        "smollm",
+        &PatchParams::default(),
+        &Patch::Merge(&json!({"status": {"cost": {"dollarsPerHour": 2.49,
+            "dollarsPerMillionTokens": 1.2345, "tokensPerSecond": 560.3,
+            "windowSeconds": 300, "unpricedGpus": 0}}})),
+    )
+    .await
+    .unwrap();
+    let (ok, out, err) = kubectl(&kc, &["get", "infd", "-o", "wide"]);
+    assert!(
+        ok && out.contains("USD/H") && out.contains("USD/1M-TOKENS"),
+        "{out}{err}"
+    );
+    let row = out
+        .lines()
+        .find(|l| l.starts_with("smollm"))
+        .unwrap_or_default();
+    assert!(row.contains("2.49") && row.contains("1.2345"), "{out}");
     // The only kind in this namespace, so kubectl prints its table without a prefix.
     let (ok, out, err) = kubectl(&kc, &["get", "all"]);
     assert!(ok && out.contains("smollm2-135m-instruct"), "{out}{err}");
