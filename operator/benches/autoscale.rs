@@ -10,9 +10,10 @@ use std::time::{Duration, Instant};
 
 use gpuscale_operator::autoscale::Params;
 use gpuscale_operator::replay::{
-    replay, report, GpuscaleRule, HpaRule, KedaRule, Outcome, ReplicaModel, ScalingRule, Setup,
-    Slo, Trace,
+    replay, report, GpuscaleRule, HpaRule, KedaRule, Outcome, ScalingRule,
 };
+
+mod common;
 
 const MIN: u32 = 1;
 const MAX: u32 = 8;
@@ -23,34 +24,8 @@ const TARGET: u32 = 8;
 const WARM: u32 = 2;
 
 fn main() -> anyhow::Result<()> {
-    let path = std::env::args()
-        .skip(1)
-        .find(|a| !a.starts_with('-'))
-        .unwrap_or_else(|| {
-            concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/../../shared/traces/azure-llm-inference-2023-code.csv"
-            )
-            .to_string()
-        });
-    let text = std::fs::read_to_string(&path)
-        .map_err(|e| anyhow::anyhow!("reading the trace {path}: {e}"))?;
-    let trace = Trace::parse_csv(&text)?;
-    let setup = Setup {
-        // An 8B-class model on one GPU: 8k prompt tokens/s, 40 generated tokens/s per
-        // sequence, 8 sequences at once, 45 s from pod creation to ready.
-        model: ReplicaModel {
-            max_batch: 8,
-            queue_capacity: 64,
-            prefill_tokens_per_second: 8000.0,
-            decode_tokens_per_second: 40.0,
-            load_seconds: 45.0,
-            gpus: 1,
-        },
-        slo: Slo { ttft_seconds: 2.0 },
-        initial_replicas: MIN,
-        sample_every: 5.0,
-    };
+    let (path, trace) = common::trace_from_args()?;
+    let setup = common::replica_setup(MIN);
     println!(
         "trace: {path}\n  {} requests over {:.0} s, replayed as recorded (no time scaling)",
         trace.requests.len(),

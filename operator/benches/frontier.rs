@@ -23,9 +23,9 @@ use std::time::{Duration, Instant};
 use gpuscale_operator::autoscale::Params;
 use gpuscale_operator::replay::frontier::{frontier, undominated, Point};
 use gpuscale_operator::replay::synthetic::Bursty;
-use gpuscale_operator::replay::{
-    replay, GpuscaleRule, HpaRule, KedaRule, ReplicaModel, Setup, Slo, Trace,
-};
+use gpuscale_operator::replay::{replay, GpuscaleRule, HpaRule, KedaRule, Setup, Trace};
+
+mod common;
 use plotters::prelude::*;
 
 const MIN: u32 = 1;
@@ -35,23 +35,6 @@ const MAX: u32 = 24;
 const WINDOWS: [f64; 5] = [30.0, 60.0, 120.0, 300.0, 600.0];
 /// Queue depth per replica swept (gpuscale's target, KEDA's threshold).
 const QUEUES: [u32; 11] = [2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64];
-
-fn setup() -> Setup {
-    // As the autoscale bench: an 8B-class model on one GPU, 45 s cold start.
-    Setup {
-        model: ReplicaModel {
-            max_batch: 8,
-            queue_capacity: 64,
-            prefill_tokens_per_second: 8000.0,
-            decode_tokens_per_second: 40.0,
-            load_seconds: 45.0,
-            gpus: 1,
-        },
-        slo: Slo { ttft_seconds: 2.0 },
-        initial_replicas: MIN,
-        sample_every: 5.0,
-    }
-}
 
 struct Rule {
     name: &'static str,
@@ -258,22 +241,10 @@ fn plot(path: &std::path::Path, panels: &[(&str, Vec<Rule>)]) -> anyhow::Result<
 }
 
 fn main() -> anyhow::Result<()> {
-    let path = std::env::args()
-        .skip(1)
-        .find(|a| !a.starts_with('-'))
-        .unwrap_or_else(|| {
-            concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/../../shared/traces/azure-llm-inference-2023-code.csv"
-            )
-            .to_string()
-        });
-    let text = std::fs::read_to_string(&path)
-        .map_err(|e| anyhow::anyhow!("reading the trace {path}: {e}"))?;
-    let azure = Trace::parse_csv(&text)?;
+    let (_, azure) = common::trace_from_args()?;
     let bursty_params = Bursty::default();
     let bursty = bursty_params.trace();
-    let setup = setup();
+    let setup = common::replica_setup(MIN);
     println!(
         "replica: batch 8, 8000 prompt tok/s, 40 tok/s per sequence, 45 s cold start, {MIN}..{MAX} replicas; SLO: TTFT <= 2 s"
     );

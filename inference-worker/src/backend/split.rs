@@ -16,20 +16,14 @@ use std::ops::Range;
 use super::{Backend, BackendError, KvLayout, SeqChunk};
 use crate::model::{LoadError, ModelConfig};
 
-/// One device's part of a split model.
-pub trait Part: Send {
-    /// The backend: "cpu" or "cuda".
-    fn kind(&self) -> &'static str;
+/// One device's part of a split model: a backend (its `kv_layout` is the pool of its
+/// own layers, its `memory_bytes` what it holds on its device) that can also run only
+/// its blocks.
+pub trait Part: Backend {
     /// The device, for logs and messages ("cpu", "cuda:1 (H100)").
     fn device(&self) -> String;
     /// The blocks this part holds.
     fn layers(&self) -> Range<usize>;
-    /// The model's hyper-parameters.
-    fn config(&self) -> &ModelConfig;
-    /// The KV pool (of this part's layers) it allocated.
-    fn kv_layout(&self) -> KvLayout;
-    /// Bytes it holds for weights and KV on its device.
-    fn memory_bytes(&self) -> u64;
     /// Runs this part's layers over the batch. `hidden` is `None` for the part holding
     /// layer 0 (it embeds the tokens), else the previous part's output, one row of `dim`
     /// per token in batch order. Returns that output for the next part, or, from the
@@ -39,6 +33,41 @@ pub trait Part: Send {
         chunks: &[SeqChunk<'_>],
         hidden: Option<Vec<f32>>,
     ) -> Result<Vec<f32>, BackendError>;
+}
+
+/// [`Backend::forward`] of a part: only a part that holds the whole model runs alone
+/// (a part before the last would hand hidden states out as logits).
+pub(crate) fn forward_whole<P: Part>(
+    p: &mut P,
+    chunks: &[SeqChunk<'_>],
+) -> Result<Vec<f32>, BackendError> {
+    let layers = p.layers();
+    if layers != (0..p.config().n_layers) {
+        return Err(BackendError::Handoff(format!(
+            "this {} backend holds layers {layers:?} only; run it as a part of a split",
+            p.name()
+        )));
+    }
+    p.forward_part(chunks, None)
+}
+
+/// Checks what a part is handed: nothing for the part with the embedding, else
+/// `tokens` rows of `dim`.
+pub(crate) fn check_handoff(
+    layers: &Range<usize>,
+    embeds: bool,
+    hidden: Option<&[f32]>,
+    tokens: usize,
+    dim: usize,
+) -> Result<(), BackendError> {
+    match (embeds, hidden) {
+        (true, None) => Ok(()),
+        (false, Some(h)) if h.len() == tokens * dim => Ok(()),
+        (_, h) => Err(BackendError::Handoff(format!(
+            "layers {layers:?} got {} hidden values for {tokens} tokens of {dim}",
+            h.map_or(0, <[f32]>::len)
+        ))),
+    }
 }
 
 /// A model split over several parts; a [`Backend`] to the scheduler.
@@ -93,7 +122,7 @@ impl Backend for Split {
     /// The backend's kind when the model is on one device, else "split".
     fn name(&self) -> &'static str {
         match self.parts.as_slice() {
-            [one] => one.kind(),
+            [one] => one.name(),
             _ => "split",
         }
     }

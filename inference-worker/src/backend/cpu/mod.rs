@@ -335,39 +335,17 @@ impl Backend for CpuBackend {
     }
 
     fn forward(&mut self, chunks: &[SeqChunk<'_>]) -> Result<Vec<f32>, BackendError> {
-        if self.range != (0..self.config.n_layers) {
-            return Err(BackendError::Handoff(format!(
-                "this CPU backend holds layers {:?} only; run it as a part of a split",
-                self.range
-            )));
-        }
-        self.forward_part(chunks, None)
+        super::split::forward_whole(self, chunks)
     }
 }
 
 impl Part for CpuBackend {
-    fn kind(&self) -> &'static str {
-        "cpu"
-    }
-
     fn device(&self) -> String {
         "cpu".into()
     }
 
     fn layers(&self) -> Range<usize> {
         self.range.clone()
-    }
-
-    fn config(&self) -> &ModelConfig {
-        &self.config
-    }
-
-    fn kv_layout(&self) -> KvLayout {
-        self.kv.layout
-    }
-
-    fn memory_bytes(&self) -> u64 {
-        Backend::memory_bytes(self)
     }
 
     fn forward_part(
@@ -388,22 +366,16 @@ impl Part for CpuBackend {
         let file = Arc::clone(&self.file);
         let data = file.bytes();
         // 1. The residual stream: the tokens' embeddings, or the previous part's output.
+        super::split::check_handoff(&self.range, self.embed.is_some(), hidden.as_deref(), n, dim)?;
         let mut x = match (&self.embed, hidden) {
-            (Some(embed), None) => {
+            (Some(embed), _) => {
                 let mut x = vec![0f32; n * dim];
                 for (row, t) in x.chunks_mut(dim).zip(&tokens) {
                     quant::dequantize_row(embed.ty, embed.row(data, *t as usize), row);
                 }
                 x
             }
-            (None, Some(h)) if h.len() == n * dim => h,
-            (_, h) => {
-                return Err(BackendError::Handoff(format!(
-                    "layers {:?} got {} hidden values for {n} tokens of {dim}",
-                    self.range,
-                    h.map_or(0, |h| h.len())
-                )))
-            }
+            (None, h) => h.expect("checked above"),
         };
         let mut xb = vec![0f32; n * dim];
         let mut q = vec![0f32; n * qd];

@@ -911,39 +911,17 @@ impl Backend for CudaBackend {
     }
 
     fn forward(&mut self, chunks: &[SeqChunk<'_>]) -> Result<Vec<f32>, BackendError> {
-        if self.range != (0..self.config.n_layers) {
-            return Err(BackendError::Handoff(format!(
-                "this CUDA backend holds layers {:?} only; run it as a part of a split",
-                self.range
-            )));
-        }
-        self.forward_part(chunks, None)
+        super::split::forward_whole(self, chunks)
     }
 }
 
 impl Part for CudaBackend {
-    fn kind(&self) -> &'static str {
-        "cuda"
-    }
-
     fn device(&self) -> String {
         format!("cuda:{} ({})", self.info.ordinal, self.info.name)
     }
 
     fn layers(&self) -> Range<usize> {
         self.range.clone()
-    }
-
-    fn config(&self) -> &ModelConfig {
-        &self.config
-    }
-
-    fn kv_layout(&self) -> KvLayout {
-        self.layout
-    }
-
-    fn memory_bytes(&self) -> u64 {
-        self.reserved
     }
 
     fn forward_part(
@@ -954,17 +932,7 @@ impl Part for CudaBackend {
         let flat = Flat::new(chunks, self.layout, self.config.vocab)?;
         let n = flat.tokens.len();
         let dim = self.config.dim;
-        match (&self.embed, &hidden) {
-            (Some(_), None) => {}
-            (None, Some(h)) if h.len() == n * dim => {}
-            (_, h) => {
-                return Err(BackendError::Handoff(format!(
-                    "layers {:?} got {} hidden values for {n} tokens of {dim}",
-                    self.range,
-                    h.as_ref().map_or(0, |h| h.len())
-                )))
-            }
-        }
+        super::split::check_handoff(&self.range, self.embed.is_some(), hidden.as_deref(), n, dim)?;
         if let Some(ch) = chunks.iter().find(|c| c.blocks.len() > self.max_blocks) {
             return Err(BackendError::KvOutOfRange {
                 position: ch.start + ch.tokens.len(),
