@@ -165,6 +165,8 @@ impl Env {
                 max_bytes: None,
                 host_path_models: true,
             },
+            prices: gpuscale_operator::cost::PriceTable::parse(gpuscale_sim::GPU_PRICES)
+                .expect("the simulator's price table parses"),
             ..Config::default()
         };
         change(&mut config);

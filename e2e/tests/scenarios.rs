@@ -134,6 +134,26 @@ async fn a_burst_scales_up_then_down_without_losing_a_request() {
         serving < Duration::from_secs(20),
         "two replicas were ready only after the burst, at {serving:?}"
     );
+    // While requests flow, status says what the replicas cost (the simulator's price
+    // table: 0.80 USD per L4-hour) and per million tokens generated.
+    let cost = env
+        .wait(
+            "a cost per million tokens",
+            Duration::from_secs(40),
+            || async {
+                let c = env.deployment("smollm").await.ok()?.status?.cost?;
+                c.dollars_per_million_tokens.is_some().then_some(c)
+            },
+        )
+        .await
+        .unwrap();
+    let gpus = cost.dollars_per_hour / 0.8;
+    assert!(
+        gpus >= 1.0 && (gpus - gpus.round()).abs() < 1e-6 && cost.unpriced_gpus == 0,
+        "{cost:?}"
+    );
+    assert!(cost.tokens_per_second > 0.0, "{cost:?}");
+    eprintln!("cost during the burst: {cost:?}");
     // A scale-down while the trickle still flows (it ends at 100 s).
     let down = env
         .wait("a scale-down", Duration::from_secs(95), || async {

@@ -103,6 +103,11 @@ pub fn operator_command(
     operator_command_at(binary, kubeconfig, "127.0.0.1:0")
 }
 
+/// The GPU price table every simulated run gives its operator (`--gpu-price`), in US
+/// dollars per GPU-hour: illustrative on-demand cloud prices, so status and metrics
+/// carry a cost as they do on a cluster with the chart's `pricing.gpuHourlyUSD`.
+pub const GPU_PRICES: &[&str] = &["L4=0.8", "A100=1.79", "H100=2.49", "V100=0.9"];
+
 /// [`operator_command`] with its metrics served at `metrics_addr`.
 pub fn operator_command_at(
     binary: &std::path::Path,
@@ -120,6 +125,7 @@ pub fn operator_command_at(
         "--model-cache-host-path",
         "/var/cache/gpuscale/models",
     ])
+    .args(GPU_PRICES.iter().map(|p| format!("--gpu-price={p}")))
     .env("KUBECONFIG", kubeconfig)
     .kill_on_drop(true);
     cmd
