@@ -24,7 +24,7 @@ const MODEL: &str = "smollm2-135m-instruct";
 /// How long each faulty stretch lasts.
 fn fault_seconds() -> f64 {
     match std::env::var("GPUSCALE_FAULT_SECONDS") {
-        Err(_) => 40.0,
+        Err(_) => 60.0,
         Ok(s) => match s.parse::<f64>() {
             Ok(t) if t.is_finite() && t >= 10.0 => t,
             _ => {
