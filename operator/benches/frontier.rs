@@ -42,27 +42,27 @@ struct Rule {
     peak: u32,
 }
 
+impl Rule {
+    fn new(name: &'static str) -> Rule {
+        Rule {
+            name,
+            points: Vec::new(),
+            peak: 0,
+        }
+    }
+
+    /// Takes one setting's replay.
+    fn record(&mut self, setting: String, o: &gpuscale_operator::replay::Outcome) {
+        self.peak = self.peak.max(o.peak_replicas);
+        self.points.push(Point::of(setting, o));
+    }
+}
+
 fn sweep(trace: &Trace, setup: &Setup) -> Vec<Rule> {
-    let mut ours = Rule {
-        name: "gpuscale",
-        points: vec![],
-        peak: 0,
-    };
-    let mut hpa = Rule {
-        name: "HPA-style",
-        points: vec![],
-        peak: 0,
-    };
-    let mut keda = Rule {
-        name: "KEDA-style",
-        points: vec![],
-        peak: 0,
-    };
-    let mut predictive = Rule {
-        name: "gpuscale predictive",
-        points: vec![],
-        peak: 0,
-    };
+    let mut ours = Rule::new("gpuscale");
+    let mut hpa = Rule::new("HPA-style");
+    let mut keda = Rule::new("KEDA-style");
+    let mut predictive = Rule::new("gpuscale predictive");
     for window in WINDOWS {
         for target in QUEUES {
             for (warm, forecast) in [0u32, 1, 2]
@@ -82,18 +82,14 @@ fn sweep(trace: &Trace, setup: &Setup) -> Vec<Rule> {
                 };
                 let o = replay(trace, setup, &mut GpuscaleRule::new(p, 2.0));
                 let rule = if forecast { &mut predictive } else { &mut ours };
-                rule.peak = rule.peak.max(o.peak_replicas);
-                let s = format!("queue {target}, {warm} warm, {window} s");
-                rule.points.push(Point::of(s, &o));
+                rule.record(format!("queue {target}, {warm} warm, {window} s"), &o);
             }
             let o = replay(
                 trace,
                 setup,
                 &mut KedaRule::new(MIN, MAX, f64::from(target)).with_window(window),
             );
-            keda.peak = keda.peak.max(o.peak_replicas);
-            keda.points
-                .push(Point::of(format!("queue {target}, {window} s"), &o));
+            keda.record(format!("queue {target}, {window} s"), &o);
         }
         for util in [0.5, 0.6, 0.7, 0.8, 0.9, 0.95] {
             let o = replay(
@@ -101,11 +97,7 @@ fn sweep(trace: &Trace, setup: &Setup) -> Vec<Rule> {
                 setup,
                 &mut HpaRule::new(MIN, MAX, util).with_window(window),
             );
-            hpa.peak = hpa.peak.max(o.peak_replicas);
-            hpa.points.push(Point::of(
-                format!("{:.0}% busy, {window} s", util * 100.0),
-                &o,
-            ));
+            hpa.record(format!("{:.0}% busy, {window} s", util * 100.0), &o);
         }
     }
     vec![ours, hpa, keda, predictive]

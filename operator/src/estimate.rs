@@ -143,6 +143,7 @@ impl ModelProfile {
         let ranges = layer_ranges(layers as usize, &vec![1.0; gpus as usize]);
         let kv = self.kv_bytes_per_sequence(cfg.max_sequence_length) * cfg.max_batch_size;
         let logits = self.logits_bytes(cfg);
+        let activations = self.workspace_bytes(cfg);
         let overhead = RUNTIME_OVERHEAD_BYTES;
         let (weights, kv_cache, workspace) = ranges
             .iter()
@@ -151,7 +152,7 @@ impl ModelProfile {
                 (
                     self.sizes.part_weight_bytes(r.clone()),
                     (u128::from(kv) * r.len() as u128).div_ceil(u128::from(layers)) as u64,
-                    self.workspace_bytes(cfg) - if last { 0 } else { logits },
+                    activations - if last { 0 } else { logits },
                 )
             })
             .max_by_key(|(w, k, a)| w + k + a)
