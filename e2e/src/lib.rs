@@ -279,10 +279,59 @@ impl Env {
                 return Ok(v);
             }
             if start.elapsed() > timeout {
-                bail!("timed out after {timeout:?} waiting for {what}");
+                bail!(
+                    "timed out after {timeout:?} waiting for {what}\n{}",
+                    self.snapshot().await
+                );
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
+    }
+
+    /// What the namespace holds, for a failed wait: each pod (node, phase, whether
+    /// terminating or ready, why unscheduled) and the last Events, so that a run that
+    /// timed out in CI says where it stood.
+    pub async fn snapshot(&self) -> String {
+        let mut out = String::from("pods:\n");
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.namespace);
+        match pods.list(&ListParams::default()).await {
+            Ok(list) => {
+                for p in list.items {
+                    let st = p.status.clone().unwrap_or_default();
+                    let unscheduled = st
+                        .conditions
+                        .iter()
+                        .flatten()
+                        .find(|c| c.type_ == "PodScheduled" && c.status == "False")
+                        .and_then(|c| c.message.clone());
+                    out.push_str(&format!(
+                        "  {} node={:?} phase={:?} ready={} terminating={} unscheduled={:?}\n",
+                        p.name_any(),
+                        p.spec.as_ref().and_then(|s| s.node_name.clone()),
+                        st.phase,
+                        gpuscale_operator::reconcile::is_ready(&p),
+                        p.metadata.deletion_timestamp.is_some(),
+                        unscheduled,
+                    ));
+                }
+            }
+            Err(e) => out.push_str(&format!("  (list failed: {e})\n")),
+        }
+        out.push_str("events (last 15):\n");
+        let events: Api<Event> = Api::namespaced(self.client.clone(), &self.namespace);
+        if let Ok(list) = events.list(&ListParams::default()).await {
+            let n = list.items.len();
+            for e in list.items.into_iter().skip(n.saturating_sub(15)) {
+                out.push_str(&format!(
+                    "  {:?} {:?} {:?}: {}\n",
+                    e.regarding.and_then(|r| r.name),
+                    e.type_,
+                    e.reason,
+                    e.note.unwrap_or_default()
+                ));
+            }
+        }
+        out
     }
 
     /// Waits for an Event about `name` with `reason`, and returns its note.

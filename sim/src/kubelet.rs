@@ -95,9 +95,14 @@ type Running = Arc<Mutex<HashMap<String, Worker>>>;
 /// a pod's `nvidia.com/gpu` limit is allocated from the free devices when the pod is
 /// admitted, by the plugin's own order (highest index first: which GPUs a pod gets is
 /// the plugin's choice, never the requester's), handed to the container as
-/// `NVIDIA_VISIBLE_DEVICES`, and held until the pod is gone from the API, crashed or
-/// not. Too few free devices fail the pod with `UnexpectedAdmissionError`, as the
-/// kubelet does. With time-slicing (`replicas` shares per GPU, advertised as
+/// `NVIDIA_VISIBLE_DEVICES`, and held while the pod is active: a crashed container
+/// keeps them, a pod that ended (Succeeded or Failed) or is gone from the API gives
+/// them back. The kubelet's device manager keys allocations by pod UID and frees those
+/// of pods no longer active before each allocation and each PodResources listing
+/// (`UpdateAllocatedDevices`, "frees any Devices that are bound to terminated pods", in
+/// kubernetes/pkg/kubelet/cm/devicemanager/manager.go); a pod deleted before it was
+/// admitted is never admitted. Too few free devices fail the pod with
+/// `UnexpectedAdmissionError`, as the kubelet does. With time-slicing (`replicas` shares per GPU, advertised as
 /// `nvidia.com/gpu.shared`) a share goes to the highest-index GPU with one left.
 /// Devices a DRA claim allocated to a pod are listed beside them, as the PodResources
 /// API lists both.
@@ -107,18 +112,49 @@ pub struct DevicePlugin {
     uuids: Vec<String>,
     /// Time-slicing shares per GPU (0: whole GPUs only).
     replicas: u32,
-    /// Whole devices held, by pod name.
+    /// Whole devices held, by pod UID.
     held: HashMap<String, Vec<usize>>,
-    /// The GPU of each pod holding a time-sliced share.
+    /// The GPU of each pod (by UID) holding a time-sliced share.
     shared: HashMap<String, usize>,
-    /// Devices prepared for a pod from its allocated DRA claims.
+    /// Devices prepared for a pod (by UID) from its allocated DRA claims.
     claimed: HashMap<String, Vec<usize>>,
+    /// `namespace/name` of each pod (by UID) holding devices, for the listing.
+    names: HashMap<String, String>,
+    /// UIDs of pods that ended or are gone: never admitted again.
+    ended: std::collections::HashSet<String>,
 }
 
 type Devices = Arc<Mutex<DevicePlugin>>;
 
+/// Who a pod is to the device plugin: its UID and `namespace/name`.
+struct PodId {
+    uid: String,
+    name: String,
+}
+
+impl PodId {
+    fn of(pod: &Pod) -> PodId {
+        PodId {
+            uid: pod.uid().unwrap_or_default(),
+            name: format!("{}/{}", pod.namespace().unwrap_or_default(), pod.name_any()),
+        }
+    }
+}
+
 impl DevicePlugin {
-    fn allocate(&mut self, pod: &str, n: usize) -> Result<Vec<String>, String> {
+    /// Admits `pod`: refused if it already ended or is gone (deleted while the kubelet
+    /// was still setting it up), else remembered under its UID.
+    fn admit(&mut self, pod: &PodId) -> Result<(), String> {
+        if self.ended.contains(&pod.uid) {
+            return Err(format!("pod {} is no longer active", pod.name));
+        }
+        self.names.insert(pod.uid.clone(), pod.name.clone());
+        Ok(())
+    }
+
+    fn allocate(&mut self, pod: &PodId, n: usize) -> Result<Vec<String>, String> {
+        self.admit(pod)?;
+        let pod = pod.uid.as_str();
         if let Some(have) = self.held.get(pod) {
             return Ok(have.iter().map(|&i| self.uuids[i].clone()).collect());
         }
@@ -140,7 +176,9 @@ impl DevicePlugin {
         Ok(uuids)
     }
 
-    fn allocate_share(&mut self, pod: &str) -> Result<String, String> {
+    fn allocate_share(&mut self, pod: &PodId) -> Result<String, String> {
+        self.admit(pod)?;
+        let pod = pod.uid.as_str();
         if let Some(&g) = self.shared.get(pod) {
             return Ok(self.uuids[g].clone());
         }
@@ -169,7 +207,8 @@ impl DevicePlugin {
             .chain(claimed)
             .map(|(pod, ix)| (pod, ix.clone()))
             .chain(shares)
-            .map(|(key, ix)| {
+            .map(|(uid, ix)| {
+                let key = self.names.get(uid).map(String::as_str).unwrap_or_default();
                 let (namespace, pod) = key.split_once('/').unwrap_or(("", key));
                 let mut gpus: Vec<String> = ix.iter().map(|&i| self.uuids[i].clone()).collect();
                 gpus.sort();
@@ -184,16 +223,20 @@ impl DevicePlugin {
         out
     }
 
-    fn release(&mut self, pod: &str) {
-        self.held.remove(pod);
-        self.shared.remove(pod);
-        self.claimed.remove(pod);
+    /// The pod with UID `uid` ended or is gone: its devices go back, and it is never
+    /// admitted again.
+    fn release(&mut self, uid: &str) {
+        self.held.remove(uid);
+        self.shared.remove(uid);
+        self.claimed.remove(uid);
+        self.names.remove(uid);
+        self.ended.insert(uid.to_string());
     }
-}
 
-/// The key the device plugin holds a pod's devices under.
-fn pod_key(pod: &Pod) -> String {
-    format!("{}/{}", pod.namespace().unwrap_or_default(), pod.name_any())
+    /// Whether the pod with UID `uid` ended or is gone.
+    fn ended(&self, uid: &str) -> bool {
+        self.ended.contains(uid)
+    }
 }
 
 /// The node agent of a simulated node: publishes the GpuInventory again whenever the
@@ -469,7 +512,10 @@ async fn serve(
             Ok(watcher::Event::Apply(p) | watcher::Event::InitApply(p)) => vec![p],
             Ok(watcher::Event::Delete(p)) => {
                 // Gone from the API: its devices go back to the plugin.
-                devices.lock().expect("devices lock").release(&pod_key(&p));
+                devices
+                    .lock()
+                    .expect("devices lock")
+                    .release(&p.uid().unwrap_or_default());
                 started.remove(&p.uid().unwrap_or_default());
                 // Force-deleted behind our back: stop the worker.
                 if let Some(w) = running.lock().expect("running lock").get_mut(&p.name_any()) {
@@ -778,7 +824,7 @@ async fn run_pod(
                 devices
                     .lock()
                     .expect("devices lock")
-                    .allocate(&pod_key(&pod), gpus)?,
+                    .allocate(&PodId::of(&pod), gpus)?,
             );
         }
         if shares > 0 {
@@ -786,14 +832,15 @@ async fn run_pod(
                 devices
                     .lock()
                     .expect("devices lock")
-                    .allocate_share(&pod_key(&pod))?,
+                    .allocate_share(&PodId::of(&pod))?,
             );
         }
         let prepared = prepare_claims(&pod, &claims).await?;
         if !prepared.is_empty() {
             let mut d = devices.lock().expect("devices lock");
             uuids.extend(prepared.iter().map(|&i| d.uuids[i].clone()));
-            d.claimed.insert(pod_key(&pod), prepared);
+            d.admit(&PodId::of(&pod))?;
+            d.claimed.insert(uid.clone(), prepared);
         }
         Ok(uuids)
     }
@@ -827,6 +874,14 @@ async fn run_pod(
             stopping: false,
         },
     );
+    // Deleted while it was being set up: the deleting side marks the pod ended before
+    // it looks for a worker to stop, this side registers the worker before it looks at
+    // the mark, so one of the two stops it.
+    if devices.lock().expect("devices lock").ended(&uid) {
+        running.lock().expect("running lock").remove(&name);
+        let _ = child.kill().await;
+        return;
+    }
     let started = json!({"running": {"startedAt": now()}});
     patch_status(status(false, started.clone())).await;
     tracing::info!(pod = %name, %ip, port, pid, "simulated kubelet started a worker");
@@ -863,6 +918,8 @@ async fn run_pod(
         .and_then(|s| s.restart_policy.clone())
         .unwrap_or_else(|| "Always".into());
     if restart == "Never" || (restart == "OnFailure" && code == 0) {
+        // An ended pod is no longer active: its devices go back (see `DevicePlugin`).
+        devices.lock().expect("devices lock").release(&uid);
         // Run to completion: the pod ends Succeeded or Failed, never restarted
         // (<https://kubernetes.io/docs/concepts/workloads/pods/pod-lifecycle/#pod-phase>),
         // and the kubelet copies the container's termination message file into its
@@ -973,4 +1030,62 @@ async fn prepare_claims(pod: &Pod, claims: &Api<ResourceClaim>) -> Result<Vec<us
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plugin(gpus: usize) -> DevicePlugin {
+        DevicePlugin {
+            uuids: (0..gpus).map(|i| format!("GPU-{i}")).collect(),
+            ..DevicePlugin::default()
+        }
+    }
+
+    fn id(uid: &str, name: &str) -> PodId {
+        PodId {
+            uid: uid.into(),
+            name: format!("default/{name}"),
+        }
+    }
+
+    /// The race that kept a capacity request's GPU forever: the pod was deleted while
+    /// the kubelet was still admitting it. A real kubelet never admits a deleted pod;
+    /// here the late allocation is refused and the GPU stays free.
+    #[test]
+    fn a_pod_deleted_before_admission_never_holds_a_device() {
+        let mut d = plugin(1);
+        d.release("uid-capacity");
+        assert!(d
+            .allocate(&id("uid-capacity", "smollm-capacity-1"), 1)
+            .is_err());
+        assert_eq!(
+            d.allocate(&id("uid-replica", "smollm-1"), 1).unwrap(),
+            ["GPU-0"]
+        );
+    }
+
+    /// A pod that ran to completion is no longer active: its GPU goes to the next pod
+    /// before the ended pod is deleted, as the device manager frees devices "bound to
+    /// terminated pods"; a crashed container of a running pod keeps them.
+    #[test]
+    fn an_ended_pod_gives_its_devices_back_and_a_new_pod_of_the_same_name_is_new() {
+        let mut d = plugin(1);
+        d.allocate(&id("uid-a", "job"), 1).unwrap();
+        assert!(
+            d.allocate(&id("uid-b", "other"), 1).is_err(),
+            "one GPU, held"
+        );
+        d.release("uid-a");
+        assert_eq!(d.allocate(&id("uid-b", "other"), 1).unwrap(), ["GPU-0"]);
+        assert_eq!(d.listed(false)[0].pod, "other");
+        d.release("uid-b");
+        // Recreated under the old name with a new UID: admitted like any new pod.
+        assert_eq!(d.allocate(&id("uid-c", "job"), 1).unwrap(), ["GPU-0"]);
+        assert!(
+            d.allocate(&id("uid-a", "job"), 1).is_err(),
+            "the old pod stays ended"
+        );
+    }
 }

@@ -284,13 +284,14 @@ pub(super) fn decide(
         }
     }
     state.desired = Some(desired);
-    // The scheduler's own words explain more than a placement refusal they caused.
+    // The scheduler's (or kubelet's) own words explain more than a placement refusal
+    // they caused.
     if !world.refusals.is_empty() {
         let pods: Vec<&str> = world.refusals.iter().map(|(_, m)| m.as_str()).collect();
         refusal = Some(placement::Refusal {
             reason: placement::RefusalReason::SchedulerRejected,
             message: format!(
-                "the scheduler refused {} (placed elsewhere for the next {} s)",
+                "{} (placed elsewhere for the next {} s)",
                 pods.join("; "),
                 AVOID_REFUSED_NODE.as_secs()
             ),

@@ -299,7 +299,8 @@ struct DeploymentState {
     /// can be older than the status the previous pass wrote, and deciding against that
     /// stale count repeats a decision (and its Event). Seeded from status on restore.
     desired: Option<u32>,
-    /// Nodes where the scheduler refused a replica of this deployment, and when:
+    /// Nodes where the scheduler or the kubelet refused a replica of this deployment,
+    /// and when:
     /// placement avoids them for `AVOID_REFUSED_NODE`, so a refusal is not retried in a
     /// loop.
     avoid: HashMap<String, Instant>,
@@ -325,7 +326,7 @@ struct DeploymentState {
     window: Option<decide::WindowStart>,
 }
 
-/// How long placement avoids a node where the scheduler refused a replica.
+/// How long placement avoids a node where the scheduler or kubelet refused a replica.
 const AVOID_REFUSED_NODE: Duration = Duration::from_secs(120);
 
 impl DeploymentState {
@@ -542,18 +543,25 @@ pub async fn reconcile(obj: Arc<DynamicObject>, ctx: Arc<Context>) -> Result<Act
         };
         let api: Api<InferenceDeployment> =
             Api::namespaced(ctx.client.clone(), &d.namespace().unwrap_or_default());
-        let result = finalizer(&api, FINALIZER, d, |event| async {
-            match event {
-                Finalizer::Apply(d) => apply(&d, &ctx).await,
-                Finalizer::Cleanup(d) => cleanup(&d, &ctx).await,
-            }
-        })
-        .await
-        .map_err(|e| match e {
-            kube::runtime::finalizer::Error::ApplyFailed(e)
-            | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
-            other => Error::Finalizer(Box::new(other)),
-        });
+        let result = async {
+            let Some(d) = with_finalizer_seen(&api, d, &ctx.config).await? else {
+                // Deleted meanwhile: its deletion event brings the last pass.
+                return Ok(Action::await_change());
+            };
+            finalizer(&api, FINALIZER, d, |event| async {
+                match event {
+                    Finalizer::Apply(d) => apply(&d, &ctx).await,
+                    Finalizer::Cleanup(d) => cleanup(&d, &ctx).await,
+                }
+            })
+            .await
+            .map_err(|e| match e {
+                kube::runtime::finalizer::Error::ApplyFailed(e)
+                | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
+                other => Error::Finalizer(Box::new(other)),
+            })
+        }
+        .await;
         let outcome = match &result {
             Ok(_) => Outcome::Ok,
             Err(e) => e.outcome(),
@@ -566,6 +574,27 @@ pub async fn reconcile(obj: Arc<DynamicObject>, ctx: Arc<Context>) -> Result<Act
     }
     .instrument(span)
     .await
+}
+
+/// `d`, or where the cached copy lacks the finalizer, the copy the API server holds
+/// now (`None`: deleted). kube-runtime's `finalizer` adds a missing finalizer with a
+/// JSON patch that first tests `/metadata/finalizers` against the copy it was given;
+/// a pass that runs on a cache the watch has not yet brought up to date (its own
+/// finalizer patch not yet seen, or a write answered 500 after it was applied) would
+/// fail that test with 422 ("value did not match") and retry on the same stale copy.
+/// One GET per such pass (a new object, in the main) avoids it.
+async fn with_finalizer_seen(
+    api: &Api<InferenceDeployment>,
+    d: Arc<InferenceDeployment>,
+    config: &Config,
+) -> Result<Option<Arc<InferenceDeployment>>, Error> {
+    if d.finalizers().iter().any(|f| f == FINALIZER) || d.meta().deletion_timestamp.is_some() {
+        return Ok(Some(d));
+    }
+    Ok(api
+        .get_opt(&d.name_any())
+        .await?
+        .map(|fresh| Arc::new(pods::with_image(fresh, config))))
 }
 
 /// The typed deployment, or why this object cannot be one.

@@ -42,7 +42,8 @@ pub(super) struct World {
     pub(super) demand: Option<f64>,
     /// Placements corrected to what the device plugin assigned: (pod, placement).
     pub(super) corrections: Vec<(String, PodPlacement)>,
-    /// Replicas the scheduler refused: (the node placement chose, its message).
+    /// Replicas the scheduler refused, or the chosen node's kubelet at admission: (the
+    /// node placement chose, who refused and why).
     pub(super) refusals: Vec<(String, String)>,
     /// Pending DRA replicas whose ResourceClaim is missing (the operator stopped between
     /// creating the pod and its claim): `act` makes them.
@@ -114,8 +115,20 @@ pub(super) async fn observe(
     for pod in pods.iter().filter(|p| owned_by(p, d)) {
         let Some(index) = index_of(pod) else { continue };
         let refused = pods::unschedulable(pod);
-        if let (Some(message), Some(p)) = (&refused, placement_of(pod)) {
-            refusals.push((p.node, format!("{}: {message}", pod.name_any())));
+        let by_node = pods::refused_at_admission(pod);
+        if let Some(p) = placement_of(pod) {
+            if let Some(message) = &refused {
+                let why = format!("the scheduler refused {}: {message}", pod.name_any());
+                refusals.push((p.node.clone(), why));
+            }
+            if let Some(message) = &by_node {
+                let why = format!(
+                    "the kubelet of {} refused {}: {message}",
+                    p.node,
+                    pod.name_any()
+                );
+                refusals.push((p.node, why));
+            }
         }
         let failure = lost
             .get(&pod.name_any())

@@ -844,6 +844,20 @@ pub fn unschedulable(pod: &Pod) -> Option<String> {
         .then(|| c.message.clone().unwrap_or_default())
 }
 
+/// Why the node's kubelet refused the pod at admission, if it did: the pod fails with
+/// reason `UnexpectedAdmissionError` (the device plugin could not allocate what it
+/// asks for) or `OutOf<resource>` (the node lacks it): the kubelet's admission
+/// reasons (`ErrorReasonUnexpected` in k8s.io/kubernetes/pkg/kubelet/cm/admission, and
+/// the predicate admit handler's `OutOf` prefix), which `kubectl describe pod` shows.
+/// Placing the replica there again at once would fail the same way.
+pub fn refused_at_admission(pod: &Pod) -> Option<String> {
+    let status = pod.status.as_ref()?;
+    let reason = status.reason.as_deref()?;
+    (status.phase.as_deref() == Some("Failed")
+        && (reason == "UnexpectedAdmissionError" || reason.starts_with("OutOf")))
+    .then(|| format!("{reason}: {}", status.message.clone().unwrap_or_default()))
+}
+
 /// The merge patch that records a replica's placement (after a correction).
 pub fn placement_patch(p: &PodPlacement) -> serde_json::Value {
     serde_json::json!({"metadata": {"annotations": {

@@ -102,6 +102,8 @@ impl Clock for TestClock {
 }
 
 const POD_PATH: &str = "/api/v1/namespaces/default/pods";
+const DEPLOYMENT_PATH: &str =
+    "/apis/gpuscale.dev/v1alpha1/namespaces/default/inferencedeployments/smollm";
 const STATUS_PATH: &str =
     "/apis/gpuscale.dev/v1alpha1/namespaces/default/inferencedeployments/smollm/status";
 const EVENTS_PATH: &str = "/apis/events.k8s.io/v1/namespaces/default/events";
@@ -463,6 +465,40 @@ fn created_names(log: &Log) -> Vec<String> {
         .iter()
         .map(|p| p["metadata"]["name"].as_str().unwrap().to_string())
         .collect()
+}
+
+/// A cached copy without the finalizer (the watch has not yet brought the pass's own
+/// finalizer patch): the pass reads the object, finds the finalizer there and goes on,
+/// instead of a JSON patch whose test of `/metadata/finalizers` would fail with 422.
+#[tokio::test]
+async fn a_stale_copy_without_the_finalizer_is_read_again_not_patched() {
+    let d = deployment(json!({"minReplicas": 1, "maxReplicas": 4}));
+    let mut stale = d.clone();
+    stale.metadata.finalizers = None;
+    let get =
+        expect(Method::GET, DEPLOYMENT_PATH, None).reply(200, serde_json::to_value(&d).unwrap());
+    let (client, mock) = Mock::start(pass(&d, vec![get, create_pod()]));
+    let ctx = context(client, cache(vec![]), &[], TestClock::new());
+    reconcile(object(&stale), ctx.clone()).await.unwrap();
+    let log = mock.finish(ctx).await;
+    assert_eq!(created_names(&log), ["smollm-0"]);
+}
+
+/// A cached copy without the finalizer whose object is gone: nothing is written.
+#[tokio::test]
+async fn a_copy_without_the_finalizer_of_a_deleted_object_writes_nothing() {
+    let mut d = deployment(json!({"minReplicas": 1, "maxReplicas": 4}));
+    d.metadata.finalizers = None;
+    let gone = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+        "reason": "NotFound", "code": 404});
+    let (client, mock) = Mock::start(vec![
+        expect(Method::GET, DEPLOYMENT_PATH, None).reply(404, gone)
+    ]);
+    let ctx = context(client, cache(vec![]), &[], TestClock::new());
+    let action = reconcile(object(&d), ctx.clone()).await.unwrap();
+    assert_eq!(action, Action::await_change());
+    let log = mock.finish(ctx).await;
+    assert_eq!(log.requests.len(), 1);
 }
 
 #[tokio::test]
@@ -1056,6 +1092,33 @@ async fn a_pod_the_scheduler_refuses_is_reported_released_and_its_node_avoided()
         .event("ReplicaFailed")
         .expect("an event on the replaced replica");
     assert!(ev["note"].as_str().unwrap().contains(message));
+}
+
+/// A pod the node's kubelet refuses at admission (its device plugin had no GPU left, as
+/// a capacity request that the scheduler bound there can hold it): reported, replaced,
+/// and the node avoided for a while, rather than a pod made and failed there in a loop.
+#[tokio::test]
+async fn a_pod_the_kubelet_refuses_at_admission_is_replaced_and_its_node_avoided() {
+    let d = deployment(json!({"minReplicas": 1, "maxReplicas": 4}));
+    let message = "Allocate failed due to requested number of devices unavailable for nvidia.com/gpu. Requested: 1, Available: 0, which is unexpected";
+    let mut refused = pod(&d, 0, 0, "", json!({}));
+    refused["status"] = json!({"phase": "Failed", "reason": "UnexpectedAdmissionError",
+        "message": message});
+    let (client, mock) = Mock::start(pass(&d, vec![delete(0), create_pod()]));
+    let ctx = context(client, cache(vec![refused]), &[], TestClock::new());
+    reconcile(object(&d), ctx.clone()).await.unwrap();
+    let log = mock.finish(ctx).await;
+    assert_eq!(
+        created_names(&log),
+        ["smollm-capacity-1"],
+        "not again on gpu-a"
+    );
+    let cond = condition(&log.status(), "Unschedulable");
+    let text = cond["message"].as_str().unwrap();
+    assert!(
+        text.contains("the kubelet of gpu-a refused smollm-0") && text.contains(message),
+        "{cond}"
+    );
 }
 
 /// A node known only by GPU Feature Discovery labels: placed by count, the pod asks the
