@@ -99,11 +99,12 @@ for kind, suffix in (("Deployment", "-operator"), ("Deployment", "-router"), ("D
     assert spec["containers"][0]["image"].startswith("mirror.local:5000/"), spec["containers"][0]["image"]
 # Least privilege: exactly the verbs the operator's API calls need (operator/src:
 # reflectors list/watch; act.rs creates, patches and deletes pods, applies Services;
-# the finalizer and status are patches; blockOwnerDeletion needs finalizers/update).
+# the finalizer and status are patches, the finalizer after a get where the watched
+# copy lacks it; blockOwnerDeletion needs finalizers/update).
 role = one(default, "ClusterRole", "-operator")
 got = {(tuple(r["apiGroups"]), tuple(r["resources"])): sorted(r["verbs"]) for r in role["rules"]}
 want = {
-    (("gpuscale.dev",), ("inferencedeployments",)): ["list", "patch", "watch"],
+    (("gpuscale.dev",), ("inferencedeployments",)): ["get", "list", "patch", "watch"],
     (("gpuscale.dev",), ("inferencedeployments/status",)): ["patch"],
     (("gpuscale.dev",), ("inferencedeployments/finalizers",)): ["update"],
     (("gpuscale.dev",), ("gpuinventories",)): ["list", "watch"],

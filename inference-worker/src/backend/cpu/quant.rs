@@ -463,6 +463,111 @@ mod tests {
         }
     }
 
+    /// Golden blocks derived by hand from ggml's block layouts (ggml-common.h:
+    /// `block_q4_0 { ggml_half d; uint8_t qs[16]; }` with x = (q - 8) * d, low nibbles
+    /// the first 16 elements; `block_q8_0 { ggml_half d; int8_t qs[32]; }` with
+    /// x = q * d; F16 as IEEE 754 binary16, little-endian). Written as bytes, never
+    /// through `quantize_row`, so a layout bug shared by the encoder and the decoder
+    /// (which every forward test would pass) fails here.
+    fn golden() -> Vec<(WeightType, Vec<u8>, Vec<f32>)> {
+        // Q4_0: d = 2.0 (f16 0x4000); byte j = j | (15 - j) << 4.
+        let mut q4 = vec![0x00, 0x40];
+        q4.extend((0..16u8).map(|j| j | ((15 - j) << 4)));
+        let mut q4_want: Vec<f32> = (0..16).map(|j| (j as f32 - 8.0) * 2.0).collect();
+        q4_want.extend((0..16).map(|j| (7.0 - j as f32) * 2.0));
+        // Q8_0: d = 0.5 (f16 0x3800); q = -128, then j - 16, then 127.
+        let q8_q: Vec<i8> = (0..32)
+            .map(|j| match j {
+                0 => -128,
+                31 => 127,
+                j => j as i8 - 16,
+            })
+            .collect();
+        let mut q8 = vec![0x00, 0x38];
+        q8.extend(q8_q.iter().map(|&q| q as u8));
+        let q8_want: Vec<f32> = q8_q.iter().map(|&q| q as f32 * 0.5).collect();
+        // F16: 1, -2, 1/3 rounded (0x3555 = 0.333251953125), the largest finite
+        // (65504), the smallest subnormal (2^-24), -0, 0.5, -0.25.
+        let halves: [(u16, f32); 8] = [
+            (0x3c00, 1.0),
+            (0xc000, -2.0),
+            (0x3555, 0.333_251_95),
+            (0x7bff, 65504.0),
+            (0x0001, 5.960_464_5e-8),
+            (0x8000, -0.0),
+            (0x3800, 0.5),
+            (0xb400, -0.25),
+        ];
+        let f16_bytes: Vec<u8> = halves.iter().flat_map(|(h, _)| h.to_le_bytes()).collect();
+        let f16_want: Vec<f32> = halves.iter().map(|(_, v)| *v).collect();
+        vec![
+            (WeightType::Q4_0, q4, q4_want),
+            (WeightType::Q8_0, q8, q8_want),
+            (WeightType::F16, f16_bytes, f16_want),
+        ]
+    }
+
+    #[test]
+    fn golden_blocks_decode_to_the_hand_derived_values() {
+        for (t, row, want) in golden() {
+            let mut out = vec![f32::NAN; want.len()];
+            dequantize_row(t, &row, &mut out);
+            for (i, (o, w)) in out.iter().zip(&want).enumerate() {
+                assert!(
+                    o == w && o.is_sign_negative() == w.is_sign_negative(),
+                    "{t:?} element {i}: {o} != {w}"
+                );
+            }
+        }
+    }
+
+    /// Every element of each golden block, read by the dot kernels (SIMD where the
+    /// CPU has it, one and four activation rows at once): an activation that is 127 at
+    /// element k and 0 elsewhere quantises exactly (d = 1), so `row · x` is exactly
+    /// 127 times element k.
+    #[test]
+    fn golden_blocks_through_the_dot_kernels_read_every_element_in_place() {
+        for (t, row, want) in golden() {
+            let n = want.len();
+            let (mut xs, mut qs) = (Vec::new(), Vec::new());
+            for k in 0..n {
+                let mut x = vec![0f32; n.max(QK)];
+                x[k] = 127.0;
+                let mut q = Q8Row::default();
+                q.quantize_from(&x);
+                let got = dot(t, &row, &x[..n], &q);
+                let expect = 127.0 * want[k];
+                assert!(
+                    (got - expect).abs() <= expect.abs() * 1e-6,
+                    "{t:?} element {k}: dot {got}, want {expect}"
+                );
+                if t.is_quantized() {
+                    assert_eq!(
+                        dot_q_scalar(t, &row, &q),
+                        expect,
+                        "{t:?} scalar, element {k}"
+                    );
+                }
+                xs.push(x);
+                qs.push(q);
+            }
+            for k in (0..n).step_by(4).filter(|k| k + 4 <= n) {
+                let x: Vec<&[f32]> = (k..k + 4).map(|i| &xs[i][..n]).collect();
+                let q: Vec<&Q8Row> = (k..k + 4).map(|i| &qs[i]).collect();
+                let mut out = [0f32; 4];
+                dot_many(t, &row, &x, &q, &mut out);
+                for (i, o) in out.iter().enumerate() {
+                    let expect = 127.0 * want[k + i];
+                    assert!(
+                        (o - expect).abs() <= expect.abs() * 1e-6,
+                        "{t:?} element {}: four-row dot {o}, want {expect}",
+                        k + i
+                    );
+                }
+            }
+        }
+    }
+
     #[test]
     fn ggml_layout_low_nibbles_are_the_first_half() {
         // d = 1.0 (f16 0x3c00), m = 0: byte j holds elements j (low) and j+16 (high).
