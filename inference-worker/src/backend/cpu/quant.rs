@@ -465,8 +465,9 @@ mod tests {
 
     /// Golden blocks derived by hand from ggml's block layouts (ggml-common.h:
     /// `block_q4_0 { ggml_half d; uint8_t qs[16]; }` with x = (q - 8) * d, low nibbles
-    /// the first 16 elements; `block_q8_0 { ggml_half d; int8_t qs[32]; }` with
-    /// x = q * d; F16 as IEEE 754 binary16, little-endian). Written as bytes, never
+    /// the first 16 elements; `block_q4_1 { ggml_half d, m; uint8_t qs[16]; }` with
+    /// x = q * d + m, the same nibble order; `block_q8_0 { ggml_half d; int8_t qs[32]; }`
+    /// with x = q * d; F16 as IEEE 754 binary16, little-endian). Written as bytes, never
     /// through `quantize_row`, so a layout bug shared by the encoder and the decoder
     /// (which every forward test would pass) fails here.
     fn golden() -> Vec<(WeightType, Vec<u8>, Vec<f32>)> {
@@ -475,6 +476,11 @@ mod tests {
         q4.extend((0..16u8).map(|j| j | ((15 - j) << 4)));
         let mut q4_want: Vec<f32> = (0..16).map(|j| (j as f32 - 8.0) * 2.0).collect();
         q4_want.extend((0..16).map(|j| (7.0 - j as f32) * 2.0));
+        // Q4_1: d = 1.0 (f16 0x3c00), m = -3.0 (f16 0xc200); byte j = (15 - j) | j << 4.
+        let mut q41 = vec![0x00, 0x3c, 0x00, 0xc2];
+        q41.extend((0..16u8).map(|j| (15 - j) | (j << 4)));
+        let mut q41_want: Vec<f32> = (0..16).map(|j| 15.0 - j as f32 - 3.0).collect();
+        q41_want.extend((0..16).map(|j| j as f32 - 3.0));
         // Q8_0: d = 0.5 (f16 0x3800); q = -128, then j - 16, then 127.
         let q8_q: Vec<i8> = (0..32)
             .map(|j| match j {
@@ -502,6 +508,7 @@ mod tests {
         let f16_want: Vec<f32> = halves.iter().map(|(_, v)| *v).collect();
         vec![
             (WeightType::Q4_0, q4, q4_want),
+            (WeightType::Q4_1, q41, q41_want),
             (WeightType::Q8_0, q8, q8_want),
             (WeightType::F16, f16_bytes, f16_want),
         ]
