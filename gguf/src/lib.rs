@@ -503,6 +503,37 @@ impl GgufFile {
         let start = (self.header.data_offset + t.offset) as usize;
         &self.map[start..start + t.n_bytes() as usize]
     }
+
+    /// Says that this process will not read tensor `t` through the map again soon (a
+    /// backend copied it): the pages wholly inside it leave the resident set now
+    /// instead of when memory runs short. Reading it later stays correct: the map is
+    /// read-only, so the pages fault in again from the file (`madvise(2)`,
+    /// MADV_DONTNEED on a private file mapping). A refusal changes nothing and is
+    /// ignored.
+    pub fn release(&self, t: &TensorInfo) {
+        #[cfg(unix)]
+        {
+            const PAGE: usize = 4096;
+            let start = (self.header.data_offset + t.offset) as usize;
+            let (from, to) = (
+                start.div_ceil(PAGE) * PAGE,
+                (start + t.n_bytes() as usize) / PAGE * PAGE,
+            );
+            if to > from {
+                // SAFETY: the map is private and never written, so dropping its pages
+                // loses nothing: the next read maps the file's bytes again.
+                let _ = unsafe {
+                    self.map.unchecked_advise_range(
+                        memmap2::UncheckedAdvice::DontNeed,
+                        from,
+                        to - from,
+                    )
+                };
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = t;
+    }
 }
 
 /// For tests: the SmolLM2-135M-Instruct GGUF that `scripts/ensure-tools.sh` fetches,

@@ -80,6 +80,7 @@ fn run(
                         logprobs: None,
                         prompt_logprobs: None,
                         constraint: None,
+                        ignore_eos: false,
                         events: tx,
                     })
                     .unwrap();

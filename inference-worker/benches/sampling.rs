@@ -63,6 +63,7 @@ fn decode(engine: &Handle, tok: &Tokenizer, grammars: &Grammars, setting: Settin
                     .json_schema(serde_json::json!({"type": "object"}))
                     .unwrap()
             }),
+            ignore_eos: false,
             events: tx,
         })
         .unwrap();

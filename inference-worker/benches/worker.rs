@@ -2,7 +2,10 @@
 //! processing, single-stream decode, and aggregate throughput with 8 concurrent streams
 //! (through the real continuous-batching engine). llama.cpp runs through
 //! scripts/bench-llama-cpp.py with the llama-cpp-python that scripts/ensure-llama-cpp.sh
-//! builds. Prints tokens/s for both and the ratio; asserts nothing about time.
+//! builds. Prints tokens/s for both and the ratio; asserts nothing about time. Also:
+//! single-stream decode against this machine's memory-bandwidth limit (bytes a token
+//! reads ÷ read bandwidth measured here), and where a decode step's time goes (matmuls,
+//! attention, the rest of the pass, the engine around it).
 //!
 //!     cargo bench -p gpuscale-inference-worker --bench worker
 //!
@@ -11,15 +14,17 @@
 
 mod common;
 
-use std::sync::Arc;
-use std::time::Instant;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use inference_worker::backend::cpu::CpuBackend;
-use inference_worker::backend::{Backend, KvLayout, Logits, SeqChunk};
+use inference_worker::backend::cpu::{CpuBackend, Kernels};
+use inference_worker::backend::{Backend, BackendError, KvLayout, Logits, SeqChunk};
 use inference_worker::metrics::Metrics;
+use inference_worker::model::ModelConfig;
 use inference_worker::scheduler::sampling::argmax;
 use inference_worker::scheduler::sampling::Sampling;
 use inference_worker::scheduler::{self, EngineConfig, Event, GenerateRequest};
+use rayon::prelude::*;
 
 const DECODE: usize = 128;
 const STREAMS: usize = 8;
@@ -75,6 +80,7 @@ fn main() {
         }])
         .unwrap(),
     );
+    let before = b.profile();
     let t0 = Instant::now();
     for i in 0..DECODE {
         next = argmax(
@@ -88,10 +94,29 @@ fn main() {
         );
     }
     let decode_tps = DECODE as f64 / t0.elapsed().as_secs_f64();
+    let after = b.profile();
+    let pass = (after.total - before.total).as_secs_f64();
+    let share = |d: Duration| 100.0 * d.as_secs_f64() / pass;
+    let (mm, att) = (
+        share(after.matmul - before.matmul),
+        share(after.attention - before.attention),
+    );
+    // What one decode token reads: every weight matrix (the tied head reads the whole
+    // embedding; the embedding lookup one row) and, on average, half the KV written.
+    let c = b.config().clone();
+    let kv_per_pos = 2 * c.n_layers * c.kv_dim() * 2;
+    let bytes_per_token =
+        file.header().weight_bytes() as f64 + ((short.len() + DECODE / 2) * kv_per_pos) as f64;
     drop(b);
+    let bandwidth = read_bandwidth();
+    let limit = bandwidth / bytes_per_token;
 
     // Ours: 8 concurrent requests through the engine (continuous batching).
-    let backend = CpuBackend::load(Arc::clone(&file), layout).unwrap();
+    let spent = Arc::new(Mutex::new(Duration::ZERO));
+    let backend = Timed {
+        inner: CpuBackend::load(Arc::clone(&file), layout).unwrap(),
+        spent: Arc::clone(&spent),
+    };
     let config = EngineConfig {
         max_batch: STREAMS,
         max_batch_tokens: 512,
@@ -120,6 +145,8 @@ fn main() {
             logprobs: None,
             prompt_logprobs: None,
             constraint: None,
+            // llama.cpp's side decodes a fixed number of tokens: so do we.
+            ignore_eos: true,
             events: tx,
         };
         engine.submit(req).unwrap();
@@ -137,7 +164,9 @@ fn main() {
             }
         }
     }
-    let aggregate_tps = generated as f64 / t0.elapsed().as_secs_f64();
+    let wall = t0.elapsed();
+    let aggregate_tps = generated as f64 / wall.as_secs_f64();
+    let in_forward = spent.lock().unwrap().as_secs_f64() / wall.as_secs_f64();
 
     // llama.cpp, same tokens, same threads.
     let cfg = serde_json::json!({
@@ -164,12 +193,8 @@ fn main() {
         }
     };
     println!(
-        "SmolLM2-135M-Instruct Q4_1, {threads} threads, CPU ({})",
-        if is_x86_feature_detected!("avx2") {
-            "AVX2 kernels"
-        } else {
-            "scalar kernels"
-        }
+        "SmolLM2-135M-Instruct Q4_1, {threads} threads, CPU ({} kernels)",
+        Kernels::best().describe()
     );
     if let Some(p) = &peer {
         println!(
@@ -205,5 +230,64 @@ fn main() {
             ),
             None => println!("{name:<44} {ours:>12.1} {:>12} {:>8}", "-", "-"),
         }
+    }
+    println!(
+        "single-stream decode reads {:.1} MB a token; read bandwidth here {:.1} GB/s ({threads} threads, 1 GiB, best of 3) -> limit {limit:.0} tok/s; decode reached {:.0}% of it",
+        bytes_per_token / 1e6,
+        bandwidth / 1e9,
+        100.0 * decode_tps / limit
+    );
+    println!(
+        "decode step ({DECODE} tokens): {mm:.0}% matmuls, {att:.0}% attention, {:.0}% the rest of the pass (norms, RoPE, KV writes, embedding, hand-offs between threads)",
+        100.0 - mm - att
+    );
+    println!(
+        "engine, {STREAMS} streams: {:.0}% of the wall time in forward passes, {:.0}% in the scheduler around them (planning, sampling, detokenising, streaming)",
+        100.0 * in_forward,
+        100.0 * (1.0 - in_forward)
+    );
+}
+
+/// Read bandwidth of this machine's memory with the pool's threads: the best of three
+/// sums over 1 GiB (far past any cache), as bytes per second.
+fn read_bandwidth() -> f64 {
+    let words = vec![1u64; 1 << 27];
+    (0..3)
+        .map(|_| {
+            let t = Instant::now();
+            let sum: u64 = words
+                .par_chunks(1 << 16)
+                .map(|c| c.iter().fold(0u64, |a, w| a.wrapping_add(*w)))
+                .sum();
+            assert_eq!(sum, words.len() as u64);
+            (words.len() * 8) as f64 / t.elapsed().as_secs_f64()
+        })
+        .fold(0.0, f64::max)
+}
+
+/// The engine's backend, timed: how much of the wall time the forward passes take.
+struct Timed {
+    inner: CpuBackend,
+    spent: Arc<Mutex<Duration>>,
+}
+
+impl Backend for Timed {
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+    fn config(&self) -> &ModelConfig {
+        self.inner.config()
+    }
+    fn kv_layout(&self) -> KvLayout {
+        self.inner.kv_layout()
+    }
+    fn memory_bytes(&self) -> u64 {
+        self.inner.memory_bytes()
+    }
+    fn forward(&mut self, chunks: &[SeqChunk<'_>]) -> Result<Vec<f32>, BackendError> {
+        let t = Instant::now();
+        let out = self.inner.forward(chunks);
+        *self.spent.lock().unwrap() += t.elapsed();
+        out
     }
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use common::*;
 use inference_worker::backend::cpu::quant::WeightType;
-use inference_worker::backend::cpu::CpuBackend;
+use inference_worker::backend::cpu::{CpuBackend, Kernels};
 use inference_worker::backend::{Backend, KvLayout, Logits, SeqChunk};
 use inference_worker::model::LoadError;
 
@@ -54,6 +54,64 @@ fn every_tensor_type_matches_the_f32_reference() {
             let limit = if ty.is_quantized() { 0.05 } else { 2e-3 };
             println!("{arch} {ty:?}: worst relative logit error {worst:.2e} (limit {limit})");
             assert!(worst < limit, "{arch} {ty:?}: {worst}");
+        }
+    }
+}
+
+/// The AVX-512 VNNI tile kernels and the row kernels differ only in the order they sum
+/// in: on every quantised type, over a prompt and a decode step, their logits agree to
+/// float rounding (far tighter than either's distance from the f32 reference).
+#[test]
+fn the_tile_kernels_compute_what_the_row_kernels_compute() {
+    if !inference_worker::backend::cpu::packed::available() {
+        // CI's CPU has AVX-512 VNNI, so there the comparison always runs.
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must run on a CPU with AVX-512 VNNI"
+        );
+        eprintln!("skipped: this CPU lacks AVX-512 VNNI, so no backend here runs tiles");
+        return;
+    }
+    let kv = KvLayout {
+        block_size: 4,
+        n_blocks: 8,
+    };
+    for arch in ["llama", "qwen2"] {
+        for ty in [WeightType::Q4_0, WeightType::Q4_1, WeightType::Q8_0] {
+            let m = model(ty, arch, 11);
+            let path = write_tmp(&format!("kernels-{arch}-{ty:?}.gguf"), &m.bytes);
+            let file = Arc::new(gguf::GgufFile::open(&path).unwrap());
+            let run = |k: Kernels| {
+                let mut b = CpuBackend::load_with(Arc::clone(&file), kv, 0..LAYERS, k).unwrap();
+                assert_eq!(b.kernels(), k);
+                let mut out = b
+                    .forward(&[SeqChunk {
+                        tokens: &TOKENS,
+                        start: 0,
+                        blocks: &[5, 1, 7],
+                        logits: Logits::All,
+                    }])
+                    .unwrap();
+                out.extend(
+                    b.forward(&[SeqChunk {
+                        tokens: &[9],
+                        start: TOKENS.len(),
+                        blocks: &[5, 1, 7],
+                        logits: Logits::Last,
+                    }])
+                    .unwrap(),
+                );
+                out
+            };
+            let (rows, tiles) = (run(Kernels::Rows), run(Kernels::Tiles));
+            let spread = rows.iter().fold(0f32, |a, v| a.max(v.abs()));
+            let worst = rows
+                .iter()
+                .zip(&tiles)
+                .fold(0f32, |a, (x, y)| a.max((x - y).abs()))
+                / spread;
+            println!("{arch} {ty:?}: tiles vs rows, worst relative logit difference {worst:.1e}");
+            assert!(worst < 1e-4, "{arch} {ty:?}: {worst}");
         }
     }
 }

@@ -490,9 +490,9 @@ async fn unserved_fields_are_refused_by_name_never_ignored() {
         ),
         (
             &c,
-            json!({"prompt": "a", "ignore_eos": true}),
-            "ignore_eos",
-            "Unrecognized request argument supplied: ignore_eos",
+            json!({"prompt": "a", "min_tokens": 2}),
+            "min_tokens",
+            "Unrecognized request argument supplied: min_tokens",
         ),
         (
             &c,
@@ -579,6 +579,18 @@ async fn unserved_fields_are_refused_by_name_never_ignored() {
     ] {
         let (st, _, b) = post(&chat, body.clone()).await;
         assert_eq!(st, 200, "{body}: {b}");
+    }
+    // `ignore_eos` goes on past the end-of-sequence token a bias makes certain, to
+    // `max_tokens`, showing no text for it; without it, that token ends the completion.
+    let eos = (common::VOCAB - 1).to_string();
+    for (ignore, finish, tokens) in [(false, "stop", 1), (true, "length", 4)] {
+        let body = json!({"prompt": "a", "max_tokens": 4, "temperature": 0,
+                          "logit_bias": {eos.as_str(): 100}, "ignore_eos": ignore});
+        let (st, _, b) = post(&c, body.clone()).await;
+        assert_eq!(st, 200, "{body}: {b}");
+        assert_eq!(b["choices"][0]["finish_reason"], finish, "{body}: {b}");
+        assert_eq!(b["choices"][0]["text"], "", "{body}: {b}");
+        assert_eq!(b["usage"]["completion_tokens"], tokens, "{body}: {b}");
     }
 }
 

@@ -75,6 +75,7 @@ fn wave(e: &Engine, prompts: &[(&str, Sampling)]) -> Vec<Output> {
                     logprobs: Some(2),
                     prompt_logprobs: None,
                     constraint: None,
+                    ignore_eos: false,
                     events: tx,
                 })
                 .unwrap();

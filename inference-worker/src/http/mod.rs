@@ -949,6 +949,7 @@ async fn run(
             logprobs: ask.logprobs,
             prompt_logprobs: ask.logprobs.filter(|_| ask.echo.is_some()),
             constraint: constraints.next(),
+            ignore_eos: p.ignore_eos.unwrap_or(false),
             events: tx,
         };
         l.engine.submit(req).map_err(|e| match e {

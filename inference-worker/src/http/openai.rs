@@ -58,6 +58,7 @@ const COMMON: &[&str] = &[
     "top_k",
     "min_p",
     "repetition_penalty",
+    "ignore_eos",
 ];
 const CHAT: &[&str] = &[
     "messages",
@@ -141,6 +142,8 @@ pub struct Params {
     pub min_p: Option<f32>,
     /// (0, 10]; 1 is off.
     pub repetition_penalty: Option<f32>,
+    /// Generate past the end-of-sequence token, to `max_tokens`.
+    pub ignore_eos: Option<bool>,
     /// The end user, written to the request's log line.
     pub user: Option<String>,
 }

@@ -63,6 +63,9 @@ pub struct GenerateRequest {
     /// A grammar the completion must follow (structured output); it ends the completion
     /// when complete.
     pub constraint: Option<grammar::Constraint>,
+    /// Go on past the end-of-sequence token until `max_tokens` (vLLM's and llama.cpp's
+    /// `ignore_eos`, for benchmarks that need a fixed length); the token shows no text.
+    pub ignore_eos: bool,
     /// Where the engine sends text and the end; dropping the receiver cancels.
     pub events: mpsc::UnboundedSender<Event>,
 }
@@ -624,14 +627,17 @@ impl Engine {
         self.shared.metrics.tokens_generated.inc();
         s.tokens.push(token);
         let max_len = self.shared.config.max_seq_len;
-        if tok.is_eos(token) {
+        let eos = tok.is_eos(token);
+        if eos && !s.req.ignore_eos {
             s.finished = Some(FinishReason::Stop);
         } else {
             if let Some(lp) = logprobs {
                 // Its text begins after what is held, including an incomplete character.
                 s.pending_logprobs.push((s.held.len(), lp));
             }
-            s.partial.extend_from_slice(tok.token_bytes(token));
+            if !eos {
+                s.partial.extend_from_slice(tok.token_bytes(token));
+            }
             let valid = match std::str::from_utf8(&s.partial) {
                 Ok(v) => v.len(),
                 Err(e) if e.error_len().is_some() => s.partial.len(), // invalid: emit lossily

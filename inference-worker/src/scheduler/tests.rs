@@ -129,6 +129,7 @@ fn request(
         logprobs: None,
         prompt_logprobs: None,
         constraint: None,
+        ignore_eos: false,
         events: tx,
     };
     (req, rx)
@@ -268,6 +269,20 @@ fn eos_and_stop_strings_end_a_completion() {
     h.submit(r).unwrap();
     let (text, reason, _) = collect(&mut rx);
     assert_eq!((text.as_str(), reason), ("bc", FinishReason::Stop));
+}
+
+#[test]
+fn ignore_eos_goes_on_to_max_tokens_and_shows_no_eos_text() {
+    let (h, _, _) = engine(32, config(), 0);
+    let (mut r, mut rx) = request("w", 10, &[]);
+    r.ignore_eos = true;
+    h.submit(r).unwrap();
+    // x y z, then the scripted model repeats EOS: each counted, none shown.
+    let (text, reason, n) = collect(&mut rx);
+    assert_eq!(
+        (text.as_str(), reason, n),
+        ("xyz", FinishReason::Length, 10)
+    );
 }
 
 #[test]

@@ -155,7 +155,7 @@ pub fn quantize_row(t: WeightType, x: &[f32]) -> Vec<u8> {
                 let id = if d != 0.0 { 1.0 / d } else { 0.0 };
                 out.extend(f16::from_f32(d).to_le_bytes());
                 b.iter()
-                    .for_each(|v| out.push((v * id).round() as i8 as u8));
+                    .for_each(|v| out.push((v * id).round_ties_even() as i8 as u8));
             }
         }
     }
@@ -166,34 +166,63 @@ pub fn quantize_row(t: WeightType, x: &[f32]) -> Vec<u8> {
 /// the Q4_1 minimum and the Q4_0 offset multiply), and the quants.
 #[derive(Clone, Debug, Default)]
 pub struct Q8Row {
-    d: Vec<f32>,
-    s: Vec<f32>,
-    qs: Vec<i8>,
+    pub(super) d: Vec<f32>,
+    pub(super) s: Vec<f32>,
+    pub(super) qs: Vec<i8>,
 }
 
 impl Q8Row {
+    /// Blocks of 32 quantised.
+    pub fn blocks(&self) -> usize {
+        self.d.len()
+    }
+
     /// Quantises `x` (a whole number of blocks) into `self`, reusing its storage.
     pub fn quantize_from(&mut self, x: &[f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if simd::available() {
+            // SAFETY: AVX2 was detected; `quantize_with` hands whole blocks.
+            return self.quantize_with(x, |b, q| unsafe { simd::quantize_block(b, q) });
+        }
+        self.quantize_with(x, quantize_block_scalar)
+    }
+
+    /// The reference quantiser (tests compare the SIMD one with it).
+    pub fn quantize_scalar(&mut self, x: &[f32]) {
+        self.quantize_with(x, quantize_block_scalar)
+    }
+
+    fn quantize_with(&mut self, x: &[f32], block: impl Fn(&[f32], &mut [i8]) -> (f32, i32)) {
         let n = x.len() / QK;
         self.d.resize(n, 0.0);
         self.s.resize(n, 0.0);
         self.qs.resize(n * QK, 0);
-        for (b, block) in x.chunks_exact(QK).enumerate() {
-            let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let d = amax / 127.0;
-            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        for (b, x) in x.chunks_exact(QK).enumerate() {
+            let (d, sum) = block(x, &mut self.qs[b * QK..(b + 1) * QK]);
             // ggml keeps d and d*sum as f16; rounding them the same way keeps the peer's
             // numerics (the quants themselves use the unrounded scale, as ggml does).
             let d = f16::from_f32(d).to_f32();
-            let mut sum = 0i32;
-            for (q, v) in self.qs[b * QK..(b + 1) * QK].iter_mut().zip(block) {
-                *q = (v * id).round() as i8;
-                sum += *q as i32;
-            }
             self.d[b] = d;
             self.s[b] = f16::from_f32(d * sum as f32).to_f32();
         }
     }
+}
+
+/// One block of 32 to 8 bits: writes the quants, returns the (unrounded) scale and the
+/// quants' sum. Rounds half away from zero, as ggml's reference `quantize_row_q8_1_ref`
+/// (`roundf`) does and as this worker always has; the SIMD version is bit-identical.
+/// (ggml's AVX2 code rounds half to even; exact halves are rare, and on the parity
+/// fixture neither rule is closer to llama.cpp than the other.)
+fn quantize_block_scalar(x: &[f32], qs: &mut [i8]) -> (f32, i32) {
+    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let d = amax / 127.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    let mut sum = 0i32;
+    for (q, v) in qs.iter_mut().zip(x) {
+        *q = (v * id).round() as i8;
+        sum += *q as i32;
+    }
+    (d, sum)
 }
 
 /// `row · x` for one weight row of type `t`. `q` must hold `x` quantised when `t` is a
@@ -266,6 +295,14 @@ pub fn dot_q_scalar(t: WeightType, row: &[u8], q: &Q8Row) -> f32 {
     sum
 }
 
+/// Whether the row kernels run AVX2 here (else the scalar reference).
+pub fn simd_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return simd::available();
+    #[allow(unreachable_code)]
+    false
+}
+
 #[cfg(target_arch = "x86_64")]
 mod simd {
     use super::{Q8Row, WeightType, QK};
@@ -280,6 +317,46 @@ mod simd {
                 && is_x86_feature_detected!("f16c")
                 && std::env::var_os("GPUSCALE_NO_SIMD").is_none()
         })
+    }
+
+    /// [`super::quantize_block_scalar`] in AVX2, bit for bit.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn quantize_block(x: &[f32], qs: &mut [i8]) -> (f32, i32) {
+        assert!(x.len() == QK && qs.len() == QK);
+        let p = x.as_ptr();
+        let v = [0, 8, 16, 24].map(|o| _mm256_loadu_ps(p.add(o)));
+        let sign = _mm256_set1_ps(-0.0);
+        let m = v.iter().fold(_mm256_setzero_ps(), |m, &v| {
+            _mm256_max_ps(m, _mm256_andnot_ps(sign, v))
+        });
+        let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+        let d = amax / 127.0;
+        let id = _mm256_set1_ps(if d != 0.0 { 1.0 / d } else { 0.0 });
+        let i = v.map(|v| {
+            // roundf: truncate, then step away from zero when the part cut off is at
+            // least a half (both steps exact in f32).
+            let x = _mm256_mul_ps(v, id);
+            let t = _mm256_round_ps(x, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+            let cut = _mm256_andnot_ps(sign, _mm256_sub_ps(x, t));
+            let up = _mm256_cmp_ps(cut, _mm256_set1_ps(0.5), _CMP_GE_OQ);
+            let step = _mm256_or_ps(_mm256_set1_ps(1.0), _mm256_and_ps(x, sign));
+            _mm256_cvtps_epi32(_mm256_add_ps(t, _mm256_and_ps(up, step)))
+        });
+        let s = _mm256_add_epi32(_mm256_add_epi32(i[0], i[1]), _mm256_add_epi32(i[2], i[3]));
+        let s = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
+        let sum = _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01)));
+        // Packing works within 128-bit halves; the permute puts the lanes back in order.
+        let packed = _mm256_packs_epi16(
+            _mm256_packs_epi32(i[0], i[1]),
+            _mm256_packs_epi32(i[2], i[3]),
+        );
+        let ordered =
+            _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256(qs.as_mut_ptr() as *mut __m256i, ordered);
+        (d, sum)
     }
 
     /// Sum of the eight i32 lanes of `p` (products of one block) as f32 lanes.
@@ -440,6 +517,25 @@ mod tests {
                     prop_assert!((got - reference).abs() <= 1e-3 * (1.0 + reference.abs()), "{t:?} simd {got} scalar {reference}");
                 }
             }
+        }
+
+        /// The SIMD activation quantiser is bit-identical to the scalar one, ties
+        /// included (a block whose largest magnitude is 127 has scale 1, so x.5 values
+        /// are exact ties).
+        #[test]
+        fn simd_quantisation_equals_the_scalar_reference(x in prop::collection::vec(-300i32..300, 64),
+                                                         ties in any::<bool>()) {
+            let x: Vec<f32> = x.iter().enumerate().map(|(i, v)| match (ties, i % 32) {
+                (true, 0) => 127.0,
+                (true, _) => (*v % 127) as f32 + 0.5 * (v.signum() as f32),
+                (false, _) => *v as f32 / 37.0,
+            }).collect();
+            let (mut fast, mut reference) = (Q8Row::default(), Q8Row::default());
+            fast.quantize_from(&x);
+            reference.quantize_scalar(&x);
+            prop_assert_eq!(&fast.qs, &reference.qs);
+            prop_assert_eq!(&fast.d, &reference.d);
+            prop_assert_eq!(&fast.s, &reference.s);
         }
 
         /// Quantising then decoding stays within half a step of the original.
