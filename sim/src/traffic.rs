@@ -181,8 +181,10 @@ async fn send(
             let model = model.to_string();
             let stream = streams && sent_count % 2 == 1;
             sent_count += 1;
+            // Every request generates `max_tokens` (`ignore_eos`, as vLLM's serving
+            // benchmark sends), so the load does not depend on where the model stops.
             let body = json!({"model": model, "prompt": "Tell me a short story about a GPU.",
-                              "max_tokens": max_tokens, "stream": stream});
+                              "max_tokens": max_tokens, "stream": stream, "ignore_eos": true});
             tasks.spawn(async move {
                 let sent = Instant::now();
                 let at = sent.duration_since(start).as_secs_f64();

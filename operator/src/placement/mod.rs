@@ -470,6 +470,34 @@ impl Engine {
             .max()
     }
 
+    /// The order a scale-down wave should take `replicas` in so the fleet's free memory
+    /// gathers into the largest blocks: greedily, the one whose exit frees most
+    /// ([`Engine::freed_by`]) once those before it have gone. Scoring each replica
+    /// alone is not enough: two replicas sharing a GPU each free only a part of it, and
+    /// only the second exit empties it. Ties go to the one given first; replicas placed
+    /// on no GPU come last, in the order given.
+    pub fn defragmenting_order(&self, replicas: &[ReplicaId]) -> Vec<ReplicaId> {
+        let mut after = self.clone();
+        let (mut left, rest): (Vec<&ReplicaId>, Vec<&ReplicaId>) =
+            replicas.iter().partition(|r| self.placed.contains_key(*r));
+        let mut order = Vec::with_capacity(replicas.len());
+        while !left.is_empty() {
+            let mut best = 0;
+            let mut most = after.freed_by(left[0]);
+            for (i, r) in left.iter().enumerate().skip(1) {
+                let frees = after.freed_by(r);
+                if frees > most {
+                    (best, most) = (i, frees);
+                }
+            }
+            let r = left.remove(best);
+            after.release(r);
+            order.push(r.clone());
+        }
+        order.extend(rest.into_iter().cloned());
+        order
+    }
+
     /// Every placement, in replica order.
     pub fn placements(&self) -> Vec<&Placement> {
         let mut v: Vec<&Placement> = self.placed.values().collect();

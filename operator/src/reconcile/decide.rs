@@ -190,7 +190,7 @@ pub(super) fn decide(
             phase: s.phase,
             version: version_of(&s.revision),
             in_flight: s.load.as_ref().map(|l| l.in_flight()),
-            frees: 0,
+            exit_priority: 0,
         })
         .collect();
     // Which replica a scale-down removes depends on what its exit frees for the
@@ -200,13 +200,27 @@ pub(super) fn decide(
         .filter(|r| matches!(r.phase, Phase::Loading | Phase::Ready))
         .count() as u32;
     if active > targets.desired.max(targets.stable + targets.canary) {
-        let engine = &ledger.get().engine;
-        for r in &mut replicas {
-            let id = placement::ReplicaId {
-                deployment: key.clone(),
-                index: r.index,
-            };
-            r.frees = engine.freed_by(&id).unwrap_or(0);
+        // Asked in the plan's own tie-break order (least in flight, then the highest
+        // index), so where exits free the same the plan's choice stands.
+        let mut by_tie = replicas.clone();
+        by_tie.sort_by(|a, b| {
+            let busy = |r: &Replica| r.in_flight.unwrap_or(f64::MAX);
+            busy(a).total_cmp(&busy(b)).then(b.index.cmp(&a.index))
+        });
+        let id = |index| placement::ReplicaId {
+            deployment: key.clone(),
+            index,
+        };
+        let ids: Vec<_> = by_tie.iter().map(|r| id(r.index)).collect();
+        let order = ledger.get().engine.defragmenting_order(&ids);
+        let placed = order.len() as u32;
+        for (rank, replica) in order.iter().enumerate() {
+            if let Some(r) = replicas.iter_mut().find(|r| r.index == replica.index) {
+                // Replicas on no GPU keep 0 and go after, by the plan's tie-break.
+                if ledger.get().engine.freed_by(replica).is_some() {
+                    r.exit_priority = placed - rank as u32;
+                }
+            }
         }
     }
     let mut refusal = None;

@@ -7,10 +7,10 @@
 //!   desired count in all;
 //! - excess replicas are removed rolled back first (drained at once), then outdated
 //!   (neither stable nor canary), then the stable version's, then the canary's; loading
-//!   before ready, then the one whose exit frees the largest block of GPU memory for
-//!   the fleet (defragmenting: free memory gathers where a larger model fits), then the
-//!   one with the least in flight; a loading one is deleted at once, a ready one
-//!   drained;
+//!   before ready, then in the fleet's defragmenting order (each exit frees the
+//!   largest block of GPU memory it can once the ones before it have gone, so free
+//!   memory gathers where a larger model fits), then the one with the least in flight;
+//!   a loading one is deleted at once, a ready one drained;
 //! - any other ready replica is never drained while that would leave fewer ready
 //!   replicas than desired (one fewer with `surge` 0: replace in place), so a rollout
 //!   waits for its new replicas to be ready.
@@ -56,9 +56,10 @@ pub struct Replica {
     pub version: Version,
     /// Requests waiting or running, when scraped.
     pub in_flight: Option<f64>,
-    /// The largest block of GPU memory its exit would free for the fleet
-    /// (`Engine::freed_by`; 0 on the CPU, or where not computed).
-    pub frees: u64,
+    /// Its place in the fleet's defragmenting order, counted from the back: the
+    /// highest goes first (`Engine::defragmenting_order`; 0 on the CPU, or where not
+    /// computed).
+    pub exit_priority: u32,
 }
 
 /// One step.
@@ -156,7 +157,7 @@ pub fn plan(replicas: &[Replica], t: &Targets) -> Vec<Step> {
         let key = |r: &Replica| (r.version, r.phase == Phase::Ready);
         key(a)
             .cmp(&key(b))
-            .then(b.frees.cmp(&a.frees))
+            .then(b.exit_priority.cmp(&a.exit_priority))
             .then(
                 a.in_flight
                     .unwrap_or(f64::MAX)
@@ -202,7 +203,117 @@ mod tests {
                 Version::Stable
             },
             in_flight: Some(in_flight),
-            frees: 0,
+            exit_priority: 0,
+        }
+    }
+
+    mod fleet {
+        use super::*;
+        use crate::estimate::GIB;
+        use crate::inventory::{Binding, Gpu, Health, Inventory, NodeGpus};
+        use crate::placement::{
+            Engine, Placement, ReplicaId, Request, Selector, Sharing, SpreadDomain, Strategy,
+        };
+
+        /// `nodes` nodes of two L4s (24 GiB), shareable through DRA.
+        pub fn engine(nodes: u32) -> Engine {
+            let node = |n: u32| NodeGpus {
+                name: format!("node-{n}"),
+                zone: None,
+                gpus: (0..2)
+                    .map(|i| Gpu {
+                        index: i,
+                        uuid: Some(format!("GPU-{n}-{i}")),
+                        product: "NVIDIA L4".into(),
+                        total_bytes: 24 * GIB,
+                        used_outside_bytes: 0,
+                        compute_capability: Some((8, 9)),
+                        nvlink_peers: Vec::new(),
+                        numa_node: None,
+                        health: Health::Healthy,
+                    })
+                    .collect(),
+                binding: Binding::Dra { shareable: true },
+            };
+            Engine::new(&Inventory {
+                nodes: (0..nodes).map(node).collect(),
+            })
+        }
+
+        pub fn id(index: u32) -> ReplicaId {
+            ReplicaId {
+                deployment: "ns/small".into(),
+                index,
+            }
+        }
+
+        /// Places replica `index` of `gib` GiB on GPU slot `k` (node k / 2, GPU k % 2).
+        pub fn adopt(engine: &mut Engine, index: u32, k: usize, gib: u64) {
+            engine
+                .adopt(Placement {
+                    replica: id(index),
+                    node: format!("node-{}", k / 2),
+                    gpus: vec![(k % 2) as u32],
+                    gpu_uuids: vec![format!("GPU-{}-{}", k / 2, k % 2)],
+                    bytes_per_gpu: gib * GIB,
+                    exclusive: false,
+                    nvlink: true,
+                    dra: true,
+                    product: "NVIDIA L4".into(),
+                })
+                .unwrap();
+        }
+
+        /// A model of `gib` GiB on one GPU.
+        pub fn big(gib: u64) -> Request {
+            Request {
+                replica: ReplicaId {
+                    deployment: "ns/big".into(),
+                    index: 0,
+                },
+                need_per_gpu: gib * GIB,
+                gpus: 1,
+                sharing: Sharing::Shared,
+                selector: Selector::default(),
+                strategy: Strategy::BinPack,
+                spread: SpreadDomain::Node,
+                require_nvlink: false,
+                avoid_nodes: Vec::new(),
+            }
+        }
+
+        /// The wave `plan` takes `n` replicas (all ready, equally busy) down to `keep`
+        /// with, given the defragmenting order or not, and whether `want` GiB fits after.
+        pub fn wave(
+            engine: &Engine,
+            n: u32,
+            keep: u32,
+            defragment: bool,
+            want: u64,
+        ) -> (Vec<Step>, bool) {
+            // The order is asked with the plan's own tie-break: the highest index first.
+            let order = engine.defragmenting_order(&(0..n).rev().map(id).collect::<Vec<_>>());
+            let replicas: Vec<Replica> = (0..n)
+                .map(|index| Replica {
+                    exit_priority: match defragment {
+                        true => {
+                            (n as usize - order.iter().position(|r| *r == id(index)).unwrap())
+                                as u32
+                        }
+                        false => 0,
+                    },
+                    ..r(index, Phase::Ready, false, 1.0)
+                })
+                .collect();
+            let mut after = engine.clone();
+            let steps = plan(&replicas, &Targets::stable(keep, 1));
+            for step in &steps {
+                let Step::Drain(index) = step else {
+                    panic!("{step:?}")
+                };
+                after.release(&id(*index)).unwrap();
+            }
+            (steps, after.place(&big(want)).is_ok())
         }
     }
 
@@ -210,36 +321,11 @@ mod tests {
     /// alone on a GPU and the rest paired so that the highest indices sit on different
     /// GPUs. No GPU has 20 GiB free. A wave of three removals: by the old order
     /// (highest index first) every freed block is 16 GiB and a 20 GiB model still does
-    /// not fit; by what each exit frees, the two lone replicas go first and it fits.
+    /// not fit; in the defragmenting order the two lone replicas go first and it fits.
     #[test]
     fn a_scale_down_wave_that_defragments_makes_room_for_a_model_that_did_not_fit() {
-        use crate::estimate::GIB;
-        use crate::inventory::{Binding, Gpu, Health, Inventory, NodeGpus};
-        use crate::placement::{
-            Engine, Placement, ReplicaId, Request, Selector, Sharing, SpreadDomain, Strategy,
-        };
-        let node = |n: u32| NodeGpus {
-            name: format!("node-{n}"),
-            zone: None,
-            gpus: (0..2)
-                .map(|i| Gpu {
-                    index: i,
-                    uuid: Some(format!("GPU-{n}-{i}")),
-                    product: "NVIDIA L4".into(),
-                    total_bytes: 24 * GIB,
-                    used_outside_bytes: 0,
-                    compute_capability: Some((8, 9)),
-                    nvlink_peers: Vec::new(),
-                    numa_node: None,
-                    health: Health::Healthy,
-                })
-                .collect(),
-            binding: Binding::Dra { shareable: true },
-        };
-        let mut engine = Engine::new(&Inventory {
-            nodes: (0..4).map(node).collect(),
-        });
-        // GPU slot k (node k / 2, GPU k % 2) holds these replicas.
+        let mut engine = fleet::engine(4);
+        // GPU slot k holds these replicas.
         let slots: [&[u32]; 8] = [
             &[0],
             &[1],
@@ -250,81 +336,51 @@ mod tests {
             &[6, 12],
             &[7, 13],
         ];
-        let id = |index| ReplicaId {
-            deployment: "ns/small".into(),
-            index,
-        };
         for (k, replicas) in slots.iter().enumerate() {
             for &index in *replicas {
-                engine
-                    .adopt(Placement {
-                        replica: id(index),
-                        node: format!("node-{}", k / 2),
-                        gpus: vec![(k % 2) as u32],
-                        gpu_uuids: vec![format!("GPU-{}-{}", k / 2, k % 2)],
-                        bytes_per_gpu: 8 * GIB,
-                        exclusive: false,
-                        nvlink: true,
-                        dra: true,
-                        product: "NVIDIA L4".into(),
-                    })
-                    .unwrap();
+                fleet::adopt(&mut engine, index, k, 8);
             }
         }
-        let big = Request {
-            replica: ReplicaId {
-                deployment: "ns/big".into(),
-                index: 0,
-            },
-            need_per_gpu: 20 * GIB,
-            gpus: 1,
-            sharing: Sharing::Shared,
-            selector: Selector::default(),
-            strategy: Strategy::BinPack,
-            spread: SpreadDomain::Node,
-            require_nvlink: false,
-            avoid_nodes: Vec::new(),
-        };
         assert!(
-            engine.clone().place(&big).is_err(),
+            engine.clone().place(&fleet::big(20)).is_err(),
             "fragmented: 20 GiB fits nowhere"
         );
-        let wave = |defragment: bool| {
-            let replicas: Vec<Replica> = (0..14)
-                .map(|index| Replica {
-                    frees: if defragment {
-                        engine.freed_by(&id(index)).unwrap()
-                    } else {
-                        0
-                    },
-                    ..r(index, Phase::Ready, false, 1.0)
-                })
-                .collect();
-            let mut after = engine.clone();
-            let steps = plan(&replicas, &Targets::stable(11, 1));
-            for step in &steps {
-                let Step::Drain(index) = step else {
-                    panic!("{step:?}")
-                };
-                after.release(&id(*index)).unwrap();
-            }
-            (steps, after.place(&big).is_ok())
-        };
-        let (steps, fits) = wave(false);
+        let (steps, fits) = fleet::wave(&engine, 14, 11, false, 20);
         assert_eq!(steps, [Step::Drain(13), Step::Drain(12), Step::Drain(11)]);
         assert!(!fits, "highest index first leaves three 16 GiB blocks");
-        let (steps, fits) = wave(true);
+        let (steps, fits) = fleet::wave(&engine, 14, 11, true, 20);
         assert_eq!(steps[..2], [Step::Drain(1), Step::Drain(0)]);
         assert!(fits, "the two lone replicas go first: whole GPUs free");
     }
 
+    /// Two GPUs, each shared by two 10 GiB replicas, the indices alternating (what the
+    /// Spread strategy leaves). Each exit alone frees 14 GiB, all equal, so scoring
+    /// each replica once would remove the two highest, one from each GPU, and a 20 GiB
+    /// model would still not fit. In the defragmenting order the second exit is the
+    /// first one's neighbour, which empties its GPU.
+    #[test]
+    fn a_wave_empties_a_gpu_two_replicas_share_though_each_exit_alone_frees_half() {
+        let mut engine = fleet::engine(1);
+        for (index, k) in [(0, 0), (1, 1), (2, 0), (3, 1)] {
+            fleet::adopt(&mut engine, index, k, 10);
+        }
+        let each: Vec<_> = (0..4).map(|i| engine.freed_by(&fleet::id(i))).collect();
+        assert!(each.windows(2).all(|w| w[0] == w[1]), "{each:?}");
+        let (steps, fits) = fleet::wave(&engine, 4, 2, false, 20);
+        assert_eq!(steps, [Step::Drain(3), Step::Drain(2)]);
+        assert!(!fits);
+        let (steps, fits) = fleet::wave(&engine, 4, 2, true, 20);
+        assert_eq!(steps, [Step::Drain(3), Step::Drain(1)]);
+        assert!(fits, "GPU 1 emptied");
+    }
+
     #[test]
     fn scale_down_removes_the_replica_whose_exit_frees_the_largest_block_first() {
-        let frees = |mut r: Replica, gib: u64| {
-            r.frees = gib << 30;
+        let frees = |mut r: Replica, priority: u32| {
+            r.exit_priority = priority;
             r
         };
-        // The least busy frees a 10 GiB block; another leaves a whole 80 GiB GPU empty.
+        // The least busy comes last in the defragmenting order; another first.
         let have = [
             frees(r(0, Phase::Ready, false, 1.0), 10),
             frees(r(1, Phase::Ready, false, 4.0), 80),
@@ -334,7 +390,7 @@ mod tests {
             plan(&have, &Targets::stable(1, 1)),
             vec![Step::Drain(1), Step::Drain(2)]
         );
-        // Equal blocks: the least busy, as before.
+        // Equal priorities (replicas on the CPU): the least busy, as before.
         let have = [
             frees(r(0, Phase::Ready, false, 3.0), 80),
             frees(r(1, Phase::Ready, false, 1.0), 80),
