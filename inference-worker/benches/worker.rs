@@ -194,7 +194,9 @@ fn main() {
     };
     println!(
         "SmolLM2-135M-Instruct Q4_1, {threads} threads, CPU ({} kernels)",
-        Kernels::best().describe()
+        Kernels::from_env()
+            .expect("GPUSCALE_CPU_KERNELS")
+            .describe()
     );
     if let Some(p) = &peer {
         println!(

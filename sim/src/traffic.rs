@@ -93,7 +93,9 @@ pub async fn endpoints(client: &Client, ns: &str, service: &str) -> Vec<String> 
 
 /// Sends completions following `profile` to the ready endpoints of a Service (round
 /// robin, as kube-proxy spreads connections) and returns every outcome once all have
-/// finished.
+/// finished. Each request generates exactly `max_tokens` (`ignore_eos`, as vLLM's
+/// serving benchmark sends), so a scenario's load does not depend on where the model
+/// happens to stop.
 pub async fn drive(
     client: Client,
     ns: &str,
@@ -118,12 +120,13 @@ pub async fn drive(
             }
         })
     };
-    let out = send(targets, model, max_tokens, profile, false).await;
+    let out = send(targets, model, max_tokens, profile, false, true).await;
     refresher.abort();
     out
 }
 
-/// Sends completions following `profile` to one URL (the request router).
+/// Sends completions following `profile` to one URL (the request router), each
+/// `max_tokens` long, as [`drive`] does.
 pub async fn drive_url(url: &str, model: &str, max_tokens: u32, profile: Profile) -> Vec<Outcome> {
     send(
         Arc::new(Mutex::new(vec![url.to_string()])),
@@ -131,11 +134,13 @@ pub async fn drive_url(url: &str, model: &str, max_tokens: u32, profile: Profile
         max_tokens,
         profile,
         false,
+        true,
     )
     .await
 }
 
-/// As [`drive_url`], with every other request streamed (SSE).
+/// To one URL, with every other request streamed (SSE), each up to `max_tokens`,
+/// ending where the model ends (as users' requests do: the soak's steady load).
 pub async fn drive_url_streaming(
     url: &str,
     model: &str,
@@ -148,19 +153,22 @@ pub async fn drive_url_streaming(
         max_tokens,
         profile,
         true,
+        false,
     )
     .await
 }
 
 /// Sends completions following `profile` (a new request every 1/rate seconds, each on
 /// its own task so that a slow one never holds the next back) to `targets` in turn,
-/// every other one streamed when `streams`. Each answer is read to its end.
+/// every other one streamed when `streams`, each `max_tokens` long when `fixed_length`
+/// (else up to it, ending where the model ends). Each answer is read to its end.
 async fn send(
     targets: Arc<Mutex<Vec<String>>>,
     model: &str,
     max_tokens: u32,
     profile: Profile,
     streams: bool,
+    fixed_length: bool,
 ) -> Vec<Outcome> {
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(300))
@@ -181,10 +189,9 @@ async fn send(
             let model = model.to_string();
             let stream = streams && sent_count % 2 == 1;
             sent_count += 1;
-            // Every request generates `max_tokens` (`ignore_eos`, as vLLM's serving
-            // benchmark sends), so the load does not depend on where the model stops.
             let body = json!({"model": model, "prompt": "Tell me a short story about a GPU.",
-                              "max_tokens": max_tokens, "stream": stream, "ignore_eos": true});
+                              "max_tokens": max_tokens, "stream": stream,
+                              "ignore_eos": fixed_length});
             tasks.spawn(async move {
                 let sent = Instant::now();
                 let at = sent.duration_since(start).as_secs_f64();
