@@ -18,7 +18,7 @@
 //! block's elements 0..16 and its high nibbles 16..32 (ggml's order). A matrix whose row
 //! count is not a multiple of four is padded with rows of zeros, which compute to 0.
 
-use super::quant::{dequantize_row, Q8Row, WeightType, QK};
+use super::quant::{Q8Row, WeightType, QK};
 
 /// Rows per tile.
 pub const TILE: usize = 4;
@@ -129,11 +129,6 @@ impl Packed {
             }
         }
         out
-    }
-
-    /// Decodes row `r` into `out` (`cols` values).
-    pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
-        dequantize_row(self.ty, &self.unpack_row(r), out);
     }
 
     /// Rows (without the padding).
