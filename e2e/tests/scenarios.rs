@@ -24,6 +24,23 @@ fn background_load(
     tokio::spawn(async move { traffic::drive(client, &ns, "smollm", MODEL, tokens, profile).await })
 }
 
+/// Waits (up to `within`) for deployment `name` to report `Unschedulable=True`, and
+/// checks the reason is a shortage of GPU memory or GPUs.
+async fn assert_unschedulable_for_vram(env: &Env, name: &str, within: Duration) {
+    let (status, reason, message) = env
+        .wait(&format!("{name} Unschedulable"), within, || async {
+            let c = condition(&env.deployment(name).await.ok()?, "Unschedulable")?;
+            (c.0 == "True").then_some(c)
+        })
+        .await
+        .unwrap();
+    assert_eq!(status, "True");
+    assert!(
+        ["InsufficientVRAM", "InsufficientGPUsOnNode"].contains(&reason.as_str()),
+        "{reason}: {message}"
+    );
+}
+
 fn two_l4_nodes() -> Vec<SimNode> {
     vec![
         SimNode::new("sim-l4-a", 2, "NVIDIA L4", 24, false),
@@ -377,17 +394,7 @@ async fn a_scale_down_wave_makes_room_for_a_model_that_did_not_fit() {
         "Spread alternates"
     );
     env.apply(&sized("big", 96, 1, "BinPack")).await.unwrap();
-    let (_, reason, message) = env
-        .wait("big Unschedulable", Duration::from_secs(60), || async {
-            let c = condition(&env.deployment("big").await.ok()?, "Unschedulable")?;
-            (c.0 == "True").then_some(c)
-        })
-        .await
-        .unwrap();
-    assert!(
-        ["InsufficientVRAM", "InsufficientGPUsOnNode"].contains(&reason.as_str()),
-        "{reason}: {message}"
-    );
+    assert_unschedulable_for_vram(&env, "big", Duration::from_secs(60)).await;
     // The wave: two of the four go at once.
     let api: Api<gpuscale_crds::InferenceDeployment> =
         Api::namespaced(env.client.clone(), &env.namespace);
@@ -423,18 +430,7 @@ async fn an_unschedulable_model_is_reported_with_its_reason() {
                            "parameters": 400_000_000_000u64, "dtype": "f16"},
                  "resources": {"allowCpu": false}}}));
     env.apply(&d).await.unwrap();
-    let (status, reason, message) = env
-        .wait("Unschedulable", Duration::from_secs(30), || async {
-            let c = condition(&env.deployment("huge").await.ok()?, "Unschedulable")?;
-            (c.0 == "True").then_some(c)
-        })
-        .await
-        .unwrap();
-    assert_eq!(status, "True");
-    assert!(
-        ["InsufficientVRAM", "InsufficientGPUsOnNode"].contains(&reason.as_str()),
-        "{reason}: {message}"
-    );
+    assert_unschedulable_for_vram(&env, "huge", Duration::from_secs(30)).await;
     assert!(env.pods("huge").await.unwrap().is_empty());
 }
 

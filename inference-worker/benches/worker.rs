@@ -103,8 +103,7 @@ fn main() {
     );
     // What one decode token reads: every weight matrix (the tied head reads the whole
     // embedding; the embedding lookup one row) and, on average, half the KV written.
-    let c = b.config().clone();
-    let kv_per_pos = 2 * c.n_layers * c.kv_dim() * 2;
+    let kv_per_pos = KvLayout::bytes_per_token(b.config());
     let bytes_per_token =
         file.header().weight_bytes() as f64 + ((short.len() + DECODE / 2) * kv_per_pos) as f64;
     drop(b);

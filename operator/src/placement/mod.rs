@@ -475,12 +475,14 @@ impl Engine {
     /// ([`Engine::freed_by`]) once those before it have gone. Scoring each replica
     /// alone is not enough: two replicas sharing a GPU each free only a part of it, and
     /// only the second exit empties it. Ties go to the one given first; replicas placed
-    /// on no GPU come last, in the order given.
+    /// on no GPU are left out.
     pub fn defragmenting_order(&self, replicas: &[ReplicaId]) -> Vec<ReplicaId> {
         let mut after = self.clone();
-        let (mut left, rest): (Vec<&ReplicaId>, Vec<&ReplicaId>) =
-            replicas.iter().partition(|r| self.placed.contains_key(*r));
-        let mut order = Vec::with_capacity(replicas.len());
+        let mut left: Vec<&ReplicaId> = replicas
+            .iter()
+            .filter(|r| self.freed_by(r).is_some())
+            .collect();
+        let mut order = Vec::with_capacity(left.len());
         while !left.is_empty() {
             let mut best = 0;
             let mut most = after.freed_by(left[0]);
@@ -494,7 +496,6 @@ impl Engine {
             after.release(r);
             order.push(r.clone());
         }
-        order.extend(rest.into_iter().cloned());
         order
     }
 

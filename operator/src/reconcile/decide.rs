@@ -200,28 +200,25 @@ pub(super) fn decide(
         .filter(|r| matches!(r.phase, Phase::Loading | Phase::Ready))
         .count() as u32;
     if active > targets.desired.max(targets.stable + targets.canary) {
-        // Asked in the plan's own tie-break order (least in flight, then the highest
-        // index), so where exits free the same the plan's choice stands.
-        let mut by_tie = replicas.clone();
-        by_tie.sort_by(|a, b| {
-            let busy = |r: &Replica| r.in_flight.unwrap_or(f64::MAX);
-            busy(a).total_cmp(&busy(b)).then(b.index.cmp(&a.index))
-        });
-        let id = |index| placement::ReplicaId {
-            deployment: key.clone(),
-            index,
-        };
-        let ids: Vec<_> = by_tie.iter().map(|r| id(r.index)).collect();
-        let order = ledger.get().engine.defragmenting_order(&ids);
-        let placed = order.len() as u32;
-        for (rank, replica) in order.iter().enumerate() {
-            if let Some(r) = replicas.iter_mut().find(|r| r.index == replica.index) {
-                // Replicas on no GPU keep 0 and go after, by the plan's tie-break.
-                if ledger.get().engine.freed_by(replica).is_some() {
-                    r.exit_priority = placed - rank as u32;
-                }
-            }
-        }
+        // Asked in the plan's own tie-break order, so where exits free the same the
+        // plan's choice stands.
+        let mut by_tie: Vec<&Replica> = replicas.iter().collect();
+        by_tie.sort_by(|a, b| plan::tie_break(a, b));
+        let ids: Vec<_> = by_tie
+            .iter()
+            .map(|r| placement::ReplicaId {
+                deployment: key.clone(),
+                index: r.index,
+            })
+            .collect();
+        let order: Vec<u32> = ledger
+            .get()
+            .engine
+            .defragmenting_order(&ids)
+            .iter()
+            .map(|r| r.index)
+            .collect();
+        plan::rank_exits(&mut replicas, &order);
     }
     let mut refusal = None;
     let mut capacity = Vec::new();

@@ -107,6 +107,25 @@ impl Targets {
 }
 
 /// The steps from `replicas` towards `t`.
+/// Between replicas whose exits help the fleet equally, which goes first: the least in
+/// flight (unscraped ones last), then the highest index.
+pub fn tie_break(a: &Replica, b: &Replica) -> std::cmp::Ordering {
+    let busy = |r: &Replica| r.in_flight.unwrap_or(f64::MAX);
+    busy(a).total_cmp(&busy(b)).then(b.index.cmp(&a.index))
+}
+
+/// Sets `exit_priority` from the fleet's defragmenting order (replica indices, the
+/// first to go first, as `Engine::defragmenting_order` gives them); replicas not in
+/// it (on no GPU) keep 0 and go after.
+pub fn rank_exits(replicas: &mut [Replica], order: &[u32]) {
+    let n = order.len() as u32;
+    for (rank, index) in order.iter().enumerate() {
+        if let Some(r) = replicas.iter_mut().find(|r| r.index == *index) {
+            r.exit_priority = n - rank as u32;
+        }
+    }
+}
+
 pub fn plan(replicas: &[Replica], t: &Targets) -> Vec<Step> {
     let mut steps = Vec::new();
     for r in replicas {
@@ -158,12 +177,7 @@ pub fn plan(replicas: &[Replica], t: &Targets) -> Vec<Step> {
         key(a)
             .cmp(&key(b))
             .then(b.exit_priority.cmp(&a.exit_priority))
-            .then(
-                a.in_flight
-                    .unwrap_or(f64::MAX)
-                    .total_cmp(&b.in_flight.unwrap_or(f64::MAX)),
-            )
-            .then(b.index.cmp(&a.index))
+            .then(tie_break(a, b))
     });
     let floor = if t.surge == 0 {
         t.desired.saturating_sub(1)
@@ -291,20 +305,21 @@ mod tests {
             defragment: bool,
             want: u64,
         ) -> (Vec<Step>, bool) {
-            // The order is asked with the plan's own tie-break: the highest index first.
-            let order = engine.defragmenting_order(&(0..n).rev().map(id).collect::<Vec<_>>());
-            let replicas: Vec<Replica> = (0..n)
-                .map(|index| Replica {
-                    exit_priority: match defragment {
-                        true => {
-                            (n as usize - order.iter().position(|r| *r == id(index)).unwrap())
-                                as u32
-                        }
-                        false => 0,
-                    },
-                    ..r(index, Phase::Ready, false, 1.0)
-                })
+            let mut replicas: Vec<Replica> = (0..n)
+                .map(|index| r(index, Phase::Ready, false, 1.0))
                 .collect();
+            if defragment {
+                // Asked as the controller asks: in the plan's own tie-break order.
+                let mut by_tie = replicas.clone();
+                by_tie.sort_by(tie_break);
+                let ids: Vec<_> = by_tie.iter().map(|r| id(r.index)).collect();
+                let order: Vec<u32> = engine
+                    .defragmenting_order(&ids)
+                    .iter()
+                    .map(|r| r.index)
+                    .collect();
+                rank_exits(&mut replicas, &order);
+            }
             let mut after = engine.clone();
             let steps = plan(&replicas, &Targets::stable(keep, 1));
             for step in &steps {

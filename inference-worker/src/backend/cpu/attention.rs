@@ -97,12 +97,8 @@ mod simd {
             let x = _mm256_loadu_ps(a.as_ptr().add(i));
             acc[j & 1] = _mm256_fmadd_ps(x, load8(b.as_ptr().add(i)), acc[j & 1]);
         }
-        let v = _mm256_add_ps(acc[0], acc[1]);
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
         let tail: f32 = (whole..a.len()).map(|i| a[i] * b[i].to_f32()).sum();
-        _mm_cvtss_f32(s) + tail
+        super::super::quant::simd::hsum(_mm256_add_ps(acc[0], acc[1])) + tail
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]

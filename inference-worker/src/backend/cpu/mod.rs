@@ -621,9 +621,10 @@ impl CpuBackend {
         let mut v = vec![0f32; n * kvd];
         let mut att = vec![0f32; n * qd];
         let mut gate = vec![0f32; n * ffd];
-        let mut up = vec![0f32; n * ffd];
-        // The joined matrices' outputs, before they are split.
-        let mut joined = vec![0f32; n * (qd + 2 * kvd).max(2 * ffd)];
+        // Sized on first use: `up` only where gate and up are separate matrices,
+        // `joined` (a joined matrix's output, before it is split) only where joined.
+        let mut up = Vec::new();
+        let mut joined = Vec::new();
         let group = c.n_heads / c.n_kv_heads;
         let scale = 1.0 / (hd as f32).sqrt();
         let angles: Vec<_> = pos
@@ -639,6 +640,7 @@ impl CpuBackend {
             }
             match &self.fused[l].qkv {
                 Some(qkv) => {
+                    joined.resize(joined.len().max(n * (qd + 2 * kvd)), 0.0);
                     mm(qkv, &xb, n, &mut joined[..n * (qd + 2 * kvd)]);
                     for (t, r) in joined.chunks(qd + 2 * kvd).take(n).enumerate() {
                         q[t * qd..][..qd].copy_from_slice(&r[..qd]);
@@ -686,6 +688,7 @@ impl CpuBackend {
             let silu = |g: f32| g / (1.0 + (-g).exp());
             match &self.fused[l].gate_up {
                 Some(gate_up) => {
+                    joined.resize(joined.len().max(n * 2 * ffd), 0.0);
                     mm(gate_up, &xb, n, &mut joined[..n * 2 * ffd]);
                     for (o, r) in gate.chunks_mut(ffd).zip(joined.chunks(2 * ffd)) {
                         let (g, u) = r.split_at(ffd);
@@ -695,6 +698,7 @@ impl CpuBackend {
                     }
                 }
                 None => {
+                    up.resize(n * ffd, 0.0);
                     mm(&layer.w_gate, &xb, n, &mut gate);
                     mm(&layer.w_up, &xb, n, &mut up);
                     gate.iter_mut()

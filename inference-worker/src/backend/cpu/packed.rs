@@ -23,6 +23,14 @@ use super::quant::{Q8Row, WeightType, QK};
 /// Rows per tile.
 pub const TILE: usize = 4;
 
+/// Bytes of one ggml block of `ty`, and of its header (the f16 scale, and the minimum
+/// for Q4_1) before the quants.
+fn block_layout(ty: WeightType) -> (usize, usize) {
+    let bytes = ty.row_bytes(QK);
+    let quants = if ty == WeightType::Q8_0 { QK } else { QK / 2 };
+    (bytes, bytes - quants)
+}
+
 /// A quantised matrix in four-row tiles (see the module comment).
 pub struct Packed {
     ty: WeightType,
@@ -42,8 +50,7 @@ impl Packed {
         assert!(Self::supports(ty), "{ty:?} has no tile layout");
         let rb = ty.row_bytes(cols);
         assert_eq!(src.len(), rows * rb, "{rows} rows of {cols} {ty:?}");
-        let (nb, bb) = (cols / QK, ty.row_bytes(QK));
-        let head = bb - if ty == WeightType::Q8_0 { QK } else { QK / 2 };
+        let (nb, (bb, head)) = (cols / QK, block_layout(ty));
         let tiles = rows.div_ceil(TILE);
         let mut data = vec![0u8; tiles * TILE * rb];
         for g in 0..tiles {
@@ -75,9 +82,9 @@ impl Packed {
         }
     }
 
-    /// The rows of `parts` one after another, as one matrix: `None` (the parts given
-    /// back) unless they share type and width and every part but the last fills its
-    /// last tile.
+    /// The rows of `parts` one after another, as one matrix; `Err` gives the parts back
+    /// unless they share type and width and every part but the last fills its last
+    /// tile.
     pub fn concat(parts: Vec<Packed>) -> Result<Packed, Vec<Packed>> {
         let first = &parts[0];
         let fits = parts
@@ -105,13 +112,7 @@ impl Packed {
 
     /// Row `r` in ggml's layout again (the inverse of [`Packed::pack`]).
     pub fn unpack_row(&self, r: usize) -> Vec<u8> {
-        let (nb, bb) = (self.cols / QK, self.ty.row_bytes(QK));
-        let head = bb
-            - if self.ty == WeightType::Q8_0 {
-                QK
-            } else {
-                QK / 2
-            };
+        let (nb, (bb, head)) = (self.cols / QK, block_layout(self.ty));
         let (g, i) = (r / TILE, r % TILE);
         let mut out = Vec::with_capacity(nb * bb);
         for b in 0..nb {
@@ -227,6 +228,8 @@ mod avx512 {
     ) {
         let bb = TILE * ty.row_bytes(QK);
         let nb = tile.len() / bb;
+        // Where a tile block's quants begin: after the four rows' headers.
+        let quants = TILE * super::block_layout(ty).1;
         let p0 = tile.as_ptr();
         // Lane j of the 16 gets row j / 4's scale.
         let spread = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
@@ -247,8 +250,8 @@ mod avx512 {
             // activations, as ggml's AVX2 code does with `sign_epi8`.
             let (w0, w1, neg0, neg1, m4) = match ty {
                 WeightType::Q8_0 => {
-                    let r0 = _mm512_loadu_si512(p.add(8) as *const _);
-                    let r1 = _mm512_loadu_si512(p.add(8 + 64) as *const _);
+                    let r0 = _mm512_loadu_si512(p.add(quants) as *const _);
+                    let r1 = _mm512_loadu_si512(p.add(quants + 64) as *const _);
                     (
                         _mm512_abs_epi8(r0),
                         _mm512_abs_epi8(r1),
@@ -258,11 +261,12 @@ mod avx512 {
                     )
                 }
                 _ => {
-                    let (m4, q) = match ty {
-                        WeightType::Q4_1 => (halves4(p.add(8)), p.add(16)),
-                        _ => (_mm_mul_ps(d4, _mm_set1_ps(-8.0)), p.add(8)),
+                    // Q4_1's four minimums follow the four scales.
+                    let m4 = match ty {
+                        WeightType::Q4_1 => halves4(p.add(2 * TILE)),
+                        _ => _mm_mul_ps(d4, _mm_set1_ps(-8.0)),
                     };
-                    let raw = _mm512_loadu_si512(q as *const _);
+                    let raw = _mm512_loadu_si512(p.add(quants) as *const _);
                     let lo = _mm512_and_si512(raw, nib);
                     let hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), nib);
                     (lo, hi, 0, 0, m4)

@@ -155,7 +155,7 @@ pub fn quantize_row(t: WeightType, x: &[f32]) -> Vec<u8> {
                 let id = if d != 0.0 { 1.0 / d } else { 0.0 };
                 out.extend(f16::from_f32(d).to_le_bytes());
                 b.iter()
-                    .for_each(|v| out.push((v * id).round_ties_even() as i8 as u8));
+                    .for_each(|v| out.push((v * id).round() as i8 as u8));
             }
         }
     }
@@ -304,7 +304,7 @@ pub fn simd_available() -> bool {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod simd {
+pub(super) mod simd {
     use super::{Q8Row, WeightType, QK};
     use std::arch::x86_64::*;
     use std::sync::OnceLock;
@@ -367,9 +367,10 @@ mod simd {
         _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)))
     }
 
+    /// The sum of the eight lanes of `v`.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn hsum(v: __m256) -> f32 {
+    pub(in crate::backend::cpu) unsafe fn hsum(v: __m256) -> f32 {
         let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
