@@ -333,7 +333,10 @@ pub struct ScalingSpec {
     /// Scale-up waits until demand has held this long (0: act at once).
     #[schemars(range(max = 3600))]
     pub scale_up_window_seconds: u32,
-    /// Scale-down waits until lower demand has held this long.
+    /// Scale-down waits until lower demand has held at least this long. After
+    /// scale-downs that a scale-up reversed within five minutes, the policy waits
+    /// longer: long enough to have bridged those dips (at most 300 s, for an hour after
+    /// the last one), and the status's reason says so.
     #[schemars(range(max = 86400))]
     pub scale_down_window_seconds: u32,
     /// Short window over which a queue growing faster than capacity triggers an

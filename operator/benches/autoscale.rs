@@ -54,6 +54,7 @@ fn main() -> anyhow::Result<()> {
         panic_window: Duration::from_secs(6),
         to_zero_after: None,
         predictive,
+        learn_window: true,
     };
     let mut rules: Vec<Box<dyn ScalingRule>> = vec![
         Box::new(GpuscaleRule::new(params(WARM, TARGET, false), 2.0)),

@@ -63,11 +63,12 @@ fn sweep(trace: &Trace, setup: &Setup) -> Vec<Rule> {
     let mut hpa = Rule::new("HPA-style");
     let mut keda = Rule::new("KEDA-style");
     let mut predictive = Rule::new("gpuscale predictive");
+    let mut unlearned = Rule::new("gpuscale, spec window only");
     for window in WINDOWS {
         for target in QUEUES {
-            for (warm, forecast) in [0u32, 1, 2]
+            for (warm, forecast, learn) in [0u32, 1, 2]
                 .into_iter()
-                .flat_map(|w| [(w, false), (w, true)])
+                .flat_map(|w| [(w, false, true), (w, true, true), (w, false, false)])
             {
                 let p = Params {
                     min: MIN,
@@ -79,9 +80,14 @@ fn sweep(trace: &Trace, setup: &Setup) -> Vec<Rule> {
                     panic_window: Duration::from_secs(6),
                     to_zero_after: None,
                     predictive: forecast,
+                    learn_window: learn,
                 };
                 let o = replay(trace, setup, &mut GpuscaleRule::new(p, 2.0));
-                let rule = if forecast { &mut predictive } else { &mut ours };
+                let rule = match (forecast, learn) {
+                    (true, _) => &mut predictive,
+                    (false, true) => &mut ours,
+                    (false, false) => &mut unlearned,
+                };
                 rule.record(format!("queue {target}, {warm} warm, {window} s"), &o);
             }
             let o = replay(
@@ -100,7 +106,7 @@ fn sweep(trace: &Trace, setup: &Setup) -> Vec<Rule> {
             hpa.record(format!("{:.0}% busy, {window} s", util * 100.0), &o);
         }
     }
-    vec![ours, hpa, keda, predictive]
+    vec![ours, hpa, keda, predictive, unlearned]
 }
 
 fn report(title: &str, requests: usize, rules: &[Rule]) -> bool {
@@ -162,6 +168,29 @@ fn report(title: &str, requests: usize, rules: &[Rule]) -> bool {
     let back = undominated(&rules[0].points, &rules[3].points).len();
     println!(
         "scaling.predictive: the reactive frontier has {gaps} points the predictive one does not beat; the predictive frontier has {back} the reactive one does not beat"
+    );
+    // The learned scale-down window against the spec's window alone, setting by
+    // setting: flaps, cold starts, GPU-seconds and misses.
+    let (learned, fixed) = (&rules[0].points, &rules[4].points);
+    let sum = |ps: &[Point], f: &dyn Fn(&Point) -> f64| ps.iter().map(f).sum::<f64>();
+    let max_flaps = |ps: &[Point]| ps.iter().map(|p| p.flaps_per_hour).fold(0.0, f64::max);
+    println!(
+        "learned scale-down window, over the same {} settings: flaps/h {:.1} in all (worst {:.1}) against {:.1} (worst {:.1}) with the spec's window only; cold starts {:.0} against {:.0}; GPU-seconds {:+.1}%; misses {:.0} against {:.0}",
+        learned.len(),
+        sum(learned, &|p| p.flaps_per_hour),
+        max_flaps(learned),
+        sum(fixed, &|p| p.flaps_per_hour),
+        max_flaps(fixed),
+        sum(learned, &|p| p.cold_starts as f64),
+        sum(fixed, &|p| p.cold_starts as f64),
+        (sum(learned, &|p| p.gpu_seconds) / sum(fixed, &|p| p.gpu_seconds) - 1.0) * 100.0,
+        sum(learned, &|p| p.slo_misses as f64),
+        sum(fixed, &|p| p.slo_misses as f64),
+    );
+    let gaps = undominated(&rules[4].points, &rules[0].points).len();
+    let back = undominated(&rules[0].points, &rules[4].points).len();
+    println!(
+        "learned window: the spec-window frontier has {gaps} points the learned one does not beat; the learned frontier has {back} the spec-window one does not beat"
     );
     dominates
 }

@@ -212,6 +212,10 @@ async fn hollow_kubelet(client: Client, addresses: Arc<Mutex<Addresses>>) {
     while let Some(ev) = events.next().await {
         let pods = match ev {
             Ok(watcher::Event::Apply(p) | watcher::Event::InitApply(p)) => vec![p],
+            Err(e) => {
+                tracing::warn!(error = %e, "hollow kubelet: pod watch failed; watching again");
+                continue;
+            }
             _ => continue,
         };
         for pod in pods {
@@ -277,9 +281,21 @@ async fn hollow_kubelet(client: Client, addresses: Arc<Mutex<Addresses>>) {
                     "containerStatuses": [{"name": container, "ready": true, "started": true,
                         "restartCount": 0, "image": "gpuscale/inference-worker (hollow)", "imageID": "",
                         "state": {"running": {"startedAt": now}}}]}});
-                let _ = api
-                    .patch_status(&name, &PatchParams::default(), &Patch::Merge(&status))
-                    .await;
+                // A kubelet retries its status update until it lands: a pod the patch
+                // missed (the API server busy, a timeout) would stay Pending for good.
+                for attempt in 1.. {
+                    match api
+                        .patch_status(&name, &PatchParams::default(), &Patch::Merge(&status))
+                        .await
+                    {
+                        Ok(_) => break,
+                        Err(kube::Error::Api(e)) if e.code == 404 => break,
+                        Err(e) => {
+                            tracing::warn!(pod = %name, attempt, error = %e, "hollow kubelet: status update failed; retrying");
+                            tokio::time::sleep(Duration::from_millis(200 * attempt.min(10))).await;
+                        }
+                    }
+                }
             });
         }
     }

@@ -15,6 +15,11 @@
 //! - **Scale-down** takes the highest recommendation of the scale-down window
 //!   (default 300 s), as Kubernetes' HPA stabilisation does: no flapping under
 //!   oscillating load.
+//! - **Learned scale-down window**: a scale-down that a scale-up reverses within five
+//!   minutes was a needless cold start. The policy then holds scale-downs long enough
+//!   to have bridged that dip (up to five minutes, for an hour): the keep-alive is
+//!   chosen from the idle times seen, as Shahrad et al. do for serverless functions
+//!   (`Autoscaler::bridge`). The spec's window stays the floor.
 //! - **Panic mode** (Knative's): once the panic condition fires, the policy stays in
 //!   panic for the stable window after the last time it held; meanwhile it never scales
 //!   down.
@@ -44,6 +49,14 @@ pub const STABLE_WINDOW: Duration = Duration::from_secs(60);
 /// A replica still loading after this long (or after three measured ready times,
 /// whichever is longer) has failed: it stops counting as capacity and is replaced.
 pub const READY_TIMEOUT_FLOOR: Duration = Duration::from_secs(300);
+
+/// A replica removed and then needed again within this long was a needless cold start
+/// (the HPA's default scale-down window: five minutes). Also the most the learned hold
+/// (`Autoscaler::bridge`) lengthens the scale-down window to.
+pub const REGRET_HORIZON: Duration = Duration::from_secs(300);
+/// How long a regretted scale-down is remembered: the hold it teaches lasts this long
+/// after the last one.
+pub const REGRET_MEMORY: Duration = Duration::from_secs(3600);
 
 /// An even mix of the last measurement and the history: quick to learn, not thrown by
 /// one slow node.
@@ -77,6 +90,10 @@ pub struct Params {
     /// `scaling.predictive`: also scale for the demand forecast over the cold start
     /// ([`forecast`]), never below what the reactive rule asks.
     pub predictive: bool,
+    /// Whether the scale-down window lengthens after scale-downs that were reversed
+    /// ([`Autoscaler::bridge`]). Always on in the operator; off only to measure what
+    /// it does (the frontier benchmark).
+    pub learn_window: bool,
 }
 
 /// Idleness before the last replica goes, when `scaleToZeroAfterSeconds` is not set
@@ -95,6 +112,7 @@ impl Params {
             down_window: Duration::from_secs(s.scale_down_window_seconds.into()),
             panic_window: Duration::from_secs(s.panic_window_seconds.max(1).into()),
             predictive: s.predictive,
+            learn_window: true,
             to_zero_after: (s.min_replicas == 0).then(|| {
                 s.scale_to_zero_after_seconds
                     .map_or(DEFAULT_SCALE_TO_ZERO_AFTER, |n| {
@@ -194,6 +212,9 @@ pub enum Reason {
     Stabilised {
         /// The scale-down window.
         window: Duration,
+        /// Whether the window is the learned one (longer than the spec's, after
+        /// scale-downs that were reversed; [`Autoscaler::bridge`]).
+        learned: bool,
     },
     /// Kept where it was: demand fits, or a scale-down is still inside its window.
     Steady,
@@ -256,9 +277,20 @@ impl fmt::Display for Reason {
                 "predictive: queue depth {demand:.1} rising {trend:.2}/s, {forecast:.1} expected in the {:.0} s a replica takes to load",
                 lead.as_secs_f64()
             ),
-            Reason::Stabilised { window } => write!(
+            Reason::Stabilised {
+                window,
+                learned: false,
+            } => write!(
                 f,
                 "lower demand held for the {} s scale-down window",
+                window.as_secs()
+            ),
+            Reason::Stabilised {
+                window,
+                learned: true,
+            } => write!(
+                f,
+                "lower demand held for {} s, a scale-down window lengthened after recent scale-downs were reversed",
                 window.as_secs()
             ),
             Reason::Steady => write!(f, "demand fits the current replicas"),
@@ -307,6 +339,14 @@ pub struct Autoscaler {
     panic_until: Option<Instant>,
     /// The demand forecast (`scaling.predictive`).
     holt: forecast::Holt,
+    /// Recent scale-downs: when, the count after, and the window that had held.
+    removals: VecDeque<(Instant, u32, Duration)>,
+    /// Regretted scale-downs (the replicas removed were asked for again within
+    /// [`REGRET_HORIZON`]): when it was found, and how long lower demand had lasted
+    /// (the window held before the scale-down, then the time until the scale-up).
+    regrets: VecDeque<(Instant, Duration)>,
+    /// The scale-down window of the last decision.
+    window_used: Duration,
 }
 
 /// What the policy must not forget when the operator restarts or the leader changes:
@@ -337,6 +377,9 @@ impl Autoscaler {
             ready_cold: None,
             panic_until: None,
             holt: forecast::Holt::default(),
+            removals: VecDeque::new(),
+            regrets: VecDeque::new(),
+            window_used: Duration::ZERO,
         }
     }
 
@@ -443,8 +486,85 @@ impl Autoscaler {
         age > READY_TIMEOUT_FLOOR.max(slowest * 3)
     }
 
+    /// The scale-down window learned from regretted scale-downs: long enough to have
+    /// bridged the longest dip of the last [`REGRET_MEMORY`] that ended in a scale-up
+    /// back through the removed replicas (plus a quarter, as a margin), at most
+    /// [`REGRET_HORIZON`]. A dip counts from when lower demand began: the window that
+    /// held before the scale-down, then the time to the scale-up. A keep-alive chosen from the idle times seen, as "Serverless
+    /// in the Wild" (Shahrad et al., USENIX ATC 2020) picks one per application; and
+    /// the ski-rental rule behind it: keeping a replica through a dip shorter than a
+    /// cold start costs less than the cold start, and a cold start also costs the
+    /// requests that wait for it.
+    pub fn bridge(&self, now: Instant) -> Duration {
+        if !self.params.learn_window {
+            return Duration::ZERO;
+        }
+        self.regrets
+            .iter()
+            .filter(|(at, _)| now.saturating_duration_since(*at) <= REGRET_MEMORY)
+            .map(|&(_, dip)| dip.mul_f64(1.25).min(REGRET_HORIZON))
+            .max()
+            .unwrap_or_default()
+    }
+
+    /// Needless cold starts found so far (scale-downs reversed within [`REGRET_HORIZON`]).
+    pub fn regretted(&self) -> usize {
+        self.regrets.len()
+    }
+
+    /// Remembers a scale-down (`from` → `to`), or finds the recent ones a scale-up to
+    /// `to` reverses.
+    fn learn(&mut self, now: Instant, from: u32, to: u32) {
+        while self
+            .removals
+            .front()
+            .is_some_and(|&(t, _, _)| now.saturating_duration_since(t) > REGRET_HORIZON)
+        {
+            self.removals.pop_front();
+        }
+        while self
+            .regrets
+            .front()
+            .is_some_and(|&(t, _)| now.saturating_duration_since(t) > REGRET_MEMORY)
+        {
+            self.regrets.pop_front();
+        }
+        if to < from {
+            self.removals.push_back((now, to, self.window_used));
+            return;
+        }
+        // A scale-up to `to` regrets every recent scale-down that went below it; the
+        // longest dip among them is kept.
+        let mut longest = None;
+        self.removals.retain(|&(t, after, window)| {
+            let reversed = after < to;
+            if reversed {
+                let dip = window + now.saturating_duration_since(t);
+                longest = longest.max(Some(dip));
+            }
+            !reversed
+        });
+        if let Some(dip) = longest {
+            self.regrets.push_back((now, dip));
+        }
+    }
+
     /// One tick: the replica count wanted at `now`.
     pub fn decide(&mut self, now: Instant, obs: &Observation) -> Decision {
+        let dec = self.decide_inner(now, obs);
+        // Only the policy's own moves teach it: not a change of the bounds.
+        let own = match dec.direction {
+            Direction::Down => matches!(dec.reason, Reason::Stabilised { .. }),
+            Direction::Up => dec.reason != Reason::Bounds,
+            Direction::Hold => false,
+        };
+        if own {
+            self.learn(now, obs.current, dec.desired);
+        }
+        dec
+    }
+
+    fn decide_inner(&mut self, now: Instant, obs: &Observation) -> Decision {
         let dec = self.decide_by_demand(now, obs);
         if dec.desired > 0 || obs.current == 0 {
             return dec;
@@ -537,7 +657,7 @@ impl Autoscaler {
         // One signal for both directions, so the two never disagree and flap. After a
         // burst the scale-down steps down as the mean decays: gradual, like the HPA's.
         self.recs.push_back((now, rec));
-        let keep = p.up_window.max(p.down_window);
+        let keep = p.up_window.max(p.down_window).max(self.bridge(now));
         while self
             .recs
             .front()
@@ -556,7 +676,9 @@ impl Autoscaler {
         } else {
             in_window(p.up_window).min().unwrap_or(rec)
         };
-        let down = in_window(p.down_window).max().unwrap_or(rec);
+        let down_window = p.down_window.max(self.bridge(now));
+        self.window_used = down_window;
+        let down = in_window(down_window).max().unwrap_or(rec);
 
         let current = obs.current;
         if up > current {
@@ -571,7 +693,8 @@ impl Autoscaler {
                 Reason::Bounds
             } else {
                 Reason::Stabilised {
-                    window: p.down_window,
+                    window: down_window,
+                    learned: down_window > p.down_window,
                 }
             };
             decision(current, down, false, why)

@@ -18,6 +18,7 @@ fn params(min: u32, max: u32, warm: u32) -> Params {
         panic_window: Duration::from_secs(6),
         to_zero_after: None,
         predictive: false,
+        learn_window: true,
     }
 }
 
@@ -130,6 +131,105 @@ fn a_slow_ramp_is_tracked_without_overshoot_or_any_scale_down() {
         );
     }
     assert_eq!(sim.current(), 8, "30 requests at the end / 4");
+}
+
+/// 20 requests for a minute, then 2 for a minute, for `seconds`.
+fn minute_bursts(t: f64) -> f64 {
+    if (t as u64 / 60).is_multiple_of(2) {
+        20.0
+    } else {
+        2.0
+    }
+}
+
+#[test]
+fn a_scale_down_that_is_reversed_teaches_a_window_that_bridges_the_dip() {
+    let p = Params {
+        down_window: Duration::from_secs(30),
+        ..params(1, 10, 0)
+    };
+    let mut sim = Sim::new(p);
+    sim.run(1200, minute_bursts);
+    // The first dips are cut after the spec's 30 s and reversed by the next burst; each
+    // reversal lengthens the window, until it bridges the minute-long dips (the stable
+    // window's mean decays over a minute, so lower demand shows for longer than the
+    // dip itself). After that, nothing is removed to be started again.
+    let regretted = sim.policy.regretted();
+    assert!((1..=4).contains(&regretted), "{regretted} regrets");
+    let learned = sim.policy.bridge(sim.now);
+    assert!(
+        learned > Duration::from_secs(60) && learned <= REGRET_HORIZON,
+        "{learned:?}"
+    );
+    let downs: Vec<f64> = sim
+        .log
+        .iter()
+        .filter(|(_, d)| d.direction == Direction::Down)
+        .map(|(t, _)| *t)
+        .collect();
+    assert!(
+        !downs.is_empty() && downs.iter().all(|t| *t < 400.0),
+        "{downs:?}"
+    );
+
+    // Without the lesson (a policy that forgets), every dip is cut and reversed.
+    let mut forgetful = Sim::new(Params {
+        down_window: Duration::from_secs(30),
+        ..params(1, 10, 0)
+    });
+    let mut downs = 0;
+    for _ in 0..600 {
+        let t = forgetful.secs();
+        forgetful.policy.regrets.clear();
+        downs += usize::from(forgetful.tick(Some(minute_bursts(t))).direction == Direction::Down);
+    }
+    assert!(downs >= 8, "{downs} scale-downs");
+}
+
+#[test]
+fn a_learned_window_is_said_in_the_reason_and_forgotten_after_an_hour() {
+    let mut sim = Sim::new(Params {
+        down_window: Duration::from_secs(30),
+        ..params(1, 10, 0)
+    });
+    sim.run(240, minute_bursts);
+    assert!(sim.policy.bridge(sim.now) > Duration::from_secs(30));
+    // Low demand for good: the scale-down waits for the learned window and says so.
+    sim.run(200, |_| 2.0);
+    let (_, down) = sim
+        .log
+        .iter()
+        .rev()
+        .find(|(_, d)| d.direction == Direction::Down)
+        .expect("a scale-down");
+    assert!(
+        down.reason
+            .to_string()
+            .contains("lengthened after recent scale-downs were reversed"),
+        "{}",
+        down.reason
+    );
+    sim.run(3700, |_| 2.0);
+    assert_eq!(sim.policy.bridge(sim.now), Duration::ZERO);
+}
+
+#[test]
+fn a_dip_longer_than_the_horizon_teaches_nothing() {
+    let mut sim = Sim::new(Params {
+        down_window: Duration::from_secs(30),
+        ..params(1, 10, 0)
+    });
+    // A burst, ten quiet minutes, a burst: the scale-down was right.
+    sim.run(1500, |t| {
+        if !(60.0..660.0).contains(&t) {
+            20.0
+        } else {
+            2.0
+        }
+    });
+    assert!(sim.count(Direction::Down) >= 1);
+    assert_eq!(sim.policy.regretted(), 0);
+    assert_eq!(sim.policy.bridge(sim.now), Duration::ZERO);
 }
 
 #[test]

@@ -215,15 +215,24 @@ impl Cache {
         let mut pods = self.pods.state();
         let mut created = self.created.lock().expect("created lock");
         let now = Instant::now();
-        created.retain(|k, (_, at)| {
-            now.duration_since(*at) < EXPECTATION_TTL && !pods.iter().any(|p| key(p) == *k)
+        // A lookup in the store's index per expectation: during a fleet's first
+        // creations there are thousands of each, and a scan of the store per expectation
+        // took most of the operator's CPU.
+        created.retain(|_, (p, at)| {
+            now.duration_since(*at) < EXPECTATION_TTL
+                && self
+                    .pods
+                    .get(&p.namespace().unwrap_or_default(), &p.name_any())
+                    .is_none()
         });
         pods.extend(created.values().map(|(p, _)| Arc::new(p.clone())));
         pods
     }
 
     /// Remembers a pod this operator created (the API's answer to the create).
-    pub fn expect_created(&self, pod: Pod) {
+    pub fn expect_created(&self, mut pod: Pod) {
+        // Kept as the store keeps pods: a fleet's first wave holds thousands of these.
+        super::slim_pod(&mut pod);
         self.created
             .lock()
             .expect("created lock")

@@ -819,11 +819,67 @@ fn waits_for_capacity(d: &DynamicObject) -> bool {
 /// never the rest of its spec nor its managed fields, which are most of its bytes (at
 /// 10,000 pods, the difference between the operator's memory fitting 64 MiB or not;
 /// kube-rs's `WatchStreamExt::modify` exists for this).
+///
+/// Of the status, what `pods.rs`, `observe.rs` and `model.rs` read: phase, reason and
+/// message, the pod's IP, the Ready and PodScheduled conditions, and of each container
+/// its waiting or terminated state (a model probe's summary is its termination
+/// message) and the last termination's message (why it is failing). A container
+/// status alone carries its image, image ID, container ID, resources and volume
+/// mounts: most of a running pod's status.
 fn slim_pod(pod: &mut Pod) {
+    use k8s_openapi::api::core::v1::{
+        ContainerState, ContainerStateTerminated, ContainerStatus, PodSpec, PodStatus,
+    };
     pod.managed_fields_mut().clear();
     if let Some(spec) = pod.spec.as_mut() {
-        *spec = k8s_openapi::api::core::v1::PodSpec {
+        *spec = PodSpec {
             node_name: spec.node_name.take(),
+            ..Default::default()
+        };
+    }
+    if let Some(status) = pod.status.as_mut() {
+        let conditions = status.conditions.take().map(|cs| {
+            cs.into_iter()
+                .filter(|c| c.type_ == "Ready" || c.type_ == "PodScheduled")
+                .collect()
+        });
+        let containers = status.container_statuses.take().map(|cs| {
+            cs.into_iter()
+                .map(|c| ContainerStatus {
+                    name: c.name,
+                    ready: c.ready,
+                    restart_count: c.restart_count,
+                    state: c.state.map(|s| ContainerState {
+                        waiting: s.waiting,
+                        terminated: s.terminated.map(|t| ContainerStateTerminated {
+                            exit_code: t.exit_code,
+                            reason: t.reason,
+                            message: t.message,
+                            ..Default::default()
+                        }),
+                        running: None,
+                    }),
+                    last_state: c
+                        .last_state
+                        .and_then(|s| s.terminated)
+                        .map(|t| ContainerState {
+                            terminated: Some(ContainerStateTerminated {
+                                message: t.message,
+                                ..Default::default()
+                            }),
+                            ..Default::default()
+                        }),
+                    ..Default::default()
+                })
+                .collect()
+        });
+        *status = PodStatus {
+            phase: status.phase.take(),
+            reason: status.reason.take(),
+            message: status.message.take(),
+            pod_ip: status.pod_ip.take(),
+            conditions,
+            container_statuses: containers,
             ..Default::default()
         };
     }

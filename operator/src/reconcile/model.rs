@@ -267,7 +267,7 @@ pub(super) async fn remove_probes(d: &InferenceDeployment, ctx: &Context) -> Res
 
 /// The probe's result once its container has terminated: the summary its termination
 /// message holds, or the error.
-fn finished(pod: &Pod) -> Option<Result<gguf::ModelSummary, String>> {
+pub(super) fn finished(pod: &Pod) -> Option<Result<gguf::ModelSummary, String>> {
     let status = pod.status.as_ref()?;
     let terminated = status
         .container_statuses

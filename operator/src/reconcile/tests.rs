@@ -1714,3 +1714,121 @@ fn node_directories_are_mounted_only_when_allowed() {
     let m = pods::model_mount(&web.spec.model, &Config::default().model_cache).unwrap();
     assert!(m.volume.empty_dir.is_some() && m.volume.host_path.is_none());
 }
+
+/// A pod as a kubelet reports it (status of Kubernetes 1.34, trimmed of nothing the
+/// kubelet sends), slimmed for the store: every reading the operator makes of it is
+/// the same before and after, and what it drops is gone.
+#[test]
+fn the_pod_store_keeps_every_field_a_pass_reads() {
+    let full = |phase: &str, waiting: Value| -> Pod {
+        serde_json::from_value(json!({
+            "metadata": {
+                "name": "m-0", "namespace": "ns", "uid": "u1",
+                "creationTimestamp": "2026-12-01T10:00:00Z",
+                "annotations": {"gpuscale.dev/placement": "{}"},
+                "labels": {"app": "m"},
+                "managedFields": [{"manager": "kubelet", "operation": "Update"}],
+            },
+            "spec": {
+                "nodeName": "n1",
+                "containers": [{"name": "worker", "image": "gpuscale/worker:1"}],
+            },
+            "status": {
+                "phase": phase,
+                "reason": "UnexpectedAdmissionError",
+                "message": "no GPU",
+                "podIP": "10.0.0.7",
+                "podIPs": [{"ip": "10.0.0.7"}],
+                "hostIP": "192.168.0.1",
+                "qosClass": "Guaranteed",
+                "startTime": "2026-12-01T10:00:01Z",
+                "conditions": [
+                    {"type": "PodReadyToStartContainers", "status": "True"},
+                    {"type": "Initialized", "status": "True"},
+                    {"type": "Ready", "status": "True", "lastTransitionTime": "2026-12-01T10:00:40Z"},
+                    {"type": "ContainersReady", "status": "True"},
+                    {"type": "PodScheduled", "status": "True", "lastTransitionTime": "2026-12-01T10:00:02Z"},
+                ],
+                "containerStatuses": [{
+                    "name": "worker", "ready": false, "restartCount": 3, "started": false,
+                    "image": "gpuscale/worker:1", "imageID": "sha256:abc",
+                    "containerID": "containerd://0123",
+                    "state": {"waiting": waiting},
+                    "lastState": {"terminated": {"exitCode": 1, "reason": "Error",
+                        "message": "model file is corrupt", "containerID": "containerd://0122"}},
+                    "volumeMounts": [{"name": "models", "mountPath": "/models"}],
+                }],
+            },
+        }))
+        .unwrap()
+    };
+    for pod in [
+        full(
+            "Running",
+            json!({"reason": "CrashLoopBackOff", "message": "back-off"}),
+        ),
+        full("Failed", json!({"reason": "ContainerCreating"})),
+        full("Pending", json!(null)),
+    ] {
+        let mut slim = pod.clone();
+        slim_pod(&mut slim);
+        assert_eq!(pods::failure(&slim), pods::failure(&pod));
+        assert_eq!(pods::unschedulable(&slim), pods::unschedulable(&pod));
+        assert_eq!(
+            pods::refused_at_admission(&slim),
+            pods::refused_at_admission(&pod)
+        );
+        assert_eq!(pods::is_ready(&slim), pods::is_ready(&pod));
+        assert_eq!(pods::worker_url(&slim, 8080), pods::worker_url(&pod, 8080));
+        assert_eq!(pods::placement_of(&slim), pods::placement_of(&pod));
+        assert_eq!(slim.metadata.labels, pod.metadata.labels);
+        assert_eq!(slim.spec.as_ref().unwrap().node_name.as_deref(), Some("n1"));
+        let st = slim.status.as_ref().unwrap();
+        let kept: Vec<_> = st.conditions.iter().flatten().map(|c| &c.type_).collect();
+        assert_eq!(kept, ["Ready", "PodScheduled"]);
+        assert!(st
+            .conditions
+            .iter()
+            .flatten()
+            .all(|c| c.last_transition_time.is_some()));
+        assert!(st.pod_ips.is_none() && st.host_ip.is_none() && st.start_time.is_none());
+        let c = &st.container_statuses.as_ref().unwrap()[0];
+        assert!(c.image.is_empty() && c.container_id.is_none() && c.volume_mounts.is_none());
+        assert!(slim.managed_fields().is_empty());
+        let (a, b) = (
+            serde_json::to_vec(&slim).unwrap().len(),
+            serde_json::to_vec(&pod).unwrap().len(),
+        );
+        assert!(a * 3 < b * 2, "{a} bytes slimmed, {b} in all");
+    }
+    // A model probe's result is its container's termination message.
+    let summary = r#"{"architecture":"llama","parameters":8030261248,"layers":32,"embedding":4096,"heads":32,"kvHeads":8,"headDim":128,"feedForward":14336,"contextLength":8192,"vocab":128256,"weightBytes":4661211136,"tensorBytes":{"Q4_0":3593105408},"tokenizer":"gpt2","chatTemplate":true}"#;
+    for (code, message) in [(0, summary), (2, r#"{"error": "not a GGUF file"}"#)] {
+        let mut probe = full("Succeeded", json!(null));
+        probe
+            .status
+            .as_mut()
+            .unwrap()
+            .container_statuses
+            .as_mut()
+            .unwrap()[0]
+            .state = serde_json::from_value(json!({"terminated": {
+                "exitCode": code, "reason": "Completed", "message": message,
+                "containerID": "containerd://0124", "startedAt": "2026-12-01T10:00:01Z"}}))
+        .unwrap();
+        let mut slim = probe.clone();
+        slim_pod(&mut slim);
+        let (a, b) = (model::finished(&slim), model::finished(&probe));
+        assert_eq!(b.as_ref().map(|r| r.is_ok()), Some(code == 0), "{b:?}");
+        assert_eq!(format!("{a:?}"), format!("{b:?}"));
+    }
+    assert_eq!(
+        pods::failure(&{
+            let mut p = full("Running", json!({"reason": "CrashLoopBackOff"}));
+            slim_pod(&mut p);
+            p
+        })
+        .as_deref(),
+        Some("CrashLoopBackOff: model file is corrupt")
+    );
+}

@@ -174,6 +174,7 @@ fn the_planner_finds_the_fewest_max_replicas_that_meet_the_objective() {
         panic_window: Duration::from_secs(6),
         to_zero_after: None,
         predictive: false,
+        learn_window: true,
     };
     let c = capacity(&t, &s, &params, 2.0, 0.9, 256).unwrap();
     assert!(c.outcome.slo_misses <= 360, "{:?}", c.outcome.slo_misses);
