@@ -490,11 +490,12 @@ impl Autoscaler {
     /// bridged the longest dip of the last [`REGRET_MEMORY`] that ended in a scale-up
     /// back through the removed replicas (plus a quarter, as a margin), at most
     /// [`REGRET_HORIZON`]. A dip counts from when lower demand began: the window that
-    /// held before the scale-down, then the time to the scale-up. A keep-alive chosen from the idle times seen, as "Serverless
-    /// in the Wild" (Shahrad et al., USENIX ATC 2020) picks one per application; and
-    /// the ski-rental rule behind it: keeping a replica through a dip shorter than a
-    /// cold start costs less than the cold start, and a cold start also costs the
-    /// requests that wait for it.
+    /// held before the scale-down, then the time to the scale-up.
+    ///
+    /// A keep-alive chosen from the idle times seen, as "Serverless in the Wild"
+    /// (Shahrad et al., USENIX ATC 2020) picks one per application; and the ski-rental
+    /// rule behind it: keeping a replica through a dip shorter than a cold start costs
+    /// less than the cold start, and a cold start also costs the requests that wait.
     pub fn bridge(&self, now: Instant) -> Duration {
         if !self.params.learn_window {
             return Duration::ZERO;
@@ -507,7 +508,8 @@ impl Autoscaler {
             .unwrap_or_default()
     }
 
-    /// Needless cold starts found so far (scale-downs reversed within [`REGRET_HORIZON`]).
+    /// Scale-downs reversed within [`REGRET_HORIZON`] (needless cold starts) found over
+    /// the last [`REGRET_MEMORY`].
     pub fn regretted(&self) -> usize {
         self.regrets.len()
     }
