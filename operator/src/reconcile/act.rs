@@ -99,14 +99,18 @@ pub(super) async fn act(
                     )
                     .await;
                 }
-                match pods_api.delete(&pod, &DeleteParams::default()).await {
+                let done = match pods_api.delete(&pod, &DeleteParams::default()).await {
                     Ok(_) => {
                         info!(%pod, "deleted replica");
                         Ok(())
                     }
                     Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
                     Err(e) => Err(e),
+                };
+                if done.is_ok() {
+                    ctx.cache.forget_created(&ns, &pod);
                 }
+                done
             }
         };
         if let Err(e) = result {

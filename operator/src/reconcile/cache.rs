@@ -20,8 +20,14 @@ use kube::runtime::reflector::{self, store::Writer, Store};
 use kube::runtime::watcher;
 use kube::ResourceExt;
 
-/// How long a created pod is expected before the store must have shown it.
-const EXPECTATION_TTL: Duration = Duration::from_secs(60);
+/// How long a created pod is expected before the store must have shown it: five
+/// minutes, the ReplicaSet controller's `ExpectationsTimeout`
+/// (kubernetes `pkg/controller/controller_utils.go`). An expectation gone before its
+/// pod shows lets the next pass place another replica on the same GPU, and at fleet
+/// scale (10,000 pods on 2 cores) the pod watch can lag the first wave of creations
+/// by more than the one minute this was; two replicas on one exclusive GPU were seen
+/// there. A pod this operator deletes is forgotten at once (`forget_created`).
+const EXPECTATION_TTL: Duration = Duration::from_secs(300);
 
 /// Stores of a namespaced kind, one per watched namespace (or one for all): the
 /// operator watches only the namespaces it serves, so that it needs no cluster-wide
@@ -239,6 +245,16 @@ impl Cache {
             .insert(key(&pod), (pod, Instant::now()));
     }
 
+    /// Forgets the expectation of a pod this operator deleted: a pod deleted before the
+    /// store showed it never shows, and its expectation would count a replica that is
+    /// gone until it expired (a phantom the plan then balanced by deleting a real one).
+    pub fn forget_created(&self, namespace: &str, name: &str) {
+        self.created
+            .lock()
+            .expect("created lock")
+            .remove(&format!("{namespace}/{name}"));
+    }
+
     /// The nodes.
     pub fn nodes(&self) -> Vec<Arc<Node>> {
         self.nodes.state()
@@ -349,5 +365,8 @@ mod tests {
         cache.expect_created(pod("a"));
         assert_eq!(names(&cache), ["a", "b"]);
         assert_eq!(cache.created.lock().unwrap().len(), 1);
+        // Deleted before the store showed it: gone at once, not after the TTL.
+        cache.forget_created(&pod("b").namespace().unwrap_or_default(), "b");
+        assert_eq!(names(&cache), ["a"]);
     }
 }
