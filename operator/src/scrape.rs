@@ -175,7 +175,8 @@ impl HttpScraper {
     }
 
     /// Sockets parked now.
-    pub fn parked(&self) -> usize {
+    #[cfg(test)]
+    fn parked(&self) -> usize {
         self.lock().sockets.len()
     }
 
@@ -205,21 +206,22 @@ impl HttpScraper {
     /// `GET url` (with `authority` its `host:port`): the body, over a parked socket
     /// when there is one.
     async fn get(&self, url: &http::Uri, authority: &str) -> Result<String, String> {
-        if let Some(io) = self.take(authority) {
-            // A worker may have closed a parked socket (it restarted, or timed the
-            // connection out): then a new one is tried, once. A GET is safe to repeat.
-            if let Ok((text, io)) = exchange(io, url, authority).await {
-                if let Some(io) = io {
-                    self.park(authority, io);
-                }
-                return Ok(text);
+        // A worker may have closed a parked socket (it restarted, or timed the
+        // connection out): then a new one is tried, once. A GET is safe to repeat.
+        let reused = match self.take(authority) {
+            Some(io) => exchange(io, url, authority).await.ok(),
+            None => None,
+        };
+        let (text, io) = match reused {
+            Some(done) => done,
+            None => {
+                let io = TcpStream::connect(authority)
+                    .await
+                    .map_err(|e| format!("connecting: {e}"))?;
+                let _ = io.set_nodelay(true);
+                exchange(io, url, authority).await?
             }
-        }
-        let io = TcpStream::connect(authority)
-            .await
-            .map_err(|e| format!("connecting: {e}"))?;
-        let _ = io.set_nodelay(true);
-        let (text, io) = exchange(io, url, authority).await?;
+        };
         if let Some(io) = io {
             self.park(authority, io);
         }

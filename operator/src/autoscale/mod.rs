@@ -345,8 +345,6 @@ pub struct Autoscaler {
     /// [`REGRET_HORIZON`]): when it was found, and how long lower demand had lasted
     /// (the window held before the scale-down, then the time until the scale-up).
     regrets: VecDeque<(Instant, Duration)>,
-    /// The scale-down window of the last decision.
-    window_used: Duration,
 }
 
 /// What the policy must not forget when the operator restarts or the leader changes:
@@ -379,7 +377,6 @@ impl Autoscaler {
             holt: forecast::Holt::default(),
             removals: VecDeque::new(),
             regrets: VecDeque::new(),
-            window_used: Duration::ZERO,
         }
     }
 
@@ -514,9 +511,10 @@ impl Autoscaler {
         self.regrets.len()
     }
 
-    /// Remembers a scale-down (`from` → `to`), or finds the recent ones a scale-up to
-    /// `to` reverses.
-    fn learn(&mut self, now: Instant, from: u32, to: u32) {
+    /// Learns from the policy's own moves (not a change of the bounds): remembers a
+    /// scale-down with the window that held before it (its reason's), or finds the
+    /// recent scale-downs a scale-up reverses.
+    fn learn(&mut self, now: Instant, dec: &Decision) {
         while self
             .removals
             .front()
@@ -531,38 +529,35 @@ impl Autoscaler {
         {
             self.regrets.pop_front();
         }
-        if to < from {
-            self.removals.push_back((now, to, self.window_used));
-            return;
-        }
-        // A scale-up to `to` regrets every recent scale-down that went below it; the
-        // longest dip among them is kept.
-        let mut longest = None;
-        self.removals.retain(|&(t, after, window)| {
-            let reversed = after < to;
-            if reversed {
-                let dip = window + now.saturating_duration_since(t);
-                longest = longest.max(Some(dip));
+        let to = dec.desired;
+        match (dec.direction, &dec.reason) {
+            (Direction::Down, Reason::Stabilised { window, .. }) => {
+                self.removals.push_back((now, to, *window));
             }
-            !reversed
-        });
-        if let Some(dip) = longest {
-            self.regrets.push_back((now, dip));
+            (Direction::Up, reason) if *reason != Reason::Bounds => {
+                // A scale-up to `to` regrets every recent scale-down that went below
+                // it; the longest dip among them is kept.
+                let mut longest = None;
+                self.removals.retain(|&(t, after, window)| {
+                    let reversed = after < to;
+                    if reversed {
+                        let dip = window + now.saturating_duration_since(t);
+                        longest = longest.max(Some(dip));
+                    }
+                    !reversed
+                });
+                if let Some(dip) = longest {
+                    self.regrets.push_back((now, dip));
+                }
+            }
+            _ => {}
         }
     }
 
     /// One tick: the replica count wanted at `now`.
     pub fn decide(&mut self, now: Instant, obs: &Observation) -> Decision {
         let dec = self.decide_inner(now, obs);
-        // Only the policy's own moves teach it: not a change of the bounds.
-        let own = match dec.direction {
-            Direction::Down => matches!(dec.reason, Reason::Stabilised { .. }),
-            Direction::Up => dec.reason != Reason::Bounds,
-            Direction::Hold => false,
-        };
-        if own {
-            self.learn(now, obs.current, dec.desired);
-        }
+        self.learn(now, &dec);
         dec
     }
 
@@ -659,7 +654,8 @@ impl Autoscaler {
         // One signal for both directions, so the two never disagree and flap. After a
         // burst the scale-down steps down as the mean decays: gradual, like the HPA's.
         self.recs.push_back((now, rec));
-        let keep = p.up_window.max(p.down_window).max(self.bridge(now));
+        let down_window = p.down_window.max(self.bridge(now));
+        let keep = p.up_window.max(down_window);
         while self
             .recs
             .front()
@@ -678,8 +674,6 @@ impl Autoscaler {
         } else {
             in_window(p.up_window).min().unwrap_or(rec)
         };
-        let down_window = p.down_window.max(self.bridge(now));
-        self.window_used = down_window;
         let down = in_window(down_window).max().unwrap_or(rec);
 
         let current = obs.current;

@@ -99,18 +99,11 @@ pub(super) async fn act(
                     )
                     .await;
                 }
-                let done = match pods_api.delete(&pod, &DeleteParams::default()).await {
-                    Ok(_) => {
+                delete_pod(ctx, &pods_api, &ns, &pod).await.map(|deleted| {
+                    if deleted {
                         info!(%pod, "deleted replica");
-                        Ok(())
                     }
-                    Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
-                    Err(e) => Err(e),
-                };
-                if done.is_ok() {
-                    ctx.cache.forget_created(&ns, &pod);
-                }
-                done
+                })
             }
         };
         if let Err(e) = result {
@@ -168,13 +161,9 @@ async fn ask_for_capacity(
         let still =
             !ended(pod) && capacity_index(pod).is_some_and(|i| wanted.iter().any(|(w, _)| *w == i));
         if !still && pod.metadata.deletion_timestamp.is_none() {
-            match pods_api
-                .delete(&pod.name_any(), &DeleteParams::default())
-                .await
-            {
-                Ok(_) => info!(pod = %pod.name_any(), "deleted capacity request"),
-                Err(kube::Error::Api(e)) if e.code == 404 => {}
-                Err(e) => return Err(e),
+            let ns = pod.namespace().unwrap_or_default();
+            if delete_pod(ctx, pods_api, &ns, &pod.name_any()).await? {
+                info!(pod = %pod.name_any(), "deleted capacity request");
             }
         }
     }
@@ -249,6 +238,25 @@ async fn create_claim(ctx: &Context, pod: &Pod, p: &PodPlacement) -> Result<(), 
     }
 }
 
+/// Deletes pod `name` (`false`: it was gone already) and forgets its expectation: a
+/// pod deleted before the store showed it never shows, and its expectation would
+/// count a replica that is gone until it expired (a phantom the plan balances by
+/// deleting a real one, and that holds a deployment's deletion open).
+async fn delete_pod(
+    ctx: &Context,
+    api: &Api<Pod>,
+    ns: &str,
+    name: &str,
+) -> Result<bool, kube::Error> {
+    let deleted = match api.delete(name, &DeleteParams::default()).await {
+        Ok(_) => true,
+        Err(kube::Error::Api(e)) if e.code == 404 => false,
+        Err(e) => return Err(e),
+    };
+    ctx.cache.forget_created(ns, name);
+    Ok(deleted)
+}
+
 /// On deletion: drain every replica, delete each once it is empty, then let the
 /// finalizer go (the owner references then collect the Service).
 pub(super) async fn cleanup(d: &InferenceDeployment, ctx: &Context) -> Result<Action, Error> {
@@ -276,11 +284,7 @@ pub(super) async fn cleanup(d: &InferenceDeployment, ctx: &Context) -> Result<Ac
         };
         let timed_out = drained_for(pod, now).is_some_and(|t| t > ctx.config.drain_timeout);
         if !is_ready(pod) || timed_out || load.is_some_and(|l| l.in_flight() == 0.0) {
-            match pods_api.delete(&name, &DeleteParams::default()).await {
-                Err(kube::Error::Api(e)) if e.code == 404 => {}
-                Err(e) => return Err(e.into()),
-                Ok(_) => {}
-            }
+            delete_pod(ctx, &pods_api, &ns, &name).await?;
         }
     }
     if remaining > 0 {

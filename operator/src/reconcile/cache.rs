@@ -112,7 +112,11 @@ pub(super) struct ScopeWriters {
 }
 
 fn key(pod: &Pod) -> String {
-    format!("{}/{}", pod.namespace().unwrap_or_default(), pod.name_any())
+    key_of(&pod.namespace().unwrap_or_default(), &pod.name_any())
+}
+
+fn key_of(namespace: &str, name: &str) -> String {
+    format!("{namespace}/{name}")
 }
 
 impl Cache {
@@ -245,14 +249,13 @@ impl Cache {
             .insert(key(&pod), (pod, Instant::now()));
     }
 
-    /// Forgets the expectation of a pod this operator deleted: a pod deleted before the
-    /// store showed it never shows, and its expectation would count a replica that is
-    /// gone until it expired (a phantom the plan then balanced by deleting a real one).
+    /// Forgets the expectation of a pod this operator deleted (`act::delete_pod` says
+    /// why).
     pub fn forget_created(&self, namespace: &str, name: &str) {
         self.created
             .lock()
             .expect("created lock")
-            .remove(&format!("{namespace}/{name}"));
+            .remove(&key_of(namespace, name));
     }
 
     /// The nodes.

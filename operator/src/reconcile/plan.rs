@@ -106,7 +106,6 @@ impl Targets {
     }
 }
 
-/// The steps from `replicas` towards `t`.
 /// Between replicas whose exits help the fleet equally, which goes first: the least in
 /// flight (unscraped ones last), then the highest index.
 pub fn tie_break(a: &Replica, b: &Replica) -> std::cmp::Ordering {
@@ -126,6 +125,7 @@ pub fn rank_exits(replicas: &mut [Replica], order: &[u32]) {
     }
 }
 
+/// The steps from `replicas` towards `t`.
 pub fn plan(replicas: &[Replica], t: &Targets) -> Vec<Step> {
     let mut steps = Vec::new();
     for r in replicas {
