@@ -145,9 +145,9 @@ async fn ask_for_capacity(
     let name = d.name_any();
     let have: Vec<_> = ctx
         .cache
-        .pods()
+        .owned(&d.uid().unwrap_or_default())
         .into_iter()
-        .filter(|p| owned_by(p, d) && p.labels().contains_key(LABEL_CAPACITY_FOR))
+        .filter(|p| p.labels().contains_key(LABEL_CAPACITY_FOR))
         .collect();
     // A request that ended (bound to a node that came, which still did not take the
     // replica) is made again, naming the nodes there are now.
@@ -264,7 +264,7 @@ pub(super) async fn cleanup(d: &InferenceDeployment, ctx: &Context) -> Result<Ac
     let pods_api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
     let (_, now) = ctx.clock.now();
     let mut remaining = 0;
-    for pod in ctx.cache.pods().iter().filter(|p| owned_by(p, d)) {
+    for pod in &ctx.cache.owned(&d.uid().unwrap_or_default()) {
         remaining += 1;
         if pod.metadata.deletion_timestamp.is_some() {
             continue;

@@ -1,7 +1,7 @@
 //! Decide: the replica count, the steps towards it, and where each new replica goes.
 //! Pure: it reads what `observe` found and the clock it is given.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -9,7 +9,7 @@ use gpuscale_crds::{InferenceDeployment, Revision, RolloutPhase, RolloutStatus};
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
 
-use super::observe::{LazyLedger, World};
+use super::observe::{LazyLedger, Ledger, World};
 use super::pods::*;
 use super::AVOID_REFUSED_NODE;
 use super::{key_of, plan, DeploymentState, Phase, Replica, Step, Targets, Version};
@@ -66,7 +66,7 @@ pub(super) fn decide(
     state: &mut DeploymentState,
     world: &World,
     ledger: &mut LazyLedger,
-    pods: &[Arc<Pod>],
+    owned: &[Arc<Pod>],
     need: u64,
     (now, wall): (Instant, jiff::Timestamp),
 ) -> Decided {
@@ -258,8 +258,7 @@ pub(super) fn decide(
                         dra: p.dra,
                         product: Some(p.product),
                     },
-                    Err(r) => match cpu_placement(v, &ledger.get().cpu_nodes, pods, &created, need)
-                    {
+                    Err(r) => match cpu_placement(v, ledger.get(), &created, need) {
                         Some(p) => p,
                         None => {
                             if more_gpus_would_do(&r, largest_gpu(ledger), &req) {
@@ -273,10 +272,7 @@ pub(super) fn decide(
                 // Its capacity request still holds (or may be bound to) the GPU this
                 // placement found, maybe on the node added for it: the request goes
                 // this pass (`act`), the replica the pass after, once it is gone.
-                if pods
-                    .iter()
-                    .any(|c| owned_by(c, d) && capacity_index(c) == Some(index))
-                {
+                if owned.iter().any(|c| capacity_index(c) == Some(index)) {
                     ledger.get().engine.release(&req.replica);
                     continue;
                 }
@@ -409,26 +405,20 @@ fn window(
 /// holding the fewest gpuscale replicas.
 fn cpu_placement(
     d: &InferenceDeployment,
-    cpu_nodes: &HashSet<String>,
-    pods: &[Arc<Pod>],
+    ledger: &Ledger,
     created: &[PodPlacement],
     need: u64,
 ) -> Option<PodPlacement> {
     if !d.spec.resources.allow_cpu {
         return None;
     }
-    let mut count: HashMap<&str, usize> = HashMap::new();
     // Replicas created earlier in this pass count too, so one pass spreads them.
-    let placed: Vec<PodPlacement> = pods
-        .iter()
-        .filter_map(|p| placement_of(p))
-        .chain(created.iter().cloned())
-        .collect();
-    for p in &placed {
-        *count.entry(p.node.as_str()).or_default() += 1;
-    }
-    let load = |n: &str| count.get(n).copied().unwrap_or(0);
-    let node = cpu_nodes
+    let load = |n: &str| {
+        ledger.replicas_on.get(n).copied().unwrap_or(0)
+            + created.iter().filter(|p| p.node == n).count()
+    };
+    let node = ledger
+        .cpu_nodes
         .iter()
         .min_by(|a, b| load(a).cmp(&load(b)).then(a.cmp(b)))?;
     Some(PodPlacement {

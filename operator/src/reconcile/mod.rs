@@ -697,12 +697,19 @@ pub async fn run(ctx: Arc<Context>, namespaces: Vec<String>) {
         scoped_feeds.push(async move {
             let cache::ScopeWriters {
                 pods,
+                owners,
                 services,
                 claims,
             } = w;
             let pods = reflector::reflector(
                 pods,
-                watcher::watcher(scoped(&client, &ns), managed.clone()).modify(slim_pod),
+                watcher::watcher(scoped(&client, &ns), managed.clone())
+                    .modify(slim_pod)
+                    .inspect(move |e| {
+                        if let Ok(e) = e {
+                            owners.write().expect("owner index lock").apply(e);
+                        }
+                    }),
             );
             let services = reflector::reflector(
                 services,
@@ -992,9 +999,18 @@ async fn apply(d: &InferenceDeployment, ctx: &Context) -> Result<Action, Error> 
     // (the controller runs them concurrently): the ledger is rebuilt from the cache
     // and the pods created so far, so two passes never choose the same free GPU.
     let placing = ctx.placing.lock().await;
-    let pods = ctx.cache.pods();
-    let mut ledger = observe::LazyLedger::new(|| observe::ledger(ctx, &pods, &world.corrections));
-    let decided = decide(d, &mut state, &world, &mut ledger, &pods, need, (now, wall));
+    let owned = ctx.cache.owned(&d.uid().unwrap_or_default());
+    let mut ledger =
+        observe::LazyLedger::new(|| observe::ledger(ctx, &ctx.cache.pods(), &world.corrections));
+    let decided = decide(
+        d,
+        &mut state,
+        &world,
+        &mut ledger,
+        &owned,
+        need,
+        (now, wall),
+    );
     drop(ledger);
     let (created, acted) = act(d, ctx, &world, &decided, wall).await;
     drop(placing);

@@ -20,7 +20,7 @@ use kube::api::{Api, DeleteParams, ObjectMeta, PostParams};
 use kube::ResourceExt;
 use tracing::info;
 
-use super::pods::{model_mount, owned_by, worker_image, MANAGED_BY};
+use super::pods::{model_mount, worker_image, MANAGED_BY};
 use super::{Context, Error};
 use crate::estimate::ModelProfile;
 use crate::placement;
@@ -178,9 +178,9 @@ async fn probe(
     let want = key(&d.spec.model.source, d.spec.model.version.as_deref());
     let existing = ctx
         .cache
-        .pods()
+        .owned(&d.uid().unwrap_or_default())
         .into_iter()
-        .find(|p| owned_by(p, d) && p.labels().contains_key(LABEL_PROBE_OF));
+        .find(|p| p.labels().contains_key(LABEL_PROBE_OF));
     let Some(pod) = existing else {
         let Some(pod) = probe_pod(d, &ctx.config, &want) else {
             return Ok(Read::Done(Box::new(record(
@@ -245,11 +245,14 @@ async fn probe(
 /// deleted first would be lost to an operator that stops between the two writes).
 pub(super) async fn remove_probes(d: &InferenceDeployment, ctx: &Context) -> Result<(), Error> {
     let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &d.namespace().unwrap_or_default());
-    for pod in ctx.cache.pods().iter().filter(|p| {
-        owned_by(p, d)
-            && p.labels().contains_key(LABEL_PROBE_OF)
-            && p.metadata.deletion_timestamp.is_none()
-    }) {
+    for pod in ctx
+        .cache
+        .owned(&d.uid().unwrap_or_default())
+        .iter()
+        .filter(|p| {
+            p.labels().contains_key(LABEL_PROBE_OF) && p.metadata.deletion_timestamp.is_none()
+        })
+    {
         // Its container has exited (or is a read-only reader of an earlier model):
         // nothing to wait for, so no grace period, and no Terminating pod left behind
         // on a node whose kubelet is gone.

@@ -103,16 +103,15 @@ pub(super) async fn observe(
     now: Instant,
     wall: jiff::Timestamp,
 ) -> World {
-    let pods = ctx.cache.pods();
     // Only which replicas lost their node or GPU; placing uses a fresh ledger.
-    let lost = ctx.lost(now, || ledger(ctx, &pods, &[]).lost);
+    let lost = ctx.lost(now, || ledger(ctx, &ctx.cache.pods(), &[]).lost);
 
     state.scaler.set_params(Params::from_spec(&d.spec.scaling));
     let hash = template_hash(d);
     let mut seen: Vec<Seen> = Vec::new();
     let mut refusals: Vec<(String, String)> = Vec::new();
     let mut maybe_stuck: Vec<(usize, String)> = Vec::new();
-    for pod in pods.iter().filter(|p| owned_by(p, d)) {
+    for pod in &ctx.cache.owned(&d.uid().unwrap_or_default()) {
         let Some(index) = index_of(pod) else { continue };
         let refused = pods::unschedulable(pod);
         let by_node = pods::refused_at_admission(pod);
@@ -412,6 +411,8 @@ fn assigned(p: &PodPlacement, uuids: &[String], inventories: &[Arc<GpuInventory>
 pub(super) struct Ledger {
     pub(super) engine: Engine,
     pub(super) cpu_nodes: HashSet<String>,
+    /// Replicas placed on each node (CPU placement spreads by it).
+    pub(super) replicas_on: HashMap<String, usize>,
     /// Pods whose placement cannot be adopted (their node or GPU is gone), and why.
     pub(super) lost: HashMap<String, String>,
 }
@@ -458,11 +459,15 @@ pub(super) fn ledger(
     );
     let mut engine = Engine::new(&inventory);
     let mut lost: HashMap<String, String> = HashMap::new();
+    let mut replicas_on: HashMap<String, usize> = HashMap::new();
     for pod in pods {
         let fixed = corrected
             .iter()
             .find(|(name, _)| *name == pod.name_any())
             .map(|(_, p)| p.clone());
+        if let Some(p) = placement_of(pod) {
+            *replicas_on.entry(p.node).or_default() += 1;
+        }
         let (Some(p), Some(index), Some(dep)) = (
             fixed.or_else(|| placement_of(pod)),
             index_of(pod),
@@ -497,6 +502,7 @@ pub(super) fn ledger(
     Ledger {
         engine,
         cpu_nodes,
+        replicas_on,
         lost,
     }
 }
