@@ -328,6 +328,44 @@ async fn passes(metrics: &str) -> anyhow::Result<f64> {
         .sum())
 }
 
+/// The deployments whose pods in the API are not `replicas` (at most 20), each with
+/// the pods it has and its status's replica count and Available message: where the
+/// operator's view and the cluster part, for the next person to look.
+async fn short_of(
+    deployments: &Api<gpuscale_crds::InferenceDeployment>,
+    pods: &Api<Pod>,
+    replicas: u32,
+) -> anyhow::Result<Vec<String>> {
+    let mut by: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for p in pods.list(&Default::default()).await?.items {
+        if let Some(d) = p.labels().get("gpuscale.dev/deployment") {
+            by.entry(d.clone()).or_default().push(p.name_any());
+        }
+    }
+    let mut out = Vec::new();
+    for d in deployments.list(&Default::default()).await?.items {
+        let have = by.remove(&d.name_any()).unwrap_or_default();
+        if have.len() == replicas as usize {
+            continue;
+        }
+        let status = d.status.as_ref();
+        let available = status
+            .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Available"))
+            .map(|c| c.message.clone())
+            .unwrap_or_default();
+        out.push(format!(
+            "{} has {:?}, status {} replicas ({available})",
+            d.name_any(),
+            have,
+            status.map_or(0, |s| s.replicas)
+        ));
+        if out.len() == 20 {
+            break;
+        }
+    }
+    Ok(out)
+}
+
 /// Runs the fleet and measures the operator.
 pub async fn run(cfg: FleetConfig) -> anyhow::Result<FleetReport> {
     anyhow::ensure!(
@@ -459,10 +497,15 @@ pub async fn run(cfg: FleetConfig) -> anyhow::Result<FleetReport> {
                 cfg.dir.join("operator.log").display()
             );
         }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "only {ready} of {want} pods Ready ({all} exist) after 600 s"
-        );
+        if Instant::now() >= deadline {
+            let short = short_of(&deployments, &pods, cfg.replicas).await?;
+            anyhow::bail!(
+                "only {ready} of {want} pods Ready ({all} exist) after 600 s; deployments \
+                 without {} pods, and what their status says: {}",
+                cfg.replicas,
+                short.join("; ")
+            );
+        }
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
     let setup = start.elapsed();
