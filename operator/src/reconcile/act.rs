@@ -99,11 +99,13 @@ pub(super) async fn act(
                     )
                     .await;
                 }
-                delete_pod(ctx, &pods_api, &ns, &pod).await.map(|deleted| {
-                    if deleted {
-                        info!(%pod, "deleted replica");
-                    }
-                })
+                delete_pod(ctx, &pods_api, &ns, &pod, &DeleteParams::default())
+                    .await
+                    .map(|deleted| {
+                        if deleted {
+                            info!(%pod, "deleted replica");
+                        }
+                    })
             }
         };
         if let Err(e) = result {
@@ -162,7 +164,15 @@ async fn ask_for_capacity(
             !ended(pod) && capacity_index(pod).is_some_and(|i| wanted.iter().any(|(w, _)| *w == i));
         if !still && pod.metadata.deletion_timestamp.is_none() {
             let ns = pod.namespace().unwrap_or_default();
-            if delete_pod(ctx, pods_api, &ns, &pod.name_any()).await? {
+            if delete_pod(
+                ctx,
+                pods_api,
+                &ns,
+                &pod.name_any(),
+                &DeleteParams::default(),
+            )
+            .await?
+            {
                 info!(pod = %pod.name_any(), "deleted capacity request");
             }
         }
@@ -238,17 +248,18 @@ async fn create_claim(ctx: &Context, pod: &Pod, p: &PodPlacement) -> Result<(), 
     }
 }
 
-/// Deletes pod `name` (`false`: it was gone already) and forgets its expectation: a
-/// pod deleted before the store showed it never shows, and its expectation would
-/// count a replica that is gone until it expired (a phantom the plan balances by
-/// deleting a real one, and that holds a deployment's deletion open).
-async fn delete_pod(
+/// Deletes pod `name` with `params` (`false`: it was gone already) and forgets its
+/// expectation: a pod deleted before the store showed it never shows, and its
+/// expectation would count a replica that is gone until it expired (a phantom the plan
+/// balances by deleting a real one, and that holds a deployment's deletion open).
+pub(super) async fn delete_pod(
     ctx: &Context,
     api: &Api<Pod>,
     ns: &str,
     name: &str,
+    params: &DeleteParams,
 ) -> Result<bool, kube::Error> {
-    let deleted = match api.delete(name, &DeleteParams::default()).await {
+    let deleted = match api.delete(name, params).await {
         Ok(_) => true,
         Err(kube::Error::Api(e)) if e.code == 404 => false,
         Err(e) => return Err(e),
@@ -284,7 +295,7 @@ pub(super) async fn cleanup(d: &InferenceDeployment, ctx: &Context) -> Result<Ac
         };
         let timed_out = drained_for(pod, now).is_some_and(|t| t > ctx.config.drain_timeout);
         if !is_ready(pod) || timed_out || load.is_some_and(|l| l.in_flight() == 0.0) {
-            delete_pod(ctx, &pods_api, &ns, &name).await?;
+            delete_pod(ctx, &pods_api, &ns, &name, &DeleteParams::default()).await?;
         }
     }
     if remaining > 0 {

@@ -244,7 +244,8 @@ async fn probe(
 /// Deletes `d`'s probe pods: called once status holds what they found (a probe
 /// deleted first would be lost to an operator that stops between the two writes).
 pub(super) async fn remove_probes(d: &InferenceDeployment, ctx: &Context) -> Result<(), Error> {
-    let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &d.namespace().unwrap_or_default());
+    let ns = d.namespace().unwrap_or_default();
+    let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
     for pod in ctx
         .cache
         .owned(&d.uid().unwrap_or_default())
@@ -256,13 +257,12 @@ pub(super) async fn remove_probes(d: &InferenceDeployment, ctx: &Context) -> Res
         // Its container has exited (or is a read-only reader of an earlier model):
         // nothing to wait for, so no grace period, and no Terminating pod left behind
         // on a node whose kubelet is gone.
-        match api
-            .delete(&pod.name_any(), &DeleteParams::background().grace_period(0))
-            .await
-        {
-            Err(kube::Error::Api(e)) if e.code == 404 => {}
-            Err(e) => return Err(e.into()),
-            Ok(_) => info!(pod = %pod.name_any(), "deleted model probe pod"),
+        // Through `delete_pod`, which forgets its expectation too: a probe this operator
+        // created and deleted before the store showed it would otherwise still be
+        // seen, and deleted again each pass, until the expectation expired.
+        let now_grace = DeleteParams::background().grace_period(0);
+        if super::act::delete_pod(ctx, &api, &ns, &pod.name_any(), &now_grace).await? {
+            info!(pod = %pod.name_any(), "deleted model probe pod");
         }
     }
     Ok(())
