@@ -391,7 +391,10 @@ async fn ready_by_version(
     st: &gpuscale_crds::InferenceDeploymentStatus,
 ) -> anyhow::Result<(u32, u32)> {
     let list = pods
-        .list(&ListParams::default().labels("gpuscale.dev/deployment=smollm"))
+        .list(&ListParams::default().labels(&format!(
+            "{}=smollm",
+            gpuscale_operator::reconcile::LABEL_DEPLOYMENT
+        )))
         .await?;
     let stable = st.rollout.as_ref().map(|r| r.stable.name.clone());
     let (mut s, mut c) = (0, 0);

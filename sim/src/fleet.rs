@@ -232,7 +232,7 @@ async fn hollow_kubelet(client: Client, addresses: Arc<Mutex<Addresses>>) {
             let name = pod.name_any();
             let deployment = pod
                 .labels()
-                .get("gpuscale.dev/deployment")
+                .get(gpuscale_operator::reconcile::LABEL_DEPLOYMENT)
                 .cloned()
                 .unwrap_or_default();
             let ip = addresses
@@ -338,7 +338,10 @@ async fn short_of(
 ) -> anyhow::Result<Vec<String>> {
     let mut by: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for p in pods.list(&Default::default()).await?.items {
-        if let Some(d) = p.labels().get("gpuscale.dev/deployment") {
+        if let Some(d) = p
+            .labels()
+            .get(gpuscale_operator::reconcile::LABEL_DEPLOYMENT)
+        {
             by.entry(d.clone()).or_default().push(p.name_any());
         }
     }
