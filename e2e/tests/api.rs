@@ -430,3 +430,65 @@ async fn malformed_requests_get_the_api_server_s_status() {
     let status: serde_json::Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
     assert_eq!(status["reason"], "RequestEntityTooLarge", "{status}");
 }
+
+/// A delete with `preconditions` deletes only the object they name, as the API server
+/// does: another object of the same name (made again after a delete) or a newer
+/// version of it answers 409 and is kept. The kubelet and the operator delete pods by
+/// UID this way, so a stale delete never removes the replica made in its place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delete_with_preconditions_spares_another_object_of_the_same_name() {
+    use k8s_openapi::api::core::v1::Service;
+    use kube::api::{DeleteParams, PostParams, Preconditions};
+    use kube::ResourceExt;
+    let cluster = bare_cluster("preconditions").await;
+    let api: Api<Service> = Api::namespaced(cluster.client(), "default");
+    let make = || async {
+        let svc: Service = serde_json::from_value(
+            json!({"metadata": {"name": "x"}, "spec": {"ports": [{"port": 80}]}}),
+        )
+        .unwrap();
+        api.create(&PostParams::default(), &svc).await.unwrap()
+    };
+    let first = make().await;
+    api.delete("x", &DeleteParams::default()).await.unwrap();
+    let second = make().await;
+    let by = |uid: Option<String>, rv: Option<String>| DeleteParams {
+        preconditions: Some(Preconditions {
+            uid,
+            resource_version: rv,
+        }),
+        ..DeleteParams::default()
+    };
+
+    let stale = api.delete("x", &by(first.uid(), None)).await.unwrap_err();
+    let kube::Error::Api(e) = stale else {
+        panic!("{stale}")
+    };
+    assert_eq!((e.code, e.reason.as_str()), (409, "Conflict"), "{e:?}");
+    assert!(
+        e.message.contains(&format!(
+            "Precondition failed: UID in precondition: {}, UID in object meta: {}",
+            first.uid().unwrap(),
+            second.uid().unwrap()
+        )),
+        "{}",
+        e.message
+    );
+    let old_version = by(None, second.resource_version());
+    api.patch(
+        "x",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"labels": {"a": "2"}}})),
+    )
+    .await
+    .unwrap();
+    let stale = api.delete("x", &old_version).await.unwrap_err();
+    assert!(
+        matches!(&stale, kube::Error::Api(e) if e.code == 409 && e.message.contains("ResourceVersion in precondition")),
+        "{stale}"
+    );
+    assert_eq!(api.get("x").await.unwrap().uid(), second.uid(), "kept");
+
+    api.delete("x", &by(second.uid(), None)).await.unwrap();
+    assert!(api.get_opt("x").await.unwrap().is_none());
+}

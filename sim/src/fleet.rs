@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{DeleteParams, Patch, PatchParams};
+use kube::api::{Patch, PatchParams};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client, ResourceExt};
 use serde_json::json;
@@ -246,9 +246,7 @@ async fn hollow_kubelet(client: Client, addresses: Arc<Mutex<Addresses>>) {
             tokio::spawn(async move {
                 let _permit = permit;
                 if terminating {
-                    let _ = api
-                        .delete(&name, &DeleteParams::default().grace_period(0))
-                        .await;
+                    let _ = api.delete(&name, &crate::kubelet::stopped(&pod)).await;
                     return;
                 }
                 if probe {

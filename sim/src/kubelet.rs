@@ -550,9 +550,7 @@ async fn serve(
                 }
                 (None, true) => {
                     // Never started: nothing to stop.
-                    let _ = api
-                        .delete(&pod.name_any(), &DeleteParams::default().grace_period(0))
-                        .await;
+                    let _ = api.delete(&pod.name_any(), &stopped(&pod)).await;
                 }
                 (Some(false), true) => {
                     started.insert(key, true);
@@ -587,14 +585,27 @@ async fn serve(
                                 signal(pid, "KILL");
                             }
                         }
-                        let _ = api
-                            .delete(&pod.name_any(), &DeleteParams::default().grace_period(0))
-                            .await;
+                        let _ = api.delete(&pod.name_any(), &stopped(&pod)).await;
                     });
                 }
                 _ => {}
             }
         }
+    }
+}
+
+/// How a kubelet deletes a pod whose containers have stopped: at once, and only that
+/// pod. The kubelet's status manager sets the pod's UID as a precondition "to prevent
+/// deleting a newly created pod with the same name and namespace" (kubernetes
+/// `pkg/kubelet/status/status_manager.go`); a delete by name alone, late behind other
+/// work, removed the replica the operator had made again in its place.
+pub fn stopped(pod: &Pod) -> DeleteParams {
+    DeleteParams {
+        preconditions: Some(kube::api::Preconditions {
+            uid: pod.uid(),
+            resource_version: None,
+        }),
+        ..DeleteParams::default().grace_period(0)
     }
 }
 

@@ -4,7 +4,7 @@
 use gpuscale_crds::InferenceDeployment;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::resource::v1::ResourceClaim;
-use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams, Preconditions};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::ResourceExt;
@@ -85,8 +85,8 @@ pub(super) async fn act(
                     .await
                     .map(|_| info!(%pod, "draining replica"))
             }
-            Todo::Delete(index, why) => {
-                let pod = pod_name(&name, *index);
+            Todo::Delete(seen, why) => {
+                let pod = seen.name_any();
                 if let Some(why) = why {
                     let note = format!("replica {pod} failed: {why}; replacing it");
                     publish(
@@ -99,7 +99,7 @@ pub(super) async fn act(
                     )
                     .await;
                 }
-                delete_pod(ctx, &pods_api, &ns, &pod, &DeleteParams::default())
+                delete_pod(ctx, &pods_api, seen, DeleteParams::default())
                     .await
                     .map(|deleted| {
                         if deleted {
@@ -162,19 +162,11 @@ async fn ask_for_capacity(
     for pod in &have {
         let still =
             !ended(pod) && capacity_index(pod).is_some_and(|i| wanted.iter().any(|(w, _)| *w == i));
-        if !still && pod.metadata.deletion_timestamp.is_none() {
-            let ns = pod.namespace().unwrap_or_default();
-            if delete_pod(
-                ctx,
-                pods_api,
-                &ns,
-                &pod.name_any(),
-                &DeleteParams::default(),
-            )
-            .await?
-            {
-                info!(pod = %pod.name_any(), "deleted capacity request");
-            }
+        if !still
+            && pod.metadata.deletion_timestamp.is_none()
+            && delete_pod(ctx, pods_api, pod, DeleteParams::default()).await?
+        {
+            info!(pod = %pod.name_any(), "deleted capacity request");
         }
     }
     let missing = wanted
@@ -248,23 +240,39 @@ async fn create_claim(ctx: &Context, pod: &Pod, p: &PodPlacement) -> Result<(), 
     }
 }
 
-/// Deletes pod `name` with `params` (`false`: it was gone already) and forgets its
+/// Deletes `pod` with `params` (`false`: it was gone already) and forgets its
 /// expectation: a pod deleted before the store showed it never shows, and its
 /// expectation would count a replica that is gone until it expired (a phantom the plan
 /// balances by deleting a real one, and that holds a deployment's deletion open).
+///
+/// Only that pod: its UID is the delete's precondition, as the kubelet's own deletes
+/// and the pod garbage collector's are. Replica names repeat (`<deployment>-<index>`),
+/// so a delete by name from a pass whose view is stale would remove the replica made
+/// again in the pod's place; the API answers 409 instead, which means the pod this
+/// pass saw is gone.
 pub(super) async fn delete_pod(
     ctx: &Context,
     api: &Api<Pod>,
-    ns: &str,
-    name: &str,
-    params: &DeleteParams,
+    pod: &Pod,
+    params: DeleteParams,
 ) -> Result<bool, kube::Error> {
-    let deleted = match api.delete(name, params).await {
+    let (ns, name) = (pod.namespace().unwrap_or_default(), pod.name_any());
+    let params = DeleteParams {
+        preconditions: Some(Preconditions {
+            uid: pod.uid(),
+            resource_version: None,
+        }),
+        ..params
+    };
+    let deleted = match api.delete(&name, &params).await {
         Ok(_) => true,
         Err(kube::Error::Api(e)) if e.code == 404 => false,
+        Err(kube::Error::Api(e)) if e.code == 409 && e.message.contains("Precondition failed") => {
+            false
+        }
         Err(e) => return Err(e),
     };
-    ctx.cache.forget_created(ns, name);
+    ctx.cache.forget_created(&ns, &name);
     Ok(deleted)
 }
 
@@ -295,7 +303,7 @@ pub(super) async fn cleanup(d: &InferenceDeployment, ctx: &Context) -> Result<Ac
         };
         let timed_out = drained_for(pod, now).is_some_and(|t| t > ctx.config.drain_timeout);
         if !is_ready(pod) || timed_out || load.is_some_and(|l| l.in_flight() == 0.0) {
-            delete_pod(ctx, &pods_api, &ns, &name, &DeleteParams::default()).await?;
+            delete_pod(ctx, &pods_api, pod, DeleteParams::default()).await?;
         }
     }
     if remaining > 0 {

@@ -347,6 +347,13 @@ impl Cache {
                 .collect()
         };
         let mut pods = self.pods.state();
+        if !expected.is_empty() {
+            let replaced: HashMap<(String, String), Option<String>> = expected
+                .iter()
+                .map(|p| ((p.namespace().unwrap_or_default(), p.name_any()), p.uid()))
+                .collect();
+            pods.retain(|s| !superseded(s, &replaced));
+        }
         pods.extend(expected);
         pods
     }
@@ -369,11 +376,42 @@ impl Cache {
         };
         let mut pods = self.indexed(owner);
         for p in expected {
-            if !pods.iter().any(|s| s.name_any() == p.name_any()) {
-                pods.push(Arc::new(p));
+            match pods.iter().position(|s| s.name_any() == p.name_any()) {
+                // The store's is an earlier pod of that name, gone from the API (see
+                // `superseded`).
+                Some(i) if !same_pod(&pods[i], &p) => pods[i] = Arc::new(p),
+                Some(_) => {}
+                None => pods.push(Arc::new(p)),
             }
         }
         pods
+    }
+
+    /// Drops the expectation a pod watch event settles: the store now holds that pod
+    /// (the same UID), or it was deleted. Fed each event after the store applied it, as
+    /// the ReplicaSet controller lowers its expectations in its informer's handlers
+    /// (`CreationObserved`); a read that misses it here still checks the store.
+    pub(super) fn observed(&self, event: &watcher::Event<Pod>) {
+        let (watcher::Event::Apply(pod)
+        | watcher::Event::InitApply(pod)
+        | watcher::Event::Delete(pod)) = event
+        else {
+            return;
+        };
+        let Some(owner) = controller_uid(pod) else {
+            return;
+        };
+        let mut created = self.created.lock().expect("created lock");
+        let Some(expected) = created.get_mut(owner) else {
+            return;
+        };
+        let k = key(pod);
+        if expected.get(&k).is_some_and(|(p, _)| same_pod(pod, p)) {
+            expected.remove(&k);
+        }
+        if expected.is_empty() {
+            created.remove(owner);
+        }
     }
 
     /// The store's pods whose controller is `owner`, by the index.
@@ -398,9 +436,11 @@ impl Cache {
                 tracing::warn!(pod = %p.name_any(), "a created pod never showed in the pod watch; no longer expected");
                 return false;
             }
+            // That pod (its UID), not any of its name: a replica made again in the
+            // place of one the store still shows is not shown yet.
             self.pods
                 .get(&p.namespace().unwrap_or_default(), &p.name_any())
-                .is_none()
+                .is_none_or(|s| !same_pod(&s, p))
         });
     }
 
@@ -452,6 +492,24 @@ impl Cache {
     pub fn has_claim(&self, namespace: &str, name: &str) -> bool {
         self.claims.get(namespace, name).is_some()
     }
+}
+
+/// Whether the store's pod `s` is an earlier pod of the name of one this operator
+/// created since (`expected`, by name, with UIDs). A create succeeds only where the name
+/// is free, so that earlier pod was gone from the API by then and the store has yet to
+/// hear of it: it holds no GPU, and the new one does.
+fn superseded(s: &Pod, expected: &HashMap<(String, String), Option<String>>) -> bool {
+    let k = (s.namespace().unwrap_or_default(), s.name_any());
+    expected
+        .get(&k)
+        .is_some_and(|uid| uid.is_some() && *uid != s.uid())
+}
+
+/// Whether the store's pod `s` is the expected pod `p` (of the same name): the same
+/// UID, or any UID where the expectation has none (an object as it was sent, not as
+/// the API made it; `expect_created` is given the API's answer).
+fn same_pod(s: &Pod, p: &Pod) -> bool {
+    p.uid().is_none() || s.uid() == p.uid()
 }
 
 /// Marks a store complete and empty: no watch will ever fill it.
@@ -558,6 +616,36 @@ mod tests {
             });
         }
         assert_eq!(missed, 0, "reads that lost a created pod");
+    }
+
+    fn with_uid(mut p: Pod, uid: &str) -> Pod {
+        p.metadata.uid = Some(uid.into());
+        p
+    }
+
+    /// A replica made again while the store still shows the pod it replaced (deleted
+    /// in the API, its delete event not here yet) is the one seen, by the pass and by
+    /// the placement ledger; its expectation holds until the store has that UID, or
+    /// the watch says it was deleted.
+    #[test]
+    fn a_replica_made_again_is_seen_over_the_earlier_pod_the_store_shows() {
+        let old = with_uid(owned_pod("a-0", "a"), "old");
+        let cache = Cache::of(vec![old.clone()], vec![], vec![]);
+        let new = with_uid(owned_pod("a-0", "a"), "new");
+        cache.expect_created(new.clone());
+        let uids = |pods: Vec<Arc<Pod>>| pods.iter().map(|p| p.uid().unwrap()).collect::<Vec<_>>();
+        assert_eq!(uids(cache.owned("uid-a")), ["new"]);
+        assert_eq!(uids(cache.pods()), ["new"]);
+        // Another pod's events settle nothing; that pod's own Apply does.
+        cache.observed(&watcher::Event::Apply(old.clone()));
+        assert_eq!(uids(cache.owned("uid-a")), ["new"]);
+        cache.observed(&watcher::Event::Apply(new.clone()));
+        assert!(cache.created.lock().unwrap().is_empty());
+        // Deleted before the store ever showed it: no longer expected either.
+        let again = with_uid(owned_pod("a-1", "a"), "again");
+        cache.expect_created(again.clone());
+        cache.observed(&watcher::Event::Delete(again));
+        assert!(cache.created.lock().unwrap().is_empty());
     }
 
     /// The index follows the watch through a relist: a pod deleted while the watch

@@ -57,7 +57,8 @@ pub(super) struct WindowStart {
 pub(super) enum Todo {
     Create(u32, PodPlacement, Version),
     Drain(u32),
-    Delete(u32, Option<String>),
+    /// The replica's pod as this pass saw it, and why it failed (if it did).
+    Delete(Arc<Pod>, Option<String>),
 }
 
 /// Decide: the replica count, the steps towards it, and where each new replica goes.
@@ -280,13 +281,11 @@ pub(super) fn decide(
                 todo.push(Todo::Create(index, p, version));
             }
             Step::Drain(index) => todo.push(Todo::Drain(index)),
+            // The pod seen, not its name: it is deleted by UID (`act::delete_pod`).
             Step::Delete(index) => {
-                let why = world
-                    .seen
-                    .iter()
-                    .find(|s| s.index == index)
-                    .and_then(|s| s.failure.clone());
-                todo.push(Todo::Delete(index, why));
+                if let Some(s) = world.seen.iter().find(|s| s.index == index) {
+                    todo.push(Todo::Delete(s.pod.clone(), s.failure.clone()));
+                }
             }
         }
     }

@@ -694,6 +694,7 @@ pub async fn run(ctx: Arc<Context>, namespaces: Vec<String>) {
         }
         let client = client.clone();
         let (managed, metrics) = (managed.clone(), metrics.clone());
+        let cache = ctx.cache.clone();
         scoped_feeds.push(async move {
             let cache::ScopeWriters {
                 pods,
@@ -710,7 +711,13 @@ pub async fn run(ctx: Arc<Context>, namespaces: Vec<String>) {
                             owners.write().expect("owner index lock").apply(e);
                         }
                     }),
-            );
+            )
+            // After the store has the event: see `Cache::observed`.
+            .inspect(move |e| {
+                if let Ok(e) = e {
+                    cache.observed(e);
+                }
+            });
             let services = reflector::reflector(
                 services,
                 watcher::watcher(scoped(&client, &ns), managed.clone()),

@@ -192,11 +192,14 @@ async fn probe(
             ))));
         };
         match api.create(&PostParams::default(), &pod).await {
-            Ok(_) => info!(pod = %pod.name_any(), model = %want, "created model probe pod"),
+            // The API's answer, with its UID: the expectation is of that pod.
+            Ok(made) => {
+                info!(pod = %pod.name_any(), model = %want, "created model probe pod");
+                ctx.cache.expect_created(made);
+            }
             Err(kube::Error::Api(e)) if e.code == 409 => {}
             Err(e) => return Err(e.into()),
         }
-        ctx.cache.expect_created(pod.clone());
         return Ok(Read::Pending(format!(
             "reading the model header in probe pod {}",
             pod.name_any()
@@ -261,7 +264,7 @@ pub(super) async fn remove_probes(d: &InferenceDeployment, ctx: &Context) -> Res
         // created and deleted before the store showed it would otherwise still be
         // seen, and deleted again each pass, until the expectation expired.
         let now_grace = DeleteParams::background().grace_period(0);
-        if super::act::delete_pod(ctx, &api, &ns, &pod.name_any(), &now_grace).await? {
+        if super::act::delete_pod(ctx, &api, pod, now_grace).await? {
             info!(pod = %pod.name_any(), "deleted model probe pod");
         }
     }

@@ -1094,6 +1094,38 @@ async fn a_pod_the_scheduler_refuses_is_reported_released_and_its_node_avoided()
     assert!(ev["note"].as_str().unwrap().contains(message));
 }
 
+/// A replica is deleted by its UID, not its name: the delete names the pod the pass saw
+/// as its precondition, and the API's 409 for a failed precondition (that pod is gone,
+/// another holds its name) is taken as "already gone", not as an error of the pass.
+#[tokio::test]
+async fn a_replica_is_deleted_by_its_uid_and_a_failed_precondition_means_gone() {
+    let d = deployment(json!({"minReplicas": 1, "maxReplicas": 4}));
+    let mut refused = pod(&d, 0, 0, "", json!({}));
+    refused["status"] = json!({"phase": "Failed", "reason": "UnexpectedAdmissionError",
+        "message": "Allocate failed"});
+    let precondition_failed = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+        "message": "Operation cannot be fulfilled on pods \"smollm-0\": Precondition failed: UID in precondition: pod-0, UID in object meta: pod-0b",
+        "reason": "Conflict", "code": 409});
+    let steps = vec![delete(0).reply(409, precondition_failed), create_pod()];
+    let (client, mock) = Mock::start(pass(&d, steps));
+    let ctx = context(client, cache(vec![refused]), &[], TestClock::new());
+    reconcile(object(&d), ctx.clone()).await.unwrap();
+    let log = mock.finish(ctx).await;
+    let deletes: Vec<&Value> = log
+        .requests
+        .iter()
+        .filter(|s| s.method == Method::DELETE)
+        .map(|s| &s.body)
+        .collect();
+    assert_eq!(deletes.len(), 1);
+    assert_eq!(
+        deletes[0]["preconditions"]["uid"], "pod-0",
+        "{}",
+        deletes[0]
+    );
+    assert_eq!(created_names(&log), ["smollm-capacity-1"]);
+}
+
 /// A pod the node's kubelet refuses at admission (its device plugin had no GPU left, as
 /// a capacity request that the scheduler bound there can hold it): reported, replaced,
 /// and the node avoided for a while, rather than a pod made and failed there in a loop.

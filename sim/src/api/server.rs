@@ -559,6 +559,10 @@ fn delete_options(q: &Query, body: &Value) -> DeleteOptions {
             || body["dryRun"]
                 .as_array()
                 .is_some_and(|d| d.iter().any(|x| x == "All")),
+        uid: body["preconditions"]["uid"].as_str().map(String::from),
+        resource_version: body["preconditions"]["resourceVersion"]
+            .as_str()
+            .map(String::from),
     }
 }
 

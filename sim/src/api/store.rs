@@ -151,6 +151,42 @@ pub struct DeleteOptions {
     pub grace_seconds: Option<i64>,
     pub orphan: bool,
     pub dry_run: bool,
+    /// `preconditions.uid`: delete only the object with this UID.
+    pub uid: Option<String>,
+    /// `preconditions.resourceVersion`: delete only at this resourceVersion.
+    pub resource_version: Option<String>,
+}
+
+impl DeleteOptions {
+    /// The API server's check of `preconditions`: "Must be fulfilled before a deletion
+    /// is carried out. If not possible, a 409 Conflict status will be returned"
+    /// (<https://kubernetes.io/docs/reference/kubernetes-api/common-definitions/delete-options/>),
+    /// worded as apimachinery's `storage.Preconditions.Check`. It is how a kubelet or a
+    /// controller deletes the pod it saw and not a newer one of the same name.
+    fn check(&self, kind: &str, name: &str, obj: &Value) -> Result<(), ApiError> {
+        let meta = &obj["metadata"];
+        let failed = |what: &str, want: &str, have: &Value| {
+            ApiError::new(
+                409,
+                "Conflict",
+                format!(
+                    "Operation cannot be fulfilled on {kind} \"{name}\": Precondition failed: {what} in precondition: {want}, {what} in object meta: {}",
+                    have.as_str().unwrap_or_default()
+                ),
+            )
+        };
+        if let Some(uid) = self.uid.as_deref().filter(|u| meta["uid"] != *u) {
+            return Err(failed("UID", uid, &meta["uid"]));
+        }
+        if let Some(rv) = self
+            .resource_version
+            .as_deref()
+            .filter(|v| meta["resourceVersion"] != *v)
+        {
+            return Err(failed("ResourceVersion", rv, &meta["resourceVersion"]));
+        }
+        Ok(())
+    }
 }
 
 type Key = (String, String);
@@ -640,6 +676,7 @@ impl Store {
         opts: &DeleteOptions,
     ) -> Result<Value, ApiError> {
         let old = self.get(r, ns, name)?;
+        opts.check(&plural_group(r), name, &old)?;
         let has_finalizers = old["metadata"]["finalizers"]
             .as_array()
             .is_some_and(|f| !f.is_empty());
