@@ -551,7 +551,7 @@ pub async fn reconcile(obj: Arc<DynamicObject>, ctx: Arc<Context>) -> Result<Act
             finalizer(&api, FINALIZER, d, |event| async {
                 match event {
                     Finalizer::Apply(d) => apply(&d, &ctx).await,
-                    Finalizer::Cleanup(d) => cleanup(&d, &ctx).await,
+                    Finalizer::Cleanup(d) => Box::pin(cleanup(&d, &ctx)).await,
                 }
             })
             .await
@@ -970,38 +970,66 @@ async fn apply(d: &InferenceDeployment, ctx: &Context) -> Result<Action, Error> 
         let message = format!(
             "resources.tensorParallel was renamed resources.gpusPerReplica: a replica's GPUs split the model by layers, not tensors; set gpusPerReplica: {n} and remove tensorParallel"
         );
-        return invalid(d, ctx, &message).await;
+        return Box::pin(invalid(d, ctx, &message)).await;
     }
     let slot = ctx.slot(d);
     // Held for the whole pass, mutated in place: an error anywhere leaves it as it is.
     let mut state = slot.lock().await;
     let (now, wall) = ctx.clock.now();
-    let world = observe(d, ctx, &mut state, now, wall).await;
-    let sized = model::size(d, ctx, state.model.as_ref(), wall).await?;
+    // Each step's future is boxed: a pass's future holds only the step under way, not
+    // the largest of them all. A thousand passes wait on their scrapes at once at
+    // fleet scale, and with the steps inline each held 28 KB (`heaptrack`: about
+    // 58 MB of the operator's 211 MB peak heap at 10,000 pods).
+    let world = Box::pin(observe(d, ctx, &mut state, now, wall)).await;
+    let sized = Box::pin(model::size(d, ctx, state.model.as_ref(), wall)).await?;
     let (need, d) = match sized {
         model::Sizing::Sized { need, model } => {
             state.model = Some(model.clone());
-            (need, with_model(d, ctx, model).await?)
+            (need, Box::pin(with_model(d, ctx, model)).await?)
         }
         model::Sizing::Probing(message) => {
-            patch_status(d, ctx, &status::progressing(d, "ReadingModel", &message)).await?;
+            Box::pin(patch_status(
+                d,
+                ctx,
+                &status::progressing(d, "ReadingModel", &message),
+            ))
+            .await?;
             return Ok(Action::requeue(Duration::from_secs(5)));
         }
         model::Sizing::Unsized { message, model } => {
             state.model.clone_from(&model);
             let d = match model {
-                Some(m) => with_model(d, ctx, m).await?,
+                Some(m) => Box::pin(with_model(d, ctx, m)).await?,
                 None => std::borrow::Cow::Borrowed(d),
             };
-            model::remove_probes(&d, ctx).await?;
-            return invalid(&d, ctx, &message).await;
+            Box::pin(model::remove_probes(&d, ctx)).await?;
+            return Box::pin(invalid(&d, ctx, &message)).await;
         }
     };
-    model::remove_probes(&d, ctx).await?;
+    Box::pin(model::remove_probes(&d, ctx)).await?;
     if let Err(message) = mountable(&d, &ctx.config) {
-        return invalid(&d, ctx, &message).await;
+        return Box::pin(invalid(&d, ctx, &message)).await;
     }
-    let d = &*d;
+    Box::pin(place_and_report(
+        &d,
+        ctx,
+        &mut state,
+        world,
+        need,
+        (now, wall),
+    ))
+    .await
+}
+
+/// Decide, act and report: the second half of a pass, once the model is sized.
+async fn place_and_report(
+    d: &InferenceDeployment,
+    ctx: &Context,
+    state: &mut DeploymentState,
+    world: observe::World,
+    need: u64,
+    (now, wall): (Instant, jiff::Timestamp),
+) -> Result<Action, Error> {
     // Placing and creating is one critical section across every deployment's passes
     // (the controller runs them concurrently): the ledger is rebuilt from the cache
     // and the pods created so far, so two passes never choose the same free GPU.
@@ -1009,21 +1037,13 @@ async fn apply(d: &InferenceDeployment, ctx: &Context) -> Result<Action, Error> 
     let owned = ctx.cache.owned(&d.uid().unwrap_or_default());
     let mut ledger =
         observe::LazyLedger::new(|| observe::ledger(ctx, &ctx.cache.pods(), &world.corrections));
-    let decided = decide(
-        d,
-        &mut state,
-        &world,
-        &mut ledger,
-        &owned,
-        need,
-        (now, wall),
-    );
+    let decided = decide(d, state, &world, &mut ledger, &owned, need, (now, wall));
     drop(ledger);
-    let (created, acted) = act(d, ctx, &world, &decided, wall).await;
+    let (created, acted) = Box::pin(act(d, ctx, &world, &decided, wall)).await;
     drop(placing);
     // Report even after a failed step: status then says what was decided and done, and
     // the autoscaler's memory is saved whatever happened.
-    let reported = report(d, ctx, &mut state, &world, &decided, &created, now, wall).await;
+    let reported = Box::pin(report(d, ctx, state, &world, &decided, &created, now, wall)).await;
     acted?;
     reported?;
     Ok(Action::requeue(ctx.config.scrape_interval))
