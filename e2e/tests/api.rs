@@ -492,3 +492,73 @@ async fn a_delete_with_preconditions_spares_another_object_of_the_same_name() {
     api.delete("x", &by(second.uid(), None)).await.unwrap();
     assert!(api.get_opt("x").await.unwrap().is_none());
 }
+
+/// Writes that carry a UID are refused (409) when it is not the object's, as the
+/// kubelet's status patches and kube-scheduler's bindings carry it: a status or a
+/// binding decided for a pod since deleted never lands on a new pod of its name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_status_patch_or_binding_for_an_earlier_pod_of_the_name_is_refused() {
+    use k8s_openapi::api::core::v1::Pod;
+    use kube::api::{DeleteParams, PostParams};
+    use kube::ResourceExt;
+    let cluster = bare_cluster("uid-writes").await;
+    let api: Api<Pod> = Api::namespaced(cluster.client(), "default");
+    let make = || async {
+        let pod: Pod = serde_json::from_value(json!({"metadata": {"name": "p"},
+            "spec": {"containers": [{"name": "c", "image": "x"}]}}))
+        .unwrap();
+        api.create(&PostParams::default(), &pod).await.unwrap()
+    };
+    let first = make().await;
+    api.delete("p", &DeleteParams::default()).await.unwrap();
+    let second = make().await;
+    let conflict = |r: Result<serde_json::Value, kube::Error>| match r {
+        Err(kube::Error::Api(e)) => {
+            assert_eq!(e.code, 409, "{e:?}");
+            assert!(
+                e.message
+                    .contains("Precondition failed: UID in precondition"),
+                "{}",
+                e.message
+            );
+        }
+        other => panic!("{other:?}"),
+    };
+    let status =
+        |uid: Option<String>| json!({"metadata": {"uid": uid}, "status": {"phase": "Running"}});
+    conflict(
+        api.patch_status(
+            "p",
+            &PatchParams::default(),
+            &Patch::Merge(status(first.uid())),
+        )
+        .await
+        .map(|p| serde_json::to_value(p).unwrap()),
+    );
+    let binding = |uid: Option<String>| {
+        json!({"apiVersion": "v1", "kind": "Binding", "metadata": {"name": "p", "uid": uid},
+            "target": {"apiVersion": "v1", "kind": "Node", "name": "n"}})
+    };
+    conflict(
+        api.create_subresource::<_, serde_json::Value>(
+            "binding",
+            "p",
+            &PostParams::default(),
+            &binding(first.uid()),
+        )
+        .await,
+    );
+    let kept = api.get("p").await.unwrap();
+    assert_eq!(kept.status.and_then(|s| s.phase), Some("Pending".into()));
+    assert!(kept.spec.unwrap().node_name.is_none(), "not bound");
+
+    let ok = api
+        .patch_status(
+            "p",
+            &PatchParams::default(),
+            &Patch::Merge(status(second.uid())),
+        )
+        .await
+        .unwrap();
+    assert_eq!(ok.status.and_then(|s| s.phase), Some("Running".into()));
+}

@@ -252,7 +252,9 @@ async fn hollow_kubelet(client: Client, addresses: Arc<Mutex<Addresses>>) {
                 if probe {
                     // A model probe ends at once, as `inference-worker inspect` ends
                     // on a Llama-3-8B Q4_0 file.
-                    let status = json!({"status": {"phase": "Succeeded", "containerStatuses": [{
+                    // Each status patch names the pod's UID, as the kubelet's do (see
+                    // `Store::update`): this event may be of a pod made again since.
+                    let status = json!({"metadata": {"uid": pod.uid()}, "status": {"phase": "Succeeded", "containerStatuses": [{
                         "name": "inspect", "ready": false, "restartCount": 0, "image": "", "imageID": "",
                         "state": {"terminated": {"exitCode": 0, "reason": "Completed",
                             "message": LLAMA_8B_Q4_0}}}]}});
@@ -268,7 +270,7 @@ async fn hollow_kubelet(client: Client, addresses: Arc<Mutex<Addresses>>) {
                     .and_then(|s| s.containers.first())
                     .map(|c| c.name.clone())
                     .unwrap_or_default();
-                let status = json!({"status": {
+                let status = json!({"metadata": {"uid": pod.uid()}, "status": {
                     "phase": "Running", "podIP": ip.to_string(), "podIPs": [{"ip": ip.to_string()}],
                     "hostIP": "127.0.0.1", "startTime": now,
                     "conditions": [
@@ -287,7 +289,8 @@ async fn hollow_kubelet(client: Client, addresses: Arc<Mutex<Addresses>>) {
                         .await
                     {
                         Ok(_) => break,
-                        Err(kube::Error::Api(e)) if e.code == 404 => break,
+                        // Gone, or another pod of its name now (409: the UID).
+                        Err(kube::Error::Api(e)) if matches!(e.code, 404 | 409) => break,
                         Err(e) => {
                             tracing::warn!(pod = %name, attempt, error = %e, "hollow kubelet: status update failed; retrying");
                             tokio::time::sleep(Duration::from_millis(200 * attempt.min(10))).await;

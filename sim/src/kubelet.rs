@@ -717,7 +717,8 @@ async fn run_pod(
                     Some(k8s_openapi::api::core::v1::HostPathVolumeSource { path, type_: None });
             }
             Err(message) => {
-                let patch = json!({"status": {"phase": "Failed", "reason": "FailedMount", "message": message}});
+                let patch = json!({"metadata": {"uid": pod.uid()},
+                    "status": {"phase": "Failed", "reason": "FailedMount", "message": message}});
                 let _ = api
                     .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
                     .await;
@@ -748,7 +749,7 @@ async fn run_pod(
                 "MountVolume.SetUp failed for volume \"{}\" : hostPath type check failed: {} is not a directory",
                 v.name, h.path
             );
-            let patch = json!({"status": {"phase": "Pending", "containerStatuses": [{
+            let patch = json!({"metadata": {"uid": pod.uid()}, "status": {"phase": "Pending", "containerStatuses": [{
                 "name": pod.spec.as_ref().and_then(|s| s.containers.first()).map(|c| c.name.clone()),
                 "ready": false, "restartCount": 0, "image": "", "imageID": "",
                 "state": {"waiting": {"reason": "ContainerCreating", "message": message}}}]}});
@@ -801,9 +802,13 @@ async fn run_pod(
                                    "imageID": "", "started": true, "state": state}],
         }})
     };
-    let patch_status = |v: serde_json::Value| {
+    // Each status patch names the pod's UID as a precondition, as the kubelet's
+    // status manager does (`pkg/util/pod/pod.go`, `PatchPodStatus`).
+    let pod_uid = pod.uid();
+    let patch_status = |mut v: serde_json::Value| {
         let api = api.clone();
         let name = name.clone();
+        v["metadata"]["uid"] = json!(pod_uid);
         async move {
             if let Err(e) = api
                 .patch_status(&name, &PatchParams::default(), &Patch::Merge(&v))

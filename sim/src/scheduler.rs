@@ -249,8 +249,10 @@ async fn schedule_loop(client: Client, pods: Store<Pod>, nodes: Store<Node>, dra
                     if !written {
                         continue;
                     }
+                    // With the pod's UID, as kube-scheduler's DefaultBinder sends it: this
+                    // round's view may be of a pod deleted and made again since.
                     let binding = json!({"apiVersion": "v1", "kind": "Binding",
-                        "metadata": {"name": pod.name_any()},
+                        "metadata": {"name": pod.name_any(), "uid": pod.uid()},
                         "target": {"apiVersion": "v1", "kind": "Node", "name": node}});
                     match api
                         .create_subresource::<_, serde_json::Value>(
@@ -286,7 +288,9 @@ async fn schedule_loop(client: Client, pods: Store<Pod>, nodes: Store<Node>, dra
                         ),
                         ..PodCondition::default()
                     };
-                    let patch = json!({"status": {"conditions": [cond]}});
+                    // The UID as a precondition (see `kubelet::stopped`).
+                    let patch = json!({"metadata": {"uid": pod.uid()},
+                        "status": {"conditions": [cond]}});
                     if api
                         .patch_status(
                             &pod.name_any(),

@@ -77,14 +77,11 @@ pub(super) async fn act(
                     Err(e) => Err(e),
                 }
             }
-            Todo::Drain(index) => {
-                let pod = pod_name(&name, *index);
-                let patch = drain_patch(wall);
-                pods_api
-                    .patch(&pod, &PatchParams::default(), &Patch::Merge(&patch))
-                    .await
-                    .map(|_| info!(%pod, "draining replica"))
-            }
+            Todo::Drain(seen) => drain_pod(&pods_api, seen, wall).await.map(|drained| {
+                if drained {
+                    info!(pod = %seen.name_any(), "draining replica");
+                }
+            }),
             Todo::Delete(seen, why) => {
                 let pod = seen.name_any();
                 if let Some(why) = why {
@@ -276,6 +273,26 @@ pub(super) async fn delete_pod(
     Ok(deleted)
 }
 
+/// Starts `pod`'s drain (`false`: it is gone, or another pod has its name now).
+async fn drain_pod(api: &Api<Pod>, pod: &Pod, now: jiff::Timestamp) -> Result<bool, kube::Error> {
+    let patch = drain_patch(pod, now);
+    match api
+        .patch(
+            &pod.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await
+    {
+        Ok(_) => Ok(true),
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(false),
+        Err(kube::Error::Api(e)) if e.code == 409 && e.message.contains("Precondition failed") => {
+            Ok(false)
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// On deletion: drain every replica, delete each once it is empty, then let the
 /// finalizer go (the owner references then collect the Service).
 pub(super) async fn cleanup(d: &InferenceDeployment, ctx: &Context) -> Result<Action, Error> {
@@ -288,13 +305,9 @@ pub(super) async fn cleanup(d: &InferenceDeployment, ctx: &Context) -> Result<Ac
         if pod.metadata.deletion_timestamp.is_some() {
             continue;
         }
-        let name = pod.name_any();
         let serving = pod.labels().get(LABEL_SERVING).map(String::as_str) != Some("false");
         if serving && is_ready(pod) {
-            let patch = drain_patch(now);
-            pods_api
-                .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
-                .await?;
+            drain_pod(&pods_api, pod, now).await?;
             continue;
         }
         let load = match worker_url(pod, d.spec.worker.port) {

@@ -56,7 +56,8 @@ pub(super) struct WindowStart {
 /// One API step of a pass.
 pub(super) enum Todo {
     Create(u32, PodPlacement, Version),
-    Drain(u32),
+    /// The replica's pod as this pass saw it (drained by UID, as it is deleted).
+    Drain(Arc<Pod>),
     /// The replica's pod as this pass saw it, and why it failed (if it did).
     Delete(Arc<Pod>, Option<String>),
 }
@@ -280,7 +281,11 @@ pub(super) fn decide(
                 created.push(p.clone());
                 todo.push(Todo::Create(index, p, version));
             }
-            Step::Drain(index) => todo.push(Todo::Drain(index)),
+            Step::Drain(index) => {
+                if let Some(s) = world.seen.iter().find(|s| s.index == index) {
+                    todo.push(Todo::Drain(s.pod.clone()));
+                }
+            }
             // The pod seen, not its name: it is deleted by UID (`act::delete_pod`).
             Step::Delete(index) => {
                 if let Some(s) = world.seen.iter().find(|s| s.index == index) {

@@ -759,9 +759,12 @@ pub fn index_of(pod: &Pod) -> Option<u32> {
     pod.labels().get(LABEL_REPLICA)?.parse().ok()
 }
 
-/// The merge patch that starts a drain: out of the Service, with the time it began.
-pub fn drain_patch(now: jiff::Timestamp) -> serde_json::Value {
+/// The merge patch that starts `pod`'s drain: out of the Service, with the time it
+/// began. Its UID is in the patch, a precondition (the API refuses the patch with 409
+/// where another pod now has the name), as the kubelet's status patches carry theirs.
+pub fn drain_patch(pod: &Pod, now: jiff::Timestamp) -> serde_json::Value {
     serde_json::json!({"metadata": {
+        "uid": pod.uid(),
         "labels": {LABEL_SERVING: "false"},
         "annotations": {ANNOTATION_DRAINING_SINCE: now.to_string()},
     }})

@@ -752,6 +752,10 @@ async fn scale_down_drains_first_and_deletes_only_when_empty() {
         log.requests[0].body["metadata"]["labels"][LABEL_SERVING], "false",
         "taken out of the Service"
     );
+    assert_eq!(
+        log.requests[0].body["metadata"]["uid"], "pod-1",
+        "that pod only (its UID a precondition)"
+    );
 
     // Next pass: still one request in flight: nothing deleted. Then empty: deleted.
     for (in_flight, deletes) in [(1.0, false), (0.0, true)] {

@@ -604,6 +604,23 @@ fn bind(
     let mut store = shared.lock();
     let r = store.resource("", "pods").expect("pods are built in");
     let mut pod = store.get(&r, ns, name)?;
+    // The binding's UID is the pod's, as kube-scheduler's binder sends it: a binding
+    // decided for a pod since deleted never assigns another of the same name.
+    if let Some(uid) = binding["metadata"]["uid"]
+        .as_str()
+        .filter(|u| !u.is_empty())
+    {
+        if pod["metadata"]["uid"] != uid {
+            return Err(ApiError::new(
+                409,
+                "Conflict",
+                format!(
+                    "Operation cannot be fulfilled on pods/binding \"{name}\": Precondition failed: UID in precondition: {uid}, UID in object meta: {}",
+                    pod["metadata"]["uid"].as_str().unwrap_or_default()
+                ),
+            ));
+        }
+    }
     if let Some(have) = pod["spec"]["nodeName"].as_str().filter(|n| !n.is_empty()) {
         return Err(ApiError::new(
             409,

@@ -576,6 +576,23 @@ impl Store {
                 ));
             }
         }
+        // A UID in the object is a precondition: the kubelet puts its pod's UID in each
+        // status patch "to ensure it appears in the patch as a precondition"
+        // (kubernetes `pkg/util/pod/pod.go`, `PatchPodStatus`), so that a write meant
+        // for one pod never lands on a newer one of the same name.
+        if let Some(uid) = meta_str(&obj, "uid").filter(|u| !u.is_empty()) {
+            let have = meta_str(&old, "uid").unwrap_or_default();
+            if uid != have {
+                return Err(ApiError::new(
+                    409,
+                    "Conflict",
+                    format!(
+                        "Operation cannot be fulfilled on {} \"{name}\": Precondition failed: UID in precondition: {uid}, UID in object meta: {have}",
+                        plural_group(r)
+                    ),
+                ));
+            }
+        }
         if meta_str(&obj, "name").is_some_and(|n| n != name) {
             return Err(ApiError::bad_request(format!(
                 "the name of the object ({}) does not match the name on the URL ({name})",
