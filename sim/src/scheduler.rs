@@ -288,7 +288,7 @@ async fn schedule_loop(client: Client, pods: Store<Pod>, nodes: Store<Node>, dra
                         ),
                         ..PodCondition::default()
                     };
-                    // The UID as a precondition (see `kubelet::stopped`).
+                    // The UID as a precondition, as the binding's (see `Store::update`).
                     let patch = json!({"metadata": {"uid": pod.uid()},
                         "status": {"conditions": [cond]}});
                     if api

@@ -263,10 +263,7 @@ pub(super) async fn delete_pod(
     };
     let deleted = match api.delete(&name, &params).await {
         Ok(_) => true,
-        Err(kube::Error::Api(e)) if e.code == 404 => false,
-        Err(kube::Error::Api(e)) if e.code == 409 && e.message.contains("Precondition failed") => {
-            false
-        }
+        Err(e) if gone(&e) => false,
         Err(e) => return Err(e),
     };
     ctx.cache.forget_created(&ns, &name);
@@ -285,12 +282,16 @@ async fn drain_pod(api: &Api<Pod>, pod: &Pod, now: jiff::Timestamp) -> Result<bo
         .await
     {
         Ok(_) => Ok(true),
-        Err(kube::Error::Api(e)) if e.code == 404 => Ok(false),
-        Err(kube::Error::Api(e)) if e.code == 409 && e.message.contains("Precondition failed") => {
-            Ok(false)
-        }
+        Err(e) if gone(&e) => Ok(false),
         Err(e) => Err(e),
     }
+}
+
+/// Whether the API's answer to a write that named a pod's UID says that pod is gone:
+/// not found, or another pod has its name now (the UID precondition failed, 409).
+fn gone(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(e) if e.code == 404
+        || (e.code == 409 && e.message.contains("Precondition failed")))
 }
 
 /// On deletion: drain every replica, delete each once it is empty, then let the

@@ -348,11 +348,11 @@ impl Cache {
         };
         let mut pods = self.pods.state();
         if !expected.is_empty() {
-            let replaced: HashMap<(String, String), Option<String>> = expected
+            let by_name: HashMap<(String, String), &Pod> = expected
                 .iter()
-                .map(|p| ((p.namespace().unwrap_or_default(), p.name_any()), p.uid()))
+                .map(|p| ((p.namespace().unwrap_or_default(), p.name_any()), &**p))
                 .collect();
-            pods.retain(|s| !superseded(s, &replaced));
+            pods.retain(|s| !superseded(s, &by_name));
         }
         pods.extend(expected);
         pods
@@ -495,14 +495,12 @@ impl Cache {
 }
 
 /// Whether the store's pod `s` is an earlier pod of the name of one this operator
-/// created since (`expected`, by name, with UIDs). A create succeeds only where the name
+/// created since (`expected`, by name; [`same_pod`] is the rule `owned` applies too). A create succeeds only where the name
 /// is free, so that earlier pod was gone from the API by then and the store has yet to
 /// hear of it: it holds no GPU, and the new one does.
-fn superseded(s: &Pod, expected: &HashMap<(String, String), Option<String>>) -> bool {
+fn superseded(s: &Pod, expected: &HashMap<(String, String), &Pod>) -> bool {
     let k = (s.namespace().unwrap_or_default(), s.name_any());
-    expected
-        .get(&k)
-        .is_some_and(|uid| uid.is_some() && *uid != s.uid())
+    expected.get(&k).is_some_and(|p| !same_pod(s, p))
 }
 
 /// Whether the store's pod `s` is the expected pod `p` (of the same name): the same

@@ -247,8 +247,7 @@ async fn probe(
 /// Deletes `d`'s probe pods: called once status holds what they found (a probe
 /// deleted first would be lost to an operator that stops between the two writes).
 pub(super) async fn remove_probes(d: &InferenceDeployment, ctx: &Context) -> Result<(), Error> {
-    let ns = d.namespace().unwrap_or_default();
-    let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &d.namespace().unwrap_or_default());
     for pod in ctx
         .cache
         .owned(&d.uid().unwrap_or_default())

@@ -16,7 +16,10 @@ use super::openapi;
 use super::patch;
 use super::resources::Resource;
 use super::selector::{FieldSelector, LabelSelector};
-use super::store::{set_path, ApiError, Change, DeleteOptions, Event, Part, Store, WriteOptions};
+use super::store::{
+    precondition_failed, set_path, ApiError, Change, DeleteOptions, Event, Part, Store,
+    WriteOptions,
+};
 use super::table::{json_path, table, wants_table};
 use gpuscale_crds::validate::FieldValidation;
 
@@ -610,15 +613,9 @@ fn bind(
         .as_str()
         .filter(|u| !u.is_empty())
     {
-        if pod["metadata"]["uid"] != uid {
-            return Err(ApiError::new(
-                409,
-                "Conflict",
-                format!(
-                    "Operation cannot be fulfilled on pods/binding \"{name}\": Precondition failed: UID in precondition: {uid}, UID in object meta: {}",
-                    pod["metadata"]["uid"].as_str().unwrap_or_default()
-                ),
-            ));
+        let have = pod["metadata"]["uid"].as_str().unwrap_or_default();
+        if uid != have {
+            return Err(precondition_failed("pods/binding", name, "UID", uid, have));
         }
     }
     if let Some(have) = pod["spec"]["nodeName"].as_str().filter(|n| !n.is_empty()) {

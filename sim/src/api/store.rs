@@ -165,28 +165,45 @@ impl DeleteOptions {
     /// controller deletes the pod it saw and not a newer one of the same name.
     fn check(&self, kind: &str, name: &str, obj: &Value) -> Result<(), ApiError> {
         let meta = &obj["metadata"];
-        let failed = |what: &str, want: &str, have: &Value| {
-            ApiError::new(
-                409,
-                "Conflict",
-                format!(
-                    "Operation cannot be fulfilled on {kind} \"{name}\": Precondition failed: {what} in precondition: {want}, {what} in object meta: {}",
-                    have.as_str().unwrap_or_default()
-                ),
-            )
-        };
-        if let Some(uid) = self.uid.as_deref().filter(|u| meta["uid"] != *u) {
-            return Err(failed("UID", uid, &meta["uid"]));
+        let have = |k: &str| meta[k].as_str().unwrap_or_default();
+        if let Some(uid) = self.uid.as_deref().filter(|u| *u != have("uid")) {
+            return Err(precondition_failed(kind, name, "UID", uid, have("uid")));
         }
         if let Some(rv) = self
             .resource_version
             .as_deref()
-            .filter(|v| meta["resourceVersion"] != *v)
+            .filter(|v| *v != have("resourceVersion"))
         {
-            return Err(failed("ResourceVersion", rv, &meta["resourceVersion"]));
+            let rv_now = have("resourceVersion");
+            return Err(precondition_failed(
+                kind,
+                name,
+                "ResourceVersion",
+                rv,
+                rv_now,
+            ));
         }
         Ok(())
     }
+}
+
+/// The 409 of a failed precondition (a delete's `preconditions`, or the UID a write
+/// carries), worded as apimachinery's `storage.Preconditions.Check`; `target` is what
+/// the request named (`pods`, `pods/binding`, `<plural>.<group>`).
+pub(super) fn precondition_failed(
+    target: &str,
+    name: &str,
+    what: &str,
+    want: &str,
+    have: &str,
+) -> ApiError {
+    ApiError::new(
+        409,
+        "Conflict",
+        format!(
+            "Operation cannot be fulfilled on {target} \"{name}\": Precondition failed: {what} in precondition: {want}, {what} in object meta: {have}"
+        ),
+    )
 }
 
 type Key = (String, String);
@@ -583,14 +600,8 @@ impl Store {
         if let Some(uid) = meta_str(&obj, "uid").filter(|u| !u.is_empty()) {
             let have = meta_str(&old, "uid").unwrap_or_default();
             if uid != have {
-                return Err(ApiError::new(
-                    409,
-                    "Conflict",
-                    format!(
-                        "Operation cannot be fulfilled on {} \"{name}\": Precondition failed: UID in precondition: {uid}, UID in object meta: {have}",
-                        plural_group(r)
-                    ),
-                ));
+                let target = plural_group(r);
+                return Err(precondition_failed(&target, name, "UID", uid, have));
             }
         }
         if meta_str(&obj, "name").is_some_and(|n| n != name) {
