@@ -493,6 +493,132 @@ async fn a_delete_with_preconditions_spares_another_object_of_the_same_name() {
     assert!(api.get_opt("x").await.unwrap().is_none());
 }
 
+/// `propagationPolicy` does what the garbage collection page says
+/// (<https://kubernetes.io/docs/concepts/architecture/garbage-collection/#cascading-deletion>):
+/// Foreground keeps the owner, marked deleted and held by `foregroundDeletion`, until
+/// the dependents with `blockOwnerDeletion: true` are gone; Orphan keeps the
+/// dependents and removes their reference to the owner; another value is refused (422),
+/// as `ValidateDeleteOptions` refuses it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn foreground_deletion_waits_for_blocking_dependents_and_orphan_keeps_them() {
+    use k8s_openapi::api::core::v1::Service;
+    use kube::api::{DeleteParams, PostParams};
+    use kube::ResourceExt;
+    let cluster = bare_cluster("propagation").await;
+    let api: Api<Service> = Api::namespaced(cluster.client(), "default");
+    let make = |name: &str, meta: serde_json::Value| {
+        let api = api.clone();
+        let mut m = meta;
+        m["name"] = json!(name);
+        async move {
+            let svc: Service =
+                serde_json::from_value(json!({"metadata": m, "spec": {"ports": [{"port": 80}]}}))
+                    .unwrap();
+            api.create(&PostParams::default(), &svc).await.unwrap()
+        }
+    };
+    let owner_ref = |o: &Service, block: bool| {
+        json!([{"apiVersion": "v1", "kind": "Service", "name": o.name_any(),
+                "uid": o.uid().unwrap(), "blockOwnerDeletion": block}])
+    };
+
+    let owner = make("owner", json!({})).await;
+    // A blocking dependent that a finalizer keeps a while after it is deleted, and one
+    // that does not block.
+    make(
+        "blocker",
+        json!({"ownerReferences": owner_ref(&owner, true), "finalizers": ["example.com/hold"]}),
+    )
+    .await;
+    make(
+        "plain",
+        json!({"ownerReferences": owner_ref(&owner, false)}),
+    )
+    .await;
+
+    let marked = api
+        .delete("owner", &DeleteParams::foreground())
+        .await
+        .unwrap()
+        .left()
+        .expect("the owner is kept while it waits");
+    assert!(marked.metadata.deletion_timestamp.is_some());
+    assert_eq!(marked.finalizers(), ["foregroundDeletion"]);
+    assert!(
+        api.get_opt("plain").await.unwrap().is_none(),
+        "dependents go first"
+    );
+    let blocker = api.get("blocker").await.unwrap();
+    assert!(
+        blocker.metadata.deletion_timestamp.is_some(),
+        "deleted, held by its finalizer"
+    );
+    assert_eq!(
+        api.get("owner").await.unwrap().finalizers(),
+        ["foregroundDeletion"],
+        "the owner waits for its blocking dependent"
+    );
+    let late = api
+        .patch(
+            "owner",
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"metadata": {"finalizers": ["foregroundDeletion", "example.com/late"]}}),
+            ),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&late, kube::Error::Api(e) if e.code == 422
+            && e.message.contains("no new finalizers can be added if the object is being deleted")),
+        "{late}"
+    );
+    api.patch(
+        "blocker",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"finalizers": null}})),
+    )
+    .await
+    .unwrap();
+    assert!(api.get_opt("blocker").await.unwrap().is_none());
+    assert!(
+        api.get_opt("owner").await.unwrap().is_none(),
+        "with its blocking dependent gone, the owner goes"
+    );
+
+    let owner = make("owner2", json!({})).await;
+    make("kept", json!({"ownerReferences": owner_ref(&owner, true)})).await;
+    api.delete("owner2", &DeleteParams::orphan()).await.unwrap();
+    assert!(api.get_opt("owner2").await.unwrap().is_none());
+    let kept = api.get("kept").await.unwrap();
+    assert!(kept.metadata.deletion_timestamp.is_none(), "{kept:?}");
+    assert!(kept.owner_references().is_empty(), "{kept:?}");
+
+    let r = reqwest::Client::new()
+        .delete(format!(
+            "{}/api/v1/namespaces/default/services/kept",
+            cluster.url()
+        ))
+        .header("content-type", "application/json")
+        .body(r#"{"propagationPolicy": "Sometimes"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 422);
+    let status: serde_json::Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+    assert!(
+        status["message"]
+            .as_str()
+            .unwrap()
+            .contains(r#"propagationPolicy: Unsupported value: "Sometimes""#),
+        "{status}"
+    );
+    assert!(
+        api.get_opt("kept").await.unwrap().is_some(),
+        "a refused delete deletes nothing"
+    );
+}
+
 /// Writes that carry a UID are refused (409) when it is not the object's, as the
 /// kubelet's status patches and kube-scheduler's bindings carry it: a status or a
 /// binding decided for a pod since deleted never lands on a new pod of its name.

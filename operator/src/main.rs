@@ -70,6 +70,12 @@ enum Command {
         /// Seconds between passes over each deployment (and worker scrapes).
         #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=300))]
         scrape_interval_seconds: u64,
+        /// Passes that run at once, over all deployments (a deployment never has two).
+        /// Passes beyond it wait their turn in the controller's queue, which costs an
+        /// entry, not a pass's memory and its queued scrapes.
+        #[arg(long, default_value_t = gpuscale_operator::reconcile::DEFAULT_CONCURRENT_PASSES,
+              value_parser = clap::value_parser!(u16).range(1..=4096))]
+        concurrent_passes: u16,
         /// Seconds a draining replica may take before it is deleted anyway.
         #[arg(long, default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..=86400))]
         drain_timeout_seconds: u64,
@@ -403,6 +409,7 @@ fn main() -> anyhow::Result<ExitCode> {
             identity,
             lease_duration_seconds,
             scrape_interval_seconds,
+            concurrent_passes,
             drain_timeout_seconds,
             tolerations,
             runtime_class_name,
@@ -433,6 +440,7 @@ fn main() -> anyhow::Result<ExitCode> {
                 worker_image,
                 image_pull_secrets,
                 scrape_interval: Duration::from_secs(scrape_interval_seconds),
+                concurrent_passes,
                 drain_timeout: Duration::from_secs(drain_timeout_seconds),
                 scheduling: Scheduling {
                     tolerations,

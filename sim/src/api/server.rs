@@ -17,8 +17,8 @@ use super::patch;
 use super::resources::Resource;
 use super::selector::{FieldSelector, LabelSelector};
 use super::store::{
-    precondition_failed, set_path, ApiError, Change, DeleteOptions, Event, Part, Store,
-    WriteOptions,
+    precondition_failed, set_path, ApiError, Change, DeleteOptions, Event, Part, Propagation,
+    Store, WriteOptions,
 };
 use super::table::{json_path, table, wants_table};
 use gpuscale_crds::validate::FieldValidation;
@@ -481,25 +481,25 @@ async fn resource(
                 .map(ok)
             }
         }
-        (Method::DELETE, Some(name), None) => {
-            let opts = delete_options(&query, &body);
-            shared.lock().delete(&r, &ns, name, &opts).map(ok)
-        }
-        (Method::DELETE, None, None) => checked_selector(&query).map(|(labels, fields)| {
-            let opts = delete_options(&query, &body);
-            let mut store = shared.lock();
-            let victims = store.list(&r, t.namespace.as_deref(), &labels, &fields);
-            for o in &victims {
-                let name = o["metadata"]["name"].as_str().unwrap_or_default();
-                let ons = o["metadata"]["namespace"].as_str().unwrap_or_default();
-                // An object gone meanwhile is no failure of the collection delete.
-                let _ = store.delete(&r, ons, name, &opts);
-            }
-            ok(
-                json!({"kind": format!("{}List", r.kind), "apiVersion": r.api_version(),
+        (Method::DELETE, Some(name), None) => delete_options(&query, &body)
+            .and_then(|opts| shared.lock().delete(&r, &ns, name, &opts))
+            .map(ok),
+        (Method::DELETE, None, None) => checked_selector(&query)
+            .and_then(|sel| Ok((sel, delete_options(&query, &body)?)))
+            .map(|((labels, fields), opts)| {
+                let mut store = shared.lock();
+                let victims = store.list(&r, t.namespace.as_deref(), &labels, &fields);
+                for o in &victims {
+                    let name = o["metadata"]["name"].as_str().unwrap_or_default();
+                    let ons = o["metadata"]["namespace"].as_str().unwrap_or_default();
+                    // An object gone meanwhile is no failure of the collection delete.
+                    let _ = store.delete(&r, ons, name, &opts);
+                }
+                ok(
+                    json!({"kind": format!("{}List", r.kind), "apiVersion": r.api_version(),
                       "metadata": {}, "items": victims}),
-            )
-        }),
+                )
+            }),
         _ => Err(ApiError::new(
             405,
             "MethodNotAllowed",
@@ -546,7 +546,7 @@ fn list(store: &Store, t: &Target, q: &Query, table_out: bool) -> Result<Value, 
     )
 }
 
-fn delete_options(q: &Query, body: &Value) -> DeleteOptions {
+fn delete_options(q: &Query, body: &Value) -> Result<DeleteOptions, ApiError> {
     let grace = q
         .get("gracePeriodSeconds")
         .and_then(|g| g.parse().ok())
@@ -555,9 +555,9 @@ fn delete_options(q: &Query, body: &Value) -> DeleteOptions {
         .get("propagationPolicy")
         .cloned()
         .or(body["propagationPolicy"].as_str().map(String::from));
-    DeleteOptions {
+    Ok(DeleteOptions {
         grace_seconds: grace,
-        orphan: policy.as_deref() == Some("Orphan"),
+        propagation: Propagation::parse(policy.as_deref())?,
         dry_run: q.get("dryRun").is_some_and(|d| d == "All")
             || body["dryRun"]
                 .as_array()
@@ -566,7 +566,7 @@ fn delete_options(q: &Query, body: &Value) -> DeleteOptions {
         resource_version: body["preconditions"]["resourceVersion"]
             .as_str()
             .map(String::from),
-    }
+    })
 }
 
 /// The `autoscaling/v1` Scale of `obj`.

@@ -50,7 +50,7 @@ impl ApiError {
         Self::new(400, "BadRequest", message)
     }
 
-    fn invalid(message: impl Into<String>) -> Self {
+    pub(super) fn invalid(message: impl Into<String>) -> Self {
         Self::new(422, "Invalid", message)
     }
 
@@ -145,11 +145,40 @@ impl WriteOptions {
     }
 }
 
+/// What a delete does to the object's dependents, its `propagationPolicy`
+/// (<https://kubernetes.io/docs/concepts/architecture/garbage-collection/#cascading-deletion>).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Propagation {
+    /// The object goes at once; the garbage collector deletes its dependents after.
+    #[default]
+    Background,
+    /// The object stays, marked deleted and held by the `foregroundDeletion`
+    /// finalizer, until every dependent with `blockOwnerDeletion: true` is gone.
+    Foreground,
+    /// The dependents stay, with their owner reference to this object removed.
+    Orphan,
+}
+
+impl Propagation {
+    /// A request's `propagationPolicy` (none: Background, the default of every resource
+    /// here), refused as the API server's `ValidateDeleteOptions` refuses another value.
+    pub fn parse(policy: Option<&str>) -> Result<Propagation, ApiError> {
+        match policy {
+            None | Some("Background") => Ok(Propagation::Background),
+            Some("Foreground") => Ok(Propagation::Foreground),
+            Some("Orphan") => Ok(Propagation::Orphan),
+            Some(other) => Err(ApiError::invalid(format!(
+                "DeleteOptions.meta.k8s.io \"\" is invalid: propagationPolicy: Unsupported value: \"{other}\": supported values: \"Foreground\", \"Background\", \"Orphan\", \"nil\""
+            ))),
+        }
+    }
+}
+
 /// Options of a delete.
 #[derive(Debug, Default)]
 pub struct DeleteOptions {
     pub grace_seconds: Option<i64>,
-    pub orphan: bool,
+    pub propagation: Propagation,
     pub dry_run: bool,
     /// `preconditions.uid`: delete only the object with this UID.
     pub uid: Option<String>,
@@ -219,7 +248,19 @@ pub struct Store {
     objects: BTreeMap<Key, BTreeMap<Key, Value>>,
     history: VecDeque<Arc<Event>>,
     tx: broadcast::Sender<Arc<Event>>,
+    /// Objects deleted in the foreground that wait for their blocking dependents.
+    foreground: Vec<Waiting>,
 }
+
+/// An object deleted in the foreground, by UID.
+struct Waiting {
+    uid: Value,
+    resource: Resource,
+    key: Key,
+}
+
+/// The finalizer a foreground delete holds its object with.
+const FOREGROUND_DELETION: &str = "foregroundDeletion";
 
 use crate::now_rfc3339 as now;
 
@@ -260,6 +301,7 @@ impl Default for Store {
             objects: BTreeMap::new(),
             history: VecDeque::new(),
             tx,
+            foreground: Vec::new(),
         };
         let ns = s
             .resource("", "namespaces")
@@ -657,6 +699,7 @@ impl Store {
         }
         if part == Part::Main {
             builtin_checks(r, name, &new, Some(&old))?;
+            no_new_finalizers_once_deleted(r, name, &new, &old)?;
         }
         Self::admit(r, name, &mut new, Some(&old), opts)?;
         let generation = old["metadata"]["generation"].as_i64().unwrap_or(1);
@@ -682,7 +725,7 @@ impl Store {
         self.store(r, ns, name, new.clone());
         self.record(Change::Modified, r, new.clone(), Some(old));
         if finalized {
-            self.remove(r, ns, name, false);
+            self.remove(r, ns, name, Propagation::Background);
         }
         Ok(new)
     }
@@ -694,8 +737,8 @@ impl Store {
             .insert((ns.to_string(), name.to_string()), obj);
     }
 
-    /// Deletes an object: at once, or (finalizers, or a pod its kubelet must stop first)
-    /// by marking it with a deletionTimestamp.
+    /// Deletes an object: at once, or (finalizers, a foreground delete, or a pod its
+    /// kubelet must stop first) by marking it with a deletionTimestamp.
     pub fn delete(
         &mut self,
         r: &Resource,
@@ -723,10 +766,17 @@ impl Store {
         if opts.dry_run {
             return Ok(old);
         }
-        if has_finalizers || graceful {
+        let foreground = opts.propagation == Propagation::Foreground;
+        if has_finalizers || graceful || foreground {
             if old["metadata"].get("deletionTimestamp").is_some() {
                 if !graceful && !has_finalizers {
-                    self.remove(r, ns, name, opts.orphan);
+                    self.remove(r, ns, name, opts.propagation);
+                } else if !graceful && awaits_kubelet(r, &old) {
+                    // A grace period can only be shortened: a pod with finalizers
+                    // that its kubelet has stopped goes once they are removed.
+                    let mut new = old.clone();
+                    new["metadata"]["deletionGracePeriodSeconds"] = json!(0);
+                    return Ok(self.replace(r, ns, name, new, old));
                 }
                 return Ok(old);
             }
@@ -735,17 +785,104 @@ impl Store {
             if graceful {
                 new["metadata"]["deletionGracePeriodSeconds"] = json!(grace);
             }
-            new["metadata"]["resourceVersion"] = json!(self.next_rv());
-            self.store(r, ns, name, new.clone());
-            self.record(Change::Modified, r, new.clone(), Some(old));
+            if foreground {
+                let finalizers = &mut new["metadata"]["finalizers"];
+                if !finalizers.is_array() {
+                    *finalizers = json!([]);
+                }
+                if let Some(list) = finalizers.as_array_mut() {
+                    list.push(json!(FOREGROUND_DELETION));
+                }
+            }
+            let new = self.replace(r, ns, name, new, old);
+            if foreground {
+                // The garbage collector's part: the dependents go first, then the
+                // object, once none that blocks it is left.
+                let uid = new["metadata"]["uid"].clone();
+                self.foreground.push(Waiting {
+                    uid: uid.clone(),
+                    resource: r.clone(),
+                    key: (ns.to_string(), name.to_string()),
+                });
+                for (res, (dns, dname)) in self.dependents(&uid) {
+                    let _ = self.delete(&res, &dns, &dname, &DeleteOptions::default());
+                }
+                self.release(&uid);
+            }
             return Ok(new);
         }
-        Ok(self.remove(r, ns, name, opts.orphan).unwrap_or(old))
+        Ok(self.remove(r, ns, name, opts.propagation).unwrap_or(old))
     }
 
-    /// Removes an object for good, then what it owned (background propagation), and for
-    /// a Node the pods bound to it (the pod garbage collector's job).
-    fn remove(&mut self, r: &Resource, ns: &str, name: &str, orphan: bool) -> Option<Value> {
+    /// Stores `new` in place of `old` at a new resourceVersion, with its event.
+    fn replace(&mut self, r: &Resource, ns: &str, name: &str, mut new: Value, old: Value) -> Value {
+        new["metadata"]["resourceVersion"] = json!(self.next_rv());
+        self.store(r, ns, name, new.clone());
+        self.record(Change::Modified, r, new.clone(), Some(old));
+        new
+    }
+
+    /// The objects with an owner reference to `uid`.
+    fn dependents(&self, uid: &Value) -> Vec<(Resource, Key)> {
+        self.resources
+            .iter()
+            .flat_map(|res| {
+                self.bucket(res)
+                    .into_iter()
+                    .flat_map(|b| b.iter())
+                    .filter(|(_, o)| owner_ref(o, uid).is_some())
+                    .map(|(k, _)| (res.clone(), k.clone()))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    /// Ends the foreground delete of `uid` once no dependent with `blockOwnerDeletion:
+    /// true` is left: "Once the garbage collector has deleted all 'blocking'
+    /// dependents, it deletes the owner object" (the page cited at `Propagation`). Its
+    /// `foregroundDeletion` finalizer goes; with no other finalizer, so does it.
+    fn release(&mut self, uid: &Value) {
+        let Some(at) = self.foreground.iter().position(|w| w.uid == *uid) else {
+            return;
+        };
+        let blocked = self.dependents(uid).iter().any(|(res, (dns, dname))| {
+            self.get(res, dns, dname).is_ok_and(|o| {
+                owner_ref(&o, uid).is_some_and(|x| x["blockOwnerDeletion"] == json!(true))
+            })
+        });
+        if blocked {
+            return;
+        }
+        let Waiting { resource, key, .. } = self.foreground.swap_remove(at);
+        let Ok(old) = self.get(&resource, &key.0, &key.1) else {
+            return;
+        };
+        let mut new = old.clone();
+        if let Some(list) = new["metadata"]["finalizers"].as_array_mut() {
+            list.retain(|f| f != FOREGROUND_DELETION);
+        }
+        let done = new["metadata"]["finalizers"]
+            .as_array()
+            .is_none_or(Vec::is_empty)
+            && !awaits_kubelet(&resource, &new);
+        self.replace(&resource, &key.0, &key.1, new, old);
+        if done {
+            self.remove(&resource, &key.0, &key.1, Propagation::Background);
+        }
+    }
+
+    /// Removes an object for good, then what it owned (background propagation; with
+    /// Orphan, their references to it go instead, as the `orphan` finalizer's garbage
+    /// collection does), and for a Node the pods bound to it (the pod garbage
+    /// collector's job). An owner deleted in the foreground that this object blocked
+    /// may go with it.
+    fn remove(
+        &mut self,
+        r: &Resource,
+        ns: &str,
+        name: &str,
+        propagation: Propagation,
+    ) -> Option<Value> {
         let mut obj = self
             .objects
             .get_mut(&(r.group.clone(), r.plural.clone()))?
@@ -765,25 +902,24 @@ impl Store {
                 .retain(|o| !(o.group == group && o.plural == plural));
             self.objects.remove(&(group, plural));
         }
-        if !orphan {
-            let uid = obj["metadata"]["uid"].clone();
-            let dependents: Vec<(Resource, Key)> = self
-                .resources
-                .iter()
-                .flat_map(|res| {
-                    self.bucket(res)
-                        .into_iter()
-                        .flat_map(|b| b.iter())
-                        .filter(|(_, o)| {
-                            o["metadata"]["ownerReferences"]
-                                .as_array()
-                                .is_some_and(|refs| refs.iter().any(|x| x["uid"] == uid))
-                        })
-                        .map(|(k, _)| (res.clone(), k.clone()))
-                        .collect::<Vec<_>>()
-                })
-                .collect();
-            for (res, (dns, dname)) in dependents {
+        let uid = obj["metadata"]["uid"].clone();
+        self.foreground.retain(|w| w.uid != uid);
+        for (res, (dns, dname)) in self.dependents(&uid) {
+            if propagation == Propagation::Orphan {
+                let Ok(old) = self.get(&res, &dns, &dname) else {
+                    continue;
+                };
+                let mut new = old.clone();
+                if let Some(refs) = new["metadata"]["ownerReferences"].as_array_mut() {
+                    refs.retain(|x| x["uid"] != uid);
+                    if refs.is_empty() {
+                        if let Some(m) = new["metadata"].as_object_mut() {
+                            m.remove("ownerReferences");
+                        }
+                    }
+                }
+                self.replace(&res, &dns, &dname, new, old);
+            } else {
                 let _ = self.delete(&res, &dns, &dname, &DeleteOptions::default());
             }
         }
@@ -797,11 +933,64 @@ impl Store {
                 .map(|(k, _)| k.clone())
                 .collect();
             for (pns, pname) in bound {
-                self.remove(&pods, &pns, &pname, false);
+                self.remove(&pods, &pns, &pname, Propagation::Background);
+            }
+        }
+        if !self.foreground.is_empty() {
+            let owners: Vec<Value> = obj["metadata"]["ownerReferences"]
+                .as_array()
+                .map(|refs| refs.iter().map(|x| x["uid"].clone()).collect())
+                .unwrap_or_default();
+            for owner in owners {
+                self.release(&owner);
             }
         }
         Some(obj)
     }
+}
+
+/// An object being deleted takes no new finalizer: apimachinery's
+/// `ValidateObjectMetaUpdate` refuses it ("no new finalizers can be added if the object
+/// is being deleted"), so nothing can hold a deleted object longer than the finalizers
+/// it had.
+fn no_new_finalizers_once_deleted(
+    r: &Resource,
+    name: &str,
+    new: &Value,
+    old: &Value,
+) -> Result<(), ApiError> {
+    if old["metadata"].get("deletionTimestamp").is_none() {
+        return Ok(());
+    }
+    let list = |o: &Value| -> Vec<String> {
+        o["metadata"]["finalizers"]
+            .as_array()
+            .map(|f| {
+                f.iter()
+                    .filter_map(|x| x.as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let had = list(old);
+    let added: Vec<String> = list(new).into_iter().filter(|f| !had.contains(f)).collect();
+    if added.is_empty() {
+        return Ok(());
+    }
+    let quoted: Vec<String> = added.iter().map(|f| format!("{f:?}")).collect();
+    Err(ApiError::invalid(format!(
+        "{} \"{name}\" is invalid: metadata.finalizers: Forbidden: no new finalizers can be added if the object is being deleted, found new finalizers []string{{{}}}",
+        r.kind,
+        quoted.join(", ")
+    )))
+}
+
+/// `obj`'s owner reference to `uid`, if it has one.
+fn owner_ref<'a>(obj: &'a Value, uid: &Value) -> Option<&'a Value> {
+    obj["metadata"]["ownerReferences"]
+        .as_array()?
+        .iter()
+        .find(|x| x["uid"] == *uid)
 }
 
 /// The API server's own validation of the built-in kinds the simulator checks: a
