@@ -558,7 +558,17 @@ pub async fn run(cfg: FleetConfig) -> anyhow::Result<FleetReport> {
         let deadline = at + Duration::from_secs(60);
         loop {
             if let Some(t) = created.lock().expect("created").get(&new_pod) {
-                latencies.push(t.saturating_duration_since(at));
+                let took = t.saturating_duration_since(at);
+                if took > Duration::from_secs(1) {
+                    // With the time it was asked, to be found in the operator's log.
+                    eprintln!(
+                        "{name}: pod created {} ms after the change made at {}",
+                        took.as_millis(),
+                        jiff::Timestamp::now()
+                            - jiff::SignedDuration::try_from(at.elapsed()).unwrap_or_default()
+                    );
+                }
+                latencies.push(took);
                 break;
             }
             anyhow::ensure!(

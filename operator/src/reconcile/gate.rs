@@ -15,6 +15,9 @@ use std::sync::{Arc, Mutex};
 use kube::api::DynamicObject;
 use tokio::sync::oneshot;
 
+/// How often a routine pass that waits looks again at whether its deployment changed.
+pub const RECHECK: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// Which queue a pass waits in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Class {
@@ -89,6 +92,30 @@ impl Gate {
         // The sender is only dropped with a place sent, or with the gate; a waiter
         // dropped here drops the place it may have been sent, which gives it back.
         rx.await.expect("a queued waiter is sent a place")
+    }
+
+    /// As `enter`, for a pass whose class can change while it waits (its deployment
+    /// changed after the pass was asked for): `class_now` is asked again every
+    /// [`RECHECK`], and a routine pass that has become a change moves to the change
+    /// queue. (The fleet caught a pass asked for just before a spec change reached the
+    /// operator's store: it waited 3 s in the routine queue with the change to act on.)
+    pub async fn enter_as(&self, mut class_now: impl FnMut() -> Class) -> Place {
+        if class_now() == Class::Change {
+            return self.enter(Class::Change).await;
+        }
+        let routine = self.enter(Class::Routine);
+        tokio::pin!(routine);
+        loop {
+            tokio::select! {
+                place = &mut routine => return place,
+                () = tokio::time::sleep(RECHECK) => {
+                    if class_now() == Class::Change {
+                        // The routine place, if sent meanwhile, goes back when dropped.
+                        return self.enter(Class::Change).await;
+                    }
+                }
+            }
+        }
     }
 
     /// Passes waiting, of each class.
@@ -190,6 +217,42 @@ mod tests {
         assert_eq!(class_of(&obj(3, Some(2), false)), Class::Change);
         assert_eq!(class_of(&obj(1, None, false)), Class::Change, "new");
         assert_eq!(class_of(&obj(2, Some(2), true)), Class::Change, "deleted");
+    }
+
+    #[tokio::test]
+    async fn a_routine_pass_whose_deployment_changes_while_it_waits_goes_first() {
+        let gate = Arc::new(Gate::new(1));
+        let held = gate.enter(Class::Routine).await;
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let changed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut waiters = Vec::new();
+        for name in ["r1", "r2", "late change"] {
+            let (gate, order, changed) = (gate.clone(), order.clone(), changed.clone());
+            waiters.push(tokio::spawn(async move {
+                let class = move || {
+                    if name == "late change" && changed.load(std::sync::atomic::Ordering::SeqCst) {
+                        Class::Change
+                    } else {
+                        Class::Routine
+                    }
+                };
+                let place = gate.enter_as(class).await;
+                order.lock().unwrap().push(name);
+                settle().await;
+                drop(place);
+            }));
+            settle().await;
+        }
+        // The third was asked for as routine; its deployment changes now.
+        changed.store(true, std::sync::atomic::Ordering::SeqCst);
+        tokio::time::sleep(RECHECK * 2).await;
+        drop(held);
+        for w in waiters {
+            w.await.unwrap();
+        }
+        assert_eq!(*order.lock().unwrap(), ["late change", "r1", "r2"]);
+        let again = tokio::time::timeout(Duration::from_millis(200), gate.enter(Class::Routine));
+        assert!(again.await.is_ok(), "no place was lost on the way");
     }
 
     #[tokio::test]

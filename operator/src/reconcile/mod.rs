@@ -563,11 +563,19 @@ pub async fn reconcile(obj: Arc<DynamicObject>, ctx: Arc<Context>) -> Result<Act
         ctx.cache.ready().await;
         // A place among the passes that run at once (`gate`): a changed deployment
         // before the periodic passes, each in the order asked.
-        let _place = ctx.passes.enter(gate::class_of(&obj)).await;
+        let asked = Instant::now();
+        let _place = ctx
+            .passes
+            .enter_as(|| gate::class_of(&ctx.latest(&obj).unwrap_or_else(|| obj.clone())))
+            .await;
         // The deployment as it is now: a spec change made while this pass waited is
         // acted on in this pass, not after one more wait.
         let obj = ctx.latest(&obj).unwrap_or(obj);
         let started = Instant::now();
+        tracing::debug!(
+            waited_ms = started.duration_since(asked).as_millis() as u64,
+            "pass placed"
+        );
         let d = match read(&obj) {
             Ok(d) => Arc::new(pods::with_image(d, &ctx.config)),
             Err(why) => {
