@@ -716,15 +716,8 @@ impl Store {
         if new == old {
             return Ok(new);
         }
-        new["metadata"]["resourceVersion"] = json!(self.next_rv());
-        let finalized = new["metadata"].get("deletionTimestamp").is_some()
-            && new["metadata"]["finalizers"]
-                .as_array()
-                .is_none_or(Vec::is_empty)
-            && !awaits_kubelet(r, &new);
-        self.store(r, ns, name, new.clone());
-        self.record(Change::Modified, r, new.clone(), Some(old));
-        if finalized {
+        let new = self.replace(r, ns, name, new, old);
+        if finalized(r, &new) {
             self.remove(r, ns, name, Propagation::Background);
         }
         Ok(new)
@@ -861,12 +854,8 @@ impl Store {
         if let Some(list) = new["metadata"]["finalizers"].as_array_mut() {
             list.retain(|f| f != FOREGROUND_DELETION);
         }
-        let done = new["metadata"]["finalizers"]
-            .as_array()
-            .is_none_or(Vec::is_empty)
-            && !awaits_kubelet(&resource, &new);
-        self.replace(&resource, &key.0, &key.1, new, old);
-        if done {
+        let new = self.replace(&resource, &key.0, &key.1, new, old);
+        if finalized(&resource, &new) {
             self.remove(&resource, &key.0, &key.1, Propagation::Background);
         }
     }
@@ -1071,6 +1060,16 @@ fn core_event(e: &Value) -> Value {
 }
 
 /// A terminating pod on a live node stays until its kubelet reports it stopped.
+/// Whether a deleted object has nothing left to wait for (no finalizer, no kubelet to
+/// stop it) and goes now.
+fn finalized(r: &Resource, obj: &Value) -> bool {
+    obj["metadata"].get("deletionTimestamp").is_some()
+        && obj["metadata"]["finalizers"]
+            .as_array()
+            .is_none_or(Vec::is_empty)
+        && !awaits_kubelet(r, obj)
+}
+
 fn awaits_kubelet(r: &Resource, obj: &Value) -> bool {
     r.group.is_empty()
         && r.plural == "pods"
