@@ -263,6 +263,9 @@ pub struct Summary {
     pub cut: usize,
     pub p50: Duration,
     pub p99: Duration,
+    /// The errors themselves (when sent, status, latency), so a failed check says
+    /// what went wrong and when.
+    pub failed: Vec<Outcome>,
 }
 
 /// The `q` quantile (0 to 1) of `sorted` (nearest rank; zero when empty).
@@ -278,17 +281,20 @@ pub fn summary(outcomes: &[Outcome]) -> Summary {
     let mut lat: Vec<Duration> = outcomes.iter().map(|o| o.latency).collect();
     lat.sort();
     let pick = |q: f64| percentile(&lat, q);
+    let failed: Vec<Outcome> = outcomes
+        .iter()
+        .filter(|o| o.status != Some(200) || !o.complete)
+        .cloned()
+        .collect();
     Summary {
         requests: outcomes.len(),
-        errors: outcomes
-            .iter()
-            .filter(|o| o.status != Some(200) || !o.complete)
-            .count(),
+        errors: failed.len(),
         cut: outcomes
             .iter()
             .filter(|o| o.status == Some(200) && !o.complete)
             .count(),
         p50: pick(0.5),
         p99: pick(0.99),
+        failed,
     }
 }

@@ -14,7 +14,7 @@ use super::decide::{Decided, Todo};
 use super::observe::World;
 use super::pods::*;
 use super::report::publish;
-use super::{key_of, Context, Error, FIELD_MANAGER};
+use super::{key_of, Context, Drain, Error, FIELD_MANAGER};
 
 /// Act: the decided API steps, in order, then the Service. Returns the replicas created
 /// and the first error (the steps after it are left for the next pass).
@@ -311,12 +311,13 @@ pub(super) async fn cleanup(d: &InferenceDeployment, ctx: &Context) -> Result<Ac
             drain_pod(&pods_api, pod, now).await?;
             continue;
         }
+        let stage = drain_stage(pod, now, ctx.config.drain_timeout);
         let load = match worker_url(pod, d.spec.worker.port) {
-            Some(url) if is_ready(pod) => ctx.scraper.load(&url).await.ok(),
+            Some(url) if is_ready(pod) && stage == Drain::Out => ctx.scraper.load(&url).await.ok(),
             _ => None,
         };
-        let timed_out = drained_for(pod, now).is_some_and(|t| t > ctx.config.drain_timeout);
-        if !is_ready(pod) || timed_out || load.is_some_and(|l| l.in_flight() == 0.0) {
+        if !is_ready(pod) || stage == Drain::TimedOut || load.is_some_and(|l| l.in_flight() == 0.0)
+        {
             delete_pod(ctx, &pods_api, pod, DeleteParams::default()).await?;
         }
     }

@@ -34,7 +34,7 @@ mod tests;
 pub use cache::Cache;
 use cache::Writers;
 pub use model::{declared_need, probe_pod, LABEL_PROBE_OF};
-pub use plan::{plan, Phase, Replica, Step, Targets, Version};
+pub use plan::{plan, Drain, Phase, Replica, Step, Targets, Version};
 
 use act::{act, cleanup};
 use decide::decide;

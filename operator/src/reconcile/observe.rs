@@ -9,7 +9,7 @@ use k8s_openapi::api::core::v1::{Node, Pod, Taint, Toleration};
 use kube::ResourceExt;
 
 use super::pods::{self, *};
-use super::{Context, DeploymentState, Phase};
+use super::{Context, DeploymentState, Drain, Phase};
 use crate::autoscale::Params;
 use crate::inventory::{
     from_gfd_labels, from_gpu_inventory, from_resource_slices, Binding, Inventory,
@@ -136,11 +136,11 @@ pub(super) async fn observe(
             .or_else(|| refused.map(|m| format!("the scheduler cannot place it: {m}")));
         let phase = if pod.metadata.deletion_timestamp.is_some() {
             // Terminating (SIGTERM drain); it only keeps its index until it is gone.
-            Phase::Draining { timed_out: false }
+            Phase::Draining(Drain::Out)
         } else if pod.labels().get(LABEL_SERVING).map(String::as_str) == Some("false") {
-            let drained = drained_for(pod, wall).unwrap_or_default();
-            Phase::Draining {
-                timed_out: drained > ctx.config.drain_timeout || failure.is_some(),
+            match failure {
+                Some(_) => Phase::Draining(Drain::TimedOut),
+                None => Phase::Draining(drain_stage(pod, wall, ctx.config.drain_timeout)),
             }
         } else if failure.is_some() {
             Phase::Failed
@@ -186,7 +186,7 @@ pub(super) async fn observe(
         let url = worker_url(&s.pod, port)?;
         let live = s.pod.metadata.deletion_timestamp.is_none();
         match s.phase {
-            Phase::Ready | Phase::Draining { .. } | Phase::Loading if live => {
+            Phase::Ready | Phase::Draining(_) | Phase::Loading if live => {
                 ctx.scraper.load(&url).await.ok()
             }
             _ => None,

@@ -1,7 +1,8 @@
 //! From the replicas that exist and the count wanted of each version to the steps that
 //! converge them. Pure. Rules:
 //! - failed replicas are deleted (their replacement is a new replica);
-//! - a draining replica is deleted once it holds nothing in flight, or its drain timed out;
+//! - a draining replica is deleted once it is out of every client's endpoint list
+//!   and holds nothing in flight, or once its drain timed out;
 //! - replicas of each version (the stable one, and a rollout's canary) are created up
 //!   to that version's target, canary first, with at most `surge` replicas above the
 //!   desired count in all;
@@ -23,12 +24,23 @@ pub enum Phase {
     /// Serving.
     Ready,
     /// Taken out of the Service, finishing its requests.
-    Draining {
-        /// Whether the drain has run past its timeout.
-        timed_out: bool,
-    },
+    Draining(Drain),
     /// Failed, or its node is gone.
     Failed,
+}
+
+/// How far a drain has gone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Drain {
+    /// Out of the Service too short a time for every client to know: the
+    /// EndpointSlice update and each node's kube-proxy sync follow the label change
+    /// after a delay, and a request sent meanwhile still arrives. Kept, even empty,
+    /// or that request would meet a worker shutting down (503).
+    Leaving,
+    /// Out of every endpoint list: deleted once it holds nothing in flight.
+    Out,
+    /// Past the drain timeout (or failed while draining): deleted now.
+    TimedOut,
 }
 
 /// Which version a replica runs.
@@ -131,7 +143,8 @@ pub fn plan(replicas: &[Replica], t: &Targets) -> Vec<Step> {
     for r in replicas {
         match r.phase {
             Phase::Failed => steps.push(Step::Delete(r.index)),
-            Phase::Draining { timed_out } if timed_out || r.in_flight == Some(0.0) => {
+            Phase::Draining(Drain::TimedOut) => steps.push(Step::Delete(r.index)),
+            Phase::Draining(Drain::Out) if r.in_flight == Some(0.0) => {
                 steps.push(Step::Delete(r.index));
             }
             _ => {}
@@ -442,17 +455,22 @@ mod tests {
     }
 
     #[test]
-    fn a_draining_replica_is_deleted_only_when_empty_or_timed_out() {
-        let busy = r(3, Phase::Draining { timed_out: false }, false, 2.0);
-        let idle = r(4, Phase::Draining { timed_out: false }, false, 0.0);
-        let late = r(5, Phase::Draining { timed_out: true }, false, 2.0);
+    fn a_draining_replica_is_deleted_only_when_out_of_endpoints_and_empty_or_timed_out() {
+        let busy = r(3, Phase::Draining(Drain::Out), false, 2.0);
+        let idle = r(4, Phase::Draining(Drain::Out), false, 0.0);
+        let late = r(5, Phase::Draining(Drain::TimedOut), false, 2.0);
         let unknown = Replica {
             in_flight: None,
             ..busy.clone()
         };
+        // Empty, but clients may not know yet that it left the Service.
+        let leaving = r(6, Phase::Draining(Drain::Leaving), false, 0.0);
         let ready = r(0, Phase::Ready, false, 0.0);
         assert_eq!(
-            plan(&[ready, busy, idle, late, unknown], &Targets::stable(1, 1)),
+            plan(
+                &[ready, busy, idle, late, unknown, leaving],
+                &Targets::stable(1, 1)
+            ),
             vec![Step::Delete(4), Step::Delete(5)]
         );
     }
@@ -524,7 +542,7 @@ mod tests {
         };
         // No room above desired: a stable replica drains first, then the canary starts.
         assert_eq!(plan(&[stable(0), stable(1)], &t), vec![Step::Drain(1)]);
-        let draining = r(1, Phase::Draining { timed_out: false }, false, 1.0);
+        let draining = r(1, Phase::Draining(Drain::Out), false, 1.0);
         assert_eq!(
             plan(&[stable(0), draining], &t),
             vec![Step::Create(2, Version::Canary)]

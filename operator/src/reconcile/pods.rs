@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use gpuscale_crds::InferenceDeployment;
 
-use super::CacheVolume;
+use super::{CacheVolume, Drain};
 use k8s_openapi::api::core::v1::{
     Affinity, Capabilities, Container, ContainerPort, EmptyDirVolumeSource, HTTPGetAction,
     HostPathVolumeSource, LocalObjectReference, NodeAffinity, NodeSelector,
@@ -770,8 +770,30 @@ pub fn drain_patch(pod: &Pod, now: jiff::Timestamp) -> serde_json::Value {
     }})
 }
 
+/// How long a replica stays after it leaves the Service, empty or not, before it is
+/// deleted: the EndpointSlice controller and then every node's kube-proxy learn of
+/// the label change some time later, and clients holding the old list (the router,
+/// the simulator's traffic) send to it until they do. Deleting it sooner sends it
+/// SIGTERM, and the worker answers those requests 503. Kubernetes documents the
+/// delay but not its length ("Pod termination": endpoint removal and the kubelet's
+/// shutdown race; the usual remedy is a preStop sleep of a few seconds). kube-proxy
+/// syncs at most once per `--iptables-min-sync-period` (1 s by default); 5 s covers
+/// that, the EndpointSlice update before it and a client's own refresh.
+pub const ENDPOINTS_SETTLE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// How far the drain of `pod` (out of the Service by its label) has gone at `now`,
+/// with `timeout` as the drain's limit. A pod labelled out by hand, with no start
+/// recorded, has nothing to wait for.
+pub fn drain_stage(pod: &Pod, now: jiff::Timestamp, timeout: std::time::Duration) -> Drain {
+    match drained_for(pod, now) {
+        Some(t) if t > timeout => Drain::TimedOut,
+        Some(t) if t < ENDPOINTS_SETTLE => Drain::Leaving,
+        _ => Drain::Out,
+    }
+}
+
 /// How long the pod has been draining, when it records the start.
-pub fn drained_for(pod: &Pod, now: jiff::Timestamp) -> Option<std::time::Duration> {
+fn drained_for(pod: &Pod, now: jiff::Timestamp) -> Option<std::time::Duration> {
     let since: jiff::Timestamp = pod
         .annotations()
         .get(ANNOTATION_DRAINING_SINCE)?

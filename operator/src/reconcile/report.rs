@@ -86,7 +86,7 @@ pub(super) async fn report(
             let state = match s.phase {
                 Phase::Loading => ReplicaState::Loading,
                 Phase::Ready => ReplicaState::Ready,
-                Phase::Draining { .. } => ReplicaState::Draining,
+                Phase::Draining(_) => ReplicaState::Draining,
                 Phase::Failed => ReplicaState::Failed,
             };
             Some(replica_placement(

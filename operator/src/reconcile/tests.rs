@@ -757,11 +757,20 @@ async fn scale_down_drains_first_and_deletes_only_when_empty() {
         "that pod only (its UID a precondition)"
     );
 
-    // Next pass: still one request in flight: nothing deleted. Then empty: deleted.
-    for (in_flight, deletes) in [(1.0, false), (0.0, true)] {
+    // Later passes: deleted once empty, and only once every client can have dropped
+    // it from its endpoint list (ENDPOINTS_SETTLE after the drain began): an empty
+    // replica deleted sooner would answer 503 to a request sent on the old list.
+    let now = jiff::Timestamp::now();
+    let ago = |s: i64| (now - jiff::SignedDuration::from_secs(s)).to_string();
+    for (in_flight, since, deletes) in [
+        (1.0, ago(60), false),
+        (0.0, ago(1), false),
+        (0.0, ago(6), true),
+    ] {
         let steps = if deletes { vec![delete(1)] } else { vec![] };
         let (client, mock) = Mock::start(pass(&d, steps));
-        let draining = pod(&d, 1, 1, "10.0.0.2", json!({LABEL_SERVING: "false"}));
+        let mut draining = pod(&d, 1, 1, "10.0.0.2", json!({LABEL_SERVING: "false"}));
+        draining["metadata"]["annotations"][ANNOTATION_DRAINING_SINCE] = json!(since);
         let pods = vec![pod(&d, 0, 0, "10.0.0.1", json!({})), draining];
         let ctx = context(
             client,
@@ -774,7 +783,7 @@ async fn scale_down_drains_first_and_deletes_only_when_empty() {
         assert_eq!(
             log.requests.iter().any(|s| s.method == Method::DELETE),
             deletes,
-            "in flight {in_flight}"
+            "in flight {in_flight}, draining since {since}"
         );
     }
 }
