@@ -429,6 +429,51 @@ async fn malformed_requests_get_the_api_server_s_status() {
     assert_eq!(r.status().as_u16(), 413);
     let status: serde_json::Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
     assert_eq!(status["reason"], "RequestEntityTooLarge", "{status}");
+
+    // A body in a media type not decoded here (protobuf, as kubectl's `create service`
+    // sends): 415 naming the types taken, nothing created. YAML is taken, as by the
+    // API server.
+    let services = format!("{url}/api/v1/namespaces/default/services");
+    let r = http
+        .post(&services)
+        .header("content-type", "application/vnd.kubernetes.protobuf")
+        .body(&b"k8s\x00\x0a\x0f"[..])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 415);
+    let status: serde_json::Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+    assert_eq!(status["reason"], "UnsupportedMediaType", "{status}");
+    assert!(
+        status["message"]
+            .as_str()
+            .unwrap()
+            .contains("accepted media types include: application/json, application/yaml"),
+        "{status}"
+    );
+    let r = http
+        .post(&services)
+        .header("content-type", "application/yaml")
+        .body("apiVersion: v1\nkind: Service\nmetadata:\n  name: from-yaml\nspec:\n  ports:\n  - port: 80\n")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 201);
+    let list: serde_json::Value = http
+        .get(&services)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let names: Vec<&str> = list["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|i| i["metadata"]["name"].as_str())
+        .collect();
+    assert_eq!(names, ["from-yaml"], "{list}");
 }
 
 /// A delete with `preconditions` deletes only the object they name, as the API server
@@ -687,4 +732,57 @@ async fn a_status_patch_or_binding_for_an_earlier_pod_of_the_name_is_refused() {
         .await
         .unwrap();
     assert_eq!(ok.status.and_then(|s| s.phase), Some("Running".into()));
+}
+
+/// The scheduler reports a pod it cannot place on that pod, as kube-scheduler does
+/// (`PodScheduled=False`, reason `Unschedulable`), and again on a pod made under the
+/// same name after the first is deleted: another pod, whatever its name (the operator
+/// deletes and makes capacity request pods again under one name).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unschedulable_pod_made_again_under_its_name_is_reported_again() {
+    use k8s_openapi::api::core::v1::Pod;
+    use kube::api::{DeleteParams, PostParams};
+    let cluster = bare_cluster("unschedulable-again").await;
+    let pods: Api<Pod> = Api::namespaced(cluster.client(), "default");
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "nowhere"},
+        "spec": {"containers": [{"name": "c", "image": "busybox"}]},
+    }))
+    .unwrap();
+    let reported = |uid: String| {
+        let pods = pods.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                let p = pods.get("nowhere").await.unwrap();
+                let cond = p
+                    .status
+                    .and_then(|s| s.conditions)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .find(|c| c.type_ == "PodScheduled");
+                if p.metadata.uid.as_deref() == Some(&uid)
+                    && cond.is_some_and(|c| {
+                        c.status == "False" && c.reason.as_deref() == Some("Unschedulable")
+                    })
+                {
+                    return;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "pod {uid} never reported unschedulable"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    let first = pods.create(&PostParams::default(), &pod).await.unwrap();
+    reported(first.metadata.uid.unwrap()).await;
+    // Deleted (a pod on no node goes at once) and made again at once, within one
+    // round of the scheduler.
+    pods.delete("nowhere", &DeleteParams::default())
+        .await
+        .unwrap();
+    let second = pods.create(&PostParams::default(), &pod).await.unwrap();
+    reported(second.metadata.uid.unwrap()).await;
 }

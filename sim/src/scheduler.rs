@@ -146,7 +146,9 @@ async fn schedule_loop(client: Client, pods: Store<Pod>, nodes: Store<Node>, dra
     let _ = dra.pvcs.wait_until_ready().await;
     let _ = dra.pvs.wait_until_ready().await;
     let _ = dra.storage_classes.wait_until_ready().await;
-    // The last message written per pod, so an unchanged refusal is not written again.
+    // The last message written per pod, by UID, so an unchanged refusal is not written
+    // again. Not by name: a pod deleted and made again under its name between two
+    // rounds (a capacity request replaced) is another pod, with no condition yet.
     let mut reported: HashMap<String, String> = HashMap::new();
     // Claims this scheduler allocated, until the store shows the allocation (the
     // scheduler's assume cache).
@@ -195,6 +197,7 @@ async fn schedule_loop(client: Client, pods: Store<Pod>, nodes: Store<Node>, dra
         let slice_refs: Vec<&ResourceSlice> = slices.iter().map(|s| &**s).collect();
         for pod in pending {
             let key = format!("{}/{}", pod.namespace().unwrap_or_default(), pod.name_any());
+            let uid = pod.uid().unwrap_or_default();
             let ns = pod.namespace().unwrap_or_default();
             let api: Api<Pod> = Api::namespaced(client.clone(), &ns);
             // DynamicResources' PreEnqueue: every claim must exist first.
@@ -267,13 +270,13 @@ async fn schedule_loop(client: Client, pods: Store<Pod>, nodes: Store<Node>, dra
                             let mut p = pod.clone();
                             p.spec.get_or_insert_with(Default::default).node_name = Some(node);
                             bound.push(p);
-                            reported.remove(&key);
+                            reported.remove(&uid);
                         }
                         Err(e) => tracing::debug!(pod = %key, error = %e, "binding failed"),
                     }
                 }
                 Err(message) => {
-                    if reported.get(&key) == Some(&message) {
+                    if reported.get(&uid) == Some(&message) {
                         continue;
                     }
                     let cond = PodCondition {
@@ -300,15 +303,12 @@ async fn schedule_loop(client: Client, pods: Store<Pod>, nodes: Store<Node>, dra
                         .await
                         .is_ok()
                     {
-                        reported.insert(key, message);
+                        reported.insert(uid, message);
                     }
                 }
             }
         }
-        reported.retain(|k, _| {
-            all.iter()
-                .any(|p| format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any()) == *k)
-        });
+        reported.retain(|uid, _| all.iter().any(|p| p.uid().as_ref() == Some(uid)));
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }

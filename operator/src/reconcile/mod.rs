@@ -944,6 +944,18 @@ fn slim_pod(pod: &mut Pod) {
     }
 }
 
+/// What the deployment store keeps of an InferenceDeployment: no managed fields (on
+/// a real API server, one entry per writer, each a tree of every field it set: the
+/// operator's status writes alone mirror the whole status) and no copy of the last
+/// `kubectl apply`'s input (`kubectl.kubernetes.io/last-applied-configuration`, the
+/// whole object again as a string). Nothing here reads either, and nothing writes a
+/// stored deployment back whole.
+fn slim_deployment(d: &mut DynamicObject) {
+    d.managed_fields_mut().clear();
+    d.annotations_mut()
+        .remove("kubectl.kubernetes.io/last-applied-configuration");
+}
+
 /// What the node store keeps of a node: no managed fields and no list of images
 /// (on a real node, up to 50 image names and digests that nothing here reads).
 fn slim_node(node: &mut Node) {
@@ -980,8 +992,16 @@ async fn controller(
         Some(ns) => Api::namespaced_with(client, ns, &ar),
         None => Api::all_with(client, &ar),
     };
-    let controller = Controller::new_with(deployments, watcher::Config::default(), ar.clone());
-    let store = controller.store();
+    // The controller's own reflector, as `Controller::new_with` makes it, with what a
+    // pass never reads left out of the store (`slim_deployment`).
+    let writer = reflector::store::Writer::<DynamicObject>::new(ar.clone());
+    let store = writer.as_reader();
+    let deployments = reflector::reflector(
+        writer,
+        watcher::watcher(deployments, watcher::Config::default()).modify(slim_deployment),
+    )
+    .applied_objects();
+    let controller = Controller::for_stream_with(deployments, store.clone(), ar.clone());
     ctx.deployments
         .lock()
         .expect("deployments lock")

@@ -465,11 +465,13 @@ pub(super) fn ledger(
             .iter()
             .find(|(name, _)| *name == pod.name_any())
             .map(|(_, p)| p.clone());
-        if let Some(p) = placement_of(pod) {
-            *replicas_on.entry(p.node).or_default() += 1;
+        // Parsed once: the ledger reads every pod's annotation, and once a second.
+        let recorded = placement_of(pod);
+        if let Some(p) = &recorded {
+            *replicas_on.entry(p.node.clone()).or_default() += 1;
         }
         let (Some(p), Some(index), Some(dep)) = (
-            fixed.or_else(|| placement_of(pod)),
+            fixed.or(recorded),
             index_of(pod),
             pod.labels().get(LABEL_DEPLOYMENT),
         ) else {

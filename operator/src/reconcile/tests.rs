@@ -1877,3 +1877,38 @@ fn the_pod_store_keeps_every_field_a_pass_reads() {
         Some("CrashLoopBackOff: model file is corrupt")
     );
 }
+
+#[test]
+fn the_deployment_store_keeps_no_managed_fields_or_last_applied_copy() {
+    let d = deployment(json!({"minReplicas": 1, "maxReplicas": 3}));
+    let mut full = serde_json::to_value(&d).unwrap();
+    let last_applied = serde_json::to_string(&full).unwrap();
+    full["metadata"]["annotations"] = json!({
+        "kubectl.kubernetes.io/last-applied-configuration": last_applied,
+        "team": "search",
+    });
+    full["metadata"]["managedFields"] = json!([
+        {"manager": "kubectl-client-side-apply", "operation": "Update", "apiVersion": "gpuscale.dev/v1alpha1",
+         "fieldsType": "FieldsV1", "fieldsV1": {"f:spec": {"f:model": {".": {}, "f:source": {}}}}},
+        {"manager": FIELD_MANAGER, "operation": "Apply", "subresource": "status", "apiVersion": "gpuscale.dev/v1alpha1",
+         "fieldsType": "FieldsV1", "fieldsV1": {"f:status": {"f:replicas": {}, "f:readyReplicas": {}}}},
+    ]);
+    let mut slim: DynamicObject = serde_json::from_value(full.clone()).unwrap();
+    let before = serde_json::to_vec(&slim).unwrap().len();
+    slim_deployment(&mut slim);
+    assert!(slim.managed_fields().is_empty());
+    assert_eq!(
+        slim.annotations().keys().collect::<Vec<_>>(),
+        ["team"],
+        "the user's own annotations are kept"
+    );
+    let read: InferenceDeployment =
+        serde_json::from_value(serde_json::to_value(&slim).unwrap()).unwrap();
+    assert_eq!(read.spec, d.spec, "every field a pass reads is kept");
+    assert_eq!(
+        gate::class_of(&slim),
+        gate::class_of(&serde_json::from_value(full).unwrap())
+    );
+    let after = serde_json::to_vec(&slim).unwrap().len();
+    assert!(after * 2 < before, "{after} bytes kept of {before}");
+}
