@@ -12,7 +12,7 @@
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
-use kube::api::DynamicObject;
+use super::Stored;
 use tokio::sync::oneshot;
 
 /// How often a routine pass that waits looks again at whether its deployment changed.
@@ -30,8 +30,8 @@ pub enum Class {
 /// The class of a pass over `obj`, as the controller's store shows it: a change while
 /// its spec is not yet acted on (`status.observedGeneration` behind
 /// `metadata.generation`, or none yet: a new deployment) or it is being deleted.
-pub fn class_of(obj: &DynamicObject) -> Class {
-    let observed = obj.data["status"]["observedGeneration"].as_i64();
+pub fn class_of(obj: &Stored) -> Class {
+    let observed = obj.observed_generation();
     if obj.metadata.deletion_timestamp.is_some() || observed != obj.metadata.generation {
         Class::Change
     } else {
@@ -199,12 +199,12 @@ mod tests {
     #[test]
     fn a_spec_not_yet_acted_on_or_a_deletion_is_a_change() {
         let obj = |generation: i64, observed: Option<i64>, deleted: bool| {
-            let mut o: DynamicObject = serde_json::from_value(serde_json::json!({
+            let text = serde_json::json!({
                 "apiVersion": "gpuscale.dev/v1alpha1", "kind": "InferenceDeployment",
                 "metadata": {"name": "m", "generation": generation},
                 "status": observed.map(|g| serde_json::json!({"observedGeneration": g})),
-            }))
-            .unwrap();
+            });
+            let mut o: Stored = serde_json::from_str(&text.to_string()).unwrap();
             if deleted {
                 o.metadata.deletion_timestamp =
                     Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(

@@ -28,6 +28,7 @@ mod plan;
 pub mod pods;
 mod report;
 mod status;
+mod stored;
 #[cfg(test)]
 mod tests;
 
@@ -35,6 +36,7 @@ pub use cache::Cache;
 use cache::Writers;
 pub use model::{declared_need, probe_pod, LABEL_PROBE_OF};
 pub use plan::{plan, Drain, Phase, Replica, Step, Targets, Version};
+pub use stored::Stored;
 
 use act::{act, cleanup};
 use decide::decide;
@@ -50,7 +52,7 @@ use futures::StreamExt;
 use gpuscale_crds::{GpuInventory, InferenceDeployment};
 use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::api::resource::v1::ResourceSlice;
-use kube::api::{Api, ApiResource, DynamicObject};
+use kube::api::Api;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::EventType;
 use kube::runtime::finalizer::{finalizer, Event as Finalizer};
@@ -291,7 +293,7 @@ pub struct Context {
     passes: gate::Gate,
     /// The controllers' stores of deployments (one per namespace watched), for the
     /// deployment as it is when a pass gets its place.
-    deployments: Mutex<Vec<(reflector::Store<DynamicObject>, ApiResource)>>,
+    deployments: Mutex<Vec<reflector::Store<Stored>>>,
     /// Consecutive failed passes per deployment, for backoff.
     failures: Mutex<HashMap<String, u32>>,
     /// Held while a pass places and creates replicas.
@@ -499,11 +501,11 @@ impl Context {
 
     /// `obj` as the controller's store holds it now (`None`: gone from it, or no
     /// controller runs).
-    fn latest(&self, obj: &DynamicObject) -> Option<Arc<DynamicObject>> {
+    fn latest(&self, obj: &Stored) -> Option<Arc<Stored>> {
         let stores = self.deployments.lock().expect("deployments lock");
         stores
             .iter()
-            .find_map(|(store, ar)| store.get(&ObjectRef::from_obj_with(obj, ar.clone())))
+            .find_map(|store| store.get(&ObjectRef::from_obj(obj)))
     }
 
     /// The state slot of `d`, created (restored from its status) on first use.
@@ -556,7 +558,7 @@ fn key_of(obj: &impl ResourceExt) -> String {
 }
 
 /// One pass over the object `obj` (an InferenceDeployment as the API serves it).
-pub async fn reconcile(obj: Arc<DynamicObject>, ctx: Arc<Context>) -> Result<Action, Error> {
+pub async fn reconcile(obj: Arc<Stored>, ctx: Arc<Context>) -> Result<Action, Error> {
     let key = key_of(&*obj);
     let span = info_span!("reconcile", deployment = %key, generation = obj.metadata.generation);
     async move {
@@ -576,7 +578,7 @@ pub async fn reconcile(obj: Arc<DynamicObject>, ctx: Arc<Context>) -> Result<Act
             waited_ms = started.duration_since(asked).as_millis() as u64,
             "pass placed"
         );
-        let d = match read(&obj) {
+        let d = match obj.read() {
             Ok(d) => Arc::new(pods::with_image(d, &ctx.config)),
             Err(why) => {
                 unreadable(&obj, &why, &ctx).await;
@@ -642,21 +644,12 @@ async fn with_finalizer_seen(
         .map(|fresh| Arc::new(pods::with_image(fresh, config))))
 }
 
-/// The typed deployment, or why this object cannot be one.
-fn read(obj: &DynamicObject) -> Result<InferenceDeployment, String> {
-    let value = serde_json::to_value(obj).map_err(|e| e.to_string())?;
-    serde_path_to_error::deserialize(value).map_err(|e| {
-        let path = e.path().to_string();
-        format!("{path}: {}", e.into_inner())
-    })
-}
-
 /// Reports an object that does not deserialize (stored before a CRD change, or written
 /// around validation): a log line, a Warning Event on it, the metric. Nothing else.
-async fn unreadable(obj: &DynamicObject, why: &str, ctx: &Context) {
+async fn unreadable(obj: &Stored, why: &str, ctx: &Context) {
     let key = key_of(obj);
     warn!(deployment = %key, error = %why, "skipping an InferenceDeployment that cannot be read");
-    let reference = obj.object_ref(&ApiResource::erase::<InferenceDeployment>(&()));
+    let reference = obj.object_ref(&());
     let note = format!(
         "this InferenceDeployment cannot be read ({why}); it is skipped until it is fixed, and \
          nothing it owns is touched"
@@ -673,7 +666,7 @@ async fn unreadable(obj: &DynamicObject, why: &str, ctx: &Context) {
 }
 
 /// Retry with exponential backoff (1 s doubling to 5 min); drains are polled.
-pub fn error_policy(obj: Arc<DynamicObject>, err: &Error, ctx: Arc<Context>) -> Action {
+pub fn error_policy(obj: Arc<Stored>, err: &Error, ctx: Arc<Context>) -> Action {
     if let Error::Draining(_) = err {
         return Action::requeue(ctx.config.scrape_interval);
     }
@@ -858,22 +851,6 @@ fn watched<T>(
     }
 }
 
-/// Whether the deployment's last status shows replicas it could not place (fewer than
-/// desired, or `Unschedulable`), or it has no status yet.
-fn waits_for_capacity(d: &DynamicObject) -> bool {
-    let st = &d.data["status"];
-    if st.is_null() {
-        return true;
-    }
-    let n = |k: &str| st[k].as_u64().unwrap_or(0);
-    let unschedulable = st["conditions"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .any(|c| c["type"] == "Unschedulable" && c["status"] == "True");
-    unschedulable || n("replicas") < n("desiredReplicas")
-}
-
 /// What the pod store keeps of a pod: a pass reads its metadata, status and node,
 /// never the rest of its spec nor its managed fields, which are most of its bytes (at
 /// 10,000 pods, the difference between the operator's memory fitting 64 MiB or not;
@@ -950,7 +927,7 @@ fn slim_pod(pod: &mut Pod) {
 /// `kubectl apply`'s input (`kubectl.kubernetes.io/last-applied-configuration`, the
 /// whole object again as a string). Nothing here reads either, and nothing writes a
 /// stored deployment back whole.
-fn slim_deployment(d: &mut DynamicObject) {
+fn slim_deployment(d: &mut Stored) {
     d.managed_fields_mut().clear();
     d.annotations_mut()
         .remove("kubectl.kubernetes.io/last-applied-configuration");
@@ -985,27 +962,26 @@ async fn controller(
     inventories: reflector::ReflectHandle<GpuInventory>,
 ) {
     let client = ctx.client.clone();
-    let ar = ApiResource::erase::<InferenceDeployment>(&());
-    // Read untyped, so that one object that does not fit the type cannot fail the list
-    // that carries all the others (`reconcile` reads each one by itself).
-    let deployments: Api<DynamicObject> = match &namespace {
-        Some(ns) => Api::namespaced_with(client, ns, &ar),
-        None => Api::all_with(client, &ar),
+    // Kept as text until a pass reads it (`Stored`), so that one object that does not
+    // fit the type cannot fail the list that carries all the others.
+    let deployments: Api<Stored> = match &namespace {
+        Some(ns) => Api::namespaced(client, ns),
+        None => Api::all(client),
     };
-    // The controller's own reflector, as `Controller::new_with` makes it, with what a
-    // pass never reads left out of the store (`slim_deployment`).
-    let writer = reflector::store::Writer::<DynamicObject>::new(ar.clone());
+    // The controller's own reflector, as `Controller::new` makes it, with what a pass
+    // never reads left out of the store (`slim_deployment`).
+    let writer = reflector::store::Writer::<Stored>::default();
     let store = writer.as_reader();
     let deployments = reflector::reflector(
         writer,
         watcher::watcher(deployments, watcher::Config::default()).modify(slim_deployment),
     )
     .applied_objects();
-    let controller = Controller::for_stream_with(deployments, store.clone(), ar.clone());
+    let controller = Controller::for_stream(deployments, store.clone());
     ctx.deployments
         .lock()
         .expect("deployments lock")
-        .push((store.clone(), ar.clone()));
+        .push(store.clone());
     let pods = pods
         .filter(move |p| futures::future::ready(namespace.is_none() || p.namespace() == namespace));
     controller
@@ -1018,8 +994,8 @@ async fn controller(
             store
                 .state()
                 .into_iter()
-                .filter(|d| waits_for_capacity(d))
-                .map(|d| ObjectRef::from_obj_with(&*d, ar.clone()))
+                .filter(|d| d.waits_for_capacity())
+                .map(|d| ObjectRef::from_obj(&*d))
                 .collect::<Vec<_>>()
         })
         .shutdown_on_signal()
