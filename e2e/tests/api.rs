@@ -415,34 +415,36 @@ async fn malformed_requests_get_the_api_server_s_status() {
         "{status}"
     );
 
+    // Each write: its status code and the Status (or object) it answered.
+    let post = |path: &str, content_type: &'static str, body: Vec<u8>| {
+        let request = http
+            .post(format!("{url}{path}"))
+            .header("content-type", content_type)
+            .body(body);
+        async move {
+            let r = request.send().await.unwrap();
+            let code = r.status().as_u16();
+            let answer: serde_json::Value =
+                serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+            (code, answer)
+        }
+    };
     let big = format!(
         r#"{{"apiVersion":"v1","kind":"ConfigMap","metadata":{{"name":"big"}},"data":{{"x":"{}"}}}}"#,
         "a".repeat(5 << 20)
     );
-    let r = http
-        .post(format!("{url}/api/v1/namespaces/default/configmaps"))
-        .header("content-type", "application/json")
-        .body(big)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 413);
-    let status: serde_json::Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+    let configmaps = "/api/v1/namespaces/default/configmaps";
+    let (code, status) = post(configmaps, "application/json", big.into_bytes()).await;
+    assert_eq!(code, 413);
     assert_eq!(status["reason"], "RequestEntityTooLarge", "{status}");
 
     // A body in a media type not decoded here (protobuf, as kubectl's `create service`
     // sends): 415 naming the types taken, nothing created. YAML is taken, as by the
     // API server.
-    let services = format!("{url}/api/v1/namespaces/default/services");
-    let r = http
-        .post(&services)
-        .header("content-type", "application/vnd.kubernetes.protobuf")
-        .body(&b"k8s\x00\x0a\x0f"[..])
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 415);
-    let status: serde_json::Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+    let services = "/api/v1/namespaces/default/services";
+    let protobuf = b"k8s\x00\x0a\x0f".to_vec();
+    let (code, status) = post(services, "application/vnd.kubernetes.protobuf", protobuf).await;
+    assert_eq!(code, 415);
     assert_eq!(status["reason"], "UnsupportedMediaType", "{status}");
     assert!(
         status["message"]
@@ -451,16 +453,11 @@ async fn malformed_requests_get_the_api_server_s_status() {
             .contains("accepted media types include: application/json, application/yaml"),
         "{status}"
     );
-    let r = http
-        .post(&services)
-        .header("content-type", "application/yaml")
-        .body("apiVersion: v1\nkind: Service\nmetadata:\n  name: from-yaml\nspec:\n  ports:\n  - port: 80\n")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 201);
+    let yaml = "apiVersion: v1\nkind: Service\nmetadata:\n  name: from-yaml\nspec:\n  ports:\n  - port: 80\n";
+    let (code, created) = post(services, "application/yaml", yaml.into()).await;
+    assert_eq!(code, 201, "{created}");
     let list: serde_json::Value = http
-        .get(&services)
+        .get(format!("{url}{services}"))
         .send()
         .await
         .unwrap()
