@@ -7,9 +7,10 @@
 //! `serde_json::Value` tree, though, costs a map node and a `String` per field: about
 //! 40 KB per deployment in the fleet (heaptrack at 250 deployments: 10 MB of maps under
 //! `kube_core::dynamic`), 40 MB at 1,000, against a few KB as text. Text keeps the same
-//! tolerance (nothing is parsed until `read`), and the two things every pass or watch
-//! event asks of the status without a pass (`class`, `waits_for_capacity`) are read
-//! once, when the object arrives.
+//! tolerance (spec and status are checked against the type only in `read`), and the
+//! two things asked of the status outside a pass (the observed generation, for the
+//! gate's `class_of`; `waits_for_capacity`, for inventory events) are read once, when
+//! the object arrives.
 
 use std::borrow::Cow;
 
