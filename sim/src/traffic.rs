@@ -289,10 +289,7 @@ pub fn summary(outcomes: &[Outcome]) -> Summary {
     Summary {
         requests: outcomes.len(),
         errors: failed.len(),
-        cut: outcomes
-            .iter()
-            .filter(|o| o.status == Some(200) && !o.complete)
-            .count(),
+        cut: failed.iter().filter(|o| o.status == Some(200)).count(),
         p50: pick(0.5),
         p99: pick(0.99),
         failed,

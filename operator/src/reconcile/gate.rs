@@ -199,12 +199,11 @@ mod tests {
     #[test]
     fn a_spec_not_yet_acted_on_or_a_deletion_is_a_change() {
         let obj = |generation: i64, observed: Option<i64>, deleted: bool| {
-            let text = serde_json::json!({
+            let mut o = Stored::parse(&serde_json::json!({
                 "apiVersion": "gpuscale.dev/v1alpha1", "kind": "InferenceDeployment",
                 "metadata": {"name": "m", "generation": generation},
                 "status": observed.map(|g| serde_json::json!({"observedGeneration": g})),
-            });
-            let mut o: Stored = serde_json::from_str(&text.to_string()).unwrap();
+            }));
             if deleted {
                 o.metadata.deletion_timestamp =
                     Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(

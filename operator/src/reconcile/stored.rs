@@ -99,9 +99,16 @@ impl From<Wire> for Stored {
 }
 
 impl Stored {
-    /// `d` as the store would hold it (tests, and anything that has the typed one).
-    pub fn of(d: &InferenceDeployment) -> Result<Stored, serde_json::Error> {
-        serde_json::from_str(&serde_json::to_string(d)?)
+    /// `v` as the store would hold it, were the API server to send it (tests).
+    #[cfg(test)]
+    pub(super) fn parse(v: &serde_json::Value) -> Stored {
+        serde_json::from_str(&v.to_string()).expect("an object the store can hold")
+    }
+
+    /// `d` as the store would hold it (tests).
+    #[cfg(test)]
+    pub(super) fn of(d: &InferenceDeployment) -> Stored {
+        Stored::parse(&serde_json::to_value(d).expect("a deployment serializes"))
     }
 
     /// The typed deployment, or why this object cannot be one (the path of the field
@@ -176,7 +183,7 @@ mod tests {
     use serde_json::json;
 
     fn stored(v: serde_json::Value) -> Stored {
-        serde_json::from_str(&v.to_string()).unwrap()
+        Stored::parse(&v)
     }
 
     #[test]

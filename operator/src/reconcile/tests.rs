@@ -343,7 +343,7 @@ fn smollm2_header() -> Value {
 
 /// The deployment as the controller's watch hands it over.
 fn object(d: &InferenceDeployment) -> Arc<Stored> {
-    Arc::new(Stored::of(d).unwrap())
+    Arc::new(Stored::of(d))
 }
 
 fn inventory() -> GpuInventory {
@@ -935,7 +935,7 @@ async fn an_object_that_cannot_be_read_is_reported_and_skipped() {
     let d = deployment(json!({"minReplicas": 1, "maxReplicas": 3}));
     let mut raw = serde_json::to_value(&d).unwrap();
     raw["spec"].as_object_mut().unwrap().remove("model");
-    let obj: Arc<Stored> = Arc::new(serde_json::from_str(&raw.to_string()).unwrap());
+    let obj = Arc::new(Stored::parse(&raw));
     let (client, mock) = Mock::start(vec![]);
     let ctx = context(client, cache(vec![]), &[], TestClock::new());
     let action = reconcile(obj, ctx.clone()).await.unwrap();
@@ -1436,7 +1436,7 @@ fn an_inventory_change_wakes_only_deployments_short_of_replicas() {
     let obj = |status: Value| -> Stored {
         let v = json!({"apiVersion": "gpuscale.dev/v1alpha1",
             "kind": "InferenceDeployment", "metadata": {"name": "x"}, "status": status});
-        serde_json::from_str(&v.to_string()).unwrap()
+        Stored::parse(&v)
     };
     assert!(obj(Value::Null).waits_for_capacity());
     assert!(obj(json!({"replicas": 1, "desiredReplicas": 2})).waits_for_capacity());
@@ -1889,8 +1889,7 @@ fn the_deployment_store_keeps_no_managed_fields_or_last_applied_copy() {
         {"manager": FIELD_MANAGER, "operation": "Apply", "subresource": "status", "apiVersion": "gpuscale.dev/v1alpha1",
          "fieldsType": "FieldsV1", "fieldsV1": {"f:status": {"f:replicas": {}, "f:readyReplicas": {}}}},
     ]);
-    let parse = |v: &Value| -> Stored { serde_json::from_str(&v.to_string()).unwrap() };
-    let mut slim = parse(&full);
+    let mut slim = Stored::parse(&full);
     slim_deployment(&mut slim);
     assert!(slim.managed_fields().is_empty());
     assert_eq!(
@@ -1903,5 +1902,5 @@ fn the_deployment_store_keeps_no_managed_fields_or_last_applied_copy() {
         d.spec,
         "every field a pass reads is kept"
     );
-    assert_eq!(gate::class_of(&slim), gate::class_of(&parse(&full)));
+    assert_eq!(gate::class_of(&slim), gate::class_of(&Stored::parse(&full)));
 }
