@@ -233,7 +233,7 @@ async fn dra_replicas_hold_exactly_their_claimed_gpus_through_200_scale_events()
         .await
         .unwrap()
         .items;
-    for pod in all_pods(&env).await.iter().filter(|p| is_ready(p)) {
+    for pod in all_pods(&env).await.iter().filter(is_ready) {
         let c = claims
             .iter()
             .find(|c| c.name_any() == format!("{}-gpus", pod.name_any()))

@@ -263,7 +263,7 @@ async fn a_worker_killed_mid_stream_loses_only_what_it_was_sending() {
         let pods = env.pods("smollm").await.unwrap();
         let ready: Vec<_> = pods
             .iter()
-            .filter(|p| gpuscale_operator::reconcile::is_ready(p))
+            .filter(gpuscale_operator::reconcile::is_ready)
             .collect();
         if ready.len() == 2 && env.sim().unwrap().kill_worker(&ready[kills % 2].name_any()) {
             kills += 1;

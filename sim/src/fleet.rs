@@ -479,7 +479,7 @@ pub async fn run(cfg: FleetConfig) -> anyhow::Result<FleetReport> {
         let all = pods.list(&Default::default()).await?.items;
         let ready = all
             .iter()
-            .filter(|p| gpuscale_operator::reconcile::is_ready(p))
+            .filter(gpuscale_operator::reconcile::is_ready)
             .count();
         anyhow::Ok((all.len(), ready))
     };

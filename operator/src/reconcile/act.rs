@@ -14,7 +14,7 @@ use super::decide::{Decided, Todo};
 use super::observe::World;
 use super::pods::*;
 use super::report::publish;
-use super::{key_of, Context, Drain, Error, FIELD_MANAGER};
+use super::{key_of, Context, Drain, Error, PodFacts, SeenPod, FIELD_MANAGER};
 
 /// Act: the decided API steps, in order, then the Service. Returns the replicas created
 /// and the first error (the steps after it are left for the next pass).
@@ -46,7 +46,7 @@ pub(super) async fn act(
     }
     // Claims of DRA replicas whose creation was cut short between pod and claim.
     for (pod, p) in &world.missing_claims {
-        if let Err(e) = create_claim(ctx, pod, p).await {
+        if let Err(e) = create_claim(ctx, &**pod, p).await {
             return (created, Err(e.into()));
         }
     }
@@ -150,12 +150,7 @@ async fn ask_for_capacity(
         .collect();
     // A request that ended (bound to a node that came, which still did not take the
     // replica) is made again, naming the nodes there are now.
-    let ended = |p: &Pod| {
-        matches!(
-            p.status.as_ref().and_then(|s| s.phase.as_deref()),
-            Some("Succeeded" | "Failed")
-        )
-    };
+    let ended = |p: &SeenPod| matches!(p.facts().phase, Some("Succeeded" | "Failed"));
     for pod in &have {
         let still =
             !ended(pod) && capacity_index(pod).is_some_and(|i| wanted.iter().any(|(w, _)| *w == i));
@@ -218,7 +213,11 @@ async fn ask_for_capacity(
 
 /// Creates the ResourceClaim of a DRA replica (nothing for other placements). The
 /// scheduler holds the pod until it exists.
-async fn create_claim(ctx: &Context, pod: &Pod, p: &PodPlacement) -> Result<(), kube::Error> {
+async fn create_claim(
+    ctx: &Context,
+    pod: &impl kube::Resource<DynamicType = ()>,
+    p: &PodPlacement,
+) -> Result<(), kube::Error> {
     if !p.dra || p.gpus.is_empty() {
         return Ok(());
     }
@@ -250,7 +249,7 @@ async fn create_claim(ctx: &Context, pod: &Pod, p: &PodPlacement) -> Result<(), 
 pub(super) async fn delete_pod(
     ctx: &Context,
     api: &Api<Pod>,
-    pod: &Pod,
+    pod: &SeenPod,
     params: DeleteParams,
 ) -> Result<bool, kube::Error> {
     let (ns, name) = (pod.namespace().unwrap_or_default(), pod.name_any());
@@ -271,7 +270,11 @@ pub(super) async fn delete_pod(
 }
 
 /// Starts `pod`'s drain (`false`: it is gone, or another pod has its name now).
-async fn drain_pod(api: &Api<Pod>, pod: &Pod, now: jiff::Timestamp) -> Result<bool, kube::Error> {
+async fn drain_pod(
+    api: &Api<Pod>,
+    pod: &SeenPod,
+    now: jiff::Timestamp,
+) -> Result<bool, kube::Error> {
     let patch = drain_patch(pod, now);
     match api
         .patch(

@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 
 use gpuscale_crds::GpuInventory;
 use k8s_openapi::api::core::v1::{Node, Pod, Service};
+
+use super::SeenPod;
 use k8s_openapi::api::resource::v1::{ResourceClaim, ResourceSlice};
 use kube::runtime::reflector::{self, store::Writer, Store};
 use kube::runtime::watcher;
@@ -95,7 +97,7 @@ pub(super) struct OwnerIndex {
 }
 
 /// The UID of a pod's controller.
-fn controller_uid(pod: &Pod) -> Option<&str> {
+fn controller_uid(pod: &SeenPod) -> Option<&str> {
     pod.owner_references()
         .iter()
         .find(|o| o.controller == Some(true))
@@ -103,7 +105,7 @@ fn controller_uid(pod: &Pod) -> Option<&str> {
 }
 
 impl OwnerIndex {
-    fn insert(map: &mut HashMap<String, HashSet<(String, String)>>, pod: &Pod) {
+    fn insert(map: &mut HashMap<String, HashSet<(String, String)>>, pod: &SeenPod) {
         if let Some(uid) = controller_uid(pod) {
             map.entry(uid.to_string())
                 .or_default()
@@ -111,7 +113,7 @@ impl OwnerIndex {
         }
     }
 
-    fn remove(map: &mut HashMap<String, HashSet<(String, String)>>, pod: &Pod) {
+    fn remove(map: &mut HashMap<String, HashSet<(String, String)>>, pod: &SeenPod) {
         if let Some(uid) = controller_uid(pod) {
             if let Some(keys) = map.get_mut(uid) {
                 keys.remove(&(pod.namespace().unwrap_or_default(), pod.name_any()));
@@ -123,7 +125,7 @@ impl OwnerIndex {
     }
 
     /// Records one event of the pod watch.
-    pub(super) fn apply(&mut self, event: &watcher::Event<Pod>) {
+    pub(super) fn apply(&mut self, event: &watcher::Event<SeenPod>) {
         match event {
             watcher::Event::Init => self.relisting = Some(HashMap::new()),
             watcher::Event::InitApply(pod) | watcher::Event::Apply(pod) => {
@@ -163,12 +165,12 @@ impl OwnerIndex {
 
 /// One owner's pods created and not yet seen, by `namespace/name`, with when each was
 /// created.
-type Expected = HashMap<String, (Pod, Instant)>;
+type Expected = HashMap<String, (SeenPod, Instant)>;
 
 /// The stores a pass reads.
 #[derive(Clone)]
 pub struct Cache {
-    pub(super) pods: Scoped<Pod>,
+    pub(super) pods: Scoped<SeenPod>,
     /// Each pod store's index by controller (one per watched namespace, or one).
     owners: Arc<RwLock<Vec<Arc<RwLock<OwnerIndex>>>>>,
     pub(super) nodes: Store<Node>,
@@ -195,14 +197,14 @@ pub struct Writers {
 
 /// The writers of one namespace's (or all namespaces') stores.
 pub(super) struct ScopeWriters {
-    pub(super) pods: Writer<Pod>,
+    pub(super) pods: Writer<SeenPod>,
     /// Fed every pod event before `pods` is (see [`OwnerIndex`]).
     pub(super) owners: Arc<RwLock<OwnerIndex>>,
     pub(super) services: Writer<Service>,
     pub(super) claims: Writer<ResourceClaim>,
 }
 
-fn key(pod: &Pod) -> String {
+fn key(pod: &SeenPod) -> String {
     key_of(&pod.namespace().unwrap_or_default(), &pod.name_any())
 }
 
@@ -274,6 +276,7 @@ impl Cache {
             w.apply_watcher_event(&watcher::Event::InitDone);
             w.as_reader()
         }
+        let pods: Vec<SeenPod> = pods.into_iter().map(SeenPod::from).collect();
         let mut owners = OwnerIndex::default();
         for pod in &pods {
             owners.apply(&watcher::Event::Apply(pod.clone()));
@@ -334,8 +337,8 @@ impl Cache {
     /// between the two reads: at fleet scale, with the copy of 10,000 pods taking a
     /// while, two passes 52 ms apart put two replicas on one exclusive GPU that way.
     /// A pod can now be in both: the ledger adopts a replica once.
-    pub fn pods(&self) -> Vec<Arc<Pod>> {
-        let expected: Vec<Arc<Pod>> = {
+    pub fn pods(&self) -> Vec<Arc<SeenPod>> {
+        let expected: Vec<Arc<SeenPod>> = {
             let mut created = self.created.lock().expect("created lock");
             for expected in created.values_mut() {
                 self.still_expected(expected);
@@ -348,7 +351,7 @@ impl Cache {
         };
         let mut pods = self.pods.state();
         if !expected.is_empty() {
-            let by_name: HashMap<(String, String), &Pod> = expected
+            let by_name: HashMap<(String, String), &SeenPod> = expected
                 .iter()
                 .map(|p| ((p.namespace().unwrap_or_default(), p.name_any()), &**p))
                 .collect();
@@ -361,8 +364,8 @@ impl Cache {
     /// The pods whose controller is the object with UID `owner`: the store's (by the
     /// index, so a pass costs its own replicas, not the fleet's), plus those created
     /// and not in it yet (read first, as [`Cache::pods`] says why; each pod once).
-    pub fn owned(&self, owner: &str) -> Vec<Arc<Pod>> {
-        let expected: Vec<Pod> = {
+    pub fn owned(&self, owner: &str) -> Vec<Arc<SeenPod>> {
+        let expected: Vec<SeenPod> = {
             let mut created = self.created.lock().expect("created lock");
             let Some(e) = created.get_mut(owner) else {
                 return self.indexed(owner);
@@ -391,7 +394,7 @@ impl Cache {
     /// (the same UID), or it was deleted. Fed each event after the store applied it, as
     /// the ReplicaSet controller lowers its expectations in its informer's handlers
     /// (`CreationObserved`); a read that misses it here still checks the store.
-    pub(super) fn observed(&self, event: &watcher::Event<Pod>) {
+    pub(super) fn observed(&self, event: &watcher::Event<SeenPod>) {
         let (watcher::Event::Apply(pod)
         | watcher::Event::InitApply(pod)
         | watcher::Event::Delete(pod)) = event
@@ -415,7 +418,7 @@ impl Cache {
     }
 
     /// The store's pods whose controller is `owner`, by the index.
-    fn indexed(&self, owner: &str) -> Vec<Arc<Pod>> {
+    fn indexed(&self, owner: &str) -> Vec<Arc<SeenPod>> {
         let indexes = self.owners.read().expect("owner index lock").clone();
         OwnerIndex::of(owner, &indexes)
             .into_iter()
@@ -445,9 +448,9 @@ impl Cache {
     }
 
     /// Remembers a pod this operator created (the API's answer to the create).
-    pub fn expect_created(&self, mut pod: Pod) {
+    pub fn expect_created(&self, pod: Pod) {
         // Kept as the store keeps pods: a fleet's first wave holds thousands of these.
-        super::slim_pod(&mut pod);
+        let pod = SeenPod::from(pod);
         let owner = controller_uid(&pod).unwrap_or_default().to_string();
         self.created
             .lock()
@@ -498,7 +501,7 @@ impl Cache {
 /// created since (`expected`, by name; [`same_pod`] is the rule `owned` applies too). A create succeeds only where the name
 /// is free, so that earlier pod was gone from the API by then and the store has yet to
 /// hear of it: it holds no GPU, and the new one does.
-fn superseded(s: &Pod, expected: &HashMap<(String, String), &Pod>) -> bool {
+fn superseded(s: &SeenPod, expected: &HashMap<(String, String), &SeenPod>) -> bool {
     let k = (s.namespace().unwrap_or_default(), s.name_any());
     expected.get(&k).is_some_and(|p| !same_pod(s, p))
 }
@@ -506,7 +509,7 @@ fn superseded(s: &Pod, expected: &HashMap<(String, String), &Pod>) -> bool {
 /// Whether the store's pod `s` is the expected pod `p` (of the same name): the same
 /// UID, or any UID where the expectation has none (an object as it was sent, not as
 /// the API made it; `expect_created` is given the API's answer).
-fn same_pod(s: &Pod, p: &Pod) -> bool {
+fn same_pod(s: &SeenPod, p: &SeenPod) -> bool {
     p.uid().is_none() || s.uid() == p.uid()
 }
 
@@ -556,7 +559,7 @@ mod tests {
         .unwrap()
     }
 
-    fn names(pods: Vec<Arc<Pod>>) -> Vec<String> {
+    fn names(pods: Vec<Arc<SeenPod>>) -> Vec<String> {
         let mut n: Vec<String> = pods.iter().map(|p| p.name_any()).collect();
         n.sort();
         n
@@ -586,13 +589,12 @@ mod tests {
     /// thread applies each new pod to the store while this one reads.
     #[test]
     fn a_created_pod_is_never_missed_while_the_watch_adds_it() {
-        let mut writer: Writer<Pod> = Writer::default();
+        let mut writer: Writer<SeenPod> = Writer::default();
         writer.apply_watcher_event(&watcher::Event::Init);
         for i in 0..10_000 {
-            writer.apply_watcher_event(&watcher::Event::InitApply(owned_pod(
-                &format!("old-{i}"),
-                "b",
-            )));
+            writer.apply_watcher_event(&watcher::Event::InitApply(
+                owned_pod(&format!("old-{i}"), "b").into(),
+            ));
         }
         writer.apply_watcher_event(&watcher::Event::InitDone);
         let cache = Cache::of(vec![], vec![], vec![]);
@@ -605,7 +607,7 @@ mod tests {
             let new = owned_pod(&format!("new-{i}"), "a");
             cache.expect_created(new.clone());
             std::thread::scope(|s| {
-                s.spawn(|| writer.apply_watcher_event(&watcher::Event::Apply(new.clone())));
+                s.spawn(|| writer.apply_watcher_event(&watcher::Event::Apply(new.clone().into())));
                 for _ in 0..3 {
                     if !cache.pods().iter().any(|p| p.name_any() == new.name_any()) {
                         missed += 1;
@@ -631,18 +633,19 @@ mod tests {
         let cache = Cache::of(vec![old.clone()], vec![], vec![]);
         let new = with_uid(owned_pod("a-0", "a"), "new");
         cache.expect_created(new.clone());
-        let uids = |pods: Vec<Arc<Pod>>| pods.iter().map(|p| p.uid().unwrap()).collect::<Vec<_>>();
+        let uids =
+            |pods: Vec<Arc<SeenPod>>| pods.iter().map(|p| p.uid().unwrap()).collect::<Vec<_>>();
         assert_eq!(uids(cache.owned("uid-a")), ["new"]);
         assert_eq!(uids(cache.pods()), ["new"]);
         // Another pod's events settle nothing; that pod's own Apply does.
-        cache.observed(&watcher::Event::Apply(old.clone()));
+        cache.observed(&watcher::Event::Apply(old.clone().into()));
         assert_eq!(uids(cache.owned("uid-a")), ["new"]);
-        cache.observed(&watcher::Event::Apply(new.clone()));
+        cache.observed(&watcher::Event::Apply(new.clone().into()));
         assert!(cache.created.lock().unwrap().is_empty());
         // Deleted before the store ever showed it: no longer expected either.
         let again = with_uid(owned_pod("a-1", "a"), "again");
         cache.expect_created(again.clone());
-        cache.observed(&watcher::Event::Delete(again));
+        cache.observed(&watcher::Event::Delete(again.into()));
         assert!(cache.created.lock().unwrap().is_empty());
     }
 
@@ -663,19 +666,19 @@ mod tests {
             k.sort();
             k
         };
-        index.apply(&watcher::Event::Apply(owned_pod("a-0", "a")));
-        index.apply(&watcher::Event::Apply(owned_pod("a-1", "a")));
+        index.apply(&watcher::Event::Apply(owned_pod("a-0", "a").into()));
+        index.apply(&watcher::Event::Apply(owned_pod("a-1", "a").into()));
         assert_eq!(keys(&index), ["a-0", "a-1"]);
         index.apply(&watcher::Event::Init);
-        index.apply(&watcher::Event::InitApply(owned_pod("a-1", "a")));
-        index.apply(&watcher::Event::InitApply(owned_pod("a-2", "a")));
+        index.apply(&watcher::Event::InitApply(owned_pod("a-1", "a").into()));
+        index.apply(&watcher::Event::InitApply(owned_pod("a-2", "a").into()));
         // Until the relist is done, every key the store may still hold is kept.
         assert_eq!(keys(&index), ["a-0", "a-1", "a-2"]);
         index.apply(&watcher::Event::InitDone);
         assert_eq!(keys(&index), ["a-1", "a-2"]);
-        index.apply(&watcher::Event::Delete(owned_pod("a-1", "a")));
+        index.apply(&watcher::Event::Delete(owned_pod("a-1", "a").into()));
         assert_eq!(keys(&index), ["a-2"]);
-        index.apply(&watcher::Event::Delete(owned_pod("a-2", "a")));
+        index.apply(&watcher::Event::Delete(owned_pod("a-2", "a").into()));
         assert!(index.live.is_empty());
     }
 

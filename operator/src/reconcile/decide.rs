@@ -6,13 +6,12 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use gpuscale_crds::{InferenceDeployment, Revision, RolloutPhase, RolloutStatus};
-use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
 
 use super::observe::{LazyLedger, Ledger, World};
 use super::pods::*;
-use super::AVOID_REFUSED_NODE;
 use super::{key_of, plan, DeploymentState, Phase, Replica, Step, Targets, Version};
+use super::{SeenPod, AVOID_REFUSED_NODE};
 use crate::autoscale::{self, Observation};
 use crate::routers::VersionCounts;
 use crate::{placement, rollout};
@@ -57,9 +56,9 @@ pub(super) struct WindowStart {
 pub(super) enum Todo {
     Create(u32, PodPlacement, Version),
     /// The replica's pod as this pass saw it (drained by UID, as it is deleted).
-    Drain(Arc<Pod>),
+    Drain(Arc<SeenPod>),
     /// The replica's pod as this pass saw it, and why it failed (if it did).
-    Delete(Arc<Pod>, Option<String>),
+    Delete(Arc<SeenPod>, Option<String>),
 }
 
 /// Decide: the replica count, the steps towards it, and where each new replica goes.
@@ -68,7 +67,7 @@ pub(super) fn decide(
     state: &mut DeploymentState,
     world: &World,
     ledger: &mut LazyLedger,
-    owned: &[Arc<Pod>],
+    owned: &[Arc<SeenPod>],
     need: u64,
     (now, wall): (Instant, jiff::Timestamp),
 ) -> Decided {

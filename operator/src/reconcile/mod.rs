@@ -27,6 +27,7 @@ mod observe;
 mod plan;
 pub mod pods;
 mod report;
+mod seen;
 mod status;
 mod stored;
 #[cfg(test)]
@@ -36,6 +37,7 @@ pub use cache::Cache;
 use cache::Writers;
 pub use model::{declared_need, probe_pod, LABEL_PROBE_OF};
 pub use plan::{plan, Drain, Phase, Replica, Step, Targets, Version};
+pub use seen::{Facts, PodFacts, SeenPod};
 pub use stored::Stored;
 
 use act::{act, cleanup};
@@ -50,7 +52,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use gpuscale_crds::{GpuInventory, InferenceDeployment};
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::api::resource::v1::ResourceSlice;
 use kube::api::Api;
 use kube::runtime::controller::{Action, Controller};
@@ -743,7 +745,7 @@ pub async fn run(ctx: Arc<Context>, namespaces: Vec<String>) {
             let pods = reflector::reflector(
                 pods,
                 watcher::watcher(scoped(&client, &ns), managed.clone())
-                    .modify(slim_pod)
+                    .modify(SeenPod::slim)
                     .inspect(move |e| {
                         if let Ok(e) = e {
                             owners.write().expect("owner index lock").apply(e);
@@ -851,76 +853,6 @@ fn watched<T>(
     }
 }
 
-/// What the pod store keeps of a pod: a pass reads its metadata, status and node,
-/// never the rest of its spec nor its managed fields, which are most of its bytes (at
-/// 10,000 pods, the difference between the operator's memory fitting 64 MiB or not;
-/// kube-rs's `WatchStreamExt::modify` exists for this).
-///
-/// Of the status, what `pods.rs`, `observe.rs` and `model.rs` read: phase, reason and
-/// message, the pod's IP, the Ready and PodScheduled conditions, and of each container
-/// its waiting or terminated state (a model probe's summary is its termination
-/// message) and the last termination's message (why it is failing). A container
-/// status alone carries its image, image ID, container ID, resources and volume
-/// mounts: most of a running pod's status.
-fn slim_pod(pod: &mut Pod) {
-    use k8s_openapi::api::core::v1::{
-        ContainerState, ContainerStateTerminated, ContainerStatus, PodSpec, PodStatus,
-    };
-    pod.managed_fields_mut().clear();
-    if let Some(spec) = pod.spec.as_mut() {
-        *spec = PodSpec {
-            node_name: spec.node_name.take(),
-            ..Default::default()
-        };
-    }
-    if let Some(status) = pod.status.as_mut() {
-        let conditions = status.conditions.take().map(|cs| {
-            cs.into_iter()
-                .filter(|c| c.type_ == "Ready" || c.type_ == "PodScheduled")
-                .collect()
-        });
-        let containers = status.container_statuses.take().map(|cs| {
-            cs.into_iter()
-                .map(|c| ContainerStatus {
-                    name: c.name,
-                    ready: c.ready,
-                    restart_count: c.restart_count,
-                    state: c.state.map(|s| ContainerState {
-                        waiting: s.waiting,
-                        terminated: s.terminated.map(|t| ContainerStateTerminated {
-                            exit_code: t.exit_code,
-                            reason: t.reason,
-                            message: t.message,
-                            ..Default::default()
-                        }),
-                        running: None,
-                    }),
-                    last_state: c
-                        .last_state
-                        .and_then(|s| s.terminated)
-                        .map(|t| ContainerState {
-                            terminated: Some(ContainerStateTerminated {
-                                message: t.message,
-                                ..Default::default()
-                            }),
-                            ..Default::default()
-                        }),
-                    ..Default::default()
-                })
-                .collect()
-        });
-        *status = PodStatus {
-            phase: status.phase.take(),
-            reason: status.reason.take(),
-            message: status.message.take(),
-            pod_ip: status.pod_ip.take(),
-            conditions,
-            container_statuses: containers,
-            ..Default::default()
-        };
-    }
-}
-
 /// What the deployment store keeps of an InferenceDeployment: no managed fields (on
 /// a real API server, one entry per writer, each a tree of every field it set: the
 /// operator's status writes alone mirror the whole status) and no copy of the last
@@ -958,7 +890,7 @@ async fn dra_served(client: &Client) -> bool {
 async fn controller(
     ctx: Arc<Context>,
     namespace: Option<String>,
-    pods: reflector::ReflectHandle<Pod>,
+    pods: reflector::ReflectHandle<SeenPod>,
     inventories: reflector::ReflectHandle<GpuInventory>,
 ) {
     let client = ctx.client.clone();

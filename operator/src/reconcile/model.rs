@@ -21,7 +21,7 @@ use kube::ResourceExt;
 use tracing::info;
 
 use super::pods::{model_mount, worker_image, MANAGED_BY};
-use super::{Context, Error};
+use super::{Context, Error, PodFacts};
 use crate::estimate::ModelProfile;
 use crate::placement;
 
@@ -272,20 +272,19 @@ pub(super) async fn remove_probes(d: &InferenceDeployment, ctx: &Context) -> Res
 
 /// The probe's result once its container has terminated: the summary its termination
 /// message holds, or the error.
-pub(super) fn finished(pod: &Pod) -> Option<Result<gguf::ModelSummary, String>> {
-    let status = pod.status.as_ref()?;
+pub(super) fn finished(pod: &impl PodFacts) -> Option<Result<gguf::ModelSummary, String>> {
+    let status = pod.facts();
     let terminated = status
-        .container_statuses
+        .containers
         .iter()
-        .flatten()
         .find_map(|c| c.state.as_ref()?.terminated.clone());
     let Some(t) = terminated else {
         // Failed before its container ran (admission, eviction, deadline).
-        return (status.phase.as_deref() == Some("Failed")).then(|| {
+        return (status.phase == Some("Failed")).then(|| {
             Err(format!(
                 "probe pod failed: {} {}",
-                status.reason.clone().unwrap_or_default(),
-                status.message.clone().unwrap_or_default()
+                status.reason.unwrap_or_default(),
+                status.message.unwrap_or_default()
             ))
         });
     };
@@ -303,13 +302,13 @@ pub(super) fn finished(pod: &Pod) -> Option<Result<gguf::ModelSummary, String>> 
 }
 
 /// Why an unfinished probe is stuck: the scheduler's message or its container's wait.
-fn stuck_reason(pod: &Pod) -> String {
+fn stuck_reason(pod: &impl PodFacts) -> String {
     if let Some(m) = super::pods::unschedulable(pod) {
         return format!("the scheduler cannot place it: {m}");
     }
-    pod.status
+    pod.facts()
+        .containers
         .iter()
-        .flat_map(|s| s.container_statuses.iter().flatten())
         .find_map(|c| {
             let w = c.state.as_ref()?.waiting.as_ref()?;
             Some(format!(

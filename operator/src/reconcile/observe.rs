@@ -5,11 +5,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use gpuscale_crds::{GpuInventory, InferenceDeployment};
-use k8s_openapi::api::core::v1::{Node, Pod, Taint, Toleration};
+use k8s_openapi::api::core::v1::{Node, Taint, Toleration};
 use kube::ResourceExt;
 
 use super::pods::{self, *};
-use super::{Context, DeploymentState, Drain, Phase};
+use super::{Context, DeploymentState, Drain, Phase, SeenPod};
 use crate::autoscale::Params;
 use crate::inventory::{
     from_gfd_labels, from_gpu_inventory, from_resource_slices, Binding, Inventory,
@@ -20,7 +20,7 @@ use k8s_openapi::api::resource::v1::ResourceSlice;
 
 /// A replica pod with what the pass learned of it.
 pub(super) struct Seen {
-    pub(super) pod: Arc<Pod>,
+    pub(super) pod: Arc<SeenPod>,
     pub(super) index: u32,
     pub(super) phase: Phase,
     pub(super) outdated: bool,
@@ -47,7 +47,7 @@ pub(super) struct World {
     pub(super) refusals: Vec<(String, String)>,
     /// Pending DRA replicas whose ResourceClaim is missing (the operator stopped between
     /// creating the pod and its claim): `act` makes them.
-    pub(super) missing_claims: Vec<(Arc<Pod>, PodPlacement)>,
+    pub(super) missing_claims: Vec<(Arc<SeenPod>, PodPlacement)>,
     pub(super) request_rate: Option<f64>,
     /// Generated tokens per second over the cost window.
     pub(super) tokens_per_second: Option<f64>,
@@ -86,7 +86,7 @@ impl Download {
 }
 
 /// Whether `pod`'s model download advanced within the ready timeout's floor.
-fn downloading_lately(state: &DeploymentState, pod: &Pod, now: Instant) -> bool {
+fn downloading_lately(state: &DeploymentState, pod: &SeenPod, now: Instant) -> bool {
     let uid = pod.uid().unwrap_or_else(|| pod.name_any());
     state
         .downloads
@@ -447,7 +447,7 @@ impl<'a> LazyLedger<'a> {
 /// name) replace what those pods record.
 pub(super) fn ledger(
     ctx: &Context,
-    pods: &[Arc<Pod>],
+    pods: &[Arc<SeenPod>],
     corrected: &[(String, PodPlacement)],
 ) -> Ledger {
     let (inventory, cpu_nodes) = build_inventory(
@@ -536,7 +536,11 @@ pub(super) fn fetched(d: &InferenceDeployment) -> bool {
 /// How a replica's start of `took` was spent: the scheduler's binding from the pod's
 /// `PodScheduled` condition, fetching, loading and warming up from the worker's own
 /// metrics (zeros where it could not be scraped).
-fn cold_start(pod: &Pod, took: Duration, load: Option<&WorkerLoad>) -> crate::metrics::ColdStart {
+fn cold_start(
+    pod: &SeenPod,
+    took: Duration,
+    load: Option<&WorkerLoad>,
+) -> crate::metrics::ColdStart {
     let created = pod.metadata.creation_timestamp.as_ref().map(|t| t.0);
     let scheduled = pod
         .status
@@ -562,7 +566,7 @@ fn cold_start(pod: &Pod, took: Duration, load: Option<&WorkerLoad>) -> crate::me
     }
 }
 
-fn ready_took(pod: &Pod) -> Option<Duration> {
+fn ready_took(pod: &SeenPod) -> Option<Duration> {
     let created = pod.metadata.creation_timestamp.as_ref()?.0;
     let ready = pod
         .status
@@ -583,7 +587,7 @@ fn build_inventory(
     inventories: &[Arc<GpuInventory>],
     slices: &[Arc<ResourceSlice>],
     nodes: &[Arc<Node>],
-    pods: &[Arc<Pod>],
+    pods: &[Arc<SeenPod>],
     config: &super::Config,
 ) -> (Inventory, HashSet<String>) {
     let tolerations = &config.scheduling.tolerations;
@@ -620,7 +624,7 @@ fn build_inventory(
         .collect();
     // Bytes our running replicas reserved per GPU UUID (NVML counts them as used).
     let mut reserved: HashMap<String, u64> = HashMap::new();
-    for p in pods.iter().filter_map(|p| placement_of(p)) {
+    for p in pods.iter().filter_map(placement_of) {
         for u in &p.uuids {
             *reserved.entry(u.clone()).or_default() += p.bytes_per_gpu;
         }

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use gpuscale_crds::InferenceDeployment;
 
-use super::{CacheVolume, Drain};
+use super::{CacheVolume, Drain, PodFacts};
 use k8s_openapi::api::core::v1::{
     Affinity, Capabilities, Container, ContainerPort, EmptyDirVolumeSource, HTTPGetAction,
     HostPathVolumeSource, LocalObjectReference, NodeAffinity, NodeSelector,
@@ -92,7 +92,11 @@ const CLAIM_REF: &str = "gpus";
 /// A shared replica asks for its VRAM as consumable `memory` capacity of the one GPU.
 /// Owned by the pod, as the resourceclaim controller owns the claims it makes from
 /// templates: the garbage collector removes it with the pod, and the devices with it.
-pub fn replica_claim(pod: &Pod, p: &PodPlacement, config: &super::Config) -> Option<ResourceClaim> {
+pub fn replica_claim(
+    pod: &impl kube::Resource<DynamicType = ()>,
+    p: &PodPlacement,
+    config: &super::Config,
+) -> Option<ResourceClaim> {
     let dra = config.binding.dra.as_ref()?;
     let uuids = serde_json::to_string(&p.uuids).expect("strings serialize");
     let expression = format!(
@@ -639,9 +643,10 @@ pub fn capacity_pod(
 
 /// The index of the replica capacity pod `pod` asks a node for (`None` for any other
 /// pod).
-pub fn capacity_index(pod: &Pod) -> Option<u32> {
-    pod.labels().get(LABEL_CAPACITY_FOR)?;
-    let name = pod.metadata.name.as_deref()?;
+pub fn capacity_index(pod: &impl PodFacts) -> Option<u32> {
+    let meta = pod.pod_meta();
+    meta.labels.as_ref()?.get(LABEL_CAPACITY_FOR)?;
+    let name = meta.name.as_deref()?;
     name.rsplit_once("-capacity-")?.1.parse().ok()
 }
 
@@ -749,22 +754,31 @@ pub fn service_matches(have: &Service, want: &Service) -> bool {
 }
 
 /// The placement recorded on a pod.
-pub fn placement_of(pod: &Pod) -> Option<PodPlacement> {
-    let a = pod.annotations().get(ANNOTATION_PLACEMENT)?;
+pub fn placement_of(pod: &impl PodFacts) -> Option<PodPlacement> {
+    let a = pod
+        .pod_meta()
+        .annotations
+        .as_ref()?
+        .get(ANNOTATION_PLACEMENT)?;
     serde_json::from_str(a).ok()
 }
 
 /// The replica index of a pod.
-pub fn index_of(pod: &Pod) -> Option<u32> {
-    pod.labels().get(LABEL_REPLICA)?.parse().ok()
+pub fn index_of(pod: &impl PodFacts) -> Option<u32> {
+    pod.pod_meta()
+        .labels
+        .as_ref()?
+        .get(LABEL_REPLICA)?
+        .parse()
+        .ok()
 }
 
 /// The merge patch that starts `pod`'s drain: out of the Service, with the time it
 /// began. Its UID is in the patch, a precondition (the API refuses the patch with 409
 /// where another pod now has the name), as the kubelet's status patches carry theirs.
-pub fn drain_patch(pod: &Pod, now: jiff::Timestamp) -> serde_json::Value {
+pub fn drain_patch(pod: &impl PodFacts, now: jiff::Timestamp) -> serde_json::Value {
     serde_json::json!({"metadata": {
-        "uid": pod.uid(),
+        "uid": pod.pod_meta().uid,
         "labels": {LABEL_SERVING: "false"},
         "annotations": {ANNOTATION_DRAINING_SINCE: now.to_string()},
     }})
@@ -784,7 +798,11 @@ pub const ENDPOINTS_SETTLE: std::time::Duration = std::time::Duration::from_secs
 /// How far the drain of `pod` (out of the Service by its label) has gone at `now`,
 /// with `timeout` as the drain's limit. A pod labelled out by hand, with no start
 /// recorded, has nothing to wait for.
-pub fn drain_stage(pod: &Pod, now: jiff::Timestamp, timeout: std::time::Duration) -> Drain {
+pub fn drain_stage(
+    pod: &impl PodFacts,
+    now: jiff::Timestamp,
+    timeout: std::time::Duration,
+) -> Drain {
     match drained_for(pod, now) {
         Some(t) if t > timeout => Drain::TimedOut,
         Some(t) if t < ENDPOINTS_SETTLE => Drain::Leaving,
@@ -793,9 +811,11 @@ pub fn drain_stage(pod: &Pod, now: jiff::Timestamp, timeout: std::time::Duration
 }
 
 /// How long the pod has been draining, when it records the start.
-fn drained_for(pod: &Pod, now: jiff::Timestamp) -> Option<std::time::Duration> {
+fn drained_for(pod: &impl PodFacts, now: jiff::Timestamp) -> Option<std::time::Duration> {
     let since: jiff::Timestamp = pod
-        .annotations()
+        .pod_meta()
+        .annotations
+        .as_ref()?
         .get(ANNOTATION_DRAINING_SINCE)?
         .parse()
         .ok()?;
@@ -808,26 +828,26 @@ pub fn elapsed(from: jiff::Timestamp, to: jiff::Timestamp) -> std::time::Duratio
 }
 
 /// The base URL of the pod's worker, once it has an IP.
-pub fn worker_url(pod: &Pod, port: u16) -> Option<String> {
-    let ip = pod.status.as_ref()?.pod_ip.as_ref()?;
+pub fn worker_url(pod: &impl PodFacts, port: u16) -> Option<String> {
+    let ip = pod.facts().pod_ip?;
     Some(format!("http://{ip}:{port}"))
 }
 
 /// Whether the pod's Ready condition is true.
-pub fn is_ready(pod: &Pod) -> bool {
-    pod.status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+pub fn is_ready(pod: &impl PodFacts) -> bool {
+    pod.facts()
+        .conditions
+        .iter()
+        .any(|c| c.type_ == "Ready" && c.status == "True")
 }
 
 /// Why the pod cannot run, if it cannot (failed, or its container is stuck).
-pub fn failure(pod: &Pod) -> Option<String> {
-    let status = pod.status.as_ref()?;
-    if status.phase.as_deref() == Some("Failed") {
-        return Some(status.reason.clone().unwrap_or_else(|| "pod failed".into()));
+pub fn failure(pod: &impl PodFacts) -> Option<String> {
+    let status = pod.facts();
+    if status.phase == Some("Failed") {
+        return Some(status.reason.unwrap_or("pod failed").into());
     }
-    status.container_statuses.iter().flatten().find_map(|c| {
+    status.containers.iter().find_map(|c| {
         let waiting = c.state.as_ref()?.waiting.as_ref()?;
         let reason = waiting.reason.as_deref()?;
         if ![
@@ -857,12 +877,10 @@ pub fn failure(pod: &Pod) -> Option<String> {
 
 /// The scheduler's message when it cannot place the pod (`PodScheduled=False`,
 /// reason `Unschedulable`).
-pub fn unschedulable(pod: &Pod) -> Option<String> {
+pub fn unschedulable(pod: &impl PodFacts) -> Option<String> {
     let c = pod
-        .status
-        .as_ref()?
+        .facts()
         .conditions
-        .as_ref()?
         .iter()
         .find(|c| c.type_ == "PodScheduled")?;
     (c.status == "False" && c.reason.as_deref() == Some("Unschedulable"))
@@ -875,12 +893,12 @@ pub fn unschedulable(pod: &Pod) -> Option<String> {
 /// reasons (`ErrorReasonUnexpected` in k8s.io/kubernetes/pkg/kubelet/cm/admission, and
 /// the predicate admit handler's `OutOf` prefix), which `kubectl describe pod` shows.
 /// Placing the replica there again at once would fail the same way.
-pub fn refused_at_admission(pod: &Pod) -> Option<String> {
-    let status = pod.status.as_ref()?;
-    let reason = status.reason.as_deref()?;
-    (status.phase.as_deref() == Some("Failed")
+pub fn refused_at_admission(pod: &impl PodFacts) -> Option<String> {
+    let status = pod.facts();
+    let reason = status.reason?;
+    (status.phase == Some("Failed")
         && (reason == "UnexpectedAdmissionError" || reason.starts_with("OutOf")))
-    .then(|| format!("{reason}: {}", status.message.clone().unwrap_or_default()))
+    .then(|| format!("{reason}: {}", status.message.unwrap_or_default()))
 }
 
 /// The merge patch that records a replica's placement (after a correction).
@@ -892,9 +910,11 @@ pub fn placement_patch(p: &PodPlacement) -> serde_json::Value {
 
 /// Whether `d` (this very object, by UID) controls the pod: pods of a deleted and
 /// recreated deployment of the same name are not its replicas.
-pub fn owned_by(pod: &Pod, d: &InferenceDeployment) -> bool {
+pub fn owned_by(pod: &impl PodFacts, d: &InferenceDeployment) -> bool {
     let uid = d.meta().uid.as_deref();
-    pod.owner_references()
+    pod.pod_meta()
+        .owner_references
         .iter()
+        .flatten()
         .any(|o| o.controller == Some(true) && Some(o.uid.as_str()) == uid)
 }

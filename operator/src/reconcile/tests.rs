@@ -509,7 +509,8 @@ async fn create_places_a_pinned_owned_pod_and_a_service() {
     let action = reconcile(object(&d), ctx.clone()).await.unwrap();
     assert_eq!(action, Action::requeue(Duration::from_secs(2)));
     let log = mock.finish(ctx).await;
-    let pod: Pod = serde_json::from_value(log.posts(POD_PATH)[0].clone()).unwrap();
+    let pod: k8s_openapi::api::core::v1::Pod =
+        serde_json::from_value(log.posts(POD_PATH)[0].clone()).unwrap();
     assert_eq!(pod.name_any(), "smollm-0");
     let spec = pod.spec.unwrap();
     assert_eq!(spec.node_name, None, "the scheduler binds it");
@@ -1496,7 +1497,8 @@ async fn a_node_model_is_read_by_a_probe_pod_and_the_deployment_waits() {
     let action = reconcile(object(&d), ctx.clone()).await.unwrap();
     assert_eq!(action, Action::requeue(Duration::from_secs(5)));
     let log = mock.finish(ctx).await;
-    let pod: Pod = serde_json::from_value(log.posts(POD_PATH)[0].clone()).unwrap();
+    let pod: k8s_openapi::api::core::v1::Pod =
+        serde_json::from_value(log.posts(POD_PATH)[0].clone()).unwrap();
     assert_eq!(pod.name_any(), "smollm-model-probe");
     assert!(
         !pod.labels().contains_key(LABEL_DEPLOYMENT),
@@ -1757,12 +1759,14 @@ fn node_directories_are_mounted_only_when_allowed() {
 }
 
 /// A pod as a kubelet reports it (status of Kubernetes 1.34, trimmed of nothing the
-/// kubelet sends), slimmed for the store: every reading the operator makes of it is
-/// the same before and after, and what it drops is gone.
+/// kubelet sends), read as the pod store reads it from the watch (`SeenPod`, slimmed):
+/// every reading the operator makes of it is the same as of the full `Pod`, the
+/// store's view of a pod the operator holds in full (`SeenPod::from`) is the same,
+/// and what it drops is gone.
 #[test]
 fn the_pod_store_keeps_every_field_a_pass_reads() {
-    let full = |phase: &str, waiting: Value| -> Pod {
-        serde_json::from_value(json!({
+    let full = |phase: &str, waiting: Value| -> Value {
+        json!({
             "metadata": {
                 "name": "m-0", "namespace": "ns", "uid": "u1",
                 "creationTimestamp": "2026-12-01T10:00:00Z",
@@ -1800,10 +1804,15 @@ fn the_pod_store_keeps_every_field_a_pass_reads() {
                     "volumeMounts": [{"name": "models", "mountPath": "/models"}],
                 }],
             },
-        }))
-        .unwrap()
+        })
     };
-    for pod in [
+    // Both views of one pod's JSON: the full one, and the store's.
+    let views = |json: Value| -> (k8s_openapi::api::core::v1::Pod, SeenPod) {
+        let mut seen: SeenPod = serde_json::from_value(json.clone()).unwrap();
+        seen.slim();
+        (serde_json::from_value(json).unwrap(), seen)
+    };
+    for json in [
         full(
             "Running",
             json!({"reason": "CrashLoopBackOff", "message": "back-off"}),
@@ -1811,8 +1820,8 @@ fn the_pod_store_keeps_every_field_a_pass_reads() {
         full("Failed", json!({"reason": "ContainerCreating"})),
         full("Pending", json!(null)),
     ] {
-        let mut slim = pod.clone();
-        slim_pod(&mut slim);
+        let (pod, slim) = views(json);
+        assert_eq!(slim, SeenPod::from(pod.clone()));
         assert_eq!(pods::failure(&slim), pods::failure(&pod));
         assert_eq!(pods::unschedulable(&slim), pods::unschedulable(&pod));
         assert_eq!(
@@ -1823,7 +1832,7 @@ fn the_pod_store_keeps_every_field_a_pass_reads() {
         assert_eq!(pods::worker_url(&slim, 8080), pods::worker_url(&pod, 8080));
         assert_eq!(pods::placement_of(&slim), pods::placement_of(&pod));
         assert_eq!(slim.metadata.labels, pod.metadata.labels);
-        assert_eq!(slim.spec.as_ref().unwrap().node_name.as_deref(), Some("n1"));
+        assert_eq!(slim.node_name(), Some("n1"));
         let st = slim.status.as_ref().unwrap();
         let kept: Vec<_> = st.conditions.iter().flatten().map(|c| &c.type_).collect();
         assert_eq!(kept, ["Ready", "PodScheduled"]);
@@ -1832,44 +1841,30 @@ fn the_pod_store_keeps_every_field_a_pass_reads() {
             .iter()
             .flatten()
             .all(|c| c.last_transition_time.is_some()));
-        assert!(st.pod_ips.is_none() && st.host_ip.is_none() && st.start_time.is_none());
         let c = &st.container_statuses.as_ref().unwrap()[0];
         assert!(c.image.is_empty() && c.container_id.is_none() && c.volume_mounts.is_none());
-        assert!(slim.managed_fields().is_empty());
-        let (a, b) = (
-            serde_json::to_vec(&slim).unwrap().len(),
-            serde_json::to_vec(&pod).unwrap().len(),
-        );
-        assert!(a * 3 < b * 2, "{a} bytes slimmed, {b} in all");
+        assert!(slim.metadata.managed_fields.is_none());
     }
+    // What each pod costs in the store before any of its fields is set.
+    let (seen, pod) = (
+        std::mem::size_of::<SeenPod>(),
+        std::mem::size_of::<k8s_openapi::api::core::v1::Pod>(),
+    );
+    assert!(seen * 3 < pod, "a SeenPod is {seen} bytes, a Pod {pod}");
     // A model probe's result is its container's termination message.
     let summary = r#"{"architecture":"llama","parameters":8030261248,"layers":32,"embedding":4096,"heads":32,"kvHeads":8,"headDim":128,"feedForward":14336,"contextLength":8192,"vocab":128256,"weightBytes":4661211136,"tensorBytes":{"Q4_0":3593105408},"tokenizer":"gpt2","chatTemplate":true}"#;
     for (code, message) in [(0, summary), (2, r#"{"error": "not a GGUF file"}"#)] {
         let mut probe = full("Succeeded", json!(null));
-        probe
-            .status
-            .as_mut()
-            .unwrap()
-            .container_statuses
-            .as_mut()
-            .unwrap()[0]
-            .state = serde_json::from_value(json!({"terminated": {
-                "exitCode": code, "reason": "Completed", "message": message,
-                "containerID": "containerd://0124", "startedAt": "2026-12-01T10:00:01Z"}}))
-        .unwrap();
-        let mut slim = probe.clone();
-        slim_pod(&mut slim);
+        probe["status"]["containerStatuses"][0]["state"] = json!({"terminated": {
+            "exitCode": code, "reason": "Completed", "message": message,
+            "containerID": "containerd://0124", "startedAt": "2026-12-01T10:00:01Z"}});
+        let (probe, slim) = views(probe);
         let (a, b) = (model::finished(&slim), model::finished(&probe));
         assert_eq!(b.as_ref().map(|r| r.is_ok()), Some(code == 0), "{b:?}");
         assert_eq!(format!("{a:?}"), format!("{b:?}"));
     }
     assert_eq!(
-        pods::failure(&{
-            let mut p = full("Running", json!({"reason": "CrashLoopBackOff"}));
-            slim_pod(&mut p);
-            p
-        })
-        .as_deref(),
+        pods::failure(&views(full("Running", json!({"reason": "CrashLoopBackOff"}))).1).as_deref(),
         Some("CrashLoopBackOff: model file is corrupt")
     );
 }
