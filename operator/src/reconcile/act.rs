@@ -11,10 +11,13 @@ use kube::ResourceExt;
 use tracing::info;
 
 use super::decide::{Decided, Todo};
+use super::observe::observe;
 use super::observe::World;
 use super::pods::*;
 use super::report::publish;
-use super::{key_of, Context, Drain, Error, PodFacts, SeenPod, FIELD_MANAGER};
+use super::{
+    key_of, plan, Context, Error, PodFacts, Replica, SeenPod, Step, Targets, Version, FIELD_MANAGER,
+};
 
 /// Act: the decided API steps, in order, then the Service. Returns the replicas created
 /// and the first error (the steps after it are left for the next pass).
@@ -298,34 +301,47 @@ fn gone(e: &kube::Error) -> bool {
 }
 
 /// On deletion: drain every replica, delete each once it is empty, then let the
-/// finalizer go (the owner references then collect the Service).
+/// finalizer go (the owner references then collect the Service, and any capacity
+/// request or model probe pod). The replicas go by the plan's own rule, as a plan
+/// towards no replica: a ready replica is drained, a loading or failed one deleted,
+/// a drained one deleted once out of every endpoint list and empty, or timed out.
 pub(super) async fn cleanup(d: &InferenceDeployment, ctx: &Context) -> Result<Action, Error> {
     let ns = d.namespace().unwrap_or_default();
     let pods_api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
-    let (_, now) = ctx.clock.now();
-    let mut remaining = 0;
-    for pod in &ctx.cache.owned(&d.uid().unwrap_or_default()) {
-        remaining += 1;
-        if pod.metadata.deletion_timestamp.is_some() {
-            continue;
-        }
-        let serving = pod.labels().get(LABEL_SERVING).map(String::as_str) != Some("false");
-        if serving && is_ready(pod) {
-            drain_pod(&pods_api, pod, now).await?;
-            continue;
-        }
-        let stage = drain_stage(pod, now, ctx.config.drain_timeout);
-        let load = match worker_url(pod, d.spec.worker.port) {
-            Some(url) if is_ready(pod) && stage == Drain::Out => ctx.scraper.load(&url).await.ok(),
-            _ => None,
-        };
-        if !is_ready(pod) || stage == Drain::TimedOut || load.is_some_and(|l| l.in_flight() == 0.0)
-        {
-            delete_pod(ctx, &pods_api, pod, DeleteParams::default()).await?;
+    let slot = ctx.slot(d);
+    let mut state = slot.lock().await;
+    let (now, wall) = ctx.clock.now();
+    let world = Box::pin(observe(d, ctx, &mut state, now, wall)).await;
+    let replicas: Vec<Replica> = world
+        .seen
+        .iter()
+        .map(|s| Replica {
+            index: s.index,
+            phase: s.phase,
+            version: Version::Stable,
+            in_flight: s.load.as_ref().map(|l| l.in_flight()),
+            exit_priority: 0,
+        })
+        .collect();
+    let pod_of = |i: u32| world.seen.iter().find(|s| s.index == i).map(|s| &s.pod);
+    for step in plan(&replicas, &Targets::stable(0, 0)) {
+        match step {
+            Step::Drain(i) => {
+                if let Some(pod) = pod_of(i) {
+                    drain_pod(&pods_api, pod, wall).await?;
+                }
+            }
+            Step::Delete(i) => {
+                if let Some(pod) = pod_of(i) {
+                    delete_pod(ctx, &pods_api, pod, DeleteParams::default()).await?;
+                }
+            }
+            // A plan towards no replica creates none.
+            Step::Create(..) => {}
         }
     }
-    if remaining > 0 {
-        return Err(Error::Draining(remaining));
+    if !world.seen.is_empty() {
+        return Err(Error::Draining(world.seen.len()));
     }
     let key = key_of(d);
     if let Some(uid) = d.uid() {

@@ -845,6 +845,56 @@ async fn delete_drains_every_replica_before_the_finalizer_goes() {
     );
 }
 
+/// Deleting a deployment follows the plan's rule towards no replica: a loading replica
+/// is deleted at once, a ready one drained, a drained one deleted once out of every
+/// endpoint list and empty, and one that left the Service a moment ago kept.
+#[tokio::test]
+async fn delete_removes_each_replica_by_the_plan_s_rule() {
+    let mut d = deployment(json!({"minReplicas": 1, "maxReplicas": 4}));
+    d.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+        jiff::Timestamp::now(),
+    ));
+    let now = jiff::Timestamp::now();
+    let ago = |s: i64| json!((now - jiff::SignedDuration::from_secs(s)).to_string());
+    // The fixture's node has three GPUs: the loading replica is not placed on one.
+    let mut loading = pod(&d, 1, 1, "10.0.0.2", json!({}));
+    loading["status"]["conditions"] = json!([]);
+    loading["metadata"]["annotations"] = json!({});
+    let mut out = pod(&d, 2, 1, "10.0.0.3", json!({LABEL_SERVING: "false"}));
+    out["metadata"]["annotations"][ANNOTATION_DRAINING_SINCE] = ago(60);
+    let mut leaving = pod(&d, 3, 2, "10.0.0.4", json!({LABEL_SERVING: "false"}));
+    leaving["metadata"]["annotations"][ANNOTATION_DRAINING_SINCE] = ago(1);
+    let (client, mock) = Mock::start(vec![delete(2), delete(1), drain(0)]);
+    let pods = vec![pod(&d, 0, 0, "10.0.0.1", json!({})), loading, out, leaving];
+    let ctx = context(
+        client,
+        cache(pods),
+        &[
+            ("http://10.0.0.1:8080", 2.0),
+            ("http://10.0.0.2:8080", 0.0),
+            ("http://10.0.0.3:8080", 0.0),
+            ("http://10.0.0.4:8080", 0.0),
+        ],
+        TestClock::new(),
+    );
+    let e = reconcile(object(&d), ctx.clone()).await.unwrap_err();
+    assert!(matches!(e, Error::Draining(4)), "{e}");
+    let log = mock.finish(ctx).await;
+    let done: Vec<(String, String)> = log
+        .requests
+        .iter()
+        .map(|r| (r.method.to_string(), r.path.clone()))
+        .collect();
+    assert_eq!(
+        done,
+        [
+            ("DELETE".into(), format!("{POD_PATH}/smollm-2")),
+            ("DELETE".into(), format!("{POD_PATH}/smollm-1")),
+            ("PATCH".into(), format!("{POD_PATH}/smollm-0")),
+        ]
+    );
+}
+
 #[test]
 fn a_replica_on_four_gpus_splits_its_model_over_all_four() {
     let mut d = deployment(json!({"minReplicas": 1, "maxReplicas": 1}));
