@@ -169,51 +169,37 @@ pub trait PodFacts {
     fn facts(&self) -> Facts<'_>;
 }
 
-/// The [`Facts`] of a status with `SeenStatus`'s fields: `PodStatus` has them under
-/// the same names.
-macro_rules! facts_of {
-    ($status:expr) => {
-        match $status {
-            None => Facts::default(),
-            Some(s) => Facts {
-                phase: s.phase.as_deref(),
-                reason: s.reason.as_deref(),
-                message: s.message.as_deref(),
-                pod_ip: s.pod_ip.as_deref(),
-                conditions: s.conditions.as_deref().unwrap_or_default(),
-                containers: s.container_statuses.as_deref().unwrap_or_default(),
-            },
+/// `PodFacts` for a pod type with `Pod`'s field names: `SeenPod` keeps them, so the
+/// one reading serves both.
+macro_rules! facts_of_fields {
+    ($($t:ty),*) => {$(
+        impl PodFacts for $t {
+            fn pod_meta(&self) -> &ObjectMeta {
+                &self.metadata
+            }
+
+            fn node_name(&self) -> Option<&str> {
+                self.spec.as_ref()?.node_name.as_deref()
+            }
+
+            fn facts(&self) -> Facts<'_> {
+                let Some(s) = self.status.as_ref() else {
+                    return Facts::default();
+                };
+                Facts {
+                    phase: s.phase.as_deref(),
+                    reason: s.reason.as_deref(),
+                    message: s.message.as_deref(),
+                    pod_ip: s.pod_ip.as_deref(),
+                    conditions: s.conditions.as_deref().unwrap_or_default(),
+                    containers: s.container_statuses.as_deref().unwrap_or_default(),
+                }
+            }
         }
-    };
+    )*};
 }
 
-impl PodFacts for SeenPod {
-    fn pod_meta(&self) -> &ObjectMeta {
-        &self.metadata
-    }
-
-    fn node_name(&self) -> Option<&str> {
-        self.spec.as_ref()?.node_name.as_deref()
-    }
-
-    fn facts(&self) -> Facts<'_> {
-        facts_of!(self.status.as_ref())
-    }
-}
-
-impl PodFacts for Pod {
-    fn pod_meta(&self) -> &ObjectMeta {
-        &self.metadata
-    }
-
-    fn node_name(&self) -> Option<&str> {
-        self.spec.as_ref()?.node_name.as_deref()
-    }
-
-    fn facts(&self) -> Facts<'_> {
-        facts_of!(self.status.as_ref())
-    }
-}
+facts_of_fields!(SeenPod, Pod);
 
 /// A reference to a pod reads as the pod: `&Pod` in iterator adaptors, `Arc`s from
 /// the store.
