@@ -15,12 +15,12 @@ use std::time::{Duration, Instant};
 
 use gpuscale_crds::GpuInventory;
 use k8s_openapi::api::core::v1::{Node, Pod, Service};
-
-use super::SeenPod;
 use k8s_openapi::api::resource::v1::{ResourceClaim, ResourceSlice};
 use kube::runtime::reflector::{self, store::Writer, Store};
 use kube::runtime::watcher;
 use kube::ResourceExt;
+
+use super::SeenPod;
 
 /// How long a created pod is expected before the store must have shown it: five
 /// minutes, the ReplicaSet controller's `ExpectationsTimeout`
