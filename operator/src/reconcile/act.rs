@@ -311,7 +311,9 @@ pub(super) async fn cleanup(d: &InferenceDeployment, ctx: &Context) -> Result<Ac
     let slot = ctx.slot(d);
     let mut state = slot.lock().await;
     let (now, wall) = ctx.clock.now();
-    let world = Box::pin(observe(d, ctx, &mut state, now, wall)).await;
+    let mut world = Box::pin(observe(d, ctx, &mut state, now, wall)).await;
+    // In index order, so that the API sees the same steps in the same order each pass.
+    world.seen.sort_by_key(|s| s.index);
     let replicas: Vec<Replica> = world
         .seen
         .iter()

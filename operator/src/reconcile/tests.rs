@@ -860,6 +860,8 @@ async fn delete_removes_each_replica_by_the_plan_s_rule() {
     let mut loading = pod(&d, 1, 1, "10.0.0.2", json!({}));
     loading["status"]["conditions"] = json!([]);
     loading["metadata"]["annotations"] = json!({});
+    // Made just now: loading, not stuck (a replica loading for days has failed).
+    loading["metadata"]["creationTimestamp"] = json!(now.to_string());
     let mut out = pod(&d, 2, 1, "10.0.0.3", json!({LABEL_SERVING: "false"}));
     out["metadata"]["annotations"][ANNOTATION_DRAINING_SINCE] = ago(60);
     let mut leaving = pod(&d, 3, 2, "10.0.0.4", json!({LABEL_SERVING: "false"}));
