@@ -317,13 +317,7 @@ pub(super) async fn cleanup(d: &InferenceDeployment, ctx: &Context) -> Result<Ac
     let replicas: Vec<Replica> = world
         .seen
         .iter()
-        .map(|s| Replica {
-            index: s.index,
-            phase: s.phase,
-            version: Version::Stable,
-            in_flight: s.load.as_ref().map(|l| l.in_flight()),
-            exit_priority: 0,
-        })
+        .map(|s| s.replica(Version::Stable))
         .collect();
     let pod_of = |i: u32| world.seen.iter().find(|s| s.index == i).map(|s| &s.pod);
     for step in plan(&replicas, &Targets::stable(0, 0)) {

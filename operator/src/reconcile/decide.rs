@@ -186,13 +186,7 @@ pub(super) fn decide(
     let mut replicas: Vec<Replica> = world
         .seen
         .iter()
-        .map(|s| Replica {
-            index: s.index,
-            phase: s.phase,
-            version: version_of(&s.revision),
-            in_flight: s.load.as_ref().map(|l| l.in_flight()),
-            exit_priority: 0,
-        })
+        .map(|s| s.replica(version_of(&s.revision)))
         .collect();
     // Which replica a scale-down removes depends on what its exit frees for the
     // fleet: read from the ledger, built only when some replica is in excess.

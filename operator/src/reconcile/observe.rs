@@ -9,7 +9,7 @@ use k8s_openapi::api::core::v1::{Node, Taint, Toleration};
 use kube::ResourceExt;
 
 use super::pods::{self, *};
-use super::{Context, DeploymentState, Drain, Phase, SeenPod};
+use super::{Context, DeploymentState, Drain, Phase, Replica, SeenPod, Version};
 use crate::autoscale::Params;
 use crate::inventory::{
     from_gfd_labels, from_gpu_inventory, from_resource_slices, Binding, Inventory,
@@ -29,6 +29,20 @@ pub(super) struct Seen {
     pub(super) placement: Option<PodPlacement>,
     pub(super) load: Option<WorkerLoad>,
     pub(super) failure: Option<String>,
+}
+
+impl Seen {
+    /// The replica the plan reads, as running `version`: its exit priority is set
+    /// later, where a scale-down asks for one.
+    pub(super) fn replica(&self, version: Version) -> Replica {
+        Replica {
+            index: self.index,
+            phase: self.phase,
+            version,
+            in_flight: self.load.as_ref().map(WorkerLoad::in_flight),
+            exit_priority: 0,
+        }
+    }
 }
 
 /// What one pass observed of its deployment. (What the whole cluster holds is the
