@@ -319,23 +319,36 @@ impl Engine {
         if self.placed.contains_key(&p.replica) {
             return Ok(());
         }
-        let ni = self
-            .node_index(&p.node)
-            .ok_or_else(|| AdoptError::NodeGone(p.node.clone()))?;
-        let mut slots = Vec::with_capacity(p.gpus.len());
-        for &g in &p.gpus {
-            let gi = self.nodes[ni]
-                .gpus
-                .iter()
-                .position(|s| s.index == g)
-                .ok_or_else(|| AdoptError::GpuGone {
-                    node: p.node.clone(),
-                    gpu: g,
-                })?;
-            slots.push(gi);
-        }
+        let (ni, slots) = self.slots(&p.node, &p.gpus)?;
         self.commit(ni, &slots, p);
         Ok(())
+    }
+
+    /// Whether a placement on `gpus` of `node` could be adopted (both still exist),
+    /// without recording it.
+    pub fn adoptable(&self, node: &str, gpus: &[u32]) -> Result<(), AdoptError> {
+        self.slots(node, gpus).map(drop)
+    }
+
+    /// The node's index and the GPUs' slots on it.
+    fn slots(&self, node: &str, gpus: &[u32]) -> Result<(usize, Vec<usize>), AdoptError> {
+        let ni = self
+            .node_index(node)
+            .ok_or_else(|| AdoptError::NodeGone(node.to_string()))?;
+        let slots = gpus
+            .iter()
+            .map(|&g| {
+                self.nodes[ni]
+                    .gpus
+                    .iter()
+                    .position(|s| s.index == g)
+                    .ok_or_else(|| AdoptError::GpuGone {
+                        node: node.to_string(),
+                        gpu: g,
+                    })
+            })
+            .collect::<Result<_, _>>()?;
+        Ok((ni, slots))
     }
 
     /// Places a replica, or says why it cannot. A replica already placed gets its

@@ -268,6 +268,23 @@ fn release_frees_and_existing_placements_are_adopted_not_moved() {
         }),
         Err(AdoptError::NodeGone("gone".into()))
     );
+    // Asked without adopting, the same answers, and nothing is recorded.
+    let bare = Engine::new(&inv(vec![nvswitch_node("a", 2, "H100", 80)]));
+    assert_eq!(bare.adoptable("a", &[1]), Ok(()));
+    assert_eq!(
+        bare.adoptable("gone", &[1]),
+        Err(AdoptError::NodeGone("gone".into()))
+    );
+    assert_eq!(
+        bare.adoptable("a", &[0, 7]),
+        Err(AdoptError::GpuGone {
+            node: "a".into(),
+            gpu: 7
+        })
+    );
+    assert!(bare
+        .gpu_usage()
+        .all(|(_, _, reserved, _, owners, _)| reserved == 0 && owners == 0));
     assert_eq!(e.release(&p.replica), Some(p));
     assert!(e
         .gpu_usage()

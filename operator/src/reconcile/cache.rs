@@ -20,7 +20,7 @@ use kube::runtime::reflector::{self, store::Writer, Store};
 use kube::runtime::watcher;
 use kube::ResourceExt;
 
-use super::SeenPod;
+use super::{SeenNode, SeenPod};
 
 /// How long a created pod is expected before the store must have shown it: five
 /// minutes, the ReplicaSet controller's `ExpectationsTimeout`
@@ -173,7 +173,7 @@ pub struct Cache {
     pub(super) pods: Scoped<SeenPod>,
     /// Each pod store's index by controller (one per watched namespace, or one).
     owners: Arc<RwLock<Vec<Arc<RwLock<OwnerIndex>>>>>,
-    pub(super) nodes: Store<Node>,
+    pub(super) nodes: Store<SeenNode>,
     pub(super) inventories: Store<GpuInventory>,
     pub(super) services: Scoped<Service>,
     /// The DRA drivers' ResourceSlices (empty where DRA is off or not served).
@@ -190,7 +190,7 @@ pub struct Cache {
 /// The writers behind a `Cache`'s cluster-wide stores, consumed by the reflectors in
 /// `run` (which makes the namespaced stores, one per watched namespace).
 pub struct Writers {
-    pub(super) nodes: Writer<Node>,
+    pub(super) nodes: Writer<SeenNode>,
     pub(super) inventories: Writer<GpuInventory>,
     pub(super) slices: Writer<ResourceSlice>,
 }
@@ -284,7 +284,7 @@ impl Cache {
         Cache {
             pods: Scoped::of(filled(pods)),
             owners: Arc::new(RwLock::new(vec![Arc::new(RwLock::new(owners))])),
-            nodes: filled(nodes),
+            nodes: filled(nodes.into_iter().map(SeenNode::from).collect()),
             inventories: filled(inventories),
             services: Scoped::of(filled(Vec::new())),
             slices: filled(Vec::new()),
@@ -472,7 +472,7 @@ impl Cache {
     }
 
     /// The nodes.
-    pub fn nodes(&self) -> Vec<Arc<Node>> {
+    pub fn nodes(&self) -> Vec<Arc<SeenNode>> {
         self.nodes.state()
     }
 

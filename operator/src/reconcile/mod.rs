@@ -37,7 +37,7 @@ pub use cache::Cache;
 use cache::Writers;
 pub use model::{declared_need, probe_pod, LABEL_PROBE_OF};
 pub use plan::{plan, Drain, Phase, Replica, Step, Targets, Version};
-pub use seen::{Facts, PodFacts, SeenPod};
+pub use seen::{ConditionStatus, Facts, PodFacts, SeenNode, SeenPod};
 pub use stored::Stored;
 
 use act::{act, cleanup};
@@ -52,7 +52,6 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use gpuscale_crds::{GpuInventory, InferenceDeployment};
-use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::api::resource::v1::ResourceSlice;
 use kube::api::Api;
 use kube::runtime::controller::{Action, Controller};
@@ -575,54 +574,67 @@ pub async fn reconcile(obj: Arc<Stored>, ctx: Arc<Context>) -> Result<Action, Er
         // The deployment as it is now: a spec change made while this pass waited is
         // acted on in this pass, not after one more wait.
         let obj = ctx.latest(&obj).unwrap_or(obj);
-        let started = Instant::now();
-        tracing::debug!(
-            waited_ms = started.duration_since(asked).as_millis() as u64,
-            "pass placed"
-        );
-        let d = match obj.read() {
-            Ok(d) => Arc::new(pods::with_image(d, &ctx.config)),
-            Err(why) => {
-                unreadable(&obj, &why, &ctx).await;
-                ctx.metrics
-                    .reconciled(started.elapsed(), Outcome::Unreadable);
-                // Retried when it changes (a fixed spec), and now and then meanwhile.
-                return Ok(Action::requeue(Duration::from_secs(300)));
-            }
-        };
-        let api: Api<InferenceDeployment> =
-            Api::namespaced(ctx.client.clone(), &d.namespace().unwrap_or_default());
-        let result = async {
-            let Some(d) = with_finalizer_seen(&api, d, &ctx.config).await? else {
-                // Deleted meanwhile: its deletion event brings the last pass.
-                return Ok(Action::await_change());
-            };
-            finalizer(&api, FINALIZER, d, |event| async {
-                match event {
-                    Finalizer::Apply(d) => apply(&d, &ctx).await,
-                    Finalizer::Cleanup(d) => Box::pin(cleanup(&d, &ctx)).await,
-                }
-            })
-            .await
-            .map_err(|e| match e {
-                kube::runtime::finalizer::Error::ApplyFailed(e)
-                | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
-                other => Error::Finalizer(Box::new(other)),
-            })
-        }
-        .await;
-        let outcome = match &result {
-            Ok(_) => Outcome::Ok,
-            Err(e) => e.outcome(),
-        };
-        ctx.metrics.reconciled(started.elapsed(), outcome);
-        if result.is_ok() {
-            ctx.failures.lock().expect("failures lock").remove(&key);
-        }
-        result
+        // Boxed: kube-runtime spawns a task per pass asked, a thousand wait at the gate
+        // at fleet scale, and a task's cell is sized for its future's largest state
+        // (inline, 10 KB a waiting pass).
+        Box::pin(pass(obj, &ctx, key, asked)).await
     }
     .instrument(span)
     .await
+}
+
+/// The pass itself, once it has its place.
+async fn pass(
+    obj: Arc<Stored>,
+    ctx: &Arc<Context>,
+    key: String,
+    asked: Instant,
+) -> Result<Action, Error> {
+    let started = Instant::now();
+    tracing::debug!(
+        waited_ms = started.duration_since(asked).as_millis() as u64,
+        "pass placed"
+    );
+    let d = match obj.read() {
+        Ok(d) => Arc::new(pods::with_image(d, &ctx.config)),
+        Err(why) => {
+            unreadable(&obj, &why, ctx).await;
+            ctx.metrics
+                .reconciled(started.elapsed(), Outcome::Unreadable);
+            // Retried when it changes (a fixed spec), and now and then meanwhile.
+            return Ok(Action::requeue(Duration::from_secs(300)));
+        }
+    };
+    let api: Api<InferenceDeployment> =
+        Api::namespaced(ctx.client.clone(), &d.namespace().unwrap_or_default());
+    let result = async {
+        let Some(d) = with_finalizer_seen(&api, d, &ctx.config).await? else {
+            // Deleted meanwhile: its deletion event brings the last pass.
+            return Ok(Action::await_change());
+        };
+        finalizer(&api, FINALIZER, d, |event| async {
+            match event {
+                Finalizer::Apply(d) => apply(&d, ctx).await,
+                Finalizer::Cleanup(d) => Box::pin(cleanup(&d, ctx)).await,
+            }
+        })
+        .await
+        .map_err(|e| match e {
+            kube::runtime::finalizer::Error::ApplyFailed(e)
+            | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
+            other => Error::Finalizer(Box::new(other)),
+        })
+    }
+    .await;
+    let outcome = match &result {
+        Ok(_) => Outcome::Ok,
+        Err(e) => e.outcome(),
+    };
+    ctx.metrics.reconciled(started.elapsed(), outcome);
+    if result.is_ok() {
+        ctx.failures.lock().expect("failures lock").remove(&key);
+    }
+    result
 }
 
 /// `d`, or where the cached copy lacks the finalizer, the copy the API server holds
@@ -782,8 +794,11 @@ pub async fn run(ctx: Arc<Context>, namespaces: Vec<String>) {
     }
     let nodes = reflector::reflector(
         writers.nodes,
-        watcher::watcher(Api::<Node>::all(client.clone()), watcher::Config::default())
-            .modify(slim_node),
+        watcher::watcher(
+            Api::<SeenNode>::all(client.clone()),
+            watcher::Config::default(),
+        )
+        .modify(SeenNode::slim),
     );
     let inventories = reflector::reflector(
         writers.inventories,
@@ -863,15 +878,6 @@ fn slim_deployment(d: &mut Stored) {
     d.managed_fields_mut().clear();
     d.annotations_mut()
         .remove("kubectl.kubernetes.io/last-applied-configuration");
-}
-
-/// What the node store keeps of a node: no managed fields and no list of images
-/// (on a real node, up to 50 image names and digests that nothing here reads).
-fn slim_node(node: &mut Node) {
-    node.managed_fields_mut().clear();
-    if let Some(status) = node.status.as_mut() {
-        status.images = None;
-    }
 }
 
 /// Whether the API server serves DRA's resource.k8s.io/v1 (GA in Kubernetes 1.34).

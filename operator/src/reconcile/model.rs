@@ -274,11 +274,7 @@ pub(super) async fn remove_probes(d: &InferenceDeployment, ctx: &Context) -> Res
 /// message holds, or the error.
 pub(super) fn finished(pod: &impl PodFacts) -> Option<Result<gguf::ModelSummary, String>> {
     let status = pod.facts();
-    let terminated = status
-        .containers
-        .iter()
-        .find_map(|c| c.state.as_ref()?.terminated.clone());
-    let Some(t) = terminated else {
+    let Some((exit_code, message)) = status.containers().find_map(|c| c.terminated) else {
         // Failed before its container ran (admission, eviction, deadline).
         return (status.phase == Some("Failed")).then(|| {
             Err(format!(
@@ -288,8 +284,8 @@ pub(super) fn finished(pod: &impl PodFacts) -> Option<Result<gguf::ModelSummary,
             ))
         });
     };
-    let message = t.message.unwrap_or_default();
-    if t.exit_code == 0 {
+    let message = message.unwrap_or_default().to_string();
+    if exit_code == 0 {
         return Some(serde_json::from_str(&message).map_err(|e| {
             format!("the probe's termination message is not a model summary ({e}): {message}")
         }));
@@ -298,7 +294,7 @@ pub(super) fn finished(pod: &impl PodFacts) -> Option<Result<gguf::ModelSummary,
         .ok()
         .and_then(|v| v["error"].as_str().map(str::to_string))
         .unwrap_or(message);
-    Some(Err(format!("inspect exited with {}: {error}", t.exit_code)))
+    Some(Err(format!("inspect exited with {exit_code}: {error}")))
 }
 
 /// Why an unfinished probe is stuck: the scheduler's message or its container's wait.
@@ -307,14 +303,13 @@ fn stuck_reason(pod: &impl PodFacts) -> String {
         return format!("the scheduler cannot place it: {m}");
     }
     pod.facts()
-        .containers
-        .iter()
+        .containers()
         .find_map(|c| {
-            let w = c.state.as_ref()?.waiting.as_ref()?;
+            let (reason, message) = c.waiting?;
             Some(format!(
                 "{} {}",
-                w.reason.clone().unwrap_or_default(),
-                w.message.clone().unwrap_or_default()
+                reason.unwrap_or_default(),
+                message.unwrap_or_default()
             ))
         })
         .unwrap_or_else(|| "still pending".into())

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use gpuscale_crds::InferenceDeployment;
 
-use super::{CacheVolume, Drain, PodFacts};
+use super::{CacheVolume, ConditionStatus, Drain, PodFacts};
 use k8s_openapi::api::core::v1::{
     Affinity, Capabilities, Container, ContainerPort, EmptyDirVolumeSource, HTTPGetAction,
     HostPathVolumeSource, LocalObjectReference, NodeAffinity, NodeSelector,
@@ -836,9 +836,8 @@ pub fn worker_url(pod: &impl PodFacts, port: u16) -> Option<String> {
 /// Whether the pod's Ready condition is true.
 pub fn is_ready(pod: &impl PodFacts) -> bool {
     pod.facts()
-        .conditions
-        .iter()
-        .any(|c| c.type_ == "Ready" && c.status == "True")
+        .ready
+        .is_some_and(|c| c.status == ConditionStatus::True)
 }
 
 /// Why the pod cannot run, if it cannot (failed, or its container is stuck).
@@ -847,9 +846,9 @@ pub fn failure(pod: &impl PodFacts) -> Option<String> {
     if status.phase == Some("Failed") {
         return Some(status.reason.unwrap_or("pod failed").into());
     }
-    status.containers.iter().find_map(|c| {
-        let waiting = c.state.as_ref()?.waiting.as_ref()?;
-        let reason = waiting.reason.as_deref()?;
+    status.containers().find_map(|c| {
+        let (reason, message) = c.waiting?;
+        let reason = reason?;
         if ![
             "CrashLoopBackOff",
             "ImagePullBackOff",
@@ -862,15 +861,10 @@ pub fn failure(pod: &impl PodFacts) -> Option<String> {
         }
         // The last run's termination message says why it stopped; the waiting
         // message only says that the kubelet backs off.
-        let last = c
-            .last_state
-            .as_ref()
-            .and_then(|s| s.terminated.as_ref())
-            .and_then(|t| t.message.clone())
-            .filter(|m| !m.trim().is_empty());
+        let last = c.last_message.filter(|m| !m.trim().is_empty());
         Some(format!(
             "{reason}: {}",
-            last.or_else(|| waiting.message.clone()).unwrap_or_default()
+            last.or(message).unwrap_or_default()
         ))
     })
 }
@@ -878,13 +872,9 @@ pub fn failure(pod: &impl PodFacts) -> Option<String> {
 /// The scheduler's message when it cannot place the pod (`PodScheduled=False`,
 /// reason `Unschedulable`).
 pub fn unschedulable(pod: &impl PodFacts) -> Option<String> {
-    let c = pod
-        .facts()
-        .conditions
-        .iter()
-        .find(|c| c.type_ == "PodScheduled")?;
-    (c.status == "False" && c.reason.as_deref() == Some("Unschedulable"))
-        .then(|| c.message.clone().unwrap_or_default())
+    let c = pod.facts().scheduled?;
+    (c.status == ConditionStatus::False && c.reason == Some("Unschedulable"))
+        .then(|| c.message.unwrap_or_default().to_string())
 }
 
 /// Why the node's kubelet refused the pod at admission, if it did: the pod fails with

@@ -3,6 +3,8 @@
 //! `placement_of`, …) read the store's pods and `k8s_openapi` pods alike (the
 //! simulator, the router and the tests hold the latter).
 //!
+//! The node store keeps a [`SeenNode`] the same way.
+//!
 //! A pass reads a pod's metadata, its node and a few of its status fields, never the
 //! rest of its spec nor its managed fields, which are most of its bytes. A
 //! `k8s_openapi` `Pod` is 2,248 bytes before any field is set (1,440 of them the
@@ -12,16 +14,16 @@
 //! fields it does not name without building them) and keeps only these.
 
 use std::borrow::Cow;
+use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::{
-    ContainerState, ContainerStateTerminated, ContainerStatus, Pod, PodCondition,
-};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use k8s_openapi::NamespaceResourceScope;
+use k8s_openapi::api::core::v1::{ContainerStatus, Node, Pod, PodCondition, PodStatus, Taint};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+use k8s_openapi::{ClusterResourceScope, NamespaceResourceScope};
 use serde::Deserialize;
 
 /// A pod as the operator's store keeps it (see the module comment). Deserialized from
-/// the API's pod JSON; [`SeenPod::slim`] then drops what serde still had to build.
+/// the API's pod JSON; [`SeenPod::slim`] then drops the managed fields.
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 pub struct SeenPod {
     #[serde(default)]
@@ -37,17 +39,173 @@ pub struct SeenSpec {
     pub node_name: Option<String>,
 }
 
-/// Of a pod's status, what `pods.rs`, `observe.rs` and `model.rs` read.
+/// Of a pod's status, what `pods.rs`, `observe.rs` and `model.rs` read: of its
+/// conditions only Ready and PodScheduled, of its containers only their waiting or
+/// terminated state and the last termination's message (why it is failing; a model
+/// probe's summary is its termination message). `k8s_openapi`'s `PodCondition` and
+/// `ContainerStatus` hold every field the API defines (a container status alone
+/// carries its image, image ID, container ID, resources and volume mounts): about
+/// 1 KB a pod in the store even when emptied.
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
-#[serde(rename_all = "camelCase")]
+#[serde(from = "WireStatus")]
 pub struct SeenStatus {
     pub phase: Option<String>,
     pub reason: Option<String>,
     pub message: Option<String>,
-    #[serde(rename = "podIP")]
     pub pod_ip: Option<String>,
-    pub conditions: Option<Vec<PodCondition>>,
-    pub container_statuses: Option<Vec<ContainerStatus>>,
+    /// The Ready condition.
+    pub ready: Option<SeenCondition>,
+    /// The PodScheduled condition.
+    pub scheduled: Option<SeenCondition>,
+    pub containers: Box<[SeenContainer]>,
+}
+
+/// One of the two conditions kept.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SeenCondition {
+    pub status: ConditionStatus,
+    pub reason: Option<String>,
+    pub message: Option<String>,
+    /// `lastTransitionTime`: when it became what it is.
+    pub since: Option<Time>,
+}
+
+impl SeenCondition {
+    fn facts(&self) -> ConditionFacts<'_> {
+        ConditionFacts {
+            status: self.status,
+            reason: self.reason.as_deref(),
+            message: self.message.as_deref(),
+            since: self.since.as_ref().map(|t| t.0),
+        }
+    }
+}
+
+/// A condition's status, as the API defines it ("True", "False" or "Unknown"; any
+/// other text reads as Unknown).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConditionStatus {
+    True,
+    False,
+    Unknown,
+}
+
+impl ConditionStatus {
+    fn of(text: &str) -> ConditionStatus {
+        match text {
+            "True" => ConditionStatus::True,
+            "False" => ConditionStatus::False,
+            _ => ConditionStatus::Unknown,
+        }
+    }
+}
+
+/// Of a container's status, what is read.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SeenContainer {
+    pub waiting: Option<Waiting>,
+    pub terminated: Option<Terminated>,
+    /// The last run's termination message.
+    pub last_message: Option<String>,
+}
+
+/// A container waiting to run, and why (`CrashLoopBackOff`, `ImagePullBackOff`, …).
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+pub struct Waiting {
+    pub reason: Option<String>,
+    pub message: Option<String>,
+}
+
+/// A container that ran and ended.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Terminated {
+    #[serde(default)]
+    pub exit_code: i32,
+    pub message: Option<String>,
+}
+
+/// A pod's status as the API sends it, of which serde builds only the fields named
+/// here.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct WireStatus {
+    phase: Option<String>,
+    reason: Option<String>,
+    message: Option<String>,
+    #[serde(rename = "podIP")]
+    pod_ip: Option<String>,
+    #[serde(default)]
+    conditions: Vec<WireCondition>,
+    #[serde(default)]
+    container_statuses: Vec<WireContainer>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct WireCondition {
+    #[serde(rename = "type")]
+    type_: String,
+    status: String,
+    reason: Option<String>,
+    message: Option<String>,
+    last_transition_time: Option<Time>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct WireContainer {
+    state: Option<WireState>,
+    last_state: Option<WireState>,
+}
+
+#[derive(Deserialize)]
+struct WireState {
+    waiting: Option<Waiting>,
+    terminated: Option<Terminated>,
+}
+
+impl From<WireStatus> for SeenStatus {
+    fn from(w: WireStatus) -> SeenStatus {
+        let (mut ready, mut scheduled) = (None, None);
+        for c in w.conditions {
+            let kept = match c.type_.as_str() {
+                "Ready" => &mut ready,
+                "PodScheduled" => &mut scheduled,
+                _ => continue,
+            };
+            // The first of a type, as a reading of the full list finds it.
+            kept.get_or_insert(SeenCondition {
+                status: ConditionStatus::of(&c.status),
+                reason: c.reason,
+                message: c.message,
+                since: c.last_transition_time,
+            });
+        }
+        SeenStatus {
+            phase: w.phase,
+            reason: w.reason,
+            message: w.message,
+            pod_ip: w.pod_ip,
+            ready,
+            scheduled,
+            containers: w
+                .container_statuses
+                .into_iter()
+                .map(|c| {
+                    let (waiting, terminated) = c
+                        .state
+                        .map(|s| (s.waiting, s.terminated))
+                        .unwrap_or_default();
+                    SeenContainer {
+                        waiting,
+                        terminated,
+                        last_message: c.last_state.and_then(|s| s.terminated?.message),
+                    }
+                })
+                .collect(),
+        }
+    }
 }
 
 impl kube::Resource for SeenPod {
@@ -76,74 +234,57 @@ impl kube::Resource for SeenPod {
 
 impl SeenPod {
     /// Drops what a pass never reads and serde had to build: managed fields (on a
-    /// real API server one entry per writer, each a tree of the fields it set),
-    /// conditions other than Ready and PodScheduled, and of each container status all
-    /// but its readiness, restarts, waiting or terminated state (a model probe's
-    /// summary is its termination message) and the last termination's message (why
-    /// it is failing). A container status alone carries its image, image ID,
-    /// container ID, resources and volume mounts.
+    /// real API server one entry per writer, each a tree of the fields it set).
     pub fn slim(&mut self) {
         self.metadata.managed_fields = None;
-        if let Some(status) = self.status.as_mut() {
-            if let Some(cs) = status.conditions.as_mut() {
-                cs.retain(|c| c.type_ == "Ready" || c.type_ == "PodScheduled");
-            }
-            if let Some(cs) = status.container_statuses.take() {
-                status.container_statuses = Some(cs.into_iter().map(slim_container).collect());
-            }
-        }
-    }
-}
-
-fn slim_container(c: ContainerStatus) -> ContainerStatus {
-    ContainerStatus {
-        name: c.name,
-        ready: c.ready,
-        restart_count: c.restart_count,
-        state: c.state.map(|s| ContainerState {
-            waiting: s.waiting,
-            terminated: s.terminated.map(|t| ContainerStateTerminated {
-                exit_code: t.exit_code,
-                reason: t.reason,
-                message: t.message,
-                ..Default::default()
-            }),
-            running: None,
-        }),
-        last_state: c
-            .last_state
-            .and_then(|s| s.terminated)
-            .map(|t| ContainerState {
-                terminated: Some(ContainerStateTerminated {
-                    message: t.message,
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-        ..Default::default()
     }
 }
 
 impl From<Pod> for SeenPod {
     /// The store's view of a pod the operator holds in full (its create's answer, a
-    /// test's pod).
+    /// test's pod): what the watch would have kept of its JSON.
     fn from(pod: Pod) -> SeenPod {
-        let mut seen = SeenPod {
-            metadata: pod.metadata,
+        let mut metadata = pod.metadata;
+        metadata.managed_fields = None;
+        SeenPod {
+            metadata,
             spec: pod.spec.map(|s| SeenSpec {
                 node_name: s.node_name,
             }),
-            status: pod.status.map(|s| SeenStatus {
-                phase: s.phase,
-                reason: s.reason,
-                message: s.message,
-                pod_ip: s.pod_ip,
-                conditions: s.conditions,
-                container_statuses: s.container_statuses,
+            status: pod.status.map(|s| {
+                let facts = facts_of_status(&s);
+                let condition = |c: Option<ConditionFacts<'_>>| {
+                    c.map(|c| SeenCondition {
+                        status: c.status,
+                        reason: c.reason.map(str::to_string),
+                        message: c.message.map(str::to_string),
+                        since: c.since.map(Time),
+                    })
+                };
+                SeenStatus {
+                    ready: condition(facts.ready),
+                    scheduled: condition(facts.scheduled),
+                    containers: facts
+                        .containers()
+                        .map(|c| SeenContainer {
+                            waiting: c.waiting.map(|(reason, message)| Waiting {
+                                reason: reason.map(str::to_string),
+                                message: message.map(str::to_string),
+                            }),
+                            terminated: c.terminated.map(|(exit_code, message)| Terminated {
+                                exit_code,
+                                message: message.map(str::to_string),
+                            }),
+                            last_message: c.last_message.map(str::to_string),
+                        })
+                        .collect(),
+                    phase: s.phase,
+                    reason: s.reason,
+                    message: s.message,
+                    pod_ip: s.pod_ip,
+                }
             }),
-        };
-        seen.slim();
-        seen
+        }
     }
 }
 
@@ -154,8 +295,107 @@ pub struct Facts<'a> {
     pub reason: Option<&'a str>,
     pub message: Option<&'a str>,
     pub pod_ip: Option<&'a str>,
-    pub conditions: &'a [PodCondition],
-    pub containers: &'a [ContainerStatus],
+    /// The Ready condition.
+    pub ready: Option<ConditionFacts<'a>>,
+    /// The PodScheduled condition.
+    pub scheduled: Option<ConditionFacts<'a>>,
+    containers: Containers<'a>,
+}
+
+/// A condition, borrowed.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ConditionFacts<'a> {
+    pub status: ConditionStatus,
+    pub reason: Option<&'a str>,
+    pub message: Option<&'a str>,
+    /// When it became what it is.
+    pub since: Option<jiff::Timestamp>,
+}
+
+/// A container's status, borrowed.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct ContainerFacts<'a> {
+    /// Waiting: its reason and the kubelet's message.
+    pub waiting: Option<(Option<&'a str>, Option<&'a str>)>,
+    /// Ended: its exit code and termination message.
+    pub terminated: Option<(i32, Option<&'a str>)>,
+    /// The last run's termination message.
+    pub last_message: Option<&'a str>,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Containers<'a> {
+    Full(&'a [ContainerStatus]),
+    Seen(&'a [SeenContainer]),
+}
+
+impl Default for Containers<'_> {
+    fn default() -> Self {
+        Containers::Seen(&[])
+    }
+}
+
+impl<'a> Facts<'a> {
+    /// Its containers' states.
+    pub fn containers(&self) -> impl Iterator<Item = ContainerFacts<'a>> + 'a {
+        let (full, seen) = match self.containers {
+            Containers::Full(cs) => (cs, &[][..]),
+            Containers::Seen(cs) => (&[][..], cs),
+        };
+        let full = full.iter().map(|c| {
+            let state = c.state.as_ref();
+            ContainerFacts {
+                waiting: state
+                    .and_then(|s| s.waiting.as_ref())
+                    .map(|w| (w.reason.as_deref(), w.message.as_deref())),
+                terminated: state
+                    .and_then(|s| s.terminated.as_ref())
+                    .map(|t| (t.exit_code, t.message.as_deref())),
+                last_message: c
+                    .last_state
+                    .as_ref()
+                    .and_then(|s| s.terminated.as_ref())
+                    .and_then(|t| t.message.as_deref()),
+            }
+        });
+        let seen = seen.iter().map(|c| ContainerFacts {
+            waiting: c
+                .waiting
+                .as_ref()
+                .map(|w| (w.reason.as_deref(), w.message.as_deref())),
+            terminated: c
+                .terminated
+                .as_ref()
+                .map(|t| (t.exit_code, t.message.as_deref())),
+            last_message: c.last_message.as_deref(),
+        });
+        full.chain(seen)
+    }
+}
+
+/// The facts of a `k8s_openapi` pod status: its conditions found by type.
+fn facts_of_status(s: &PodStatus) -> Facts<'_> {
+    let condition = |type_: &str| {
+        s.conditions
+            .iter()
+            .flatten()
+            .find(|c| c.type_ == type_)
+            .map(|c: &PodCondition| ConditionFacts {
+                status: ConditionStatus::of(&c.status),
+                reason: c.reason.as_deref(),
+                message: c.message.as_deref(),
+                since: c.last_transition_time.as_ref().map(|t| t.0),
+            })
+    };
+    Facts {
+        phase: s.phase.as_deref(),
+        reason: s.reason.as_deref(),
+        message: s.message.as_deref(),
+        pod_ip: s.pod_ip.as_deref(),
+        ready: condition("Ready"),
+        scheduled: condition("PodScheduled"),
+        containers: Containers::Full(s.container_statuses.as_deref().unwrap_or_default()),
+    }
 }
 
 /// A pod the helpers can read: the store's [`SeenPod`] or a `k8s_openapi` `Pod`, or
@@ -169,37 +409,47 @@ pub trait PodFacts {
     fn facts(&self) -> Facts<'_>;
 }
 
-/// `PodFacts` for a pod type with `Pod`'s field names: `SeenPod` keeps them, so the
-/// one reading serves both.
-macro_rules! facts_of_fields {
-    ($($t:ty),*) => {$(
-        impl PodFacts for $t {
-            fn pod_meta(&self) -> &ObjectMeta {
-                &self.metadata
-            }
+impl PodFacts for SeenPod {
+    fn pod_meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
 
-            fn node_name(&self) -> Option<&str> {
-                self.spec.as_ref()?.node_name.as_deref()
-            }
+    fn node_name(&self) -> Option<&str> {
+        self.spec.as_ref()?.node_name.as_deref()
+    }
 
-            fn facts(&self) -> Facts<'_> {
-                let Some(s) = self.status.as_ref() else {
-                    return Facts::default();
-                };
-                Facts {
-                    phase: s.phase.as_deref(),
-                    reason: s.reason.as_deref(),
-                    message: s.message.as_deref(),
-                    pod_ip: s.pod_ip.as_deref(),
-                    conditions: s.conditions.as_deref().unwrap_or_default(),
-                    containers: s.container_statuses.as_deref().unwrap_or_default(),
-                }
-            }
+    fn facts(&self) -> Facts<'_> {
+        let Some(s) = self.status.as_ref() else {
+            return Facts::default();
+        };
+        Facts {
+            phase: s.phase.as_deref(),
+            reason: s.reason.as_deref(),
+            message: s.message.as_deref(),
+            pod_ip: s.pod_ip.as_deref(),
+            ready: s.ready.as_ref().map(SeenCondition::facts),
+            scheduled: s.scheduled.as_ref().map(SeenCondition::facts),
+            containers: Containers::Seen(&s.containers),
         }
-    )*};
+    }
 }
 
-facts_of_fields!(SeenPod, Pod);
+impl PodFacts for Pod {
+    fn pod_meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+
+    fn node_name(&self) -> Option<&str> {
+        self.spec.as_ref()?.node_name.as_deref()
+    }
+
+    fn facts(&self) -> Facts<'_> {
+        self.status
+            .as_ref()
+            .map(facts_of_status)
+            .unwrap_or_default()
+    }
+}
 
 /// A reference to a pod reads as the pod: `&Pod` in iterator adaptors, `Arc`s from
 /// the store.
@@ -222,3 +472,114 @@ macro_rules! through {
 }
 
 through!(&P, std::sync::Arc<P>);
+
+/// A node as the operator's store keeps it: its metadata (name, GFD labels), whether
+/// it is cordoned, its taints, its allocatable resources and whether it is Ready;
+/// what `build_inventory` reads. A `k8s_openapi` `Node` is about 3 KB before its
+/// fields' contents (heaptrack: about 3.3 KB a node in the store at 250 nodes), most
+/// of it status (capacity, addresses, system info, images, conditions) that nothing
+/// here reads.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+pub struct SeenNode {
+    #[serde(default)]
+    pub metadata: ObjectMeta,
+    pub spec: Option<SeenNodeSpec>,
+    pub status: Option<SeenNodeStatus>,
+}
+
+/// Of a node's spec, what keeps pods off it.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+pub struct SeenNodeSpec {
+    pub unschedulable: Option<bool>,
+    pub taints: Option<Vec<Taint>>,
+}
+
+/// Of a node's status, its allocatable resources and whether it is Ready.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(from = "WireNodeStatus")]
+pub struct SeenNodeStatus {
+    pub allocatable: BTreeMap<String, Quantity>,
+    /// The Ready condition is True.
+    pub ready: bool,
+}
+
+#[derive(Deserialize)]
+struct WireNodeStatus {
+    #[serde(default)]
+    allocatable: BTreeMap<String, Quantity>,
+    #[serde(default)]
+    conditions: Vec<WireNodeCondition>,
+}
+
+#[derive(Deserialize)]
+struct WireNodeCondition {
+    #[serde(rename = "type")]
+    type_: String,
+    status: String,
+}
+
+impl From<WireNodeStatus> for SeenNodeStatus {
+    fn from(w: WireNodeStatus) -> SeenNodeStatus {
+        SeenNodeStatus {
+            allocatable: w.allocatable,
+            ready: w
+                .conditions
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True"),
+        }
+    }
+}
+
+impl From<Node> for SeenNode {
+    /// The store's view of a node held in full (tests, benchmarks).
+    fn from(node: Node) -> SeenNode {
+        let mut metadata = node.metadata;
+        metadata.managed_fields = None;
+        SeenNode {
+            metadata,
+            spec: node.spec.map(|s| SeenNodeSpec {
+                unschedulable: s.unschedulable,
+                taints: s.taints,
+            }),
+            status: node.status.map(|s| SeenNodeStatus {
+                allocatable: s.allocatable.unwrap_or_default(),
+                ready: s
+                    .conditions
+                    .iter()
+                    .flatten()
+                    .any(|c| c.type_ == "Ready" && c.status == "True"),
+            }),
+        }
+    }
+}
+
+impl SeenNode {
+    /// Drops the managed fields (on a real API server, one entry per writer).
+    pub fn slim(&mut self) {
+        self.metadata.managed_fields = None;
+    }
+}
+
+impl kube::Resource for SeenNode {
+    type DynamicType = ();
+    type Scope = ClusterResourceScope;
+
+    fn kind(_: &()) -> Cow<'_, str> {
+        "Node".into()
+    }
+    fn group(_: &()) -> Cow<'_, str> {
+        "".into()
+    }
+    fn version(_: &()) -> Cow<'_, str> {
+        "v1".into()
+    }
+    fn plural(_: &()) -> Cow<'_, str> {
+        "nodes".into()
+    }
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+    fn meta_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
+    }
+}

@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 use super::pods::with_image;
 use super::*;
 use crate::scrape::{ScrapeError, WorkerLoad};
-use k8s_openapi::api::core::v1::LocalObjectReference;
+use k8s_openapi::api::core::v1::{LocalObjectReference, Node};
 
 /// Loads by worker URL, and the GPUs each worker reports; a worker not listed fails to
 /// scrape.
@@ -1885,16 +1885,14 @@ fn the_pod_store_keeps_every_field_a_pass_reads() {
         assert_eq!(pods::placement_of(&slim), pods::placement_of(&pod));
         assert_eq!(slim.metadata.labels, pod.metadata.labels);
         assert_eq!(slim.node_name(), Some("n1"));
-        let st = slim.status.as_ref().unwrap();
-        let kept: Vec<_> = st.conditions.iter().flatten().map(|c| &c.type_).collect();
-        assert_eq!(kept, ["Ready", "PodScheduled"]);
-        assert!(st
-            .conditions
-            .iter()
-            .flatten()
-            .all(|c| c.last_transition_time.is_some()));
-        let c = &st.container_statuses.as_ref().unwrap()[0];
-        assert!(c.image.is_empty() && c.container_id.is_none() && c.volume_mounts.is_none());
+        let (a, b) = (slim.facts(), pod.facts());
+        assert_eq!((a.ready, a.scheduled), (b.ready, b.scheduled));
+        assert!(a.ready.and(a.scheduled).and_then(|c| c.since).is_some());
+        assert_eq!(
+            a.containers().collect::<Vec<_>>(),
+            b.containers().collect::<Vec<_>>()
+        );
+        assert_eq!(a.containers().count(), 1);
         assert!(slim.metadata.managed_fields.is_none());
     }
     // What each pod costs in the store before any of its fields is set.
@@ -1950,4 +1948,115 @@ fn the_deployment_store_keeps_no_managed_fields_or_last_applied_copy() {
         "every field a pass reads is kept"
     );
     assert_eq!(gate::class_of(&slim), gate::class_of(&Stored::parse(&full)));
+}
+
+/// kube-runtime spawns a task per pass asked, and at fleet scale a pass is asked for
+/// every deployment at once while at most `--concurrent-passes` run: the rest wait at
+/// the gate. A task's cell holds the whole future, sized for its largest state, so
+/// the pass's body must be boxed behind the gate for a waiting pass to stay small
+/// (heaptrack at 2,500 pods: 12.7 KB a waiting pass when it was inline).
+#[tokio::test]
+async fn a_pass_waiting_for_its_place_holds_little() {
+    let (unused, _) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let ctx = context(
+        Client::new(unused, "default"),
+        cache(vec![]),
+        &[],
+        TestClock::new(),
+    );
+    let obj: Arc<Stored> = Arc::new(
+        serde_json::from_value(serde_json::to_value(deployment(json!({}))).unwrap()).unwrap(),
+    );
+    let pass = reconcile(obj, ctx);
+    let size = std::mem::size_of_val(&pass);
+    assert!(size <= 1024, "a pass's future is {size} bytes");
+}
+
+/// The once-a-second reckoning of lost replicas adopts nothing, and finds what the
+/// ledger finds: a replica on a GPU the node no longer has, and one on a node gone.
+#[tokio::test]
+async fn lost_replicas_are_found_without_building_a_ledger() {
+    let d = deployment(json!({}));
+    let on_gone_node = {
+        let mut p = pod(&d, 2, 0, "10.0.0.3", json!({}));
+        p["metadata"]["annotations"][ANNOTATION_PLACEMENT] = json!(json!({"node": "gpu-z",
+            "gpus": [0], "uuids": ["GPU-Z0"], "bytesPerGpu": 2u64 << 30, "exclusive": true})
+        .to_string());
+        p
+    };
+    let (unused, _) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let ctx = context(
+        Client::new(unused, "default"),
+        cache(vec![
+            pod(&d, 0, 0, "10.0.0.1", json!({})),
+            pod(&d, 1, 7, "10.0.0.2", json!({})),
+            on_gone_node,
+        ]),
+        &[],
+        TestClock::new(),
+    );
+    let pods = ctx.cache.pods();
+    let lost = observe::lost(&ctx, &pods);
+    let mut names: Vec<_> = lost.iter().collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            (
+                &"smollm-1".to_string(),
+                &"GPU 7 is gone from node gpu-a".to_string()
+            ),
+            (&"smollm-2".to_string(), &"node gpu-z is gone".to_string()),
+        ]
+    );
+    assert_eq!(lost, observe::ledger(&ctx, &pods, &[]).lost);
+}
+
+/// The node store reads a node's JSON into a `SeenNode` and keeps what placement
+/// reads (labels, cordon, taints, allocatable, Ready), the same as a `Node` held in
+/// full converts to; what it drops is gone.
+#[test]
+fn the_node_store_keeps_every_field_placement_reads() {
+    let full = |ready: &str| {
+        json!({
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": "gpu-b", "labels": {"nvidia.com/gpu.product": "NVIDIA-L4",
+                "nvidia.com/gpu.count": "2"},
+                "managedFields": [{"manager": "kubelet", "operation": "Update"}]},
+            "spec": {"unschedulable": true, "podCIDR": "10.1.0.0/24",
+                "taints": [{"key": "gpu", "value": "yes", "effect": "NoSchedule"}]},
+            "status": {
+                "allocatable": {"nvidia.com/gpu": "2", "cpu": "15"},
+                "capacity": {"nvidia.com/gpu": "2", "cpu": "16"},
+                "addresses": [{"type": "InternalIP", "address": "192.168.0.2"}],
+                "conditions": [
+                    {"type": "MemoryPressure", "status": "False"},
+                    {"type": "Ready", "status": ready, "reason": "KubeletReady"},
+                ],
+                "images": [{"names": ["gpuscale/worker:1"], "sizeBytes": 1000}],
+                "nodeInfo": {"kubeletVersion": "v1.34.0", "machineID": "m", "systemUUID": "s",
+                    "bootID": "b", "kernelVersion": "6", "osImage": "o", "containerRuntimeVersion": "c",
+                    "kubeProxyVersion": "", "operatingSystem": "linux", "architecture": "amd64"},
+            },
+        })
+    };
+    for ready in ["True", "False", "Unknown"] {
+        let mut seen: SeenNode = serde_json::from_value(full(ready)).unwrap();
+        seen.slim();
+        let node: Node = serde_json::from_value(full(ready)).unwrap();
+        assert_eq!(seen, SeenNode::from(node.clone()));
+        let status = seen.status.as_ref().unwrap();
+        assert_eq!(status.ready, ready == "True");
+        assert_eq!(
+            status.allocatable,
+            node.status.unwrap().allocatable.unwrap()
+        );
+        let spec = seen.spec.as_ref().unwrap();
+        assert_eq!(spec.unschedulable, Some(true));
+        assert_eq!(spec.taints.as_ref().unwrap()[0].effect, "NoSchedule");
+        assert_eq!(seen.labels(), node.metadata.labels.as_ref().unwrap());
+        assert!(seen.metadata.managed_fields.is_none());
+    }
+    let (seen, node) = (std::mem::size_of::<SeenNode>(), std::mem::size_of::<Node>());
+    assert!(seen * 2 < node, "a SeenNode is {seen} bytes, a Node {node}");
 }
