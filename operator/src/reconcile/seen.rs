@@ -135,10 +135,9 @@ struct WireStatus {
     message: Option<String>,
     #[serde(rename = "podIP")]
     pod_ip: Option<String>,
-    #[serde(default)]
-    conditions: Vec<WireCondition>,
-    #[serde(default)]
-    container_statuses: Vec<WireContainer>,
+    // Options, not defaults: a list may come as `null`, which a default refuses.
+    conditions: Option<Vec<WireCondition>>,
+    container_statuses: Option<Vec<WireContainer>>,
 }
 
 #[derive(Deserialize)]
@@ -168,7 +167,7 @@ struct WireState {
 impl From<WireStatus> for SeenStatus {
     fn from(w: WireStatus) -> SeenStatus {
         let (mut ready, mut scheduled) = (None, None);
-        for c in w.conditions {
+        for c in w.conditions.unwrap_or_default() {
             let kept = match c.type_.as_str() {
                 "Ready" => &mut ready,
                 "PodScheduled" => &mut scheduled,
@@ -191,6 +190,7 @@ impl From<WireStatus> for SeenStatus {
             scheduled,
             containers: w
                 .container_statuses
+                .unwrap_or_default()
                 .into_iter()
                 .map(|c| {
                     let (waiting, terminated) = c
@@ -505,10 +505,8 @@ pub struct SeenNodeStatus {
 
 #[derive(Deserialize)]
 struct WireNodeStatus {
-    #[serde(default)]
-    allocatable: BTreeMap<String, Quantity>,
-    #[serde(default)]
-    conditions: Vec<WireNodeCondition>,
+    allocatable: Option<BTreeMap<String, Quantity>>,
+    conditions: Option<Vec<WireNodeCondition>>,
 }
 
 #[derive(Deserialize)]
@@ -521,10 +519,11 @@ struct WireNodeCondition {
 impl From<WireNodeStatus> for SeenNodeStatus {
     fn from(w: WireNodeStatus) -> SeenNodeStatus {
         SeenNodeStatus {
-            allocatable: w.allocatable,
+            allocatable: w.allocatable.unwrap_or_default(),
             ready: w
                 .conditions
                 .iter()
+                .flatten()
                 .any(|c| c.type_ == "Ready" && c.status == "True"),
         }
     }

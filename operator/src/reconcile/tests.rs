@@ -1895,6 +1895,13 @@ fn the_pod_store_keeps_every_field_a_pass_reads() {
         assert_eq!(a.containers().count(), 1);
         assert!(slim.metadata.managed_fields.is_none());
     }
+    // Lists sent as null read as empty, as `Pod` reads them.
+    let mut nulls = full("Pending", json!(null));
+    nulls["status"]["conditions"] = json!(null);
+    nulls["status"]["containerStatuses"] = json!(null);
+    let (pod, slim) = views(nulls);
+    assert_eq!(slim, SeenPod::from(pod));
+    assert!(!pods::is_ready(&slim) && slim.facts().containers().next().is_none());
     // What each pod costs in the store before any of its fields is set.
     let (seen, pod) = (
         std::mem::size_of::<SeenPod>(),
@@ -2057,6 +2064,14 @@ fn the_node_store_keeps_every_field_placement_reads() {
         assert_eq!(seen.labels(), node.metadata.labels.as_ref().unwrap());
         assert!(seen.metadata.managed_fields.is_none());
     }
+    let mut nulls = full("True");
+    nulls["status"]["conditions"] = json!(null);
+    nulls["status"]["allocatable"] = json!(null);
+    let mut seen: SeenNode = serde_json::from_value(nulls.clone()).unwrap();
+    seen.slim();
+    let node: Node = serde_json::from_value(nulls).unwrap();
+    assert_eq!(seen, SeenNode::from(node));
+    assert!(!seen.status.unwrap().ready);
     let (seen, node) = (std::mem::size_of::<SeenNode>(), std::mem::size_of::<Node>());
     assert!(seen * 2 < node, "a SeenNode is {seen} bytes, a Node {node}");
 }
