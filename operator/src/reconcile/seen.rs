@@ -208,29 +208,38 @@ impl From<WireStatus> for SeenStatus {
     }
 }
 
-impl kube::Resource for SeenPod {
-    type DynamicType = ();
-    type Scope = NamespaceResourceScope;
+/// `kube::Resource` for a core/v1 kind the stores keep in a type of their own: the
+/// watch asks the API for it by these names and deserializes it straight into `$t`.
+macro_rules! core_v1_resource {
+    ($t:ty, $kind:literal, $plural:literal, $scope:ty) => {
+        impl kube::Resource for $t {
+            type DynamicType = ();
+            type Scope = $scope;
 
-    fn kind(_: &()) -> Cow<'_, str> {
-        "Pod".into()
-    }
-    fn group(_: &()) -> Cow<'_, str> {
-        "".into()
-    }
-    fn version(_: &()) -> Cow<'_, str> {
-        "v1".into()
-    }
-    fn plural(_: &()) -> Cow<'_, str> {
-        "pods".into()
-    }
-    fn meta(&self) -> &ObjectMeta {
-        &self.metadata
-    }
-    fn meta_mut(&mut self) -> &mut ObjectMeta {
-        &mut self.metadata
-    }
+            fn kind(_: &()) -> Cow<'_, str> {
+                $kind.into()
+            }
+            fn group(_: &()) -> Cow<'_, str> {
+                "".into()
+            }
+            fn version(_: &()) -> Cow<'_, str> {
+                "v1".into()
+            }
+            fn plural(_: &()) -> Cow<'_, str> {
+                $plural.into()
+            }
+            fn meta(&self) -> &ObjectMeta {
+                &self.metadata
+            }
+            fn meta_mut(&mut self) -> &mut ObjectMeta {
+                &mut self.metadata
+            }
+        }
+    };
 }
+
+core_v1_resource!(SeenPod, "Pod", "pods", NamespaceResourceScope);
+core_v1_resource!(SeenNode, "Node", "nodes", ClusterResourceScope);
 
 impl SeenPod {
     /// Drops what a pass never reads and serde had to build: managed fields (on a
@@ -556,29 +565,5 @@ impl SeenNode {
     /// Drops the managed fields (on a real API server, one entry per writer).
     pub fn slim(&mut self) {
         self.metadata.managed_fields = None;
-    }
-}
-
-impl kube::Resource for SeenNode {
-    type DynamicType = ();
-    type Scope = ClusterResourceScope;
-
-    fn kind(_: &()) -> Cow<'_, str> {
-        "Node".into()
-    }
-    fn group(_: &()) -> Cow<'_, str> {
-        "".into()
-    }
-    fn version(_: &()) -> Cow<'_, str> {
-        "v1".into()
-    }
-    fn plural(_: &()) -> Cow<'_, str> {
-        "nodes".into()
-    }
-    fn meta(&self) -> &ObjectMeta {
-        &self.metadata
-    }
-    fn meta_mut(&mut self) -> &mut ObjectMeta {
-        &mut self.metadata
     }
 }
