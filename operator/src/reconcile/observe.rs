@@ -474,9 +474,9 @@ pub(super) fn ledger(
 /// out without adopting any placement. It is worked out once a second for every
 /// pass (`Context::lost`), and a ledger's placements held at once with a placing
 /// pass's own doubled its memory at fleet scale (heaptrack at 10,000 pods: two of
-/// about 11 MB each at the peak). Every pod's placement is checked: the ledger adopts
-/// the first pod of a replica and does not look at a second (a replacement made under
-/// a new name), which is lost too when its node is gone.
+/// about 11 MB each at the peak). Every pod's placement is checked, where the ledger
+/// adopts the first pod of a replica index and does not look at a second (there
+/// should be none; if there is, it is lost too when its node is gone).
 pub(super) fn lost(ctx: &Context, pods: &[Arc<SeenPod>]) -> HashMap<String, String> {
     reckon(ctx, pods, &[], Adopt::LostOnly).lost
 }
