@@ -81,6 +81,17 @@ impl SeenCondition {
     }
 }
 
+impl From<ConditionFacts<'_>> for SeenCondition {
+    fn from(c: ConditionFacts<'_>) -> SeenCondition {
+        SeenCondition {
+            status: c.status,
+            reason: c.reason.map(str::to_string),
+            message: c.message.map(str::to_string),
+            since: c.since.map(Time),
+        }
+    }
+}
+
 /// A condition's status, as the API defines it ("True", "False" or "Unknown"; any
 /// other text reads as Unknown).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -107,6 +118,38 @@ pub struct SeenContainer {
     pub terminated: Option<Terminated>,
     /// The last run's termination message.
     pub last_message: Option<String>,
+}
+
+impl SeenContainer {
+    fn facts(&self) -> ContainerFacts<'_> {
+        ContainerFacts {
+            waiting: self
+                .waiting
+                .as_ref()
+                .map(|w| (w.reason.as_deref(), w.message.as_deref())),
+            terminated: self
+                .terminated
+                .as_ref()
+                .map(|t| (t.exit_code, t.message.as_deref())),
+            last_message: self.last_message.as_deref(),
+        }
+    }
+}
+
+impl From<ContainerFacts<'_>> for SeenContainer {
+    fn from(c: ContainerFacts<'_>) -> SeenContainer {
+        SeenContainer {
+            waiting: c.waiting.map(|(reason, message)| Waiting {
+                reason: reason.map(str::to_string),
+                message: message.map(str::to_string),
+            }),
+            terminated: c.terminated.map(|(exit_code, message)| Terminated {
+                exit_code,
+                message: message.map(str::to_string),
+            }),
+            last_message: c.last_message.map(str::to_string),
+        }
+    }
 }
 
 /// A container waiting to run, and why (`CrashLoopBackOff`, `ImagePullBackOff`, …).
@@ -262,31 +305,10 @@ impl From<Pod> for SeenPod {
             }),
             status: pod.status.map(|s| {
                 let facts = facts_of_status(&s);
-                let condition = |c: Option<ConditionFacts<'_>>| {
-                    c.map(|c| SeenCondition {
-                        status: c.status,
-                        reason: c.reason.map(str::to_string),
-                        message: c.message.map(str::to_string),
-                        since: c.since.map(Time),
-                    })
-                };
                 SeenStatus {
-                    ready: condition(facts.ready),
-                    scheduled: condition(facts.scheduled),
-                    containers: facts
-                        .containers()
-                        .map(|c| SeenContainer {
-                            waiting: c.waiting.map(|(reason, message)| Waiting {
-                                reason: reason.map(str::to_string),
-                                message: message.map(str::to_string),
-                            }),
-                            terminated: c.terminated.map(|(exit_code, message)| Terminated {
-                                exit_code,
-                                message: message.map(str::to_string),
-                            }),
-                            last_message: c.last_message.map(str::to_string),
-                        })
-                        .collect(),
+                    ready: facts.ready.map(SeenCondition::from),
+                    scheduled: facts.scheduled.map(SeenCondition::from),
+                    containers: facts.containers().map(SeenContainer::from).collect(),
                     phase: s.phase,
                     reason: s.reason,
                     message: s.message,
@@ -367,18 +389,7 @@ impl<'a> Facts<'a> {
                     .and_then(|t| t.message.as_deref()),
             }
         });
-        let seen = seen.iter().map(|c| ContainerFacts {
-            waiting: c
-                .waiting
-                .as_ref()
-                .map(|w| (w.reason.as_deref(), w.message.as_deref())),
-            terminated: c
-                .terminated
-                .as_ref()
-                .map(|t| (t.exit_code, t.message.as_deref())),
-            last_message: c.last_message.as_deref(),
-        });
-        full.chain(seen)
+        full.chain(seen.iter().map(SeenContainer::facts))
     }
 }
 
