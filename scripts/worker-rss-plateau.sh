@@ -3,14 +3,14 @@
 # (#23 item 5). The pool is allocated zeroed and its pages become resident as blocks
 # are first written, so RSS rises while new blocks are reached; past that it must stay
 # flat, or something grows per request. A small pool (--memory-budget 320MiB: what
-# the weights leave, about 2,000 tokens with SmolLM2) is reached within a few dozen
-# requests, so the rest of the run shows the plateau, or a leak.
+# the weights leave, a 10,368-token pool with SmolLM2) is reached within about a
+# hundred requests, so the rest of the run shows the plateau, or a leak.
 #
 #   scripts/worker-rss-plateau.sh [requests, default 600]
 #
 # Needs the release worker (cargo build --release -p gpuscale-inference-worker) and
-# scripts/ensure-tools.sh's SmolLM2. Prints RSS, open fds and requests served every 50
-# requests; every request must answer 200.
+# scripts/ensure-tools.sh's SmolLM2. Prints RSS and open fds every 50 requests;
+# every request must answer 200.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 eval "$(scripts/ensure-tools.sh 2>/dev/null)"
