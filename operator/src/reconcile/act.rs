@@ -218,7 +218,7 @@ async fn ask_for_capacity(
 /// scheduler holds the pod until it exists.
 async fn create_claim(
     ctx: &Context,
-    pod: &impl kube::Resource<DynamicType = ()>,
+    pod: &(impl kube::Resource<DynamicType = ()> + PodFacts),
     p: &PodPlacement,
 ) -> Result<(), kube::Error> {
     if !p.dra || p.gpus.is_empty() {

@@ -756,13 +756,11 @@ pub async fn run(ctx: Arc<Context>, namespaces: Vec<String>) {
             } = w;
             let pods = reflector::reflector(
                 pods,
-                watcher::watcher(scoped(&client, &ns), managed.clone())
-                    .modify(SeenPod::slim)
-                    .inspect(move |e| {
-                        if let Ok(e) = e {
-                            owners.write().expect("owner index lock").apply(e);
-                        }
-                    }),
+                watcher::watcher(scoped(&client, &ns), managed.clone()).inspect(move |e| {
+                    if let Ok(e) = e {
+                        owners.write().expect("owner index lock").apply(e);
+                    }
+                }),
             )
             // After the store has the event: see `Cache::observed`.
             .inspect(move |e| {

@@ -30,7 +30,7 @@ use crate::placement;
 /// scale subresource's) ever counts a probe.
 pub const LABEL_PROBE_OF: &str = "gpuscale.dev/model-probe-of";
 /// The source (and `@version`) a probe pod reads.
-const ANNOTATION_PROBED: &str = "gpuscale.dev/model";
+pub(super) const ANNOTATION_PROBED: &str = "gpuscale.dev/model";
 /// A probe that has not finished by then (unschedulable, a volume that does not mount,
 /// an image that does not pull) is given up and its reason reported.
 const PROBE_DEADLINE: Duration = Duration::from_secs(120);

@@ -154,7 +154,7 @@ pub(super) async fn observe(
         let phase = if pod.metadata.deletion_timestamp.is_some() {
             // Terminating (SIGTERM drain); it only keeps its index until it is gone.
             Phase::Draining(Drain::Out)
-        } else if pod.labels().get(LABEL_SERVING).map(String::as_str) == Some("false") {
+        } else if pod.labels().get(LABEL_SERVING) == Some("false") {
             match failure {
                 Some(_) => Phase::Draining(Drain::TimedOut),
                 None => Phase::Draining(drain_stage(pod, wall, ctx.config.drain_timeout)),
@@ -188,8 +188,8 @@ pub(super) async fn observe(
             index,
             phase,
             outdated: pod.metadata.deletion_timestamp.is_some()
-                || pod.labels().get(LABEL_TEMPLATE) != Some(&hash),
-            revision: pod.labels().get(LABEL_TEMPLATE).cloned(),
+                || pod.labels().get(LABEL_TEMPLATE) != Some(hash.as_str()),
+            revision: pod.labels().get(LABEL_TEMPLATE).map(String::from),
             placement: placement_of(pod),
             load: None,
             failure,

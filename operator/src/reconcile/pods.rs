@@ -93,7 +93,7 @@ const CLAIM_REF: &str = "gpus";
 /// Owned by the pod, as the resourceclaim controller owns the claims it makes from
 /// templates: the garbage collector removes it with the pod, and the devices with it.
 pub fn replica_claim(
-    pod: &impl kube::Resource<DynamicType = ()>,
+    pod: &(impl kube::Resource<DynamicType = ()> + PodFacts),
     p: &PodPlacement,
     config: &super::Config,
 ) -> Option<ResourceClaim> {
@@ -113,7 +113,7 @@ pub fn replica_claim(
         metadata: ObjectMeta {
             name: Some(claim_name(&pod.name_any())),
             namespace: pod.namespace(),
-            labels: Some(pod.labels().clone()),
+            labels: Some(pod.label_map()),
             owner_references: Some(vec![OwnerReference {
                 api_version: "v1".into(),
                 kind: "Pod".into(),
@@ -644,9 +644,8 @@ pub fn capacity_pod(
 /// The index of the replica capacity pod `pod` asks a node for (`None` for any other
 /// pod).
 pub fn capacity_index(pod: &impl PodFacts) -> Option<u32> {
-    let meta = pod.pod_meta();
-    meta.labels.as_ref()?.get(LABEL_CAPACITY_FOR)?;
-    let name = meta.name.as_deref()?;
+    pod.label(LABEL_CAPACITY_FOR)?;
+    let name = pod.pod_meta().name.as_deref()?;
     name.rsplit_once("-capacity-")?.1.parse().ok()
 }
 
@@ -755,22 +754,12 @@ pub fn service_matches(have: &Service, want: &Service) -> bool {
 
 /// The placement recorded on a pod.
 pub fn placement_of(pod: &impl PodFacts) -> Option<PodPlacement> {
-    let a = pod
-        .pod_meta()
-        .annotations
-        .as_ref()?
-        .get(ANNOTATION_PLACEMENT)?;
-    serde_json::from_str(a).ok()
+    serde_json::from_str(pod.annotation(ANNOTATION_PLACEMENT)?).ok()
 }
 
 /// The replica index of a pod.
 pub fn index_of(pod: &impl PodFacts) -> Option<u32> {
-    pod.pod_meta()
-        .labels
-        .as_ref()?
-        .get(LABEL_REPLICA)?
-        .parse()
-        .ok()
+    pod.label(LABEL_REPLICA)?.parse().ok()
 }
 
 /// The merge patch that starts `pod`'s drain: out of the Service, with the time it
@@ -812,13 +801,7 @@ pub fn drain_stage(
 
 /// How long the pod has been draining, when it records the start.
 fn drained_for(pod: &impl PodFacts, now: jiff::Timestamp) -> Option<std::time::Duration> {
-    let since: jiff::Timestamp = pod
-        .pod_meta()
-        .annotations
-        .as_ref()?
-        .get(ANNOTATION_DRAINING_SINCE)?
-        .parse()
-        .ok()?;
+    let since: jiff::Timestamp = pod.annotation(ANNOTATION_DRAINING_SINCE)?.parse().ok()?;
     Some(elapsed(since, now))
 }
 

@@ -1822,8 +1822,14 @@ fn the_pod_store_keeps_every_field_a_pass_reads() {
             "metadata": {
                 "name": "m-0", "namespace": "ns", "uid": "u1",
                 "creationTimestamp": "2026-12-01T10:00:00Z",
-                "annotations": {"gpuscale.dev/placement": "{}"},
-                "labels": {"app": "m"},
+                "annotations": {
+                    "gpuscale.dev/placement": r#"{"node":"n1","gpus":[2],"bytesPerGpu":1024}"#,
+                    "gpuscale.dev/draining-since": "2026-12-01T10:01:00Z",
+                },
+                "labels": {
+                    "app": "m", "gpuscale.dev/replica": "0", "gpuscale.dev/template": "abc",
+                    "gpuscale.dev/serving": "false",
+                },
                 "managedFields": [{"manager": "kubelet", "operation": "Update"}],
             },
             "spec": {
@@ -1860,8 +1866,7 @@ fn the_pod_store_keeps_every_field_a_pass_reads() {
     };
     // Both views of one pod's JSON: the full one, and the store's.
     let views = |json: Value| -> (k8s_openapi::api::core::v1::Pod, SeenPod) {
-        let mut seen: SeenPod = serde_json::from_value(json.clone()).unwrap();
-        seen.slim();
+        let seen: SeenPod = serde_json::from_value(json.clone()).unwrap();
         (serde_json::from_value(json).unwrap(), seen)
     };
     for json in [
@@ -1883,7 +1888,21 @@ fn the_pod_store_keeps_every_field_a_pass_reads() {
         assert_eq!(pods::is_ready(&slim), pods::is_ready(&pod));
         assert_eq!(pods::worker_url(&slim, 8080), pods::worker_url(&pod, 8080));
         assert_eq!(pods::placement_of(&slim), pods::placement_of(&pod));
-        assert_eq!(slim.metadata.labels, pod.metadata.labels);
+        assert_eq!(Some(slim.labels().to_map()), pod.metadata.labels);
+        assert_eq!(Some(slim.annotations().to_map()), pod.metadata.annotations);
+        for key in [pods::LABEL_REPLICA, pods::LABEL_TEMPLATE, "app", "absent"] {
+            assert_eq!(slim.label(key), pod.label(key), "label {key}");
+        }
+        assert_eq!(pods::index_of(&slim), Some(0));
+        assert_eq!(pods::index_of(&slim), pods::index_of(&pod));
+        assert_eq!(pods::placement_of(&slim).unwrap().gpus, [2]);
+        let at = "2026-12-01T10:01:02Z".parse().unwrap();
+        let timeout = Duration::from_secs(60);
+        assert_eq!(pods::drain_stage(&slim, at, timeout), Drain::Leaving);
+        assert_eq!(
+            pods::drain_stage(&slim, at, timeout),
+            pods::drain_stage(&pod, at, timeout)
+        );
         assert_eq!(slim.node_name(), Some("n1"));
         let (a, b) = (slim.facts(), pod.facts());
         assert_eq!((a.ready, a.scheduled), (b.ready, b.scheduled));
