@@ -9,8 +9,8 @@
 #   scripts/worker-rss-plateau.sh [requests, default 600]
 #
 # Needs the release worker (cargo build --release -p gpuscale-inference-worker) and
-# scripts/ensure-tools.sh's SmolLM2. Prints RSS and open fds every 50 requests;
-# every request must answer 200.
+# scripts/ensure-tools.sh's SmolLM2. Prints RSS (anonymous and file-backed) and open
+# fds every 50 requests; every request must answer 200.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 eval "$(scripts/ensure-tools.sh 2>/dev/null)"
@@ -23,9 +23,16 @@ bin=${WORKER_BIN:-target/release/inference-worker}
 pid=$!
 trap 'kill $pid 2>/dev/null || true' EXIT
 until curl -sf "http://127.0.0.1:$port/readyz" >/dev/null; do sleep 0.2; done
+# RSS split as the kernel counts it: anonymous (the heap, the pool) and file-backed
+# (the binary and the mapped model, whose embedding rows are read from the map, so
+# pages of it become resident as tokens are first seen: bounded by the table, and the
+# kernel's to reclaim).
 sample() {
-    printf '%6s requests  RSS %6.1f MiB  open fds %3s\n' "$1" \
-        "$(awk '/VmRSS/ {print $2 / 1024}' "/proc/$pid/status")" \
+    local s="/proc/$pid/status"
+    printf '%6s requests  RSS %6.1f MiB (anonymous %6.1f, file %5.1f)  open fds %3s\n' "$1" \
+        "$(awk '/VmRSS/ {print $2 / 1024}' "$s")" \
+        "$(awk '/RssAnon/ {print $2 / 1024}' "$s")" \
+        "$(awk '/RssFile/ {print $2 / 1024}' "$s")" \
         "$(ls "/proc/$pid/fd" | wc -l)"
 }
 sample 0
