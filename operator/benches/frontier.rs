@@ -33,8 +33,11 @@ const MIN: u32 = 1;
 const MAX: u32 = 24;
 /// Scale-down windows swept, the same for every rule.
 const WINDOWS: [f64; 5] = [30.0, 60.0, 120.0, 300.0, 600.0];
-/// Queue depth per replica swept (gpuscale's target, KEDA's threshold).
-const QUEUES: [u32; 11] = [2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64];
+/// Queue depth per replica swept (gpuscale's target, KEDA's threshold). Up to 256: from
+/// 96 on, every rule holds one replica for the whole trace, the least any rule can
+/// spend, so each frontier reaches that floor (where all rules tie) rather than
+/// stopping where the grid did.
+const QUEUES: [u32; 15] = [2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256];
 
 struct Rule {
     name: &'static str,
