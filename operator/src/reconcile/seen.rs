@@ -62,8 +62,8 @@ impl From<WirePod> for SeenPod {
 /// own: a replica's five labels and one annotation cost about 1.25 KB in the store
 /// (heaptrack at 10,000 pods: 12.5 MB of a 91 MB peak). Here they are two slices of
 /// 40-byte pairs and the values' allocations, about 550 bytes by their layout; the
-/// fleet's operator RSS fell from 122 to 113 MiB (README, fleet scale). A pod carries
-/// a handful, so a look-up is a scan.
+/// fleet's operator RSS fell from 122 to 111–113 MiB (README, fleet scale). A pod
+/// carries a handful, so a look-up is a scan.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Tags(Box<[(Cow<'static, str>, Box<str>)]>);
 
