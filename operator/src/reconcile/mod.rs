@@ -78,7 +78,7 @@ pub const FIELD_MANAGER: &str = "gpuscale-operator";
 /// and 25 MB of scrapes waiting for a place, by heaptrack), and a pass that a spec change
 /// asks for waits in the scrape queue behind all of them. A pass spends most of its time
 /// waiting for its workers' answers, so more run at once than there are cores: 64 keep
-/// the scraper's places (`scrape::EXCHANGES`, 256) full at 10 replicas a deployment.
+/// the scraper's places (`scrape::EXCHANGES`, 128) full at 10 replicas a deployment.
 pub const DEFAULT_CONCURRENT_PASSES: u16 = 64;
 
 /// Operator settings.
