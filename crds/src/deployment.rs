@@ -330,7 +330,8 @@ pub struct ScalingSpec {
     /// Waiting plus running requests one replica should carry.
     #[schemars(range(min = 1, max = 10000))]
     pub target_queue_depth: u32,
-    /// Scale-up waits until demand has held this long (0: act at once).
+    /// Scale-up waits until demand has held this long, panic mode's included: it goes
+    /// to the lowest replica count asked for over the window (0: act at once).
     #[schemars(range(max = 3600))]
     pub scale_up_window_seconds: u32,
     /// Scale-down waits until lower demand has held at least this long. After

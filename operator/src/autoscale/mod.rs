@@ -9,7 +9,8 @@
 //! - **Panic**: when the mean over the short panic window already exceeds what ready
 //!   *and loading* replicas can carry and is still growing, the policy scales for the
 //!   demand projected over the replica load time (measured, and at most the panic
-//!   window), at once, ignoring the scale-up window.
+//!   window), at once unless `scaleUpWindowSeconds` is set: that window bounds panic
+//!   scale-ups too, as the field says (the lowest recommendation of the window).
 //!   Loading replicas count as capacity on the way, so a queue that piles up while
 //!   they load is not read as new load (the overshoot of Knative serving#4344).
 //! - **Scale-down** takes the highest recommendation of the scale-down window
@@ -78,7 +79,8 @@ pub struct Params {
     pub warm: u32,
     /// Demand one replica should carry.
     pub target: f64,
-    /// Demand must hold this long before a (non-panic) scale-up.
+    /// Demand must hold this long before a scale-up, panic or not: the scale-up goes to
+    /// the lowest recommendation of this window (the HPA's scale-up stabilisation).
     pub up_window: Duration,
     /// Lower demand must hold this long before a scale-down.
     pub down_window: Duration,
@@ -669,7 +671,11 @@ impl Autoscaler {
                 .filter(move |(t, _)| now.saturating_duration_since(*t) <= w)
                 .map(|&(_, r)| p.bound(r))
         };
-        let up = if in_panic || p.up_window.is_zero() {
+        // `scaleUpWindowSeconds` bounds panic scale-ups too: the field says demand must
+        // hold that long, and a user who sets it is buying fewer replicas for spikes
+        // shorter than it (the frontier benchmark's cheap end) with the misses they
+        // cause. At 0, the default, panic acts at once, as Knative's does.
+        let up = if p.up_window.is_zero() {
             rec
         } else {
             in_window(p.up_window).min().unwrap_or(rec)

@@ -117,6 +117,32 @@ fn a_burst_scales_up_on_the_next_tick_in_panic_mode() {
 }
 
 #[test]
+fn a_scale_up_window_holds_back_panic_until_the_demand_has_lasted_it() {
+    let mut p = params(1, 10, 0);
+    p.up_window = Duration::from_secs(20);
+    let mut sim = Sim::new(p);
+    sim.run(60, |_| 2.0);
+    // The burst that scales at once without the window (the test above) is held while
+    // it is younger than the window, so a spike shorter than 20 s starts nothing...
+    let start = sim.secs();
+    sim.run(40, |_| 40.0);
+    let ups: Vec<_> = sim
+        .log
+        .iter()
+        .filter(|(_, d)| d.direction == Direction::Up)
+        .collect();
+    let (at, d) = ups
+        .first()
+        .expect("scales up once the demand has held 20 s");
+    // ...and one that outlasts it scales within a tick of the window.
+    assert!(
+        (20.0..=22.0).contains(&(at - start)),
+        "{at} {start}: {ups:?}"
+    );
+    assert!(d.desired > 1, "{d:?}");
+}
+
+#[test]
 fn a_slow_ramp_is_tracked_without_overshoot_or_any_scale_down() {
     let mut sim = Sim::new(params(1, 20, 0));
     sim.run(600, |t| 0.05 * t);

@@ -72,13 +72,14 @@ impl ScalingRule for GpuscaleRule {
 /// Kubernetes' HorizontalPodAutoscaler on GPU utilisation (the DCGM "GPU busy"
 /// fraction): `desired = ceil(ready x utilisation / target)`, 10% tolerance, a sync
 /// every 15 s, scale-up limited to max(double, +4) per sync, scale-down stabilised
-/// over 300 s.
+/// over 300 s, no scale-up stabilisation unless one is set.
 pub struct HpaRule {
     min: u32,
     max: u32,
     target_utilisation: f64,
     sync: f64,
     window: f64,
+    up_window: f64,
     last_busy: HashMap<u64, (f64, f64)>,
     recs: VecDeque<(f64, u32)>,
 }
@@ -92,6 +93,7 @@ impl HpaRule {
             target_utilisation,
             sync: 15.0,
             window: 300.0,
+            up_window: 0.0,
             last_busy: HashMap::new(),
             recs: VecDeque::new(),
         }
@@ -104,14 +106,22 @@ impl HpaRule {
         self.window = seconds;
         self
     }
+
+    /// The same rule with a scale-up stabilisation window
+    /// (`behavior.scaleUp.stabilizationWindowSeconds`; the frontier sweep).
+    pub fn with_up_window(mut self, seconds: f64) -> HpaRule {
+        self.up_window = seconds;
+        self
+    }
 }
 
 impl ScalingRule for HpaRule {
     fn name(&self) -> String {
         format!(
-            "HPA-style (GPU utilisation {:.0}%, {} s sync, {} s scale-down)",
+            "HPA-style (GPU utilisation {:.0}%, {} s sync, {} s scale-up, {} s scale-down)",
             self.target_utilisation * 100.0,
             self.sync,
+            self.up_window,
             self.window
         )
     }
@@ -145,7 +155,13 @@ impl ScalingRule for HpaRule {
             }
         }
         .clamp(self.min, self.max);
-        stabilised(&mut self.recs, now, self.window, rec, current)
+        stabilised(
+            &mut self.recs,
+            now,
+            (self.up_window, self.window),
+            rec,
+            current,
+        )
     }
 }
 
@@ -167,6 +183,7 @@ pub struct KedaRule {
     threshold: f64,
     sync: f64,
     window: f64,
+    up_window: f64,
     recs: VecDeque<(f64, u32)>,
 }
 
@@ -179,6 +196,7 @@ impl KedaRule {
             threshold,
             sync: 15.0,
             window: 300.0,
+            up_window: 0.0,
             recs: VecDeque::new(),
         }
     }
@@ -188,13 +206,20 @@ impl KedaRule {
         self.window = seconds;
         self
     }
+
+    /// The same rule with a scale-up stabilisation window on the HPA KEDA creates
+    /// (`advanced.horizontalPodAutoscalerConfig.behavior.scaleUp`; the frontier sweep).
+    pub fn with_up_window(mut self, seconds: f64) -> KedaRule {
+        self.up_window = seconds;
+        self
+    }
 }
 
 impl ScalingRule for KedaRule {
     fn name(&self) -> String {
         format!(
-            "KEDA-style (queue {} per replica, {} s HPA sync, {} s scale-down)",
-            self.threshold, self.sync, self.window
+            "KEDA-style (queue {} per replica, {} s HPA sync, {} s scale-up, {} s scale-down)",
+            self.threshold, self.sync, self.up_window, self.window
         )
     }
 
@@ -214,30 +239,39 @@ impl ScalingRule for KedaRule {
             n.min(current.saturating_mul(2).max(current + 4))
         }
         .clamp(self.min, self.max);
-        stabilised(&mut self.recs, now, self.window, rec, current)
+        stabilised(
+            &mut self.recs,
+            now,
+            (self.up_window, self.window),
+            rec,
+            current,
+        )
     }
 }
 
-/// Scale up at once; scale down to the highest recommendation of the last `window`
-/// seconds (Kubernetes' scale-down stabilisation).
+/// Kubernetes' stabilisation of the HPA's recommendation
+/// (`stabilizeRecommendationWithBehaviors` in `pkg/controller/podautoscaler/horizontal.go`):
+/// scale up to the lowest recommendation of the last `up` seconds (at once when `up` is
+/// 0, the default), and down to the highest of the last `down` seconds; otherwise hold.
+/// Source: Kubernetes, "Horizontal Pod Autoscaling", configurable scaling behavior,
+/// stabilization window (<https://kubernetes.io/docs/tasks/run-application/horizontal-pod-autoscale/#stabilization-window>).
 fn stabilised(
     recs: &mut VecDeque<(f64, u32)>,
     now: f64,
-    window: f64,
+    (up, down): (f64, f64),
     rec: u32,
     current: u32,
 ) -> u32 {
     recs.push_back((now, rec));
-    while recs.front().is_some_and(|&(t, _)| now - t > window) {
+    while recs.front().is_some_and(|&(t, _)| now - t > up.max(down)) {
         recs.pop_front();
     }
-    if rec >= current {
-        rec
-    } else {
+    let within = |w: f64| {
         recs.iter()
+            .filter(move |&&(t, _)| now - t <= w)
             .map(|&(_, r)| r)
-            .max()
-            .unwrap_or(rec)
-            .min(current)
-    }
+    };
+    let up_rec = within(up).min().unwrap_or(rec);
+    let down_rec = within(down).max().unwrap_or(rec);
+    current.max(up_rec).min(down_rec)
 }

@@ -157,6 +157,30 @@ fn the_keda_rule_is_the_hpa_on_an_average_value_every_15_seconds() {
 }
 
 #[test]
+fn a_scale_up_stabilisation_window_lets_the_peers_ride_out_a_spike() {
+    let view = |id: u64, waiting: u32| ReplicaView {
+        id,
+        created: 0.0,
+        ready_since: Some(0.0),
+        waiting,
+        running: 0,
+        busy_seconds: 0.0,
+    };
+    // 30 s: scale up to the lowest recommendation of the last 30 s.
+    let mut k = KedaRule::new(1, 20, 8.0).with_up_window(30.0);
+    assert_eq!(k.desired(0.0, &[view(0, 4)]), 1);
+    // A spike of 24 asks for 3; the quiet sample 15 s ago still holds it at 1.
+    assert_eq!(k.desired(15.0, &[view(0, 24)]), 1);
+    assert_eq!(k.desired(30.0, &[view(0, 24)]), 1);
+    // Held for the whole window (the quiet sample is now 45 s old): up to 3.
+    assert_eq!(k.desired(45.0, &[view(0, 24)]), 3);
+    // The default has none: the same spike scales at once.
+    let mut k = KedaRule::new(1, 20, 8.0);
+    assert_eq!(k.desired(0.0, &[view(0, 4)]), 1);
+    assert_eq!(k.desired(15.0, &[view(0, 24)]), 3);
+}
+
+#[test]
 fn the_planner_finds_the_fewest_max_replicas_that_meet_the_objective() {
     use crate::autoscale::Params;
     use std::time::Duration;
