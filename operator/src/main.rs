@@ -395,7 +395,35 @@ fn default_identity() -> String {
     format!("{host}-{}", std::process::id())
 }
 
+/// Caps glibc's malloc at two arenas unless the user chose (`MALLOC_ARENA_MAX` or
+/// `GLIBC_TUNABLES`, which glibc has read already). glibc gives a thread that finds
+/// the arenas busy an arena of its own, up to eight per core, and each keeps what is
+/// freed in it; the operator's runtime threads share one heap well enough. Measured
+/// with `gpuscale-sim fleet` (10,000 pods) as `MALLOC_ARENA_MAX=2` against the
+/// default, same build, three pairs of runs: RSS 117.4 / 122.3, 105.6 / 110.2 and
+/// 103.4 / 110.0 MiB, passes per second and p99 latency unchanged. One arena cost
+/// more than it saved: 95.3 MiB, but 187 passes/s instead of about 450 and p99 2.1 s
+/// (threads wait on its lock).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn limit_malloc_arenas() {
+    if std::env::var_os("MALLOC_ARENA_MAX").is_some()
+        || std::env::var_os("GLIBC_TUNABLES").is_some()
+    {
+        return;
+    }
+    // SAFETY: mallopt sets one malloc parameter; it is called first thing in main,
+    // before any other thread exists. It returns 0 on failure, and then the default
+    // stands, which is only more memory.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn limit_malloc_arenas() {}
+
 fn main() -> anyhow::Result<ExitCode> {
+    limit_malloc_arenas();
     let cli = Cli::parse();
     match cli.command {
         Command::Run {

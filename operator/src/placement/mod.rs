@@ -184,6 +184,39 @@ pub enum AdoptError {
     },
 }
 
+/// An inventory's nodes by name, to ask whether a recorded placement could still be
+/// adopted (its node and GPUs exist) without building an [`Engine`]: the operator's
+/// lost check asks it of every replica once a second, and an engine for the whole
+/// fleet cost 1.9 MB at 1,000 nodes for a question about names and indices.
+pub struct Present<'a>(HashMap<&'a str, &'a crate::inventory::NodeGpus>);
+
+impl<'a> Present<'a> {
+    /// The nodes of `inventory` (the first of any name listed twice).
+    pub fn new(inventory: &'a Inventory) -> Present<'a> {
+        let mut nodes = HashMap::with_capacity(inventory.nodes.len());
+        for n in &inventory.nodes {
+            nodes.entry(n.name.as_str()).or_insert(n);
+        }
+        Present(nodes)
+    }
+
+    /// What [`Engine::adopt`] would say of a placement on `gpus` of `node`, as far as
+    /// their existence goes, without recording anything.
+    pub fn adoptable(&self, node: &str, gpus: &[u32]) -> Result<(), AdoptError> {
+        let n = self
+            .0
+            .get(node)
+            .ok_or_else(|| AdoptError::NodeGone(node.to_string()))?;
+        match gpus.iter().find(|&&g| !n.gpus.iter().any(|s| s.index == g)) {
+            Some(&gpu) => Err(AdoptError::GpuGone {
+                node: node.to_string(),
+                gpu,
+            }),
+            None => Ok(()),
+        }
+    }
+}
+
 /// Free VRAM and how much of it is stranded.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Fragmentation {
@@ -322,12 +355,6 @@ impl Engine {
         let (ni, slots) = self.slots(&p.node, &p.gpus)?;
         self.commit(ni, &slots, p);
         Ok(())
-    }
-
-    /// Whether a placement on `gpus` of `node` could be adopted (both still exist),
-    /// without recording it.
-    pub fn adoptable(&self, node: &str, gpus: &[u32]) -> Result<(), AdoptError> {
-        self.slots(node, gpus).map(drop)
     }
 
     /// The node's index and the GPUs' slots on it.

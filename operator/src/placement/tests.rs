@@ -268,23 +268,29 @@ fn release_frees_and_existing_placements_are_adopted_not_moved() {
         }),
         Err(AdoptError::NodeGone("gone".into()))
     );
-    // Asked without adopting, the same answers, and nothing is recorded.
-    let bare = Engine::new(&inv(vec![nvswitch_node("a", 2, "H100", 80)]));
-    assert_eq!(bare.adoptable("a", &[1]), Ok(()));
+    // Asked of the inventory without an engine, the answers adopting gives.
+    let one = inv(vec![nvswitch_node("a", 2, "H100", 80)]);
+    let present = Present::new(&one);
+    for (node, gpus) in [("a", vec![1]), ("gone", vec![1]), ("a", vec![0, 7])] {
+        let placement = Placement {
+            node: node.into(),
+            gpus: gpus.clone(),
+            ..p.clone()
+        };
+        assert_eq!(
+            present.adoptable(node, &gpus),
+            Engine::new(&one).adopt(placement),
+            "{node} {gpus:?}"
+        );
+    }
+    assert_eq!(present.adoptable("a", &[1]), Ok(()));
     assert_eq!(
-        bare.adoptable("gone", &[1]),
-        Err(AdoptError::NodeGone("gone".into()))
-    );
-    assert_eq!(
-        bare.adoptable("a", &[0, 7]),
+        present.adoptable("a", &[0, 7]),
         Err(AdoptError::GpuGone {
             node: "a".into(),
             gpu: 7
         })
     );
-    assert!(bare
-        .gpu_usage()
-        .all(|(_, _, reserved, _, owners, _)| reserved == 0 && owners == 0));
     assert_eq!(e.release(&p.replica), Some(p));
     assert!(e
         .gpu_usage()

@@ -17,7 +17,7 @@ use crate::autoscale::Params;
 use crate::inventory::{
     from_gfd_labels, from_gpu_inventory, from_resource_slices, Binding, Inventory,
 };
-use crate::placement::{Engine, Placement, ReplicaId};
+use crate::placement::{Engine, Placement, Present, ReplicaId};
 use crate::scrape::WorkerLoad;
 use k8s_openapi::api::resource::v1::ResourceSlice;
 
@@ -503,7 +503,11 @@ fn reckon(
         pods,
         &ctx.config,
     );
-    let mut engine = Engine::new(&inventory);
+    // The lost check needs only which nodes and GPUs exist, not an engine.
+    let (mut engine, present) = match adopt {
+        Adopt::Placements => (Some(Engine::new(&inventory)), None),
+        Adopt::LostOnly => (None, Some(Present::new(&inventory))),
+    };
     let mut lost: HashMap<String, String> = HashMap::new();
     let mut replicas_on: HashMap<String, usize> = HashMap::new();
     for pod in pods {
@@ -529,12 +533,12 @@ fn reckon(
             }
             continue;
         }
-        if adopt == Adopt::LostOnly {
-            if let Err(e) = engine.adoptable(&p.node, &p.gpus) {
+        let Some(engine) = engine.as_mut() else {
+            if let Some(Err(e)) = present.as_ref().map(|n| n.adoptable(&p.node, &p.gpus)) {
                 lost.insert(pod.name_any(), e.to_string());
             }
             continue;
-        }
+        };
         let placed = Placement {
             replica: ReplicaId {
                 deployment: format!("{}/{dep}", pod.namespace().unwrap_or_default()),
@@ -554,7 +558,8 @@ fn reckon(
         }
     }
     Ledger {
-        engine,
+        // The lost check keeps only `lost`: an engine over nothing stands in.
+        engine: engine.unwrap_or_else(|| Engine::new(&Inventory::default())),
         cpu_nodes,
         replicas_on,
         lost,
