@@ -74,28 +74,18 @@ impl ScalingRule for GpuscaleRule {
 /// every 15 s, scale-up limited to max(double, +4) per sync, scale-down stabilised
 /// over 300 s, no scale-up stabilisation unless one is set.
 pub struct HpaRule {
-    min: u32,
-    max: u32,
+    hpa: Hpa,
     target_utilisation: f64,
-    sync: f64,
-    window: f64,
-    up_window: f64,
     last_busy: HashMap<u64, (f64, f64)>,
-    recs: VecDeque<(f64, u32)>,
 }
 
 impl HpaRule {
     /// An HPA with the documented defaults and a `target_utilisation` (0.7 for 70%).
     pub fn new(min: u32, max: u32, target_utilisation: f64) -> HpaRule {
         HpaRule {
-            min,
-            max,
+            hpa: Hpa::new(min, max),
             target_utilisation,
-            sync: 15.0,
-            window: 300.0,
-            up_window: 0.0,
             last_busy: HashMap::new(),
-            recs: VecDeque::new(),
         }
     }
 }
@@ -103,14 +93,14 @@ impl HpaRule {
 impl HpaRule {
     /// The same rule with another scale-down stabilisation window (the frontier sweep).
     pub fn with_window(mut self, seconds: f64) -> HpaRule {
-        self.window = seconds;
+        self.hpa.window = seconds;
         self
     }
 
     /// The same rule with a scale-up stabilisation window
     /// (`behavior.scaleUp.stabilizationWindowSeconds`; the frontier sweep).
     pub fn with_up_window(mut self, seconds: f64) -> HpaRule {
-        self.up_window = seconds;
+        self.hpa.up_window = seconds;
         self
     }
 }
@@ -120,14 +110,14 @@ impl ScalingRule for HpaRule {
         format!(
             "HPA-style (GPU utilisation {:.0}%, {} s sync, {} s scale-up, {} s scale-down)",
             self.target_utilisation * 100.0,
-            self.sync,
-            self.up_window,
-            self.window
+            self.hpa.sync,
+            self.hpa.up_window,
+            self.hpa.window
         )
     }
 
     fn interval(&self) -> f64 {
-        self.sync
+        self.hpa.sync
     }
 
     fn desired(&mut self, now: f64, replicas: &[ReplicaView]) -> u32 {
@@ -142,26 +132,14 @@ impl ScalingRule for HpaRule {
                 utils.push(((r.busy_seconds - busy) / (now - t)).clamp(0.0, 1.0));
             }
         }
-        let rec = if utils.is_empty() {
-            current
+        let wanted = if utils.is_empty() {
+            None
         } else {
             let util = utils.iter().sum::<f64>() / utils.len() as f64;
             let ratio = util / self.target_utilisation;
-            if (ratio - 1.0).abs() <= 0.1 {
-                current
-            } else {
-                let n = (utils.len() as f64 * ratio).ceil() as u32;
-                n.min(current.saturating_mul(2).max(current + 4))
-            }
-        }
-        .clamp(self.min, self.max);
-        stabilised(
-            &mut self.recs,
-            now,
-            (self.up_window, self.window),
-            rec,
-            current,
-        )
+            ((ratio - 1.0).abs() > 0.1).then(|| (utils.len() as f64 * ratio).ceil() as u32)
+        };
+        self.hpa.decide(now, current, wanted)
     }
 }
 
@@ -178,39 +156,29 @@ impl ScalingRule for HpaRule {
 /// Kubernetes, "Horizontal Pod Autoscaling", algorithm details and default behavior
 /// (<https://kubernetes.io/docs/tasks/run-application/horizontal-pod-autoscale/>).
 pub struct KedaRule {
-    min: u32,
-    max: u32,
+    hpa: Hpa,
     threshold: f64,
-    sync: f64,
-    window: f64,
-    up_window: f64,
-    recs: VecDeque<(f64, u32)>,
 }
 
 impl KedaRule {
     /// KEDA with its documented defaults and a per-replica queue `threshold`.
     pub fn new(min: u32, max: u32, threshold: f64) -> KedaRule {
         KedaRule {
-            min,
-            max,
+            hpa: Hpa::new(min, max),
             threshold,
-            sync: 15.0,
-            window: 300.0,
-            up_window: 0.0,
-            recs: VecDeque::new(),
         }
     }
 
     /// The same rule with another scale-down stabilisation window (the frontier sweep).
     pub fn with_window(mut self, seconds: f64) -> KedaRule {
-        self.window = seconds;
+        self.hpa.window = seconds;
         self
     }
 
     /// The same rule with a scale-up stabilisation window on the HPA KEDA creates
     /// (`advanced.horizontalPodAutoscalerConfig.behavior.scaleUp`; the frontier sweep).
     pub fn with_up_window(mut self, seconds: f64) -> KedaRule {
-        self.up_window = seconds;
+        self.hpa.up_window = seconds;
         self
     }
 }
@@ -219,12 +187,12 @@ impl ScalingRule for KedaRule {
     fn name(&self) -> String {
         format!(
             "KEDA-style (queue {} per replica, {} s HPA sync, {} s scale-up, {} s scale-down)",
-            self.threshold, self.sync, self.up_window, self.window
+            self.threshold, self.hpa.sync, self.hpa.up_window, self.hpa.window
         )
     }
 
     fn interval(&self) -> f64 {
-        self.sync
+        self.hpa.sync
     }
 
     fn desired(&mut self, now: f64, replicas: &[ReplicaView]) -> u32 {
@@ -232,13 +200,47 @@ impl ScalingRule for KedaRule {
         let queue: u32 = replicas.iter().map(|r| r.waiting + r.running).sum();
         // AverageValue: the usage ratio is the per-replica average over the target.
         let ratio = f64::from(queue) / f64::from(current.max(1)) / self.threshold;
-        let rec = if current > 0 && (ratio - 1.0).abs() <= 0.1 {
-            current
-        } else {
-            let n = (f64::from(queue) / self.threshold).ceil() as u32;
-            n.min(current.saturating_mul(2).max(current + 4))
+        let within = current > 0 && (ratio - 1.0).abs() <= 0.1;
+        let wanted = (!within).then(|| (f64::from(queue) / self.threshold).ceil() as u32);
+        self.hpa.decide(now, current, wanted)
+    }
+}
+
+/// What the HorizontalPodAutoscaler does with a metric's replica count, for both
+/// peers: its sync period, its default scale-up limit (the larger of doubling and +4
+/// pods per sync), the replica bounds, and the stabilisation of [`stabilised`].
+struct Hpa {
+    min: u32,
+    max: u32,
+    sync: f64,
+    /// Scale-down stabilisation (`behavior.scaleDown.stabilizationWindowSeconds`).
+    window: f64,
+    /// Scale-up stabilisation (`behavior.scaleUp.stabilizationWindowSeconds`).
+    up_window: f64,
+    recs: VecDeque<(f64, u32)>,
+}
+
+impl Hpa {
+    /// The documented defaults: 15 s sync, 300 s scale-down window, none for scale-up.
+    fn new(min: u32, max: u32) -> Hpa {
+        Hpa {
+            min,
+            max,
+            sync: 15.0,
+            window: 300.0,
+            up_window: 0.0,
+            recs: VecDeque::new(),
         }
-        .clamp(self.min, self.max);
+    }
+
+    /// The replica count at `now` for a metric that asks `wanted` replicas (`None`:
+    /// within the 10% tolerance, or nothing to read, so the current count).
+    fn decide(&mut self, now: f64, current: u32, wanted: Option<u32>) -> u32 {
+        let rec = wanted
+            .map_or(current, |n| {
+                n.min(current.saturating_mul(2).max(current + 4))
+            })
+            .clamp(self.min, self.max);
         stabilised(
             &mut self.recs,
             now,

@@ -131,16 +131,20 @@ fn a_replica_removed_within_five_minutes_of_its_start_is_a_flap() {
     assert_eq!((o.cold_starts, o.flaps), (2, 0), "{o:?}");
 }
 
-#[test]
-fn the_keda_rule_is_the_hpa_on_an_average_value_every_15_seconds() {
-    let view = |id: u64, waiting: u32| ReplicaView {
+/// A replica ready since 0 with `waiting` requests queued.
+fn view(id: u64, waiting: u32) -> ReplicaView {
+    ReplicaView {
         id,
         created: 0.0,
         ready_since: Some(0.0),
         waiting,
         running: 0,
         busy_seconds: 0.0,
-    };
+    }
+}
+
+#[test]
+fn the_keda_rule_is_the_hpa_on_an_average_value_every_15_seconds() {
     let mut k = KedaRule::new(1, 20, 8.0);
     assert_eq!(k.interval(), 15.0);
     // 17 over 2 replicas at 8 each: a ratio of 1.06, inside the 10% tolerance.
@@ -158,14 +162,6 @@ fn the_keda_rule_is_the_hpa_on_an_average_value_every_15_seconds() {
 
 #[test]
 fn a_scale_up_stabilisation_window_lets_the_peers_ride_out_a_spike() {
-    let view = |id: u64, waiting: u32| ReplicaView {
-        id,
-        created: 0.0,
-        ready_since: Some(0.0),
-        waiting,
-        running: 0,
-        busy_seconds: 0.0,
-    };
     // 30 s: scale up to the lowest recommendation of the last 30 s.
     let mut k = KedaRule::new(1, 20, 8.0).with_up_window(30.0);
     assert_eq!(k.desired(0.0, &[view(0, 4)]), 1);
