@@ -490,6 +490,14 @@ enum Adopt {
     LostOnly,
 }
 
+/// What [`reckon`] checks each recorded placement against.
+enum Against<'a> {
+    /// An engine that adopts it ([`Adopt::Placements`]).
+    Engine(Engine),
+    /// Only the nodes and GPUs that exist ([`Adopt::LostOnly`]).
+    Present(Present<'a>),
+}
+
 fn reckon(
     ctx: &Context,
     pods: &[Arc<SeenPod>],
@@ -504,9 +512,9 @@ fn reckon(
         &ctx.config,
     );
     // The lost check needs only which nodes and GPUs exist, not an engine.
-    let (mut engine, present) = match adopt {
-        Adopt::Placements => (Some(Engine::new(&inventory)), None),
-        Adopt::LostOnly => (None, Some(Present::new(&inventory))),
+    let mut against = match adopt {
+        Adopt::Placements => Against::Engine(Engine::new(&inventory)),
+        Adopt::LostOnly => Against::Present(Present::new(&inventory)),
     };
     let mut lost: HashMap<String, String> = HashMap::new();
     let mut replicas_on: HashMap<String, usize> = HashMap::new();
@@ -533,11 +541,14 @@ fn reckon(
             }
             continue;
         }
-        let Some(engine) = engine.as_mut() else {
-            if let Some(Err(e)) = present.as_ref().map(|n| n.adoptable(&p.node, &p.gpus)) {
-                lost.insert(pod.name_any(), e.to_string());
+        let engine = match &mut against {
+            Against::Engine(engine) => engine,
+            Against::Present(present) => {
+                if let Err(e) = present.adoptable(&p.node, &p.gpus) {
+                    lost.insert(pod.name_any(), e.to_string());
+                }
+                continue;
             }
-            continue;
         };
         let placed = Placement {
             replica: ReplicaId {
@@ -558,8 +569,11 @@ fn reckon(
         }
     }
     Ledger {
-        // The lost check keeps only `lost`: an engine over nothing stands in.
-        engine: engine.unwrap_or_else(|| Engine::new(&Inventory::default())),
+        engine: match against {
+            Against::Engine(engine) => engine,
+            // The lost check keeps only `lost`: an engine over nothing stands in.
+            Against::Present(_) => Engine::new(&Inventory::default()),
+        },
         cpu_nodes,
         replicas_on,
         lost,
