@@ -648,7 +648,7 @@ through!(&P, std::sync::Arc<P>);
 
 /// A node as the operator's store keeps it: its metadata (name, GFD labels), whether
 /// it is cordoned, its taints, its allocatable resources and whether it is Ready;
-/// what `build_inventory` reads. A `k8s_openapi` `Node` is about 3 KB before its
+/// what `read_inventory` reads. A `k8s_openapi` `Node` is about 3 KB before its
 /// fields' contents (heaptrack: about 3.3 KB a node in the store at 250 nodes), most
 /// of it status (capacity, addresses, system info, images, conditions) that nothing
 /// here reads.

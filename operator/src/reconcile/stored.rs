@@ -11,8 +11,14 @@
 //! two things asked of the status outside a pass (the observed generation, for the
 //! gate's `class_of`; `waits_for_capacity`, for inventory events) are read once, when
 //! the object arrives.
+//!
+//! The status is kept deflated ([`Deflated`]): it is most of an object's text (its
+//! replicas' placements and its conditions, about 4.8 KB in the fleet at ten replicas),
+//! read only by the deployment's own pass, and deflate at its fastest level makes it
+//! about 1.3 KB: 3.5 MB less at 1,000 deployments, for a few microseconds a pass.
 
 use std::borrow::Cow;
+use std::io::{Read, Write};
 
 use gpuscale_crds::InferenceDeployment;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -25,7 +31,7 @@ use serde_json::value::RawValue;
 pub struct Stored {
     pub metadata: ObjectMeta,
     spec: Option<Box<RawValue>>,
-    status: Option<Box<RawValue>>,
+    status: Option<Deflated>,
     /// `status.observedGeneration`.
     observed_generation: Option<i64>,
     /// No status yet, fewer replicas than desired, or `Unschedulable` true.
@@ -75,6 +81,36 @@ fn text(v: Option<serde_json::Value>) -> Option<Box<RawValue>> {
         .and_then(|v| serde_json::value::to_raw_value(&v).ok())
 }
 
+/// JSON text, deflated (RFC 1951, by `flate2`).
+#[derive(Clone, Debug)]
+struct Deflated(Box<[u8]>);
+
+impl Deflated {
+    fn of(json: &RawValue) -> Deflated {
+        let text = json.get().as_bytes();
+        let mut e = flate2::write::DeflateEncoder::new(
+            Vec::with_capacity(text.len() / 3),
+            flate2::Compression::fast(),
+        );
+        e.write_all(text)
+            .expect("deflating into memory cannot fail");
+        Deflated(
+            e.finish()
+                .expect("deflating into memory cannot fail")
+                .into_boxed_slice(),
+        )
+    }
+
+    /// The JSON text again.
+    fn inflate(&self) -> Box<RawValue> {
+        let mut text = String::new();
+        flate2::read::DeflateDecoder::new(&*self.0)
+            .read_to_string(&mut text)
+            .expect("inflating what was deflated here");
+        RawValue::from_string(text).expect("the text was JSON when deflated")
+    }
+}
+
 impl From<Wire> for Stored {
     fn from(w: Wire) -> Stored {
         let glance: Option<Glance> = w
@@ -91,7 +127,7 @@ impl From<Wire> for Stored {
         Stored {
             metadata: w.metadata,
             spec: text(w.spec),
-            status: text(w.status),
+            status: text(w.status).as_deref().map(Deflated::of),
             observed_generation: glance.and_then(|g| g.observed_generation),
             waits_for_capacity,
         }
@@ -131,7 +167,7 @@ impl Stored {
             kind: &InferenceDeployment::kind(&()),
             metadata: &self.metadata,
             spec: &self.spec,
-            status: &self.status,
+            status: &self.status.as_ref().map(Deflated::inflate),
         })
         .map_err(|e| e.to_string())?;
         let mut de = serde_json::Deserializer::from_str(&text);
@@ -204,6 +240,32 @@ mod tests {
         assert_eq!(bad.metadata.name.as_deref(), Some("bad"));
         let why = bad.read().unwrap_err();
         assert!(why.starts_with("spec"), "{why}");
+    }
+
+    #[test]
+    fn the_status_is_kept_deflated_and_read_back_as_it_came() {
+        let condition = |t: &str| {
+            json!({"type": t, "status": "True", "reason": "AsExpected",
+                "message": "all replicas are placed and ready",
+                "lastTransitionTime": "2026-12-05T08:00:00Z"})
+        };
+        let placement = |i: u32| {
+            json!({"replica": i, "node": format!("hollow-{i:04}"), "gpus": [0],
+                "gpuUuids": [format!("GPU-0000000{i}-aaaa-bbbb-cccc-dddddddddddd")],
+                "bytesPerGpu": 17_179_869_184u64, "product": "Tesla V100-SXM3-32GB"})
+        };
+        let placements: Vec<_> = (0..10).map(placement).collect();
+        let conditions = ["Available", "Progressing", "Unschedulable"].map(condition);
+        let status = json!({"observedGeneration": 4, "replicas": 10,
+            "placements": placements, "conditions": conditions});
+        let s = stored(json!({"metadata": {"name": "m", "namespace": "ns"},
+            "spec": {"x": 1}, "status": status}));
+        let kept = s.status.as_ref().expect("a status");
+        let text = status.to_string().len();
+        assert!(kept.0.len() * 2 < text, "{} bytes of {text}", kept.0.len());
+        let back: serde_json::Value = serde_json::from_str(kept.inflate().get()).unwrap();
+        assert_eq!(back, status);
+        assert_eq!(s.observed_generation(), Some(4));
     }
 
     #[test]
