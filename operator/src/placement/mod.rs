@@ -476,18 +476,7 @@ impl Engine {
     pub fn release(&mut self, replica: &ReplicaId) -> Option<Placement> {
         let p = self.placed.remove(replica)?;
         let ni = self.node_index(&p.node).expect("placed on a known node");
-        for &g in &p.gpus {
-            let s = self.nodes[ni]
-                .gpus
-                .iter_mut()
-                .find(|s| s.index == g)
-                .expect("placed on a known GPU");
-            s.reserved -= p.bytes_per_gpu;
-            s.owners -= 1;
-            if p.exclusive {
-                s.exclusive = false;
-            }
-        }
+        give_back(&p, &mut self.nodes[ni].gpus);
         let dep = &p.replica.deployment;
         decrement(&mut self.per_node, dep, ni);
         if let Some(z) = self.nodes[ni].zone {
@@ -503,21 +492,7 @@ impl Engine {
     /// placed on no GPU.
     pub fn freed_by(&self, replica: &ReplicaId) -> Option<u64> {
         let p = self.placed.get(replica)?;
-        let node = &self.nodes[self.node_index(&p.node)?];
-        p.gpus
-            .iter()
-            .filter_map(|&g| node.gpus.iter().find(|s| s.index == g))
-            .filter(|s| s.unhealthy.is_none())
-            .map(|s| {
-                if s.owners <= 1 {
-                    s.usable
-                } else if p.exclusive || s.exclusive {
-                    0
-                } else {
-                    s.usable.saturating_sub(s.reserved - p.bytes_per_gpu)
-                }
-            })
-            .max()
+        frees(p, &self.nodes[self.node_index(&p.node)?].gpus)
     }
 
     /// The order a scale-down wave should take `replicas` in so the fleet's free memory
@@ -526,24 +501,44 @@ impl Engine {
     /// alone is not enough: two replicas sharing a GPU each free only a part of it, and
     /// only the second exit empties it. Ties go to the one given first; replicas placed
     /// on no GPU are left out.
+    ///
+    /// The exits are played out on copies of their own nodes' GPUs only: a copy of the
+    /// whole engine (every placement in the cluster) cost a scale-down pass several MB
+    /// at fleet scale, and what a pass frees for a moment still sets the allocator's
+    /// high-water mark.
     pub fn defragmenting_order(&self, replicas: &[ReplicaId]) -> Vec<ReplicaId> {
-        let mut after = self.clone();
-        let mut left: Vec<&ReplicaId> = replicas
-            .iter()
-            .filter(|r| self.freed_by(r).is_some())
-            .collect();
+        let mut left: Vec<(&ReplicaId, &Placement, usize)> = Vec::new();
+        for r in replicas {
+            let Some(p) = self.placed.get(r) else {
+                continue;
+            };
+            let Some(ni) = self.node_index(&p.node) else {
+                continue;
+            };
+            // Each replica once, and only those an exit frees something for.
+            if frees(p, &self.nodes[ni].gpus).is_some() && !left.iter().any(|l| l.0 == r) {
+                left.push((r, p, ni));
+            }
+        }
+        let mut after: HashMap<usize, Vec<GpuState>> = HashMap::new();
+        for &(_, _, ni) in &left {
+            after
+                .entry(ni)
+                .or_insert_with(|| self.nodes[ni].gpus.clone());
+        }
         let mut order = Vec::with_capacity(left.len());
         while !left.is_empty() {
+            let freed = |&(_, p, ni): &(&ReplicaId, &Placement, usize)| frees(p, &after[&ni]);
             let mut best = 0;
-            let mut most = after.freed_by(left[0]);
-            for (i, r) in left.iter().enumerate().skip(1) {
-                let frees = after.freed_by(r);
-                if frees > most {
-                    (best, most) = (i, frees);
+            let mut most = freed(&left[0]);
+            for (i, l) in left.iter().enumerate().skip(1) {
+                let f = freed(l);
+                if f > most {
+                    (best, most) = (i, f);
                 }
             }
-            let r = left.remove(best);
-            after.release(r);
+            let (r, p, ni) = left.remove(best);
+            give_back(p, after.get_mut(&ni).expect("copied above"));
             order.push(r.clone());
         }
         order
@@ -802,6 +797,40 @@ fn count_in(counts: Option<&HashMap<usize, u32>>, index: Option<usize>) -> u64 {
     match (counts, index) {
         (Some(m), Some(i)) => u64::from(m.get(&i).copied().unwrap_or(0)),
         _ => 0,
+    }
+}
+
+/// The largest free block `p`'s exit leaves on one of its GPUs among `gpus` (its
+/// node's), as [`Engine::freed_by`] says.
+fn frees(p: &Placement, gpus: &[GpuState]) -> Option<u64> {
+    p.gpus
+        .iter()
+        .filter_map(|&g| gpus.iter().find(|s| s.index == g))
+        .filter(|s| s.unhealthy.is_none())
+        .map(|s| {
+            if s.owners <= 1 {
+                s.usable
+            } else if p.exclusive || s.exclusive {
+                0
+            } else {
+                s.usable.saturating_sub(s.reserved - p.bytes_per_gpu)
+            }
+        })
+        .max()
+}
+
+/// Gives `p`'s share of its GPUs back (`gpus`: its node's).
+fn give_back(p: &Placement, gpus: &mut [GpuState]) {
+    for &g in &p.gpus {
+        let s = gpus
+            .iter_mut()
+            .find(|s| s.index == g)
+            .expect("placed on a known GPU");
+        s.reserved -= p.bytes_per_gpu;
+        s.owners -= 1;
+        if p.exclusive {
+            s.exclusive = false;
+        }
     }
 }
 

@@ -477,6 +477,39 @@ proptest! {
         prop_assert_eq!(usage_a, usage_b);
     }
 
+    /// The wave's order, played out on copies of the replicas' own nodes, is the one a
+    /// copy of the whole engine gives (the greedy rule as first written): every
+    /// placed replica once, in the same order, and the engine untouched.
+    #[test]
+    fn a_wave_order_is_what_playing_it_out_on_the_whole_engine_gives(inventory in arb_inventory(), requests in arb_requests()) {
+        let (e, _) = run(&inventory, &requests);
+        let mut ids: Vec<ReplicaId> = requests.iter().map(|r| r.replica.clone()).collect();
+        ids.reverse();
+        let mut after = e.clone();
+        let mut left: Vec<&ReplicaId> = ids.iter().filter(|r| e.freed_by(r).is_some()).collect();
+        let mut whole = Vec::new();
+        while !left.is_empty() {
+            let mut best = 0;
+            let mut most = after.freed_by(left[0]);
+            for (i, r) in left.iter().enumerate().skip(1) {
+                let frees = after.freed_by(r);
+                if frees > most {
+                    (best, most) = (i, frees);
+                }
+            }
+            let r = left.remove(best);
+            after.release(r);
+            whole.push(r.clone());
+        }
+        let before: Vec<_> = e.gpu_usage().map(|u| (u.0.to_string(), u.1, u.2, u.4)).collect();
+        prop_assert_eq!(&e.defragmenting_order(&ids), &whole);
+        let usage: Vec<_> = e.gpu_usage().map(|u| (u.0.to_string(), u.1, u.2, u.4)).collect();
+        prop_assert_eq!(usage, before);
+        // Given twice, a replica is still ordered once.
+        let twice: Vec<ReplicaId> = ids.iter().chain(&ids).cloned().collect();
+        prop_assert_eq!(e.defragmenting_order(&twice), whole);
+    }
+
     #[test]
     fn releasing_everything_restores_the_empty_cluster(inventory in arb_inventory(), requests in arb_requests()) {
         let (mut e, out) = run(&inventory, &requests);
