@@ -656,12 +656,12 @@ fn ready_took(pod: &SeenPod) -> Option<Duration> {
     Some(elapsed(created, ready))
 }
 
-/// The inventory placement sees, and the CPU-only nodes. Nodes that are not Ready or
-/// are cordoned offer nothing; a node's agent inventory wins over its GFD labels.
-/// The inventory's nodes, each given to `node` as it is read (so a caller that keeps
-/// little of them never holds them all), and the usable nodes without GPUs. `pods`
-/// give what our running replicas reserved on each GPU (`Gpu::used_outside_bytes`
-/// leaves it out); with none, all memory in use counts as used outside.
+/// The inventory placement sees, each node given to `node` as it is read (so a caller
+/// that keeps little of it never holds all of it); returns the CPU-only nodes. Nodes
+/// that are not Ready or are cordoned offer nothing; a node's agent inventory wins over
+/// its GFD labels. `pods` give what our running replicas reserved on each GPU
+/// (`Gpu::used_outside_bytes` leaves it out); with none, all memory in use counts as
+/// used outside.
 fn read_inventory(
     inventories: &[Arc<GpuInventory>],
     slices: &[Arc<ResourceSlice>],
