@@ -539,7 +539,9 @@ fn reckon(
             .map(|(_, p)| p.clone());
         // Parsed once: the ledger reads every pod's annotation, and once a second.
         let recorded = placement_of(pod);
-        if let Some(p) = &recorded {
+        // Only a ledger to place against counts replicas per node (CPU placement
+        // spreads by it); the lost check keeps only `lost`.
+        if let (Adopt::Placements, Some(p)) = (adopt, &recorded) {
             *replicas_on.entry(p.node.clone()).or_default() += 1;
         }
         let (Some(p), Some(index), Some(dep)) = (
