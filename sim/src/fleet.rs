@@ -77,6 +77,24 @@ impl FleetReport {
             .map(|(_, n)| n)
             .sum()
     }
+
+    /// The requests of the steady window that a steady fleet gives the operator no
+    /// reason to make: anything but renewing its Lease and patching deployment
+    /// statuses (a pod deleted or created with nothing changing is a fault, and its
+    /// load makes the window's figures no measure of a steady operator).
+    pub fn unsteady(&self) -> Vec<String> {
+        let steady = |verb: &str, what: &str| {
+            matches!(
+                (verb, what),
+                ("get" | "update", "leases") | ("patch", "inferencedeployments/status")
+            )
+        };
+        self.per_minute
+            .iter()
+            .filter(|((verb, what), _)| !steady(verb, what))
+            .map(|((verb, what), n)| format!("{verb} {what} ({n:.1} a minute)"))
+            .collect()
+    }
 }
 
 impl std::fmt::Display for FleetReport {
@@ -596,4 +614,45 @@ pub async fn run(cfg: FleetConfig) -> anyhow::Result<FleetReport> {
         latency_max: latencies.last().copied().unwrap_or_default(),
         per_minute,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(requests: &[(&str, &str, f64)]) -> FleetReport {
+        FleetReport {
+            pods: 0,
+            setup: Duration::ZERO,
+            rss_bytes: 0,
+            peak_rss_bytes: 0,
+            cpu_per_pass: Duration::ZERO,
+            passes_per_second: 0.0,
+            cores: 0.0,
+            latency_p50: Duration::ZERO,
+            latency_p99: Duration::ZERO,
+            latency_max: Duration::ZERO,
+            per_minute: requests
+                .iter()
+                .map(|(v, w, n)| ((v.to_string(), w.to_string()), *n))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn only_lease_renewals_and_status_patches_are_steady() {
+        let steady = [
+            ("get", "leases", 29.0),
+            ("update", "leases", 29.0),
+            ("patch", "inferencedeployments/status", 3413.1),
+        ];
+        assert!(report(&steady).unsteady().is_empty());
+        let mut storm = steady.to_vec();
+        storm.push(("delete", "pods", 17630.0));
+        storm.push(("list", "pods", 2.0));
+        assert_eq!(
+            report(&storm).unsteady(),
+            ["delete pods (17630.0 a minute)", "list pods (2.0 a minute)"]
+        );
+    }
 }

@@ -153,6 +153,14 @@ fn main() -> anyhow::Result<()> {
                     dir: "target/gpuscale-sim/fleet".into(),
                 }))?;
             print!("{report}");
+            let unsteady = report.unsteady();
+            anyhow::ensure!(
+                unsteady.is_empty(),
+                "the operator made requests in steady state that a steady fleet has no \
+                 reason for: {}; its log is target/gpuscale-sim/fleet/operator.log (run \
+                 again with GPUSCALE_FLEET_OPERATOR_LOG=info for each write)",
+                unsteady.join(", ")
+            );
             Ok(())
         }
         Command::Serve {
