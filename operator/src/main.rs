@@ -401,12 +401,13 @@ fn default_identity() -> String {
 /// RSS until the kernel is short of memory). The operator's RSS follows the highest
 /// its heap reaches (a placing pass's transients, a relist), so what matters is how
 /// soon and how completely freed memory goes back. Measured with `gpuscale-sim fleet`
-/// (10,000 pods; README, fleet scale), both built with the release profile's LTO:
+/// (10,000 pods; README, fleet scale), every build with the release profile's LTO:
 /// glibc with two arenas 86.9 and 91.8 MiB in steady state (0.85 and 1.04 ms of CPU a
 /// pass); jemalloc with its defaults 86.2 MiB; with these options 80.6, 81.8, 81.0 and
-/// 81.5 MiB (0.64–0.71 ms a pass). `malloc_trim(0)` every 2 s did not lower glibc's
-/// (94.8 against 95.6 MiB). A user's `_RJEM_MALLOC_CONF` is read after this string, so
-/// its options win (jemalloc's options: <https://jemalloc.net/jemalloc.3.html>).
+/// 81.5 MiB (0.64–0.71 ms a pass). Before LTO, `malloc_trim(0)` every 2 s did not lower
+/// glibc's (94.8 against 95.6 MiB). This replaces glibc's two-arena cap, and with it
+/// what `MALLOC_ARENA_MAX` did; a user's `_RJEM_MALLOC_CONF` is read after this string,
+/// so its options win (jemalloc's options: <https://jemalloc.net/jemalloc.3.html>).
 #[cfg(not(target_env = "msvc"))]
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
