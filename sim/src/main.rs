@@ -84,6 +84,9 @@ fn init_tracing(default: &str) {
     tracing_subscriber::fmt().with_env_filter(filter).init();
 }
 
+/// Where `fleet` writes its kubeconfigs and the operator's log.
+const FLEET_DIR: &str = "target/gpuscale-sim/fleet";
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let rt = tokio::runtime::Runtime::new()?;
@@ -150,15 +153,15 @@ fn main() -> anyhow::Result<()> {
                     window: std::time::Duration::from_secs(window_seconds),
                     scrape_interval_seconds,
                     operator: gpuscale_sim::operator_binary()?,
-                    dir: "target/gpuscale-sim/fleet".into(),
+                    dir: FLEET_DIR.into(),
                 }))?;
             print!("{report}");
             let unsteady = report.unsteady();
             anyhow::ensure!(
                 unsteady.is_empty(),
                 "the operator made requests in steady state that a steady fleet has no \
-                 reason for: {}; its log is target/gpuscale-sim/fleet/operator.log (run \
-                 again with GPUSCALE_FLEET_OPERATOR_LOG=info for each write)",
+                 reason for: {}; its log is {FLEET_DIR}/operator.log (run again with \
+                 GPUSCALE_FLEET_OPERATOR_LOG=info for each write)",
                 unsteady.join(", ")
             );
             Ok(())
