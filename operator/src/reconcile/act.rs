@@ -158,7 +158,7 @@ async fn ask_for_capacity(
         let still =
             !ended(pod) && capacity_index(pod).is_some_and(|i| wanted.iter().any(|(w, _)| *w == i));
         if !still
-            && pod.metadata.deletion_timestamp.is_none()
+            && pod.deletion_timestamp().is_none()
             && delete_pod(ctx, pods_api, pod, DeleteParams::default()).await?
         {
             info!(pod = %pod.name_any(), "deleted capacity request");
@@ -218,7 +218,7 @@ async fn ask_for_capacity(
 /// scheduler holds the pod until it exists.
 async fn create_claim(
     ctx: &Context,
-    pod: &(impl kube::Resource<DynamicType = ()> + PodFacts),
+    pod: &impl PodFacts,
     p: &PodPlacement,
 ) -> Result<(), kube::Error> {
     if !p.dra || p.gpus.is_empty() {
@@ -228,7 +228,7 @@ async fn create_claim(
         return Ok(());
     };
     let api: Api<ResourceClaim> =
-        Api::namespaced(ctx.client.clone(), &pod.namespace().unwrap_or_default());
+        Api::namespaced(ctx.client.clone(), pod.pod_namespace().unwrap_or_default());
     match api.create(&PostParams::default(), &claim).await {
         Ok(_) => {
             info!(claim = %claim.name_any(), uuids = ?p.uuids, "created resource claim");

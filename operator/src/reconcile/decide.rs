@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use gpuscale_crds::{InferenceDeployment, Revision, RolloutPhase, RolloutStatus};
-use kube::ResourceExt;
 
 use super::observe::{LazyLedger, Ledger, World};
 use super::pods::*;

@@ -25,6 +25,7 @@ mod gate;
 mod model;
 mod observe;
 mod plan;
+mod pod_store;
 pub mod pods;
 mod report;
 mod seen;
@@ -37,6 +38,7 @@ pub use cache::Cache;
 use cache::Writers;
 pub use model::{declared_need, probe_pod, LABEL_PROBE_OF};
 pub use plan::{plan, Drain, Phase, Replica, Step, Targets, Version};
+use seen::WatchedPod;
 pub use seen::{ConditionStatus, Facts, PodFacts, SeenNode, SeenPod};
 pub use stored::Stored;
 
@@ -739,8 +741,9 @@ pub async fn run(ctx: Arc<Context>, namespaces: Vec<String>) {
             .inventories
             .subscribe()
             .expect("the inventory store is shared");
-        let pod_events = w.pods.subscribe().expect("the pod store is shared");
-        controllers.push(controller(ctx.clone(), ns.clone(), pod_events, inventories));
+        // Each pod event wakes its controller's deployment (as `Controller::owns`).
+        let (pod_events, triggers) = futures::channel::mpsc::unbounded();
+        controllers.push(controller(ctx.clone(), ns.clone(), triggers, inventories));
         if !dra {
             w.without_dra();
         }
@@ -750,24 +753,25 @@ pub async fn run(ctx: Arc<Context>, namespaces: Vec<String>) {
         scoped_feeds.push(async move {
             let cache::ScopeWriters {
                 pods,
-                owners,
                 services,
                 claims,
             } = w;
-            let pods = reflector::reflector(
-                pods,
-                watcher::watcher(scoped(&client, &ns), managed.clone()).inspect(move |e| {
+            let health = metrics.clone();
+            let pods = watcher::watcher(scoped::<WatchedPod>(&client, &ns), managed.clone())
+                .default_backoff()
+                .for_each(move |e| {
+                    health.health().watched("pods", e.is_ok(), Instant::now());
                     if let Ok(e) = e {
-                        owners.write().expect("owner index lock").apply(e);
+                        if let Some(pod) = pods.apply(e) {
+                            // After the store has the event: see `Cache::observed`.
+                            cache.observed(&pod);
+                            if let Some(owner) = owner_of(&pod) {
+                                let _ = pod_events.unbounded_send(owner);
+                            }
+                        }
                     }
-                }),
-            )
-            // After the store has the event: see `Cache::observed`.
-            .inspect(move |e| {
-                if let Ok(e) = e {
-                    cache.observed(e);
-                }
-            });
+                    std::future::ready(())
+                });
             let services = reflector::reflector(
                 services,
                 watcher::watcher(scoped(&client, &ns), managed.clone()),
@@ -781,8 +785,7 @@ pub async fn run(ctx: Arc<Context>, namespaces: Vec<String>) {
                 }
             };
             futures::join!(
-                pods.default_backoff()
-                    .for_each(watched(metrics.clone(), "pods")),
+                pods,
                 services
                     .default_backoff()
                     .for_each(watched(metrics.clone(), "services")),
@@ -855,6 +858,17 @@ where
     }
 }
 
+/// The deployment a pod event wakes: its controller, where that is an
+/// InferenceDeployment (as kube-runtime's `Controller::owns` maps a child to its owner).
+fn owner_of(pod: &SeenPod) -> Option<ObjectRef<Stored>> {
+    let c = pod.controller()?;
+    let kind = <InferenceDeployment as kube::Resource>::kind(&());
+    let api_version = <InferenceDeployment as kube::Resource>::api_version(&());
+    let namespace = pod.namespace_str()?;
+    (*c.kind == *kind && *c.api_version == *api_version)
+        .then(|| ObjectRef::new(&c.name).within(namespace))
+}
+
 /// Feeds each event of the watch `name` to the operator's health (`/healthz`).
 fn watched<T>(
     metrics: Arc<Metrics>,
@@ -894,7 +908,7 @@ async fn dra_served(client: &Client) -> bool {
 async fn controller(
     ctx: Arc<Context>,
     namespace: Option<String>,
-    pods: reflector::ReflectHandle<SeenPod>,
+    pods: futures::channel::mpsc::UnboundedReceiver<ObjectRef<Stored>>,
     inventories: reflector::ReflectHandle<GpuInventory>,
 ) {
     let client = ctx.client.clone();
@@ -918,10 +932,8 @@ async fn controller(
         .lock()
         .expect("deployments lock")
         .push(store.clone());
-    let pods = pods
-        .filter(move |p| futures::future::ready(namespace.is_none() || p.namespace() == namespace));
     controller
-        .owns_shared_stream(pods)
+        .reconcile_on(pods)
         // A change of inventory can make a deployment that waits for capacity
         // placeable. Only those are woken: node agents publish often, and waking every
         // deployment on each publish made the work grow as nodes times deployments.

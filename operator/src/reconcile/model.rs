@@ -223,9 +223,7 @@ async fn probe(
         Some(result) => result,
         None => {
             let age = pod
-                .metadata
-                .creation_timestamp
-                .as_ref()
+                .creation_timestamp()
                 .map_or(Duration::ZERO, |t| wall.duration_since(t.0).unsigned_abs());
             if age < PROBE_DEADLINE {
                 return Ok(Read::Pending(format!(
@@ -252,9 +250,7 @@ pub(super) async fn remove_probes(d: &InferenceDeployment, ctx: &Context) -> Res
         .cache
         .owned(&d.uid().unwrap_or_default())
         .iter()
-        .filter(|p| {
-            p.labels().contains_key(LABEL_PROBE_OF) && p.metadata.deletion_timestamp.is_none()
-        })
+        .filter(|p| p.labels().contains_key(LABEL_PROBE_OF) && p.deletion_timestamp().is_none())
     {
         // Its container has exited (or is a read-only reader of an earlier model):
         // nothing to wait for, so no grace period, and no Terminating pod left behind

@@ -151,7 +151,7 @@ pub(super) async fn observe(
             .cloned()
             .or_else(|| pods::failure(pod))
             .or_else(|| refused.map(|m| format!("the scheduler cannot place it: {m}")));
-        let phase = if pod.metadata.deletion_timestamp.is_some() {
+        let phase = if pod.deletion_timestamp().is_some() {
             // Terminating (SIGTERM drain); it only keeps its index until it is gone.
             Phase::Draining(Drain::Out)
         } else if pod.labels().get(LABEL_SERVING) == Some("false") {
@@ -165,9 +165,7 @@ pub(super) async fn observe(
             Phase::Ready
         } else {
             let age = pod
-                .metadata
-                .creation_timestamp
-                .as_ref()
+                .creation_timestamp()
                 .map_or(Duration::ZERO, |t| elapsed(t.0, wall));
             // Failed unless its model download advances (known once the workers are
             // scraped below): a long download is not a stuck replica.
@@ -187,7 +185,7 @@ pub(super) async fn observe(
             pod: pod.clone(),
             index,
             phase,
-            outdated: pod.metadata.deletion_timestamp.is_some()
+            outdated: pod.deletion_timestamp().is_some()
                 || pod.labels().get(LABEL_TEMPLATE) != Some(hash.as_str()),
             revision: pod.labels().get(LABEL_TEMPLATE).map(String::from),
             placement: placement_of(pod),
@@ -201,7 +199,7 @@ pub(super) async fn observe(
     let port = d.spec.worker.port;
     let scrapes = seen.iter().map(|s| async move {
         let url = worker_url(&s.pod, port)?;
-        let live = s.pod.metadata.deletion_timestamp.is_none();
+        let live = s.pod.deletion_timestamp().is_none();
         match s.phase {
             Phase::Ready | Phase::Draining(_) | Phase::Loading if live => {
                 ctx.scraper.load(&url).await.ok()
@@ -298,7 +296,7 @@ pub(super) async fn observe(
 
     let missing_claims = seen
         .iter()
-        .filter(|s| s.pod.metadata.deletion_timestamp.is_none() && s.pod.uid().is_some())
+        .filter(|s| s.pod.deletion_timestamp().is_none() && s.pod.uid().is_some())
         .filter(|s| {
             s.pod
                 .spec
@@ -628,7 +626,7 @@ fn cold_start(
     took: Duration,
     load: Option<&WorkerLoad>,
 ) -> crate::metrics::ColdStart {
-    let created = pod.metadata.creation_timestamp.as_ref().map(|t| t.0);
+    let created = pod.creation_timestamp().map(|t| t.0);
     let scheduled = pod
         .facts()
         .scheduled
@@ -649,7 +647,7 @@ fn cold_start(
 }
 
 fn ready_took(pod: &SeenPod) -> Option<Duration> {
-    let created = pod.metadata.creation_timestamp.as_ref()?.0;
+    let created = pod.creation_timestamp()?.0;
     let ready = pod
         .facts()
         .ready

@@ -93,7 +93,7 @@ const CLAIM_REF: &str = "gpus";
 /// Owned by the pod, as the resourceclaim controller owns the claims it makes from
 /// templates: the garbage collector removes it with the pod, and the devices with it.
 pub fn replica_claim(
-    pod: &(impl kube::Resource<DynamicType = ()> + PodFacts),
+    pod: &impl PodFacts,
     p: &PodPlacement,
     config: &super::Config,
 ) -> Option<ResourceClaim> {
@@ -111,14 +111,14 @@ pub fn replica_claim(
     });
     Some(ResourceClaim {
         metadata: ObjectMeta {
-            name: Some(claim_name(&pod.name_any())),
-            namespace: pod.namespace(),
+            name: Some(claim_name(pod.pod_name()?)),
+            namespace: pod.pod_namespace().map(str::to_string),
             labels: Some(pod.label_map()),
             owner_references: Some(vec![OwnerReference {
                 api_version: "v1".into(),
                 kind: "Pod".into(),
-                name: pod.name_any(),
-                uid: pod.uid()?,
+                name: pod.pod_name()?.to_string(),
+                uid: pod.pod_uid()?.to_string(),
                 controller: Some(true),
                 block_owner_deletion: Some(true),
             }]),
@@ -645,7 +645,7 @@ pub fn capacity_pod(
 /// pod).
 pub fn capacity_index(pod: &impl PodFacts) -> Option<u32> {
     pod.label(LABEL_CAPACITY_FOR)?;
-    let name = pod.pod_meta().name.as_deref()?;
+    let name = pod.pod_name()?;
     name.rsplit_once("-capacity-")?.1.parse().ok()
 }
 
@@ -767,7 +767,7 @@ pub fn index_of(pod: &impl PodFacts) -> Option<u32> {
 /// where another pod now has the name), as the kubelet's status patches carry theirs.
 pub fn drain_patch(pod: &impl PodFacts, now: jiff::Timestamp) -> serde_json::Value {
     serde_json::json!({"metadata": {
-        "uid": pod.pod_meta().uid,
+        "uid": pod.pod_uid(),
         "labels": {LABEL_SERVING: "false"},
         "annotations": {ANNOTATION_DRAINING_SINCE: now.to_string()},
     }})
@@ -885,9 +885,5 @@ pub fn placement_patch(p: &PodPlacement) -> serde_json::Value {
 /// recreated deployment of the same name are not its replicas.
 pub fn owned_by(pod: &impl PodFacts, d: &InferenceDeployment) -> bool {
     let uid = d.meta().uid.as_deref();
-    pod.pod_meta()
-        .owner_references
-        .iter()
-        .flatten()
-        .any(|o| o.controller == Some(true) && Some(o.uid.as_str()) == uid)
+    uid.is_some() && pod.controller_uid() == uid
 }

@@ -15,7 +15,8 @@
 //! labels and annotations out of the metadata in a compact form ([`Tags`]).
 
 use std::borrow::Cow;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{ContainerStatus, Node, Pod, PodCondition, PodStatus, Taint};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -23,33 +24,52 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use k8s_openapi::{ClusterResourceScope, NamespaceResourceScope};
 use serde::Deserialize;
 
-/// A pod as the operator's store keeps it (see the module comment). Deserialized from
-/// the API's pod JSON, without its managed fields, and with its labels and
-/// annotations moved out of `metadata` into [`Tags`]: read them with
-/// [`SeenPod::labels`] and [`SeenPod::annotations`] (or [`PodFacts::label`]), never
-/// through `metadata` or `kube::ResourceExt`, which find them empty.
+/// A pod as the operator's store keeps it (see the module comment): not a
+/// `kube::Resource`, and without `ObjectMeta`, whose 360 bytes (and an allocation per
+/// string it holds) were a fifth of what each pod cost in kube-runtime's store. Its
+/// metadata is the few fields a pass reads: name, namespace, UID, when it was created
+/// and is being deleted, and its controller; its labels and annotations are [`Tags`].
+/// The watch reads pods as [`WatchedPod`] (which the watcher needs: it resumes from
+/// their `resourceVersion`) and the store keeps this (`PodStore`).
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
-#[serde(from = "WirePod")]
+#[serde(from = "WatchedPod")]
 pub struct SeenPod {
-    /// Its metadata, less labels, annotations and managed fields.
-    pub metadata: ObjectMeta,
+    name: Arc<str>,
+    namespace: Option<Arc<str>>,
+    uid: Option<Box<str>>,
+    created: Option<Time>,
+    deleted: Option<Time>,
+    controller: Option<Arc<Controller>>,
     labels: Tags,
     annotations: Tags,
     pub spec: Option<SeenSpec>,
     pub status: Option<SeenStatus>,
 }
 
-/// A pod as the API sends it, of which serde builds only the fields named here.
-#[derive(Deserialize)]
-struct WirePod {
+/// A pod's controller (its owner reference with `controller: true`), shared by every
+/// pod of that controller in the store.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Controller {
+    pub api_version: Box<str>,
+    pub kind: Box<str>,
+    pub name: Box<str>,
+    /// Shared with the pod store's index by controller.
+    pub uid: Arc<str>,
+}
+
+/// A pod as the watch reads it: what [`SeenPod`] keeps, with the whole `ObjectMeta`
+/// the watcher reads the `resourceVersion` of. Only in flight, never stored; serde
+/// builds only the fields named here (managed fields aside, which `ObjectMeta` names).
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct WatchedPod {
     #[serde(default)]
-    metadata: ObjectMeta,
+    pub metadata: ObjectMeta,
     spec: Option<SeenSpec>,
     status: Option<SeenStatus>,
 }
 
-impl From<WirePod> for SeenPod {
-    fn from(w: WirePod) -> SeenPod {
+impl From<WatchedPod> for SeenPod {
+    fn from(w: WatchedPod) -> SeenPod {
         SeenPod::new(w.metadata, w.spec, w.status)
     }
 }
@@ -63,24 +83,11 @@ impl From<WirePod> for SeenPod {
 /// (heaptrack at 10,000 pods: 12.5 MB of a 91 MB peak). Here they are two slices of
 /// 40-byte pairs and the values' allocations, about 550 bytes by their layout; the
 /// fleet's operator RSS fell from 122 to 111–113 MiB (README, fleet scale). A pod
-/// carries a handful, so a look-up is a scan.
+/// carries a handful, so a look-up is a scan. The pod store shares each key, and each
+/// label value, among the pods that carry it (a replica's label values are its
+/// deployment's name, its template and a few words): [`Interner`].
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Tags(Box<[(Cow<'static, str>, Box<str>)]>);
-
-/// The label and annotation keys gpuscale writes and reads: kept without an
-/// allocation per pod.
-const KNOWN_KEYS: &[&str] = &[
-    "app.kubernetes.io/managed-by",
-    super::pods::LABEL_DEPLOYMENT,
-    super::pods::LABEL_REPLICA,
-    super::pods::LABEL_TEMPLATE,
-    super::pods::LABEL_SERVING,
-    super::pods::LABEL_CAPACITY_FOR,
-    super::pods::ANNOTATION_PLACEMENT,
-    super::pods::ANNOTATION_DRAINING_SINCE,
-    super::model::LABEL_PROBE_OF,
-    super::model::ANNOTATION_PROBED,
-];
+pub struct Tags(Box<[(Arc<str>, Arc<str>)]>);
 
 impl Tags {
     /// The value of `key`.
@@ -106,19 +113,72 @@ impl Tags {
 
 impl From<BTreeMap<String, String>> for Tags {
     fn from(map: BTreeMap<String, String>) -> Tags {
-        let key = |k: String| match KNOWN_KEYS.iter().find(|known| **known == k) {
-            Some(known) => Cow::Borrowed(*known),
-            None => Cow::Owned(k),
-        };
-        Tags(map.into_iter().map(|(k, v)| (key(k), v.into())).collect())
+        Tags(map.into_iter().map(|(k, v)| (k.into(), v.into())).collect())
+    }
+}
+
+/// Strings (and controllers) many stored pods hold alike, kept once: a namespace, a
+/// node's name, a phase, a label value, a controller's owner reference. One per pod
+/// store, used under its lock; what no pod holds any more is dropped as the set grows
+/// (an entry the set alone holds has a strong count of one).
+#[derive(Default)]
+pub(super) struct Interner {
+    strings: HashSet<Arc<str>>,
+    controllers: HashSet<Arc<Controller>>,
+    /// The size of both sets after the last sweep.
+    kept: usize,
+}
+
+impl Interner {
+    fn one<T: ?Sized + Eq + std::hash::Hash>(set: &mut HashSet<Arc<T>>, value: &mut Arc<T>) {
+        match set.get(&**value) {
+            Some(kept) => *value = kept.clone(),
+            None => {
+                set.insert(value.clone());
+            }
+        }
+    }
+
+    fn string(&mut self, value: &mut Arc<str>) {
+        Self::one(&mut self.strings, value);
+    }
+
+    /// How many strings and controllers it holds.
+    #[cfg(test)]
+    pub(super) fn len(&self) -> usize {
+        self.strings.len() + self.controllers.len()
+    }
+
+    /// Drops what only the sets hold, once they have doubled since the last sweep.
+    fn sweep(&mut self) {
+        let size = self.strings.len() + self.controllers.len();
+        if size > 2 * self.kept + 1024 {
+            self.strings.retain(|s| Arc::strong_count(s) > 1);
+            self.controllers.retain(|c| Arc::strong_count(c) > 1);
+            self.kept = self.strings.len() + self.controllers.len();
+        }
     }
 }
 
 /// Of a pod's spec, the node it is bound to.
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
-#[serde(rename_all = "camelCase")]
+#[serde(from = "WireSpec")]
 pub struct SeenSpec {
-    pub node_name: Option<String>,
+    pub node_name: Option<Arc<str>>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct WireSpec {
+    node_name: Option<String>,
+}
+
+impl From<WireSpec> for SeenSpec {
+    fn from(w: WireSpec) -> SeenSpec {
+        SeenSpec {
+            node_name: w.node_name.map(Into::into),
+        }
+    }
 }
 
 /// Of a pod's status, what `pods.rs`, `observe.rs` and `model.rs` read: of its
@@ -127,14 +187,16 @@ pub struct SeenSpec {
 /// probe's summary is its termination message). `k8s_openapi`'s `PodCondition` and
 /// `ContainerStatus` hold every field the API defines (a container status alone
 /// carries its image, image ID, container ID, resources and volume mounts): about
-/// 1 KB a pod in the store even when emptied.
+/// 1 KB a pod in the store even when emptied. What a healthy pod leaves unset (the
+/// reasons and messages of a pod, its conditions and its containers) is boxed, so that
+/// it costs a pointer where it is absent: a pod in the store is mostly healthy pods.
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 #[serde(from = "WireStatus")]
 pub struct SeenStatus {
-    pub phase: Option<String>,
-    pub reason: Option<String>,
-    pub message: Option<String>,
-    pub pod_ip: Option<String>,
+    pub phase: Option<Arc<str>>,
+    pub pod_ip: Option<Box<str>>,
+    /// The pod's reason and message.
+    pub words: Option<Box<Words>>,
     /// The Ready condition.
     pub ready: Option<SeenCondition>,
     /// The PodScheduled condition.
@@ -142,22 +204,42 @@ pub struct SeenStatus {
     pub containers: Box<[SeenContainer]>,
 }
 
+/// A reason and a message: why a pod, a condition or a container is as it is.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+pub struct Words {
+    pub reason: Option<String>,
+    pub message: Option<String>,
+}
+
+impl Words {
+    /// Boxed, or `None` where both are absent.
+    fn boxed(reason: Option<String>, message: Option<String>) -> Option<Box<Words>> {
+        (reason.is_some() || message.is_some()).then(|| Box::new(Words { reason, message }))
+    }
+
+    fn of(words: &Option<Box<Words>>) -> (Option<&str>, Option<&str>) {
+        words.as_deref().map_or((None, None), |w| {
+            (w.reason.as_deref(), w.message.as_deref())
+        })
+    }
+}
+
 /// One of the two conditions kept.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SeenCondition {
     pub status: ConditionStatus,
-    pub reason: Option<String>,
-    pub message: Option<String>,
     /// `lastTransitionTime`: when it became what it is.
     pub since: Option<Time>,
+    pub words: Option<Box<Words>>,
 }
 
 impl SeenCondition {
     fn facts(&self) -> ConditionFacts<'_> {
+        let (reason, message) = Words::of(&self.words);
         ConditionFacts {
             status: self.status,
-            reason: self.reason.as_deref(),
-            message: self.message.as_deref(),
+            reason,
+            message,
             since: self.since.as_ref().map(|t| t.0),
         }
     }
@@ -167,9 +249,8 @@ impl From<ConditionFacts<'_>> for SeenCondition {
     fn from(c: ConditionFacts<'_>) -> SeenCondition {
         SeenCondition {
             status: c.status,
-            reason: c.reason.map(str::to_string),
-            message: c.message.map(str::to_string),
             since: c.since.map(Time),
+            words: Words::boxed(c.reason.map(str::to_string), c.message.map(str::to_string)),
         }
     }
 }
@@ -196,10 +277,10 @@ impl ConditionStatus {
 /// Of a container's status, what is read.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct SeenContainer {
-    pub waiting: Option<Waiting>,
-    pub terminated: Option<Terminated>,
+    pub waiting: Option<Box<Words>>,
+    pub terminated: Option<Box<Terminated>>,
     /// The last run's termination message.
-    pub last_message: Option<String>,
+    pub last_message: Option<Box<str>>,
 }
 
 impl SeenContainer {
@@ -221,24 +302,21 @@ impl SeenContainer {
 impl From<ContainerFacts<'_>> for SeenContainer {
     fn from(c: ContainerFacts<'_>) -> SeenContainer {
         SeenContainer {
-            waiting: c.waiting.map(|(reason, message)| Waiting {
-                reason: reason.map(str::to_string),
-                message: message.map(str::to_string),
+            waiting: c.waiting.map(|(reason, message)| {
+                Box::new(Words {
+                    reason: reason.map(str::to_string),
+                    message: message.map(str::to_string),
+                })
             }),
-            terminated: c.terminated.map(|(exit_code, message)| Terminated {
-                exit_code,
-                message: message.map(str::to_string),
+            terminated: c.terminated.map(|(exit_code, message)| {
+                Box::new(Terminated {
+                    exit_code,
+                    message: message.map(str::to_string),
+                })
             }),
-            last_message: c.last_message.map(str::to_string),
+            last_message: c.last_message.map(Into::into),
         }
     }
-}
-
-/// A container waiting to run, and why (`CrashLoopBackOff`, `ImagePullBackOff`, …).
-#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
-pub struct Waiting {
-    pub reason: Option<String>,
-    pub message: Option<String>,
 }
 
 /// A container that ran and ended.
@@ -285,7 +363,8 @@ struct WireContainer {
 
 #[derive(Deserialize)]
 struct WireState {
-    waiting: Option<Waiting>,
+    /// A container waiting to run, and why (`CrashLoopBackOff`, …).
+    waiting: Option<Words>,
     terminated: Option<Terminated>,
 }
 
@@ -301,16 +380,14 @@ impl From<WireStatus> for SeenStatus {
             // The first of a type, as a reading of the full list finds it.
             kept.get_or_insert(SeenCondition {
                 status: ConditionStatus::of(&c.status),
-                reason: c.reason,
-                message: c.message,
                 since: c.last_transition_time,
+                words: Words::boxed(c.reason, c.message),
             });
         }
         SeenStatus {
-            phase: w.phase,
-            reason: w.reason,
-            message: w.message,
-            pod_ip: w.pod_ip,
+            phase: w.phase.map(Into::into),
+            pod_ip: w.pod_ip.map(Into::into),
+            words: Words::boxed(w.reason, w.message),
             ready,
             scheduled,
             containers: w
@@ -323,9 +400,12 @@ impl From<WireStatus> for SeenStatus {
                         .map(|s| (s.waiting, s.terminated))
                         .unwrap_or_default();
                     SeenContainer {
-                        waiting,
-                        terminated,
-                        last_message: c.last_state.and_then(|s| s.terminated?.message),
+                        waiting: waiting.map(Box::new),
+                        terminated: terminated.map(Box::new),
+                        last_message: c
+                            .last_state
+                            .and_then(|s| s.terminated?.message)
+                            .map(Into::into),
                     }
                 })
                 .collect(),
@@ -363,30 +443,115 @@ macro_rules! core_v1_resource {
     };
 }
 
-core_v1_resource!(SeenPod, "Pod", "pods", NamespaceResourceScope);
+core_v1_resource!(WatchedPod, "Pod", "pods", NamespaceResourceScope);
 core_v1_resource!(SeenNode, "Node", "nodes", ClusterResourceScope);
 
 impl SeenPod {
-    /// The store's pod of these parts: labels and annotations moved into [`Tags`], and
-    /// managed fields, which a pass never reads and serde had to build (on a real API
-    /// server one entry per writer, each a tree of the fields it set), dropped.
-    fn new(
-        mut metadata: ObjectMeta,
-        spec: Option<SeenSpec>,
-        status: Option<SeenStatus>,
-    ) -> SeenPod {
-        metadata.managed_fields = None;
+    /// The store's pod of these parts: of the metadata what a pass reads (the type's
+    /// comment), labels and annotations as [`Tags`].
+    fn new(metadata: ObjectMeta, spec: Option<SeenSpec>, status: Option<SeenStatus>) -> SeenPod {
+        let controller = metadata
+            .owner_references
+            .into_iter()
+            .flatten()
+            .find(|o| o.controller == Some(true))
+            .map(|o| {
+                Arc::new(Controller {
+                    api_version: o.api_version.into(),
+                    kind: o.kind.into(),
+                    name: o.name.into(),
+                    uid: o.uid.into(),
+                })
+            });
         SeenPod {
-            labels: metadata.labels.take().map(Tags::from).unwrap_or_default(),
-            annotations: metadata
-                .annotations
-                .take()
-                .map(Tags::from)
-                .unwrap_or_default(),
-            metadata,
+            name: metadata.name.unwrap_or_default().into(),
+            namespace: metadata.namespace.map(Into::into),
+            uid: metadata.uid.map(Into::into),
+            created: metadata.creation_timestamp,
+            deleted: metadata.deletion_timestamp,
+            controller,
+            labels: metadata.labels.map(Tags::from).unwrap_or_default(),
+            annotations: metadata.annotations.map(Tags::from).unwrap_or_default(),
             spec,
             status,
         }
+    }
+
+    /// Shares what it holds alike with the store's other pods (`interner`'s comment
+    /// says what).
+    pub(super) fn intern(&mut self, interner: &mut Interner) {
+        if let Some(ns) = self.namespace.as_mut() {
+            interner.string(ns);
+        }
+        if let Some(c) = self.controller.as_mut() {
+            Interner::one(&mut interner.controllers, c);
+        }
+        for (k, v) in &mut self.labels.0 {
+            interner.string(k);
+            interner.string(v);
+        }
+        // Annotations' values are a pod's own (its placement), and sharing them would
+        // only grow the interner.
+        for (k, _) in &mut self.annotations.0 {
+            interner.string(k);
+        }
+        if let Some(node) = self.spec.as_mut().and_then(|s| s.node_name.as_mut()) {
+            interner.string(node);
+        }
+        if let Some(phase) = self.status.as_mut().and_then(|s| s.phase.as_mut()) {
+            interner.string(phase);
+        }
+        interner.sweep();
+    }
+
+    /// Its name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Its name, owned (as `kube::ResourceExt::name_any` gives it).
+    pub fn name_any(&self) -> String {
+        self.name.to_string()
+    }
+
+    /// Its namespace, owned (as `kube::ResourceExt::namespace` gives it).
+    pub fn namespace(&self) -> Option<String> {
+        self.namespace.as_deref().map(str::to_string)
+    }
+
+    /// Its namespace.
+    pub fn namespace_str(&self) -> Option<&str> {
+        self.namespace.as_deref()
+    }
+
+    /// Its UID, owned (as `kube::ResourceExt::uid` gives it).
+    pub fn uid(&self) -> Option<String> {
+        self.uid.as_deref().map(str::to_string)
+    }
+
+    /// When the API server created it.
+    pub fn creation_timestamp(&self) -> Option<&Time> {
+        self.created.as_ref()
+    }
+
+    /// When its deletion was asked for (it is terminating).
+    pub fn deletion_timestamp(&self) -> Option<&Time> {
+        self.deleted.as_ref()
+    }
+
+    /// Its controller's owner reference.
+    pub fn controller(&self) -> Option<&Controller> {
+        self.controller.as_deref()
+    }
+
+    /// Its namespace and name, sharing its own strings (the pod store's key).
+    pub(super) fn key(&self) -> (Option<Arc<str>>, Arc<str>) {
+        (self.namespace.clone(), self.name.clone())
+    }
+
+    /// Its controller's UID, shared (the pod store's index).
+    pub(super) fn controller_arc_uid(&self) -> Option<Arc<str>> {
+        Some(self.controller.as_ref()?.uid.clone())
     }
 
     /// Its labels. (This, not `kube::ResourceExt::labels`, which reads `metadata`.)
@@ -407,7 +572,7 @@ impl From<Pod> for SeenPod {
         SeenPod::new(
             pod.metadata,
             pod.spec.map(|s| SeenSpec {
-                node_name: s.node_name,
+                node_name: s.node_name.map(Into::into),
             }),
             pod.status.map(|s| {
                 let facts = facts_of_status(&s);
@@ -415,10 +580,9 @@ impl From<Pod> for SeenPod {
                     ready: facts.ready.map(SeenCondition::from),
                     scheduled: facts.scheduled.map(SeenCondition::from),
                     containers: facts.containers().map(SeenContainer::from).collect(),
-                    phase: s.phase,
-                    reason: s.reason,
-                    message: s.message,
-                    pod_ip: s.pod_ip,
+                    phase: s.phase.map(Into::into),
+                    words: Words::boxed(s.reason, s.message),
+                    pod_ip: s.pod_ip.map(Into::into),
                 }
             }),
         )
@@ -527,9 +691,14 @@ fn facts_of_status(s: &PodStatus) -> Facts<'_> {
 /// A pod the helpers can read: the store's [`SeenPod`] or a `k8s_openapi` `Pod`, or
 /// an `Arc` of either.
 pub trait PodFacts {
-    /// Its metadata. Its labels and annotations are read with [`PodFacts::label`] and
-    /// [`PodFacts::annotation`]: a [`SeenPod`] keeps them out of its metadata.
-    fn pod_meta(&self) -> &ObjectMeta;
+    /// Its name.
+    fn pod_name(&self) -> Option<&str>;
+    /// Its namespace.
+    fn pod_namespace(&self) -> Option<&str>;
+    /// Its UID.
+    fn pod_uid(&self) -> Option<&str>;
+    /// The UID of its controller (its owner reference with `controller: true`).
+    fn controller_uid(&self) -> Option<&str>;
     /// The value of its label `key`.
     fn label(&self, key: &str) -> Option<&str>;
     /// The value of its annotation `key`.
@@ -543,8 +712,20 @@ pub trait PodFacts {
 }
 
 impl PodFacts for SeenPod {
-    fn pod_meta(&self) -> &ObjectMeta {
-        &self.metadata
+    fn pod_name(&self) -> Option<&str> {
+        Some(&self.name)
+    }
+
+    fn pod_namespace(&self) -> Option<&str> {
+        self.namespace.as_deref()
+    }
+
+    fn pod_uid(&self) -> Option<&str> {
+        self.uid.as_deref()
+    }
+
+    fn controller_uid(&self) -> Option<&str> {
+        Some(&self.controller.as_ref()?.uid)
     }
 
     fn label(&self, key: &str) -> Option<&str> {
@@ -569,8 +750,8 @@ impl PodFacts for SeenPod {
         };
         Facts {
             phase: s.phase.as_deref(),
-            reason: s.reason.as_deref(),
-            message: s.message.as_deref(),
+            reason: Words::of(&s.words).0,
+            message: Words::of(&s.words).1,
             pod_ip: s.pod_ip.as_deref(),
             ready: s.ready.as_ref().map(SeenCondition::facts),
             scheduled: s.scheduled.as_ref().map(SeenCondition::facts),
@@ -580,8 +761,25 @@ impl PodFacts for SeenPod {
 }
 
 impl PodFacts for Pod {
-    fn pod_meta(&self) -> &ObjectMeta {
-        &self.metadata
+    fn pod_name(&self) -> Option<&str> {
+        self.metadata.name.as_deref()
+    }
+
+    fn pod_namespace(&self) -> Option<&str> {
+        self.metadata.namespace.as_deref()
+    }
+
+    fn pod_uid(&self) -> Option<&str> {
+        self.metadata.uid.as_deref()
+    }
+
+    fn controller_uid(&self) -> Option<&str> {
+        self.metadata
+            .owner_references
+            .iter()
+            .flatten()
+            .find(|o| o.controller == Some(true))
+            .map(|o| o.uid.as_str())
     }
 
     fn label(&self, key: &str) -> Option<&str> {
@@ -617,8 +815,20 @@ impl PodFacts for Pod {
 macro_rules! through {
     ($($t:ty),*) => {$(
         impl<P: PodFacts + ?Sized> PodFacts for $t {
-            fn pod_meta(&self) -> &ObjectMeta {
-                (**self).pod_meta()
+            fn pod_name(&self) -> Option<&str> {
+                (**self).pod_name()
+            }
+
+            fn pod_namespace(&self) -> Option<&str> {
+                (**self).pod_namespace()
+            }
+
+            fn pod_uid(&self) -> Option<&str> {
+                (**self).pod_uid()
+            }
+
+            fn controller_uid(&self) -> Option<&str> {
+                (**self).controller_uid()
             }
 
             fn label(&self, key: &str) -> Option<&str> {

@@ -1912,7 +1912,13 @@ fn the_pod_store_keeps_every_field_a_pass_reads() {
             b.containers().collect::<Vec<_>>()
         );
         assert_eq!(a.containers().count(), 1);
-        assert!(slim.metadata.managed_fields.is_none());
+        assert_eq!(slim.name(), "m-0");
+        assert_eq!(slim.namespace_str(), Some("ns"));
+        assert_eq!(slim.uid(), pod.metadata.uid);
+        assert_eq!(
+            slim.creation_timestamp(),
+            pod.metadata.creation_timestamp.as_ref()
+        );
     }
     // Lists sent as null read as empty, as `Pod` reads them.
     let mut nulls = full("Pending", json!(null));
