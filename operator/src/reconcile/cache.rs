@@ -14,14 +14,15 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+use crate::inventory::SeenInventory;
 use gpuscale_crds::GpuInventory;
-use k8s_openapi::api::core::v1::{Node, Pod, Service};
+use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::api::resource::v1::{ResourceClaim, ResourceSlice};
 use kube::runtime::reflector::{self, store::Writer, Store};
 use kube::runtime::watcher;
 
 use super::pod_store::PodStore;
-use super::{PodFacts, SeenNode, SeenPod};
+use super::{PodFacts, SeenNode, SeenPod, SeenService};
 
 /// How long a created pod is expected before the store must have shown it: five
 /// minutes, the ReplicaSet controller's `ExpectationsTimeout`
@@ -122,8 +123,8 @@ type Expected = HashMap<String, (SeenPod, Instant)>;
 pub struct Cache {
     pub(super) pods: ScopedPods,
     pub(super) nodes: Store<SeenNode>,
-    pub(super) inventories: Store<GpuInventory>,
-    pub(super) services: Scoped<Service>,
+    pub(super) inventories: Store<SeenInventory>,
+    pub(super) services: Scoped<SeenService>,
     /// The DRA drivers' ResourceSlices (empty where DRA is off or not served).
     pub(super) slices: Store<ResourceSlice>,
     /// The ResourceClaims of managed replicas.
@@ -139,7 +140,7 @@ pub struct Cache {
 /// `run` (which makes the namespaced stores, one per watched namespace).
 pub struct Writers {
     pub(super) nodes: Writer<SeenNode>,
-    pub(super) inventories: Writer<GpuInventory>,
+    pub(super) inventories: Writer<SeenInventory>,
     pub(super) slices: Writer<ResourceSlice>,
 }
 
@@ -147,7 +148,7 @@ pub struct Writers {
 pub(super) struct ScopeWriters {
     /// Fed by the pod watch (`PodStore::apply`).
     pub(super) pods: PodStore,
-    pub(super) services: Writer<Service>,
+    pub(super) services: Writer<SeenService>,
     pub(super) claims: Writer<ResourceClaim>,
 }
 
@@ -218,7 +219,7 @@ impl Cache {
         Cache {
             pods: ScopedPods::of(PodStore::filled(pods.into_iter().map(SeenPod::from))),
             nodes: filled(nodes.into_iter().map(SeenNode::from).collect()),
-            inventories: filled(inventories),
+            inventories: filled(inventories.into_iter().map(SeenInventory::from).collect()),
             services: Scoped::of(filled(Vec::new())),
             slices: filled(Vec::new()),
             claims: Scoped::of(filled(Vec::new())),
@@ -393,12 +394,12 @@ impl Cache {
     }
 
     /// The managed Service `namespace/name`, as last seen.
-    pub fn service(&self, namespace: &str, name: &str) -> Option<Arc<Service>> {
+    pub fn service(&self, namespace: &str, name: &str) -> Option<Arc<SeenService>> {
         self.services.get(namespace, name)
     }
 
     /// The GpuInventories.
-    pub fn inventories(&self) -> Vec<Arc<GpuInventory>> {
+    pub fn inventories(&self) -> Vec<Arc<SeenInventory>> {
         self.inventories.state()
     }
 

@@ -39,7 +39,7 @@ use cache::Writers;
 pub use model::{declared_need, probe_pod, LABEL_PROBE_OF};
 pub use plan::{plan, Drain, Phase, Replica, Step, Targets, Version};
 use seen::WatchedPod;
-pub use seen::{ConditionStatus, Facts, PodFacts, SeenNode, SeenPod};
+pub use seen::{ConditionStatus, Facts, PodFacts, SeenNode, SeenPod, SeenService};
 pub use stored::Stored;
 
 use act::{act, cleanup};
@@ -52,8 +52,9 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::inventory::SeenInventory;
 use futures::StreamExt;
-use gpuscale_crds::{GpuInventory, InferenceDeployment};
+use gpuscale_crds::InferenceDeployment;
 use k8s_openapi::api::resource::v1::ResourceSlice;
 use kube::api::Api;
 use kube::runtime::controller::{Action, Controller};
@@ -774,7 +775,8 @@ pub async fn run(ctx: Arc<Context>, namespaces: Vec<String>) {
                 });
             let services = reflector::reflector(
                 services,
-                watcher::watcher(scoped(&client, &ns), managed.clone()),
+                watcher::watcher(scoped::<SeenService>(&client, &ns), managed.clone())
+                    .modify(SeenService::slim),
             );
             let claims = async {
                 if dra {
@@ -804,7 +806,7 @@ pub async fn run(ctx: Arc<Context>, namespaces: Vec<String>) {
     let inventories = reflector::reflector(
         writers.inventories,
         watcher::watcher(
-            Api::<GpuInventory>::all(client.clone()),
+            Api::<SeenInventory>::all(client.clone()),
             watcher::Config::default(),
         ),
     );
@@ -909,7 +911,7 @@ async fn controller(
     ctx: Arc<Context>,
     namespace: Option<String>,
     pods: futures::channel::mpsc::UnboundedReceiver<ObjectRef<Stored>>,
-    inventories: reflector::ReflectHandle<GpuInventory>,
+    inventories: reflector::ReflectHandle<SeenInventory>,
 ) {
     let client = ctx.client.clone();
     // Kept as text until a pass reads it (`Stored`), so that one object that does not

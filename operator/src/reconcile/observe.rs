@@ -4,7 +4,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use gpuscale_crds::{GpuInventory, InferenceDeployment};
+use gpuscale_crds::InferenceDeployment;
 use k8s_openapi::api::core::v1::{Taint, Toleration};
 use kube::ResourceExt;
 
@@ -16,6 +16,7 @@ use super::{
 use crate::autoscale::Params;
 use crate::inventory::{
     from_gfd_labels, from_gpu_inventory, from_resource_slices, Binding, Inventory, NodeGpus,
+    SeenInventory, SeenInventorySpec,
 };
 use crate::placement::{Engine, Placement, Present, ReplicaId};
 use crate::scrape::WorkerLoad;
@@ -398,7 +399,11 @@ pub(super) fn demand_and_idleness(
 
 /// `p` with the GPUs the worker reported: their indices from the node's inventory
 /// (kept as they were where the inventory names no UUIDs, as on GFD-only nodes).
-fn assigned(p: &PodPlacement, uuids: &[String], inventories: &[Arc<GpuInventory>]) -> PodPlacement {
+fn assigned(
+    p: &PodPlacement,
+    uuids: &[String],
+    inventories: &[Arc<SeenInventory>],
+) -> PodPlacement {
     let node = inventories.iter().find(|i| i.spec.node == p.node);
     let indices: Option<Vec<u32>> = uuids
         .iter()
@@ -407,7 +412,7 @@ fn assigned(p: &PodPlacement, uuids: &[String], inventories: &[Arc<GpuInventory>
                 .spec
                 .gpus
                 .iter()
-                .find(|g| &g.uuid == u)
+                .find(|g| *g.uuid == **u)
                 .map(|g| g.index)
         })
         .collect();
@@ -663,7 +668,7 @@ fn ready_took(pod: &SeenPod) -> Option<Duration> {
 /// (`Gpu::used_outside_bytes` leaves it out); with none, all memory in use counts as
 /// used outside.
 fn read_inventory(
-    inventories: &[Arc<GpuInventory>],
+    inventories: &[Arc<SeenInventory>],
     slices: &[Arc<ResourceSlice>],
     nodes: &[Arc<SeenNode>],
     pods: &[Arc<SeenPod>],
@@ -708,7 +713,7 @@ fn read_inventory(
     let slices: Vec<&ResourceSlice> = slices.iter().map(|s| &**s).collect();
     let mut cpu = HashSet::new();
     // By node, once: a search per node made the build quadratic in the fleet.
-    let mut agents: HashMap<&str, &gpuscale_crds::GpuInventorySpec> = HashMap::new();
+    let mut agents: HashMap<&str, &SeenInventorySpec> = HashMap::new();
     for i in inventories
         .iter()
         .map(|i| &i.spec)

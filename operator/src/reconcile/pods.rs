@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use gpuscale_crds::InferenceDeployment;
 
-use super::{CacheVolume, ConditionStatus, Drain, PodFacts};
+use super::{CacheVolume, ConditionStatus, Drain, PodFacts, SeenService};
 use k8s_openapi::api::core::v1::{
     Affinity, Capabilities, Container, ContainerPort, EmptyDirVolumeSource, HTTPGetAction,
     HostPathVolumeSource, LocalObjectReference, NodeAffinity, NodeSelector,
@@ -718,23 +718,18 @@ pub fn service(d: &InferenceDeployment) -> Service {
 
 /// Whether the Service `have` already is what `want` applies: its selector, ports,
 /// labels and controller owner (fields the API server defaults are not compared).
-pub fn service_matches(have: &Service, want: &Service) -> bool {
-    // The fields `service` sets; the API server fills others (nodePort, appProtocol).
-    let ports = |s: &Service| -> Vec<ServicePort> {
+pub fn service_matches(have: &SeenService, want: &Service) -> bool {
+    // The fields `service` sets; the API server fills others (nodePort, appProtocol),
+    // and the store keeps only these (`SeenService`).
+    let want = SeenService::from(want.clone());
+    let selector = |s: &SeenService| s.spec.as_ref().and_then(|sp| sp.selector.clone());
+    let ports = |s: &SeenService| {
         s.spec
-            .iter()
-            .flat_map(|sp| sp.ports.iter().flatten())
-            .map(|p| ServicePort {
-                name: p.name.clone(),
-                port: p.port,
-                target_port: p.target_port.clone(),
-                protocol: p.protocol.clone(),
-                ..ServicePort::default()
-            })
-            .collect()
+            .as_ref()
+            .and_then(|sp| sp.ports.clone())
+            .unwrap_or_default()
     };
-    let selector = |s: &Service| s.spec.as_ref().and_then(|sp| sp.selector.clone());
-    let owner = |s: &Service| {
+    let owner = |s: &SeenService| {
         s.metadata
             .owner_references
             .iter()
@@ -746,9 +741,9 @@ pub fn service_matches(have: &Service, want: &Service) -> bool {
         .labels()
         .iter()
         .all(|(k, v)| have.labels().get(k) == Some(v));
-    selector(have) == selector(want)
-        && ports(have) == ports(want)
-        && owner(have) == owner(want)
+    selector(have) == selector(&want)
+        && ports(have) == ports(&want)
+        && owner(have) == owner(&want)
         && labels_kept
 }
 

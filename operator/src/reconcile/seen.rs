@@ -18,9 +18,12 @@ use std::borrow::Cow;
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::{ContainerStatus, Node, Pod, PodCondition, PodStatus, Taint};
+use k8s_openapi::api::core::v1::{
+    ContainerStatus, Node, Pod, PodCondition, PodStatus, Service, Taint,
+};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use k8s_openapi::{ClusterResourceScope, NamespaceResourceScope};
 use serde::Deserialize;
 
@@ -445,6 +448,7 @@ macro_rules! core_v1_resource {
 
 core_v1_resource!(WatchedPod, "Pod", "pods", NamespaceResourceScope);
 core_v1_resource!(SeenNode, "Node", "nodes", ClusterResourceScope);
+core_v1_resource!(SeenService, "Service", "services", NamespaceResourceScope);
 
 impl SeenPod {
     /// The store's pod of these parts: of the metadata what a pass reads (the type's
@@ -939,5 +943,70 @@ impl SeenNode {
     /// Drops the managed fields (on a real API server, one entry per writer).
     pub fn slim(&mut self) {
         self.metadata.managed_fields = None;
+    }
+}
+
+/// A Service as the operator's store keeps it: what `pods::service_matches` compares
+/// (its labels and controller, its selector and its ports' name, port, target and
+/// protocol), without what the API server fills in (cluster IPs, IP families, node
+/// ports, policies, status) or the managed fields. A `k8s_openapi` `Service` in the
+/// store, with those, cost about 1.5 KB (heaptrack: 1.5 MB at the fleet's 1,000).
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+pub struct SeenService {
+    #[serde(default)]
+    pub metadata: ObjectMeta,
+    pub spec: Option<SeenServiceSpec>,
+}
+
+/// Of a Service's spec, its selector and ports.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+pub struct SeenServiceSpec {
+    pub selector: Option<BTreeMap<String, String>>,
+    pub ports: Option<Vec<SeenServicePort>>,
+}
+
+/// Of a Service port, what gpuscale sets.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SeenServicePort {
+    pub name: Option<String>,
+    #[serde(default)]
+    pub port: i32,
+    pub target_port: Option<IntOrString>,
+    pub protocol: Option<String>,
+}
+
+impl SeenService {
+    /// Drops the managed fields and the last `kubectl apply`'s copy of the object.
+    pub fn slim(&mut self) {
+        self.metadata.managed_fields = None;
+        if let Some(a) = self.metadata.annotations.as_mut() {
+            a.remove("kubectl.kubernetes.io/last-applied-configuration");
+        }
+    }
+}
+
+impl From<Service> for SeenService {
+    /// The store's view of a Service held in full (the operator's own, tests).
+    fn from(svc: Service) -> SeenService {
+        let mut seen = SeenService {
+            metadata: svc.metadata,
+            spec: svc.spec.map(|s| SeenServiceSpec {
+                selector: s.selector,
+                ports: s.ports.map(|ports| {
+                    ports
+                        .into_iter()
+                        .map(|p| SeenServicePort {
+                            name: p.name,
+                            port: p.port,
+                            target_port: p.target_port,
+                            protocol: p.protocol,
+                        })
+                        .collect()
+                }),
+            }),
+        };
+        seen.slim();
+        seen
     }
 }

@@ -17,6 +17,7 @@ use serde_json::{json, Value};
 use super::pods::with_image;
 use super::*;
 use crate::scrape::{ScrapeError, WorkerLoad};
+use gpuscale_crds::GpuInventory;
 use k8s_openapi::api::core::v1::{LocalObjectReference, Node};
 
 /// Loads by worker URL, and the GPUs each worker reports; a worker not listed fails to
@@ -2099,4 +2100,49 @@ fn the_node_store_keeps_every_field_placement_reads() {
     assert!(!seen.status.unwrap().ready);
     let (seen, node) = (std::mem::size_of::<SeenNode>(), std::mem::size_of::<Node>());
     assert!(seen * 2 < node, "a SeenNode is {seen} bytes, a Node {node}");
+}
+
+/// A Service as a real API server returns it (cluster IPs, IP families, policies,
+/// status and managed fields filled in) is read into the store's `SeenService`, and
+/// matches the Service the operator applies; a changed port, selector or owner does
+/// not (the operator applies it again).
+#[test]
+fn the_service_store_keeps_what_the_match_compares() {
+    let d = deployment(json!({}));
+    let want = pods::service(&d);
+    let served = |mut v: Value| -> SeenService {
+        v["metadata"]["uid"] = json!("svc-uid");
+        v["metadata"]["resourceVersion"] = json!("42");
+        v["metadata"]["managedFields"] = json!([{"manager": "gpuscale", "operation": "Apply"}]);
+        v["metadata"]["annotations"] = json!({
+            "kubectl.kubernetes.io/last-applied-configuration": "{}", "team": "a"});
+        v["spec"]["clusterIP"] = json!("10.96.0.12");
+        v["spec"]["clusterIPs"] = json!(["10.96.0.12"]);
+        v["spec"]["ipFamilies"] = json!(["IPv4"]);
+        v["spec"]["ipFamilyPolicy"] = json!("SingleStack");
+        v["spec"]["sessionAffinity"] = json!("None");
+        v["spec"]["type"] = json!("ClusterIP");
+        v["spec"]["internalTrafficPolicy"] = json!("Cluster");
+        v["spec"]["ports"][0]["appProtocol"] = json!("http");
+        v["status"] = json!({"loadBalancer": {}});
+        let mut s: SeenService = serde_json::from_value(v).unwrap();
+        s.slim();
+        s
+    };
+    let have = served(serde_json::to_value(&want).unwrap());
+    assert!(pods::service_matches(&have, &want));
+    assert!(have.metadata.managed_fields.is_none());
+    assert_eq!(
+        have.metadata.annotations,
+        Some([("team".to_string(), "a".to_string())].into())
+    );
+    for (path, value) in [
+        ("/spec/ports/0/port", json!(9999)),
+        ("/spec/selector/gpuscale.dev~1serving", json!("false")),
+        ("/metadata/ownerReferences/0/uid", json!("another")),
+    ] {
+        let mut v = serde_json::to_value(&want).unwrap();
+        *v.pointer_mut(path).unwrap() = value;
+        assert!(!pods::service_matches(&served(v), &want), "{path}");
+    }
 }
