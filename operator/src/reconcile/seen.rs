@@ -10,9 +10,12 @@
 //! `k8s_openapi` `Pod` is 2,248 bytes before any field is set (1,440 of them the
 //! `PodSpec`), so even with everything else dropped it cost about 5 KB a pod in the
 //! store: heaptrack at 9,335 pods put about 50 MB of the operator's 112 MB peak heap
-//! in the pod store. A `SeenPod` is read straight from the watch (serde skips the
-//! fields it does not name without building them) and keeps only these, with its
-//! labels and annotations out of the metadata in a compact form ([`Tags`]).
+//! in the pod store. A pod is read from the watch as a [`WatchedPod`] (serde skips
+//! the fields it does not name without building them) and kept as a [`SeenPod`],
+//! with only these, its labels and annotations in a compact form ([`Tags`]).
+//!
+//! The Service and (in `inventory.rs`) GpuInventory stores keep slim types the same
+//! way: [`SeenService`], `SeenInventory`.
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashSet};
@@ -66,7 +69,7 @@ pub struct Controller {
 #[derive(Clone, Debug, Default, Deserialize)]
 pub struct WatchedPod {
     #[serde(default)]
-    pub metadata: ObjectMeta,
+    metadata: ObjectMeta,
     spec: Option<SeenSpec>,
     status: Option<SeenStatus>,
 }
@@ -78,17 +81,18 @@ impl From<WatchedPod> for SeenPod {
 }
 
 /// Labels or annotations as the store keeps them: the pairs in key order in one
-/// slice, each key gpuscale reads borrowed from its constant rather than allocated.
+/// slice.
 ///
 /// `ObjectMeta` holds each as a `BTreeMap<String, String>`, whose first node alone
 /// is 11 pairs wide (about 540 bytes) and every key and value an allocation of its
 /// own: a replica's five labels and one annotation cost about 1.25 KB in the store
 /// (heaptrack at 10,000 pods: 12.5 MB of a 91 MB peak). Here they are two slices of
-/// 40-byte pairs and the values' allocations, about 550 bytes by their layout; the
-/// fleet's operator RSS fell from 122 to 111–113 MiB (README, fleet scale). A pod
-/// carries a handful, so a look-up is a scan. The pod store shares each key, and each
-/// label value, among the pods that carry it (a replica's label values are its
-/// deployment's name, its template and a few words): [`Interner`].
+/// 32-byte pairs; the fleet's operator RSS fell from 122 to 111–113 MiB when they
+/// came (README, fleet scale). A pod carries a handful, so a look-up is a scan. The
+/// pod store shares each key, and each label value, among the pods that carry it (a
+/// replica's label values are its deployment's name, its template and a few words),
+/// so that a replica's own labels cost it the two slices and its replica index:
+/// [`Interner`].
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Tags(Box<[(Arc<str>, Arc<str>)]>);
 
