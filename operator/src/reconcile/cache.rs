@@ -33,73 +33,92 @@ use super::{PodFacts, SeenNode, SeenPod, SeenService};
 /// there. A pod this operator deletes is forgotten at once (`forget_created`).
 const EXPECTATION_TTL: Duration = Duration::from_secs(300);
 
+/// One namespace's (or all namespaces') store of a namespaced kind: a kube-runtime
+/// reflector store, or the operator's own pod store.
+pub(super) trait NamespaceStore: Clone {
+    /// What it holds.
+    type Item;
+    /// `namespace/name`.
+    fn get(&self, namespace: &str, name: &str) -> Option<Arc<Self::Item>>;
+    /// Waits for the first full list.
+    fn wait_until_ready(&self) -> impl std::future::Future<Output = ()> + Send;
+}
+
+impl<K: kube::Resource<DynamicType = ()> + Clone + Send + Sync + 'static> NamespaceStore
+    for Store<K>
+{
+    type Item = K;
+
+    fn get(&self, namespace: &str, name: &str) -> Option<Arc<K>> {
+        Store::get(self, &reflector::ObjectRef::new(name).within(namespace))
+    }
+
+    async fn wait_until_ready(&self) {
+        // Only fails when the writer is dropped, and then the store stays empty.
+        let _ = Store::wait_until_ready(self).await;
+    }
+}
+
+impl NamespaceStore for PodStore {
+    type Item = SeenPod;
+
+    fn get(&self, namespace: &str, name: &str) -> Option<Arc<SeenPod>> {
+        PodStore::get(self, namespace, name)
+    }
+
+    async fn wait_until_ready(&self) {
+        PodStore::wait_until_ready(self).await;
+    }
+}
+
 /// Stores of a namespaced kind, one per watched namespace (or one for all): the
 /// operator watches only the namespaces it serves, so that it needs no cluster-wide
 /// access to pods, Services or claims (`--namespace`, the chart's `watchNamespaces`).
 /// Reads see the union.
-pub(super) struct Scoped<K: kube::Resource<DynamicType = ()> + Clone + 'static>(
-    Arc<std::sync::RwLock<Vec<Store<K>>>>,
-);
+pub(super) struct Scoped<S>(Arc<RwLock<Vec<S>>>);
 
-impl<K: kube::Resource<DynamicType = ()> + Clone + 'static> Clone for Scoped<K> {
+impl<S> Clone for Scoped<S> {
     fn clone(&self) -> Self {
         Scoped(self.0.clone())
     }
 }
 
-impl<K: kube::Resource<DynamicType = ()> + Clone + 'static> Scoped<K> {
-    fn new() -> Self {
+impl<S> Default for Scoped<S> {
+    fn default() -> Self {
         Scoped(Arc::default())
     }
+}
 
-    fn of(store: Store<K>) -> Self {
-        let s = Self::new();
+impl<S: NamespaceStore> Scoped<S> {
+    fn of(store: S) -> Self {
+        let s = Self::default();
         s.add(store);
         s
     }
 
     /// Adds the store of one more namespace (before the first pass waits on them).
-    pub(super) fn add(&self, store: Store<K>) {
+    pub(super) fn add(&self, store: S) {
         self.0.write().expect("scoped lock").push(store);
     }
 
-    fn stores(&self) -> Vec<Store<K>> {
+    fn stores(&self) -> Vec<S> {
         self.0.read().expect("scoped lock").clone()
     }
 
     /// `namespace/name`, from whichever store holds it.
-    pub(super) fn get(&self, namespace: &str, name: &str) -> Option<Arc<K>> {
-        let key = reflector::ObjectRef::new(name).within(namespace);
-        self.stores().iter().find_map(|s| s.get(&key))
+    pub(super) fn get(&self, namespace: &str, name: &str) -> Option<Arc<S::Item>> {
+        self.stores().iter().find_map(|s| s.get(namespace, name))
     }
 
     async fn wait_until_ready(&self) {
-        futures::future::join_all(self.stores().iter().map(Store::wait_until_ready)).await;
+        futures::future::join_all(self.stores().iter().map(S::wait_until_ready)).await;
     }
 }
 
-/// The pod stores, one per watched namespace (or one for all), as [`Scoped`] keeps
-/// the other namespaced kinds'. Reads see the union.
-#[derive(Clone, Default)]
-pub(super) struct ScopedPods(Arc<RwLock<Vec<PodStore>>>);
-
-impl ScopedPods {
-    fn of(store: PodStore) -> Self {
-        ScopedPods(Arc::new(RwLock::new(vec![store])))
-    }
-
-    fn stores(&self) -> Vec<PodStore> {
-        self.0.read().expect("scoped lock").clone()
-    }
-
+impl Scoped<PodStore> {
     /// Every pod of every namespace's store.
     pub(super) fn state(&self) -> Vec<Arc<SeenPod>> {
         self.stores().iter().flat_map(PodStore::state).collect()
-    }
-
-    /// `namespace/name`, from whichever store holds it.
-    pub(super) fn get(&self, namespace: &str, name: &str) -> Option<Arc<SeenPod>> {
-        self.stores().iter().find_map(|s| s.get(namespace, name))
     }
 
     /// The pods whose controller has UID `uid`, by each store's index: a pass costs
@@ -107,10 +126,6 @@ impl ScopedPods {
     /// were more than half of the operator's CPU in steady state, `perf`).
     fn owned(&self, uid: &str) -> Vec<Arc<SeenPod>> {
         self.stores().iter().flat_map(|s| s.owned(uid)).collect()
-    }
-
-    async fn wait_until_ready(&self) {
-        futures::future::join_all(self.stores().iter().map(PodStore::wait_until_ready)).await;
     }
 }
 
@@ -121,14 +136,14 @@ type Expected = HashMap<String, (SeenPod, Instant)>;
 /// The stores a pass reads.
 #[derive(Clone)]
 pub struct Cache {
-    pub(super) pods: ScopedPods,
+    pub(super) pods: Scoped<PodStore>,
     pub(super) nodes: Store<SeenNode>,
     pub(super) inventories: Store<SeenInventory>,
-    pub(super) services: Scoped<SeenService>,
+    pub(super) services: Scoped<Store<SeenService>>,
     /// The DRA drivers' ResourceSlices (empty where DRA is off or not served).
     pub(super) slices: Store<ResourceSlice>,
     /// The ResourceClaims of managed replicas.
-    pub(super) claims: Scoped<ResourceClaim>,
+    pub(super) claims: Scoped<Store<ResourceClaim>>,
     /// Pods created by this operator and not yet seen in `pods`, by their controller's
     /// UID and then `namespace/name`.
     created: Arc<Mutex<HashMap<String, Expected>>>,
@@ -169,12 +184,12 @@ impl Cache {
         let (slices, slice_writer) = reflector::store();
         (
             Cache {
-                pods: ScopedPods::default(),
+                pods: Scoped::default(),
                 nodes,
                 inventories,
-                services: Scoped::new(),
+                services: Scoped::default(),
                 slices,
-                claims: Scoped::new(),
+                claims: Scoped::default(),
                 created: Arc::default(),
                 ready: Arc::default(),
             },
@@ -191,7 +206,7 @@ impl Cache {
         let pods = PodStore::default();
         let (services, svc_writer) = reflector::store();
         let (claims, claim_writer) = reflector::store();
-        self.pods.0.write().expect("scoped lock").push(pods.clone());
+        self.pods.add(pods.clone());
         self.services.add(services);
         self.claims.add(claims);
         ScopeWriters {
@@ -217,7 +232,7 @@ impl Cache {
             w.as_reader()
         }
         Cache {
-            pods: ScopedPods::of(PodStore::filled(pods.into_iter().map(SeenPod::from))),
+            pods: Scoped::of(PodStore::filled(pods.into_iter().map(SeenPod::from))),
             nodes: filled(nodes.into_iter().map(SeenNode::from).collect()),
             inventories: filled(inventories.into_iter().map(SeenInventory::from).collect()),
             services: Scoped::of(filled(Vec::new())),
@@ -517,7 +532,7 @@ mod tests {
         );
         let cache = Cache::of(vec![], vec![], vec![]);
         let cache = Cache {
-            pods: ScopedPods::of(store.clone()),
+            pods: Scoped::of(store.clone()),
             ..cache
         };
         let mut missed = 0;

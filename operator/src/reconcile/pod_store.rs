@@ -23,16 +23,11 @@ use kube::runtime::watcher;
 use super::seen::{Interner, WatchedPod};
 use super::{PodFacts, SeenPod};
 
-/// A pod's key: its namespace and name, sharing the pod's own strings.
-type Key = (Option<Arc<str>>, Arc<str>);
-
-fn key(pod: &SeenPod) -> Key {
-    pod.key()
-}
-
 #[derive(Default)]
 struct Pods {
-    by_key: HashMap<Key, Arc<SeenPod>>,
+    /// By namespace, then name. The keys share the pods' own strings, and a lookup by
+    /// `&str` allocates nothing.
+    by_name: HashMap<Arc<str>, HashMap<Arc<str>, Arc<SeenPod>>>,
     /// Each controller's pods, by its UID (a deployment's replicas and probes: a scan
     /// of them is short).
     by_controller: HashMap<Arc<str>, Vec<Arc<SeenPod>>>,
@@ -40,7 +35,9 @@ struct Pods {
 
 impl Pods {
     fn insert(&mut self, pod: Arc<SeenPod>) {
-        if let Some(old) = self.by_key.insert(key(&pod), pod.clone()) {
+        let (namespace, name) = pod.key();
+        let names = self.by_name.entry(namespace).or_default();
+        if let Some(old) = names.insert(name, pod.clone()) {
             self.unindex(&old);
         }
         if let Some(c) = pod.controller_arc_uid() {
@@ -49,7 +46,12 @@ impl Pods {
     }
 
     fn remove(&mut self, pod: &SeenPod) -> Option<Arc<SeenPod>> {
-        let old = self.by_key.remove(&key(pod))?;
+        let (namespace, name) = pod.key();
+        let names = self.by_name.get_mut(&namespace)?;
+        let old = names.remove(&name)?;
+        if names.is_empty() {
+            self.by_name.remove(&namespace);
+        }
         self.unindex(&old);
         Some(old)
     }
@@ -154,14 +156,14 @@ impl PodStore {
     /// Every pod.
     pub(super) fn state(&self) -> Vec<Arc<SeenPod>> {
         let inner = self.inner.read().expect("pod store lock");
-        inner.live.by_key.values().cloned().collect()
+        let names = inner.live.by_name.values();
+        names.flat_map(HashMap::values).cloned().collect()
     }
 
     /// The pod `namespace/name`.
     pub(super) fn get(&self, namespace: &str, name: &str) -> Option<Arc<SeenPod>> {
-        let k: Key = (Some(namespace.into()), name.into());
         let inner = self.inner.read().expect("pod store lock");
-        inner.live.by_key.get(&k).cloned()
+        inner.live.by_name.get(namespace)?.get(name).cloned()
     }
 
     /// The pods whose controller has UID `uid`.
@@ -268,7 +270,7 @@ mod tests {
         let a = store.apply(watcher::Event::Apply(pod("a-0", "a"))).unwrap();
         let b = store.apply(watcher::Event::Apply(pod("a-1", "a"))).unwrap();
         let same = |x: &Arc<str>, y: &Arc<str>| Arc::ptr_eq(x, y);
-        assert!(same(&a.key().0.unwrap(), &b.key().0.unwrap()));
+        assert!(same(&a.key().0, &b.key().0));
         assert!(same(
             &a.controller_arc_uid().unwrap(),
             &b.controller_arc_uid().unwrap()

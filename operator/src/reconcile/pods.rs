@@ -720,31 +720,30 @@ pub fn service(d: &InferenceDeployment) -> Service {
 /// labels and controller owner (fields the API server defaults are not compared).
 pub fn service_matches(have: &SeenService, want: &Service) -> bool {
     // The fields `service` sets; the API server fills others (nodePort, appProtocol),
-    // and the store keeps only these (`SeenService`).
-    let want = SeenService::from(want.clone());
-    let selector = |s: &SeenService| s.spec.as_ref().and_then(|sp| sp.selector.clone());
-    let ports = |s: &SeenService| {
-        s.spec
-            .as_ref()
-            .and_then(|sp| sp.ports.clone())
-            .unwrap_or_default()
-    };
-    let owner = |s: &SeenService| {
-        s.metadata
-            .owner_references
-            .iter()
-            .flatten()
-            .find(|o| o.controller == Some(true))
-            .map(|o| o.uid.clone())
-    };
+    // and the store keeps only these (`SeenService`). Compared in place: this runs on
+    // every pass of every deployment.
+    let (have_spec, want_spec) = (have.spec.as_ref(), want.spec.as_ref());
+    let selector_same =
+        have_spec.and_then(|s| s.selector.as_ref()) == want_spec.and_then(|s| s.selector.as_ref());
+    let have_ports = have_spec
+        .and_then(|s| s.ports.as_deref())
+        .unwrap_or_default();
+    let want_ports = want_spec
+        .and_then(|s| s.ports.as_deref())
+        .unwrap_or_default();
+    let ports_same = have_ports.len() == want_ports.len()
+        && have_ports.iter().zip(want_ports).all(|(h, w)| {
+            h.name == w.name
+                && h.port == w.port
+                && h.target_port == w.target_port
+                && h.protocol == w.protocol
+        });
+    let owner = |meta| super::seen::controller_of(meta).map(|o| o.uid.as_str());
     let labels_kept = want
         .labels()
         .iter()
         .all(|(k, v)| have.labels().get(k) == Some(v));
-    selector(have) == selector(&want)
-        && ports(have) == ports(&want)
-        && owner(have) == owner(&want)
-        && labels_kept
+    selector_same && ports_same && owner(&have.metadata) == owner(&want.metadata) && labels_kept
 }
 
 /// The placement recorded on a pod.

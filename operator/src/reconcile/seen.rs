@@ -25,7 +25,7 @@ use k8s_openapi::api::core::v1::{
     ContainerStatus, Node, Pod, PodCondition, PodStatus, Service, Taint,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference, Time};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use k8s_openapi::{ClusterResourceScope, NamespaceResourceScope};
 use serde::Deserialize;
@@ -454,23 +454,27 @@ core_v1_resource!(WatchedPod, "Pod", "pods", NamespaceResourceScope);
 core_v1_resource!(SeenNode, "Node", "nodes", ClusterResourceScope);
 core_v1_resource!(SeenService, "Service", "services", NamespaceResourceScope);
 
+/// An object's controller: the owner reference with `controller: true` (there is at
+/// most one; the API server refuses a second).
+pub(crate) fn controller_of(meta: &ObjectMeta) -> Option<&OwnerReference> {
+    meta.owner_references
+        .iter()
+        .flatten()
+        .find(|o| o.controller == Some(true))
+}
+
 impl SeenPod {
     /// The store's pod of these parts: of the metadata what a pass reads (the type's
     /// comment), labels and annotations as [`Tags`].
     fn new(metadata: ObjectMeta, spec: Option<SeenSpec>, status: Option<SeenStatus>) -> SeenPod {
-        let controller = metadata
-            .owner_references
-            .into_iter()
-            .flatten()
-            .find(|o| o.controller == Some(true))
-            .map(|o| {
-                Arc::new(Controller {
-                    api_version: o.api_version.into(),
-                    kind: o.kind.into(),
-                    name: o.name.into(),
-                    uid: o.uid.into(),
-                })
-            });
+        let controller = controller_of(&metadata).map(|o| {
+            Arc::new(Controller {
+                api_version: o.api_version.as_str().into(),
+                kind: o.kind.as_str().into(),
+                name: o.name.as_str().into(),
+                uid: o.uid.as_str().into(),
+            })
+        });
         SeenPod {
             name: metadata.name.unwrap_or_default().into(),
             namespace: metadata.namespace.map(Into::into),
@@ -552,9 +556,11 @@ impl SeenPod {
         self.controller.as_deref()
     }
 
-    /// Its namespace and name, sharing its own strings (the pod store's key).
-    pub(super) fn key(&self) -> (Option<Arc<str>>, Arc<str>) {
-        (self.namespace.clone(), self.name.clone())
+    /// Its namespace ("" where it has none) and name, sharing its own strings (the
+    /// pod store's keys).
+    pub(super) fn key(&self) -> (Arc<str>, Arc<str>) {
+        let namespace = self.namespace.clone().unwrap_or_else(|| Arc::from(""));
+        (namespace, self.name.clone())
     }
 
     /// Its controller's UID, shared (the pod store's index).
@@ -782,12 +788,7 @@ impl PodFacts for Pod {
     }
 
     fn controller_uid(&self) -> Option<&str> {
-        self.metadata
-            .owner_references
-            .iter()
-            .flatten()
-            .find(|o| o.controller == Some(true))
-            .map(|o| o.uid.as_str())
+        controller_of(&self.metadata).map(|o| o.uid.as_str())
     }
 
     fn label(&self, key: &str) -> Option<&str> {
