@@ -14,8 +14,13 @@
 //!   the threshold), with the same tolerance, limit and stabilisation.
 //! - gpuscale: its own policy at a 2 s scrape.
 //!
-//! Deterministic: the replays are pure, so run-to-run noise is zero; what varies is the
-//! wall time, printed per sweep.
+//! Each setting is replayed at five phases of the rules' syncs (`Setup::tick_phase`:
+//! the first decision at 0, 0.2, 0.4, 0.6 or 0.8 of the interval, so 0, 3, 6, 9 or 12 s
+//! into the peers' 15 s sync) and its point is their mean. The replays are pure, so a run repeats
+//! exactly; the phase is the noise: where one or two replicas decide the outcome (the
+//! cheap end), a burst one sync sees and the next misses moves a setting's misses by
+//! hundreds. The report gives each frontier point's range over the phases and the
+//! dominance count at each phase alone.
 //!
 //! `cargo bench -p gpuscale-operator --bench frontier [-- path/to/trace.csv]`
 
@@ -24,7 +29,9 @@ use std::time::{Duration, Instant};
 use gpuscale_operator::autoscale::Params;
 use gpuscale_operator::replay::frontier::{frontier, undominated, Point};
 use gpuscale_operator::replay::synthetic::Bursty;
-use gpuscale_operator::replay::{replay, GpuscaleRule, HpaRule, KedaRule, Setup, Trace};
+use gpuscale_operator::replay::{
+    replay, GpuscaleRule, HpaRule, KedaRule, Outcome, ScalingRule, Setup, Trace,
+};
 
 mod common;
 use plotters::prelude::*;
@@ -49,10 +56,15 @@ const QUEUES: [u32; 17] = [
 /// default 6 s: sweeping 6–60 s as well (four times the replays) left 9 Azure and 8
 /// bursty KEDA points undominated instead of 10 and 9, none where 90% meet the SLO.
 const UP_WINDOWS: [f64; 4] = [0.0, 15.0, 30.0, 60.0];
+/// Phases of each rule's interval its first decision falls at (`Setup::tick_phase`).
+const PHASES: [f64; 5] = [0.0, 0.2, 0.4, 0.6, 0.8];
 
 struct Rule {
     name: &'static str,
+    /// Each setting's mean over the phases.
     points: Vec<Point>,
+    /// Each setting at each phase alone.
+    by_phase: Vec<Vec<Point>>,
     peak: u32,
 }
 
@@ -61,18 +73,55 @@ impl Rule {
         Rule {
             name,
             points: Vec::new(),
+            by_phase: vec![Vec::new(); PHASES.len()],
             peak: 0,
         }
     }
 
-    /// Takes one setting's replay.
-    fn record(&mut self, setting: String, o: &gpuscale_operator::replay::Outcome) {
-        self.peak = self.peak.max(o.peak_replicas);
-        self.points.push(Point::of(setting, o));
+    /// Replays one setting at every phase, each with a fresh rule from `rule`.
+    fn record<R: ScalingRule>(
+        &mut self,
+        setting: String,
+        (trace, setup): (&Trace, &Setup),
+        rule: impl Fn() -> R,
+    ) {
+        let replays: Vec<Outcome> = PHASES
+            .iter()
+            .map(|&tick_phase| {
+                let at = Setup {
+                    tick_phase,
+                    ..setup.clone()
+                };
+                replay(trace, &at, &mut rule())
+            })
+            .collect();
+        for (phase, o) in self.by_phase.iter_mut().zip(&replays) {
+            self.peak = self.peak.max(o.peak_replicas);
+            phase.push(Point::of(setting.clone(), std::slice::from_ref(o)));
+        }
+        self.points.push(Point::of(setting, &replays));
+    }
+
+    /// This rule's settings and `other`'s as one rule's (gpuscale with
+    /// `scaling.predictive` off and on: both are settings a user can choose).
+    fn with(&self, other: &Rule) -> Rule {
+        let join = |a: &[Point], b: &[Point]| a.iter().chain(b).cloned().collect::<Vec<_>>();
+        Rule {
+            name: self.name,
+            points: join(&self.points, &other.points),
+            by_phase: self
+                .by_phase
+                .iter()
+                .zip(&other.by_phase)
+                .map(|(a, b)| join(a, b))
+                .collect(),
+            peak: self.peak.max(other.peak),
+        }
     }
 }
 
 fn sweep(trace: &Trace, setup: &Setup) -> Vec<Rule> {
+    let on = (trace, setup);
     let mut ours = Rule::new("gpuscale");
     let mut hpa = Rule::new("HPA-style");
     let mut keda = Rule::new("KEDA-style");
@@ -97,7 +146,6 @@ fn sweep(trace: &Trace, setup: &Setup) -> Vec<Rule> {
                     predictive: forecast,
                     learn_window: learn,
                 };
-                let o = replay(trace, setup, &mut GpuscaleRule::new(p, 2.0));
                 let rule = match (forecast, learn) {
                     (true, _) => &mut predictive,
                     (false, true) => &mut ours,
@@ -105,26 +153,28 @@ fn sweep(trace: &Trace, setup: &Setup) -> Vec<Rule> {
                 };
                 rule.record(
                     format!("queue {target}, {warm} warm, {window} s, up {up} s"),
-                    &o,
+                    on,
+                    || GpuscaleRule::new(p.clone(), 2.0),
                 );
             }
             for up in UP_WINDOWS {
-                let mut rule = KedaRule::new(MIN, MAX, f64::from(target))
-                    .with_window(window)
-                    .with_up_window(up);
-                let o = replay(trace, setup, &mut rule);
-                keda.record(format!("queue {target}, {window} s, up {up} s"), &o);
+                keda.record(format!("queue {target}, {window} s, up {up} s"), on, || {
+                    KedaRule::new(MIN, MAX, f64::from(target))
+                        .with_window(window)
+                        .with_up_window(up)
+                });
             }
         }
         for util in [0.5, 0.6, 0.7, 0.8, 0.9, 0.95] {
             for up in UP_WINDOWS {
-                let mut rule = HpaRule::new(MIN, MAX, util)
-                    .with_window(window)
-                    .with_up_window(up);
-                let o = replay(trace, setup, &mut rule);
                 hpa.record(
                     format!("{:.0}% busy, {window} s, up {up} s", util * 100.0),
-                    &o,
+                    on,
+                    || {
+                        HpaRule::new(MIN, MAX, util)
+                            .with_window(window)
+                            .with_up_window(up)
+                    },
                 );
             }
         }
@@ -136,25 +186,51 @@ fn report(title: &str, requests: usize, rules: &[Rule]) -> bool {
     println!("\n== {title}");
     for r in rules {
         println!(
-            "{} frontier ({} settings swept, peak {} replicas of {MAX}):",
+            "{} frontier ({} settings swept, each at {} phases; peak {} replicas of {MAX}):",
             r.name,
             r.points.len(),
+            PHASES.len(),
             r.peak
         );
         println!(
-            "  {:>11} {:>9} {:>6} {:>8}  setting",
-            "GPU-seconds", "over SLO", "cold", "flaps/h"
+            "  {:>11} {:>9} {:>11} {:>6} {:>8}  setting",
+            "GPU-seconds", "over SLO", "(phases)", "cold", "flaps/h"
         );
         for p in frontier(&r.points) {
             println!(
-                "  {:>11.0} {:>9} {:>6} {:>8.1}  {}",
-                p.gpu_seconds, p.slo_misses, p.cold_starts, p.flaps_per_hour, p.setting
+                "  {:>11.0} {:>9.1} {:>11} {:>6.1} {:>8.1}  {}",
+                p.gpu_seconds,
+                p.slo_misses,
+                range(&p),
+                p.cold_starts,
+                p.flaps_per_hour,
+                p.setting
             );
         }
     }
+    // gpuscale as a user can set it: `scaling.predictive` off or on.
+    let ours = rules[0].with(&rules[3]);
+    // Operating points a user would choose: at least 90% of requests within the SLO.
+    let useful = |p: &Point| p.slo_misses * 10.0 <= requests as f64;
+    let count = |gaps: &[(Point, Option<Point>)]| {
+        let n = gaps.iter().filter(|(p, _)| useful(p)).count();
+        format!("{} ({n})", gaps.len())
+    };
     let mut dominates = true;
     for peer in &rules[1..3] {
-        let gaps = undominated(&rules[0].points, &peer.points);
+        let phases: Vec<String> = ours
+            .by_phase
+            .iter()
+            .zip(&peer.by_phase)
+            .map(|(o, p)| count(&undominated(o, p)))
+            .collect();
+        println!(
+            "against {}, frontier points gpuscale does not dominate (of them, with at most 10% of requests over the SLO): at each phase alone {}; over the phases' mean with scaling.predictive off only {}",
+            peer.name,
+            phases.join(", "),
+            count(&undominated(&rules[0].points, &peer.points)),
+        );
+        let gaps = undominated(&ours.points, &peer.points);
         if gaps.is_empty() {
             println!(
                 "gpuscale dominates {}: at every budget its frontier reaches, gpuscale misses fewer",
@@ -163,25 +239,20 @@ fn report(title: &str, requests: usize, rules: &[Rule]) -> bool {
             continue;
         }
         dominates = false;
-        // Operating points a user would choose: at least 90% of requests within the SLO.
-        let useful = gaps
-            .iter()
-            .filter(|(p, _)| p.slo_misses * 10 <= requests)
-            .count();
         println!(
-            "gpuscale does NOT dominate {} at {} of its frontier points ({useful} of them with at most 10% of requests over the SLO):",
+            "gpuscale does NOT dominate {} at {} of its frontier points:",
             peer.name,
-            gaps.len()
+            count(&gaps)
         );
         for (p, ours) in gaps {
             match ours {
                 Some(o) => println!(
-                    "  {} at {:.0} GPU-s misses {}; gpuscale's best within that budget misses {} ({})",
-                    p.setting, p.gpu_seconds, p.slo_misses, o.slo_misses, o.setting
+                    "  {} at {:.0} GPU-s misses {:.1} ({}); gpuscale's best within that budget misses {:.1} ({}; {})",
+                    p.setting, p.gpu_seconds, p.slo_misses, range(&p), o.slo_misses, range(&o), o.setting
                 ),
                 None => println!(
-                    "  {} at {:.0} GPU-s misses {}; gpuscale has no setting that cheap",
-                    p.setting, p.gpu_seconds, p.slo_misses
+                    "  {} at {:.0} GPU-s misses {:.1} ({}); gpuscale has no setting that cheap",
+                    p.setting, p.gpu_seconds, p.slo_misses, range(&p)
                 ),
             }
         }
@@ -204,11 +275,11 @@ fn report(title: &str, requests: usize, rules: &[Rule]) -> bool {
         max_flaps(learned),
         sum(fixed, &|p| p.flaps_per_hour),
         max_flaps(fixed),
-        sum(learned, &|p| p.cold_starts as f64),
-        sum(fixed, &|p| p.cold_starts as f64),
+        sum(learned, &|p| p.cold_starts),
+        sum(fixed, &|p| p.cold_starts),
         (sum(learned, &|p| p.gpu_seconds) / sum(fixed, &|p| p.gpu_seconds) - 1.0) * 100.0,
-        sum(learned, &|p| p.slo_misses as f64),
-        sum(fixed, &|p| p.slo_misses as f64),
+        sum(learned, &|p| p.slo_misses),
+        sum(fixed, &|p| p.slo_misses),
     );
     let gaps = undominated(&rules[4].points, &rules[0].points).len();
     let back = undominated(&rules[0].points, &rules[4].points).len();
@@ -216,6 +287,11 @@ fn report(title: &str, requests: usize, rules: &[Rule]) -> bool {
         "learned window: the spec-window frontier has {gaps} points the learned one does not beat; the learned frontier has {back} the spec-window one does not beat"
     );
     dominates
+}
+
+/// The fewest and most misses of one phase.
+fn range(p: &Point) -> String {
+    format!("{}-{}", p.misses_range.0, p.misses_range.1)
 }
 
 fn plot(path: &std::path::Path, panels: &[(&str, Vec<Rule>)]) -> anyhow::Result<()> {
@@ -233,7 +309,7 @@ fn plot(path: &std::path::Path, panels: &[(&str, Vec<Rule>)]) -> anyhow::Result<
         let all = fronts.iter().flatten();
         let x_max = all.clone().map(|p| p.gpu_seconds).fold(0.0, f64::max) / 3600.0 * 1.05;
         let x_min = all.clone().map(|p| p.gpu_seconds).fold(f64::MAX, f64::min) / 3600.0 * 0.95;
-        let y_max = all.map(|p| p.slo_misses).max().unwrap_or(1) as f64 * 1.05 + 1.0;
+        let y_max = all.map(|p| p.slo_misses).fold(1.0, f64::max) * 1.05 + 1.0;
         let mut chart = ChartBuilder::on(&area)
             .caption(*title, ("sans-serif", 16))
             .margin(10)
@@ -255,23 +331,19 @@ fn plot(path: &std::path::Path, panels: &[(&str, Vec<Rule>)]) -> anyhow::Result<
             for (i, p) in front.iter().enumerate() {
                 let x = p.gpu_seconds / 3600.0;
                 if i > 0 {
-                    steps.push((x, front[i - 1].slo_misses as f64));
+                    steps.push((x, front[i - 1].slo_misses));
                 }
-                steps.push((x, p.slo_misses as f64));
+                steps.push((x, p.slo_misses));
             }
             if let Some(last) = front.last() {
-                steps.push((x_max, last.slo_misses as f64));
+                steps.push((x_max, last.slo_misses));
             }
             chart
                 .draw_series(LineSeries::new(steps, colour.stroke_width(2)))?
                 .label(rule.name)
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], colour));
             chart.draw_series(front.iter().map(|p| {
-                Circle::new(
-                    (p.gpu_seconds / 3600.0, p.slo_misses as f64),
-                    3,
-                    colour.filled(),
-                )
+                Circle::new((p.gpu_seconds / 3600.0, p.slo_misses), 3, colour.filled())
             }))?;
         }
         chart

@@ -535,6 +535,7 @@ fn main() -> anyhow::Result<ExitCode> {
                 },
                 initial_replicas: params.min.max(1),
                 sample_every: 5.0,
+                tick_phase: 0.0,
             };
             println!(
                 "{} requests over {:.0} s; policy of {}: {}..{} replicas, {} warm, target queue depth {}",

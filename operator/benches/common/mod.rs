@@ -36,5 +36,6 @@ pub fn replica_setup(initial_replicas: u32) -> Setup {
         slo: Slo { ttft_seconds: 2.0 },
         initial_replicas,
         sample_every: 5.0,
+        tick_phase: 0.0,
     }
 }

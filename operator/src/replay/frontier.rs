@@ -6,30 +6,45 @@
 
 use super::Outcome;
 
-/// One setting of a rule, replayed.
+/// One setting of a rule, replayed at one or more phases of its sync ([`super::Setup::tick_phase`]).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Point {
     /// The setting, for the report ("queue 4, 300 s").
     pub setting: String,
-    /// GPU-seconds used.
+    /// GPU-seconds used, the mean over the phases.
     pub gpu_seconds: f64,
-    /// Requests over the SLO (refused included).
-    pub slo_misses: usize,
-    /// Cold starts.
-    pub cold_starts: usize,
-    /// Flaps per hour.
+    /// Requests over the SLO (refused included), the mean over the phases.
+    pub slo_misses: f64,
+    /// The fewest and the most requests over the SLO at one phase.
+    pub misses_range: (usize, usize),
+    /// Cold starts, the mean.
+    pub cold_starts: f64,
+    /// Flaps per hour, the mean.
     pub flaps_per_hour: f64,
 }
 
 impl Point {
-    /// The point of one replay.
-    pub fn of(setting: impl Into<String>, o: &Outcome) -> Point {
+    /// The point of one setting's replays (one per phase): their means, and the
+    /// spread of the misses.
+    ///
+    /// # Panics
+    ///
+    /// With no replay.
+    pub fn of(setting: impl Into<String>, replays: &[Outcome]) -> Point {
+        assert!(!replays.is_empty(), "a point needs a replay");
+        let n = replays.len() as f64;
+        let mean = |f: &dyn Fn(&Outcome) -> f64| replays.iter().map(f).sum::<f64>() / n;
+        let misses = replays.iter().map(|o| o.slo_misses);
         Point {
             setting: setting.into(),
-            gpu_seconds: o.gpu_seconds,
-            slo_misses: o.slo_misses,
-            cold_starts: o.cold_starts,
-            flaps_per_hour: o.flaps_per_hour(),
+            gpu_seconds: mean(&|o| o.gpu_seconds),
+            slo_misses: mean(&|o| o.slo_misses as f64),
+            misses_range: (
+                misses.clone().min().unwrap_or_default(),
+                misses.max().unwrap_or_default(),
+            ),
+            cold_starts: mean(&|o| o.cold_starts as f64),
+            flaps_per_hour: mean(&Outcome::flaps_per_hour),
         }
     }
 }
@@ -41,7 +56,7 @@ pub fn frontier(points: &[Point]) -> Vec<Point> {
     sorted.sort_by(|a, b| {
         a.gpu_seconds
             .total_cmp(&b.gpu_seconds)
-            .then(a.slo_misses.cmp(&b.slo_misses))
+            .then(a.slo_misses.total_cmp(&b.slo_misses))
     });
     let mut out: Vec<Point> = Vec::new();
     for p in sorted {
@@ -64,11 +79,11 @@ pub fn undominated(ours: &[Point], peer: &[Point]) -> Vec<(Point, Option<Point>)
             let best = ours
                 .iter()
                 .filter(|o| o.gpu_seconds <= p.gpu_seconds)
-                .min_by_key(|o| o.slo_misses)
+                .min_by(|a, b| a.slo_misses.total_cmp(&b.slo_misses))
                 .cloned();
             // Fewer, or none at all where the peer misses none either.
             match &best {
-                Some(b) if b.slo_misses < p.slo_misses || b.slo_misses == 0 => None,
+                Some(b) if b.slo_misses < p.slo_misses || b.slo_misses == 0.0 => None,
                 _ => Some((p, best)),
             }
         })
@@ -80,13 +95,12 @@ mod tests {
     use super::*;
 
     fn p(g: f64, m: usize) -> Point {
-        Point {
-            setting: format!("{g}/{m}"),
+        let o = Outcome {
             gpu_seconds: g,
             slo_misses: m,
-            cold_starts: 0,
-            flaps_per_hour: 0.0,
-        }
+            ..Outcome::default()
+        };
+        Point::of(format!("{g}/{m}"), &[o])
     }
 
     #[test]
@@ -98,8 +112,8 @@ mod tests {
             p(15.0, 20),
             p(15.0, 25),
         ]);
-        let kept: Vec<(f64, usize)> = f.iter().map(|p| (p.gpu_seconds, p.slo_misses)).collect();
-        assert_eq!(kept, [(8.0, 90), (10.0, 50), (15.0, 20)]);
+        let kept: Vec<(f64, f64)> = f.iter().map(|p| (p.gpu_seconds, p.slo_misses)).collect();
+        assert_eq!(kept, [(8.0, 90.0), (10.0, 50.0), (15.0, 20.0)]);
     }
 
     #[test]
@@ -110,10 +124,28 @@ mod tests {
         assert!(undominated(&[p(8.0, 0)], &[p(9.0, 0)]).is_empty());
         // Equal misses is not fewer; a budget below all of ours is not covered.
         let misses = undominated(&ours, &[p(7.0, 99), p(9.0, 40), p(20.0, 5)]);
-        let at: Vec<(f64, Option<usize>)> = misses
+        let at: Vec<(f64, Option<f64>)> = misses
             .iter()
             .map(|(p, o)| (p.gpu_seconds, o.as_ref().map(|o| o.slo_misses)))
             .collect();
-        assert_eq!(at, [(7.0, None), (9.0, Some(40)), (20.0, Some(10))]);
+        assert_eq!(at, [(7.0, None), (9.0, Some(40.0)), (20.0, Some(10.0))]);
+    }
+
+    #[test]
+    fn a_point_is_the_mean_of_its_phases_with_the_spread_of_their_misses() {
+        let o = |g: f64, m: usize, cold: usize| Outcome {
+            gpu_seconds: g,
+            slo_misses: m,
+            cold_starts: cold,
+            duration: 3600.0,
+            flaps: cold,
+            ..Outcome::default()
+        };
+        let pt = Point::of("x", &[o(100.0, 10, 0), o(160.0, 4, 1), o(130.0, 7, 2)]);
+        assert_eq!(pt.gpu_seconds, 130.0);
+        assert_eq!(pt.slo_misses, 7.0);
+        assert_eq!(pt.misses_range, (4, 10));
+        assert_eq!(pt.cold_starts, 1.0);
+        assert_eq!(pt.flaps_per_hour, 1.0);
     }
 }

@@ -144,6 +144,12 @@ pub struct Setup {
     pub initial_replicas: u32,
     /// Timeline resolution in seconds.
     pub sample_every: f64,
+    /// Where the rule's first decision falls, as a fraction of its interval (0: at the
+    /// start, and every interval after). A controller's sync is not aligned with the
+    /// traffic, and where a few replicas decide the outcome, a burst seen at one sync
+    /// and missed at the next moves a replay's result: the frontier benchmark replays
+    /// each setting at several phases and reports their mean and spread.
+    pub tick_phase: f64,
 }
 
 #[derive(Debug)]
@@ -244,7 +250,10 @@ pub fn replay(trace: &Trace, setup: &Setup, rule: &mut dyn ScalingRule) -> Outco
         r.state = State::Ready;
         r.ready_since = Some(0.0);
     }
-    run.schedule(0.0, Event::Tick);
+    run.schedule(
+        setup.tick_phase.clamp(0.0, 1.0) * rule.interval(),
+        Event::Tick,
+    );
     run.schedule(0.0, Event::Sample);
     let mut next_arrival = 0;
     loop {

@@ -32,6 +32,7 @@ fn setup(max_batch: u32, queue: u32) -> Setup {
         slo: Slo { ttft_seconds: 1.0 },
         initial_replicas: 1,
         sample_every: 5.0,
+        tick_phase: 0.0,
     }
 }
 
@@ -216,4 +217,35 @@ fn the_planner_finds_the_fewest_max_replicas_that_meet_the_objective() {
     let slow = trace(&[(0.0, 5000, 1), (1.0, 5000, 1)]);
     let e = capacity(&slow, &s, &params, 2.0, 0.9, 64).unwrap_err();
     assert_eq!((e.max_replicas, e.outcome.slo_misses), (64, 2));
+}
+
+/// Records when it is asked.
+struct Clock(Vec<f64>);
+
+impl ScalingRule for Clock {
+    fn name(&self) -> String {
+        "clock".into()
+    }
+    fn interval(&self) -> f64 {
+        10.0
+    }
+    fn desired(&mut self, now: f64, _: &[ReplicaView]) -> u32 {
+        self.0.push(now);
+        1
+    }
+}
+
+#[test]
+fn the_first_decision_falls_at_the_phase_of_the_rules_interval() {
+    let t = trace(&[(0.0, 10, 10), (25.0, 10, 10)]);
+    let mut at_start = Clock(Vec::new());
+    replay(&t, &setup(1, 4), &mut at_start);
+    assert_eq!(at_start.0[..3], [0.0, 10.0, 20.0]);
+    let mut halfway = Clock(Vec::new());
+    let shifted = Setup {
+        tick_phase: 0.5,
+        ..setup(1, 4)
+    };
+    replay(&t, &shifted, &mut halfway);
+    assert_eq!(halfway.0[..3], [5.0, 15.0, 25.0]);
 }
