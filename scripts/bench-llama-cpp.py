@@ -4,7 +4,10 @@ llama-cpp-python's low-level API so that batched decoding of several sequences i
 llama.cpp's own (llama_batch with one seq_id per stream), not a Python loop.
 
 Input (argv[1], JSON): model, threads, prompt (token ids), decode_tokens, streams,
-stream_prompt (token ids), stream_tokens. Prints one JSON line of tokens/s figures.
+stream_prompt (token ids), stream_tokens; optional extra_bufts (default true: llama.cpp's
+own default, weights repacked into its AMX or CPU-repack buffers where it can; false runs
+its plain CPU path, for hosts where the AMX path crashes, ggml-org/llama.cpp#20824).
+Prints one JSON line of tokens/s figures.
 """
 import ctypes
 import json
@@ -19,6 +22,7 @@ def main():
     cfg = json.loads(sys.argv[1])
     L.llama_backend_init()
     mp = L.llama_model_default_params()
+    mp.use_extra_bufts = bool(cfg.get("extra_bufts", True))
     model = L.llama_model_load_from_file(cfg["model"].encode(), mp)
     cp = L.llama_context_default_params()
     cp.n_ctx = 4096

@@ -168,22 +168,41 @@ fn main() {
     let in_forward = spent.lock().unwrap().as_secs_f64() / wall.as_secs_f64();
 
     // llama.cpp, same tokens, same threads.
-    let cfg = serde_json::json!({
-        "model": model, "threads": threads, "prompt": prompt, "decode_tokens": DECODE,
-        "streams": STREAMS, "stream_prompt": stream_prompt, "stream_tokens": STREAM_TOKENS,
-    });
+    let mut peer_note = None;
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/bench-llama-cpp.py");
-    let out = std::process::Command::new(&python)
-        .arg(script)
-        .arg(cfg.to_string())
-        .output();
+    let run_peer = |extra_bufts: bool| {
+        let cfg = serde_json::json!({
+            "model": model, "threads": threads, "prompt": prompt, "decode_tokens": DECODE,
+            "streams": STREAMS, "stream_prompt": stream_prompt, "stream_tokens": STREAM_TOKENS,
+            "extra_bufts": extra_bufts,
+        });
+        std::process::Command::new(&python)
+            .arg(script)
+            .arg(cfg.to_string())
+            .output()
+    };
+    let mut out = run_peer(true);
+    if let Ok(o) = &out {
+        use std::os::unix::process::ExitStatusExt;
+        if let Some(signal) = o.status.signal() {
+            // llama.cpp's AMX path segfaults on some AMX hosts (ggml-org/llama.cpp#20824;
+            // seen here on 2026-12-05): its plain CPU path is the peer there, and says so.
+            eprintln!(
+                "llama.cpp with its default weight repacking died of signal {signal}; \
+                 running it again without (use_extra_bufts = false)"
+            );
+            out = run_peer(false);
+            peer_note = Some("llama.cpp without weight repacking (use_extra_bufts = false): its AMX path crashed here");
+        }
+    }
     let peer: Option<serde_json::Value> = match out {
         Ok(o) if o.status.success() => serde_json::from_slice(&o.stdout).ok(),
         Ok(o) => {
-            eprintln!(
-                "llama.cpp run failed: {}",
-                String::from_utf8_lossy(&o.stderr)
-            );
+            // llama.cpp logs every tensor; the reason is at the end.
+            let err = String::from_utf8_lossy(&o.stderr);
+            let tail: Vec<&str> = err.lines().rev().take(20).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            eprintln!("llama.cpp run failed ({}):\n{}", o.status, tail.join("\n"));
             None
         }
         Err(e) => {
@@ -199,8 +218,9 @@ fn main() {
     );
     if let Some(p) = &peer {
         println!(
-            "peer: llama-cpp-python {}",
-            p["version"].as_str().unwrap_or("?")
+            "peer: llama-cpp-python {}{}",
+            p["version"].as_str().unwrap_or("?"),
+            peer_note.map_or(String::new(), |n| format!(", {n}"))
         );
     }
     println!(
