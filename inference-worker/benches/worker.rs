@@ -200,8 +200,8 @@ fn main() {
         Ok(o) => {
             // llama.cpp logs every tensor; the reason is at the end.
             let err = String::from_utf8_lossy(&o.stderr);
-            let tail: Vec<&str> = err.lines().rev().take(20).collect();
-            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            let lines: Vec<&str> = err.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(20)..];
             eprintln!("llama.cpp run failed ({}):\n{}", o.status, tail.join("\n"));
             None
         }
