@@ -1,6 +1,7 @@
 //! Frontiers of SLO misses against GPU-seconds (#22): each rule replayed over a sweep of
-//! its main knob and its scale-down and scale-up windows, on the Azure code trace and on a synthetic
-//! bursty trace (`replay::synthetic`, MMPP-2, seeded). Prints each rule's Pareto
+//! its main knob and its scale-down and scale-up windows, on the Azure code trace and on
+//! three draws of a synthetic bursty process (`replay::synthetic`, MMPP-2, seeds
+//! [`SEEDS`]). Prints each rule's Pareto
 //! frontier, says at which budgets gpuscale's frontier does not dominate a peer's, and
 //! draws the frontiers into `target/gpuscale-bench/autoscale-frontier.svg` (the README
 //! shows a copy, `docs/autoscale-frontier.svg`).
@@ -16,11 +17,12 @@
 //!
 //! Each setting is replayed at five phases of the rules' syncs (`Setup::tick_phase`:
 //! the first decision at 0, 0.2, 0.4, 0.6 or 0.8 of the interval, so 0, 3, 6, 9 or 12 s
-//! into the peers' 15 s sync) and its point is their mean. The replays are pure, so a run repeats
-//! exactly; the phase is the noise: where one or two replicas decide the outcome (the
-//! cheap end), a burst one sync sees and the next misses moves a setting's misses by
-//! hundreds. The report gives each frontier point's range over the phases and the
-//! dominance count at each phase alone.
+//! into the peers' 15 s sync), on every draw, and its point is their mean. The replays
+//! are pure, so a run repeats exactly; the phase and the draw are the noise: where one or
+//! two replicas decide the outcome (the cheap end), a burst one sync sees and the next
+//! misses moves a setting's misses by hundreds, and on one draw the first burst alone
+//! decides much of a cheap setting's misses. The report gives each frontier point's range
+//! over its runs and the dominance count at each phase alone and on each draw alone.
 //!
 //! `cargo bench -p gpuscale-operator --bench frontier [-- path/to/trace.csv]`
 
@@ -53,80 +55,103 @@ const QUEUES: [u32; 17] = [
 /// `behavior.scaleUp.stabilizationWindowSeconds` (0 by default; KEDA passes it to the
 /// HPA it creates) and gpuscale's `scaleUpWindowSeconds` (0 by default), each the
 /// lowest recommendation of the window. gpuscale's `panicWindowSeconds` stays at its
-/// default 6 s: sweeping 6–60 s as well (four times the replays) left 9 Azure and 8
-/// bursty KEDA points undominated instead of 10 and 9, none where 90% meet the SLO.
+/// default 6 s: sweeping 6–60 s as well (four times the replays; one phase, the 2023
+/// draw only) left 9 Azure and 8 bursty KEDA points undominated instead of 10 and 9,
+/// none where 90% meet the SLO.
 const UP_WINDOWS: [f64; 4] = [0.0, 15.0, 30.0, 60.0];
+/// Draws of the synthetic bursty process (`Bursty::seed`): each setting's point is its
+/// mean over them, so that no single burst of one draw decides a frontier.
+const SEEDS: [u64; 3] = [2023, 2024, 2025];
 /// Phases of each rule's interval its first decision falls at (`Setup::tick_phase`).
 const PHASES: [f64; 5] = [0.0, 0.2, 0.4, 0.6, 0.8];
 
 struct Rule {
     name: &'static str,
-    /// Each setting's mean over the phases.
+    /// Each setting's mean over the draws and phases.
     points: Vec<Point>,
-    /// Each setting at each phase alone.
+    /// Each setting at each phase alone (the mean over the draws).
     by_phase: Vec<Vec<Point>>,
+    /// Each setting on each draw of the trace alone (the mean over the phases).
+    by_draw: Vec<Vec<Point>>,
     peak: u32,
 }
 
 impl Rule {
-    fn new(name: &'static str) -> Rule {
+    fn new(name: &'static str, draws: usize) -> Rule {
         Rule {
             name,
             points: Vec::new(),
             by_phase: vec![Vec::new(); PHASES.len()],
+            by_draw: vec![Vec::new(); draws],
             peak: 0,
         }
     }
 
-    /// Replays one setting at every phase, each with a fresh rule from `rule`.
+    /// Replays one setting on every draw at every phase, each with a fresh rule from
+    /// `rule`.
     fn record<R: ScalingRule>(
         &mut self,
         setting: String,
-        (trace, setup): (&Trace, &Setup),
+        (traces, setup): (&[Trace], &Setup),
         rule: impl Fn() -> R,
     ) {
-        let replays: Vec<Outcome> = PHASES
+        // replays[draw][phase]
+        let replays: Vec<Vec<Outcome>> = traces
             .iter()
-            .map(|&tick_phase| {
-                let at = Setup {
-                    tick_phase,
-                    ..setup.clone()
-                };
-                replay(trace, &at, &mut rule())
+            .map(|trace| {
+                PHASES
+                    .iter()
+                    .map(|&tick_phase| {
+                        let at = Setup {
+                            tick_phase,
+                            ..setup.clone()
+                        };
+                        let mut o = replay(trace, &at, &mut rule());
+                        o.timeline = Vec::new();
+                        o
+                    })
+                    .collect()
             })
             .collect();
-        for (phase, o) in self.by_phase.iter_mut().zip(&replays) {
-            self.peak = self.peak.max(o.peak_replicas);
-            phase.push(Point::of(setting.clone(), std::slice::from_ref(o)));
+        for (d, draw) in replays.iter().enumerate() {
+            self.by_draw[d].push(Point::of(setting.clone(), draw));
         }
-        self.points.push(Point::of(setting, &replays));
+        for (i, phase) in self.by_phase.iter_mut().enumerate() {
+            let at: Vec<Outcome> = replays.iter().map(|draw| draw[i].clone()).collect();
+            phase.push(Point::of(setting.clone(), &at));
+        }
+        let all: Vec<Outcome> = replays.into_iter().flatten().collect();
+        self.peak = all
+            .iter()
+            .map(|o| o.peak_replicas)
+            .fold(self.peak, u32::max);
+        self.points.push(Point::of(setting, &all));
     }
 
     /// This rule's settings and `other`'s as one rule's (gpuscale with
     /// `scaling.predictive` off and on: both are settings a user can choose).
     fn with(&self, other: &Rule) -> Rule {
         let join = |a: &[Point], b: &[Point]| a.iter().chain(b).cloned().collect::<Vec<_>>();
+        let zip =
+            |a: &[Vec<Point>], b: &[Vec<Point>]| a.iter().zip(b).map(|(a, b)| join(a, b)).collect();
         Rule {
             name: self.name,
             points: join(&self.points, &other.points),
-            by_phase: self
-                .by_phase
-                .iter()
-                .zip(&other.by_phase)
-                .map(|(a, b)| join(a, b))
-                .collect(),
+            by_phase: zip(&self.by_phase, &other.by_phase),
+            by_draw: zip(&self.by_draw, &other.by_draw),
             peak: self.peak.max(other.peak),
         }
     }
 }
 
-fn sweep(trace: &Trace, setup: &Setup) -> Vec<Rule> {
-    let on = (trace, setup);
-    let mut ours = Rule::new("gpuscale");
-    let mut hpa = Rule::new("HPA-style");
-    let mut keda = Rule::new("KEDA-style");
-    let mut predictive = Rule::new("gpuscale predictive");
-    let mut unlearned = Rule::new("gpuscale, spec window only");
+fn sweep(traces: &[Trace], setup: &Setup) -> Vec<Rule> {
+    let on = (traces, setup);
+    let n = traces.len();
+    let mut ours = Rule::new("gpuscale", n);
+    let mut hpa = Rule::new("HPA-style", n);
+    let mut keda = Rule::new("KEDA-style", n);
+    let mut predictive = Rule::new("gpuscale predictive", n);
+    let mut unlearned = Rule::new("gpuscale, spec window only", n);
     for window in WINDOWS {
         for target in QUEUES {
             for (warm, forecast, learn, up) in [0u32, 1, 2]
@@ -182,19 +207,27 @@ fn sweep(trace: &Trace, setup: &Setup) -> Vec<Rule> {
     vec![ours, hpa, keda, predictive, unlearned]
 }
 
-fn report(title: &str, requests: usize, rules: &[Rule]) -> bool {
+/// Prints the frontiers and the dominance counts; `requests`: the mean requests of a
+/// draw.
+fn report(title: &str, requests: f64, rules: &[Rule]) -> bool {
     println!("\n== {title}");
+    let draws = rules[0].by_draw.len();
     for r in rules {
         println!(
-            "{} frontier ({} settings swept, each at {} phases; peak {} replicas of {MAX}):",
+            "{} frontier ({} settings swept, each at {} phases{}; peak {} replicas of {MAX}):",
             r.name,
             r.points.len(),
             PHASES.len(),
+            if draws > 1 {
+                format!(" of {draws} draws")
+            } else {
+                String::new()
+            },
             r.peak
         );
         println!(
             "  {:>11} {:>9} {:>11} {:>6} {:>8}  setting",
-            "GPU-seconds", "over SLO", "(phases)", "cold", "flaps/h"
+            "GPU-seconds", "over SLO", "(runs)", "cold", "flaps/h"
         );
         for p in frontier(&r.points) {
             println!(
@@ -211,23 +244,30 @@ fn report(title: &str, requests: usize, rules: &[Rule]) -> bool {
     // gpuscale as a user can set it: `scaling.predictive` off or on.
     let ours = rules[0].with(&rules[3]);
     // Operating points a user would choose: at least 90% of requests within the SLO.
-    let useful = |p: &Point| p.slo_misses * 10.0 <= requests as f64;
+    let useful = |p: &Point| p.slo_misses * 10.0 <= requests;
     let count = |gaps: &[(Point, Option<Point>)]| {
         let n = gaps.iter().filter(|(p, _)| useful(p)).count();
         format!("{} ({n})", gaps.len())
     };
     let mut dominates = true;
     for peer in &rules[1..3] {
-        let phases: Vec<String> = ours
-            .by_phase
-            .iter()
-            .zip(&peer.by_phase)
-            .map(|(o, p)| count(&undominated(o, p)))
-            .collect();
+        let each = |of: fn(&Rule) -> &Vec<Vec<Point>>| {
+            of(&ours)
+                .iter()
+                .zip(of(peer))
+                .map(|(o, p)| count(&undominated(o, p)))
+                .collect::<Vec<String>>()
+                .join(", ")
+        };
+        let by_draw = if draws > 1 {
+            format!("; on each draw alone {}", each(|r| &r.by_draw))
+        } else {
+            String::new()
+        };
         println!(
-            "against {}, frontier points gpuscale does not dominate (of them, with at most 10% of requests over the SLO): at each phase alone {}; over the phases' mean with scaling.predictive off only {}",
+            "against {}, frontier points gpuscale does not dominate (of them, with at most 10% of requests over the SLO): at each phase alone {}{by_draw}; over the mean with scaling.predictive off only {}",
             peer.name,
-            phases.join(", "),
+            each(|r| &r.by_phase),
             count(&undominated(&rules[0].points, &peer.points)),
         );
         let gaps = undominated(&ours.points, &peer.points);
@@ -289,7 +329,7 @@ fn report(title: &str, requests: usize, rules: &[Rule]) -> bool {
     dominates
 }
 
-/// The fewest and most misses of one phase.
+/// The fewest and most misses of one run (a draw at a phase).
 fn range(p: &Point) -> String {
     format!("{}-{}", p.misses_range.0, p.misses_range.1)
 }
@@ -358,36 +398,50 @@ fn plot(path: &std::path::Path, panels: &[(&str, Vec<Rule>)]) -> anyhow::Result<
 
 fn main() -> anyhow::Result<()> {
     let (_, azure) = common::trace_from_args()?;
-    let bursty_params = Bursty::default();
-    let bursty = bursty_params.trace();
+    let bursty: Vec<Trace> = SEEDS
+        .iter()
+        .map(|&seed| {
+            Bursty {
+                seed,
+                ..Bursty::default()
+            }
+            .trace()
+        })
+        .collect();
     let setup = common::replica_setup(MIN);
     println!(
         "replica: batch 8, 8000 prompt tok/s, 40 tok/s per sequence, 45 s cold start, {MIN}..{MAX} replicas; SLO: TTFT <= 2 s"
     );
     let mut panels = Vec::new();
     let mut all = true;
-    for (title, trace) in [
+    let sizes: Vec<String> = bursty
+        .iter()
+        .map(|t| t.requests.len().to_string())
+        .collect();
+    for (title, traces) in [
         (
             format!("Azure code trace ({} requests)", azure.requests.len()),
-            &azure,
+            std::slice::from_ref(&azure),
         ),
         (
             format!(
-                "synthetic bursty trace, MMPP-2 seed {} ({} requests)",
-                bursty_params.seed,
-                bursty.requests.len()
+                "bursty MMPP-2, seeds {} ({} requests)",
+                SEEDS.map(|s| s.to_string()).join("/"),
+                sizes.join("/")
             ),
-            &bursty,
+            &bursty[..],
         ),
     ] {
         let started = Instant::now();
-        let rules = sweep(trace, &setup);
+        let rules = sweep(traces, &setup);
         let n: usize = rules.iter().map(|r| r.points.len()).sum();
         println!(
             "\nswept {n} settings in {:.2} s",
             started.elapsed().as_secs_f64()
         );
-        all &= report(&title, trace.requests.len(), &rules);
+        let requests =
+            traces.iter().map(|t| t.requests.len()).sum::<usize>() as f64 / traces.len() as f64;
+        all &= report(&title, requests, &rules);
         panels.push((title, rules));
     }
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/gpuscale-bench");
