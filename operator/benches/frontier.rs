@@ -20,9 +20,10 @@
 //! into the peers' 15 s sync), on every draw, and its point is their mean. The replays
 //! are pure, so a run repeats exactly; the phase and the draw are the noise: where one or
 //! two replicas decide the outcome (the cheap end), a burst one sync sees and the next
-//! misses moves a setting's misses by hundreds, and on one draw the first burst alone
-//! decides much of a cheap setting's misses. The report gives each frontier point's range
-//! over its runs and the dominance count at each phase alone and on each draw alone.
+//! misses moves a setting's misses by hundreds, and on one draw a few bursts (whether a
+//! replica was up before each) decide much of a cheap setting's misses. The report gives
+//! each frontier point's range over its runs and the dominance count at each phase alone
+//! and on each draw alone.
 //!
 //! `cargo bench -p gpuscale-operator --bench frontier [-- path/to/trace.csv]`
 
