@@ -30,10 +30,13 @@
 use std::time::{Duration, Instant};
 
 use gpuscale_operator::autoscale::Params;
-use gpuscale_operator::replay::frontier::{frontier, undominated, Point};
+use gpuscale_operator::replay::frontier::{
+    frontier, runs, undominated, Point, GPUSCALE_INTERVAL, PHASES, QUEUES, UP_WINDOWS,
+    UTILISATIONS, WARM, WINDOWS,
+};
 use gpuscale_operator::replay::synthetic::Bursty;
 use gpuscale_operator::replay::{
-    replay, GpuscaleRule, HpaRule, KedaRule, Outcome, ScalingRule, Setup, Trace,
+    GpuscaleRule, HpaRule, KedaRule, Outcome, ScalingRule, Setup, Trace,
 };
 
 mod common;
@@ -42,29 +45,9 @@ use plotters::prelude::*;
 const MIN: u32 = 1;
 /// Room enough that no rule is held by the bound (each rule's peak is printed).
 const MAX: u32 = 24;
-/// Scale-down windows swept, the same for every rule.
-const WINDOWS: [f64; 5] = [30.0, 60.0, 120.0, 300.0, 600.0];
-/// Queue depth per replica swept (gpuscale's target, KEDA's threshold). Up to 256: from
-/// 96 on, every rule holds one replica for the whole trace, the least any rule can
-/// spend, so each frontier reaches that floor (where all rules tie) rather than
-/// stopping where the grid did. 56 and 80 fill the step between 48 and 96, where the
-/// cheapest settings that ever scale lie.
-const QUEUES: [u32; 17] = [
-    2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 56, 64, 80, 96, 128, 192, 256,
-];
-/// Scale-up windows swept, the same for every rule: the HPA's
-/// `behavior.scaleUp.stabilizationWindowSeconds` (0 by default; KEDA passes it to the
-/// HPA it creates) and gpuscale's `scaleUpWindowSeconds` (0 by default), each the
-/// lowest recommendation of the window. gpuscale's `panicWindowSeconds` stays at its
-/// default 6 s: sweeping 6–60 s as well (four times the replays; one phase, the 2023
-/// draw only) left 9 Azure and 8 bursty KEDA points undominated instead of 10 and 9,
-/// none where 90% meet the SLO.
-const UP_WINDOWS: [f64; 4] = [0.0, 15.0, 30.0, 60.0];
 /// Draws of the synthetic bursty process (`Bursty::seed`): each setting's point is its
 /// mean over them, so that no single burst of one draw decides a frontier.
 const SEEDS: [u64; 3] = [2023, 2024, 2025];
-/// Phases of each rule's interval its first decision falls at (`Setup::tick_phase`).
-const PHASES: [f64; 5] = [0.0, 0.2, 0.4, 0.6, 0.8];
 
 struct Rule {
     name: &'static str,
@@ -97,23 +80,7 @@ impl Rule {
         rule: impl Fn() -> R,
     ) {
         // replays[draw][phase]
-        let replays: Vec<Vec<Outcome>> = traces
-            .iter()
-            .map(|trace| {
-                PHASES
-                    .iter()
-                    .map(|&tick_phase| {
-                        let at = Setup {
-                            tick_phase,
-                            ..setup.clone()
-                        };
-                        let mut o = replay(trace, &at, &mut rule());
-                        o.timeline = Vec::new();
-                        o
-                    })
-                    .collect()
-            })
-            .collect();
+        let replays = runs(traces, setup, rule);
         for (d, draw) in replays.iter().enumerate() {
             self.by_draw[d].push(Point::of(setting.clone(), draw));
         }
@@ -155,7 +122,7 @@ fn sweep(traces: &[Trace], setup: &Setup) -> Vec<Rule> {
     let mut unlearned = Rule::new("gpuscale, spec window only", n);
     for window in WINDOWS {
         for target in QUEUES {
-            for (warm, forecast, learn, up) in [0u32, 1, 2]
+            for (warm, forecast, learn, up) in WARM
                 .into_iter()
                 .flat_map(|w| [(w, false, true), (w, true, true), (w, false, false)])
                 .flat_map(|(w, f, l)| UP_WINDOWS.map(|u| (w, f, l, u)))
@@ -180,7 +147,7 @@ fn sweep(traces: &[Trace], setup: &Setup) -> Vec<Rule> {
                 rule.record(
                     format!("queue {target}, {warm} warm, {window} s, up {up} s"),
                     on,
-                    || GpuscaleRule::new(p.clone(), 2.0),
+                    || GpuscaleRule::new(p.clone(), GPUSCALE_INTERVAL),
                 );
             }
             for up in UP_WINDOWS {
@@ -191,7 +158,7 @@ fn sweep(traces: &[Trace], setup: &Setup) -> Vec<Rule> {
                 });
             }
         }
-        for util in [0.5, 0.6, 0.7, 0.8, 0.9, 0.95] {
+        for util in UTILISATIONS {
             for up in UP_WINDOWS {
                 hpa.record(
                     format!("{:.0}% busy, {window} s, up {up} s", util * 100.0),

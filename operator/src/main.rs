@@ -192,6 +192,13 @@ enum Command {
         /// objective: the planner reports the fewest maxReplicas that achieve it.
         #[arg(long, default_value_t = 99.0, value_parser = percent)]
         slo_attainment_percent: f64,
+        /// Skip the sweep: by default the planner also replays each rule over a grid of
+        /// its settings (gpuscale's target queue depth, warm replicas and windows; the
+        /// peers' targets and windows) at five sync phases, and prints each rule's
+        /// frontier of SLO misses against GPU-seconds and a setting that beats the
+        /// spec's, if one does.
+        #[arg(long)]
+        no_frontier: bool,
     },
 }
 
@@ -511,6 +518,7 @@ fn main() -> anyhow::Result<ExitCode> {
             load_seconds,
             ttft_slo_seconds,
             slo_attainment_percent,
+            no_frontier,
         } => {
             let d: gpuscale_crds::InferenceDeployment = serde_yaml::from_str(
                 &std::fs::read_to_string(&deployment)
@@ -551,7 +559,7 @@ fn main() -> anyhow::Result<ExitCode> {
             let attainment = slo_attainment_percent / 100.0;
             let found = replay::capacity(&trace, &setup, &params, 2.0, attainment, 1024);
             let mut rules: Vec<Box<dyn replay::ScalingRule>> = vec![
-                Box::new(replay::GpuscaleRule::new(params, 2.0)),
+                Box::new(replay::GpuscaleRule::new(params.clone(), 2.0)),
                 Box::new(replay::HpaRule::new(min, max, 0.7)),
                 Box::new(replay::KedaRule::new(min, max, target)),
             ];
@@ -564,6 +572,20 @@ fn main() -> anyhow::Result<ExitCode> {
                 "{}",
                 replay::report::capacity_summary(max, &outcomes[0], &found, attainment)
             );
+            if !no_frontier {
+                let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+                let started = std::time::Instant::now();
+                let sweep = replay::frontier::sweep(&trace, &setup, &params, threads);
+                println!(
+                    "\nSwept {} settings in {:.1} s (--no-frontier skips this), within the spec's bounds {}..{} replicas, gpuscale with the spec's panic window{}:\n{}",
+                    sweep.gpuscale.len() + sweep.hpa.len() + sweep.keda.len(),
+                    started.elapsed().as_secs_f64(),
+                    min,
+                    max,
+                    if params.predictive { " and predictive on" } else { " and predictive off" },
+                    sweep.report(replay::allowed_misses(trace.requests.len(), attainment))
+                );
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::NodeAgent {

@@ -3,8 +3,73 @@
 //! One rule dominates another when, at every GPU-seconds budget the other's frontier
 //! reaches, it has a setting that costs no more and misses fewer requests: a better
 //! policy, not a different setting of the same trade.
+//!
+//! The grid below is what the frontier benchmark (`operator/benches/frontier.rs`) and
+//! `gpuscale-operator plan` sweep; [`sweep`] is the planner's: the three rules on the
+//! user's trace, gpuscale at the rest of the user's spec.
 
-use super::Outcome;
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use super::{replay, GpuscaleRule, HpaRule, KedaRule, Outcome, ScalingRule, Setup, Trace};
+use crate::autoscale::Params;
+
+/// Scale-down windows swept, seconds, the same for every rule.
+pub const WINDOWS: [f64; 5] = [30.0, 60.0, 120.0, 300.0, 600.0];
+/// Queue depth per replica swept (gpuscale's target, KEDA's threshold). Up to 256: from
+/// 96 on, every rule holds one replica for the whole Azure code trace, the least any
+/// rule can spend, so each frontier reaches that floor (where all rules tie) rather
+/// than stopping where the grid did. 56 and 80 fill the step between 48 and 96, where
+/// the cheapest settings that ever scale lie.
+pub const QUEUES: [u32; 17] = [
+    2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 56, 64, 80, 96, 128, 192, 256,
+];
+/// Scale-up windows swept, seconds, the same for every rule: the HPA's
+/// `behavior.scaleUp.stabilizationWindowSeconds` (0 by default; KEDA passes it to the
+/// HPA it creates) and gpuscale's `scaleUpWindowSeconds` (0 by default), each the
+/// lowest recommendation of the window. gpuscale's `panicWindowSeconds` is not swept
+/// (the spec's, 6 s by default): sweeping 6–60 s as well (four times the replays; one
+/// phase, one bursty draw) left 9 Azure and 8 bursty KEDA points undominated instead
+/// of 10 and 9, none where 90% meet the SLO.
+pub const UP_WINDOWS: [f64; 4] = [0.0, 15.0, 30.0, 60.0];
+/// The HPA-style rule's utilisation targets swept.
+pub const UTILISATIONS: [f64; 6] = [0.5, 0.6, 0.7, 0.8, 0.9, 0.95];
+/// gpuscale's `warmReplicas` swept.
+pub const WARM: [u32; 3] = [0, 1, 2];
+/// Phases of each rule's interval its first decision falls at
+/// ([`Setup::tick_phase`]): where one or two replicas decide the outcome, a burst one
+/// sync sees and the next misses moves a setting's misses by hundreds, so each setting
+/// is replayed at each and its point is their mean.
+pub const PHASES: [f64; 5] = [0.0, 0.2, 0.4, 0.6, 0.8];
+/// gpuscale's scrape interval in the replay, seconds.
+pub const GPUSCALE_INTERVAL: f64 = 2.0;
+
+/// Replays one setting on each trace at each of [`PHASES`], with a fresh rule from
+/// `rule` each time: `[trace][phase]`. Timelines are dropped: a sweep keeps only the
+/// totals, so its memory stays flat.
+pub fn runs<R: ScalingRule>(
+    traces: &[Trace],
+    setup: &Setup,
+    rule: impl Fn() -> R,
+) -> Vec<Vec<Outcome>> {
+    traces
+        .iter()
+        .map(|trace| {
+            PHASES
+                .iter()
+                .map(|&tick_phase| {
+                    let at = Setup {
+                        tick_phase,
+                        ..setup.clone()
+                    };
+                    let mut o = replay(trace, &at, &mut rule());
+                    o.timeline = Vec::new();
+                    o
+                })
+                .collect()
+        })
+        .collect()
+}
 
 /// One setting of a rule, replayed at one or more phases of its sync ([`super::Setup::tick_phase`]).
 #[derive(Clone, Debug, PartialEq)]
@@ -90,9 +155,293 @@ pub fn undominated(ours: &[Point], peer: &[Point]) -> Vec<(Point, Option<Point>)
         .collect()
 }
 
+/// A setting of one of the three rules, as the planner sweeps them.
+#[derive(Clone, Debug)]
+enum Setting {
+    Gpuscale(Params),
+    Hpa {
+        utilisation: f64,
+        down: f64,
+        up: f64,
+    },
+    Keda {
+        threshold: u32,
+        down: f64,
+        up: f64,
+    },
+}
+
+impl Setting {
+    /// How the report names it: gpuscale's in the spec's field names, so a user can
+    /// copy it.
+    fn label(&self) -> String {
+        match self {
+            Setting::Gpuscale(p) => format!(
+                "targetQueueDepth {}, warmReplicas {}, scaleDownWindowSeconds {}, scaleUpWindowSeconds {}",
+                p.target,
+                p.warm,
+                p.down_window.as_secs(),
+                p.up_window.as_secs()
+            ),
+            Setting::Hpa {
+                utilisation,
+                down,
+                up,
+            } => format!("{:.0}% busy, {down} s, up {up} s", utilisation * 100.0),
+            Setting::Keda {
+                threshold,
+                down,
+                up,
+            } => format!("queue {threshold}, {down} s, up {up} s"),
+        }
+    }
+
+    /// Its point: the mean of its replays at each of [`PHASES`].
+    fn point(&self, trace: &Trace, setup: &Setup, (min, max): (u32, u32)) -> Point {
+        let traces = std::slice::from_ref(trace);
+        let runs = match self {
+            Setting::Gpuscale(p) => runs(traces, setup, || {
+                GpuscaleRule::new(p.clone(), GPUSCALE_INTERVAL)
+            }),
+            &Setting::Hpa {
+                utilisation,
+                down,
+                up,
+            } => runs(traces, setup, || {
+                HpaRule::new(min, max, utilisation)
+                    .with_window(down)
+                    .with_up_window(up)
+            }),
+            &Setting::Keda {
+                threshold,
+                down,
+                up,
+            } => runs(traces, setup, || {
+                KedaRule::new(min, max, f64::from(threshold))
+                    .with_window(down)
+                    .with_up_window(up)
+            }),
+        };
+        Point::of(self.label(), &runs.concat())
+    }
+}
+
+/// The planner's sweep of one trace: each rule's points over the grid, and the spec's
+/// own setting.
+#[derive(Clone, Debug)]
+pub struct Sweep {
+    /// gpuscale over [`QUEUES`] × [`WARM`] × [`WINDOWS`] × [`UP_WINDOWS`], the rest
+    /// (bounds, panic window, `predictive`, scale to zero) as the spec says.
+    pub gpuscale: Vec<Point>,
+    /// The HPA-style rule over [`UTILISATIONS`] × [`WINDOWS`] × [`UP_WINDOWS`].
+    pub hpa: Vec<Point>,
+    /// The KEDA-style rule over [`QUEUES`] × [`WINDOWS`] × [`UP_WINDOWS`].
+    pub keda: Vec<Point>,
+    /// The spec's own setting, replayed the same way.
+    pub spec: Point,
+}
+
+/// Sweeps the three rules over the grid on `trace` (each setting at each of [`PHASES`]),
+/// gpuscale with the rest of `spec`, the peers within its bounds. Pure; the settings are
+/// spread over `threads` threads (at least one).
+pub fn sweep(trace: &Trace, setup: &Setup, spec: &Params, threads: usize) -> Sweep {
+    let bounds = (spec.min.max(1), spec.max);
+    let mut settings = Vec::new();
+    for down in WINDOWS {
+        for up in UP_WINDOWS {
+            for threshold in QUEUES {
+                for warm in WARM {
+                    settings.push(Setting::Gpuscale(Params {
+                        target: f64::from(threshold),
+                        warm,
+                        down_window: Duration::from_secs_f64(down),
+                        up_window: Duration::from_secs_f64(up),
+                        ..spec.clone()
+                    }));
+                }
+                settings.push(Setting::Keda {
+                    threshold,
+                    down,
+                    up,
+                });
+            }
+            for utilisation in UTILISATIONS {
+                settings.push(Setting::Hpa {
+                    utilisation,
+                    down,
+                    up,
+                });
+            }
+        }
+    }
+    // Each thread takes every `threads`-th setting, so the costly ones (low targets,
+    // many replicas) are spread evenly.
+    let threads = threads.clamp(1, settings.len());
+    let mut points: Vec<Option<Point>> = vec![None; settings.len()];
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let settings = &settings;
+                scope.spawn(move || {
+                    (t..settings.len())
+                        .step_by(threads)
+                        .map(|i| (i, settings[i].point(trace, setup, bounds)))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        for h in handles {
+            for (i, p) in h.join().expect("a replay thread panicked") {
+                points[i] = Some(p);
+            }
+        }
+    });
+    let mut out = Sweep {
+        gpuscale: Vec::new(),
+        hpa: Vec::new(),
+        keda: Vec::new(),
+        spec: Setting::Gpuscale(spec.clone()).point(trace, setup, bounds),
+    };
+    for (setting, point) in settings.iter().zip(points) {
+        let point = point.expect("every setting replayed");
+        match setting {
+            Setting::Gpuscale(_) => out.gpuscale.push(point),
+            Setting::Hpa { .. } => out.hpa.push(point),
+            Setting::Keda { .. } => out.keda.push(point),
+        }
+    }
+    out
+}
+
+/// A gpuscale setting on the frontier of `points` that beats `spec` outright: the one
+/// with the fewest misses within the spec's budget if it misses fewer, else the
+/// cheapest that misses no more for less. `None`: nothing beats the spec's setting.
+pub fn better_than(points: &[Point], spec: &Point) -> Option<Point> {
+    let front = frontier(points);
+    let within = front
+        .iter()
+        .filter(|p| p.gpu_seconds <= spec.gpu_seconds)
+        .min_by(|a, b| a.slo_misses.total_cmp(&b.slo_misses));
+    if let Some(p) = within.filter(|p| p.slo_misses < spec.slo_misses) {
+        return Some(p.clone());
+    }
+    front
+        .iter()
+        .find(|p| p.slo_misses <= spec.slo_misses && p.gpu_seconds < spec.gpu_seconds)
+        .cloned()
+}
+
+impl Sweep {
+    /// The planner's report: each rule's frontier, whether gpuscale's dominates each
+    /// peer's on this trace (and where not, how many of those points miss no more than
+    /// `allowed`, the user's objective), and whether a setting beats the spec's.
+    pub fn report(&self, allowed: usize) -> String {
+        let mut out = String::new();
+        for (name, points) in [
+            ("gpuscale", &self.gpuscale),
+            ("HPA-style", &self.hpa),
+            ("KEDA-style", &self.keda),
+        ] {
+            let _ = writeln!(
+                out,
+                "{name} frontier ({} settings, each the mean of {} sync phases):",
+                points.len(),
+                PHASES.len()
+            );
+            let _ = writeln!(
+                out,
+                "  {:>11} {:>9} {:>11} {:>6} {:>8}  setting",
+                "GPU-seconds", "over SLO", "(phases)", "cold", "flaps/h"
+            );
+            for p in frontier(points) {
+                let _ = writeln!(
+                    out,
+                    "  {:>11.0} {:>9.1} {:>11} {:>6.1} {:>8.1}  {}",
+                    p.gpu_seconds,
+                    p.slo_misses,
+                    format!("{}-{}", p.misses_range.0, p.misses_range.1),
+                    p.cold_starts,
+                    p.flaps_per_hour,
+                    p.setting
+                );
+            }
+        }
+        for (name, peer) in [("HPA-style", &self.hpa), ("KEDA-style", &self.keda)] {
+            let gaps = undominated(&self.gpuscale, peer);
+            if gaps.is_empty() {
+                let _ = writeln!(
+                    out,
+                    "gpuscale dominates {name} on this trace: at every budget its frontier reaches, a gpuscale setting misses fewer"
+                );
+                continue;
+            }
+            let meet = gaps
+                .iter()
+                .filter(|(p, _)| p.slo_misses <= allowed as f64)
+                .count();
+            let _ = writeln!(
+                out,
+                "gpuscale does not dominate {name} on this trace at {} of its {} frontier points ({meet} of them within the objective's {allowed} misses):",
+                gaps.len(),
+                frontier(peer).len()
+            );
+            for (p, ours) in gaps {
+                let _ = match ours {
+                    Some(o) => writeln!(
+                        out,
+                        "  {} at {:.0} GPU-s misses {:.1}; gpuscale's best within that budget misses {:.1} ({})",
+                        p.setting, p.gpu_seconds, p.slo_misses, o.slo_misses, o.setting
+                    ),
+                    None => writeln!(
+                        out,
+                        "  {} at {:.0} GPU-s misses {:.1}; gpuscale has no setting that cheap",
+                        p.setting, p.gpu_seconds, p.slo_misses
+                    ),
+                };
+            }
+        }
+        let spec = &self.spec;
+        let _ = write!(
+            out,
+            "The spec's setting ({}): {:.0} GPU-s, {:.1} over the SLO; ",
+            spec.setting, spec.gpu_seconds, spec.slo_misses
+        );
+        let _ = match better_than(&self.gpuscale, spec) {
+            Some(b) => writeln!(
+                out,
+                "{} does better on this trace: {:.0} GPU-s, {:.1} over the SLO.",
+                b.setting, b.gpu_seconds, b.slo_misses
+            ),
+            None => writeln!(
+                out,
+                "no setting of the grid costs no more and misses fewer, or misses no more for less."
+            ),
+        };
+        // The frontier is cheapest first: the first point within the objective is the
+        // cheapest setting that meets it.
+        let _ = match frontier(&self.gpuscale)
+            .into_iter()
+            .find(|p| p.slo_misses <= allowed as f64)
+        {
+            Some(p) => writeln!(
+                out,
+                "The cheapest setting of the grid that meets the objective (at most {allowed} over the SLO): {}: {:.0} GPU-s, {:.1} over the SLO.",
+                p.setting, p.gpu_seconds, p.slo_misses
+            ),
+            None => writeln!(
+                out,
+                "No setting of the grid meets the objective (at most {allowed} over the SLO) within the spec's bounds."
+            ),
+        };
+        out
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::replay::synthetic::Bursty;
+    use crate::replay::{ReplicaModel, Slo};
 
     fn p(g: f64, m: usize) -> Point {
         let o = Outcome {
@@ -147,5 +496,149 @@ mod tests {
         assert_eq!(pt.misses_range, (4, 10));
         assert_eq!(pt.cold_starts, 1.0);
         assert_eq!(pt.flaps_per_hour, 1.0);
+    }
+
+    #[test]
+    fn a_setting_beats_the_specs_only_by_costing_no_more_and_missing_fewer_or_missing_no_more_for_less(
+    ) {
+        let points = [p(8.0, 40), p(12.0, 10), p(20.0, 0), p(12.5, 30)];
+        let at = |g: f64, m: usize| better_than(&points, &p(g, m)).map(|b| b.setting);
+        // The fewest misses within the spec's budget.
+        assert_eq!(at(13.0, 30), Some("12/10".to_string()));
+        // On the frontier itself: nothing beats it.
+        assert_eq!(at(12.0, 10), None);
+        // Nothing misses fewer within 11, but 8 misses as many for less.
+        assert_eq!(at(11.0, 40), Some("8/40".to_string()));
+        // Cheaper than every setting.
+        assert_eq!(at(7.0, 99), None);
+    }
+
+    #[test]
+    fn the_planners_sweep_covers_the_grid_and_replays_each_setting_at_every_phase() {
+        let trace = Bursty {
+            duration: 60.0,
+            ..Bursty::default()
+        }
+        .trace();
+        assert!(trace.requests.len() > 60, "{}", trace.requests.len());
+        let setup = Setup {
+            model: ReplicaModel {
+                max_batch: 4,
+                queue_capacity: 16,
+                prefill_tokens_per_second: 4000.0,
+                decode_tokens_per_second: 20.0,
+                load_seconds: 20.0,
+                gpus: 1,
+            },
+            slo: Slo { ttft_seconds: 1.0 },
+            initial_replicas: 1,
+            sample_every: 5.0,
+            tick_phase: 0.0,
+        };
+        // Off the grid (target 5, 45 s), so the spec's point is its own replay.
+        let spec = Params {
+            min: 1,
+            max: 6,
+            warm: 0,
+            target: 5.0,
+            up_window: Duration::ZERO,
+            down_window: Duration::from_secs(45),
+            panic_window: Duration::from_secs(6),
+            to_zero_after: None,
+            predictive: false,
+            learn_window: true,
+        };
+        let sweep = super::sweep(&trace, &setup, &spec, 3);
+        let grid = WINDOWS.len() * UP_WINDOWS.len();
+        assert_eq!(sweep.gpuscale.len(), QUEUES.len() * WARM.len() * grid);
+        assert_eq!(sweep.keda.len(), QUEUES.len() * grid);
+        assert_eq!(sweep.hpa.len(), UTILISATIONS.len() * grid);
+
+        // Each point is the mean of its setting's replays at every phase, under the
+        // label a user copies into the spec.
+        let direct = |p: &Params| {
+            let runs = runs(std::slice::from_ref(&trace), &setup, || {
+                GpuscaleRule::new(p.clone(), GPUSCALE_INTERVAL)
+            });
+            assert_eq!(runs[0].len(), PHASES.len());
+            runs.concat()
+        };
+        let spec_runs = direct(&spec);
+        assert_eq!(
+            sweep.spec,
+            Point::of(
+                "targetQueueDepth 5, warmReplicas 0, scaleDownWindowSeconds 45, scaleUpWindowSeconds 0",
+                &spec_runs
+            )
+        );
+        let on_grid = Params {
+            target: 8.0,
+            warm: 1,
+            down_window: Duration::from_secs(120),
+            up_window: Duration::from_secs(15),
+            ..spec.clone()
+        };
+        let label = "targetQueueDepth 8, warmReplicas 1, scaleDownWindowSeconds 120, scaleUpWindowSeconds 15";
+        let found = sweep.gpuscale.iter().find(|p| p.setting == label);
+        assert_eq!(found, Some(&Point::of(label, &direct(&on_grid))));
+        // The peers within the spec's bounds: none goes past maxReplicas.
+        let keda = runs(std::slice::from_ref(&trace), &setup, || {
+            KedaRule::new(1, 6, 2.0)
+                .with_window(30.0)
+                .with_up_window(0.0)
+        })
+        .concat();
+        assert!(keda.iter().all(|o| o.peak_replicas <= 6));
+        let label = "queue 2, 30 s, up 0 s";
+        let found = sweep.keda.iter().find(|p| p.setting == label);
+        assert_eq!(found, Some(&Point::of(label, &keda)));
+
+        let report = sweep.report(10);
+        for line in [
+            "gpuscale frontier (1020 settings, each the mean of 5 sync phases):",
+            "HPA-style frontier (120 settings",
+            "KEDA-style frontier (340 settings",
+            "The spec's setting (targetQueueDepth 5, warmReplicas 0, scaleDownWindowSeconds 45, scaleUpWindowSeconds 0)",
+        ] {
+            assert!(report.contains(line), "{line:?} missing from:\n{report}");
+        }
+        match better_than(&sweep.gpuscale, &sweep.spec) {
+            Some(b) => {
+                assert!(report.contains(&format!("{} does better on this trace", b.setting)))
+            }
+            None => assert!(report.contains("no setting of the grid costs no more")),
+        }
+    }
+
+    #[test]
+    fn the_report_says_where_gpuscale_dominates_and_the_cheapest_setting_that_meets_the_objective()
+    {
+        let sweep = Sweep {
+            gpuscale: vec![p(8.0, 40), p(12.0, 10), p(20.0, 0)],
+            hpa: vec![p(9.0, 50)],
+            // 7 is below every gpuscale setting; at 30 both miss none.
+            keda: vec![p(7.0, 60), p(30.0, 0)],
+            spec: p(13.0, 30),
+        };
+        let report = sweep.report(10);
+        for line in [
+            "gpuscale dominates HPA-style on this trace",
+            "gpuscale does not dominate KEDA-style on this trace at 1 of its 2 frontier points (0 of them within the objective's 10 misses):",
+            "  7/60 at 7 GPU-s misses 60.0; gpuscale has no setting that cheap",
+            "The spec's setting (13/30): 13 GPU-s, 30.0 over the SLO; 12/10 does better on this trace",
+            "The cheapest setting of the grid that meets the objective (at most 10 over the SLO): 12/10: 12 GPU-s, 10.0 over the SLO.",
+        ] {
+            assert!(report.contains(line), "{line:?} missing from:\n{report}");
+        }
+        assert!(sweep
+            .report(5)
+            .contains("objective (at most 5 over the SLO): 20/0"));
+        let none = Sweep {
+            gpuscale: vec![p(8.0, 40)],
+            ..sweep
+        };
+        assert!(none
+            .report(10)
+            .contains("No setting of the grid meets the objective (at most 10 over the SLO)"));
     }
 }

@@ -325,6 +325,12 @@ pub struct Unreachable {
     pub outcome: Box<Outcome>,
 }
 
+/// How many of `requests` may miss the SLO when `attainment` (a share, 0..=1) of them
+/// must meet it.
+pub fn allowed_misses(requests: usize, attainment: f64) -> usize {
+    ((1.0 - attainment) * requests as f64).floor() as usize
+}
+
 /// The fewest `maxReplicas` (at most `ceiling`) with which gpuscale's policy (`params`,
 /// deciding every `interval` seconds) serves at least `attainment` (0..=1) of the
 /// trace's requests within the SLO. Found by bisection between `params.min` and the
@@ -338,7 +344,7 @@ pub fn capacity(
     attainment: f64,
     ceiling: u32,
 ) -> Result<Capacity, Unreachable> {
-    let allowed = ((1.0 - attainment) * trace.requests.len() as f64).floor() as usize;
+    let allowed = allowed_misses(trace.requests.len(), attainment);
     let run = |max: u32| {
         let p = crate::autoscale::Params {
             max,
