@@ -22,8 +22,10 @@
 //! two replicas decide the outcome (the cheap end), a burst one sync sees and the next
 //! misses moves a setting's misses by hundreds, and on one draw a few bursts (whether a
 //! replica was up before each) decide much of a cheap setting's misses. The report gives
-//! each frontier point's range over its runs and the dominance count at each phase alone
-//! and on each draw alone.
+//! each frontier point's range over its runs, the dominance count at each phase alone
+//! and on each draw alone, and for each peer point gpuscale does not beat, the two
+//! settings compared run by run (`paired`). gpuscale's settings with
+//! `scaling.predictive` on are marked `, predictive` there.
 //!
 //! `cargo bench -p gpuscale-operator --bench frontier [-- path/to/trace.csv]`
 
@@ -57,6 +59,9 @@ struct Rule {
     by_phase: Vec<Vec<Point>>,
     /// Each setting on each draw of the trace alone (the mean over the phases).
     by_draw: Vec<Vec<Point>>,
+    /// Each setting's misses in each run (draw by draw, phase by phase), in the order
+    /// of `points`: for the paired comparison of two settings on the same runs.
+    runs: Vec<Vec<usize>>,
     peak: u32,
 }
 
@@ -67,6 +72,7 @@ impl Rule {
             points: Vec::new(),
             by_phase: vec![Vec::new(); PHASES.len()],
             by_draw: vec![Vec::new(); draws],
+            runs: Vec::new(),
             peak: 0,
         }
     }
@@ -89,6 +95,7 @@ impl Rule {
             phase.push(Point::of(setting.clone(), &at));
         }
         let all: Vec<Outcome> = replays.into_iter().flatten().collect();
+        self.runs.push(all.iter().map(|o| o.slo_misses).collect());
         self.peak = all
             .iter()
             .map(|o| o.peak_replicas)
@@ -97,9 +104,16 @@ impl Rule {
     }
 
     /// This rule's settings and `other`'s as one rule's (gpuscale with
-    /// `scaling.predictive` off and on: both are settings a user can choose).
-    fn with(&self, other: &Rule) -> Rule {
-        let join = |a: &[Point], b: &[Point]| a.iter().chain(b).cloned().collect::<Vec<_>>();
+    /// `scaling.predictive` off and on: both are settings a user can choose), `other`'s
+    /// named with `mark` after them so the report says which is which.
+    fn with(&self, other: &Rule, mark: &str) -> Rule {
+        let join = |a: &[Point], b: &[Point]| {
+            let marked = b.iter().map(|p| Point {
+                setting: format!("{}{mark}", p.setting),
+                ..p.clone()
+            });
+            a.iter().cloned().chain(marked).collect::<Vec<_>>()
+        };
         let zip =
             |a: &[Vec<Point>], b: &[Vec<Point>]| a.iter().zip(b).map(|(a, b)| join(a, b)).collect();
         Rule {
@@ -107,9 +121,44 @@ impl Rule {
             points: join(&self.points, &other.points),
             by_phase: zip(&self.by_phase, &other.by_phase),
             by_draw: zip(&self.by_draw, &other.by_draw),
+            runs: self.runs.iter().chain(&other.runs).cloned().collect(),
             peak: self.peak.max(other.peak),
         }
     }
+
+    /// The misses in each run of the setting named `setting`.
+    fn runs_of(&self, setting: &str) -> &[usize] {
+        let i = self
+            .points
+            .iter()
+            .position(|p| p.setting == setting)
+            .expect("a frontier point is one of the rule's settings");
+        &self.runs[i]
+    }
+}
+
+/// Two settings compared run by run (the same draw at the same phase): in how many
+/// runs `ours` misses fewer and more than `peer`, and the mean of `peer - ours` with
+/// its standard error. Both settings see the same bursts at the same sync phase in a
+/// run, so the paired difference is free of the noise the two share, which the ranges
+/// of the two means are not.
+fn paired(ours: &[usize], peer: &[usize]) -> String {
+    let d: Vec<f64> = peer
+        .iter()
+        .zip(ours)
+        .map(|(&p, &o)| p as f64 - o as f64)
+        .collect();
+    let n = d.len() as f64;
+    let mean = d.iter().sum::<f64>() / n;
+    let var = d.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0).max(1.0);
+    format!(
+        "run by run ({}): gpuscale fewer in {}, more in {}; the peer's misses minus gpuscale's {:+.1} (standard error {:.1})",
+        d.len(),
+        d.iter().filter(|&&x| x > 0.0).count(),
+        d.iter().filter(|&&x| x < 0.0).count(),
+        mean,
+        (var / n).sqrt()
+    )
 }
 
 fn sweep(traces: &[Trace], setup: &Setup) -> Vec<Rule> {
@@ -210,7 +259,7 @@ fn report(title: &str, requests: f64, rules: &[Rule]) -> bool {
         }
     }
     // gpuscale as a user can set it: `scaling.predictive` off or on.
-    let ours = rules[0].with(&rules[3]);
+    let ours = rules[0].with(&rules[3], ", predictive");
     // Operating points a user would choose: at least 90% of requests within the SLO.
     let useful = |p: &Point| p.slo_misses * 10.0 <= requests;
     let count = |gaps: &[(Point, Option<Point>)]| {
@@ -252,11 +301,12 @@ fn report(title: &str, requests: f64, rules: &[Rule]) -> bool {
             peer.name,
             count(&gaps)
         );
-        for (p, ours) in gaps {
-            match ours {
+        for (p, best) in gaps {
+            match best {
                 Some(o) => println!(
-                    "  {} at {:.0} GPU-s misses {:.1} ({}); gpuscale's best within that budget misses {:.1} ({}; {})",
-                    p.setting, p.gpu_seconds, p.slo_misses, range(&p), o.slo_misses, range(&o), o.setting
+                    "  {} at {:.0} GPU-s misses {:.1} ({}); gpuscale's best within that budget misses {:.1} ({}; {})\n    {}",
+                    p.setting, p.gpu_seconds, p.slo_misses, range(&p), o.slo_misses, range(&o), o.setting,
+                    paired(ours.runs_of(&o.setting), peer.runs_of(&p.setting))
                 ),
                 None => println!(
                     "  {} at {:.0} GPU-s misses {:.1} ({}); gpuscale has no setting that cheap",
