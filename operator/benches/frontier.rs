@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 
 use gpuscale_operator::autoscale::Params;
 use gpuscale_operator::replay::frontier::{
-    frontier, runs, undominated, Point, GPUSCALE_INTERVAL, PHASES, QUEUES, UP_WINDOWS,
+    frontier, runs, table, undominated, Point, GPUSCALE_INTERVAL, PHASES, QUEUES, UP_WINDOWS,
     UTILISATIONS, WARM, WINDOWS,
 };
 use gpuscale_operator::replay::synthetic::Bursty;
@@ -242,21 +242,7 @@ fn report(title: &str, requests: f64, rules: &[Rule]) -> bool {
             },
             r.peak
         );
-        println!(
-            "  {:>11} {:>9} {:>11} {:>6} {:>8}  setting",
-            "GPU-seconds", "over SLO", "(runs)", "cold", "flaps/h"
-        );
-        for p in frontier(&r.points) {
-            println!(
-                "  {:>11.0} {:>9.1} {:>11} {:>6.1} {:>8.1}  {}",
-                p.gpu_seconds,
-                p.slo_misses,
-                range(&p),
-                p.cold_starts,
-                p.flaps_per_hour,
-                p.setting
-            );
-        }
+        print!("{}", table(&r.points, "(runs)"));
     }
     // gpuscale as a user can set it: `scaling.predictive` off or on.
     let ours = rules[0].with(&rules[3], ", predictive");
@@ -305,12 +291,12 @@ fn report(title: &str, requests: f64, rules: &[Rule]) -> bool {
             match best {
                 Some(o) => println!(
                     "  {} at {:.0} GPU-s misses {:.1} ({}); gpuscale's best within that budget misses {:.1} ({}; {})\n    {}",
-                    p.setting, p.gpu_seconds, p.slo_misses, range(&p), o.slo_misses, range(&o), o.setting,
+                    p.setting, p.gpu_seconds, p.slo_misses, p.spread(), o.slo_misses, o.spread(), o.setting,
                     paired(ours.runs_of(&o.setting), peer.runs_of(&p.setting))
                 ),
                 None => println!(
                     "  {} at {:.0} GPU-s misses {:.1} ({}); gpuscale has no setting that cheap",
-                    p.setting, p.gpu_seconds, p.slo_misses, range(&p)
+                    p.setting, p.gpu_seconds, p.slo_misses, p.spread()
                 ),
             }
         }
@@ -345,11 +331,6 @@ fn report(title: &str, requests: f64, rules: &[Rule]) -> bool {
         "learned window: the spec-window frontier has {gaps} points the learned one does not beat; the learned frontier has {back} the spec-window one does not beat"
     );
     dominates
-}
-
-/// The fewest and most misses of one run (a draw at a phase).
-fn range(p: &Point) -> String {
-    format!("{}-{}", p.misses_range.0, p.misses_range.1)
 }
 
 fn plot(path: &std::path::Path, panels: &[(&str, Vec<Rule>)]) -> anyhow::Result<()> {

@@ -112,6 +112,33 @@ impl Point {
             flaps_per_hour: mean(&Outcome::flaps_per_hour),
         }
     }
+
+    /// The fewest and most misses of one run, as the reports print them ("4-10").
+    pub fn spread(&self) -> String {
+        format!("{}-{}", self.misses_range.0, self.misses_range.1)
+    }
+}
+
+/// The frontier of `points` as a table, one line per point, cheapest first; `runs`
+/// heads the column of [`Point::spread`] (what one run is: "(phases)", "(runs)").
+pub fn table(points: &[Point], runs: &str) -> String {
+    let mut out = format!(
+        "  {:>11} {:>9} {:>11} {:>6} {:>8}  setting\n",
+        "GPU-seconds", "over SLO", runs, "cold", "flaps/h"
+    );
+    for p in frontier(points) {
+        let _ = writeln!(
+            out,
+            "  {:>11.0} {:>9.1} {:>11} {:>6.1} {:>8.1}  {}",
+            p.gpu_seconds,
+            p.slo_misses,
+            p.spread(),
+            p.cold_starts,
+            p.flaps_per_hour,
+            p.setting
+        );
+    }
+    out
 }
 
 /// The Pareto frontier: by GPU-seconds ascending, each point missing strictly fewer
@@ -348,23 +375,7 @@ impl Sweep {
                 points.len(),
                 PHASES.len()
             );
-            let _ = writeln!(
-                out,
-                "  {:>11} {:>9} {:>11} {:>6} {:>8}  setting",
-                "GPU-seconds", "over SLO", "(phases)", "cold", "flaps/h"
-            );
-            for p in frontier(points) {
-                let _ = writeln!(
-                    out,
-                    "  {:>11.0} {:>9.1} {:>11} {:>6.1} {:>8.1}  {}",
-                    p.gpu_seconds,
-                    p.slo_misses,
-                    format!("{}-{}", p.misses_range.0, p.misses_range.1),
-                    p.cold_starts,
-                    p.flaps_per_hour,
-                    p.setting
-                );
-            }
+            out.push_str(&table(points, "(phases)"));
         }
         for (name, peer) in [("HPA-style", &self.hpa), ("KEDA-style", &self.keda)] {
             let gaps = undominated(&self.gpuscale, peer);
@@ -494,6 +505,7 @@ mod tests {
         assert_eq!(pt.gpu_seconds, 130.0);
         assert_eq!(pt.slo_misses, 7.0);
         assert_eq!(pt.misses_range, (4, 10));
+        assert_eq!(pt.spread(), "4-10");
         assert_eq!(pt.cold_starts, 1.0);
         assert_eq!(pt.flaps_per_hour, 1.0);
     }
