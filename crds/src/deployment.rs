@@ -334,12 +334,16 @@ pub struct ScalingSpec {
     /// to the lowest replica count asked for over the window (0: act at once).
     #[schemars(range(max = 3600))]
     pub scale_up_window_seconds: u32,
-    /// Scale-down waits until lower demand has held at least this long. After
-    /// scale-downs that a scale-up reversed within five minutes, the policy waits
-    /// longer: long enough to have bridged those dips (at most 300 s, for an hour after
-    /// the last one), and the status's reason says so.
+    /// Scale-down waits until lower demand has held at least this long; with
+    /// `scaleDownWindowMode: Adaptive` (the default) longer after scale-downs that were
+    /// reversed.
     #[schemars(range(max = 86400))]
     pub scale_down_window_seconds: u32,
+    /// `Adaptive`: after scale-downs that a scale-up reversed within five minutes
+    /// (needless cold starts), scale-down waits long enough to have bridged those dips
+    /// (at most 300 s, for an hour after the last one), and the status's reason says
+    /// so. `Fixed`: exactly `scaleDownWindowSeconds`, as the HPA's stabilisation window.
+    pub scale_down_window_mode: ScaleDownWindowMode,
     /// Short window over which a queue growing faster than capacity triggers an
     /// immediate scale-up (panic mode).
     #[schemars(range(min = 1, max = 600))]
@@ -365,11 +369,23 @@ impl Default for ScalingSpec {
             target_queue_depth: 4,
             scale_up_window_seconds: 0,
             scale_down_window_seconds: 300,
+            scale_down_window_mode: ScaleDownWindowMode::Adaptive,
             panic_window_seconds: 6,
             predictive: false,
             scale_to_zero_after_seconds: None,
         }
     }
+}
+
+/// Whether the scale-down window lengthens after scale-downs that were reversed.
+#[derive(JsonSchema, Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum ScaleDownWindowMode {
+    /// `scaleDownWindowSeconds`, lengthened after needless cold starts: fewer flaps,
+    /// for the GPU time the longer hold costs.
+    #[default]
+    Adaptive,
+    /// Exactly `scaleDownWindowSeconds`.
+    Fixed,
 }
 
 /// Placement policy.

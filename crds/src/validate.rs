@@ -712,6 +712,28 @@ mod tests {
             .admit(&mut o, None, FieldValidation::Strict)
             .unwrap();
         assert_eq!(o["spec"]["scaling"]["scaleDownWindowSeconds"], 300);
+        assert_eq!(o["spec"]["scaling"]["scaleDownWindowMode"], "Adaptive");
+    }
+
+    #[test]
+    fn a_scale_down_window_mode_outside_the_enum_is_refused_naming_the_values() {
+        let v = validator();
+        let spec = |mode: &str| {
+            obj(json!({"model": {"name": "m", "source": "file:///m.gguf"},
+                       "scaling": {"scaleDownWindowMode": mode}}))
+        };
+        let mut o = spec("Fixed");
+        v.admit(&mut o, None, FieldValidation::Strict).unwrap();
+        assert_eq!(o["spec"]["scaling"]["scaleDownWindowMode"], "Fixed");
+        let e = v
+            .admit(&mut spec("Learned"), None, FieldValidation::Strict)
+            .unwrap_err();
+        assert!(
+            e.to_string().contains(
+                "spec.scaling.scaleDownWindowMode: Unsupported value: \"Learned\": supported values: \"Adaptive\", \"Fixed\""
+            ),
+            "{e}"
+        );
     }
 
     #[test]

@@ -24,8 +24,9 @@
 //! replica was up before each) decide much of a cheap setting's misses. The report gives
 //! each frontier point's range over its runs, the dominance count at each phase alone
 //! and on each draw alone, and for each peer point gpuscale does not beat, the two
-//! settings compared run by run (`paired`). gpuscale's settings with
-//! `scaling.predictive` on are marked `, predictive` there.
+//! settings compared run by run (`paired`). gpuscale's frontier is every setting a
+//! user can choose: those with `scaling.predictive` on are marked `, predictive` there,
+//! those with `scaleDownWindowMode: Fixed` `, fixed window`.
 //!
 //! `cargo bench -p gpuscale-operator --bench frontier [-- path/to/trace.csv]`
 
@@ -168,7 +169,7 @@ fn sweep(traces: &[Trace], setup: &Setup) -> Vec<Rule> {
     let mut hpa = Rule::new("HPA-style", n);
     let mut keda = Rule::new("KEDA-style", n);
     let mut predictive = Rule::new("gpuscale predictive", n);
-    let mut unlearned = Rule::new("gpuscale, spec window only", n);
+    let mut unlearned = Rule::new("gpuscale, scaleDownWindowMode Fixed", n);
     for window in WINDOWS {
         for target in QUEUES {
             for (warm, forecast, learn, up) in WARM
@@ -224,6 +225,18 @@ fn sweep(traces: &[Trace], setup: &Setup) -> Vec<Rule> {
     vec![ours, hpa, keda, predictive, unlearned]
 }
 
+/// gpuscale with `scaling.predictive` off, either `scaleDownWindowMode` (the fixed
+/// window's settings marked `, fixed window`).
+fn reactive(rules: &[Rule]) -> Rule {
+    rules[0].with(&rules[4], ", fixed window")
+}
+
+/// gpuscale as a user can set it: `scaling.predictive` off or on (marked `, predictive`)
+/// and either `scaleDownWindowMode`.
+fn settable(rules: &[Rule]) -> Rule {
+    reactive(rules).with(&rules[3], ", predictive")
+}
+
 /// Prints the frontiers and the dominance counts; `requests`: the mean requests of a
 /// draw.
 fn report(title: &str, requests: f64, rules: &[Rule]) -> bool {
@@ -244,8 +257,8 @@ fn report(title: &str, requests: f64, rules: &[Rule]) -> bool {
         );
         print!("{}", table(&r.points, "(runs)"));
     }
-    // gpuscale as a user can set it: `scaling.predictive` off or on.
-    let ours = rules[0].with(&rules[3], ", predictive");
+    let reactive = reactive(rules);
+    let ours = settable(rules);
     // Operating points a user would choose: at least 90% of requests within the SLO.
     let useful = |p: &Point| p.slo_misses * 10.0 <= requests;
     let count = |gaps: &[(Point, Option<Point>)]| {
@@ -271,7 +284,7 @@ fn report(title: &str, requests: f64, rules: &[Rule]) -> bool {
             "against {}, frontier points gpuscale does not dominate (of them, with at most 10% of requests over the SLO): at each phase alone {}{by_draw}; over the mean with scaling.predictive off only {}",
             peer.name,
             each(|r| &r.by_phase),
-            count(&undominated(&rules[0].points, &peer.points)),
+            count(&undominated(&reactive.points, &peer.points)),
         );
         let gaps = undominated(&ours.points, &peer.points);
         if gaps.is_empty() {
@@ -446,7 +459,16 @@ fn main() -> anyhow::Result<()> {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/gpuscale-bench");
     std::fs::create_dir_all(&dir)?;
     let svg = dir.join("autoscale-frontier.svg");
-    let refs: Vec<(&str, Vec<Rule>)> = panels.into_iter().map(|(t, r)| (leak(t), r)).collect();
+    // gpuscale as a user can set it, against the peers.
+    let refs: Vec<(&str, Vec<Rule>)> = panels
+        .into_iter()
+        .map(|(t, mut r)| {
+            let ours = settable(&r);
+            r[0] = ours;
+            r.truncate(3);
+            (leak(t), r)
+        })
+        .collect();
     plot(&svg, &refs)?;
     println!("\nplot: {}", svg.display());
     println!(

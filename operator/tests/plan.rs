@@ -58,11 +58,11 @@ fn plan_prints_the_capacity_answer_and_each_rules_frontier_on_the_users_trace() 
     );
     for line in [
         "To serve 99% of requests within the SLO",
-        "Swept 1480 settings",
+        "Swept 3750 settings",
         "within the spec's bounds 1..4 replicas",
-        "gpuscale frontier (1020 settings, each the mean of 5 sync phases):",
-        "HPA-style frontier (120 settings",
-        "KEDA-style frontier (340 settings",
+        "gpuscale frontier (3060 settings, each the mean of 5 sync phases):",
+        "HPA-style frontier (180 settings",
+        "KEDA-style frontier (510 settings",
         // examples/smollm.yaml: targetQueueDepth 4, warmReplicas 1, the default windows.
         "The spec's setting (targetQueueDepth 4, warmReplicas 1, scaleDownWindowSeconds 300, scaleUpWindowSeconds 0)",
     ] {

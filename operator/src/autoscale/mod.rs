@@ -16,11 +16,13 @@
 //! - **Scale-down** takes the highest recommendation of the scale-down window
 //!   (default 300 s), as Kubernetes' HPA stabilisation does: no flapping under
 //!   oscillating load.
-//! - **Learned scale-down window**: a scale-down that a scale-up reverses within five
-//!   minutes was a needless cold start. The policy then holds scale-downs long enough
-//!   to have bridged that dip (up to five minutes, for an hour): the keep-alive is
-//!   chosen from the idle times seen, as Shahrad et al. do for serverless functions
-//!   (`Autoscaler::bridge`). The spec's window stays the floor.
+//! - **Learned scale-down window** (`scaleDownWindowMode: Adaptive`, the default): a
+//!   scale-down that a scale-up reverses within five minutes was a needless cold start.
+//!   The policy then holds scale-downs long enough to have bridged that dip (up to five
+//!   minutes, for an hour): the keep-alive is chosen from the idle times seen, as
+//!   Shahrad et al. do for serverless functions (`Autoscaler::bridge`). The spec's
+//!   window stays the floor. `Fixed` keeps exactly the spec's window, as the HPA does:
+//!   cheaper on bursty load, for more flaps (the frontier benchmark has both).
 //! - **Panic mode** (Knative's): once the panic condition fires, the policy stays in
 //!   panic for the stable window after the last time it held; meanwhile it never scales
 //!   down.
@@ -39,7 +41,7 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::time::{Duration, Instant};
 
-use gpuscale_crds::ScalingSpec;
+use gpuscale_crds::{ScaleDownWindowMode, ScalingSpec};
 
 /// Used for the cold-start lead time until a replica of the deployment has been seen
 /// becoming ready.
@@ -93,8 +95,7 @@ pub struct Params {
     /// ([`forecast`]), never below what the reactive rule asks.
     pub predictive: bool,
     /// Whether the scale-down window lengthens after scale-downs that were reversed
-    /// ([`Autoscaler::bridge`]). Always on in the operator; off only to measure what
-    /// it does (the frontier benchmark).
+    /// ([`Autoscaler::bridge`]): `scaleDownWindowMode: Adaptive`.
     pub learn_window: bool,
 }
 
@@ -114,7 +115,7 @@ impl Params {
             down_window: Duration::from_secs(s.scale_down_window_seconds.into()),
             panic_window: Duration::from_secs(s.panic_window_seconds.max(1).into()),
             predictive: s.predictive,
-            learn_window: true,
+            learn_window: s.scale_down_window_mode == ScaleDownWindowMode::Adaptive,
             to_zero_after: (s.min_replicas == 0).then(|| {
                 s.scale_to_zero_after_seconds
                     .map_or(DEFAULT_SCALE_TO_ZERO_AFTER, |n| {

@@ -198,18 +198,37 @@ fn a_scale_down_that_is_reversed_teaches_a_window_that_bridges_the_dip() {
         "{downs:?}"
     );
 
-    // Without the lesson (a policy that forgets), every dip is cut and reversed.
-    let mut forgetful = Sim::new(Params {
-        down_window: Duration::from_secs(30),
-        ..params(1, 10, 0)
-    });
-    let mut downs = 0;
-    for _ in 0..600 {
-        let t = forgetful.secs();
-        forgetful.policy.regrets.clear();
-        downs += usize::from(forgetful.tick(Some(minute_bursts(t))).direction == Direction::Down);
-    }
-    assert!(downs >= 8, "{downs} scale-downs");
+    // `scaleDownWindowMode: Fixed` keeps the spec's window: every dip is cut after 30 s
+    // and reversed by the next burst, and no reason claims a lengthened window.
+    let spec = ScalingSpec {
+        max_replicas: 10,
+        target_queue_depth: 4,
+        scale_down_window_seconds: 30,
+        scale_down_window_mode: ScaleDownWindowMode::Fixed,
+        ..ScalingSpec::default()
+    };
+    let fixed = Params::from_spec(&spec);
+    assert!(!fixed.learn_window);
+    let mut sim = Sim::new(fixed);
+    sim.run(1200, minute_bursts);
+    let downs: Vec<&Decision> = sim
+        .log
+        .iter()
+        .map(|(_, d)| d)
+        .filter(|d| d.direction == Direction::Down)
+        .collect();
+    assert!(downs.len() >= 8, "{} scale-downs", downs.len());
+    assert!(
+        downs.iter().all(|d| d.reason
+            == Reason::Stabilised {
+                window: Duration::from_secs(30),
+                learned: false
+            }),
+        "{downs:?}"
+    );
+    assert_eq!(sim.policy.bridge(sim.now), Duration::ZERO);
+    // The default is the adaptive window.
+    assert!(Params::from_spec(&ScalingSpec::default()).learn_window);
 }
 
 #[test]
