@@ -26,7 +26,9 @@
 //! and on each draw alone, and for each peer point gpuscale does not beat, the two
 //! settings compared run by run (`paired`). gpuscale's frontier is every setting a
 //! user can choose: those with `scaling.predictive` on are marked `, predictive` there,
-//! those with `scaleDownWindowMode: Fixed` `, fixed window`.
+//! those with `scaleDownWindowMode: Fixed` `, fixed window`. Last, each trace's misses
+//! with all [`MAX`] replicas up from start to end: the floor of misses, where rules can
+//! only tie, as they tie at one replica throughout, the floor of cost.
 //!
 //! `cargo bench -p gpuscale-operator --bench frontier [-- path/to/trace.csv]`
 
@@ -454,6 +456,22 @@ fn main() -> anyhow::Result<()> {
         let requests =
             traces.iter().map(|t| t.requests.len()).sum::<usize>() as f64 / traces.len() as f64;
         all &= report(&title, requests, &rules);
+        // The other floor: the misses of the most any rule here can spend.
+        let held = Setup {
+            initial_replicas: MAX,
+            ..setup.clone()
+        };
+        let most = runs(traces, &held, || {
+            GpuscaleRule::new(held_at(MAX), GPUSCALE_INTERVAL)
+        })
+        .concat();
+        let floor = Point::of(format!("{MAX} replicas throughout"), &most);
+        println!(
+            "{MAX} replicas (the bound) from the start to the end: {:.1} over the SLO ({}) at {:.0} GPU-s, the misses no rule here avoids by scaling",
+            floor.slo_misses,
+            floor.spread(),
+            floor.gpu_seconds
+        );
         panels.push((title, rules));
     }
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/gpuscale-bench");
@@ -480,6 +498,22 @@ fn main() -> anyhow::Result<()> {
         }
     );
     Ok(())
+}
+
+/// A policy held at `n` replicas.
+fn held_at(n: u32) -> Params {
+    Params {
+        min: n,
+        max: n,
+        warm: 0,
+        target: 1.0,
+        up_window: Duration::ZERO,
+        down_window: Duration::ZERO,
+        panic_window: Duration::from_secs(6),
+        to_zero_after: None,
+        predictive: false,
+        learn_window: false,
+    }
 }
 
 fn leak(s: String) -> &'static str {

@@ -31,9 +31,9 @@ pub const QUEUES: [u32; 17] = [
 /// (the spec's, 6 s by default): sweeping 6–60 s as well (four times the replays; one
 /// phase, one bursty draw) left 9 Azure and 8 bursty KEDA points undominated instead
 /// of 10 and 9, none where 90% meet the SLO. 120 s and 180 s: a window longer than
-/// most bursts lets a rule ignore them (the cheap settings of bursty load); without
-/// them, and without [`LEARNED_WINDOW`]'s `Fixed`, 3 KEDA points where 90% meet the
-/// SLO on the bursty draws were undominated, with both none.
+/// most bursts lets a rule ride them out (the cheap settings of bursty load). Of the
+/// KEDA points where 90% meet the SLO on the bursty draws, 3 were undominated without
+/// them and without [`LEARNED_WINDOW`]'s `Fixed`, 1 with them alone, none with both.
 pub const UP_WINDOWS: [f64; 6] = [0.0, 15.0, 30.0, 60.0, 120.0, 180.0];
 /// gpuscale's `scaleDownWindowMode` swept: `Adaptive` (the window learned from
 /// reversed scale-downs, [`Params::learn_window`]) and `Fixed`.
