@@ -9,7 +9,13 @@ eval "$(scripts/ensure-tools.sh)"
 # A run from a clean clone never reuses incremental state; writing it only costs disk.
 export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 
-step() { echo; echo "=== $1"; shift; "$@"; }
+# Each step says how long it took, so a slow run shows where the time went.
+step() {
+    local name=$1 t=$SECONDS
+    echo; echo "=== $name"; shift
+    "$@"
+    echo "=== $name: $((SECONDS - t)) s"
+}
 start=$SECONDS
 step "cargo fmt --check" cargo fmt --all -- --check
 step "cargo clippy" cargo clippy --workspace --all-targets --locked -- -D warnings
