@@ -22,11 +22,19 @@ targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
   targets=(gguf_header tokenizer chat_template openai_request trace_csv crd_admission)
 fi
+# FUZZ_BUILD=dev builds the targets unoptimised (debug assertions and overflow checks
+# stay on): half the build time of a release build, for fewer executions a second.
+# scripts/test.sh's 10 s pass uses it; a long run wants the default, release.
+case "${FUZZ_BUILD:-release}" in
+  release) build=--release ;;
+  dev) build=--dev ;;
+  *) echo "FUZZ_BUILD must be release or dev, not ${FUZZ_BUILD}" >&2; exit 2 ;;
+esac
 cd fuzz
 for t in "${targets[@]}"; do
   mkdir -p "corpus/$t"
   echo "=== fuzz $t for ${seconds} s" >&2
-  cargo fuzz run -s none --release "$t" "corpus/$t" -- \
+  cargo fuzz run -s none "$build" "$t" "corpus/$t" -- \
     -max_total_time="$seconds" -max_len=65536 -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 2>&1 \
     | grep -E "^(#[0-9]+ +DONE|Done|stat::number_of_executed_units|stat::average_exec_per_sec|==|SUMMARY|thread .* panicked|Running|INFO: Seed)" || true
   # A crash leaves an artifact and a non-zero exit above; fail here on either.

@@ -25,6 +25,9 @@ pub const DEFAULT_ALIGNMENT: u64 = 32;
 const MAX_TENSORS: u64 = 1 << 20;
 const MAX_KV: u64 = 1 << 20;
 const MAX_DIMS: u32 = 4;
+/// The furthest a tensor may end from the start of the data section (1 EiB): a header
+/// that claims more is corrupt, and sums over such offsets would overflow.
+const MAX_TENSOR_END: u64 = 1 << 60;
 const MAX_STRING: u64 = 1 << 30;
 
 /// What can be wrong with a GGUF file.
@@ -289,6 +292,16 @@ impl Gguf {
                     dims[0],
                     ggml_type,
                     ggml_type.block_size()
+                )));
+            }
+            // Its bytes and its end must be numbers the layout and the reader can add
+            // the data section's offset to: no file is 2^60 bytes long.
+            let end = n_elements
+                .and_then(|n| (n / ggml_type.block_size()).checked_mul(ggml_type.block_bytes()))
+                .and_then(|bytes| bytes.checked_add(offset));
+            if end.is_none_or(|e| e > MAX_TENSOR_END) {
+                return Err(Error::Corrupt(format!(
+                    "tensor {name:?} of {dims:?} {ggml_type:?} at offset {offset} ends past any file"
                 )));
             }
             tensors.push(TensorInfo {

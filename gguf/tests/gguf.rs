@@ -164,6 +164,25 @@ fn rejects_misaligned_overlapping_and_out_of_file_tensors() {
     assert!(e.to_string().contains("/nonexistent/model.gguf"), "{e}");
 }
 
+/// Found by `scripts/fuzz.sh` (gguf_header, dev build): a tensor whose dimensions fit
+/// a u64 but whose bytes do not overflowed `row_bytes` (a panic with overflow checks, a
+/// wrapped size without them).
+#[test]
+fn a_tensor_whose_bytes_overflow_is_refused() {
+    let b = Writer::new(3).tensor("a", &[32], GgmlType::F32).bytes();
+    // The tensor's first dimension: 8 (magic, version) + 16 (counts) + 8 + 1 (name) + 4.
+    let dim_at = 24 + 8 + 1 + 4;
+    assert_eq!(b[dim_at..dim_at + 8], 32u64.to_le_bytes());
+    for dim in [1u64 << 62, 1 << 59, u64::MAX / 4 + 1] {
+        let mut bad = b.clone();
+        bad[dim_at..dim_at + 8].copy_from_slice(&dim.to_le_bytes());
+        let e = Gguf::parse(&bad).unwrap_err();
+        assert!(matches!(e, Error::Corrupt(_)), "{e}");
+        assert!(e.to_string().contains("ends past any file"), "{e}");
+    }
+    assert!(Gguf::parse(&b).is_ok());
+}
+
 #[test]
 fn every_truncation_of_the_header_is_an_error() {
     let b = llama_like().bytes();
