@@ -297,7 +297,7 @@ impl Gguf {
             // Its bytes and its end must be numbers the layout and the reader can add
             // the data section's offset to: no file is 2^60 bytes long.
             let end = n_elements
-                .and_then(|n| (n / ggml_type.block_size()).checked_mul(ggml_type.block_bytes()))
+                .and_then(|n| ggml_type.checked_row_bytes(n))
                 .and_then(|bytes| bytes.checked_add(offset));
             if end.is_none_or(|e| e > MAX_TENSOR_END) {
                 return Err(Error::Corrupt(format!(

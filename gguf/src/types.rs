@@ -120,4 +120,9 @@ impl GgmlType {
     pub fn row_bytes(self, n: u64) -> u64 {
         n / self.block_size() * self.block_bytes()
     }
+
+    /// [`GgmlType::row_bytes`], `None` where it overflows (a corrupt header's counts).
+    pub fn checked_row_bytes(self, n: u64) -> Option<u64> {
+        (n / self.block_size()).checked_mul(self.block_bytes())
+    }
 }
