@@ -36,8 +36,8 @@ use std::time::{Duration, Instant};
 
 use gpuscale_operator::autoscale::Params;
 use gpuscale_operator::replay::frontier::{
-    frontier, runs, table, undominated, Point, GPUSCALE_INTERVAL, PHASES, QUEUES, UP_WINDOWS,
-    UTILISATIONS, WARM, WINDOWS,
+    budget_share, frontier, runs, table, undominated, Point, GPUSCALE_INTERVAL, PHASES, QUEUES,
+    UP_WINDOWS, UTILISATIONS, WARM, WINDOWS,
 };
 use gpuscale_operator::replay::synthetic::Bursty;
 use gpuscale_operator::replay::{
@@ -314,6 +314,9 @@ fn report(title: &str, requests: f64, rules: &[Rule]) -> bool {
                     p.setting, p.gpu_seconds, p.slo_misses, p.spread()
                 ),
             }
+        }
+        if let Some(share) = budget_share(&ours.points, &peer.points) {
+            println!("against {}, {share}", peer.name);
         }
     }
     // scaling.predictive against the same policy without it.

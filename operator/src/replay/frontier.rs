@@ -188,6 +188,103 @@ pub fn undominated(ours: &[Point], peer: &[Point]) -> Vec<(Point, Option<Point>)
         .collect()
 }
 
+/// How much of a peer's range of budgets `ours` wins where it does not dominate: the
+/// size of a gap, where [`undominated`] lists only its points. A frontier is a step
+/// function of the budget (the fewest misses of any setting that costs no more); the
+/// two are compared at every budget from the peer's cheapest frontier point to the
+/// costlier of the two frontiers' last points (beyond it neither changes).
+#[derive(Clone, Debug, PartialEq)]
+pub struct BudgetShare {
+    /// The budgets compared, GPU-seconds.
+    pub range: (f64, f64),
+    /// Shares of the range where ours misses fewer (or none), more (or has no setting
+    /// that cheap), and as many; they sum to 1. Measured on a log scale of the budget,
+    /// so that 10% more GPU-seconds weighs the same at either end: on a linear scale the
+    /// expensive settings, where gpuscale wins, would drown the cheap end.
+    pub fewer: f64,
+    /// See `fewer`.
+    pub more: f64,
+    /// See `fewer`.
+    pub tie: f64,
+    /// The most ours misses over the peer at one budget where both have a setting, and
+    /// the cheapest budget where it does: `(budget, excess)`.
+    pub worst: Option<(f64, f64)>,
+}
+
+/// [`BudgetShare`] of `ours` against `peer`; `None` when the range is empty (one
+/// budget, or none that is positive).
+pub fn budget_share(ours: &[Point], peer: &[Point]) -> Option<BudgetShare> {
+    let (ours, peer) = (frontier(ours), frontier(peer));
+    let lo = peer.first()?.gpu_seconds;
+    let hi = peer
+        .iter()
+        .chain(&ours)
+        .map(|p| p.gpu_seconds)
+        .fold(lo, f64::max);
+    if lo <= 0.0 || hi <= lo {
+        return None;
+    }
+    // The fewest misses within `budget` (a frontier's misses fall as its cost rises).
+    let best = |f: &[Point], budget: f64| {
+        f.iter()
+            .take_while(|p| p.gpu_seconds <= budget)
+            .last()
+            .map(|p| p.slo_misses)
+    };
+    let mut cuts: Vec<f64> = peer
+        .iter()
+        .chain(&ours)
+        .map(|p| p.gpu_seconds)
+        .filter(|&g| g > lo && g < hi)
+        .collect();
+    cuts.extend([lo, hi]);
+    cuts.sort_by(f64::total_cmp);
+    cuts.dedup();
+    let (mut fewer, mut more, mut tie) = (0.0, 0.0, 0.0);
+    let mut worst: Option<(f64, f64)> = None;
+    for w in cuts.windows(2) {
+        let (from, to) = (w[0], w[1]);
+        let weight = (to / from).ln();
+        let theirs = best(&peer, from).unwrap_or(f64::INFINITY);
+        match best(&ours, from) {
+            Some(m) if m < theirs || m == 0.0 => fewer += weight,
+            Some(m) if m == theirs => tie += weight,
+            Some(m) => {
+                more += weight;
+                if worst.is_none_or(|(_, e)| m - theirs > e) {
+                    worst = Some((from, m - theirs));
+                }
+            }
+            None => more += weight,
+        }
+    }
+    let all = (hi / lo).ln();
+    Some(BudgetShare {
+        range: (lo, hi),
+        fewer: fewer / all,
+        more: more / all,
+        tie: tie / all,
+        worst,
+    })
+}
+
+impl std::fmt::Display for BudgetShare {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "of the budgets from {:.0} to {:.0} GPU-s (on a log scale), gpuscale misses fewer at {:.1}%, more at {:.1}%",
+            self.range.0,
+            self.range.1,
+            self.fewer * 100.0,
+            self.more * 100.0
+        )?;
+        if let Some((at, excess)) = self.worst {
+            write!(f, " (at most {excess:.1} more, at {at:.0} GPU-s)")?;
+        }
+        write!(f, ", as many at {:.1}%", self.tie * 100.0)
+    }
+}
+
 /// A setting of one of the three rules, as the planner sweeps them.
 #[derive(Clone, Debug)]
 enum Setting {
@@ -426,6 +523,9 @@ impl Sweep {
                     ),
                 };
             }
+            if let Some(share) = budget_share(&self.gpuscale, peer) {
+                let _ = writeln!(out, "Against {name}: {share}.");
+            }
         }
         let spec = &self.spec;
         let _ = write!(
@@ -505,6 +605,37 @@ mod tests {
             .map(|(p, o)| (p.gpu_seconds, o.as_ref().map(|o| o.slo_misses)))
             .collect();
         assert_eq!(at, [(7.0, None), (9.0, Some(40.0)), (20.0, Some(10.0))]);
+    }
+
+    #[test]
+    fn the_budget_share_weighs_each_stretch_of_the_peers_budgets_on_a_log_scale() {
+        let close = |a: f64, b: f64| (a - b).abs() < 1e-9;
+        // Fewer everywhere: all of it.
+        let s = budget_share(&[p(10.0, 5)], &[p(10.0, 8), p(100.0, 2)]).unwrap();
+        assert_eq!(
+            (s.range, s.fewer, s.more, s.worst),
+            ((10.0, 100.0), 1.0, 0.0, None)
+        );
+        // More from 10 to 50 (by 1, at 10), fewer from 50 to 100.
+        let s = budget_share(&[p(10.0, 5), p(50.0, 1)], &[p(10.0, 4), p(100.0, 0)]).unwrap();
+        assert!(close(s.more, 5f64.ln() / 10f64.ln()), "{s:?}");
+        assert!(close(s.fewer, 2f64.ln() / 10f64.ln()), "{s:?}");
+        assert_eq!(s.worst, Some((10.0, 1.0)));
+        // No setting that cheap counts as more; the range runs on to our costliest.
+        let s = budget_share(&[p(20.0, 1)], &[p(10.0, 5), p(15.0, 3)]).unwrap();
+        assert_eq!(s.range, (10.0, 20.0));
+        assert!(close(s.more, 1.0) && s.worst.is_none(), "{s:?}");
+        // As many is a tie; zero against zero is fewer, as in `undominated`.
+        let s = budget_share(&[p(10.0, 4), p(20.0, 0)], &[p(10.0, 4), p(40.0, 0)]).unwrap();
+        assert!(close(s.tie, 0.5) && close(s.fewer, 0.5), "{s:?}");
+        assert!(close(s.fewer + s.more + s.tie, 1.0));
+        assert!(
+            s.to_string()
+                .contains("fewer at 50.0%, more at 0.0%, as many at 50.0%"),
+            "{s}"
+        );
+        // One budget only: nothing to weigh.
+        assert_eq!(budget_share(&[p(10.0, 1)], &[p(10.0, 2)]), None);
     }
 
     #[test]
@@ -664,6 +795,8 @@ mod tests {
             "gpuscale dominates HPA-style on this trace",
             "gpuscale does not dominate KEDA-style on this trace at 1 of its 2 frontier points (0 of them within the objective's 10 misses):",
             "  7/60 at 7 GPU-s misses 60.0; gpuscale has no setting that cheap",
+            // From 7 to 8 GPU-s gpuscale has no setting: ln(8/7) / ln(30/7) of the range.
+            "Against KEDA-style: of the budgets from 7 to 30 GPU-s (on a log scale), gpuscale misses fewer at 90.8%, more at 9.2%, as many at 0.0%.",
             "The spec's setting (13/30): 13 GPU-s, 30.0 over the SLO; 12/10 does better on this trace",
             "The cheapest setting of the grid that meets the objective (at most 10 over the SLO): 12/10: 12 GPU-s, 10.0 over the SLO.",
         ] {
