@@ -197,8 +197,8 @@ pub fn undominated(ours: &[Point], peer: &[Point]) -> Vec<(Point, Option<Point>)
 pub struct BudgetShare {
     /// The budgets compared, GPU-seconds.
     pub range: (f64, f64),
-    /// Shares of the range where ours misses fewer (or none), more (or has no setting
-    /// that cheap), and as many; they sum to 1. Measured on a log scale of the budget,
+    /// Shares of the range where ours misses fewer, more (or has no setting that
+    /// cheap), and as many; they sum to 1. Measured on a log scale of the budget,
     /// so that 10% more GPU-seconds weighs the same at either end: on a linear scale the
     /// expensive settings, where gpuscale wins, would drown the cheap end.
     pub fewer: f64,
@@ -247,7 +247,7 @@ pub fn budget_share(ours: &[Point], peer: &[Point]) -> Option<BudgetShare> {
         let weight = (to / from).ln();
         let theirs = best(&peer, from).unwrap_or(f64::INFINITY);
         match best(&ours, from) {
-            Some(m) if m < theirs || m == 0.0 => fewer += weight,
+            Some(m) if m < theirs => fewer += weight,
             Some(m) if m == theirs => tie += weight,
             Some(m) => {
                 more += weight;
@@ -625,7 +625,8 @@ mod tests {
         let s = budget_share(&[p(20.0, 1)], &[p(10.0, 5), p(15.0, 3)]).unwrap();
         assert_eq!(s.range, (10.0, 20.0));
         assert!(close(s.more, 1.0) && s.worst.is_none(), "{s:?}");
-        // As many is a tie; zero against zero is fewer, as in `undominated`.
+        // As many is a tie. (Both at zero never happens inside the range: each frontier
+        // ends at its first zero, and the range ends at the costlier end.)
         let s = budget_share(&[p(10.0, 4), p(20.0, 0)], &[p(10.0, 4), p(40.0, 0)]).unwrap();
         assert!(close(s.tie, 0.5) && close(s.fewer, 0.5), "{s:?}");
         assert!(close(s.fewer + s.more + s.tie, 1.0));
