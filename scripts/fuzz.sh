@@ -33,6 +33,13 @@ case "${FUZZ_BUILD:-release}" in
   *) echo "FUZZ_BUILD must be release or dev, not ${FUZZ_BUILD}" >&2; exit 2 ;;
 esac
 cd fuzz
+# The targets build against fuzz/Cargo.lock as committed, as scripts/test.sh's cargo
+# commands do with --locked: a lock that the workspace's dependencies have outgrown
+# fails here, instead of being rewritten in the checkout (it was, unseen, for a while).
+if ! cargo fetch --locked --target "$(rustc -vV | sed -n 's/^host: //p')" >/dev/null; then
+  echo "fuzz/Cargo.lock is out of date: run 'cargo update --workspace' in fuzz/ and commit it" >&2
+  exit 1
+fi
 for t in "${targets[@]}"; do
   mkdir -p "corpus/$t"
   echo "=== fuzz $t for ${seconds} s" >&2
