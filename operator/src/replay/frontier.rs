@@ -165,6 +165,12 @@ pub fn frontier(points: &[Point]) -> Vec<Point> {
     out
 }
 
+/// The point of `front` (a [`frontier`]) with the fewest misses that costs no more than
+/// `budget`: the costliest within it, since a frontier's misses fall as its cost rises.
+fn best_within(front: &[Point], budget: f64) -> Option<&Point> {
+    front.iter().take_while(|p| p.gpu_seconds <= budget).last()
+}
+
 /// Where `ours` fails to dominate `peer`: each frontier point of `peer` at whose budget
 /// `ours` has no setting that costs no more and misses fewer (or none, where the peer
 /// misses none too: nothing is fewer than zero), with our best setting
@@ -174,11 +180,7 @@ pub fn undominated(ours: &[Point], peer: &[Point]) -> Vec<(Point, Option<Point>)
     frontier(peer)
         .into_iter()
         .filter_map(|p| {
-            let best = ours
-                .iter()
-                .filter(|o| o.gpu_seconds <= p.gpu_seconds)
-                .min_by(|a, b| a.slo_misses.total_cmp(&b.slo_misses))
-                .cloned();
+            let best = best_within(&ours, p.gpu_seconds).cloned();
             // Fewer, or none at all where the peer misses none either.
             match &best {
                 Some(b) if b.slo_misses < p.slo_misses || b.slo_misses == 0.0 => None,
@@ -224,13 +226,6 @@ pub fn budget_share(ours: &[Point], peer: &[Point]) -> Option<BudgetShare> {
     if lo <= 0.0 || hi <= lo {
         return None;
     }
-    // The fewest misses within `budget` (a frontier's misses fall as its cost rises).
-    let best = |f: &[Point], budget: f64| {
-        f.iter()
-            .take_while(|p| p.gpu_seconds <= budget)
-            .last()
-            .map(|p| p.slo_misses)
-    };
     let mut cuts: Vec<f64> = peer
         .iter()
         .chain(&ours)
@@ -245,8 +240,8 @@ pub fn budget_share(ours: &[Point], peer: &[Point]) -> Option<BudgetShare> {
     for w in cuts.windows(2) {
         let (from, to) = (w[0], w[1]);
         let weight = (to / from).ln();
-        let theirs = best(&peer, from).unwrap_or(f64::INFINITY);
-        match best(&ours, from) {
+        let theirs = best_within(&peer, from).map_or(f64::INFINITY, |p| p.slo_misses);
+        match best_within(&ours, from).map(|p| p.slo_misses) {
             Some(m) if m < theirs => fewer += weight,
             Some(m) if m == theirs => tie += weight,
             Some(m) => {
@@ -458,11 +453,9 @@ pub fn sweep(trace: &Trace, setup: &Setup, spec: &Params, threads: usize) -> Swe
 /// cheapest that misses no more for less. `None`: nothing beats the spec's setting.
 pub fn better_than(points: &[Point], spec: &Point) -> Option<Point> {
     let front = frontier(points);
-    let within = front
-        .iter()
-        .filter(|p| p.gpu_seconds <= spec.gpu_seconds)
-        .min_by(|a, b| a.slo_misses.total_cmp(&b.slo_misses));
-    if let Some(p) = within.filter(|p| p.slo_misses < spec.slo_misses) {
+    if let Some(p) =
+        best_within(&front, spec.gpu_seconds).filter(|p| p.slo_misses < spec.slo_misses)
+    {
         return Some(p.clone());
     }
     front
