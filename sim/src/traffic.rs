@@ -11,6 +11,7 @@ use k8s_openapi::api::core::v1::{Pod, Service};
 use kube::api::ListParams;
 use kube::{Api, Client};
 use serde_json::json;
+use tokio::sync::watch;
 
 /// How one request went.
 #[derive(Clone, Debug)]
@@ -104,6 +105,22 @@ pub async fn drive(
     max_tokens: u32,
     profile: Profile,
 ) -> Vec<Outcome> {
+    let (_never, stop) = watch::channel(false);
+    drive_until(client, ns, service, model, max_tokens, profile, stop).await
+}
+
+/// [`drive`], sending no new request once `stop` turns true (or at `profile`'s end,
+/// whichever comes first): for a scenario whose load must last until something it
+/// waits for has happened, however long the machine takes to get there.
+pub async fn drive_until(
+    client: Client,
+    ns: &str,
+    service: &str,
+    model: &str,
+    max_tokens: u32,
+    profile: Profile,
+    stop: watch::Receiver<bool>,
+) -> Vec<Outcome> {
     let targets: Arc<Mutex<Vec<String>>> = Arc::default();
     let refresher = {
         let (client, ns, service, targets) = (
@@ -120,7 +137,7 @@ pub async fn drive(
             }
         })
     };
-    let out = send(targets, model, max_tokens, profile, false, true).await;
+    let out = send(targets, model, max_tokens, profile, false, true, stop).await;
     refresher.abort();
     out
 }
@@ -135,6 +152,7 @@ pub async fn drive_url(url: &str, model: &str, max_tokens: u32, profile: Profile
         profile,
         false,
         true,
+        watch::channel(false).1,
     )
     .await
 }
@@ -154,6 +172,7 @@ pub async fn drive_url_streaming(
         profile,
         true,
         false,
+        watch::channel(false).1,
     )
     .await
 }
@@ -161,7 +180,8 @@ pub async fn drive_url_streaming(
 /// Sends completions following `profile` (a new request every 1/rate seconds, each on
 /// its own task so that a slow one never holds the next back) to `targets` in turn,
 /// every other one streamed when `streams`, each `max_tokens` long when `fixed_length`
-/// (else up to it, ending where the model ends). Each answer is read to its end.
+/// (else up to it, ending where the model ends), none after `stop` turns true. Each
+/// answer is read to its end.
 async fn send(
     targets: Arc<Mutex<Vec<String>>>,
     model: &str,
@@ -169,6 +189,7 @@ async fn send(
     profile: Profile,
     streams: bool,
     fixed_length: bool,
+    stop: watch::Receiver<bool>,
 ) -> Vec<Outcome> {
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(300))
@@ -180,9 +201,14 @@ async fn send(
     let mut credit = 0.0;
     let mut sent_count = 0usize;
     let tick = Duration::from_millis(50);
-    while start.elapsed().as_secs_f64() < profile.end() {
+    // Credit accrues by the time that passed, not by ticks: on a loaded machine a 50 ms
+    // sleep can take longer, and an open-loop load must not slow down with its client.
+    let mut last = 0.0;
+    while start.elapsed().as_secs_f64() < profile.end() && !*stop.borrow() {
         tokio::time::sleep(tick).await;
-        credit += profile.rate_at(start.elapsed().as_secs_f64()) * tick.as_secs_f64();
+        let now = start.elapsed().as_secs_f64();
+        credit += profile.rate_at(now) * (now - last);
+        last = now;
         while credit >= 1.0 {
             credit -= 1.0;
             let (http, targets, next) = (http.clone(), targets.clone(), next.clone());
