@@ -14,14 +14,22 @@ use serde_json::json;
 const MODEL: &str = "smollm2-135m-instruct";
 
 /// Requests of `tokens` tokens to the `smollm` Service at the rates of `profile`, sent
-/// in the background; the handle gives every request's outcome.
+/// in the background until `profile` ends or `true` is sent on the returned sender; the
+/// handle gives every request's outcome.
 fn background_load(
     env: &Env,
     tokens: u32,
     profile: Profile,
-) -> tokio::task::JoinHandle<Vec<traffic::Outcome>> {
+) -> (
+    tokio::task::JoinHandle<Vec<traffic::Outcome>>,
+    tokio::sync::watch::Sender<bool>,
+) {
     let (client, ns) = (env.client.clone(), env.namespace.clone());
-    tokio::spawn(async move { traffic::drive(client, &ns, "smollm", MODEL, tokens, profile).await })
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let load = tokio::spawn(async move {
+        traffic::drive_until(client, &ns, "smollm", MODEL, tokens, profile, stopped).await
+    });
+    (load, stop)
 }
 
 /// Waits (up to `within`) for deployment `name` to report `Unschedulable=True`, and
@@ -140,10 +148,10 @@ async fn a_burst_scales_up_then_down_without_losing_a_request() {
         .unwrap();
     // The load is sized by what one replica does alone here, measured first: a
     // simulated worker computes on one thread of a shared two-core machine, so a
-    // 96-token answer took 2.6-2.8 s with the machine otherwise idle and about 3 s
+    // 96-token answer took 2.3-2.8 s with the machine otherwise idle and about 3 s
     // under CI's other scenarios, and a fixed rate (this scenario sent 4/s) queued up
-    // to 80 s of work there, which drained too late for the scale-down to come by a
-    // fixed deadline (two CI failures in three, 2026-12-05).
+    // to 100 s of work there, which drained too late for the scale-down to come by a
+    // fixed deadline (three CI runs of four failed so, 2026-12-06).
     let probe = traffic::drive(
         env.client.clone(),
         &env.namespace,
@@ -164,14 +172,11 @@ async fn a_burst_scales_up_then_down_without_losing_a_request() {
     // flight, light enough for one, that goes on while replicas drain and for about
     // four requests after the scale-down, however long the machine takes to get there.
     let (burst, trickle) = (3.0 / alone, 0.5 / alone);
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    let load = {
-        let (client, ns) = (env.client.clone(), env.namespace.clone());
-        let profile = Profile(vec![(0.0, burst), (15.0, trickle), (600.0, 0.0)]);
-        tokio::spawn(async move {
-            traffic::drive_until(client, &ns, "smollm", MODEL, 96, profile, stopped).await
-        })
-    };
+    let (load, stop) = background_load(
+        &env,
+        96,
+        Profile(vec![(0.0, burst), (15.0, trickle), (600.0, 0.0)]),
+    );
     let t0 = std::time::Instant::now();
     // Two or more replicas ready and serving while the burst lasts.
     let serving = env
@@ -520,7 +525,7 @@ async fn a_new_leader_keeps_the_scale_down_window_and_the_panic() {
         .await
         .unwrap();
     // 6 requests/s of 128 tokens (768 tokens/s): past what one worker decodes here.
-    let load = background_load(&env, 128, Profile(vec![(0.0, 6.0), (40.0, 0.0)]));
+    let (load, _) = background_load(&env, 128, Profile(vec![(0.0, 6.0), (40.0, 0.0)]));
     let before = env
         .wait("panic mode", Duration::from_secs(40), || async {
             let st = env.deployment("smollm").await.ok()?.status?;

@@ -105,8 +105,8 @@ pub async fn drive(
     max_tokens: u32,
     profile: Profile,
 ) -> Vec<Outcome> {
-    let (_never, stop) = watch::channel(false);
-    drive_until(client, ns, service, model, max_tokens, profile, stop).await
+    let never = watch::channel(false).1;
+    drive_until(client, ns, service, model, max_tokens, profile, never).await
 }
 
 /// [`drive`], sending no new request once `stop` turns true (or at `profile`'s end,
