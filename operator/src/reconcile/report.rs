@@ -29,48 +29,6 @@ pub(super) async fn report(
     wall: jiff::Timestamp,
 ) -> Result<(), Error> {
     let key = key_of(d);
-    if let Some(dec) = decided.scaling.as_ref() {
-        if dec.direction != Direction::Hold {
-            let note = format!("{} → {}: {}", decided.current, dec.desired, dec.reason);
-            let reason = if dec.direction == Direction::Up {
-                "ScaledUp"
-            } else {
-                "ScaledDown"
-            };
-            ctx.metrics.scaled(&key, dec.direction);
-            info!(from = decided.current, to = dec.desired, reason = %dec.reason, "scaling");
-            publish(ctx, d, EventType::Normal, reason, "Scale", &note).await;
-        }
-    }
-    if let Some(e) = &decided.rollout.event {
-        info!(reason = e.reason, message = %e.message, "rollout");
-        ctx.metrics.rollout(&key, e.reason);
-        let type_ = if e.warning {
-            EventType::Warning
-        } else {
-            EventType::Normal
-        };
-        publish(ctx, d, type_, e.reason, "Rollout", &e.message).await;
-    }
-    if let Some(r) = &decided.refusal {
-        publish(
-            ctx,
-            d,
-            EventType::Warning,
-            "Unschedulable",
-            "Place",
-            &r.message,
-        )
-        .await;
-    }
-
-    for dl in world.downloads.iter().filter(|dl| dl.started) {
-        let note = format!(
-            "downloading the model into the node's cache: {}",
-            dl.describe()
-        );
-        publish(ctx, d, EventType::Normal, "DownloadingModel", "Load", &note).await;
-    }
     let (done, total) = world
         .downloads
         .iter()
@@ -169,11 +127,69 @@ pub(super) async fn report(
         (old.queue_depth, old.request_rate, &old.cost)
             != (st.queue_depth, st.request_rate, &st.cost)
     });
-    patch_status(d, ctx, &st).await?;
-    if load_changed {
+    let written = patch_status(d, ctx, &st).await;
+    if written.is_ok() && load_changed {
         state.load_written = Some(now);
     }
-    Ok(())
+    // The Events after the status: a client that sees one reads a status that already
+    // says it (an e2e scenario read the rollout's phase right after its `RolledBack`
+    // Event and found the step before). Published even when the write failed, as they
+    // were before it: what they report (pods created or deleted, a verdict) happened.
+    announce(d, ctx, &key, world, decided).await;
+    written
+}
+
+/// The pass's Events: a scaling move, a rollout's step or verdict, a refusal, a model
+/// download begun.
+async fn announce(
+    d: &InferenceDeployment,
+    ctx: &Context,
+    key: &str,
+    world: &World,
+    decided: &Decided,
+) {
+    if let Some(dec) = decided.scaling.as_ref() {
+        if dec.direction != Direction::Hold {
+            let note = format!("{} → {}: {}", decided.current, dec.desired, dec.reason);
+            let reason = if dec.direction == Direction::Up {
+                "ScaledUp"
+            } else {
+                "ScaledDown"
+            };
+            ctx.metrics.scaled(key, dec.direction);
+            info!(from = decided.current, to = dec.desired, reason = %dec.reason, "scaling");
+            publish(ctx, d, EventType::Normal, reason, "Scale", &note).await;
+        }
+    }
+    if let Some(e) = &decided.rollout.event {
+        info!(reason = e.reason, message = %e.message, "rollout");
+        ctx.metrics.rollout(key, e.reason);
+        let type_ = if e.warning {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        };
+        publish(ctx, d, type_, e.reason, "Rollout", &e.message).await;
+    }
+    if let Some(r) = &decided.refusal {
+        publish(
+            ctx,
+            d,
+            EventType::Warning,
+            "Unschedulable",
+            "Place",
+            &r.message,
+        )
+        .await;
+    }
+
+    for dl in world.downloads.iter().filter(|dl| dl.started) {
+        let note = format!(
+            "downloading the model into the node's cache: {}",
+            dl.describe()
+        );
+        publish(ctx, d, EventType::Normal, "DownloadingModel", "Load", &note).await;
+    }
 }
 
 /// How often status's load figures (`queueDepth`, `requestRate`) are refreshed when

@@ -162,6 +162,8 @@ struct Seen {
 struct Log {
     requests: Vec<Seen>,
     events: Vec<Value>,
+    /// For each Event, how many scripted requests had come before it.
+    event_after: Vec<usize>,
 }
 
 impl Log {
@@ -184,6 +186,15 @@ impl Log {
 
     fn event(&self, reason: &str) -> Option<&Value> {
         self.events.iter().find(|e| e["reason"] == reason)
+    }
+
+    /// Whether the status had been written when the first Event with `reason` came.
+    fn status_before(&self, reason: &str) -> bool {
+        self.events
+            .iter()
+            .zip(&self.event_after)
+            .find(|(e, _)| e["reason"] == reason)
+            .is_some_and(|(_, &n)| self.requests[..n].iter().any(|s| s.path == STATUS_PATH))
     }
 }
 
@@ -221,6 +232,7 @@ impl Mock {
                 let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
                 if path == EVENTS_PATH || path.starts_with(&format!("{EVENTS_PATH}/")) {
                     log.events.push(body.clone());
+                    log.event_after.push(log.requests.len());
                     let code = if method == Method::POST { 201 } else { 200 };
                     send.send_response(
                         Response::builder()
@@ -730,6 +742,9 @@ async fn queue_depth_scales_up_and_says_why() {
         ev["note"].as_str().unwrap().split(':').next(),
         Some("1 → 3")
     );
+    // The Event comes after the status that says it: a client that sees the Event and
+    // then reads the deployment finds the new desired count.
+    assert!(log.status_before("ScaledUp"), "{:?}", log.requests);
 }
 
 #[tokio::test]
