@@ -415,13 +415,13 @@ fn default_identity() -> String {
 /// glibc's (94.8 against 95.6 MiB). This replaces glibc's two-arena cap, and with it
 /// what `MALLOC_ARENA_MAX` did; a user's `_RJEM_MALLOC_CONF` is read after this string,
 /// so its options win (jemalloc's options: <https://jemalloc.net/jemalloc.3.html>).
-#[cfg(not(target_env = "msvc"))]
+#[cfg(all(feature = "jemalloc", not(target_env = "msvc")))]
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 /// Read by jemalloc before its first allocation (the crate builds it with the `_rjem_`
 /// prefix, hence the name).
-#[cfg(not(target_env = "msvc"))]
+#[cfg(all(feature = "jemalloc", not(target_env = "msvc")))]
 #[export_name = "_rjem_malloc_conf"]
 static MALLOC_CONF: &[u8; 70] =
     b"narenas:1,background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0\0";
@@ -625,7 +625,7 @@ fn main() -> anyhow::Result<ExitCode> {
     }
 }
 
-#[cfg(all(test, not(target_env = "msvc")))]
+#[cfg(all(test, feature = "jemalloc", not(target_env = "msvc")))]
 mod tests {
     /// One of jemalloc's `opt.*` values, read back through `mallctl`.
     fn option<T: Default>(name: &std::ffi::CStr) -> T {
