@@ -4,7 +4,7 @@
 //! the spec with no duplicate or orphaned pod or claim, and the requests sent through
 //! the router the whole time lose nothing that a retry could have saved.
 //!
-//! Each scenario's faulty stretch lasts `GPUSCALE_FAULT_SECONDS` (default 40, what CI
+//! Each scenario's faulty stretch lasts `GPUSCALE_FAULT_SECONDS` (default 60, what CI
 //! runs; the long runs in the README used 180 and 120).
 
 use std::time::{Duration, Instant};

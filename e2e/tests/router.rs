@@ -6,14 +6,15 @@ use std::time::{Duration, Instant};
 
 use gpuscale_e2e::{smollm, Env};
 use gpuscale_sim::nodes::SimNode;
+use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Pod;
 use serde_json::{json, Value};
 
 const MODEL: &str = "smollm2-135m-instruct";
 
-/// Creation to Ready of a pod, from its status (whole seconds, as Kubernetes keeps
-/// timestamps).
-fn ready_seconds(p: &Pod) -> Option<f64> {
+/// When a pod was created and when it became Ready, from its metadata and status (to
+/// the second, as Kubernetes keeps timestamps).
+fn created_and_ready(p: &Pod) -> Option<(Timestamp, Timestamp)> {
     let created = p.metadata.creation_timestamp.as_ref()?.0;
     let ready = p
         .status
@@ -25,7 +26,41 @@ fn ready_seconds(p: &Pod) -> Option<f64> {
         .last_transition_time
         .as_ref()?
         .0;
-    Some(ready.duration_since(created).as_secs_f64())
+    Some((created, ready))
+}
+
+/// How many requests for `deployment` in `namespace` the router has held and released,
+/// and their time held in all, in seconds (its `hold_seconds` histogram's count and sum).
+async fn holds(url: &str, namespace: &str, deployment: &str) -> (f64, f64) {
+    let text = reqwest::get(format!("{url}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string())))
+        .expect("the router's metrics parse");
+    let value = |metric: &str| {
+        scrape
+            .samples
+            .iter()
+            .find(|s| {
+                s.metric == metric
+                    && s.labels.get("namespace") == Some(namespace)
+                    && s.labels.get("deployment") == Some(deployment)
+            })
+            .and_then(|s| match s.value {
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v) => Some(v),
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("{metric} for {namespace}/{deployment} in:\n{text}"))
+    };
+    (
+        value("gpuscale_router_hold_seconds_count"),
+        value("gpuscale_router_hold_seconds_sum"),
+    )
 }
 
 async fn ask(url: &str, i: usize) -> (u16, Duration, String) {
@@ -83,6 +118,7 @@ async fn a_deployment_scales_from_zero_through_the_router_and_back_losing_nothin
 
     // Four requests at zero replicas: held, then all answered by the replica they bring.
     let sent = Instant::now();
+    let sent_at = Timestamp::now();
     let asks: Vec<_> = (0..4)
         .map(|i| {
             let url = url.clone();
@@ -97,18 +133,25 @@ async fn a_deployment_scales_from_zero_through_the_router_and_back_losing_nothin
     // from zero (growth of 4/s) may ask for a second, which maxReplicas bounds.
     let pods = env.pods("smollm").await.unwrap();
     assert!((1..=2).contains(&pods.len()), "{} replicas", pods.len());
-    let ready = pods
+    let (created, ready) = pods
         .iter()
-        .filter_map(ready_seconds)
-        .reduce(f64::min)
+        .filter_map(created_and_ready)
+        .min_by_key(|&(_, ready)| ready)
         .expect("a replica is ready");
     let first = answers.iter().map(|a| a.1).min().unwrap();
+    // Seconds after the requests were sent (timestamps to the nearest second).
+    let since_sent = |t: Timestamp| t.duration_since(sent_at).as_secs_f64();
+    let (created, ready) = (since_sent(created), since_sent(ready));
+    let (held, held_seconds) = holds(&url, &env.namespace, "smollm").await;
+    let mean_hold = held_seconds / held;
     eprintln!(
-        "scale from zero: replica ready {ready:.0} s after its creation; first answer {:.2} s \
-         after the request (statuses {:?})",
+        "scale from zero: replica created {created:.0} s after the requests, ready at \
+         {ready:.0} s; {held} requests held {mean_hold:.2} s on average; first answer at \
+         {:.2} s (statuses {:?})",
         first.as_secs_f64(),
         answers.iter().map(|a| a.0).collect::<Vec<_>>()
     );
+    assert_eq!(held, 4.0, "the router held each of the four requests");
     assert!(
         answers.iter().all(|a| a.0 == 200),
         "every held request answered: {answers:?}"
@@ -123,11 +166,22 @@ async fn a_deployment_scales_from_zero_through_the_router_and_back_losing_nothin
             .all(|a| names.iter().any(|n| a.2.starts_with(&format!("pod={n};")))),
         "every answer names the replica that gave it: {answers:?}"
     );
-    // The wait is the replica's start plus the operator's reaction (a pass a second,
-    // reading the router each second) and the answer itself: within 5 s of the start.
+    // The wait is the operator's reaction (a pass a second, reading the router each
+    // second), the replica's start, the router's release, and the answer itself. The
+    // first two come from the pod's timestamps and the release from the router's own
+    // count of time held, so the answer's speed, which is the worker's and the
+    // machine's, is left out: bounding the first answer by the replica's Ready plus
+    // 5 s failed twice in four runs with this test sharing two cores with three others,
+    // and the worker's log showed why: it got the requests within 0.5 s of its ready
+    // and took 4.4 and 6.3 s to answer them. The reaction is allowed ten passes; the
+    // release the router's watch, its once-a-second look, and a timestamp's rounding.
     assert!(
-        first.as_secs_f64() < ready + 5.0,
-        "first answer after {first:?}, the replica took {ready} s"
+        created < 10.0,
+        "the replica was created {created:.0} s after the requests it was started for"
+    );
+    assert!(
+        mean_hold < ready + 3.0,
+        "the requests were held {mean_hold:.2} s on average, the replica ready at {ready:.0} s"
     );
     assert!(sent.elapsed() < Duration::from_secs(120));
 
