@@ -30,14 +30,24 @@
 //! with all [`MAX`] replicas up from start to end: the floor of misses, where rules can
 //! only tie, as they tie at one replica throughout, the floor of cost.
 //!
+//! A frontier point is the least of many noisy means, so it is low by the choice (the
+//! winner's curse), and the more so for a rule whose results the phase moves more (the
+//! peers' 15 s syncs against gpuscale's 2 s scrape). So each rule's frontier settings,
+//! as chosen, are then replayed on runs none was chosen on (`held_out`): the Azure
+//! trace at phases between the sweep's ([`HELD_OUT_PHASES`]), the bursty process on six
+//! draws the sweep did not see ([`HELD_OUT_SEEDS`]) at those phases; and each peer
+//! point gpuscale does not beat there is compared run by run, a loss counted as one
+//! only beyond two standard errors.
+//!
 //! `cargo bench -p gpuscale-operator --bench frontier [-- path/to/trace.csv]`
 
+use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use gpuscale_operator::autoscale::Params;
 use gpuscale_operator::replay::frontier::{
-    budget_share, frontier, runs, table, undominated, Point, GPUSCALE_INTERVAL, PHASES, QUEUES,
-    UP_WINDOWS, UTILISATIONS, WARM, WINDOWS,
+    budget_share, frontier, runs, runs_at, table, undominated, Point, GPUSCALE_INTERVAL,
+    HELD_OUT_PHASES, PHASES, QUEUES, UP_WINDOWS, UTILISATIONS, WARM, WINDOWS,
 };
 use gpuscale_operator::replay::synthetic::Bursty;
 use gpuscale_operator::replay::{
@@ -53,6 +63,12 @@ const MAX: u32 = 24;
 /// Draws of the synthetic bursty process (`Bursty::seed`): each setting's point is its
 /// mean over them, so that no single burst of one draw decides a frontier.
 const SEEDS: [u64; 3] = [2023, 2024, 2025];
+/// Draws the sweep does not see: each rule's frontier settings, chosen on [`SEEDS`] at
+/// [`PHASES`], are replayed on these at [`HELD_OUT_PHASES`] (`held_out`).
+const HELD_OUT_SEEDS: [u64; 6] = [2026, 2027, 2028, 2029, 2030, 2031];
+
+/// How to make one setting's rule afresh, whatever the rule.
+type Make = Rc<dyn Fn() -> Box<dyn ScalingRule>>;
 
 struct Rule {
     name: &'static str,
@@ -65,31 +81,41 @@ struct Rule {
     /// Each setting's misses in each run (draw by draw, phase by phase), in the order
     /// of `points`: for the paired comparison of two settings on the same runs.
     runs: Vec<Vec<usize>>,
+    /// How to make each setting's rule, in the order of `points`: to replay the
+    /// frontier's settings on held-out runs.
+    makes: Vec<Make>,
     peak: u32,
 }
 
 impl Rule {
-    fn new(name: &'static str, draws: usize) -> Rule {
+    fn new(name: &'static str, draws: usize, phases: usize) -> Rule {
         Rule {
             name,
             points: Vec::new(),
-            by_phase: vec![Vec::new(); PHASES.len()],
+            by_phase: vec![Vec::new(); phases],
             by_draw: vec![Vec::new(); draws],
             runs: Vec::new(),
+            makes: Vec::new(),
             peak: 0,
         }
     }
 
     /// Replays one setting on every draw at every phase, each with a fresh rule from
     /// `rule`.
-    fn record<R: ScalingRule>(
+    fn record<R: ScalingRule + 'static>(
         &mut self,
         setting: String,
         (traces, setup): (&[Trace], &Setup),
-        rule: impl Fn() -> R,
+        rule: impl Fn() -> R + 'static,
     ) {
-        // replays[draw][phase]
-        let replays = runs(traces, setup, rule);
+        let replays = runs(traces, setup, &rule);
+        let make: Make = Rc::new(move || Box::new(rule()));
+        self.push(setting, replays, make);
+    }
+
+    /// Takes one setting's replays, `[draw][phase]`.
+    fn push(&mut self, setting: String, replays: Vec<Vec<Outcome>>, make: Make) {
+        self.makes.push(make);
         for (d, draw) in replays.iter().enumerate() {
             self.by_draw[d].push(Point::of(setting.clone(), draw));
         }
@@ -125,18 +151,39 @@ impl Rule {
             by_phase: zip(&self.by_phase, &other.by_phase),
             by_draw: zip(&self.by_draw, &other.by_draw),
             runs: self.runs.iter().chain(&other.runs).cloned().collect(),
+            makes: self.makes.iter().chain(&other.makes).cloned().collect(),
             peak: self.peak.max(other.peak),
         }
     }
 
-    /// The misses in each run of the setting named `setting`.
-    fn runs_of(&self, setting: &str) -> &[usize] {
-        let i = self
-            .points
+    /// This rule's frontier settings, as chosen on the sweep's runs, and every setting
+    /// that ties one of them there (the same cost and misses: which of a tie the
+    /// frontier lists is arbitrary, as at the one-replica floor, where dozens tie),
+    /// replayed on `traces` at `phases`, runs they were not chosen on: their points
+    /// there, which need not all stay on the frontier.
+    fn held_out(&self, traces: &[Trace], setup: &Setup, phases: &[f64]) -> Rule {
+        let front = frontier(&self.points);
+        let mut out = Rule::new(self.name, traces.len(), phases.len());
+        for (p, make) in self.points.iter().zip(&self.makes) {
+            let ties = |f: &Point| f.gpu_seconds == p.gpu_seconds && f.slo_misses == p.slo_misses;
+            if front.iter().any(ties) {
+                let replays = runs_at(traces, setup, phases, || make());
+                out.push(p.setting.clone(), replays, make.clone());
+            }
+        }
+        out
+    }
+
+    fn index(&self, setting: &str) -> usize {
+        self.points
             .iter()
             .position(|p| p.setting == setting)
-            .expect("a frontier point is one of the rule's settings");
-        &self.runs[i]
+            .expect("a frontier point is one of the rule's settings")
+    }
+
+    /// The misses in each run of the setting named `setting`.
+    fn runs_of(&self, setting: &str) -> &[usize] {
+        &self.runs[self.index(setting)]
     }
 }
 
@@ -145,33 +192,60 @@ impl Rule {
 /// its standard error. Both settings see the same bursts at the same sync phase in a
 /// run, so the paired difference is free of the noise the two share, which the ranges
 /// of the two means are not.
-fn paired(ours: &[usize], peer: &[usize]) -> String {
-    let d: Vec<f64> = peer
-        .iter()
-        .zip(ours)
-        .map(|(&p, &o)| p as f64 - o as f64)
-        .collect();
-    let n = d.len() as f64;
-    let mean = d.iter().sum::<f64>() / n;
-    let var = d.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0).max(1.0);
-    format!(
-        "run by run ({}): gpuscale fewer in {}, more in {}; the peer's misses minus gpuscale's {:+.1} (standard error {:.1})",
-        d.len(),
-        d.iter().filter(|&&x| x > 0.0).count(),
-        d.iter().filter(|&&x| x < 0.0).count(),
-        mean,
-        (var / n).sqrt()
-    )
+struct Paired {
+    runs: usize,
+    fewer: usize,
+    more: usize,
+    /// The peer's misses minus ours, the mean over the runs.
+    mean: f64,
+    /// Its standard error.
+    se: f64,
+}
+
+impl Paired {
+    fn of(ours: &[usize], peer: &[usize]) -> Paired {
+        let d: Vec<f64> = peer
+            .iter()
+            .zip(ours)
+            .map(|(&p, &o)| p as f64 - o as f64)
+            .collect();
+        let n = d.len() as f64;
+        let mean = d.iter().sum::<f64>() / n;
+        let var = d.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0).max(1.0);
+        Paired {
+            runs: d.len(),
+            fewer: d.iter().filter(|&&x| x > 0.0).count(),
+            more: d.iter().filter(|&&x| x < 0.0).count(),
+            mean,
+            se: (var / n).sqrt(),
+        }
+    }
+
+    /// Whether the peer misses fewer by more than two standard errors: a loss the
+    /// noise does not explain.
+    fn peer_clearly_fewer(&self) -> bool {
+        self.mean < -2.0 * self.se
+    }
+}
+
+impl std::fmt::Display for Paired {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "run by run ({}): gpuscale fewer in {}, more in {}; the peer's misses minus gpuscale's {:+.1} (standard error {:.1})",
+            self.runs, self.fewer, self.more, self.mean, self.se
+        )
+    }
 }
 
 fn sweep(traces: &[Trace], setup: &Setup) -> Vec<Rule> {
     let on = (traces, setup);
-    let n = traces.len();
-    let mut ours = Rule::new("gpuscale", n);
-    let mut hpa = Rule::new("HPA-style", n);
-    let mut keda = Rule::new("KEDA-style", n);
-    let mut predictive = Rule::new("gpuscale predictive", n);
-    let mut unlearned = Rule::new("gpuscale, scaleDownWindowMode Fixed", n);
+    let (n, phases) = (traces.len(), PHASES.len());
+    let mut ours = Rule::new("gpuscale", n, phases);
+    let mut hpa = Rule::new("HPA-style", n, phases);
+    let mut keda = Rule::new("KEDA-style", n, phases);
+    let mut predictive = Rule::new("gpuscale predictive", n, phases);
+    let mut unlearned = Rule::new("gpuscale, scaleDownWindowMode Fixed", n, phases);
     for window in WINDOWS {
         for target in QUEUES {
             for (warm, forecast, learn, up) in WARM
@@ -199,15 +273,19 @@ fn sweep(traces: &[Trace], setup: &Setup) -> Vec<Rule> {
                 rule.record(
                     format!("queue {target}, {warm} warm, {window} s, up {up} s"),
                     on,
-                    || GpuscaleRule::new(p.clone(), GPUSCALE_INTERVAL),
+                    move || GpuscaleRule::new(p.clone(), GPUSCALE_INTERVAL),
                 );
             }
             for up in UP_WINDOWS {
-                keda.record(format!("queue {target}, {window} s, up {up} s"), on, || {
-                    KedaRule::new(MIN, MAX, f64::from(target))
-                        .with_window(window)
-                        .with_up_window(up)
-                });
+                keda.record(
+                    format!("queue {target}, {window} s, up {up} s"),
+                    on,
+                    move || {
+                        KedaRule::new(MIN, MAX, f64::from(target))
+                            .with_window(window)
+                            .with_up_window(up)
+                    },
+                );
             }
         }
         for util in UTILISATIONS {
@@ -215,7 +293,7 @@ fn sweep(traces: &[Trace], setup: &Setup) -> Vec<Rule> {
                 hpa.record(
                     format!("{:.0}% busy, {window} s, up {up} s", util * 100.0),
                     on,
-                    || {
+                    move || {
                         HpaRule::new(MIN, MAX, util)
                             .with_window(window)
                             .with_up_window(up)
@@ -302,22 +380,7 @@ fn report(title: &str, requests: f64, rules: &[Rule]) -> bool {
             peer.name,
             count(&gaps)
         );
-        for (p, best) in gaps {
-            match best {
-                Some(o) => println!(
-                    "  {} at {:.0} GPU-s misses {:.1} ({}); gpuscale's best within that budget misses {:.1} ({}; {})\n    {}",
-                    p.setting, p.gpu_seconds, p.slo_misses, p.spread(), o.slo_misses, o.spread(), o.setting,
-                    paired(ours.runs_of(&o.setting), peer.runs_of(&p.setting))
-                ),
-                None => println!(
-                    "  {} at {:.0} GPU-s misses {:.1} ({}); gpuscale has no setting that cheap",
-                    p.setting, p.gpu_seconds, p.slo_misses, p.spread()
-                ),
-            }
-        }
-        if let Some(share) = budget_share(&ours.points, &peer.points) {
-            println!("against {}, {share}", peer.name);
-        }
+        print_gaps(&ours, peer, gaps);
     }
     // scaling.predictive against the same policy without it.
     let gaps = undominated(&rules[3].points, &rules[0].points).len();
@@ -349,6 +412,84 @@ fn report(title: &str, requests: f64, rules: &[Rule]) -> bool {
         "learned window: the spec-window frontier has {gaps} points the learned one does not beat; the learned frontier has {back} the spec-window one does not beat"
     );
     dominates
+}
+
+/// Prints the peer points gpuscale does not beat, each against gpuscale's best setting
+/// within its budget run by run, then the shares of the budgets; returns how many of
+/// the points the peer wins beyond the noise (`Paired::peer_clearly_fewer`).
+fn print_gaps(ours: &Rule, peer: &Rule, gaps: Vec<(Point, Option<Point>)>) -> usize {
+    let mut clearly = 0;
+    for (p, best) in gaps {
+        match best {
+            Some(o) => {
+                let paired = Paired::of(ours.runs_of(&o.setting), peer.runs_of(&p.setting));
+                clearly += usize::from(paired.peer_clearly_fewer());
+                println!(
+                    "  {} at {:.0} GPU-s misses {:.1} ({}); gpuscale's best within that budget misses {:.1} ({}; {})\n    {paired}",
+                    p.setting, p.gpu_seconds, p.slo_misses, p.spread(), o.slo_misses, o.spread(), o.setting,
+                );
+            }
+            None => {
+                clearly += 1;
+                println!(
+                    "  {} at {:.0} GPU-s misses {:.1} ({}); gpuscale has no setting that cheap",
+                    p.setting,
+                    p.gpu_seconds,
+                    p.slo_misses,
+                    p.spread()
+                );
+            }
+        }
+    }
+    println!("  of them, the peer misses fewer beyond the noise (by more than two standard errors, run by run) at {clearly}");
+    if let Some(share) = budget_share(&ours.points, &peer.points) {
+        println!("against {}, {share}", peer.name);
+    }
+    clearly
+}
+
+/// The frontiers met on held-out runs: each rule's frontier settings, as the sweep
+/// chose them, replayed on `held` at [`HELD_OUT_PHASES`] (`Rule::held_out`), gpuscale's
+/// settings a user can choose against each peer's. A frontier of means chosen as the
+/// least of many is low by the choice, the more so for the noisier rule; held out, the
+/// comparison is free of that, and a gap that stays beyond the noise there is a loss.
+fn report_held_out(what: &str, requests: f64, rules: &[Rule], (held, setup): (&[Trace], &Setup)) {
+    let ours = settable(rules).held_out(held, setup, &HELD_OUT_PHASES);
+    println!(
+        "\n== held out: {what}, each rule's frontier settings replayed at phases {:?} of its interval",
+        HELD_OUT_PHASES
+    );
+    let useful = |p: &Point| p.slo_misses * 10.0 <= requests;
+    print!(
+        "{} ({} settings, the frontier's and those tied with them):\n{}",
+        ours.name,
+        ours.points.len(),
+        table(&ours.points, "(runs)")
+    );
+    for peer in &rules[1..3] {
+        let theirs = peer.held_out(held, setup, &HELD_OUT_PHASES);
+        print!(
+            "{} ({} settings, the frontier's and those tied with them):\n{}",
+            theirs.name,
+            theirs.points.len(),
+            table(&theirs.points, "(runs)")
+        );
+        let gaps = undominated(&ours.points, &theirs.points);
+        if gaps.is_empty() {
+            println!(
+                "held out, gpuscale dominates {}: at every budget its frontier reaches, gpuscale misses fewer",
+                theirs.name
+            );
+            continue;
+        }
+        println!(
+            "held out, gpuscale does NOT dominate {} at {} ({} with at most 10% of requests over the SLO) of its frontier points:",
+            theirs.name,
+            gaps.len(),
+            gaps.iter().filter(|(p, _)| useful(p)).count()
+        );
+        print_gaps(&ours, &theirs, gaps);
+    }
 }
 
 fn plot(path: &std::path::Path, panels: &[(&str, Vec<Rule>)]) -> anyhow::Result<()> {
@@ -435,10 +576,24 @@ fn main() -> anyhow::Result<()> {
         .iter()
         .map(|t| t.requests.len().to_string())
         .collect();
-    for (title, traces) in [
+    let unseen: Vec<Trace> = HELD_OUT_SEEDS
+        .iter()
+        .map(|&seed| {
+            Bursty {
+                seed,
+                ..Bursty::default()
+            }
+            .trace()
+        })
+        .collect();
+    for (title, traces, (held, what)) in [
         (
             format!("Azure code trace ({} requests)", azure.requests.len()),
             std::slice::from_ref(&azure),
+            (
+                std::slice::from_ref(&azure),
+                "the Azure code trace".to_string(),
+            ),
         ),
         (
             format!(
@@ -447,6 +602,13 @@ fn main() -> anyhow::Result<()> {
                 sizes.join("/")
             ),
             &bursty[..],
+            (
+                &unseen[..],
+                format!(
+                    "bursty MMPP-2 on draws the sweep did not see, seeds {}",
+                    HELD_OUT_SEEDS.map(|s| s.to_string()).join("/")
+                ),
+            ),
         ),
     ] {
         let started = Instant::now();
@@ -459,6 +621,11 @@ fn main() -> anyhow::Result<()> {
         let requests =
             traces.iter().map(|t| t.requests.len()).sum::<usize>() as f64 / traces.len() as f64;
         all &= report(&title, requests, &rules);
+        let started = Instant::now();
+        let held_requests =
+            held.iter().map(|t| t.requests.len()).sum::<usize>() as f64 / held.len() as f64;
+        report_held_out(&what, held_requests, &rules, (held, &setup));
+        println!("(held out in {:.2} s)", started.elapsed().as_secs_f64());
         // The other floor: the misses of the most any rule here can spend.
         let held = Setup {
             initial_replicas: MAX,

@@ -47,6 +47,12 @@ pub const WARM: [u32; 3] = [0, 1, 2];
 /// sync sees and the next misses moves a setting's misses by hundreds, so each setting
 /// is replayed at each and its point is their mean.
 pub const PHASES: [f64; 5] = [0.0, 0.2, 0.4, 0.6, 0.8];
+/// Phases none of [`PHASES`] is: a frontier's settings are chosen by their means over
+/// [`PHASES`], and a mean chosen as the least of many noisy ones is low by the choice
+/// (the winner's curse), the more so the noisier the rule. Replayed at these (and, for a
+/// synthetic process, on draws the sweep did not use), the chosen settings are met as a
+/// user meets them: on runs they were not chosen on.
+pub const HELD_OUT_PHASES: [f64; 5] = [0.1, 0.3, 0.5, 0.7, 0.9];
 /// gpuscale's scrape interval in the replay, seconds.
 pub const GPUSCALE_INTERVAL: f64 = 2.0;
 
@@ -58,10 +64,20 @@ pub fn runs<R: ScalingRule>(
     setup: &Setup,
     rule: impl Fn() -> R,
 ) -> Vec<Vec<Outcome>> {
+    runs_at(traces, setup, &PHASES, rule)
+}
+
+/// [`runs`] at the given phases instead of [`PHASES`].
+pub fn runs_at<R: ScalingRule>(
+    traces: &[Trace],
+    setup: &Setup,
+    phases: &[f64],
+    rule: impl Fn() -> R,
+) -> Vec<Vec<Outcome>> {
     traces
         .iter()
         .map(|trace| {
-            PHASES
+            phases
                 .iter()
                 .map(|&tick_phase| {
                     let at = Setup {
@@ -664,6 +680,58 @@ mod tests {
         assert_eq!(at(11.0, 40), Some("8/40".to_string()));
         // Cheaper than every setting.
         assert_eq!(at(7.0, 99), None);
+    }
+
+    #[test]
+    fn held_out_runs_are_replays_at_phases_the_sweep_never_uses_whatever_the_rule() {
+        assert!(HELD_OUT_PHASES.iter().all(|h| !PHASES.contains(h)));
+        let trace = Bursty {
+            duration: 300.0,
+            ..Bursty::default()
+        }
+        .trace();
+        let setup = Setup {
+            model: ReplicaModel {
+                max_batch: 4,
+                queue_capacity: 16,
+                prefill_tokens_per_second: 4000.0,
+                decode_tokens_per_second: 20.0,
+                load_seconds: 20.0,
+                gpus: 1,
+            },
+            slo: Slo { ttft_seconds: 1.0 },
+            initial_replicas: 1,
+            sample_every: 5.0,
+            tick_phase: 0.0,
+        };
+        let keda = || KedaRule::new(1, 6, 2.0).with_window(30.0);
+        // Boxed, as the frontier bench keeps each setting's rule to replay it again.
+        let held = runs_at(
+            std::slice::from_ref(&trace),
+            &setup,
+            &HELD_OUT_PHASES,
+            || Box::new(keda()) as Box<dyn ScalingRule>,
+        );
+        assert_eq!(held.len(), 1);
+        assert_eq!(held[0].len(), HELD_OUT_PHASES.len());
+        for (o, &tick_phase) in held[0].iter().zip(&HELD_OUT_PHASES) {
+            let at = Setup {
+                tick_phase,
+                ..setup.clone()
+            };
+            let mut alone = replay(&trace, &at, &mut keda());
+            alone.timeline = Vec::new();
+            assert_eq!(*o, alone, "phase {tick_phase}");
+        }
+        // The phase moves a 15 s sync against the bursts: the runs are not all one.
+        let sweep = runs(std::slice::from_ref(&trace), &setup, keda).concat();
+        assert!(
+            held[0]
+                .iter()
+                .chain(&sweep)
+                .any(|o| o.gpu_seconds != sweep[0].gpu_seconds),
+            "every phase gave the same run"
+        );
     }
 
     #[test]

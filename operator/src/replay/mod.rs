@@ -73,6 +73,20 @@ pub trait ScalingRule {
     fn desired(&mut self, now: f64, replicas: &[ReplicaView]) -> u32;
 }
 
+/// A boxed rule is a rule: a sweep can keep how to make each of its settings, whatever
+/// the rule, and replay them again.
+impl<R: ScalingRule + ?Sized> ScalingRule for Box<R> {
+    fn name(&self) -> String {
+        (**self).name()
+    }
+    fn interval(&self) -> f64 {
+        (**self).interval()
+    }
+    fn desired(&mut self, now: f64, replicas: &[ReplicaView]) -> u32 {
+        (**self).desired(now, replicas)
+    }
+}
+
 /// The latency objective.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Slo {
