@@ -556,16 +556,7 @@ fn plot(path: &std::path::Path, panels: &[(&str, Vec<Rule>)]) -> anyhow::Result<
 
 fn main() -> anyhow::Result<()> {
     let (_, azure) = common::trace_from_args()?;
-    let bursty: Vec<Trace> = SEEDS
-        .iter()
-        .map(|&seed| {
-            Bursty {
-                seed,
-                ..Bursty::default()
-            }
-            .trace()
-        })
-        .collect();
+    let bursty = draws(&SEEDS);
     let setup = common::replica_setup(MIN);
     println!(
         "replica: batch 8, 8000 prompt tok/s, 40 tok/s per sequence, 45 s cold start, {MIN}..{MAX} replicas; SLO: TTFT <= 2 s"
@@ -576,16 +567,7 @@ fn main() -> anyhow::Result<()> {
         .iter()
         .map(|t| t.requests.len().to_string())
         .collect();
-    let unseen: Vec<Trace> = HELD_OUT_SEEDS
-        .iter()
-        .map(|&seed| {
-            Bursty {
-                seed,
-                ..Bursty::default()
-            }
-            .trace()
-        })
-        .collect();
+    let unseen = draws(&HELD_OUT_SEEDS);
     for (title, traces, (held, what)) in [
         (
             format!("Azure code trace ({} requests)", azure.requests.len()),
@@ -668,6 +650,20 @@ fn main() -> anyhow::Result<()> {
         }
     );
     Ok(())
+}
+
+/// The bursty process's draws of `seeds`.
+fn draws(seeds: &[u64]) -> Vec<Trace> {
+    seeds
+        .iter()
+        .map(|&seed| {
+            Bursty {
+                seed,
+                ..Bursty::default()
+            }
+            .trace()
+        })
+        .collect()
 }
 
 /// A policy held at `n` replicas.

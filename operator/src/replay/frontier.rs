@@ -682,15 +682,9 @@ mod tests {
         assert_eq!(at(7.0, 99), None);
     }
 
-    #[test]
-    fn held_out_runs_are_replays_at_phases_the_sweep_never_uses_whatever_the_rule() {
-        assert!(HELD_OUT_PHASES.iter().all(|h| !PHASES.contains(h)));
-        let trace = Bursty {
-            duration: 300.0,
-            ..Bursty::default()
-        }
-        .trace();
-        let setup = Setup {
+    /// A small replica with a 20 s cold start, one to begin with.
+    fn small_replica() -> Setup {
+        Setup {
             model: ReplicaModel {
                 max_batch: 4,
                 queue_capacity: 16,
@@ -703,7 +697,18 @@ mod tests {
             initial_replicas: 1,
             sample_every: 5.0,
             tick_phase: 0.0,
-        };
+        }
+    }
+
+    #[test]
+    fn held_out_runs_are_replays_at_phases_the_sweep_never_uses_whatever_the_rule() {
+        assert!(HELD_OUT_PHASES.iter().all(|h| !PHASES.contains(h)));
+        let trace = Bursty {
+            duration: 300.0,
+            ..Bursty::default()
+        }
+        .trace();
+        let setup = small_replica();
         let keda = || KedaRule::new(1, 6, 2.0).with_window(30.0);
         // Boxed, as the frontier bench keeps each setting's rule to replay it again.
         let held = runs_at(
@@ -742,20 +747,7 @@ mod tests {
         }
         .trace();
         assert!(trace.requests.len() > 60, "{}", trace.requests.len());
-        let setup = Setup {
-            model: ReplicaModel {
-                max_batch: 4,
-                queue_capacity: 16,
-                prefill_tokens_per_second: 4000.0,
-                decode_tokens_per_second: 20.0,
-                load_seconds: 20.0,
-                gpus: 1,
-            },
-            slo: Slo { ttft_seconds: 1.0 },
-            initial_replicas: 1,
-            sample_every: 5.0,
-            tick_phase: 0.0,
-        };
+        let setup = small_replica();
         // Off the grid (target 5, 45 s), so the spec's point is its own replay.
         let spec = Params {
             min: 1,
