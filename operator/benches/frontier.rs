@@ -158,7 +158,7 @@ impl Rule {
 
     /// This rule's frontier settings, as chosen on the sweep's runs, and every setting
     /// that ties one of them there (the same cost and misses: which of a tie the
-    /// frontier lists is arbitrary, as at the one-replica floor, where dozens tie),
+    /// frontier lists is arbitrary, as at the one-replica floor, where hundreds tie),
     /// replayed on `traces` at `phases`, runs they were not chosen on: their points
     /// there, which need not all stay on the frontier.
     fn held_out(&self, traces: &[Trace], setup: &Setup, phases: &[f64]) -> Rule {
