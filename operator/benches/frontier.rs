@@ -415,9 +415,9 @@ fn report(title: &str, requests: f64, rules: &[Rule]) -> bool {
 }
 
 /// Prints the peer points gpuscale does not beat, each against gpuscale's best setting
-/// within its budget run by run, then the shares of the budgets; returns how many of
-/// the points the peer wins beyond the noise (`Paired::peer_clearly_fewer`).
-fn print_gaps(ours: &Rule, peer: &Rule, gaps: Vec<(Point, Option<Point>)>) -> usize {
+/// within its budget run by run, with how many of the points the peer wins beyond the
+/// noise (`Paired::peer_clearly_fewer`), then the shares of the budgets.
+fn print_gaps(ours: &Rule, peer: &Rule, gaps: Vec<(Point, Option<Point>)>) {
     let mut clearly = 0;
     for (p, best) in gaps {
         match best {
@@ -445,7 +445,6 @@ fn print_gaps(ours: &Rule, peer: &Rule, gaps: Vec<(Point, Option<Point>)>) -> us
     if let Some(share) = budget_share(&ours.points, &peer.points) {
         println!("against {}, {share}", peer.name);
     }
-    clearly
 }
 
 /// The frontiers met on held-out runs: each rule's frontier settings, as the sweep
