@@ -339,10 +339,8 @@ fn report(title: &str, requests: f64, rules: &[Rule]) -> bool {
     }
     let reactive = reactive(rules);
     let ours = settable(rules);
-    // Operating points a user would choose: at least 90% of requests within the SLO.
-    let useful = |p: &Point| p.slo_misses * 10.0 <= requests;
     let count = |gaps: &[(Point, Option<Point>)]| {
-        let n = gaps.iter().filter(|(p, _)| useful(p)).count();
+        let n = gaps.iter().filter(|(p, _)| useful(p, requests)).count();
         format!("{} ({n})", gaps.len())
     };
     let mut dominates = true;
@@ -366,21 +364,7 @@ fn report(title: &str, requests: f64, rules: &[Rule]) -> bool {
             each(|r| &r.by_phase),
             count(&undominated(&reactive.points, &peer.points)),
         );
-        let gaps = undominated(&ours.points, &peer.points);
-        if gaps.is_empty() {
-            println!(
-                "gpuscale dominates {}: at every budget its frontier reaches, gpuscale misses fewer",
-                peer.name
-            );
-            continue;
-        }
-        dominates = false;
-        println!(
-            "gpuscale does NOT dominate {} at {} of its frontier points:",
-            peer.name,
-            count(&gaps)
-        );
-        print_gaps(&ours, peer, gaps);
+        dominates &= compare("", &ours, peer, requests);
     }
     // scaling.predictive against the same policy without it.
     let gaps = undominated(&rules[3].points, &rules[0].points).len();
@@ -414,10 +398,32 @@ fn report(title: &str, requests: f64, rules: &[Rule]) -> bool {
     dominates
 }
 
-/// Prints the peer points gpuscale does not beat, each against gpuscale's best setting
-/// within its budget run by run, with how many of the points the peer wins beyond the
-/// noise (`Paired::peer_clearly_fewer`), then the shares of the budgets.
-fn print_gaps(ours: &Rule, peer: &Rule, gaps: Vec<(Point, Option<Point>)>) {
+/// An operating point a user would choose: at least 90% of a draw's `requests` within
+/// the SLO.
+fn useful(p: &Point, requests: f64) -> bool {
+    p.slo_misses * 10.0 <= requests
+}
+
+/// Whether `ours` dominates `peer`, as said after `label`; where not, prints the peer
+/// points gpuscale does not beat (how many with at most 10% of a draw's `requests` over
+/// the SLO), each against gpuscale's best setting within its budget run by run, with
+/// how many of the points the peer wins beyond the noise (`Paired::peer_clearly_fewer`),
+/// then the shares of the budgets.
+fn compare(label: &str, ours: &Rule, peer: &Rule, requests: f64) -> bool {
+    let gaps = undominated(&ours.points, &peer.points);
+    if gaps.is_empty() {
+        println!(
+            "{label}gpuscale dominates {}: at every budget its frontier reaches, gpuscale misses fewer",
+            peer.name
+        );
+        return true;
+    }
+    println!(
+        "{label}gpuscale does NOT dominate {} at {} ({} with at most 10% of requests over the SLO) of its frontier points:",
+        peer.name,
+        gaps.len(),
+        gaps.iter().filter(|(p, _)| useful(p, requests)).count()
+    );
     let mut clearly = 0;
     for (p, best) in gaps {
         match best {
@@ -445,6 +451,7 @@ fn print_gaps(ours: &Rule, peer: &Rule, gaps: Vec<(Point, Option<Point>)>) {
     if let Some(share) = budget_share(&ours.points, &peer.points) {
         println!("against {}, {share}", peer.name);
     }
+    false
 }
 
 /// The frontiers met on held-out runs: each rule's frontier settings, as the sweep
@@ -458,7 +465,6 @@ fn report_held_out(what: &str, requests: f64, rules: &[Rule], (held, setup): (&[
         "\n== held out: {what}, each rule's frontier settings replayed at phases {:?} of its interval",
         HELD_OUT_PHASES
     );
-    let useful = |p: &Point| p.slo_misses * 10.0 <= requests;
     print!(
         "{} ({} settings, the frontier's and those tied with them):\n{}",
         ours.name,
@@ -473,21 +479,7 @@ fn report_held_out(what: &str, requests: f64, rules: &[Rule], (held, setup): (&[
             theirs.points.len(),
             table(&theirs.points, "(runs)")
         );
-        let gaps = undominated(&ours.points, &theirs.points);
-        if gaps.is_empty() {
-            println!(
-                "held out, gpuscale dominates {}: at every budget its frontier reaches, gpuscale misses fewer",
-                theirs.name
-            );
-            continue;
-        }
-        println!(
-            "held out, gpuscale does NOT dominate {} at {} ({} with at most 10% of requests over the SLO) of its frontier points:",
-            theirs.name,
-            gaps.len(),
-            gaps.iter().filter(|(p, _)| useful(p)).count()
-        );
-        print_gaps(&ours, &theirs, gaps);
+        compare("held out, ", &ours, &theirs, requests);
     }
 }
 
